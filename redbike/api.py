@@ -1,0 +1,172 @@
+"""The Python API: ``Redbike(worker, prefix=..., redis_config=..., timefile=...)``."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import redis
+
+from . import report
+from .config import connect
+from .dispatcher import Dispatcher
+from .keys import Keys, Scripts
+from .roundrobin import RoundRobin
+from .schedules import ScheduleError, parse_schedule
+from .states import BAD, Placement, place_on_set
+from .timefile import read_timefile
+from .worker import WorkerPool
+
+log = logging.getLogger(__name__)
+
+
+class JobIdError(ValueError):
+    """A job id redbike cannot store."""
+
+
+def check_jobid(jobid: str) -> None:
+    if not jobid or not jobid.strip() or any(c in jobid for c in "\r\n\0"):
+        raise JobIdError(f"bad job id {jobid!r}: it must be non-empty, on one line")
+
+
+class Redbike:
+    """One redbike installation: a prefix on a Redis server, and the worker
+    class whose queue_for() routes its jobs."""
+
+    def __init__(
+        self,
+        worker: RoundRobin | None = None,
+        prefix: str = "redbike",
+        redis_config: dict[str, Any] | None = None,
+        timefile: str | None = None,
+        default_timeout: float = 10.0,
+        *,
+        client: redis.Redis | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.worker = worker if worker is not None else RoundRobin()
+        self.keys = Keys(prefix)
+        self.client = client if client is not None else connect(redis_config or {})
+        self.scripts = Scripts(self.client)
+        self.timefile = timefile
+        self.default_timeout = default_timeout
+        self.clock = clock
+
+    def _after(self, after: float | None) -> float:
+        """The time runs count from: --after, else the timefile, else now."""
+        if after is not None:
+            return after
+        recorded = read_timefile(self.timefile)
+        return recorded if recorded is not None else self.clock()
+
+    def _place(self, jobid: str, schedule: str, placement: Placement, only_if_new: bool) -> str:
+        queue = self.worker.queue_for(jobid)
+        return self.scripts(
+            "set",
+            self.keys.job_state() + [self.keys.queue(queue)],
+            [repr(self.clock()), self.keys.dispatcher_channel, jobid, schedule]
+            + placement.script_args()
+            + [self.keys.queue_channel(queue), "1" if only_if_new else "0"],
+        )
+
+    def set(self, jobid: str, schedule: str, after: float | None = None) -> str:
+        """Give a job a schedule. Returns 'PLACED', or 'PENDING' when the job is
+        running (the new schedule takes effect when the run ends).
+
+        A bad schedule raises ScheduleError; a new job is recorded with status
+        BAD, and an existing job keeps its schedule untouched."""
+        check_jobid(jobid)
+        try:
+            parsed = parse_schedule(schedule)
+        except ScheduleError as exc:
+            kept = self._place(jobid, schedule.strip(), Placement("S", BAD), only_if_new=True) == "KEPT"
+            note = "it keeps its previous schedule" if kept else "recorded with status BAD"
+            raise ScheduleError(f"{exc} ({jobid} {note})") from None
+        placement = place_on_set(parsed, self._after(after), self.clock())
+        return self._place(jobid, parsed.text, placement, only_if_new=False)
+
+    def set_many(self, rows: Iterable[tuple[str, str]], after: float | None = None) -> list[str]:
+        """Set (jobid, schedule) pairs; returns one error line per bad schedule
+        (those jobs are recorded BAD if new), setting all the others."""
+        start = self._after(after)
+        errors = []
+        for jobid, schedule in rows:
+            try:
+                self.set(jobid, schedule, after=start)
+            except (ScheduleError, JobIdError) as exc:
+                errors.append(f"{jobid}: {exc}")
+        return errors
+
+    def unset(self, jobid: str) -> int:
+        """Remove a job. Returns 0 (unknown), 1 (removed) or 2 (running: it
+        completes, then is removed)."""
+        queue = self.worker.queue_for(jobid)
+        return self.scripts(
+            "unset",
+            self.keys.job_state() + [self.keys.queue(queue)],
+            [repr(self.clock()), self.keys.dispatcher_channel, jobid],
+        )
+
+    def tell(self, jobid: str) -> dict[str, Any] | None:
+        return report.tell(self.client, self.keys, jobid, self.worker.queue_for(jobid))
+
+    def statuses(self, before: float | None = None) -> Iterator[tuple[str, str, int]]:
+        return report.statuses(self.client, self.keys, before)
+
+    def schedules(self) -> Iterator[tuple[str, str]]:
+        return report.schedules(self.client, self.keys)
+
+    def control(self, command: str = "HALT") -> str:
+        """Tell every running dispatcher and worker to stop after its current
+        task. Processes started later are not affected."""
+        if command != "HALT":
+            raise ValueError(f"unknown control command {command!r} (known: HALT)")
+        value = f"HALT:{int(self.clock())}:{os.urandom(4).hex()}"
+        with self.client.pipeline(transaction=True) as pipe:
+            pipe.set(self.keys.control, value)
+            pipe.publish(self.keys.control, value)
+            pipe.execute()
+        return value
+
+    def dispatch(self, schedules_csv: str | None = None, after: float | None = None) -> None:
+        """Set the schedules of a JOBID,SCHEDULE CSV file, then dispatch until
+        HALT or a signal."""
+        if schedules_csv is not None:
+            for line in self.set_many(read_schedules_csv(schedules_csv), after=after):
+                log.error("bad schedule: %s", line)
+        dispatcher = Dispatcher(self.client, self.keys, self.worker.queue_for, timefile=self.timefile, clock=self.clock)
+        recorded = read_timefile(self.timefile)
+        if recorded is not None:
+            log.info("timefile %s: dispatched up to %s", self.timefile, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(recorded)))
+        dispatcher.run()
+
+    def work(self, concurrency: int = 1) -> None:
+        """Work jobs from the worker's queues until HALT or a signal."""
+        WorkerPool(
+            self.client, self.keys, self.worker, concurrency=concurrency, default_timeout=self.default_timeout, clock=self.clock
+        ).run()
+
+
+class CsvError(ValueError):
+    """A schedules CSV that cannot be read; nothing of it was set."""
+
+
+def read_schedules_csv(path: str) -> list[tuple[str, str]]:
+    """All (jobid, schedule) rows of a CSV file, checked before any is set."""
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            rows = list(csv.reader(handle))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise CsvError(f"cannot read schedules CSV {path!r}: {exc}") from None
+    pairs = []
+    for number, row in enumerate(rows, start=1):
+        if not row or (len(row) == 1 and not row[0].strip()):
+            continue
+        if len(row) != 2 or not row[0].strip():
+            raise CsvError(f"{path}:{number}: expected JOBID,SCHEDULE, got {','.join(row)!r}")
+        pairs.append((row[0].strip(), row[1].strip()))
+    return pairs

@@ -1,0 +1,162 @@
+"""redbike: a cron-style job dispatcher and worker pool on Redis.
+
+Usage:
+  redbike [options] set JOBID SCHEDULE [--after=TS]
+  redbike [options] unset JOBID
+  redbike [options] dispatch [WORKER] [--schedules=CSV [--after=TS]]
+  redbike [options] work [WORKER] [--concurrency=N]
+  redbike [options] statuses [--before=TS]
+  redbike [options] schedules
+  redbike [options] tell JOBID
+  redbike [options] control HALT
+  redbike [options] demo [--seconds=S]
+  redbike [options] embedded (status | stop)
+  redbike (-h | --help | --version)
+
+Options:
+  --config=CONF      Config file [default: .redbike.conf, if present].
+  --after=TS         Count runs from this time (epoch seconds or ISO 8601)
+                     instead of the timefile's.
+  --before=TS        Only jobs whose last status is older than this.
+  --schedules=CSV    Set these JOBID,SCHEDULE rows before dispatching.
+  --concurrency=N    Worker processes under this supervisor [default: 1].
+  --seconds=S        How long the demo runs [default: 5].
+  -v --verbose       Log debug messages.
+
+Exit status: 0 success, 1 runtime failure (e.g. Redis unreachable),
+2 bad input (usage, schedule, config, worker spec, CSV), 3 no such job.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import sys
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+import redis
+from docopt import DocoptExit, docopt
+
+from .api import CsvError, JobIdError, Redbike
+from .config import Config, ConfigError, check_reachable, connect, load_config
+from .embedded import EmbeddedError, server_running, stop_server
+from .roundrobin import RoundRobin
+from .schedules import ScheduleError, parse_timestamp
+from .workerspec import WorkerSpecError, load_worker
+
+log = logging.getLogger("redbike")
+
+BAD_INPUT = (ConfigError, WorkerSpecError, ScheduleError, CsvError, JobIdError, EmbeddedError, ValueError)
+
+
+class NoSuchJob(Exception):
+    pass
+
+
+def _version() -> str:
+    try:
+        return version("redbike")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _setup_logging(verbose: bool, daemon: bool) -> None:
+    level = logging.DEBUG if verbose else logging.INFO if daemon else logging.WARNING
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+def _timestamp(value: str | None) -> float | None:
+    return None if value is None else parse_timestamp(value)
+
+
+def _worker(spec: str | None, config: Config, required: bool) -> RoundRobin:
+    spec = spec or config.worker
+    if spec:
+        return load_worker(spec)  # type: ignore[return-value]
+    if required:
+        raise ConfigError("no worker: give WORKER (e.g. mymodule:Worker('A:B')) or set 'worker' in [redbike]")
+    return RoundRobin()
+
+
+def _bike(args: dict[str, Any], config: Config, worker_required: bool = False) -> Redbike:
+    worker = _worker(args["WORKER"], config, worker_required)
+    client = connect(config.redis)
+    check_reachable(client)
+    return Redbike(worker, prefix=config.prefix, timefile=config.timefile, default_timeout=config.default_timeout, client=client)
+
+
+def _run(args: dict[str, Any]) -> int:
+    config = load_config(args["--config"])
+    if args["embedded"]:
+        if args["stop"]:
+            print("stopped" if stop_server() else "not running")
+        else:
+            print("running" if server_running() else "not running")
+        return 0
+    if args["demo"]:
+        from .demo import run_demo
+
+        return run_demo(config, seconds=float(args["--seconds"]))
+    bike = _bike(args, config, worker_required=bool(args["work"]))
+    out = csv.writer(sys.stdout, lineterminator="\n")
+    if args["set"]:
+        result = bike.set(args["JOBID"], args["SCHEDULE"], after=_timestamp(args["--after"]))
+        if result == "PENDING":
+            print(f"{args['JOBID']} is running; its new schedule applies when the run ends", file=sys.stderr)
+    elif args["unset"]:
+        if bike.unset(args["JOBID"]) == 0:
+            raise NoSuchJob(f"no such job: {args['JOBID']}")
+    elif args["dispatch"]:
+        bike.dispatch(args["--schedules"], after=_timestamp(args["--after"]))
+    elif args["work"]:
+        concurrency = int(args["--concurrency"])
+        if concurrency < 1:
+            raise ValueError(f"--concurrency must be at least 1, not {concurrency}")
+        bike.work(concurrency=concurrency)
+    elif args["statuses"]:
+        for row in bike.statuses(before=_timestamp(args["--before"])):
+            out.writerow(row)
+    elif args["schedules"]:
+        for row in bike.schedules():
+            out.writerow(row)
+    elif args["tell"]:
+        told = bike.tell(args["JOBID"])
+        if told is None:
+            raise NoSuchJob(f"no such job: {args['JOBID']}")
+        print(json.dumps(told, indent=2))
+    elif args["control"]:
+        bike.control("HALT")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = docopt(__doc__, argv=argv, version=f"redbike {_version()}")
+    except DocoptExit:
+        words = " ".join(sys.argv[1:] if argv is None else argv)
+        print(f"redbike: bad command line {words!r}; see 'redbike --help'", file=sys.stderr)
+        return 2
+    if args["--config"] == ".redbike.conf, if present":
+        args["--config"] = None
+    _setup_logging(args["--verbose"], daemon=bool(args["dispatch"] or args["work"] or args["demo"]))
+    try:
+        return _run(args)
+    except NoSuchJob as exc:
+        print(f"redbike: {exc}", file=sys.stderr)
+        return 3
+    except BAD_INPUT as exc:
+        print(f"redbike: {exc}", file=sys.stderr)
+        return 2
+    except redis.RedisError as exc:
+        print(f"redbike: Redis error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""``redbike demo``: a few jobs of each schedule kind, a dispatcher and a pool
+of two workers, for a few seconds, on whatever Redis the config names (the
+embedded server by default)."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+
+from .api import Redbike
+from .config import Config, check_reachable, connect
+from .dispatcher import Dispatcher
+from .roundrobin import RoundRobin, StopWork
+from .worker import WorkerPool
+
+STARTED = time.time()
+
+
+class DemoWorker(RoundRobin):
+    """Prints each job it runs; 'boom' jobs fail, 'countdown' backs off 1 s
+    and stops after three seconds."""
+
+    def work(self, jobid: str) -> int | None:
+        sys.stdout.write(f"  +{time.time() - STARTED:5.2f}s  ran {jobid}\n")  # one write: no interleaving
+        sys.stdout.flush()
+        if jobid.startswith("boom"):
+            raise RuntimeError("this job always fails (on purpose)")
+        if jobid.startswith("countdown"):
+            if time.time() - STARTED > 3:
+                raise StopWork("done counting")
+            return 1
+        return None
+
+
+def run_demo(config: Config, seconds: float = 5.0) -> int:
+    global STARTED
+    client = connect(config.redis)
+    check_reachable(client)
+    bike = Redbike(DemoWorker("A:B"), prefix=f"{config.prefix}-demo", client=client)
+    keys = bike.keys
+    client.delete(*keys.job_state(), keys.dispatcher_epoch, keys.queue("A"), keys.queue("B"))
+    STARTED = time.time()
+    jobs = {
+        "hello:A": "NOW",
+        "boom:A": "NOW",
+        "every-second:B": "FREQ=SECONDLY;INTERVAL=1",
+        "in-two-seconds:A": f"AT:{STARTED + 2:.0f}",
+        "countdown:B": "CONTINUE",
+        "every-minute:A": "* * * * *",
+    }
+    print(f"redbike demo: {len(jobs)} jobs, a dispatcher and 2 workers for {seconds:g}s (prefix {keys.prefix})")
+    for jobid, schedule in jobs.items():
+        bike.set(jobid, schedule)
+        print(f"  set {jobid:<18} {schedule}")
+    dispatcher = Dispatcher(client, keys, bike.worker.queue_for)
+    pool = WorkerPool(client, keys, bike.worker, concurrency=2)
+    threads = [threading.Thread(target=dispatcher.run), threading.Thread(target=pool.run)]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(seconds)
+    finally:
+        bike.control("HALT")
+        for thread in threads:
+            thread.join()
+    print("statuses (jobid,EVENT,timestamp):")
+    for jobid, event, stamp in sorted(bike.statuses()):
+        print(f"  {jobid},{event},{stamp}")
+    error = (bike.tell("boom:A") or {}).get("last_error", {}).get("error")
+    print(f"tell boom:A -> last_error: {error}")
+    statuses = {jobid: event for jobid, event, _ in bike.statuses()}
+    expected = {"hello:A": "END", "boom:A": "DIE", "in-two-seconds:A": "END", "countdown:B": "STP"}
+    wrong = {job: statuses.get(job) for job, event in expected.items() if statuses.get(job) != event}
+    if wrong:
+        print(f"demo FAILED: unexpected statuses {wrong}")
+        return 1
+    print("demo OK")
+    return 0

@@ -1,0 +1,237 @@
+"""The dispatcher: moves jobs that fall due from the timeline into their
+queues, reaps the runs whose lease expired, and keeps the timefile.
+
+Only one dispatcher acts at a time. It holds a lease in Redis whose token
+changes with every new holder, and every script it runs checks that token
+(fencing), so a dispatcher that stalled past its lease cannot act after a
+standby took over. It sleeps until the next job is due, the next lease
+expires or its own lease needs renewing, and is woken early by a message
+when a job is set earlier than everything in the timeline.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import redis
+
+from .keys import Keys, Scripts, subscribe
+from .states import FORGET, place_after_expiry
+from .timefile import write_timefile
+from .worker import error_record
+
+log = logging.getLogger(__name__)
+
+LEAD_MS = 5000  # the dispatcher lease; a standby takes over this long after a crash
+RENEW_SECONDS = LEAD_MS / 3000  # renew well before it runs out
+STANDBY_SECONDS = 1.0  # how often a standby asks for the lease
+POLL_SECONDS = 0.5  # how often a sleeping dispatcher looks at its stop flag
+TIMEFILE_SECONDS = 1.0  # how often a busy dispatcher rewrites the timefile
+BATCH = 1000  # jobs moved per script call
+REAP_BATCH = 100
+FOREVER = float("inf")
+
+
+class Dispatcher:
+    """Run with :meth:`run`; stops on HALT, SIGTERM or SIGINT."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        keys: Keys,
+        queue_for: Callable[[str], str],
+        *,
+        timefile: str | None = None,
+        clock: Callable[[], float] = time.time,
+        batch: int = BATCH,
+    ) -> None:
+        self.client = client
+        self.keys = keys
+        self.scripts = Scripts(client)
+        self.queue_for = queue_for
+        self.timefile = timefile
+        self.clock = clock
+        self.batch = batch
+        self.identity = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
+        self.token: str | None = None
+        self.stopping = threading.Event()
+        self.control_seen = ""
+        self.next_due = FOREVER
+        self.next_deadline = FOREVER
+        self.timefile_written = 0.0
+        self.moved = 0
+        self.reaped = 0
+
+    def stop(self, *_: Any) -> None:
+        self.stopping.set()
+
+    # -- the lease -------------------------------------------------------------
+
+    def lead(self, now: float, milliseconds: int = LEAD_MS) -> bool:
+        """Take or renew the lease and learn what is next (one round trip).
+        Returns whether this dispatcher leads."""
+        reply = self.scripts(
+            "lead",
+            self.keys.job_state() + [self.keys.dispatcher_epoch],
+            [repr(now), self.keys.dispatcher_channel, self.token or "", milliseconds, self.identity],
+        )
+        if milliseconds == 0:
+            self.token = None
+            return False
+        token, next_due, next_deadline, control = reply
+        if token and token != self.token:
+            log.info("dispatcher %s leads (token %s)", self.identity, token)
+        elif not token and self.token:
+            log.warning("dispatcher %s lost its lease; standing by", self.identity)
+        self.token = token or None
+        self.next_due = float(next_due) if next_due else FOREVER
+        self.next_deadline = float(next_deadline) if next_deadline else FOREVER
+        if control and control != self.control_seen and control.startswith("HALT"):
+            log.info("HALT found")
+            self.stop()
+        return self.token is not None
+
+    # -- the work --------------------------------------------------------------
+
+    def _queue_args(self, jobids: list[str]) -> tuple[list[str], list[Any], list[int]]:
+        """Queue KEYS and channel ARGV for a batch, and each job's queue index."""
+        index: dict[str, int] = {}
+        positions = [index.setdefault(self.queue_for(jobid), len(index) + 1) for jobid in jobids]
+        keys = [self.keys.queue(name) for name in index]
+        args: list[Any] = [len(index)] + [self.keys.queue_channel(name) for name in index]
+        return keys, args, positions
+
+    def move_due(self, now: float) -> int:
+        """Move every job due at ``now`` into its queue, a batch per script."""
+        moved = 0
+        while not self.stopping.is_set():
+            due = self.client.zrangebyscore(self.keys.timeline, "-inf", now, start=0, num=self.batch)
+            if not due:
+                break
+            keys, args, positions = self._queue_args(due)
+            for jobid, position in zip(due, positions):
+                args += [jobid, position]
+            moved += self.scripts(
+                "move_due",
+                self.keys.job_state() + keys,
+                [repr(now), self.keys.dispatcher_channel, self.token] + args,
+            )
+            if len(due) < self.batch:
+                break
+        self.moved += moved
+        return moved
+
+    def reap(self, now: float) -> int:
+        """End the runs whose lease deadline passed and put their jobs back."""
+        expired = self.client.zrangebyscore(self.keys.deadlines, "-inf", now, start=0, num=REAP_BATCH)
+        if not expired:
+            return 0
+        with self.client.pipeline(transaction=False) as pipe:
+            for jobid in expired:
+                pipe.hget(self.keys.leases, jobid)
+                pipe.hget(self.keys.schedules, jobid)
+            found = pipe.execute()
+        runs = []
+        for jobid, lease, schedule in zip(expired, found[0::2], found[1::2]):
+            if lease is not None:
+                runs.append((jobid, lease.split("|"), schedule))
+        keys, args, positions = self._queue_args([jobid for jobid, _, _ in runs])
+        for (jobid, lease, schedule), position in zip(runs, positions):
+            token, _queue, worker, since = lease[0], lease[1], lease[2], float(lease[3])
+            placement = place_after_expiry(schedule, now) if schedule is not None else FORGET
+            error = error_record(
+                "EXP", f"lease expired: worker {worker} stopped renewing it ({now - since:.0f}s after it claimed the job)",
+                worker, now,
+            )
+            args += [jobid, token, *placement.script_args(), error, position]
+            log.warning("job %s: lease of worker %s expired; %s", jobid, worker, placement)
+        reaped = self.scripts(
+            "reap", self.keys.job_state() + keys, [repr(now), self.keys.dispatcher_channel, self.token] + args
+        )
+        self.reaped += reaped
+        return reaped
+
+    def _write_timefile(self, now: float, force: bool = False) -> None:
+        if self.timefile and (force or now - self.timefile_written >= TIMEFILE_SECONDS):
+            write_timefile(self.timefile, now)
+            self.timefile_written = now
+
+    # -- the loop ----------------------------------------------------------------
+
+    def _sleep(self, pubsub: redis.client.PubSub, seconds: float) -> None:
+        """Sleep up to ``seconds``; a message cuts it short."""
+        until = time.monotonic() + max(0.0, seconds)
+        while not self.stopping.is_set():
+            remaining = until - time.monotonic()
+            if remaining <= 0:
+                return
+            message = pubsub.get_message(timeout=min(remaining, POLL_SECONDS))
+            if not message or message["type"] != "message":
+                continue
+            if message["channel"] == self.keys.control:
+                if message["data"].startswith("HALT") and message["data"] != self.control_seen:
+                    log.info("HALT received")
+                    self.stop()
+                return
+            try:
+                self.next_due = min(self.next_due, float(message["data"]))
+            except ValueError:
+                pass
+            return
+
+    def step(self, now: float) -> float:
+        """One pass: renew, move, reap. Returns the seconds to sleep after it."""
+        if not self.lead(now):
+            return STANDBY_SECONDS
+        busy = False
+        if self.next_due <= now:
+            busy = self.move_due(now) > 0 or busy
+        if self.next_deadline <= now:
+            busy = self.reap(now) > 0 or busy
+        self._write_timefile(now, force=not busy)
+        if busy:
+            return 0.0
+        wake = min(self.next_due, self.next_deadline, now + RENEW_SECONDS)
+        return max(wake - now, 0.005)  # never spin, even if a due job could not move
+
+    def run(self) -> None:
+        """Dispatch until HALT or a signal."""
+        self.control_seen = self.client.get(self.keys.control) or ""
+        pubsub = subscribe(self.client, [self.keys.control, self.keys.dispatcher_channel])
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self.stop)
+            signal.signal(signal.SIGINT, self.stop)
+        log.info("dispatcher %s started", self.identity)
+        backoff = 0.1
+        try:
+            while not self.stopping.is_set():
+                try:
+                    pause = self.step(self.clock())
+                    backoff = 0.1
+                except redis.ResponseError as exc:
+                    if "FENCED" not in str(exc):
+                        raise
+                    log.warning("dispatcher %s was fenced off; standing by", self.identity)
+                    self.token = None
+                    pause = STANDBY_SECONDS
+                except redis.RedisError as exc:
+                    log.warning("Redis error (%s); retrying in %.1fs", exc, backoff)
+                    pause, backoff = backoff, min(backoff * 2, 5.0)
+                    self.stopping.wait(pause)
+                    continue
+                self._sleep(pubsub, pause)
+        finally:
+            pubsub.close()
+            if self.token:
+                try:
+                    self.lead(self.clock(), milliseconds=0)
+                except redis.RedisError:
+                    pass
+        log.info("dispatcher %s stopped: %d moved, %d reaped", self.identity, self.moved, self.reaped)

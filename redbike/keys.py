@@ -1,0 +1,99 @@
+"""Every Redis key and channel name redbike uses, and the Lua scripts that change them.
+
+Nothing else in redbike formats a key name: a client in another language can
+read this module (and the key table in the README) to speak the protocol.
+All keys of one redbike installation start with its prefix; give the prefix a
+Redis Cluster hash tag (``{myapp}``) to keep them on one slot.
+"""
+
+from __future__ import annotations
+
+import time
+from importlib import resources
+from typing import Any
+
+import redis
+
+
+class Keys:
+    """Key and channel names for one prefix."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        p = prefix
+        self.schedules = f"{p}:schedules"  # hash  jobid -> schedule text
+        self.statuses = f"{p}:statuses"  # hash  jobid -> "EVENT:TIMESTAMP"
+        self.timeline = f"{p}:timeline"  # zset  jobid scored by next run (epoch s)
+        self.leases = f"{p}:leases"  # hash  jobid -> "token|queue|worker|since|timeout"
+        self.deadlines = f"{p}:deadlines"  # zset  jobid scored by lease deadline
+        self.pending = f"{p}:pending"  # hash  jobid -> placement set while it ran
+        self.errors = f"{p}:errors"  # hash  jobid -> JSON of the last failure
+        self.control = f"{p}:control"  # string "HALT:<ts>:<nonce>"; also a channel
+        self.dispatcher = f"{p}:dispatcher"  # string leader token, expires (PX)
+        self.dispatcher_epoch = f"{p}:dispatcher:epoch"  # counter: fencing tokens
+        self.dispatcher_channel = f"{p}:wake-dispatcher"  # channel: timeline got earlier
+
+    def queue(self, name: str) -> str:
+        """A work queue (list; LPUSH in, RPOP out)."""
+        return f"{self.prefix}:queue:{name}"
+
+    def queue_channel(self, name: str) -> str:
+        """Channel published to when a job enters queue ``name``."""
+        return f"{self.prefix}:wake-queue:{name}"
+
+    def job_state(self) -> list[str]:
+        """The keys every job-state script takes first, in the order lib.lua expects."""
+        return [
+            self.schedules,
+            self.statuses,
+            self.timeline,
+            self.leases,
+            self.deadlines,
+            self.pending,
+            self.errors,
+            self.control,
+            self.dispatcher,
+        ]
+
+
+SCRIPT_NAMES = ("set", "unset", "claim", "finish", "move_due", "reap", "renew", "lead")
+
+
+class Scripts:
+    """The Lua scripts, read once from redbike/lua and registered on a client.
+
+    Each script is lib.lua (shared helpers) followed by its own file.
+    """
+
+    _sources: dict[str, str] = {}
+
+    def __init__(self, client: redis.Redis) -> None:
+        if not Scripts._sources:
+            folder = resources.files("redbike") / "lua"
+            lib = (folder / "lib.lua").read_text(encoding="utf-8")
+            for name in SCRIPT_NAMES:
+                body = (folder / f"{name}.lua").read_text(encoding="utf-8")
+                Scripts._sources[name] = lib + "\n" + body
+        self._scripts = {
+            name: client.register_script(src) for name, src in Scripts._sources.items()
+        }
+
+    def __call__(self, name: str, keys: list[str], args: list[Any], client: Any = None) -> Any:
+        return self._scripts[name](keys=keys, args=args, client=client)
+
+
+def subscribe(client: redis.Redis, channels: list[str]) -> redis.client.PubSub:
+    """Subscribe to ``channels`` and wait until Redis confirms, so that no
+    message published after this returns can be missed."""
+    pubsub = client.pubsub()
+    pubsub.subscribe(*channels)
+    confirmed = 0
+    deadline = time.monotonic() + 10
+    while confirmed < len(set(channels)):
+        message = pubsub.get_message(timeout=max(0.0, deadline - time.monotonic()))
+        if message is None and time.monotonic() >= deadline:
+            pubsub.close()
+            raise redis.TimeoutError("Redis did not confirm the subscription")
+        if message and message["type"] == "subscribe":
+            confirmed += 1
+    return pubsub

@@ -1,0 +1,74 @@
+"""Read-only views of the job registry: the CSV dumps and tell.
+
+They stream with HSCAN, so a million jobs never sit in memory at once.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import redis
+
+from .keys import Keys
+from .states import parse_status
+
+SCAN_COUNT = 1000
+
+
+def statuses(client: redis.Redis, keys: Keys, before: float | None = None) -> Iterator[tuple[str, str, int]]:
+    """(jobid, EVENT, timestamp) of every job, or of those whose last status
+    is older than ``before``."""
+    for jobid, value in client.hscan_iter(keys.statuses, count=SCAN_COUNT):
+        event, stamp = parse_status(value)
+        if before is None or stamp < before:
+            yield jobid, event, int(stamp)
+
+
+def schedules(client: redis.Redis, keys: Keys) -> Iterator[tuple[str, str]]:
+    """(jobid, schedule) of every job."""
+    yield from client.hscan_iter(keys.schedules, count=SCAN_COUNT)
+
+
+def tell(client: redis.Redis, keys: Keys, jobid: str, queue: str) -> dict[str, Any] | None:
+    """Everything known about one job, or None if there is no such job or run.
+
+    ``queue`` is the job's queue (from the worker's queue_for), shown when the
+    job waits in it.
+    """
+    with client.pipeline(transaction=False) as pipe:
+        pipe.hget(keys.statuses, jobid)
+        pipe.hget(keys.schedules, jobid)
+        pipe.zscore(keys.timeline, jobid)
+        pipe.hget(keys.leases, jobid)
+        pipe.zscore(keys.deadlines, jobid)
+        pipe.hget(keys.errors, jobid)
+        pipe.hget(keys.pending, jobid)
+        status, schedule, next_run, lease, deadline, error, pending = pipe.execute()
+    if status is None and schedule is None and lease is None:
+        return None
+    told: dict[str, Any] = {"status": status, "next_run": next_run, "schedule": schedule}
+    if status and status.startswith("ENQ:"):
+        told["queue"] = queue
+        told["queue_length"] = client.llen(keys.queue(queue))
+    if lease:
+        token, lease_queue, worker, since, timeout = lease.split("|")
+        told["lease"] = {
+            "worker": worker,
+            "queue": lease_queue,
+            "since": float(since),
+            "timeout": float(timeout),
+            "deadline": deadline,
+            "token": token,
+        }
+        if schedule is None:
+            told["unset"] = "running; removed when this run ends"
+    if pending:
+        kind, at, pending_status = pending.split("|")
+        told["after_this_run"] = {"Q": "enqueue", "T": f"timeline at {at}", "S": pending_status}.get(kind, kind)
+    if error:
+        told["last_error"] = json.loads(error)
+    if status:
+        told["event"], told["since"] = parse_status(status)
+    return told

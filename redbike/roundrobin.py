@@ -1,0 +1,57 @@
+"""The worker contract: subclass RoundRobin and override work()."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class StopWork(Exception):
+    """Raised by work(): set the job's schedule to STOP (status STP)."""
+
+
+class UnsetJob(Exception):
+    """Raised by work(): unset the job (remove it from the rotation)."""
+
+
+@dataclass(frozen=True)
+class Lease:
+    """The claim on the job being worked. ``token`` is unique to this run: a
+    job can store it beside its side effects to tell a stale run from the
+    current one."""
+
+    jobid: str
+    token: str
+    queue: str
+    worker: str
+    since: float
+    timeout: float
+
+
+class RoundRobin:
+    """A worker that takes jobs from queues in a weighted rotation.
+
+    ``RoundRobin("A:A:B")`` works queue A twice as often as queue B. A job goes
+    to the queue named by the part of its id after the last ``:`` (the whole
+    id if it has none). While work() runs, ``self.lease`` holds its Lease.
+    """
+
+    def __init__(self, queues: str = "") -> None:
+        self.queues = [name for name in queues.split(":") if name]
+        self.lease: Lease | None = None
+
+    def queue_names(self) -> list[str]:
+        """Queues to work, in rotation order; a repeated name gets more turns."""
+        return list(self.queues)
+
+    def queue_for(self, jobid: str) -> str:
+        """The queue a job is put in when it falls due."""
+        return jobid.rsplit(":", 1)[-1]
+
+    def timeout(self, queue_name: str) -> float | None:
+        """Seconds a job from this queue may run; None for the default."""
+        return None
+
+    def work(self, jobid: str) -> int | None:
+        """Do the job. Return an integer to back a CONTINUE job off that many
+        seconds; raise StopWork or UnsetJob to stop or unset it."""
+        raise NotImplementedError("subclass RoundRobin and override work()")

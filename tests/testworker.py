@@ -1,0 +1,53 @@
+"""The worker the real-process tests run. What a job does depends on its id:
+sleep<S>-...  sleeps S seconds; fail-... raises; stop-... raises StopWork;
+unset-... raises UnsetJob; backoff-... returns 1; hang-... sleeps an hour.
+Every run appends a JSON record (job, pid, token, start, end) to the list
+TESTLOG_KEY on TESTLOG_URL, so tests can check what ran, when, and where."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import redis
+
+from redbike import RoundRobin, StopWork, UnsetJob
+
+
+class Recorder(RoundRobin):
+    def __init__(self, queues: str = "A:B") -> None:
+        super().__init__(queues)
+        self._log: redis.Redis | None = None
+
+    def timeout(self, queue_name: str) -> float | None:
+        return 2 if queue_name == "T" else None
+
+    def _record(self, **fields: object) -> None:
+        url = os.environ.get("TESTLOG_URL")
+        if not url:
+            return
+        if self._log is None:
+            self._log = redis.Redis.from_url(url)
+        self._log.rpush(os.environ["TESTLOG_KEY"], json.dumps(fields))
+
+    def work(self, jobid: str) -> int | None:
+        start = time.time()
+        token = self.lease.token if self.lease else None
+        self._record(job=jobid, event="start", pid=os.getpid(), token=token, at=start)
+        try:
+            if jobid.startswith("sleep"):
+                time.sleep(float(jobid[5:].split("-", 1)[0]))
+            elif jobid.startswith("hang"):
+                time.sleep(3600)
+            elif jobid.startswith("fail"):
+                raise ValueError(f"{jobid} failed on purpose")
+            elif jobid.startswith("stop"):
+                raise StopWork()
+            elif jobid.startswith("unset"):
+                raise UnsetJob()
+            elif jobid.startswith("backoff"):
+                return 1
+            return None
+        finally:
+            self._record(job=jobid, event="end", pid=os.getpid(), token=token, at=time.time())
