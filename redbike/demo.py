@@ -19,7 +19,7 @@ STARTED = time.time()
 
 class DemoWorker(RoundRobin):
     """Prints each job it runs; 'boom' jobs fail, 'countdown' backs off 1 s
-    and stops after three seconds."""
+    and stops after two seconds."""
 
     def work(self, jobid: str) -> int | None:
         sys.stdout.write(f"  +{time.time() - STARTED:5.2f}s  ran {jobid}\n")  # one write: no interleaving
@@ -27,7 +27,7 @@ class DemoWorker(RoundRobin):
         if jobid.startswith("boom"):
             raise RuntimeError("this job always fails (on purpose)")
         if jobid.startswith("countdown"):
-            if time.time() - STARTED > 3:
+            if time.time() - STARTED > 2:
                 raise StopWork("done counting")
             return 1
         return None
@@ -35,6 +35,7 @@ class DemoWorker(RoundRobin):
 
 def run_demo(config: Config, seconds: float = 5.0) -> int:
     global STARTED
+    seconds = max(seconds, 3.0)  # time for the AT job (2 s) and the countdown to end
     client = connect(config.redis)
     check_reachable(client)
     bike = Redbike(DemoWorker("A:B"), prefix=f"{config.prefix}-demo", client=client)

@@ -1,0 +1,139 @@
+"""The worker pool in-process against a real Redis server: round trips per
+job, no prefetch, heartbeats for long jobs; and the demo."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import redis
+
+from redbike import Redbike, RoundRobin
+from redbike.dispatcher import Dispatcher
+from redbike.embedded import stop_server
+from redbike.worker import WorkerPool
+
+from conftest import ROOT, wait_for
+
+
+class Noop(RoundRobin):
+    def work(self, jobid: str) -> None:
+        return None
+
+
+class Sleeper(RoundRobin):
+    """Busy-loops (holding its own GIL) for the seconds named in the job id."""
+
+    def timeout(self, queue_name: str) -> float | None:
+        return 60
+
+    def work(self, jobid: str) -> None:
+        until = time.monotonic() + float(jobid.split(":")[0].split("-")[1])
+        while time.monotonic() < until:
+            pass
+
+
+def evalsha_calls(client: redis.Redis) -> int:
+    stats = client.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+def start(pool: WorkerPool) -> threading.Thread:
+    thread = threading.Thread(target=pool.run)
+    thread.start()
+    return thread
+
+
+def test_one_round_trip_per_job(client: redis.Redis, prefix: str) -> None:
+    worker = Noop("A")
+    bike = Redbike(worker, prefix=prefix, client=client)
+    jobs = 300
+    for number in range(jobs):
+        bike.set(f"job{number}:A", "NOW")
+    before = evalsha_calls(client)
+    pool = WorkerPool(client, bike.keys, worker)
+    thread = start(pool)
+    try:
+        wait_for(lambda: client.llen(bike.keys.queue("A")) == 0 and not client.hlen(bike.keys.leases),
+                 what="the queue to drain")
+    finally:
+        bike.control()
+        thread.join(10)
+    scripts = evalsha_calls(client) - before
+    assert pool.jobs_done == jobs
+    assert all(event == "END" for _, event, _ in bike.statuses())
+    # One fused finish-and-claim per job, plus the first claim and the last
+    # empty claim: no second round trip per job.
+    assert scripts <= jobs + 3, scripts
+
+
+def test_no_prefetch_each_slot_holds_one_job(client: redis.Redis, prefix: str) -> None:
+    worker = Sleeper("A")
+    bike = Redbike(worker, prefix=prefix, client=client)
+    for number in range(6):
+        bike.set(f"sleep-0.3-{number}:A", "NOW")
+    pool = WorkerPool(client, bike.keys, worker, concurrency=2)
+    thread = start(pool)
+    seen_leases = set()
+    try:
+        def drained() -> bool:
+            leases = client.hlen(bike.keys.leases)
+            queued = client.llen(bike.keys.queue("A"))
+            seen_leases.add(leases)
+            # Every job is either queued, leased by one of the 2 slots, or done.
+            assert leases <= 2
+            assert queued >= 6 - pool.jobs_done - leases
+            return pool.jobs_done == 6
+        wait_for(drained, timeout=20, what="six jobs")
+    finally:
+        bike.control()
+        thread.join(10)
+    assert 2 in seen_leases
+
+
+def test_heartbeats_keep_a_long_job_alive(client: redis.Redis, prefix: str) -> None:
+    """A job running well past its lease is renewed by the supervisor (while
+    the child hogs its CPU) and is not reaped by a running dispatcher."""
+    worker = Sleeper("A")
+    bike = Redbike(worker, prefix=prefix, client=client)
+    bike.set("sleep-4:A", "NOW")
+    pool = WorkerPool(client, bike.keys, worker, lease_seconds=1.2)
+    dispatcher = Dispatcher(client, bike.keys, worker.queue_for)
+    threads = [start(pool), threading.Thread(target=dispatcher.run)]
+    threads[1].start()
+    try:
+        first = wait_for(lambda: client.zscore(bike.keys.deadlines, "sleep-4:A"), what="the claim")
+        # The first deadline is claim time + lease (1.2 s) + grace (2 s): the
+        # job outlives it only if heartbeats move it.
+        renewed = wait_for(
+            lambda: (client.zscore(bike.keys.deadlines, "sleep-4:A") or 0) > first + 0.3,
+            what="a heartbeat",
+        )
+        assert renewed
+        wait_for(lambda: pool.jobs_done == 1, timeout=15, what="the job to end")
+    finally:
+        bike.control()
+        for thread in threads:
+            thread.join(10)
+    assert bike.tell("sleep-4:A")["status"].startswith("END:")
+    assert dispatcher.reaped == 0
+    assert "last_error" not in bike.tell("sleep-4:A")
+
+
+def test_demo_runs_on_the_embedded_server(tmp_path) -> None:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "redbike", "demo", "--seconds", "3"],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+        )
+    finally:
+        stop_server(str(tmp_path / ".redbike"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "demo OK" in done.stdout
+    assert "ran hello:A" in done.stdout
+    assert "embedded Redis" in done.stderr
+    assert (tmp_path / ".redbike" / "redis.sock").exists() is False  # stopped
