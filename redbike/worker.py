@@ -209,7 +209,12 @@ class WorkerPool:
         self.wakeups = 0
         self.running: dict[int, Running] = {}
         self.control_seen = ""
-        self.jobs_done = 0
+        self.done_per_slot = [0] * concurrency
+
+    @property
+    def jobs_done(self) -> int:
+        """Runs ended so far (each slot counts its own, so no lock is needed)."""
+        return sum(self.done_per_slot)
 
     # -- signals and wake-ups -------------------------------------------------
 
@@ -321,25 +326,27 @@ class WorkerPool:
         child = JobProcess(self.worker)
         job: Running | None = None
         finished: tuple[Outcome, str] | None = None
-        backoff = 0.1
+        retry_in = 0.0  # seconds to wait after a Redis error; 0 while all is well
         try:
             while True:
                 seen = self.wakeups
                 try:
                     if finished is not None and job is not None:
-                        fused = rotation if not self.stopping.is_set() and backoff == 0.1 else None
+                        # After an error, a script may have run without its reply
+                        # reaching us: end the run alone, so no claim is lost with it.
+                        fused = None if self.stopping.is_set() or retry_in else rotation
                         _, next_job = self.finish(job, *finished, fused, worker_id)
                         finished, job = None, next_job
                     elif self.stopping.is_set():
                         return
                     else:
                         job = self.claim(rotation, worker_id)
-                    backoff = 0.1
+                    retry_in = 0.0
                 except redis.RedisError as exc:
-                    log.warning("slot %d: Redis error (%s); retrying in %.1fs", index, exc, backoff)
-                    if self.forced.wait(backoff):
+                    retry_in = min(retry_in * 2 or 0.1, MAX_BACKOFF_SECONDS)
+                    log.warning("slot %d: Redis error (%s); retrying in %.1fs", index, exc, retry_in)
+                    if self.forced.wait(retry_in):
                         return
-                    backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
                     continue
                 if job is None:
                     if not self.stopping.is_set():
@@ -350,7 +357,7 @@ class WorkerPool:
                     finished = child.run(job.lease, self.forced)
                 finally:
                     self.running.pop(index, None)
-                self.jobs_done += 1
+                self.done_per_slot[index] += 1
         finally:
             child.stop()
 
