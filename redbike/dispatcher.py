@@ -209,24 +209,25 @@ class Dispatcher:
             signal.signal(signal.SIGTERM, self.stop)
             signal.signal(signal.SIGINT, self.stop)
         log.info("dispatcher %s started", self.identity)
-        backoff = 0.1
+        retry_in = 0.0  # seconds to wait after a Redis error; 0 while all is well
         try:
             while not self.stopping.is_set():
                 try:
-                    pause = self.step(self.clock())
-                    backoff = 0.1
+                    self._sleep(pubsub, self.step(self.clock()))
+                    retry_in = 0.0
                 except redis.ResponseError as exc:
                     if "FENCED" not in str(exc):
-                        raise
+                        retry_in = min(retry_in * 2 or 0.1, 5.0)
+                        log.warning("Redis error (%s); retrying in %.1fs", exc, retry_in)
+                        self.stopping.wait(retry_in)
+                        continue
                     log.warning("dispatcher %s was fenced off; standing by", self.identity)
                     self.token = None
-                    pause = STANDBY_SECONDS
-                except redis.RedisError as exc:
-                    log.warning("Redis error (%s); retrying in %.1fs", exc, backoff)
-                    pause, backoff = backoff, min(backoff * 2, 5.0)
-                    self.stopping.wait(pause)
-                    continue
-                self._sleep(pubsub, pause)
+                    self.stopping.wait(STANDBY_SECONDS)
+                except redis.RedisError as exc:  # connection lost, server loading, OOM ...
+                    retry_in = min(retry_in * 2 or 0.1, 5.0)
+                    log.warning("Redis error (%s); retrying in %.1fs", exc, retry_in)
+                    self.stopping.wait(retry_in)
         finally:
             pubsub.close()
             if self.token:
