@@ -215,16 +215,12 @@ class Dispatcher:
                 try:
                     self._sleep(pubsub, self.step(self.clock()))
                     retry_in = 0.0
-                except redis.ResponseError as exc:
-                    if "FENCED" not in str(exc):
-                        retry_in = min(retry_in * 2 or 0.1, 5.0)
-                        log.warning("Redis error (%s); retrying in %.1fs", exc, retry_in)
-                        self.stopping.wait(retry_in)
+                except redis.RedisError as exc:  # connection lost, server loading, fenced ...
+                    if isinstance(exc, redis.ResponseError) and "FENCED" in str(exc):
+                        log.warning("dispatcher %s was fenced off; standing by", self.identity)
+                        self.token = None
+                        self.stopping.wait(STANDBY_SECONDS)
                         continue
-                    log.warning("dispatcher %s was fenced off; standing by", self.identity)
-                    self.token = None
-                    self.stopping.wait(STANDBY_SECONDS)
-                except redis.RedisError as exc:  # connection lost, server loading, OOM ...
                     retry_in = min(retry_in * 2 or 0.1, 5.0)
                     log.warning("Redis error (%s); retrying in %.1fs", exc, retry_in)
                     self.stopping.wait(retry_in)
