@@ -159,11 +159,15 @@ def read_schedules_csv(path: str) -> list[tuple[str, str]]:
     """All (jobid, schedule) rows of a CSV file, checked before any is set."""
     try:
         with open(path, newline="", encoding="utf-8") as handle:
-            rows = list(csv.reader(handle))
+            reader = csv.reader(handle)
+            rows, line = [], 1
+            for row in reader:
+                rows.append((line, row))  # numbered by the line it starts on: quoted fields may span lines
+                line = reader.line_num + 1
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise CsvError(f"cannot read schedules CSV {path!r}: {exc}") from None
     pairs = []
-    for number, row in enumerate(rows, start=1):
+    for number, row in rows:
         if not row or (len(row) == 1 and not row[0].strip()):
             continue
         if len(row) != 2 or not row[0].strip():
