@@ -51,7 +51,7 @@ class Redbike:
         self.worker = worker if worker is not None else RoundRobin()
         self.keys = Keys(prefix)
         self.client = client if client is not None else connect(redis_config or {})
-        self.scripts = Scripts(self.client)
+        self.scripts = Scripts(self.client, self.keys)
         self.timefile = timefile
         self.default_timeout = default_timeout
         self.clock = clock
@@ -63,14 +63,13 @@ class Redbike:
         recorded = read_timefile(self.timefile)
         return recorded if recorded is not None else self.clock()
 
-    def _place(self, jobid: str, schedule: str, placement: Placement, only_if_new: bool) -> str:
+    def _place(self, jobid: str, schedule: str, placement: Placement, only_if_new: bool, needs: str = "") -> str:
         queue = self.worker.queue_for(jobid)
-        return self.scripts(
+        return self.scripts.run(
             "set",
-            self.keys.job_state() + [self.keys.queue(queue)],
-            [repr(self.clock()), self.keys.dispatcher_channel, jobid, schedule]
-            + placement.script_args()
-            + [self.keys.queue_channel(queue), "1" if only_if_new else "0"],
+            self.clock(),
+            [self.keys.queue(queue)],
+            [jobid, schedule, *placement.script_args(), self.keys.queue_channel(queue), "1" if only_if_new else "0", needs],
         )
 
     def set(self, jobid: str, schedule: str, after: float | None = None) -> str:
@@ -105,11 +104,7 @@ class Redbike:
         """Remove a job. Returns 0 (unknown), 1 (removed) or 2 (running: it
         completes, then is removed)."""
         queue = self.worker.queue_for(jobid)
-        return self.scripts(
-            "unset",
-            self.keys.job_state() + [self.keys.queue(queue)],
-            [repr(self.clock()), self.keys.dispatcher_channel, jobid],
-        )
+        return self.scripts.run("unset", self.clock(), [self.keys.queue(queue)], [jobid])
 
     def tell(self, jobid: str) -> dict[str, Any] | None:
         return report.tell(self.client, self.keys, jobid, self.worker.queue_for(jobid))

@@ -54,7 +54,7 @@ class Dispatcher:
     ) -> None:
         self.client = client
         self.keys = keys
-        self.scripts = Scripts(client)
+        self.scripts = Scripts(client, keys)
         self.queue_for = queue_for
         self.timefile = timefile
         self.clock = clock
@@ -77,10 +77,8 @@ class Dispatcher:
     def lead(self, now: float, milliseconds: int = LEAD_MS) -> bool:
         """Take or renew the lease and learn what is next (one round trip).
         Returns whether this dispatcher leads."""
-        reply = self.scripts(
-            "lead",
-            self.keys.job_state() + [self.keys.dispatcher_epoch],
-            [repr(now), self.keys.dispatcher_channel, self.token or "", milliseconds, self.identity],
+        reply = self.scripts.run(
+            "lead", now, [self.keys.dispatcher_epoch], [self.token or "", milliseconds, self.identity]
         )
         if milliseconds == 0:
             self.token = None
@@ -118,11 +116,7 @@ class Dispatcher:
             keys, args, positions = self._queue_args(due)
             for jobid, position in zip(due, positions):
                 args += [jobid, position]
-            moved += self.scripts(
-                "move_due",
-                self.keys.job_state() + keys,
-                [repr(now), self.keys.dispatcher_channel, self.token] + args,
-            )
+            moved += self.scripts.run("move_due", now, keys, [self.token, *args])
             if len(due) < self.batch:
                 break
         self.moved += moved
@@ -152,9 +146,7 @@ class Dispatcher:
             )
             args += [jobid, token, *placement.script_args(), error, position]
             log.warning("job %s: lease of worker %s expired; %s", jobid, worker, placement)
-        reaped = self.scripts(
-            "reap", self.keys.job_state() + keys, [repr(now), self.keys.dispatcher_channel, self.token] + args
-        )
+        reaped = self.scripts.run("reap", now, keys, [self.token, *args])
         self.reaped += reaped
         return reaped
 

@@ -32,6 +32,13 @@ class Keys:
         self.dispatcher = f"{p}:dispatcher"  # string leader token, expires (PX)
         self.dispatcher_epoch = f"{p}:dispatcher:epoch"  # counter: fencing tokens
         self.dispatcher_channel = f"{p}:wake-dispatcher"  # channel: timeline got earlier
+        self.capacities = f"{p}:capacities"  # hash  resource -> capacity
+        self.usage = f"{p}:usage"  # hash  resource -> amount held by running jobs
+        self.needs = f"{p}:needs"  # hash  jobid -> "resource=amount,..."
+        self.parked = f"{p}:parked"  # zset  (lex) "resource|seq|queue|jobid"
+        self.ready = f"{p}:ready"  # zset  (lex) "queue|seq|jobid"
+        self.parking = f"{p}:parking"  # hash  jobid -> "P"/"R" + its parked/ready member
+        self.parkseq = f"{p}:parkseq"  # counter: order of parked jobs
 
     def queue(self, name: str) -> str:
         """A work queue (list; LPUSH in, RPOP out)."""
@@ -42,7 +49,7 @@ class Keys:
         return f"{self.prefix}:wake-queue:{name}"
 
     def job_state(self) -> list[str]:
-        """The keys every job-state script takes first, in the order lib.lua expects."""
+        """The keys every script takes first, in the order lib.lua expects."""
         return [
             self.schedules,
             self.statuses,
@@ -53,21 +60,34 @@ class Keys:
             self.errors,
             self.control,
             self.dispatcher,
+            self.capacities,
+            self.usage,
+            self.needs,
+            self.parked,
+            self.ready,
+            self.parking,
+            self.parkseq,
         ]
 
+    def parked_range(self, resource: str) -> tuple[bytes, bytes]:
+        """ZRANGEBYLEX bounds of the jobs parked on ``resource`` (byte 0xFF
+        sorts after every byte of a UTF-8 name)."""
+        return f"[{resource}|".encode(), f"({resource}|".encode() + b"\xff"
 
-SCRIPT_NAMES = ("set", "unset", "claim", "finish", "move_due", "reap", "renew", "lead")
+
+SCRIPT_NAMES = ("set", "unset", "claim", "finish", "move_due", "reap", "renew", "lead", "capacity")
 
 
 class Scripts:
     """The Lua scripts, read once from redbike/lua and registered on a client.
 
-    Each script is lib.lua (shared helpers) followed by its own file.
+    Each script is lib.lua (shared helpers) followed by its own file, and
+    takes the job-state keys and three common arguments first.
     """
 
     _sources: dict[str, str] = {}
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis, keys: Keys) -> None:
         if not Scripts._sources:
             folder = resources.files("redbike") / "lua"
             lib = (folder / "lib.lua").read_text(encoding="utf-8")
@@ -77,9 +97,12 @@ class Scripts:
         self._scripts = {
             name: client.register_script(src) for name, src in Scripts._sources.items()
         }
+        self._keys = keys.job_state()
+        self._common = [keys.dispatcher_channel, keys.queue_channel("")]
 
-    def __call__(self, name: str, keys: list[str], args: list[Any], client: Any = None) -> Any:
-        return self._scripts[name](keys=keys, args=args, client=client)
+    def run(self, name: str, now: float, keys: list[str], args: list[Any], client: Any = None) -> Any:
+        """Run script ``name`` with its own ``keys`` and ``args`` after the common ones."""
+        return self._scripts[name](keys=self._keys + keys, args=[repr(now), *self._common, *args], client=client)
 
 
 def subscribe(client: redis.Redis, channels: list[str]) -> redis.client.PubSub:

@@ -53,7 +53,7 @@ def tell(client: redis.Redis, keys: Keys, jobid: str, queue: str) -> dict[str, A
         told["queue"] = queue
         told["queue_length"] = client.llen(keys.queue(queue))
     if lease:
-        token, lease_queue, worker, since, timeout = lease.split("|")
+        token, lease_queue, worker, since, timeout, needs = lease.split("|")
         told["lease"] = {
             "worker": worker,
             "queue": lease_queue,
@@ -61,6 +61,7 @@ def tell(client: redis.Redis, keys: Keys, jobid: str, queue: str) -> dict[str, A
             "timeout": float(timeout),
             "deadline": deadline,
             "token": token,
+            "holds": needs or None,
         }
         if schedule is None:
             told["unset"] = "running; removed when this run ends"

@@ -29,6 +29,7 @@ from typing import Any
 import redis
 
 from .keys import Keys, Scripts, subscribe
+from .resources import LOCAL_PREFIX, format_amounts, parse_amounts
 from .roundrobin import Lease, RoundRobin, StopWork, UnsetJob
 from .states import Outcome, place_after_run, parse_status
 
@@ -117,7 +118,14 @@ class JobProcess:
 
     def run(self, lease: Lease, forced: threading.Event) -> tuple[Outcome, str]:
         """Run one job; returns its outcome and the traceback of a failure."""
-        self.conn.send_bytes(json.dumps(lease.__dict__).encode())
+        message = json.dumps(lease.__dict__).encode()
+        try:
+            self.conn.send_bytes(message)
+        except OSError:  # the child died while idle: the job has not started, so a new child runs it
+            log.warning("worker process %s died while idle (exit code %s); replaced", self.process.pid, self.process.exitcode)
+            self.kill()
+            self.start()
+            self.conn.send_bytes(message)
         deadline = time.monotonic() + lease.timeout
         while True:
             remaining = deadline - time.monotonic()
@@ -146,6 +154,7 @@ class Running:
     schedule: str
     enqueued_at: float
     renewed_at: float
+    local_needs: dict[str, int]  # worker-local amounts it holds
 
 
 class Rotation:
@@ -184,13 +193,19 @@ class WorkerPool:
         concurrency: int = 1,
         default_timeout: float = 10.0,
         lease_seconds: float = LEASE_SECONDS,
+        resources: dict[str, int] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         self.client = client
         self.keys = keys
-        self.scripts = Scripts(client)
+        self.scripts = Scripts(client, keys)
+        # Worker-local resources (cpu_cores=16 ...): this pool counts them
+        # itself, under a lock, and tells each claim how much is free.
+        self.local_capacity = {f"{LOCAL_PREFIX}{name}": amount for name, amount in (resources or {}).items()}
+        self.local_used: dict[str, int] = dict.fromkeys(self.local_capacity, 0)
+        self.local_lock = threading.Lock() if self.local_capacity else None
         self.worker = worker
         self.concurrency = concurrency
         self.lease_seconds = lease_seconds
@@ -260,18 +275,25 @@ class WorkerPool:
     # -- the claim / finish round trips ---------------------------------------
 
     def _claim_part(
-        self, rotation: Rotation, token: str, worker_id: str
+        self, rotation: Rotation, token: str, worker_id: str, freed: dict[str, int]
     ) -> tuple[list[str], list[Any], list[tuple[int, str]]]:
-        """KEYS and ARGV of a claim (claim() in lib.lua), and the queue order tried."""
+        """KEYS and ARGV of a claim (claim() in lib.lua), and the queue order
+        tried. ``freed``: local amounts the same script releases first."""
         order = rotation.order()
         keys = [self.keys.queue(name) for _, name in order]
-        args: list[Any] = [token, worker_id, self.control_seen]
+        free = {
+            name: capacity - self.local_used[name] + freed.get(name, 0)
+            for name, capacity in self.local_capacity.items()
+        }
+        args: list[Any] = [token, worker_id, self.control_seen, format_amounts(free)]
         for _, name in order:
             timeout = self.timeouts[name]
             args += [name, timeout, min(timeout, self.lease_seconds) + GRACE_SECONDS]
         return keys, args, order
 
-    def _job_from(self, reply: list[Any], order: list[tuple[int, str]], rotation: Rotation, token: str, worker_id: str, now: float) -> Running | None:
+    def _job_from(
+        self, reply: list[Any], order: list[tuple[int, str]], rotation: Rotation, token: str, worker_id: str, now: float
+    ) -> Running | None:
         if reply[0] == "HALT":
             if self._halts(reply[1]):
                 log.info("HALT found")
@@ -279,44 +301,73 @@ class WorkerPool:
             return None
         if reply[0] != "JOB":
             return None
-        _, jobid, index, schedule, status = reply
+        _, jobid, index, schedule, status, needs = reply
         position, queue = order[int(index)]
         rotation.served(position)
         event, stamp = parse_status(status) if status else ("", now)
         lease = Lease(jobid, token, queue, worker_id, now, self.timeouts[queue])
-        return Running(lease, schedule, stamp if event == "ENQ" else now, now)
+        local = {name: amount for name, amount in parse_amounts(needs).items() if name in self.local_capacity}
+        for name, amount in local.items():
+            self.local_used[name] += amount
+        return Running(lease, schedule, stamp if event == "ENQ" else now, now, local)
 
-    def claim(self, rotation: Rotation, worker_id: str) -> Running | None:
+    def _settle(self, job: Running | None, outcome: Outcome | None, trace: str,
+                rotation: Rotation | None, worker_id: str) -> tuple[str | None, Running | None]:
+        """One round trip: end ``job``'s run (if any) and, with a rotation, claim
+        the next job. Returns how the run ended (finish() in lib.lua) and the
+        job claimed."""
+        done = None
         now = self.clock()
         token = os.urandom(8).hex()
-        keys, args, order = self._claim_part(rotation, token, worker_id)
-        reply = self.scripts(
-            "claim", self.keys.job_state() + keys, [repr(now), self.keys.dispatcher_channel] + args
-        )
-        return self._job_from(reply, order, rotation, token, worker_id, now)
-
-    def finish(self, job: Running, outcome: Outcome, trace: str, rotation: Rotation | None, worker_id: str) -> tuple[str, Running | None]:
-        """End ``job``'s run; with a rotation, claim the next job in the same script."""
-        now = self.clock()
-        lease = job.lease
-        home = self.worker.queue_for(lease.jobid)
-        placement = place_after_run(job.schedule, outcome, now, job.enqueued_at)
-        error = error_record(placement.status, outcome.error, worker_id, now, trace) if outcome.error else ""
-        keys = self.keys.job_state() + [self.keys.queue(home)]
-        args: list[Any] = [repr(now), self.keys.dispatcher_channel, lease.jobid, lease.token]
-        args += placement.script_args() + [error, self.keys.queue_channel(home)]
+        keys: list[str] = []
+        args: list[Any] = []
+        freed: dict[str, int] = {}
+        if job is not None and outcome is not None:
+            lease = job.lease
+            home = self.worker.queue_for(lease.jobid)
+            placement = place_after_run(job.schedule, outcome, now, job.enqueued_at)
+            error = error_record(placement.status, outcome.error, worker_id, now, trace) if outcome.error else ""
+            keys.append(self.keys.queue(home))
+            args += [lease.jobid, lease.token, *placement.script_args(), error, self.keys.queue_channel(home)]
+            freed = job.local_needs
         order: list[tuple[int, str]] = []
-        token = os.urandom(8).hex()
         if rotation is not None:
-            claim_keys, claim_args, order = self._claim_part(rotation, token, worker_id)
+            claim_keys, claim_args, order = self._claim_part(rotation, token, worker_id, freed)
             keys += claim_keys
             args += claim_args
-        done, reply = self.scripts("finish", keys, args)
-        if done == "STALE":
-            log.warning("job %s: lease lost before it ended; its outcome is dropped", lease.jobid)
+        if job is None:
+            reply = self.scripts.run("claim", now, keys, args)
+        else:
+            done, reply = self.scripts.run("finish", now, keys, args)
+            if done == "STALE":
+                log.warning("job %s: lease lost before it ended; its outcome is dropped", job.lease.jobid)
+            for name, amount in freed.items():
+                self.local_used[name] -= amount
+            if freed:
+                self.kick()  # idle slots may have room now
         if rotation is None:
             return done, None
+        if reply[0] == "MORE":  # the claim parked many jobs: look again
+            return done, self._settle(None, None, "", rotation, worker_id)[1]
         return done, self._job_from(reply, order, rotation, token, worker_id, now)
+
+    def settle(self, job: Running | None, outcome: Outcome | None, trace: str,
+               rotation: Rotation | None, worker_id: str) -> tuple[str | None, Running | None]:
+        """End a run and/or claim, holding the local-resource lock if this pool has one."""
+        if self.local_lock is None:
+            return self._settle(job, outcome, trace, rotation, worker_id)
+        with self.local_lock:
+            return self._settle(job, outcome, trace, rotation, worker_id)
+
+    def claim(self, rotation: Rotation, worker_id: str) -> Running | None:
+        """Claim one job (one round trip)."""
+        return self.settle(None, None, "", rotation, worker_id)[1]
+
+    def finish(
+        self, job: Running, outcome: Outcome, trace: str, rotation: Rotation | None, worker_id: str
+    ) -> tuple[str | None, Running | None]:
+        """End ``job``'s run; with a rotation, claim the next job in the same round trip."""
+        return self.settle(job, outcome, trace, rotation, worker_id)
 
     # -- the slots -------------------------------------------------------------
 
@@ -335,8 +386,8 @@ class WorkerPool:
                         # After an error, a script may have run without its reply
                         # reaching us: end the run alone, so no claim is lost with it.
                         fused = None if self.stopping.is_set() or retry_in else rotation
-                        _, next_job = self.finish(job, *finished, fused, worker_id)
-                        finished, job = None, next_job
+                        _, job = self.finish(job, *finished, fused, worker_id)
+                        finished = None
                     elif self.stopping.is_set():
                         return
                     else:
@@ -376,7 +427,7 @@ class WorkerPool:
             if not beats:
                 continue
             try:
-                lost = self.scripts("renew", self.keys.job_state(), [repr(now), self.keys.dispatcher_channel] + beats)
+                lost = self.scripts.run("renew", now, [], beats)
             except redis.RedisError as exc:
                 log.warning("heartbeat failed (%s)", exc)
                 continue

@@ -365,9 +365,9 @@ def test_claim_writes_the_lease_and_deadline(c: redis.Redis, prefix: str) -> Non
     assert [j.lease.jobid for j in jobs] == ["a:A", "s:S", "l:L"]
     since = NOW + 4
     assert env.leases() == {
-        "a:A": f"{jobs[0].lease.token}|A|w1|{since!r}|10.0",
-        "s:S": f"{jobs[1].lease.token}|S|w1|{since!r}|3.0",
-        "l:L": f"{jobs[2].lease.token}|L|w1|{since!r}|60.0",
+        "a:A": f"{jobs[0].lease.token}|A|w1|{since!r}|10.0|",
+        "s:S": f"{jobs[1].lease.token}|S|w1|{since!r}|3.0|",
+        "l:L": f"{jobs[2].lease.token}|L|w1|{since!r}|60.0|",
     }
     # deadline = now + min(timeout, lease seconds) + grace
     assert env.deadlines() == {
@@ -616,7 +616,7 @@ def test_fused_finish_claims_the_next_job(env: Env) -> None:
     assert second.lease.token != first.lease.token
     assert env.status("a:A") == stamp("END", NOW + 2)
     assert env.status("b:B") == stamp("WRK", NOW + 2)
-    assert env.leases() == {"b:B": f"{second.lease.token}|B|w1|{NOW + 2!r}|10.0"}
+    assert env.leases() == {"b:B": f"{second.lease.token}|B|w1|{NOW + 2!r}|10.0|"}
     assert env.deadlines() == {"b:B": NOW + 2 + 10 + GRACE_SECONDS}
     done, third = pool.finish(second, Outcome("ok"), "", rotation, "w1")
     assert done == "DONE" and third is None
@@ -716,13 +716,13 @@ def test_move_due_in_batches(env: Env) -> None:
     env.bike.set("later:A", f"AT:{NOW + 100:.0f}")
     d = env.dispatcher(batch=3)
     calls: list[str] = []
-    scripts = d.scripts
+    run = d.scripts.run
 
-    def spy(name, keys, args, client=None):
+    def spy(name, now, keys, args, client=None):
         calls.append(name)
-        return scripts(name, keys, args, client)
+        return run(name, now, keys, args, client)
 
-    d.scripts = spy
+    d.scripts.run = spy
     assert d.lead(NOW + 50)
     assert d.move_due(NOW + 50) == 10
     assert calls.count("move_due") == 4  # 3 + 3 + 3 + 1
@@ -818,8 +818,7 @@ def test_renewed_lease_is_not_reaped(env: Env) -> None:
     now = NOW + 10
     # the heartbeat's deadline: min(now + lease seconds, since + timeout) + grace
     deadline = min(now + pool.lease_seconds, lease.since + lease.timeout) + GRACE_SECONDS
-    lost = pool.scripts("renew", env.keys.job_state(), [repr(now), env.keys.dispatcher_channel,
-                                                          lease.jobid, lease.token, repr(deadline)])
+    lost = pool.scripts.run("renew", now, [], [lease.jobid, lease.token, repr(deadline)])
     assert lost == []
     assert env.deadlines() == {"l:L": NOW + 27}
     d = env.dispatcher()
@@ -828,8 +827,7 @@ def test_renewed_lease_is_not_reaped(env: Env) -> None:
     assert env.leases()["l:L"].startswith(lease.token + "|")
     assert env.status("l:L") == stamp("WRK", NOW)
     # a renewal with a token that no longer holds the lease changes nothing
-    lost = pool.scripts("renew", env.keys.job_state(), [repr(now), env.keys.dispatcher_channel,
-                                                          "l:L", "not-the-token", repr(NOW + 500)])
+    lost = pool.scripts.run("renew", now, [], ["l:L", "not-the-token", repr(NOW + 500)])
     assert lost == ["l:L"]
     assert env.deadlines() == {"l:L": NOW + 27}
     assert d.reap(NOW + 27) == 1
@@ -844,15 +842,14 @@ def test_reap_leaves_a_lease_renewed_after_it_looked(env: Env) -> None:
     job = env.claim(pool)
     d = env.dispatcher()
     assert d.lead(NOW + 17)
-    scripts = d.scripts
+    run = d.scripts.run
 
-    def heartbeat_first(name, keys, args, client=None):
+    def heartbeat_first(name, now, keys, args, client=None):
         if name == "reap":
-            pool.scripts("renew", env.keys.job_state(), [repr(NOW + 16), env.keys.dispatcher_channel,
-                                                         "l:L", job.lease.token, repr(NOW + 33)])
-        return scripts(name, keys, args, client)
+            pool.scripts.run("renew", NOW + 16, [], ["l:L", job.lease.token, repr(NOW + 33)])
+        return run(name, now, keys, args, client)
 
-    d.scripts = heartbeat_first
+    d.scripts.run = heartbeat_first
     assert d.reap(NOW + 17) == 0
     assert env.deadlines() == {"l:L": NOW + 33}
     assert env.leases()["l:L"].startswith(job.lease.token + "|")
@@ -955,7 +952,7 @@ def test_tell_through_a_jobs_life(env: Env) -> None:
     assert told["status"] == stamp("WRK", NOW) and "queue" not in told
     assert told["lease"] == {
         "worker": "w1", "queue": "A", "since": NOW, "timeout": 10.0,
-        "deadline": NOW + 10 + GRACE_SECONDS, "token": job.lease.token,
+        "deadline": NOW + 10 + GRACE_SECONDS, "token": job.lease.token, "holds": None,
     }
     assert "after_this_run" not in told and "unset" not in told
     env.bike.set("n:A", f"AT:{NOW + 300:.0f}")

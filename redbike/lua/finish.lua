@@ -1,14 +1,16 @@
 -- finish.lua: end a run and, in the same round trip, claim the next job.
--- KEYS: the nine job-state keys, KEYS[10] = the finished job's queue, then the
---       queues to claim from (none: claim nothing).
--- ARGV: now, dispatcher channel, jobid, token, kind, at, status, error JSON
---       (or ''), queue channel of KEYS[10], then as claim.lua from ARGV[10]:
---       next token, worker id, control value seen, per-queue specs.
+-- KEYS: the job-state keys, then the finished job's queue, then the queues
+--       to claim from (none: claim nothing).
+-- ARGV: the common three, then jobid, token, kind, at, status, error JSON
+--       (or ''), queue channel of the finished job's queue, then as claim.lua:
+--       next token, worker id, control value seen, free local amounts,
+--       per-queue specs.
 -- Returns {finish result, claim result}.
-local done = finish(ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], KEYS[10], ARGV[9])
+local done = finish(ARGV[A + 1], ARGV[A + 2], ARGV[A + 3], ARGV[A + 4], ARGV[A + 5], ARGV[A + 6],
+  KEYS[K + 1], ARGV[A + 7])
 if type(done) == 'table' then return done end -- an error reply
-local count = #KEYS - 10
+local count = #KEYS - K - 1
 if count == 0 then
   return {done, {'NONE'}}
 end
-return {done, claim(ARGV[10], ARGV[11], ARGV[12], 11, count, 13)}
+return {done, claim(ARGV[A + 8], ARGV[A + 9], ARGV[A + 10], ARGV[A + 11], K + 2, count, A + 12)}

@@ -1,12 +1,12 @@
 -- lead.lua: take, keep or give up the dispatcher lease (one leader at a time).
--- KEYS: the nine job-state keys, KEYS[10] = the fencing epoch counter.
--- ARGV: now, dispatcher channel, token held ('' if none), lease ms
---       ('0': give it up), identity of this dispatcher.
+-- KEYS: the job-state keys, then the fencing epoch counter.
+-- ARGV: the common three, then token held ('' if none), lease ms ('0': give
+--       it up), identity of this dispatcher.
 -- Returns {token held or false, next due time, next lease deadline, control},
 -- so that renewing the lease also tells the dispatcher when to wake next.
 -- A new lease gets a new token, so a stalled former leader fails every
 -- fenced script (see fence() in lib.lua).
-local held, ms, identity = ARGV[3], tonumber(ARGV[4]), ARGV[5]
+local held, ms, identity = ARGV[A + 1], tonumber(ARGV[A + 2]), ARGV[A + 3]
 local current = redis.call('GET', DISPATCHER)
 if ms == 0 then
   if current and current == held then redis.call('DEL', DISPATCHER) end
@@ -19,7 +19,7 @@ if current then
     token = held
   end
 else
-  token = redis.call('INCR', KEYS[10]) .. ':' .. identity
+  token = redis.call('INCR', KEYS[K + 1]) .. ':' .. identity
   redis.call('SET', DISPATCHER, token, 'PX', ms)
 end
 local due = redis.call('ZRANGE', TIMELINE, 0, 0, 'WITHSCORES')[2] or false

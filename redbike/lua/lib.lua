@@ -1,25 +1,41 @@
 -- lib.lua: helpers shared by every redbike script (prepended to each one).
 --
--- Every job-state script takes the same first nine KEYS:
---   KEYS[1] schedules   hash  jobid -> schedule text
---   KEYS[2] statuses    hash  jobid -> "EVENT:TIMESTAMP"
---   KEYS[3] timeline    zset  jobid scored by next run
---   KEYS[4] leases      hash  jobid -> "token|queue|worker|since|timeout"
---   KEYS[5] deadlines   zset  jobid scored by lease deadline
---   KEYS[6] pending     hash  jobid -> "kind|at|status" set while the job ran
---   KEYS[7] errors      hash  jobid -> JSON of the last failure
---   KEYS[8] control     string "HALT:<ts>:<nonce>"
---   KEYS[9] dispatcher  string token of the leading dispatcher
--- and ARGV[1] = now (epoch seconds), ARGV[2] = the dispatcher's wake channel.
+-- Every script takes the same first sixteen KEYS (the job state):
+--   KEYS[1]  schedules   hash  jobid -> schedule text
+--   KEYS[2]  statuses    hash  jobid -> "EVENT:TIMESTAMP"
+--   KEYS[3]  timeline    zset  jobid scored by next run
+--   KEYS[4]  leases      hash  jobid -> "token|queue|worker|since|timeout|needs"
+--   KEYS[5]  deadlines   zset  jobid scored by lease deadline
+--   KEYS[6]  pending     hash  jobid -> "kind|at|status" set while the job ran
+--   KEYS[7]  errors      hash  jobid -> JSON of the last failure
+--   KEYS[8]  control     string "HALT:<ts>:<nonce>"
+--   KEYS[9]  dispatcher  string token of the leading dispatcher
+--   KEYS[10] capacities  hash  resource -> capacity (none: unlimited)
+--   KEYS[11] usage       hash  resource -> amount held by running jobs
+--   KEYS[12] needs       hash  jobid -> "resource=amount,..."
+--   KEYS[13] parked      zset  (lex) "resource|seq|queue|jobid": waits for resource
+--   KEYS[14] ready       zset  (lex) "queue|seq|jobid": woken, claimed before the list
+--   KEYS[15] parking     hash  jobid -> "P" .. parked member or "R" .. ready member
+--   KEYS[16] parkseq     counter giving parked jobs their order
+-- and the same first three ARGV: now (epoch seconds), the dispatcher's wake
+-- channel, and the prefix of the queue wake channels (+ queue name).
+-- A script's own KEYS start at KEYS[K + 1], its own ARGV at ARGV[A + 1].
 --
 -- A placement says where a job goes next: kind Q (its queue), T (the
 -- timeline at "at"), S (nowhere, just a status), X (schedule becomes STOP),
 -- D (forget the job).
 local SCHEDULES, STATUSES, TIMELINE, LEASES, DEADLINES, PENDING, ERRORS, CONTROL, DISPATCHER =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
+local CAPACITIES, USAGE, NEEDS, PARKED, READY, PARKING, PARKSEQ =
+  KEYS[10], KEYS[11], KEYS[12], KEYS[13], KEYS[14], KEYS[15], KEYS[16]
+local K, A = 16, 3
 local NOW = ARGV[1]
 local NOW_N = tonumber(ARGV[1])
 local DISPATCH_CHANNEL = ARGV[2]
+local QUEUE_CHANNEL_PREFIX = ARGV[3]
+local MAX_PARKS = 64 -- jobs one claim may park before it lets other clients in
+local WAKE_BATCH = 1000 -- jobs one script may wake for a resource without a capacity
+local LAST = '\255' -- sorts after every byte a resource or queue name can hold
 
 local function stamp(event)
   return event .. ':' .. string.format('%d', NOW_N)
@@ -32,12 +48,74 @@ local function fence(token)
   return nil
 end
 
--- Take a job out of the timeline or its queue (it is in at most one).
+local function lease_token_matches(lease, token)
+  return lease and string.sub(lease, 1, #token + 1) == token .. '|'
+end
+
+-- "a=1,b=2" -> {{'a', 1}, {'b', 2}}
+local function parse_needs(text)
+  local list = {}
+  for name, amount in string.gmatch(text or '', '([^,=]+)=(%d+)') do
+    table.insert(list, {name, tonumber(amount)})
+  end
+  return list
+end
+
+local function is_local(name)
+  return string.sub(name, 1, 7) == 'worker:'
+end
+
+-- Move up to `count` jobs parked on `resource` (oldest first) to the ready
+-- set, where the next claim of their queue finds them, and wake that queue.
+local function wake(resource, count)
+  if count <= 0 then return 0 end
+  local heads = redis.call('ZRANGEBYLEX', PARKED, '[' .. resource .. '|', '(' .. resource .. '|' .. LAST,
+    'LIMIT', 0, count)
+  for _, member in ipairs(heads) do
+    local seq, queue_name, jobid = string.match(member, '^[^|]*|([^|]*)|([^|]*)|(.*)$')
+    local ready = queue_name .. '|' .. seq .. '|' .. jobid
+    redis.call('ZREM', PARKED, member)
+    redis.call('ZADD', READY, 0, ready)
+    redis.call('HSET', PARKING, jobid, 'R' .. ready)
+    redis.call('PUBLISH', QUEUE_CHANNEL_PREFIX .. queue_name, '1')
+  end
+  return #heads
+end
+
+-- Wake as many jobs parked on `resource` as it has room for now (at most
+-- WAKE_BATCH when it has become unlimited). Returns how many woke.
+local function wake_if_room(resource)
+  local capacity = redis.call('HGET', CAPACITIES, resource)
+  if not capacity then
+    return wake(resource, WAKE_BATCH)
+  end
+  return wake(resource, tonumber(capacity) - tonumber(redis.call('HGET', USAGE, resource) or '0'))
+end
+
+-- Give back the global resources a run held (its lease's needs).
+local function release(needs_text)
+  for _, need in ipairs(parse_needs(needs_text)) do
+    if not is_local(need[1]) then
+      if redis.call('HINCRBY', USAGE, need[1], -need[2]) <= 0 then
+        redis.call('HDEL', USAGE, need[1])
+      end
+      wake_if_room(need[1])
+    end
+  end
+end
+
+-- Take a job out of wherever it waits: timeline, queue, parked or ready.
 local function unplace(jobid, queue)
   redis.call('ZREM', TIMELINE, jobid)
   local status = redis.call('HGET', STATUSES, jobid)
   if status and string.sub(status, 1, 4) == 'ENQ:' then
-    redis.call('LREM', queue, 0, jobid)
+    local parking = redis.call('HGET', PARKING, jobid)
+    if parking then
+      redis.call('ZREM', string.sub(parking, 1, 1) == 'P' and PARKED or READY, string.sub(parking, 2))
+      redis.call('HDEL', PARKING, jobid)
+    else
+      redis.call('LREM', queue, 0, jobid)
+    end
   end
 end
 
@@ -48,6 +126,12 @@ local function enqueue(jobid, queue, channel)
     redis.call('PUBLISH', channel, '1')
   end
   redis.call('HSET', STATUSES, jobid, stamp('ENQ'))
+end
+
+local function forget(jobid)
+  for _, key in ipairs({SCHEDULES, STATUSES, ERRORS, PENDING, NEEDS}) do
+    redis.call('HDEL', key, jobid)
+  end
 end
 
 local function place(jobid, kind, at, status, queue, channel)
@@ -67,25 +151,25 @@ local function place(jobid, kind, at, status, queue, channel)
     redis.call('HSET', SCHEDULES, jobid, 'STOP')
     redis.call('HSET', STATUSES, jobid, stamp(status))
   elseif kind == 'D' then
-    redis.call('HDEL', SCHEDULES, jobid)
-    redis.call('HDEL', STATUSES, jobid)
-    redis.call('HDEL', ERRORS, jobid)
+    forget(jobid)
   else
     return redis.error_reply('unknown placement kind ' .. tostring(kind))
   end
   return nil
 end
 
--- End the run that holds lease `token`: release the lease and place the job.
--- A `set` made while the job ran (the pending placement) wins over the run's
--- own; a job unset while it ran is just released. A stale token changes nothing.
+-- End the run that holds lease `token`: release the lease and what it held,
+-- and place the job. A `set` made while the job ran (the pending placement)
+-- wins over the run's own; a job unset while it ran is just released. A stale
+-- token changes nothing.
 local function finish(jobid, token, kind, at, status, err, queue, channel)
   local lease = redis.call('HGET', LEASES, jobid)
-  if not lease or string.sub(lease, 1, #token + 1) ~= token .. '|' then
+  if not lease_token_matches(lease, token) then
     return 'STALE'
   end
   redis.call('HDEL', LEASES, jobid)
   redis.call('ZREM', DEADLINES, jobid)
+  release(string.match(lease, '([^|]*)$'))
   if redis.call('HEXISTS', SCHEDULES, jobid) == 0 then
     redis.call('HDEL', PENDING, jobid)
     return 'GONE'
@@ -103,33 +187,115 @@ local function finish(jobid, token, kind, at, status, err, queue, channel)
   return 'DONE'
 end
 
+-- The next job of a queue: one woken from a resource first (it became due
+-- before anything still in the list), else the list's oldest.
+-- Returns jobid, its park sequence (if it was parked), its ready member.
+local function next_candidate(queue, queue_name)
+  local ready = redis.call('ZRANGEBYLEX', READY, '[' .. queue_name .. '|', '(' .. queue_name .. '|' .. LAST,
+    'LIMIT', 0, 1)[1]
+  if ready then
+    redis.call('ZREM', READY, ready)
+    local seq, jobid = string.match(ready, '^[^|]*|([^|]*)|(.*)$')
+    redis.call('HDEL', PARKING, jobid)
+    return jobid, seq, ready
+  end
+  return redis.call('RPOP', queue), nil, nil
+end
+
+-- The first global resource in `needs` without room for it, or nil.
+local function blocker(needs)
+  for _, need in ipairs(needs) do
+    if not is_local(need[1]) then
+      local capacity = redis.call('HGET', CAPACITIES, need[1])
+      if capacity then
+        local used = tonumber(redis.call('HGET', USAGE, need[1]) or '0')
+        if used + need[2] > tonumber(capacity) then return need[1] end
+      end
+    end
+  end
+  return nil
+end
+
+-- Whether the pool has the worker-local amounts `needs` asks for. `free` is
+-- nil when the pool declared no local resources (then they are unlimited).
+local function fits_locally(needs, free)
+  if not free then return true end
+  for _, need in ipairs(needs) do
+    if is_local(need[1]) and free[need[1]] ~= nil and need[2] > free[need[1]] then
+      return false
+    end
+  end
+  return true
+end
+
+local function park(jobid, resource, queue_name, seq)
+  seq = seq or string.format('%016d', redis.call('INCR', PARKSEQ))
+  local member = resource .. '|' .. seq .. '|' .. queue_name .. '|' .. jobid
+  redis.call('ZADD', PARKED, 0, member)
+  redis.call('HSET', PARKING, jobid, 'P' .. member)
+end
+
 -- Claim the first job found in the queues KEYS[first .. first+count-1], tried
 -- in that order. Per queue i (0-based), ARGV[spec + 3*i .. spec + 3*i + 2] hold
 -- its name, its timeout and the seconds until the lease's first deadline.
--- Returns {'JOB', jobid, i, schedule, status-before-claim}, {'NONE'}, or
--- {'HALT', control} once the control key holds a value the worker has not seen.
-local function claim(token, worker, control_seen, first, count, spec)
+-- `local_free` is the pool's free worker-local amounts ("cpu=3,...") or ''.
+-- A job whose global needs have no room is parked on the resource that
+-- lacks it; one the pool lacks local room for stays first in its queue.
+-- Returns {'JOB', jobid, i, schedule, status-before-claim, needs},
+-- {'NONE'}, {'MORE'} (parked many: call again), or {'HALT', control} once the
+-- control key holds a value the worker has not seen.
+local function claim(token, worker, control_seen, local_free, first, count, spec)
   local control = redis.call('GET', CONTROL)
   if control and control ~= control_seen then
     return {'HALT', control}
   end
+  local free = nil
+  if local_free ~= '' then
+    free = {}
+    for _, have in ipairs(parse_needs(local_free)) do free[have[1]] = have[2] end
+  end
+  local parks = 0
   for i = 0, count - 1 do
-    local queue = KEYS[first + i]
-    local jobid = redis.call('RPOP', queue)
-    while jobid do
+    local queue, base = KEYS[first + i], spec + 3 * i
+    local queue_name = ARGV[base]
+    while true do
+      local jobid, seq, ready = next_candidate(queue, queue_name)
+      if not jobid then break end
+      -- An id without a schedule was unset by a writer that did not remove
+      -- it from its queue (e.g. another language's client): drop it.
       local schedule = redis.call('HGET', SCHEDULES, jobid)
-      -- An id without a schedule was unset by a writer that did not remove it
-      -- from its queue (e.g. another language's client): drop it.
       if schedule then
-        local base = spec + 3 * i
-        local status = redis.call('HGET', STATUSES, jobid) or ''
-        redis.call('HSET', LEASES, jobid,
-          token .. '|' .. ARGV[base] .. '|' .. worker .. '|' .. NOW .. '|' .. ARGV[base + 1])
-        redis.call('ZADD', DEADLINES, NOW_N + tonumber(ARGV[base + 2]), jobid)
-        redis.call('HSET', STATUSES, jobid, stamp('WRK'))
-        return {'JOB', jobid, i, schedule, status}
+        local needs_text = redis.call('HGET', NEEDS, jobid) or ''
+        local needs = parse_needs(needs_text)
+        local lacking = blocker(needs)
+        if lacking then
+          park(jobid, lacking, queue_name, seq)
+          -- Its other resources may have room that it no longer takes.
+          for _, need in ipairs(needs) do
+            if need[1] ~= lacking and not is_local(need[1]) then wake_if_room(need[1]) end
+          end
+          parks = parks + 1
+          if parks >= MAX_PARKS then return {'MORE'} end
+        elseif not fits_locally(needs, free) then
+          if ready then
+            redis.call('ZADD', READY, 0, ready)
+            redis.call('HSET', PARKING, jobid, 'R' .. ready)
+          else
+            redis.call('RPUSH', queue, jobid)
+          end
+          break
+        else
+          for _, need in ipairs(needs) do
+            if not is_local(need[1]) then redis.call('HINCRBY', USAGE, need[1], need[2]) end
+          end
+          local status = redis.call('HGET', STATUSES, jobid) or ''
+          redis.call('HSET', LEASES, jobid, table.concat(
+            {token, queue_name, worker, NOW, ARGV[base + 1], needs_text}, '|'))
+          redis.call('ZADD', DEADLINES, NOW_N + tonumber(ARGV[base + 2]), jobid)
+          redis.call('HSET', STATUSES, jobid, stamp('WRK'))
+          return {'JOB', jobid, i, schedule, status, needs_text}
+        end
       end
-      jobid = redis.call('RPOP', queue)
     end
   end
   return {'NONE'}

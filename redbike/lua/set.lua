@@ -1,16 +1,22 @@
--- set.lua: give a job a schedule and place it, atomically.
--- KEYS: the nine job-state keys (lib.lua), KEYS[10] = the job's queue.
--- ARGV: now, dispatcher channel, jobid, schedule, kind, at, status,
---       queue channel, only_if_new ('1': leave an existing job untouched).
+-- set.lua: give a job a schedule (and needs) and place it, atomically.
+-- KEYS: the job-state keys (lib.lua), then the job's queue.
+-- ARGV: the common three, then jobid, schedule, kind, at, status, queue
+--       channel, only_if_new ('1': leave an existing job untouched), needs
+--       ("resource=amount,..." or '').
 -- Returns 'KEPT', 'PENDING' (the job is running: the placement waits for the
 -- run to end) or 'PLACED'.
-local jobid, schedule, kind, at, status, channel, only_if_new =
-  ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9]
-local queue = KEYS[10]
+local jobid, schedule, kind, at, status, channel, only_if_new, needs =
+  ARGV[A + 1], ARGV[A + 2], ARGV[A + 3], ARGV[A + 4], ARGV[A + 5], ARGV[A + 6], ARGV[A + 7], ARGV[A + 8]
+local queue = KEYS[K + 1]
 if only_if_new == '1' and redis.call('HEXISTS', SCHEDULES, jobid) == 1 then
   return 'KEPT'
 end
 redis.call('HSET', SCHEDULES, jobid, schedule)
+if needs ~= '' then
+  redis.call('HSET', NEEDS, jobid, needs)
+else
+  redis.call('HDEL', NEEDS, jobid)
+end
 if redis.call('HEXISTS', LEASES, jobid) == 1 then
   redis.call('HSET', PENDING, jobid, kind .. '|' .. at .. '|' .. status)
   return 'PENDING'

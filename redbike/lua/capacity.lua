@@ -1,0 +1,13 @@
+-- capacity.lua: set a resource's capacity ('' for unlimited) and wake as many
+-- parked jobs as it now has room for. Lowering it below what is in use lets
+-- running jobs finish and admits no new ones until usage is below it.
+-- KEYS: the job-state keys.
+-- ARGV: the common three, then resource, capacity.
+-- Returns how many jobs woke (call again while it is 1000 and unlimited).
+local resource, capacity = ARGV[A + 1], ARGV[A + 2]
+if capacity == '' then
+  redis.call('HDEL', CAPACITIES, resource)
+else
+  redis.call('HSET', CAPACITIES, resource, capacity)
+end
+return wake_if_room(resource)

@@ -1,0 +1,79 @@
+"""Resources: named capacities that gate which job a worker may claim.
+
+A job needs amounts of resources (``host:db-host-17``, ``db:db42=1``); a claim
+takes all of them or none, atomically, in claim.lua. A resource with no
+capacity set is unlimited. Names that start with ``worker:`` are local to one
+worker pool (``redbike work --resources cpu_cores=16``): the pool counts them
+itself and tells each claim how much it has free.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+
+LOCAL_PREFIX = "worker:"
+_NAME = re.compile(r"^[^\s|,=]+$")
+
+
+class ResourceError(ValueError):
+    """Bad resource names, amounts or capacities (one line for the user)."""
+
+
+def _amount(text: str, what: str, allow_zero: bool) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise ResourceError(f"bad {what} {text!r}: not a whole number") from None
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ResourceError(f"bad {what} {text!r}: must be {'>= 0' if allow_zero else '> 0'}")
+    return value
+
+
+def check_name(name: str) -> str:
+    if not _NAME.match(name):
+        raise ResourceError(f"bad resource name {name!r}: no spaces, '|', ',' or '='")
+    return name
+
+
+def parse_amounts(text: str, what: str = "needs") -> dict[str, int]:
+    """``"host:a,db:b=2"`` -> ``{"host:a": 1, "db:b": 2}`` (amount 1 by default)."""
+    amounts: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, has_amount, amount = part.partition("=")
+        amounts[check_name(name)] = amounts.get(name, 0) + (
+            _amount(amount, f"amount in {what}", allow_zero=False) if has_amount else 1
+        )
+    return amounts
+
+
+def format_amounts(amounts: dict[str, int]) -> str:
+    """The stored form: sorted ``name=amount`` pairs joined by commas."""
+    return ",".join(f"{name}={amount}" for name, amount in sorted(amounts.items()))
+
+
+def parse_capacity(text: str) -> int | None:
+    """A capacity: a whole number >= 0 (0 pauses), or 'none' for unlimited."""
+    if text.strip().lower() in ("none", "unlimited"):
+        return None
+    return _amount(text.strip(), "capacity", allow_zero=True)
+
+
+def read_capacities_csv(path: str) -> list[tuple[str, int | None]]:
+    """All RESOURCE,CAPACITY rows of a CSV file, checked before any is set."""
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            rows = list(csv.reader(handle))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise ResourceError(f"cannot read capacities CSV {path!r}: {exc}") from None
+    pairs = []
+    for number, row in enumerate(rows, start=1):
+        if not row or (len(row) == 1 and not row[0].strip()):
+            continue
+        if len(row) != 2:
+            raise ResourceError(f"{path}:{number}: expected RESOURCE,CAPACITY, got {','.join(row)!r}")
+        try:
+            pairs.append((check_name(row[0].strip()), parse_capacity(row[1])))
+        except ResourceError as exc:
+            raise ResourceError(f"{path}:{number}: {exc}") from None
+    return pairs
