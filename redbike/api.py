@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import redis
 
 from . import report
 from .config import connect
+from .csvfile import CsvError, read_rows
 from .dispatcher import Dispatcher
-from .keys import Keys, Scripts
+from .keys import WAKE_BATCH, Keys, Scripts
+from .resources import ResourceError, amounts_of, check_name, format_amounts, read_capacities_csv
 from .roundrobin import RoundRobin
 from .schedules import ScheduleError, parse_schedule
 from .states import BAD, Placement, place_on_set
@@ -22,6 +23,8 @@ from .timefile import read_timefile
 from .worker import WorkerPool
 
 log = logging.getLogger(__name__)
+
+Needs = Mapping[str, int] | str | None
 
 
 class JobIdError(ValueError):
@@ -72,13 +75,22 @@ class Redbike:
             [jobid, schedule, *placement.script_args(), self.keys.queue_channel(queue), "1" if only_if_new else "0", needs],
         )
 
-    def set(self, jobid: str, schedule: str, after: float | None = None) -> str:
-        """Give a job a schedule. Returns 'PLACED', or 'PENDING' when the job is
-        running (the new schedule takes effect when the run ends).
+    def needs_of(self, jobid: str, needs: Needs = None) -> dict[str, int]:
+        """What a job needs: the worker's needs(jobid) hook, overridden per
+        resource by ``needs`` ({"host:a": 1} or "host:a,db:b=2")."""
+        merged = amounts_of(self.worker.needs(jobid))
+        merged.update(amounts_of(needs))
+        return merged
+
+    def set(self, jobid: str, schedule: str, after: float | None = None, needs: Needs = None) -> str:
+        """Give a job a schedule (and the resources it needs). Returns 'PLACED',
+        or 'PENDING' when the job is running (the new schedule takes effect
+        when the run ends).
 
         A bad schedule raises ScheduleError; a new job is recorded with status
         BAD, and an existing job keeps its schedule untouched."""
         check_jobid(jobid)
+        wanted = format_amounts(self.needs_of(jobid, needs))
         try:
             parsed = parse_schedule(schedule)
         except ScheduleError as exc:
@@ -86,19 +98,43 @@ class Redbike:
             note = "it keeps its previous schedule" if kept else "recorded with status BAD"
             raise ScheduleError(f"{exc} ({jobid} {note})") from None
         placement = place_on_set(parsed, self._after(after), self.clock())
-        return self._place(jobid, parsed.text, placement, only_if_new=False)
+        return self._place(jobid, parsed.text, placement, only_if_new=False, needs=wanted)
 
-    def set_many(self, rows: Iterable[tuple[str, str]], after: float | None = None) -> list[str]:
-        """Set (jobid, schedule) pairs; returns one error line per bad schedule
-        (those jobs are recorded BAD if new), setting all the others."""
+    def set_many(self, rows: Iterable[tuple[str, ...]], after: float | None = None) -> list[str]:
+        """Set (jobid, schedule[, needs]) rows; returns one error line per bad
+        row (a new job with a bad schedule is recorded BAD), setting all the others."""
         start = self._after(after)
         errors = []
-        for jobid, schedule in rows:
+        for jobid, schedule, *needs in rows:
             try:
-                self.set(jobid, schedule, after=start)
-            except (ScheduleError, JobIdError) as exc:
+                self.set(jobid, schedule, after=start, needs=needs[0] if needs else None)
+            except (ScheduleError, JobIdError, ResourceError) as exc:
                 errors.append(f"{jobid}: {exc}")
         return errors
+
+    def set_capacity(self, resource: str, capacity: int | None) -> int:
+        """Set a resource's capacity (0 pauses it, None makes it unlimited);
+        returns how many waiting jobs it woke."""
+        check_name(resource)
+        if capacity is not None and capacity < 0:
+            raise ResourceError(f"bad capacity {capacity} for {resource}: must be >= 0")
+        woken = total = self.scripts.run("capacity", self.clock(), [], [resource, "" if capacity is None else capacity])
+        while capacity is None and woken >= WAKE_BATCH:  # unlimited: wake them all, a batch at a time
+            woken = self.scripts.run("capacity", self.clock(), [], [resource, ""])
+            total += woken
+        return total
+
+    def load_capacities(self, path: str) -> int:
+        """Set the RESOURCE,CAPACITY rows of a CSV file (all checked first)."""
+        rows = read_capacities_csv(path)
+        for resource, capacity in rows:
+            self.set_capacity(resource, capacity)
+        return len(rows)
+
+    def capacities(self) -> Iterator[tuple[str, int | None, int, int]]:
+        """(resource, capacity or None, in use, jobs waiting) of every resource
+        with a capacity or in use."""
+        return report.capacities(self.client, self.keys)
 
     def unset(self, jobid: str) -> int:
         """Remove a job. Returns 0 (unknown), 1 (removed) or 2 (running: it
@@ -139,33 +175,20 @@ class Redbike:
             log.info("timefile %s: dispatched up to %s", self.timefile, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(recorded)))
         dispatcher.run()
 
-    def work(self, concurrency: int = 1) -> None:
-        """Work jobs from the worker's queues until HALT or a signal."""
+    def work(self, concurrency: int = 1, resources: Needs = None) -> None:
+        """Work jobs from the worker's queues until HALT or a signal.
+        ``resources``: this pool's worker-local capacities ("cpu_cores=16")."""
         WorkerPool(
-            self.client, self.keys, self.worker, concurrency=concurrency, default_timeout=self.default_timeout, clock=self.clock
+            self.client,
+            self.keys,
+            self.worker,
+            concurrency=concurrency,
+            default_timeout=self.default_timeout,
+            resources=amounts_of(resources, "resources"),
+            clock=self.clock,
         ).run()
 
 
-class CsvError(ValueError):
-    """A schedules CSV that cannot be read; nothing of it was set."""
-
-
-def read_schedules_csv(path: str) -> list[tuple[str, str]]:
-    """All (jobid, schedule) rows of a CSV file, checked before any is set."""
-    try:
-        with open(path, newline="", encoding="utf-8") as handle:
-            reader = csv.reader(handle)
-            rows, line = [], 1
-            for row in reader:
-                rows.append((line, row))  # numbered by the line it starts on: quoted fields may span lines
-                line = reader.line_num + 1
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise CsvError(f"cannot read schedules CSV {path!r}: {exc}") from None
-    pairs = []
-    for number, row in rows:
-        if not row or (len(row) == 1 and not row[0].strip()):
-            continue
-        if len(row) != 2 or not row[0].strip():
-            raise CsvError(f"{path}:{number}: expected JOBID,SCHEDULE, got {','.join(row)!r}")
-        pairs.append((row[0].strip(), row[1].strip()))
-    return pairs
+def read_schedules_csv(path: str) -> list[tuple[str, str, str]]:
+    """All (jobid, schedule, needs) rows of a CSV file, checked before any is set."""
+    return [(row[0], row[1], row[2]) for _, row in read_rows(path, "JOBID,SCHEDULE,NEEDS", optional=1)]

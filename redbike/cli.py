@@ -1,13 +1,16 @@
 """redbike: a cron-style job dispatcher and worker pool on Redis.
 
 Usage:
-  redbike [options] set JOBID SCHEDULE [--after=TS]
+  redbike [options] set JOBID SCHEDULE [--after=TS] [--needs=NEEDS]
   redbike [options] unset JOBID
   redbike [options] dispatch [WORKER] [--schedules=CSV [--after=TS]]
-  redbike [options] work [WORKER] [--concurrency=N]
+  redbike [options] work [WORKER] [--concurrency=N] [--resources=AMOUNTS]
   redbike [options] statuses [--before=TS]
   redbike [options] schedules
   redbike [options] tell JOBID
+  redbike [options] capacity RESOURCE CAPACITY
+  redbike [options] capacity --load=CSV
+  redbike [options] capacities
   redbike [options] control HALT
   redbike [options] demo [--seconds=S]
   redbike [options] embedded (status | stop)
@@ -18,8 +21,13 @@ Options:
   --after=TS         Count runs from this time (epoch seconds or ISO 8601)
                      instead of the timefile's.
   --before=TS        Only jobs whose last status is older than this.
-  --schedules=CSV    Set these JOBID,SCHEDULE rows before dispatching.
+  --schedules=CSV    Set these JOBID,SCHEDULE[,NEEDS] rows before dispatching.
+  --needs=NEEDS      Resources the job needs: host:db-17,db:db42=2 (amount 1
+                     unless given).
   --concurrency=N    Worker processes under this supervisor [default: 1].
+  --resources=AMOUNTS  This pool's worker-local resources: cpu_cores=16,ram_gb=64
+                     (jobs need them as worker:cpu_cores=4).
+  --load=CSV         Set the RESOURCE,CAPACITY rows of a CSV file.
   --seconds=S        How long the demo runs [default: 5].
   -v --verbose       Log debug messages.
 
@@ -39,7 +47,9 @@ from typing import Any
 import redis
 from docopt import DocoptExit, docopt
 
-from .api import CsvError, JobIdError, Redbike
+from .api import JobIdError, Redbike
+from .csvfile import CsvError
+from .resources import ResourceError, check_name, parse_capacity
 from .config import Config, ConfigError, check_reachable, connect, load_config
 from .embedded import EmbeddedError, server_running, stop_server
 from .roundrobin import RoundRobin
@@ -48,11 +58,15 @@ from .workerspec import WorkerSpecError, load_worker
 
 log = logging.getLogger("redbike")
 
-BAD_INPUT = (ConfigError, WorkerSpecError, ScheduleError, CsvError, JobIdError, EmbeddedError, ValueError)
+BAD_INPUT = (ConfigError, WorkerSpecError, ScheduleError, CsvError, JobIdError, ResourceError, EmbeddedError, ValueError)
 
 
 class NoSuchJob(Exception):
     pass
+
+
+class Unreachable(Exception):
+    """Redis cannot be reached: a runtime failure (exit 1), not bad input."""
 
 
 def _version() -> str:
@@ -83,7 +97,10 @@ def _worker(spec: str | None, config: Config, required: bool) -> RoundRobin:
 def _bike(args: dict[str, Any], config: Config, worker_required: bool = False) -> Redbike:
     worker = _worker(args["WORKER"], config, worker_required)
     client = connect(config.redis)
-    check_reachable(client)
+    try:
+        check_reachable(client)
+    except ConfigError as exc:
+        raise Unreachable(str(exc)) from None
     return Redbike(worker, prefix=config.prefix, timefile=config.timefile, default_timeout=config.default_timeout, client=client)
 
 
@@ -102,7 +119,7 @@ def _run(args: dict[str, Any]) -> int:
     bike = _bike(args, config, worker_required=bool(args["work"]))
     out = csv.writer(sys.stdout, lineterminator="\n")
     if args["set"]:
-        result = bike.set(args["JOBID"], args["SCHEDULE"], after=_timestamp(args["--after"]))
+        result = bike.set(args["JOBID"], args["SCHEDULE"], after=_timestamp(args["--after"]), needs=args["--needs"])
         if result == "PENDING":
             print(f"{args['JOBID']} is running; its new schedule applies when the run ends", file=sys.stderr)
     elif args["unset"]:
@@ -114,7 +131,7 @@ def _run(args: dict[str, Any]) -> int:
         concurrency = int(args["--concurrency"])
         if concurrency < 1:
             raise ValueError(f"--concurrency must be at least 1, not {concurrency}")
-        bike.work(concurrency=concurrency)
+        bike.work(concurrency=concurrency, resources=args["--resources"])
     elif args["statuses"]:
         for row in bike.statuses(before=_timestamp(args["--before"])):
             out.writerow(row)
@@ -126,6 +143,14 @@ def _run(args: dict[str, Any]) -> int:
         if told is None:
             raise NoSuchJob(f"no such job: {args['JOBID']}")
         print(json.dumps(told, indent=2))
+    elif args["capacity"]:
+        if args["--load"]:
+            print(f"{bike.load_capacities(args['--load'])} capacities set", file=sys.stderr)
+        else:
+            bike.set_capacity(check_name(args["RESOURCE"]), parse_capacity(args["CAPACITY"]))
+    elif args["capacities"]:
+        for resource, capacity, in_use, waiting in bike.capacities():
+            out.writerow((resource, "" if capacity is None else capacity, in_use, waiting))
     elif args["control"]:
         bike.control("HALT")
     return 0
@@ -146,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     except NoSuchJob as exc:
         print(f"redbike: {exc}", file=sys.stderr)
         return 3
+    except Unreachable as exc:
+        print(f"redbike: {exc}", file=sys.stderr)
+        return 1
     except BAD_INPUT as exc:
         print(f"redbike: {exc}", file=sys.stderr)
         return 2

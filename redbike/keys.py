@@ -75,6 +75,8 @@ class Keys:
         return f"[{resource}|".encode(), f"({resource}|".encode() + b"\xff"
 
 
+WAKE_BATCH = 1000  # lib.lua's WAKE_BATCH: jobs one script wakes for an unlimited resource
+
 SCRIPT_NAMES = ("set", "unset", "claim", "finish", "move_due", "reap", "renew", "lead", "capacity")
 
 

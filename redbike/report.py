@@ -31,6 +31,17 @@ def schedules(client: redis.Redis, keys: Keys) -> Iterator[tuple[str, str]]:
     yield from client.hscan_iter(keys.schedules, count=SCAN_COUNT)
 
 
+def capacities(client: redis.Redis, keys: Keys) -> Iterator[tuple[str, int | None, int, int]]:
+    """(resource, capacity or None for unlimited, in use, jobs waiting for it)
+    of every resource that has a capacity or is in use."""
+    capacity = dict(client.hscan_iter(keys.capacities, count=SCAN_COUNT))
+    usage = dict(client.hscan_iter(keys.usage, count=SCAN_COUNT))
+    for resource in sorted(capacity.keys() | usage.keys()):
+        waiting = client.zlexcount(keys.parked, *keys.parked_range(resource))
+        limit = capacity.get(resource)
+        yield resource, None if limit is None else int(limit), int(usage.get(resource, 0)), waiting
+
+
 def tell(client: redis.Redis, keys: Keys, jobid: str, queue: str) -> dict[str, Any] | None:
     """Everything known about one job, or None if there is no such job or run.
 
@@ -45,15 +56,23 @@ def tell(client: redis.Redis, keys: Keys, jobid: str, queue: str) -> dict[str, A
         pipe.zscore(keys.deadlines, jobid)
         pipe.hget(keys.errors, jobid)
         pipe.hget(keys.pending, jobid)
-        status, schedule, next_run, lease, deadline, error, pending = pipe.execute()
+        pipe.hget(keys.needs, jobid)
+        pipe.hget(keys.parking, jobid)
+        status, schedule, next_run, lease, deadline, error, pending, needs, parking = pipe.execute()
     if status is None and schedule is None and lease is None:
         return None
     told: dict[str, Any] = {"status": status, "next_run": next_run, "schedule": schedule}
+    if needs:
+        told["needs"] = needs
     if status and status.startswith("ENQ:"):
         told["queue"] = queue
         told["queue_length"] = client.llen(keys.queue(queue))
+        if parking and parking.startswith("P"):
+            told["waiting_for"] = parking[1:].split("|", 1)[0]
+        elif parking:
+            told["waiting_for"] = "nothing: a resource freed up; the next claim of its queue takes it"
     if lease:
-        token, lease_queue, worker, since, timeout, needs = lease.split("|")
+        token, lease_queue, worker, since, timeout, held = lease.split("|")
         told["lease"] = {
             "worker": worker,
             "queue": lease_queue,
@@ -61,7 +80,7 @@ def tell(client: redis.Redis, keys: Keys, jobid: str, queue: str) -> dict[str, A
             "timeout": float(timeout),
             "deadline": deadline,
             "token": token,
-            "holds": needs or None,
+            "holds": held or None,
         }
         if schedule is None:
             told["unset"] = "running; removed when this run ends"

@@ -9,8 +9,10 @@ itself and tells each claim how much it has free.
 
 from __future__ import annotations
 
-import csv
 import re
+from collections.abc import Mapping
+
+from .csvfile import read_rows
 
 LOCAL_PREFIX = "worker:"
 _NAME = re.compile(r"^[^\s|,=]+$")
@@ -47,6 +49,20 @@ def parse_amounts(text: str, what: str = "needs") -> dict[str, int]:
     return amounts
 
 
+def amounts_of(value: Mapping[str, int] | str | None, what: str = "needs") -> dict[str, int]:
+    """Amounts from a mapping, a "name=amount,..." string, or None (none)."""
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        return parse_amounts(value, what)
+    amounts = {}
+    for name, amount in value.items():
+        if not isinstance(amount, int) or isinstance(amount, bool) or amount <= 0:
+            raise ResourceError(f"bad amount {amount!r} of {name} in {what}: must be a whole number > 0")
+        amounts[check_name(name)] = amount
+    return amounts
+
+
 def format_amounts(amounts: dict[str, int]) -> str:
     """The stored form: sorted ``name=amount`` pairs joined by commas."""
     return ",".join(f"{name}={amount}" for name, amount in sorted(amounts.items()))
@@ -60,20 +76,11 @@ def parse_capacity(text: str) -> int | None:
 
 
 def read_capacities_csv(path: str) -> list[tuple[str, int | None]]:
-    """All RESOURCE,CAPACITY rows of a CSV file, checked before any is set."""
-    try:
-        with open(path, newline="", encoding="utf-8") as handle:
-            rows = list(csv.reader(handle))
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise ResourceError(f"cannot read capacities CSV {path!r}: {exc}") from None
+    """All (resource, capacity) rows of a CSV file, checked before any is set."""
     pairs = []
-    for number, row in enumerate(rows, start=1):
-        if not row or (len(row) == 1 and not row[0].strip()):
-            continue
-        if len(row) != 2:
-            raise ResourceError(f"{path}:{number}: expected RESOURCE,CAPACITY, got {','.join(row)!r}")
+    for number, (name, capacity) in read_rows(path, "RESOURCE,CAPACITY"):
         try:
-            pairs.append((check_name(row[0].strip()), parse_capacity(row[1])))
+            pairs.append((check_name(name), parse_capacity(capacity)))
         except ResourceError as exc:
             raise ResourceError(f"{path}:{number}: {exc}") from None
     return pairs

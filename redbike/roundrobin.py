@@ -47,6 +47,11 @@ class RoundRobin:
         """The queue a job is put in when it falls due."""
         return jobid.rsplit(":", 1)[-1]
 
+    def needs(self, jobid: str) -> dict[str, int] | str | None:
+        """Resources a job needs, derived from its id when it is set
+        ({"host:db-17": 1} or "host:db-17,db:db42=1"); None for none."""
+        return None
+
     def timeout(self, queue_name: str) -> float | None:
         """Seconds a job from this queue may run; None for the default."""
         return None
