@@ -40,6 +40,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 import sys
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -156,18 +157,32 @@ def _run(args: dict[str, Any]) -> int:
     return 0
 
 
+def _flushed(code: int) -> int:
+    """Flush stdout here, so that a reader gone (`redbike schedules | head -1`) is
+    quietly ignored; stdout then goes to /dev/null: the flush at exit cannot fail."""
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = docopt(__doc__, argv=argv, version=f"redbike {_version()}")
+    except BrokenPipeError:
+        return _flushed(0)
     except DocoptExit:
         words = " ".join(sys.argv[1:] if argv is None else argv)
         print(f"redbike: bad command line {words!r}; see 'redbike --help'", file=sys.stderr)
         return 2
+    except SystemExit:  # after --help or --version
+        return _flushed(0)
     if args["--config"] == ".redbike.conf, if present":
         args["--config"] = None
     _setup_logging(args["--verbose"], daemon=bool(args["dispatch"] or args["work"] or args["demo"]))
     try:
-        return _run(args)
+        return _flushed(_run(args))
     except NoSuchJob as exc:
         print(f"redbike: {exc}", file=sys.stderr)
         return 3
@@ -183,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
-        return 0
+        return _flushed(0)
 
 
 if __name__ == "__main__":

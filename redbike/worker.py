@@ -98,12 +98,17 @@ class JobProcess:
         self.worker = worker
         self.start()
 
+    # One fork at a time: a child forked by another slot between Pipe() and
+    # close() would inherit this child's end and hide its death (no EOF).
+    _forking = threading.Lock()
+
     def start(self) -> None:
         context = multiprocessing.get_context("fork")
-        self.conn, child_end = context.Pipe()
-        self.process = context.Process(target=_child_main, args=(self.worker, child_end), daemon=True)
-        self.process.start()
-        child_end.close()  # so that the child's death reads as EOF here
+        with JobProcess._forking:
+            self.conn, child_end = context.Pipe()
+            self.process = context.Process(target=_child_main, args=(self.worker, child_end), daemon=True)
+            self.process.start()
+            child_end.close()  # so that the child's death reads as EOF here
 
     def stop(self) -> None:
         self.conn.close()
@@ -347,8 +352,10 @@ class WorkerPool:
                 self.kick()  # idle slots may have room now
         if rotation is None:
             return done, None
-        if reply[0] == "MORE":  # the claim parked many jobs: look again
-            return done, self._settle(None, None, "", rotation, worker_id)[1]
+        while reply[0] == "MORE":  # the claim parked many jobs: look again (a loop: there may be thousands)
+            now = self.clock()
+            claim_keys, claim_args, order = self._claim_part(rotation, token, worker_id, {})
+            reply = self.scripts.run("claim", now, claim_keys, claim_args)
         return done, self._job_from(reply, order, rotation, token, worker_id, now)
 
     def settle(self, job: Running | None, outcome: Outcome | None, trace: str,
