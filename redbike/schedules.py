@@ -38,10 +38,11 @@ import math
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta, timezone
+from datetime import date, datetime, timedelta
 from functools import lru_cache
 from zoneinfo import ZoneInfo
 
+from dateutil.parser import isoparse
 from dateutil.rrule import rrulestr
 
 UTC = ZoneInfo("UTC")
@@ -59,8 +60,6 @@ def _one_line(error: Exception) -> str:
     return " ".join(str(error).split())
 
 
-# ---------------------------------------------------------------- timestamps
-
 _EPOCH = re.compile(r"\d+(?:\.\d+)?")
 
 
@@ -68,15 +67,12 @@ def _timestamp(text: str) -> float:
     s = text.strip()
     if _EPOCH.fullmatch(s):
         return float(s)
-    if s[-1:] in ("Z", "z"):  # fromisoformat accepts 'Z' only from Python 3.11 on
-        s = s[:-1] + "+00:00"
-    try:
-        when = datetime.fromisoformat(s)
-    except ValueError:
-        raise _Invalid(
-            f"expected epoch seconds or an ISO-8601 time like 2026-11-22T10:00:00Z, got {text.strip()!r}"
-        ) from None
-    return (when if when.tzinfo else when.replace(tzinfo=timezone.utc)).timestamp()
+    try:  # not datetime.fromisoformat: before Python 3.11 it refuses 'Z' and '.5'
+        when = isoparse(s)
+    except (ValueError, OverflowError):
+        raise _Invalid("expected epoch seconds or an ISO-8601 time like "
+                       f"2026-11-22T10:00:00Z, got {text.strip()!r}") from None
+    return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
 
 
 def parse_timestamp(text: str) -> float:
@@ -88,12 +84,10 @@ def parse_timestamp(text: str) -> float:
         raise ScheduleError(f"bad timestamp: {e}") from None
 
 
-# ------------------------------------------------- wall clock <-> instants
-
 def _zone(name: str) -> ZoneInfo:
     try:
         return ZoneInfo(name)
-    except Exception:  # not found, malformed key, a directory...: all mean "no such zone"
+    except (LookupError, ValueError, OSError):  # not found, malformed key, a directory...
         raise _Invalid(f"unknown time zone {name!r}") from None
 
 
@@ -136,8 +130,6 @@ class _At:
         return self.when if self.when > t else None
 
 
-# --------------------------------------------------------------------- RRULE
-
 _FREQS = ("YEARLY", "MONTHLY", "WEEKLY", "DAILY", "HOURLY", "MINUTELY", "SECONDLY")
 # Integer rule parts: lowest and highest magnitude, and whether negative values
 # (counting from the end of the period) are allowed.
@@ -148,27 +140,30 @@ _INT_PARTS = {
     "BYWEEKNO": (1, 53, True), "BYSETPOS": (1, 366, True),
 }
 _WEEKDAY = "(?:MO|TU|WE|TH|FR|SA|SU)"
-_NAMED_PARTS = {"FREQ": None, "UNTIL": None,
-                "BYDAY": re.compile(rf"(?:[+-]?\d{{1,2}})?{_WEEKDAY}(?:,(?:[+-]?\d{{1,2}})?{_WEEKDAY})*"),
-                "WKST": re.compile(_WEEKDAY)}
-_ICAL_TIME = re.compile(r"(\d{4})-?(\d\d)-?(\d\d)(?:T(\d\d):?(\d\d):?(\d\d)(Z)?)?", re.I)
+_NTH_WEEKDAY = rf"(?:[+-]?\d{{1,2}})?{_WEEKDAY}"
+_NAMED_PARTS = {"FREQ": None, "UNTIL": None, "WKST": re.compile(_WEEKDAY),
+                "BYDAY": re.compile(rf"{_NTH_WEEKDAY}(?:,{_NTH_WEEKDAY})*")}
+# The FREQ each BYxxx part selects; at or above FREQ it filters periods out.
+_BY_UNIT = {"BYMONTH": 1, "BYWEEKNO": 2, "BYYEARDAY": 3, "BYMONTHDAY": 3, "BYDAY": 3,
+            "BYHOUR": 4, "BYMINUTE": 5, "BYSECOND": 6}
+_ICAL_TIME = re.compile(r"(\d{4})-?(\d\d)-?(\d\d)(?:T(\d\d):?(\d\d):?(\d\d)(Z)?)?", re.IGNORECASE)
+_PER_DAY = {"HOURLY": 24, "MINUTELY": 1440, "SECONDLY": 86400}
 _STEPS = {"WEEKLY": timedelta(weeks=1), "DAILY": timedelta(days=1), "HOURLY": timedelta(hours=1),
           "MINUTELY": timedelta(minutes=1), "SECONDLY": timedelta(seconds=1)}
-# Probing for occurrences from here ends at dateutil's year-9999 limit after at most
-# one 400-year Gregorian cycle, after which calendars repeat: a rule with none by
-# then has none at all, and dateutil gives up on it in bounded time.
-_PROBE = datetime(9599, 1, 1)
+# A probe for occurrences from here runs into dateutil's year-9999 limit within a
+# century, so even a rule that never fires is given up on in bounded time (< 1 s).
+# A rule firing less than once a century might be called "never fires": no job is.
+_PROBE = datetime(9899, 1, 1)
 
 
 def _ical_time(value: str, what: str) -> tuple[datetime, bool, bool]:
     """(naive datetime, ends in Z, is a bare date) from 20260101T000000Z-style text."""
     m = _ICAL_TIME.fullmatch(value)
-    try:
-        if m:
-            fields = [int(x) for x in m.groups()[:6] if x is not None]
-            return datetime(*fields), bool(m[7]), m[4] is None
-    except ValueError:
-        pass
+    if m:
+        try:
+            return datetime(*(int(x) for x in m.groups()[:6] if x)), bool(m[7]), m[4] is None
+        except ValueError:  # month 13 and the like
+            pass
     raise _Invalid(f"bad {what} {value!r} (expected e.g. 20260101T093000 or 20260101T093000Z)")
 
 
@@ -212,13 +207,6 @@ def _advance(start: datetime, since: datetime, freq: str, interval: int) -> date
     return start
 
 
-def _until_exhausted(occurrences: Iterator[datetime]) -> Iterator[datetime]:
-    try:
-        yield from occurrences
-    except ValueError:  # dateutil's way to say an INTERVAL/BYxxx mix has no more occurrences
-        return
-
-
 @dataclass(frozen=True)
 class _RRule:
     line: str                 # the RRULE for dateutil, without COUNT and UNTIL
@@ -231,41 +219,42 @@ class _RRule:
 
     def walls(self, anchor: datetime, since: datetime) -> Iterator[datetime]:
         line = self.line if self.count is None else f"{self.line};COUNT={self.count}"
-        return _until_exhausted(rrulestr(line, dtstart=anchor).xafter(since, inc=True))
+        try:
+            yield from rrulestr(line, dtstart=anchor).xafter(since, inc=True)
+        except ValueError:  # dateutil's way to say INTERVAL and BYxxx leave no (more) occurrences
+            return
 
     def first_after(self, t: float) -> float | None:
         if self.start is None:
-            anchor = datetime.fromtimestamp(math.floor(t), timezone.utc).replace(tzinfo=None)
+            anchor = datetime.fromtimestamp(math.floor(t), UTC).replace(tzinfo=None)
             walls = self.walls(anchor, anchor)
         else:
             since = _earliest_wall(t, self.zone)
-            anchor = self.start if self.count else _advance(self.start, since, self.freq, self.interval)
+            anchor = (self.start if self.count
+                      else _advance(self.start, since, self.freq, self.interval))
             walls = self.walls(anchor, since)
         best = _first_instant(walls, self.zone, t)
         return None if best is None or (self.until is not None and best > self.until) else best
 
 
-def _compile_rrule(text: str) -> _RRule:
-    parts = [p for p in re.split(r"\s+|\\n", text) if p]
-    starts = [p for p in parts if p.upper().startswith("DTSTART")]
-    rules = [p for p in parts if not p.upper().startswith("DTSTART")]
-    if len(starts) > 1 or len(rules) != 1:
-        raise _Invalid("expected one RRULE, optionally preceded by one DTSTART")
-    zone, start = UTC, None
-    if starts:
-        m = re.fullmatch(r"DTSTART((?:;[^:;]*)*):(.*)", starts[0], re.I)
-        if not m:
-            raise _Invalid(f"bad DTSTART {starts[0]!r}")
-        for param in filter(None, m[1].split(";")):
-            name, _, value = param.partition("=")
-            if name.upper() == "TZID":
-                zone = _zone(value.strip('"'))
-            elif param.upper() not in ("VALUE=DATE", "VALUE=DATE-TIME"):
-                raise _Invalid(f"unsupported DTSTART parameter {param!r}")
-        start, utc, _ = _ical_time(m[2], "DTSTART")
-        if utc and zone is not UTC:
-            raise _Invalid("DTSTART has both a TZID and a Z (UTC) suffix")
-    body = rules[0][6:] if rules[0].upper().startswith("RRULE:") else rules[0]
+def _dtstart(part: str) -> tuple[ZoneInfo, datetime]:
+    m = re.fullmatch(r"DTSTART((?:;[^:;]*)*):(.*)", part, re.IGNORECASE)
+    if not m:
+        raise _Invalid(f"bad DTSTART {part!r}")
+    zone = UTC
+    for param in filter(None, m[1].split(";")):
+        name, _, value = param.partition("=")
+        if name.upper() == "TZID":
+            zone = _zone(value.strip('"'))
+        elif param.upper() not in ("VALUE=DATE", "VALUE=DATE-TIME"):
+            raise _Invalid(f"unsupported DTSTART parameter {param!r}")
+    start, utc, _ = _ical_time(m[2], "DTSTART")
+    if utc and zone is not UTC:
+        raise _Invalid("DTSTART has both a TZID and a Z (UTC) suffix")
+    return zone, start
+
+
+def _rule_parts(body: str) -> dict[str, str]:
     pairs: dict[str, str] = {}
     for item in filter(None, body.split(";")):
         key, eq, value = item.partition("=")
@@ -278,34 +267,61 @@ def _compile_rrule(text: str) -> _RRule:
             raise _Invalid(f"{key} given twice")
         _check_part(key, value)
         pairs[key] = value
+    return pairs
+
+
+def _compile_rrule(text: str) -> _RRule:
+    parts = [p for p in re.split(r"\s+|\\n", text) if p]
+    starts = [p for p in parts if p.upper().startswith("DTSTART")]
+    rules = [p for p in parts if not p.upper().startswith("DTSTART")]
+    if len(starts) > 1 or len(rules) != 1:
+        raise _Invalid("expected one RRULE, optionally preceded by one DTSTART")
+    zone, start = _dtstart(starts[0]) if starts else (UTC, None)
+    pairs = _rule_parts(rules[0][6:] if rules[0].upper().startswith("RRULE:") else rules[0])
     freq = pairs.get("FREQ", "").upper()
     if freq not in _FREQS:
         raise _Invalid(f"unknown FREQ {pairs['FREQ']!r}" if "FREQ" in pairs else "missing FREQ")
+    if "BYSETPOS" in pairs and freq in _PER_DAY:
+        # Within an hour, minute or second every period holds the same set of times, so
+        # BYSETPOS adds nothing there; and an impossible one makes dateutil step through
+        # every period until year 9999, which can take hours.
+        raise _Invalid("BYSETPOS needs FREQ=DAILY or coarser")
     if "COUNT" in pairs and "UNTIL" in pairs:
         raise _Invalid("COUNT and UNTIL cannot be combined")  # RFC 5545; dateutil would warn
-    if "COUNT" in pairs and start is None:
+    if start is None and "COUNT" in pairs:
         raise _Invalid("COUNT needs a DTSTART to count from")
+    interval, rank = int(pairs.get("INTERVAL", 1)), _FREQS.index(freq)
+    filters = [k for k in pairs if rank >= _BY_UNIT.get(k, len(_FREQS))]
+    if start is None and interval > 1 and filters:
+        # Which periods INTERVAL skips would depend on when the rule is asked, and for
+        # some anchors none would match (FREQ=DAILY;INTERVAL=7;BYDAY=MO on a Tuesday).
+        raise _Invalid(f"INTERVAL with {filters[0]} needs a DTSTART to count intervals from")
+    clock = [k for k in filters if k in ("BYHOUR", "BYMINUTE", "BYSECOND")]
+    if clock and freq in _PER_DAY and _PER_DAY[freq] % interval:
+        # Then each day's grid differs and dateutil may crawl through centuries of
+        # seconds looking for a day where the grid meets the clock filter.
+        raise _Invalid(f"INTERVAL={interval} does not divide a day, so it cannot go with "
+                       f"{clock[0]}")
     until = None
     if "UNTIL" in pairs:
         end, utc, bare_date = _ical_time(pairs["UNTIL"], "UNTIL")
         end += timedelta(days=1, seconds=-1) if bare_date else timedelta()  # the whole day
-        until = end.replace(tzinfo=timezone.utc if utc else zone).timestamp()
-    if start is None:
-        rank = _FREQS.index(freq)
-        if "BYHOUR" in pairs and "BYMINUTE" not in pairs and rank < _FREQS.index("MINUTELY"):
-            pairs["BYMINUTE"] = "0"
-        if ({"BYHOUR", "BYMINUTE"} & pairs.keys() and "BYSECOND" not in pairs
-                and rank < _FREQS.index("SECONDLY")):
-            pairs["BYSECOND"] = "0"
+        until = end.replace(tzinfo=UTC if utc else zone).timestamp()
+    for finer, coarser in (("BYMINUTE", {"BYHOUR"}), ("BYSECOND", {"BYHOUR", "BYMINUTE"})):
+        # dateutil takes time parts finer than FREQ from DTSTART; from an anchor at t
+        # that would be t's minute or second, while BYHOUR=3 means 03:00:00.
+        if (start is None and finer not in pairs and coarser & pairs.keys()
+                and _BY_UNIT[finer] > rank):
+            pairs[finer] = "0"
     rule = _RRule(
         line=";".join(f"{k}={v}" for k, v in pairs.items() if k not in ("COUNT", "UNTIL")),
-        zone=zone, start=start, freq=freq, interval=int(pairs.get("INTERVAL", 1)),
+        zone=zone, start=start, freq=freq, interval=interval,
         count=int(pairs["COUNT"]) if "COUNT" in pairs else None, until=until)
     since = max(start or _PROBE, _PROBE)
-    anchor = _advance(start, since, freq, rule.interval) if start else since
+    anchor = _advance(start, since, freq, interval) if start else since
     try:
         probe = next(dataclasses.replace(rule, count=None).walls(anchor, since), None)
-    except Exception as e:  # whatever dateutil objects to, the user sees one line
+    except (TypeError, LookupError, ArithmeticError) as e:  # dateutil's odd ways to object
         raise _Invalid(f"invalid rule: {_one_line(e)}") from None
     if probe is None:
         raise _Invalid("it never fires")
@@ -315,8 +331,6 @@ def _compile_rrule(text: str) -> _RRule:
             raise _Invalid("it never fires (UNTIL is before the first occurrence)")
     return rule
 
-
-# ---------------------------------------------------------------------- cron
 
 _ALIASES = {"@yearly": "0 0 1 1 *", "@annually": "0 0 1 1 *", "@monthly": "0 0 1 * *",
             "@weekly": "0 0 * * 0", "@daily": "0 0 * * *", "@midnight": "0 0 * * *",
@@ -382,6 +396,8 @@ class _Cron:
                     if not self._day_matches(day):
                         continue
                     for hour in self.hours:
+                        if datetime(year, month, d, hour, 59) < since:
+                            continue
                         for minute in self.minutes:
                             wall = datetime(year, month, d, hour, minute)
                             if wall >= since:
@@ -417,8 +433,6 @@ def _compile_cron(text: str) -> _Cron:
                  frozenset(months), frozenset(w % 7 for w in weekdays), either_day)
 
 
-# ------------------------------------------------------------------ public API
-
 @lru_cache(maxsize=4096)  # workers ask about the same few schedule strings constantly
 def _compile(text: str) -> tuple[str, _At | _RRule | _Cron | None]:
     upper = text.upper()
@@ -426,12 +440,13 @@ def _compile(text: str) -> tuple[str, _At | _RRule | _Cron | None]:
         return upper, None
     if upper.startswith("AT:"):
         return "AT", _At(_timestamp(text[3:]))
-    if "FREQ=" in upper or upper.startswith(("DTSTART", "RRULE:")):
-        return "RRULE", _compile_rrule(text)
     words = text.split()
-    if words and (text.startswith("@") or upper.startswith(("CRON_TZ=", "TZ="))
-                  or (len(words) > 1 and all(_CRON_WORD.fullmatch(w) for w in words))):
+    if text.startswith("@") or upper.startswith(("CRON_TZ=", "TZ=")) or (
+            len(words) > 1 and all(_CRON_WORD.fullmatch(w) for w in words)
+            and re.search(r"[\d*]", text)):
         return "CRON", _compile_cron(text)
+    if re.match(r"(DTSTART|RRULE:|\w+=)", upper):
+        return "RRULE", _compile_rrule(text)
     raise _Invalid("expected NOW, CONTINUE, STOP, AT:<time>, an RRULE (FREQ=...) "
                    "or a cron expression (m h dom mon dow)")
 
