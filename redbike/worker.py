@@ -142,8 +142,8 @@ class JobProcess:
             if self.conn.poll(min(remaining, POLL_SECONDS)):
                 try:
                     reply = json.loads(self.conn.recv_bytes())
-                except EOFError:
-                    self.process.join()
+                except (EOFError, OSError):  # EOF, or ECONNRESET if it died with our message unread
+                    self.kill()
                     code = self.process.exitcode
                     self.start()
                     return Outcome("expired", error=f"worker process died (exit code {code})"), ""
