@@ -121,6 +121,9 @@ def place_after_expiry(schedule_text: str, now: float) -> Placement:
 
 
 def parse_status(value: str) -> tuple[str, float]:
-    """Split "EVENT:TIMESTAMP"."""
+    """Split "EVENT:TIMESTAMP" (a timestamp that is not a number reads as 0)."""
     event, _, stamp = value.partition(":")
-    return event, float(stamp or 0)
+    try:
+        return event, float(stamp or 0)
+    except ValueError:
+        return event, 0.0

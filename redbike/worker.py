@@ -400,9 +400,12 @@ class WorkerPool:
                     else:
                         job = self.claim(rotation, worker_id)
                     retry_in = 0.0
-                except redis.RedisError as exc:
+                except Exception as exc:  # Redis down, or a bug: log, back off, try again
                     retry_in = min(retry_in * 2 or 0.1, MAX_BACKOFF_SECONDS)
-                    log.warning("slot %d: Redis error (%s); retrying in %.1fs", index, exc, retry_in)
+                    if isinstance(exc, redis.RedisError):
+                        log.warning("slot %d: Redis error (%s); retrying in %.1fs", index, exc, retry_in)
+                    else:
+                        log.exception("slot %d: unexpected error; retrying in %.1fs", index, retry_in)
                     if self.forced.wait(retry_in):
                         return
                     continue
