@@ -1,0 +1,164 @@
+"""Where a worker's time per job goes: ``python -m bench.profile [--jobs N] [--seconds S]``.
+
+1. CPU per job of the supervisor, its child and redis-server while ``redbike
+   work`` drains no-op jobs (/proc/PID/stat, INFO), split user/system.
+2. py-spy (if installed: ``pip install -e '.[bench]'``) on the supervisor,
+   GIL-holding samples only: the Python functions that burn its CPU.
+3. The pieces alone, in this process: the supervisor-to-child hop
+   (redbike.worker.JobProcess.run with a no-op job), and finish+claim
+   (WorkerPool.finish) without a child, under cProfile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import cProfile
+import os
+import pstats
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+
+from . import redbike_bench as rb
+from .procs import children
+from .server import RedisServer, snapshot
+from .tally import count
+
+
+def _user_sys(pid: int) -> tuple[float, float]:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+        tick = os.sysconf("SC_CLK_TCK")
+        return int(fields[11]) / tick, int(fields[12]) / tick
+    except OSError:
+        return 0.0, 0.0
+
+
+def cpu_split(server: RedisServer, jobs: int, seconds: float, pyspy: bool) -> None:
+    client = server.client()
+    client.flushall()
+    rb.fill_now(server, jobs)
+    ws = rb.Workspace(server)
+    try:
+        proc = ws.worker("bench.noop:Noop('A')", 1)
+        while count(ws.tally) < 500:
+            time.sleep(0.01)
+        kid = children(proc.pid)[0]
+        pids = {"supervisor": proc.pid, "child": kid, "redis-server": server.pid()}
+        before = {name: _user_sys(pid) for name, pid in pids.items()}
+        done0, t0 = count(ws.tally), time.monotonic()
+        time.sleep(seconds)
+        done = count(ws.tally) - done0
+        elapsed = time.monotonic() - t0
+        after = {name: _user_sys(pid) for name, pid in pids.items()}
+        print(f"1. {done:,} jobs in {elapsed:.1f} s: {done / elapsed:,.0f}/s, {elapsed / done * 1e6:.0f} us wall per job")
+        for name in pids:
+            user = (after[name][0] - before[name][0]) / done * 1e6
+            system = (after[name][1] - before[name][1]) / done * 1e6
+            print(f"   {name:13s} CPU per job: {user:6.1f} us user + {system:5.1f} us system")
+        if pyspy:
+            spy = shutil.which("py-spy")
+            if not spy or count(ws.tally) > jobs - 1000:
+                print("2. py-spy: not installed (pip install -e '.[bench]'), or too few jobs left")
+                return
+            raw = tempfile.mktemp(suffix=".txt")
+            subprocess.run([spy, "record", "--gil", "-r", "250", "-d", str(int(seconds)), "-f", "raw", "-o", raw,
+                            "-p", str(proc.pid)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+            inclusive: collections.Counter[str] = collections.Counter()
+            total = 0
+            try:
+                with open(raw) as handle:
+                    for line in handle:
+                        stack, _, n = line.rstrip().rpartition(" ")
+                        if not stack:
+                            continue
+                        total += int(n)
+                        for frame in {f.split(" (")[0] + " (" + f.split(" (")[1].split(":")[0].split("/")[-1] + ")"
+                                      for f in stack.split(";")[1:] if " (" in f}:
+                            inclusive[frame] += int(n)
+            finally:
+                if os.path.exists(raw):
+                    os.unlink(raw)
+            print(f"2. py-spy --gil on the supervisor: {total} samples holding the GIL; inclusive share:")
+            for frame, n in inclusive.most_common(30):
+                print(f"   {100 * n / max(total, 1):5.1f}%  {frame}")
+    finally:
+        ws.close()
+
+
+def pieces(server: RedisServer, n: int) -> None:
+    from redbike.keys import Keys
+    from redbike.roundrobin import Lease
+    from redbike.states import Outcome
+    from redbike.worker import JobProcess, Rotation, WorkerPool
+
+    from .noop import Noop
+
+    os.environ.pop("BENCH_TALLY", None)
+    hop = JobProcess(Noop("A"))
+    forced = threading.Event()
+    lease = Lease("job1:A", os.urandom(8).hex(), "A", "host:1:0", time.time(), 10.0)
+    for _ in range(500):
+        hop.run(lease, forced)
+    start = time.perf_counter()
+    for _ in range(n):
+        hop.run(lease, forced)
+    each = (time.perf_counter() - start) / n * 1e6
+    hop.stop()
+    print(f"3a. supervisor <-> child hop (JobProcess.run, no-op job): {each:.1f} us")
+
+    client = server.client()
+    client.flushall()
+    rb.fill_now(server, 3 * n + 2000)
+    pool = WorkerPool(client, Keys(rb.PREFIX), Noop("A"))
+    rotation, worker_id = Rotation(pool.queue_names), f"{pool.identity}:0"
+    job = pool.claim(rotation, worker_id)
+
+    def loop(k: int) -> None:
+        nonlocal job
+        for _ in range(k):
+            _, job = pool.finish(job, Outcome("ok"), "", rotation, worker_id)
+
+    loop(500)
+    before = snapshot(client)
+    wall, cpu = time.perf_counter(), time.process_time()
+    loop(n)
+    wall, cpu = (time.perf_counter() - wall) / n * 1e6, (time.process_time() - cpu) / n * 1e6
+    after = snapshot(client)
+    script = (float(after.info["cmdstat_evalsha"]["usec"]) - float(before.info["cmdstat_evalsha"]["usec"])) / n
+    print(f"3b. finish+claim, one script call, no child: {wall:.1f} us wall, {cpu:.1f} us CPU of this process, "
+          f"{script:.1f} us of Redis running the script")
+    profiler = cProfile.Profile()
+    profiler.enable()
+    loop(n)
+    profiler.disable()
+    print("    cProfile of that loop, by own time:")
+    stats = pstats.Stats(profiler)
+    stats.sort_stats("tottime").print_stats(15)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--jobs", type=int, default=100000)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--no-py-spy", action="store_true")
+    args = parser.parse_args(argv)
+    server = RedisServer().start()
+    try:
+        cpu_split(server, args.jobs, args.seconds, not args.no_py_spy)
+        try:
+            pieces(server, 10000)
+        except Exception as exc:  # these use redbike's internals, which may have moved
+            print(f"3. n/a: {type(exc).__name__}: {exc}")
+    finally:
+        server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,67 @@
+"""The benchmark suite (bench/) at tiny sizes, so that it cannot rot: it must
+run end to end against a real Redis and produce sane numbers. No timing is
+asserted; bench/README.md has the real results."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench import report
+from bench.run import parse_args, run
+
+
+def finite_positive(value: object) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_bench_smoke(tmp_path: Path) -> None:
+    args = parse_args(["--smoke", "--out", str(tmp_path), "--no-plot"])
+    results = run(args, say=lambda _line: None)
+    assert results["errors"] == {}
+
+    assert finite_positive(results["limit"]["ping_per_s"])
+
+    for drain in results["drain"].values():
+        assert drain["drained"] == drain["jobs"] == args.jobs  # every job set was run, once
+        assert finite_positive(drain["jobs_per_s"])
+        assert finite_positive(drain["commands_per_job"])
+        assert finite_positive(drain["round_trips_per_job"])
+        assert drain["by_command"].get("evalsha", 0) > 0
+        assert finite_positive(drain["bytes_per_queued_job"])
+        assert finite_positive(drain["rss_supervisor"]) and finite_positive(drain["rss_child"])
+
+    assert [s["jobs"] for s in results["scale"]] == [500, 2000]
+    for scale in results["scale"]:
+        assert finite_positive(scale["dispatch_jobs_per_s"])
+        assert finite_positive(scale["dispatch_commands_per_job"])
+        assert finite_positive(scale["bytes_per_scheduled_job"]) and finite_positive(scale["bytes_per_queued_job"])
+        assert finite_positive(scale["rss_dispatcher"]) and finite_positive(scale["rss_supervisor"])
+        assert 0 < scale["worker_jobs_done"] <= scale["jobs"]
+
+    latency = results["latency"]
+    assert latency["started"] == latency["jobs"] > 0  # every job that fell due started
+    assert math.isfinite(latency["p50_ms"]) and latency["p99_ms"] >= latency["p50_ms"]
+    pickup = results["pickup"]
+    assert pickup["started"] == pickup["jobs"] == args.pickups
+    assert math.isfinite(pickup["p50_ms"])
+
+    for role in ("worker", "dispatcher"):
+        assert math.isfinite(results["idle"][role]["commands_per_s"]) and results["idle"][role]["commands_per_s"] >= 0
+
+    beats = results["heartbeats"]
+    assert beats["script_calls"].get("finish", 0) >= beats["short_jobs"]
+
+    text = report.as_text(results)
+    assert "resource gating" in text and "n/a (not implemented)" in text
+    assert "MISSED" in text or "met" in text
+    markdown = (tmp_path / "results.md")
+    markdown.write_text(report.as_markdown(results))
+    report.write_json(results, str(tmp_path / "results.json"))
+    assert json.loads((tmp_path / "results.json").read_text())["drain"]["c1"]["jobs"] == args.jobs
