@@ -112,7 +112,14 @@ def targets(r: dict[str, Any]) -> list[tuple[str, str, str]]:
         rows.append((f"Redis bytes per scheduled job <= the original's (~{ORIGINAL_BYTES_PER_JOB})",
                      f"{per:.0f} B scheduled, {scale[-1]['bytes_per_queued_job']:.0f} B queued",
                      _status(per <= ORIGINAL_BYTES_PER_JOB)))
-    rows.append(("resource gating", "n/a (not implemented)", NA))
+    gating = r.get("gating")
+    if gating:
+        low, high = gating[0], gating[-1]
+        growth = high["server_usec"] / low["server_usec"] - 1
+        rows.append((f"claim cost flat from {_f(low['parked'])} to {_f(high['parked'])} parked jobs",
+                     f"{low['server_usec']:.1f} -> {high['server_usec']:.1f} us of Redis time per claim "
+                     f"({growth:+.0%}), {high['commands_per_claim']:.0f} commands, "
+                     f"{high['evalsha_per_claim']:.2f} round trips", _status(growth <= 0.25)))
     return rows
 
 
@@ -184,7 +191,12 @@ def sections(r: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]:
             *([[f"... then 1 x {beats['long_job_seconds']:g} s", ", ".join(f"{k} {v}" for k, v in beats["script_calls"].items())]]
               if beats.get("long_job_seconds") else []),
         ]))
-    out.append(("7. Resource gating", ["what", "result"], [["resource gating", "n/a (not implemented)"]]))
+    gating = r.get("gating", [])
+    if gating:
+        out.append(("7. Resource gating: claiming a free job while N jobs wait on a saturated resource",
+                     ["parked jobs", "round trips/claim", "commands/claim", "Redis us/claim", "wall us/claim"],
+                     [[_f(g["parked"]), f"{g['evalsha_per_claim']:.2f}", f"{g['commands_per_claim']:.1f}",
+                       f"{g['server_usec']:.1f}", f"{g['wall_usec']:.0f}"] for g in gating]))
     peers = r.get("peers", {})
     if peers:
         c1 = drain.get("c1", {})

@@ -21,7 +21,7 @@ from . import report
 from .load import OtherLoad, wait_quiet
 from .server import RedisServer, calibrate
 
-SECTIONS = ("limit", "drain", "scale", "latency", "pickup", "idle", "heartbeats", "peers")
+SECTIONS = ("limit", "drain", "scale", "latency", "pickup", "idle", "heartbeats", "gating", "peers")
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
@@ -176,6 +176,12 @@ def run(args: argparse.Namespace, say: Callable[[str], None] = print) -> dict[st
         def heartbeats() -> None:
             results["heartbeats"] = rb.heartbeats(server, args.long_job, short=0.05 if args.smoke else 0.5)
 
+        def gating() -> None:
+            from .claim_cost import measure
+
+            parked = (10, 100) if args.smoke else (10, 1_000, 100_000)
+            results["gating"] = [measure(server.client(), n, 100 if args.smoke else 1000) for n in parked]
+
         def peers() -> None:
             from .peers import by_name, run_peer
 
@@ -194,6 +200,7 @@ def run(args: argparse.Namespace, say: Callable[[str], None] = print) -> dict[st
         section("pickup", f"pick-up latency: {args.pickups} NOW jobs", pickup)
         section("idle", f"idle cost: {args.idle_seconds:g} s each", idle)
         section("heartbeats", "heartbeat traffic", heartbeats)
+        section("gating", "resource gating: claim cost with jobs parked on a saturated resource", gating)
         section("peers", f"peers: {args.peers}", peers)
     finally:
         server.stop()

@@ -423,16 +423,19 @@ class WorkerPool:
             child.stop()
 
     def _heartbeat(self) -> None:
-        """Renew the leases of jobs that run longer than a third of a lease."""
+        """Renew the leases of jobs that run longer than a third of a lease,
+        up to their timeout. A lease's deadline is renewed_at + lease + grace."""
         interval = self.lease_seconds / 3
         while not self.done.wait(min(interval, POLL_SECONDS * 4)):
             now = self.clock()
             beats: list[Any] = []
             for job in list(self.running.values()):
-                if now - job.renewed_at >= interval:
-                    lease = job.lease
-                    deadline = min(now + self.lease_seconds, lease.since + lease.timeout) + GRACE_SECONDS
-                    beats += [lease.jobid, lease.token, repr(deadline)]
+                lease = job.lease
+                cap = lease.since + lease.timeout + GRACE_SECONDS  # killed by then anyway
+                # A lease already reaching the job's timeout needs no renewal:
+                # jobs that fit in one lease cost no heartbeat traffic at all.
+                if now - job.renewed_at >= interval and job.renewed_at + self.lease_seconds + GRACE_SECONDS < cap:
+                    beats += [lease.jobid, lease.token, repr(min(now + self.lease_seconds + GRACE_SECONDS, cap))]
                     job.renewed_at = now
             if not beats:
                 continue
