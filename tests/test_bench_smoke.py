@@ -58,8 +58,14 @@ def test_bench_smoke(tmp_path: Path) -> None:
     beats = results["heartbeats"]
     assert beats["script_calls"].get("finish", 0) >= beats["short_jobs"]
 
+    gating = results["gating"]
+    assert [g["parked"] for g in gating] == [10, 100]
+    for g in gating:
+        assert g["evalsha_per_claim"] == 1.0  # one round trip per claim
+        assert finite_positive(g["commands_per_claim"]) and finite_positive(g["server_usec"])
+
     text = report.as_text(results)
-    assert "resource gating" in text and "n/a (not implemented)" in text
+    assert "7. Resource gating" in text
     assert "MISSED" in text or "met" in text
     markdown = (tmp_path / "results.md")
     markdown.write_text(report.as_markdown(results))
