@@ -230,6 +230,9 @@ class WorkerPool:
         self.running: dict[int, Running] = {}
         self.control_seen = ""
         self.done_per_slot = [0] * concurrency
+        # Each slot thread keeps one connection of the pool for its claims and
+        # finishes (see _connection).
+        self.slot = threading.local()
 
     @property
     def jobs_done(self) -> int:
@@ -316,6 +319,11 @@ class WorkerPool:
             self.local_used[name] += amount
         return Running(lease, schedule, stamp if event == "ENQ" else now, now, local)
 
+    @property
+    def _connection(self) -> redis.Redis | None:
+        """The calling slot's own connection; None (the pool's client) elsewhere."""
+        return getattr(self.slot, "client", None)
+
     def _settle(self, job: Running | None, outcome: Outcome | None, trace: str,
                 rotation: Rotation | None, worker_id: str) -> tuple[str | None, Running | None]:
         """One round trip: end ``job``'s run (if any) and, with a rotation, claim
@@ -341,9 +349,9 @@ class WorkerPool:
             keys += claim_keys
             args += claim_args
         if job is None:
-            reply = self.scripts.run("claim", now, keys, args)
+            reply = self.scripts.run("claim", now, keys, args, client=self._connection)
         else:
-            done, reply = self.scripts.run("finish", now, keys, args)
+            done, reply = self.scripts.run("finish", now, keys, args, client=self._connection)
             if done == "STALE":
                 log.warning("job %s: lease lost before it ended; its outcome is dropped", job.lease.jobid)
             for name, amount in freed.items():
@@ -355,7 +363,7 @@ class WorkerPool:
         while reply[0] == "MORE":  # the claim parked many jobs: look again (a loop: there may be thousands)
             now = self.clock()
             claim_keys, claim_args, order = self._claim_part(rotation, token, worker_id, {})
-            reply = self.scripts.run("claim", now, claim_keys, claim_args)
+            reply = self.scripts.run("claim", now, claim_keys, claim_args, client=self._connection)
         return done, self._job_from(reply, order, rotation, token, worker_id, now)
 
     def settle(self, job: Running | None, outcome: Outcome | None, trace: str,
@@ -382,6 +390,8 @@ class WorkerPool:
         worker_id = f"{self.identity}:{index}"
         rotation = Rotation(self.queue_names)
         child = JobProcess(self.worker)
+        # One connection held for the slot's life: no pool checkout per job.
+        self.slot.client = redis.Redis(connection_pool=self.client.connection_pool, single_connection_client=True)
         job: Running | None = None
         finished: tuple[Outcome, str] | None = None
         retry_in = 0.0  # seconds to wait after a Redis error; 0 while all is well
@@ -421,6 +431,7 @@ class WorkerPool:
                 self.done_per_slot[index] += 1
         finally:
             child.stop()
+            self.slot.client.close()
 
     def _heartbeat(self) -> None:
         """Renew the leases of jobs that run longer than a third of a lease,

@@ -80,12 +80,13 @@ def test_no_prefetch_each_slot_holds_one_job(client: redis.Redis, prefix: str) -
     seen_leases = set()
     try:
         def drained() -> bool:
-            leases = client.hlen(bike.keys.leases)
-            queued = client.llen(bike.keys.queue("A"))
+            with client.pipeline(transaction=True) as pipe:  # one snapshot of both
+                leases, queued = pipe.hlen(bike.keys.leases).llen(bike.keys.queue("A")).execute()
             seen_leases.add(leases)
-            # Every job is either queued, leased by one of the 2 slots, or done.
+            # Every job is queued, leased by one of the 2 slots, or done (a slot
+            # counts a run as done just before the script that ends it).
             assert leases <= 2
-            assert queued >= 6 - pool.jobs_done - leases
+            assert queued + leases + pool.jobs_done >= 6
             return pool.jobs_done == 6
         wait_for(drained, timeout=20, what="six jobs")
     finally:
