@@ -12,7 +12,7 @@ import redis
 
 from . import report
 from .config import connect
-from .csvfile import CsvError, read_rows
+from .csvfile import read_rows
 from .dispatcher import Dispatcher
 from .keys import WAKE_BATCH, Keys, Scripts
 from .resources import ResourceError, amounts_of, check_name, format_amounts, read_capacities_csv

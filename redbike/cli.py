@@ -49,10 +49,10 @@ import redis
 from docopt import DocoptExit, docopt
 
 from .api import JobIdError, Redbike
-from .csvfile import CsvError
-from .resources import ResourceError, check_name, parse_capacity
 from .config import Config, ConfigError, check_reachable, connect, load_config
+from .csvfile import CsvError
 from .embedded import EmbeddedError, server_running, stop_server
+from .resources import ResourceError, check_name, parse_capacity
 from .roundrobin import RoundRobin
 from .schedules import ScheduleError, parse_timestamp
 from .workerspec import WorkerSpecError, load_worker

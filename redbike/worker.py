@@ -31,7 +31,7 @@ import redis
 from .keys import Keys, Scripts, subscribe
 from .resources import LOCAL_PREFIX, format_amounts, parse_amounts
 from .roundrobin import Lease, RoundRobin, StopWork, UnsetJob
-from .states import Outcome, place_after_run, parse_status
+from .states import Outcome, parse_status, place_after_run
 
 log = logging.getLogger(__name__)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -98,6 +99,12 @@ def client(redis_server: RedisServer) -> redis.Redis:
     return conn
 
 
+@pytest.fixture(params=["fake", "real"])
+def c(request: pytest.FixtureRequest) -> redis.Redis:
+    """Both a fakeredis client and a client of the real server."""
+    return request.getfixturevalue("fake" if request.param == "fake" else "client")
+
+
 @pytest.fixture
 def fake() -> redis.Redis:
     import fakeredis
@@ -124,3 +131,47 @@ def workdir(tmp_path: Path, redis_server: RedisServer, prefix: str) -> Path:
 
 def redbike_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "redbike", *args]
+
+
+class Daemons:
+    """Start redbike subprocesses; kill whatever is left at the end of a test."""
+
+    def __init__(self, logs: Path, env: dict[str, str]) -> None:
+        self.logs = logs
+        self.env = env
+        self.started: list[tuple[subprocess.Popen, Path]] = []
+
+    def start(self, *args: str, cwd: Path) -> subprocess.Popen:
+        path = self.logs / f"{len(self.started)}-{args[0]}.log"
+        with open(path, "wb") as log:
+            # A session of its own: cleanup can kill the worker's children too.
+            process = subprocess.Popen(
+                redbike_command(*args),
+                cwd=cwd,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.started.append((process, path))
+        return process
+
+    def log(self, process: subprocess.Popen) -> str:
+        for started, path in self.started:
+            if started is process:
+                return path.read_text(errors="replace")
+        raise KeyError(process.pid)
+
+    def cleanup(self) -> None:
+        for process, path in self.started:
+            if process.poll() is None:
+                try:
+                    os.killpg(process.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                process.wait(10)
+            # Shown by pytest when the test failed.
+            print(
+                f"--- {' '.join(process.args[2:])} (pid {process.pid}, exit {process.returncode})"
+            )
+            print(path.read_text(errors="replace")[-3000:])

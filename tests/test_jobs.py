@@ -17,8 +17,9 @@ import redis
 from conftest import wait_for
 
 from redbike import Redbike, RoundRobin, ScheduleError
-from redbike.api import CsvError, JobIdError, read_schedules_csv
+from redbike.api import JobIdError, read_schedules_csv
 from redbike.cli import main
+from redbike.csvfile import CsvError
 from redbike.dispatcher import RENEW_SECONDS, STANDBY_SECONDS, Dispatcher
 from redbike.keys import subscribe
 from redbike.schedules import parse_schedule
@@ -133,12 +134,6 @@ class Env:
                     assert jobid not in items, f"{jobid} still in queue {q}"
             else:
                 assert jobid not in value, f"{jobid} still in {name}: {value}"
-
-
-@pytest.fixture(params=["fake", "real"])
-def c(request: pytest.FixtureRequest) -> redis.Redis:
-    """Both a fakeredis client and a client of the real server."""
-    return request.getfixturevalue("fake" if request.param == "fake" else "client")
 
 
 @pytest.fixture

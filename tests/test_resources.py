@@ -22,7 +22,7 @@ from typing import Any
 import fakeredis
 import pytest
 import redis
-from conftest import redbike_command, wait_for
+from conftest import Daemons, redbike_command, wait_for
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
@@ -60,11 +60,6 @@ class REnv(Env):
 
     def capacities(self) -> dict[str, tuple[int | None, int, int]]:
         return {r: (cap, used, waiting) for r, cap, used, waiting in self.bike.capacities()}
-
-
-@pytest.fixture(params=["fake", "real"])
-def c(request: pytest.FixtureRequest) -> redis.Redis:
-    return request.getfixturevalue("fake" if request.param == "fake" else "client")
 
 
 @pytest.fixture
@@ -731,37 +726,21 @@ class ResWorker(RoundRobin):
 """
 
 
-class Procs:
-    """redbike subprocesses of one test; whatever is left is killed at the end."""
+class Procs(Daemons):
+    """redbike subprocesses of one test, all started in its folder."""
 
     def __init__(self, cwd: Path, env: dict[str, str]) -> None:
-        self.cwd, self.env = cwd, env
-        self.started: list[tuple[subprocess.Popen, Path]] = []
+        super().__init__(cwd, env)
+        self.cwd = cwd
 
-    def start(self, *args: str) -> subprocess.Popen:
-        path = self.cwd / f"{len(self.started)}-{args[0]}.log"
-        with open(path, "wb") as out:
-            process = subprocess.Popen(redbike_command(*args), cwd=self.cwd, env=self.env, stdout=out,
-                                       stderr=subprocess.STDOUT, start_new_session=True)
-        self.started.append((process, path))
-        return process
+    def start(self, *args: str) -> subprocess.Popen:  # type: ignore[override]
+        return super().start(*args, cwd=self.cwd)
 
     def cli(self, *args: str) -> str:
         result = subprocess.run(redbike_command(*args), check=False, cwd=self.cwd, env=self.env,
                                 capture_output=True, text=True, timeout=30)
         assert result.returncode == 0, result.stderr
         return result.stdout
-
-    def cleanup(self) -> None:
-        for process, path in self.started:
-            if process.poll() is None:
-                try:
-                    os.killpg(process.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                process.wait(10)
-            print(f"--- {' '.join(process.args[2:])} (exit {process.returncode})")
-            print(path.read_text(errors="replace")[-2000:])
 
 
 @pytest.fixture
