@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import time
 
-TICK = os.sysconf("SC_CLK_TCK")
+from .procs import TICK, cpu_seconds
 
 
 def _processes() -> dict[int, tuple[int, float]]:
@@ -51,16 +51,7 @@ def _machine() -> tuple[float, float]:
 def _own(extra_pids: list[int]) -> float:
     times = os.times()
     own = times.user + times.system + times.children_user + times.children_system
-    return own + sum(_processes_cpu(pid) for pid in extra_pids)
-
-
-def _processes_cpu(pid: int) -> float:
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            fields = handle.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / TICK
-    except (OSError, IndexError, ValueError):
-        return 0.0
+    return own + sum(cpu_seconds(pid) for pid in extra_pids)
 
 
 class OtherLoad:

@@ -11,6 +11,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from .tally import count
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -159,3 +161,20 @@ def wait_until(condition: Callable[[], object], timeout: float, every: float = 0
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout:g}s waiting for {what}")
         time.sleep(every)
+
+
+def wait_for_tally(tally: str, n: int, end_by: float, proc: Proc, rss: PeakRSS, sample_every: float) -> tuple[float, int]:
+    """Wait until the tally file counts ``n`` jobs or the monotonic time
+    ``end_by`` passes, sampling the worker's RSS (and checking that it lives)
+    every ``sample_every`` s. Returns when it stopped and the jobs counted."""
+    sampled = time.monotonic()
+    while True:
+        now = time.monotonic()
+        if count(tally) >= n or now > end_by:
+            return now, count(tally)
+        if now - sampled > sample_every:
+            rss.sample()
+            sampled = now
+            if not proc.alive():
+                raise RuntimeError(f"worker exited:\n{proc.output()}")
+        time.sleep(0.002)

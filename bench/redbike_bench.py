@@ -22,7 +22,7 @@ from redbike.keys import SCRIPT_NAMES, Keys
 from redbike.schedules import parse_schedule
 
 from .noop import Noop
-from .procs import PeakRSS, Proc, bench_env, proc_status, redbike_argv, wait_until, write_config
+from .procs import PeakRSS, Proc, bench_env, proc_status, redbike_argv, wait_for_tally, wait_until, write_config
 from .server import RedisServer, delta, snapshot
 from .tally import count
 
@@ -222,21 +222,7 @@ def drain(server: RedisServer, n: int, concurrency: int = 1, window: float = 600
         before = snapshot(client)
         done0 = count(ws.tally)
         cpu0 = rss.cpu()
-        sampled = time.monotonic()
-        end_by = before.at + window
-        while True:
-            done = count(ws.tally)
-            now = time.monotonic()
-            if done >= n or now > end_by:
-                break
-            if now - sampled > 0.1:
-                rss.sample()
-                sampled = now
-                if not proc.alive():
-                    raise RuntimeError(f"worker exited:\n{proc.output()}")
-            time.sleep(0.002)
-        finished = time.monotonic()
-        done1 = count(ws.tally)
+        finished, done1 = wait_for_tally(ws.tally, n, before.at + window, proc, rss, 0.1)
         cpu1 = rss.cpu()
         time.sleep(0.1)  # let the last finish() land
         after = snapshot(client)
@@ -329,10 +315,7 @@ def dispatch_and_work(server: RedisServer, n: int, work_window: float) -> dict[s
         rss = PeakRSS(proc.pid)
         wait_until(lambda: count(ws.tally) > 0, 60, while_alive=proc, what="the first job")
         t0, done0 = time.monotonic(), count(ws.tally)
-        while count(ws.tally) < n and time.monotonic() - t0 < work_window:
-            rss.sample()
-            time.sleep(0.1)
-        t1, done1 = time.monotonic(), count(ws.tally)
+        t1, done1 = wait_for_tally(ws.tally, n, t0 + work_window, proc, rss, 0.1)
         rss.sample()
         result.update({
             "worker_jobs_done": done1, "worker_jobs_per_s": (done1 - done0) / (t1 - t0),

@@ -23,8 +23,6 @@ DIE = "DIE"  # the worker raised an unexpected exception (error kept for tell)
 END = "END"  # ran, and its schedule has no further run (NOW, AT, exhausted RRULE)
 EXP = "EXP"  # its run's lease expired (worker died or overran its timeout); put back
 
-STATUSES = (TML, ENQ, BAD, WRK, STP, DIE, END, EXP)
-
 
 @dataclass(frozen=True)
 class Placement:

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..procs import PeakRSS, Proc, bench_env, wait_until
+from ..procs import PeakRSS, Proc, bench_env, wait_for_tally, wait_until
 from ..server import RedisServer, delta, snapshot
 from ..tally import count
 
@@ -163,20 +163,7 @@ def run_peer(server: RedisServer, peer: Peer, n: int, window: float, idle_second
         wait_until(lambda: count(tally_path) > 0, 120, while_alive=proc, what=f"{peer.name}'s first job")
         before = snapshot(client)
         done0 = count(tally_path)
-        sampled = time.monotonic()
-        while True:
-            done = count(tally_path)
-            now = time.monotonic()
-            if done >= n or now - before.at > window:
-                break
-            if now - sampled > 0.2:
-                rss.sample()
-                sampled = now
-                if not proc.alive():
-                    raise RuntimeError(f"worker exited:\n{proc.output()}")
-            time.sleep(0.002)
-        finished = time.monotonic()
-        done1 = count(tally_path)
+        finished, done1 = wait_for_tally(tally_path, n, before.at + window, proc, rss, 0.2)
         time.sleep(0.1)
         after = snapshot(client)
         rss.sample()
