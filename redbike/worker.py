@@ -321,8 +321,13 @@ class WorkerPool:
 
     @property
     def _connection(self) -> redis.Redis | None:
-        """The calling slot's own connection; None (the pool's client) elsewhere."""
-        return getattr(self.slot, "client", None)
+        """The calling slot's own connection, made on first use (inside the
+        slot's retry loop: Redis may be down); None (the pool's client) outside slots."""
+        if not getattr(self.slot, "owned", False):
+            return None
+        if self.slot.client is None:
+            self.slot.client = redis.Redis(connection_pool=self.client.connection_pool, single_connection_client=True)
+        return self.slot.client
 
     def _settle(self, job: Running | None, outcome: Outcome | None, trace: str,
                 rotation: Rotation | None, worker_id: str) -> tuple[str | None, Running | None]:
@@ -391,7 +396,7 @@ class WorkerPool:
         rotation = Rotation(self.queue_names)
         child = JobProcess(self.worker)
         # One connection held for the slot's life: no pool checkout per job.
-        self.slot.client = redis.Redis(connection_pool=self.client.connection_pool, single_connection_client=True)
+        self.slot.owned, self.slot.client = True, None
         job: Running | None = None
         finished: tuple[Outcome, str] | None = None
         retry_in = 0.0  # seconds to wait after a Redis error; 0 while all is well
@@ -431,7 +436,8 @@ class WorkerPool:
                 self.done_per_slot[index] += 1
         finally:
             child.stop()
-            self.slot.client.close()
+            if self.slot.client is not None:
+                self.slot.client.close()
 
     def _heartbeat(self) -> None:
         """Renew the leases of jobs that run longer than a third of a lease,
