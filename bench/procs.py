@@ -105,7 +105,9 @@ def proc_status(pid: int) -> dict[str, int]:
     return found
 
 
-def children(pid: int) -> list[int]:
+def descendants(pid: int) -> list[int]:
+    """Children, their children and so on (a worker's slots are forked by
+    its zygote, a child of the supervisor)."""
     kids: list[int] = []
     try:
         for task in os.listdir(f"/proc/{pid}/task"):
@@ -113,7 +115,7 @@ def children(pid: int) -> list[int]:
                 kids += [int(k) for k in handle.read().split()]
     except OSError:
         pass
-    return kids
+    return kids + [grandchild for kid in kids for grandchild in descendants(kid)]
 
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -130,8 +132,8 @@ def cpu_seconds(pid: int) -> float:
 
 
 class PeakRSS:
-    """Peak RSS of a process and of each of its children, read from /proc
-    (VmHWM is the kernel's own peak; children are sampled while they live),
+    """Peak RSS of a process and of each of its descendants, read from /proc
+    (VmHWM is the kernel's own peak; descendants are sampled while they live),
     and their CPU seconds."""
 
     def __init__(self, pid: int) -> None:
@@ -141,12 +143,12 @@ class PeakRSS:
 
     def sample(self) -> None:
         self.main = max(self.main, proc_status(self.pid).get("VmHWM", 0))
-        for kid in children(self.pid):
+        for kid in descendants(self.pid):
             self.child = max(self.child, proc_status(kid).get("VmHWM", 0))
 
     def cpu(self) -> tuple[float, float]:
-        """CPU seconds of the process, and of its live children together."""
-        return cpu_seconds(self.pid), sum(cpu_seconds(kid) for kid in children(self.pid))
+        """CPU seconds of the process, and of its live descendants together."""
+        return cpu_seconds(self.pid), sum(cpu_seconds(kid) for kid in descendants(self.pid))
 
 
 def wait_until(condition: Callable[[], object], timeout: float, every: float = 0.005,

@@ -1,12 +1,11 @@
 """Where a worker's time per job goes: ``python -m bench.profile [--jobs N] [--seconds S]``.
 
-1. CPU per job of the supervisor, its child and redis-server while ``redbike
-   work`` drains no-op jobs (/proc/PID/stat, INFO), split user/system.
-2. py-spy (if installed: ``pip install -e '.[bench]'``) on the supervisor,
+1. CPU per job of the supervisor, the slot's child (which claims, runs and
+   finishes the jobs) and redis-server while ``redbike work`` drains no-op
+   jobs (/proc/PID/stat, INFO), split user/system.
+2. py-spy (if installed: ``pip install -e '.[bench]'``) on the slot's child,
    GIL-holding samples only: the Python functions that burn its CPU.
-3. The pieces alone, in this process: the supervisor-to-child hop
-   (redbike.worker.JobProcess.run with a no-op job), and finish+claim
-   (WorkerPool.finish) without a child, under cProfile.
+3. finish+claim (WorkerPool.finish) alone, in this process, under cProfile.
 """
 
 from __future__ import annotations
@@ -19,11 +18,10 @@ import pstats
 import shutil
 import subprocess
 import tempfile
-import threading
 import time
 
 from . import redbike_bench as rb
-from .procs import children
+from .procs import descendants
 from .server import RedisServer, snapshot
 from .tally import count
 
@@ -47,7 +45,7 @@ def cpu_split(server: RedisServer, jobs: int, seconds: float, pyspy: bool) -> No
         proc = ws.worker("bench.noop:Noop('A')", 1)
         while count(ws.tally) < 500:
             time.sleep(0.01)
-        kid = children(proc.pid)[0]
+        kid = descendants(proc.pid)[-1]  # the zygote comes first, then the slot's child
         pids = {"supervisor": proc.pid, "child": kid, "redis-server": server.pid()}
         before = {name: _user_sys(pid) for name, pid in pids.items()}
         done0, t0 = count(ws.tally), time.monotonic()
@@ -67,7 +65,7 @@ def cpu_split(server: RedisServer, jobs: int, seconds: float, pyspy: bool) -> No
                 return
             raw = tempfile.mktemp(suffix=".txt")
             subprocess.run([spy, "record", "--gil", "-r", "250", "-d", str(int(seconds)), "-f", "raw", "-o", raw,
-                            "-p", str(proc.pid)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+                            "-p", str(kid)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
             inclusive: collections.Counter[str] = collections.Counter()
             total = 0
             try:
@@ -83,7 +81,7 @@ def cpu_split(server: RedisServer, jobs: int, seconds: float, pyspy: bool) -> No
             finally:
                 if os.path.exists(raw):
                     os.unlink(raw)
-            print(f"2. py-spy --gil on the supervisor: {total} samples holding the GIL; inclusive share:")
+            print(f"2. py-spy --gil on the slot's child: {total} samples holding the GIL; inclusive share:")
             for frame, n in inclusive.most_common(30):
                 print(f"   {100 * n / max(total, 1):5.1f}%  {frame}")
     finally:
@@ -92,24 +90,10 @@ def cpu_split(server: RedisServer, jobs: int, seconds: float, pyspy: bool) -> No
 
 def pieces(server: RedisServer, n: int) -> None:
     from redbike.keys import Keys
-    from redbike.roundrobin import Lease
     from redbike.states import Outcome
-    from redbike.worker import JobProcess, Rotation, WorkerPool
+    from redbike.worker import Rotation, WorkerPool
 
     from .noop import Noop
-
-    os.environ.pop("BENCH_TALLY", None)
-    hop = JobProcess(Noop("A"))
-    forced = threading.Event()
-    lease = Lease("job1:A", os.urandom(8).hex(), "A", "host:1:0", time.time(), 10.0)
-    for _ in range(500):
-        hop.run(lease, forced)
-    start = time.perf_counter()
-    for _ in range(n):
-        hop.run(lease, forced)
-    each = (time.perf_counter() - start) / n * 1e6
-    hop.stop()
-    print(f"3a. supervisor <-> child hop (JobProcess.run, no-op job): {each:.1f} us")
 
     client = server.client()
     client.flushall()
@@ -130,7 +114,7 @@ def pieces(server: RedisServer, n: int) -> None:
     wall, cpu = (time.perf_counter() - wall) / n * 1e6, (time.process_time() - cpu) / n * 1e6
     after = snapshot(client)
     script = (float(after.info["cmdstat_evalsha"]["usec"]) - float(before.info["cmdstat_evalsha"]["usec"])) / n
-    print(f"3b. finish+claim, one script call, no child: {wall:.1f} us wall, {cpu:.1f} us CPU of this process, "
+    print(f"3. finish+claim, one script call, in this process: {wall:.1f} us wall, {cpu:.1f} us CPU of this process, "
           f"{script:.1f} us of Redis running the script")
     profiler = cProfile.Profile()
     profiler.enable()

@@ -22,7 +22,16 @@ from redbike.keys import SCRIPT_NAMES, Keys
 from redbike.schedules import parse_schedule
 
 from .noop import Noop
-from .procs import PeakRSS, Proc, bench_env, proc_status, redbike_argv, wait_for_tally, wait_until, write_config
+from .procs import (
+    PeakRSS,
+    Proc,
+    bench_env,
+    proc_status,
+    redbike_argv,
+    wait_for_tally,
+    wait_until,
+    write_config,
+)
 from .server import RedisServer, delta, snapshot
 from .tally import count
 

@@ -1,29 +1,28 @@
-"""The worker pool: one supervisor process that talks to Redis, and one child
-process per slot that runs work().
+"""The worker pool: one supervisor process and one child process per slot.
 
-The supervisor claims a job, hands it to its slot's child over a pipe, and
-ends the run and claims the next job in one round trip. Because the child
-runs the user's code, a job that holds the GIL for minutes (a C extension)
-cannot starve the heartbeats that renew its lease, and a job that overruns
-its timeout is killed rather than left running beside its own retry. A child
-that dies is replaced. Each slot holds at most the one job it runs: no prefetch.
+Each child claims a job, runs work(), then ends the run and claims the next
+job in one round trip, on its own Redis connection: the supervisor is not
+on the path of a job, so slots run in parallel and each job costs one round
+trip. The supervisor watches the children through shared memory (see
+slots.py): it renews the leases of long jobs from its own process, so a job
+that holds the GIL for minutes (a C extension) cannot starve them; it kills
+a child that overruns its job's timeout rather than leave the job running
+beside its own retry; and it ends the run of a child that died and forks a
+new one. Each slot holds at most the one job it runs: no prefetch.
 """
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
-import multiprocessing
 import os
+import select
 import signal
 import socket
 import threading
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
-from multiprocessing.connection import Connection
 from typing import Any
 
 import redis
@@ -31,6 +30,7 @@ import redis
 from .keys import Keys, Scripts, subscribe
 from .resources import LOCAL_PREFIX, format_amounts, parse_amounts
 from .roundrobin import Lease, RoundRobin, StopWork, UnsetJob
+from .slots import Child, LocalLock, Running, SlotBoard, Zygote
 from .states import Outcome, parse_status, place_after_run
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,11 @@ GRACE_SECONDS = 2.0  # past a timeout: time for the supervisor to kill the job a
 IDLE_RECHECK_SECONDS = 5.0  # an idle slot looks at its queues this often without a wake-up
 POLL_SECONDS = 0.5  # how often blocked waits look at the stop flags
 MAX_BACKOFF_SECONDS = 5.0
+QUICK_DEATH_SECONDS = 1.0  # a child dying younger than this is replaced after a backoff
+
+# Notes a child sends its supervisor (one byte each).
+NOTE_HALT = b"H"  # a claim found HALT: stop the pool
+NOTE_FREED = b"F"  # a run gave back worker-local amounts: wake the idle slots
 
 
 def error_record(status: str, error: str, worker: str, now: float, trace: str = "") -> str:
@@ -50,116 +55,22 @@ def error_record(status: str, error: str, worker: str, now: float, trace: str = 
     return json.dumps(record)
 
 
-def _die_with_parent() -> None:
-    """Ask Linux to kill this child when its supervisor dies (even by SIGKILL),
-    so a job never outlives the lease that its supervisor stopped renewing."""
+def run_work(worker: RoundRobin, lease: Lease) -> tuple[Outcome, str]:
+    """Run one job's work(); returns its outcome and the traceback of a failure."""
+    worker.lease = lease
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() == 1:  # the supervisor died before prctl took effect
-        os._exit(1)
-
-
-def _child_main(worker: RoundRobin, conn: Connection) -> None:
-    _die_with_parent()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    while True:
-        try:
-            lease = Lease(**json.loads(conn.recv_bytes()))
-        except EOFError:
-            return
-        worker.lease = lease
-        try:
-            result = worker.work(lease.jobid)
-            backoff = result if isinstance(result, int) and not isinstance(result, bool) else None
-            reply: dict[str, Any] = {"kind": "ok", "backoff": backoff}
-        except StopWork:
-            reply = {"kind": "stop"}
-        except UnsetJob:
-            reply = {"kind": "unset"}
-        except Exception as exc:  # any failure of the job is reported, not fatal
-            reply = {
-                "kind": "error",
-                "error": f"{type(exc).__name__}: {exc}".splitlines()[0][:500],
-                "trace": traceback.format_exc()[-4000:],
-            }
-        finally:
-            worker.lease = None
-        conn.send_bytes(json.dumps(reply).encode())
-
-
-class JobProcess:
-    """The child process of one slot."""
-
-    def __init__(self, worker: RoundRobin) -> None:
-        self.worker = worker
-        self.start()
-
-    # One fork at a time: a child forked by another slot between Pipe() and
-    # close() would inherit this child's end and hide its death (no EOF).
-    _forking = threading.Lock()
-
-    def start(self) -> None:
-        context = multiprocessing.get_context("fork")
-        with JobProcess._forking:
-            self.conn, child_end = context.Pipe()
-            self.process = context.Process(target=_child_main, args=(self.worker, child_end), daemon=True)
-            self.process.start()
-            child_end.close()  # so that the child's death reads as EOF here
-
-    def stop(self) -> None:
-        self.conn.close()
-        self.process.join(timeout=POLL_SECONDS)
-        if self.process.is_alive():
-            self.kill()
-
-    def kill(self) -> None:
-        self.process.kill()
-        self.process.join()
-        self.conn.close()
-
-    def run(self, lease: Lease, forced: threading.Event) -> tuple[Outcome, str]:
-        """Run one job; returns its outcome and the traceback of a failure."""
-        message = json.dumps(lease.__dict__).encode()
-        try:
-            self.conn.send_bytes(message)
-        except OSError:  # the child died while idle: the job has not started, so a new child runs it
-            log.warning("worker process %s died while idle (exit code %s); replaced", self.process.pid, self.process.exitcode)
-            self.kill()
-            self.start()
-            self.conn.send_bytes(message)
-        deadline = time.monotonic() + lease.timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or forced.is_set():
-                self.kill()
-                self.start()
-                why = f"timed out after {lease.timeout:g}s" if remaining <= 0 else "stopped by force"
-                return Outcome("expired", error=f"killed: {why}"), ""
-            if self.conn.poll(min(remaining, POLL_SECONDS)):
-                try:
-                    reply = json.loads(self.conn.recv_bytes())
-                except (EOFError, OSError):  # EOF, or ECONNRESET if it died with our message unread
-                    self.kill()
-                    code = self.process.exitcode
-                    self.start()
-                    return Outcome("expired", error=f"worker process died (exit code {code})"), ""
-                outcome = Outcome(reply["kind"], reply.get("backoff"), reply.get("error", ""))
-                return outcome, reply.get("trace", "")
-
-
-@dataclass
-class Running:
-    """A claimed job, as its slot knows it."""
-
-    lease: Lease
-    schedule: str
-    enqueued_at: float
-    renewed_at: float
-    local_needs: dict[str, int]  # worker-local amounts it holds
+        result = worker.work(lease.jobid)
+        backoff = result if isinstance(result, int) and not isinstance(result, bool) else None
+        return Outcome("ok", backoff), ""
+    except StopWork:
+        return Outcome("stop"), ""
+    except UnsetJob:
+        return Outcome("unset"), ""
+    except Exception as exc:  # any failure of the job is reported, not fatal
+        error = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+        return Outcome("error", error=error), traceback.format_exc()[-4000:]
+    finally:
+        worker.lease = None
 
 
 class Rotation:
@@ -206,11 +117,11 @@ class WorkerPool:
         self.client = client
         self.keys = keys
         self.scripts = Scripts(client, keys)
-        # Worker-local resources (cpu_cores=16 ...): this pool counts them
-        # itself, under a lock, and tells each claim how much is free.
+        # Worker-local resources (cpu_cores=16 ...): the pool counts them
+        # itself from what its slots hold, and tells each claim how much is
+        # free; claims that count them take a lock shared by the children.
         self.local_capacity = {f"{LOCAL_PREFIX}{name}": amount for name, amount in (resources or {}).items()}
-        self.local_used: dict[str, int] = dict.fromkeys(self.local_capacity, 0)
-        self.local_lock = threading.Lock() if self.local_capacity else None
+        self.local_lock = LocalLock() if self.local_capacity else None
         self.worker = worker
         self.concurrency = concurrency
         self.lease_seconds = lease_seconds
@@ -222,41 +133,48 @@ class WorkerPool:
             name: float(worker.timeout(name) or default_timeout) for name in set(self.queue_names)
         }
         self.identity = f"{socket.gethostname()}:{os.getpid()}"
-        self.stopping = threading.Event()
+        self.board = SlotBoard(concurrency)
         self.forced = threading.Event()
         self.done = threading.Event()
-        self.wake = threading.Condition()
-        self.wakeups = 0
-        self.running: dict[int, Running] = {}
+        self.children: dict[int, Child] = {}
         self.control_seen = ""
-        self.done_per_slot = [0] * concurrency
-        # Each slot thread keeps one connection of the pool for its claims and
-        # finishes (see _connection).
-        self.slot = threading.local()
+        # In a slot's child: its own connection (made on first use, inside
+        # the slot's retry loop) and its channel to the supervisor.
+        self.slot_client: redis.Redis | None = None
+        self.channel: socket.socket | None = None
 
     @property
     def jobs_done(self) -> int:
-        """Runs ended so far (each slot counts its own, so no lock is needed)."""
-        return sum(self.done_per_slot)
+        """Runs ended so far, by every slot."""
+        return self.board.runs_ended()
 
-    # -- signals and wake-ups -------------------------------------------------
+    @property
+    def stopping(self) -> bool:
+        return self.board.stopping
+
+    @property
+    def local_used(self) -> dict[str, int]:
+        """Worker-local amounts held by this pool's running jobs."""
+        held = self.board.local_held()
+        return {name: held.get(name, 0) for name in self.local_capacity}
+
+    # -- signals and wake-ups (the supervisor) ---------------------------------
 
     def stop(self, *_: Any) -> None:
-        """First call: finish running jobs, claim no more. Second: kill them."""
-        if self.stopping.is_set():
+        """A signal. First: finish running jobs, claim no more. Second: kill them."""
+        if self.board.stopping:
             self.forced.set()
-        self.stopping.set()
+        self.halt()
+
+    def halt(self) -> None:
+        """Finish running jobs, claim no more (HALT; the same again changes nothing)."""
+        self.board.stop()
         self.kick()
 
     def kick(self) -> None:
-        with self.wake:
-            self.wakeups += 1
-            self.wake.notify_all()
-
-    def wait_for_work(self, seen: int) -> None:
-        with self.wake:
-            if self.wakeups == seen and not self.stopping.is_set():
-                self.wake.wait(IDLE_RECHECK_SECONDS)
+        """Wake the idle slots: they look at their queues."""
+        for child in list(self.children.values()):
+            child.wake()
 
     def _listen(self, pubsub: redis.client.PubSub) -> None:
         """Wake idle slots when a job enters one of their queues, and stop on HALT."""
@@ -274,13 +192,26 @@ class WorkerPool:
             if message and message["type"] == "message":
                 if message["channel"] == self.keys.control and self._halts(message["data"]):
                     log.info("HALT received")
-                    self.stop()
+                    self.halt()
                 self.kick()
 
     def _halts(self, control: str | None) -> bool:
         return bool(control) and control != self.control_seen and control.startswith("HALT")
 
-    # -- the claim / finish round trips ---------------------------------------
+    def _note(self, note: bytes) -> None:
+        """Tell the supervisor (from a slot's child), or act on it (elsewhere)."""
+        if self.channel is None:
+            if note == NOTE_HALT:
+                self.halt()
+            else:
+                self.kick()
+            return
+        try:
+            self.channel.send(note)
+        except OSError:  # the supervisor is gone: this process dies with it
+            pass
+
+    # -- the claim / finish round trips ----------------------------------------
 
     def _claim_part(
         self, rotation: Rotation, token: str, worker_id: str, freed: dict[str, int]
@@ -289,8 +220,9 @@ class WorkerPool:
         tried. ``freed``: local amounts the same script releases first."""
         order = rotation.order()
         keys = [self.keys.queue(name) for _, name in order]
+        held = self.board.local_held() if self.local_capacity else {}
         free = {
-            name: capacity - self.local_used[name] + freed.get(name, 0)
+            name: capacity - held.get(name, 0) + freed.get(name, 0)
             for name, capacity in self.local_capacity.items()
         }
         args: list[Any] = [token, worker_id, self.control_seen, format_amounts(free)]
@@ -305,7 +237,8 @@ class WorkerPool:
         if reply[0] == "HALT":
             if self._halts(reply[1]):
                 log.info("HALT found")
-                self.stop()
+                self.board.stop()
+                self._note(NOTE_HALT)
             return None
         if reply[0] != "JOB":
             return None
@@ -315,25 +248,24 @@ class WorkerPool:
         event, stamp = parse_status(status) if status else ("", now)
         lease = Lease(jobid, token, queue, worker_id, now, self.timeouts[queue])
         local = {name: amount for name, amount in parse_amounts(needs).items() if name in self.local_capacity}
-        for name, amount in local.items():
-            self.local_used[name] += amount
         return Running(lease, schedule, stamp if event == "ENQ" else now, now, local)
 
-    @property
     def _connection(self) -> redis.Redis | None:
-        """The calling slot's own connection, made on first use (inside the
-        slot's retry loop: Redis may be down); None (the pool's client) outside slots."""
-        if not getattr(self.slot, "owned", False):
+        """In a slot's child, its own connection (a fresh pool: nothing
+        inherited from the supervisor is used); None (the pool's client) elsewhere."""
+        if self.channel is None:
             return None
-        if self.slot.client is None:
-            self.slot.client = redis.Redis(connection_pool=self.client.connection_pool, single_connection_client=True)
-        return self.slot.client
+        if self.slot_client is None:
+            pool = self.client.connection_pool
+            fresh = type(pool)(connection_class=pool.connection_class, **pool.connection_kwargs)
+            self.slot_client = redis.Redis(connection_pool=fresh, single_connection_client=True)
+        return self.slot_client
 
     def _settle(self, job: Running | None, outcome: Outcome | None, trace: str,
-                rotation: Rotation | None, worker_id: str) -> tuple[str | None, Running | None]:
+                rotation: Rotation | None, worker_id: str, slot: int) -> tuple[str | None, Running | None]:
         """One round trip: end ``job``'s run (if any) and, with a rotation, claim
         the next job. Returns how the run ended (finish() in lib.lua) and the
-        job claimed."""
+        job claimed; the slot's record on the board follows."""
         done = None
         now = self.clock()
         token = os.urandom(8).hex()
@@ -353,67 +285,85 @@ class WorkerPool:
             claim_keys, claim_args, order = self._claim_part(rotation, token, worker_id, freed)
             keys += claim_keys
             args += claim_args
+        connection = self._connection()
         if job is None:
-            reply = self.scripts.run("claim", now, keys, args, client=self._connection)
+            reply = self.scripts.run("claim", now, keys, args, client=connection)
         else:
-            done, reply = self.scripts.run("finish", now, keys, args, client=self._connection)
+            done, reply = self.scripts.run("finish", now, keys, args, client=connection)
             if done == "STALE":
                 log.warning("job %s: lease lost before it ended; its outcome is dropped", job.lease.jobid)
-            for name, amount in freed.items():
-                self.local_used[name] -= amount
-            if freed:
-                self.kick()  # idle slots may have room now
-        if rotation is None:
-            return done, None
-        while reply[0] == "MORE":  # the claim parked many jobs: look again (a loop: there may be thousands)
-            now = self.clock()
-            claim_keys, claim_args, order = self._claim_part(rotation, token, worker_id, {})
-            reply = self.scripts.run("claim", now, claim_keys, claim_args, client=self._connection)
-        return done, self._job_from(reply, order, rotation, token, worker_id, now)
+        claimed = None
+        if rotation is not None:
+            while reply[0] == "MORE":  # the claim parked many jobs: look again (a loop: there may be thousands)
+                now = self.clock()
+                claim_keys, claim_args, order = self._claim_part(rotation, token, worker_id, {})
+                reply = self.scripts.run("claim", now, claim_keys, claim_args, client=connection)
+            claimed = self._job_from(reply, order, rotation, token, worker_id, now)
+        self.board.replace(slot, job, claimed)
+        if freed:
+            self._note(NOTE_FREED)  # idle slots may have room now
+        return done, claimed
 
     def settle(self, job: Running | None, outcome: Outcome | None, trace: str,
-               rotation: Rotation | None, worker_id: str) -> tuple[str | None, Running | None]:
+               rotation: Rotation | None, worker_id: str, slot: int = 0) -> tuple[str | None, Running | None]:
         """End a run and/or claim, holding the local-resource lock if this pool has one."""
         if self.local_lock is None:
-            return self._settle(job, outcome, trace, rotation, worker_id)
+            return self._settle(job, outcome, trace, rotation, worker_id, slot)
         with self.local_lock:
-            return self._settle(job, outcome, trace, rotation, worker_id)
+            return self._settle(job, outcome, trace, rotation, worker_id, slot)
 
-    def claim(self, rotation: Rotation, worker_id: str) -> Running | None:
+    def claim(self, rotation: Rotation, worker_id: str, slot: int = 0) -> Running | None:
         """Claim one job (one round trip)."""
-        return self.settle(None, None, "", rotation, worker_id)[1]
+        return self.settle(None, None, "", rotation, worker_id, slot)[1]
 
     def finish(
-        self, job: Running, outcome: Outcome, trace: str, rotation: Rotation | None, worker_id: str
+        self, job: Running, outcome: Outcome, trace: str, rotation: Rotation | None, worker_id: str, slot: int = 0
     ) -> tuple[str | None, Running | None]:
         """End ``job``'s run; with a rotation, claim the next job in the same round trip."""
-        return self.settle(job, outcome, trace, rotation, worker_id)
+        return self.settle(job, outcome, trace, rotation, worker_id, slot)
 
-    # -- the slots -------------------------------------------------------------
+    # -- a slot's child ----------------------------------------------------------
 
-    def _slot(self, index: int) -> None:
+    def _wait_for_work(self) -> None:
+        """Block until the supervisor wakes this slot, or IDLE_RECHECK_SECONDS."""
+        assert self.channel is not None
+        select.select([self.channel], [], [], IDLE_RECHECK_SECONDS)
+
+    def _drain_wake_ups(self) -> None:
+        """Forget the wake-ups so far: the claim that follows sees what they announced."""
+        assert self.channel is not None
+        try:
+            while self.channel.recv(4096):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+
+    def run_slot(self, index: int, channel: socket.socket) -> None:
+        """The life of slot ``index``'s child: claim, work, end the run and
+        claim the next, until the pool stops."""
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
+        self.channel = channel
+        channel.setblocking(False)
         worker_id = f"{self.identity}:{index}"
         rotation = Rotation(self.queue_names)
-        child = JobProcess(self.worker)
-        # One connection held for the slot's life: no pool checkout per job.
-        self.slot.owned, self.slot.client = True, None
         job: Running | None = None
         finished: tuple[Outcome, str] | None = None
         retry_in = 0.0  # seconds to wait after a Redis error; 0 while all is well
         try:
             while True:
-                seen = self.wakeups
                 try:
                     if finished is not None and job is not None:
                         # After an error, a script may have run without its reply
                         # reaching us: end the run alone, so no claim is lost with it.
-                        fused = None if self.stopping.is_set() or retry_in else rotation
-                        _, job = self.finish(job, *finished, fused, worker_id)
+                        fused = None if self.board.stopping or retry_in else rotation
+                        _, job = self.finish(job, *finished, fused, worker_id, index)
                         finished = None
-                    elif self.stopping.is_set():
+                        self.board.count_run(index)
+                    elif self.board.stopping:
                         return
                     else:
-                        job = self.claim(rotation, worker_id)
+                        self._drain_wake_ups()
+                        job = self.claim(rotation, worker_id, index)
                     retry_in = 0.0
                 except Exception as exc:  # Redis down, or a bug: log, back off, try again
                     retry_in = min(retry_in * 2 or 0.1, MAX_BACKOFF_SECONDS)
@@ -421,39 +371,110 @@ class WorkerPool:
                         log.warning("slot %d: Redis error (%s); retrying in %.1fs", index, exc, retry_in)
                     else:
                         log.exception("slot %d: unexpected error; retrying in %.1fs", index, retry_in)
-                    if self.forced.wait(retry_in):
-                        return
+                    time.sleep(retry_in)
                     continue
                 if job is None:
-                    if not self.stopping.is_set():
-                        self.wait_for_work(seen)
+                    if not self.board.stopping:
+                        self._wait_for_work()
                     continue
-                self.running[index] = job
-                try:
-                    finished = child.run(job.lease, self.forced)
-                finally:
-                    self.running.pop(index, None)
-                self.done_per_slot[index] += 1
+                finished = run_work(self.worker, job.lease)
         finally:
-            child.stop()
-            if self.slot.client is not None:
-                self.slot.client.close()
+            if self.slot_client is not None:
+                self.slot_client.close()
+
+    # -- the supervisor ------------------------------------------------------------
+
+    def _end_runs_of_dead_child(self, index: int, why: str, timed_out: str | None) -> None:
+        """End the runs a dead child left on the board (a retry loop: Redis may be down)."""
+        backoff = 0.1
+        while runs := self.board.runs(index):
+            run = runs[0]
+            reason = why if timed_out in (None, run.lease.token) else "killed: the slot's previous job timed out"
+            try:
+                done, _ = self.finish(run, Outcome("expired", error=reason), "", None, run.lease.worker, index)
+            except redis.RedisError as exc:
+                log.warning("slot %d: Redis error (%s) ending %s; retrying in %.1fs", index, exc, run.lease.jobid, backoff)
+                if self.done.wait(backoff):
+                    return
+                backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
+                continue
+            if done != "STALE":
+                log.warning("job %s: %s", run.lease.jobid, reason)
+            self.board.count_run(index)
+
+    def _supervise(self, index: int, child: Child) -> tuple[str, str | None]:
+        """Watch slot ``index``'s child until it ends. Returns why it ended
+        and, if it was killed for a timeout, the token of that run."""
+        killed: tuple[str, str | None] | None = None
+        while True:
+            runs = self.board.runs(index)
+            now = self.clock()
+            deadline = min((run.lease.since + run.lease.timeout for run in runs), default=None)
+            if killed is None:
+                if self.forced.is_set():
+                    killed = ("killed: stopped by force", None)
+                    child.kill()
+                elif deadline is not None and now >= deadline:
+                    late = min(runs, key=lambda run: run.lease.since + run.lease.timeout)
+                    killed = (f"killed: timed out after {late.lease.timeout:g}s", late.lease.token)
+                    child.kill()
+            wait = POLL_SECONDS if deadline is None or killed else min(POLL_SECONDS, deadline - now)
+            notes, ended = child.wait(wait)
+            if NOTE_HALT in notes:
+                self.halt()
+            elif NOTE_FREED in notes:
+                self.kick()
+            if ended:
+                return killed or ("worker process died", None)
+
+    def _watch(self, index: int) -> None:
+        """Keep slot ``index`` running a child until the pool stops."""
+        backoff = 0.0
+        while not self.board.stopping:
+            try:
+                child = self.zygote.spawn(index)
+            except OSError as exc:
+                backoff = min(backoff * 2 or 0.1, MAX_BACKOFF_SECONDS)
+                log.error("slot %d: cannot start a worker process (%s); retrying in %.1fs", index, exc, backoff)
+                if self.done.wait(backoff):
+                    return
+                continue
+            self.children[index] = child
+            born = time.monotonic()
+            try:
+                why, timed_out = self._supervise(index, child)
+            finally:
+                del self.children[index]
+                child.close()
+            if self.board.runs(index):
+                self._end_runs_of_dead_child(index, why, timed_out)
+                self.kick()  # what it held is free again
+            if self.board.stopping:
+                return
+            log.warning("slot %d: worker process %d ended (%s); replaced", index, child.pid, why)
+            backoff = min(backoff * 2 or 0.1, MAX_BACKOFF_SECONDS) if time.monotonic() - born < QUICK_DEATH_SECONDS else 0.0
+            if backoff and self.done.wait(backoff):
+                return
 
     def _heartbeat(self) -> None:
         """Renew the leases of jobs that run longer than a third of a lease,
         up to their timeout. A lease's deadline is renewed_at + lease + grace."""
         interval = self.lease_seconds / 3
+        renewed: dict[str, float] = {}  # token -> when this supervisor last renewed it
         while not self.done.wait(min(interval, POLL_SECONDS * 4)):
             now = self.clock()
             beats: list[Any] = []
-            for job in list(self.running.values()):
-                lease = job.lease
+            running = self.board.all_runs()
+            renewed = {run.lease.token: renewed.get(run.lease.token, run.renewed_at) for run in running}
+            for run in running:
+                lease = run.lease
+                renewed_at = renewed[lease.token]
                 cap = lease.since + lease.timeout + GRACE_SECONDS  # killed by then anyway
                 # A lease already reaching the job's timeout needs no renewal:
                 # jobs that fit in one lease cost no heartbeat traffic at all.
-                if now - job.renewed_at >= interval and job.renewed_at + self.lease_seconds + GRACE_SECONDS < cap:
+                if now - renewed_at >= interval and renewed_at + self.lease_seconds + GRACE_SECONDS < cap:
                     beats += [lease.jobid, lease.token, repr(min(now + self.lease_seconds + GRACE_SECONDS, cap))]
-                    job.renewed_at = now
+                    renewed[lease.token] = now
             if not beats:
                 continue
             try:
@@ -467,6 +488,8 @@ class WorkerPool:
     def run(self) -> None:
         """Work until HALT or a signal."""
         self.control_seen = self.client.get(self.keys.control) or ""
+        # Forked while this is still the process's only thread (see slots.py).
+        self.zygote = Zygote(self.run_slot)
         channels = [self.keys.queue_channel(name) for name in set(self.queue_names)]
         # Subscribed before the first claim, so no wake-up can fall in between.
         pubsub = subscribe(self.client, [self.keys.control, *channels])
@@ -475,17 +498,20 @@ class WorkerPool:
             signal.signal(signal.SIGINT, self.stop)
         threads = [threading.Thread(target=self._listen, args=(pubsub,), daemon=True, name="redbike-listen")]
         threads.append(threading.Thread(target=self._heartbeat, daemon=True, name="redbike-heartbeat"))
-        slots = [threading.Thread(target=self._slot, args=(i,), name=f"redbike-slot-{i}") for i in range(self.concurrency)]
-        for thread in threads + slots:
+        watchers = [threading.Thread(target=self._watch, args=(i,), name=f"redbike-slot-{i}") for i in range(self.concurrency)]
+        for thread in threads + watchers:
             thread.start()
         log.info("worker %s: %d slot(s) on queues %s", self.identity, self.concurrency, ":".join(self.queue_names))
         try:
-            for slot in slots:
-                while slot.is_alive():
-                    slot.join(POLL_SECONDS)
+            for watcher in watchers:
+                while watcher.is_alive():
+                    watcher.join(POLL_SECONDS)
         finally:
             self.done.set()
             for thread in threads:
                 thread.join()
             pubsub.close()
+            self.zygote.close()
+            if self.local_lock is not None:
+                self.local_lock.remove()
         log.info("worker %s stopped after %d job(s)", self.identity, self.jobs_done)

@@ -175,3 +175,21 @@ class Daemons:
                 f"--- {' '.join(process.args[2:])} (pid {process.pid}, exit {process.returncode})"
             )
             print(path.read_text(errors="replace")[-3000:])
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def parent_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def worker_of(pid: int) -> int:
+    """The supervisor of a slot's child: its parent is the pool's zygote."""
+    return parent_of(parent_of(pid))

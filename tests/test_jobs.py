@@ -381,7 +381,7 @@ def test_claim_from_empty_queues(env: Env) -> None:
     pool = env.pool()
     assert env.claim(pool) is None
     assert env.leases() == {} and env.deadlines() == {}
-    assert not pool.stopping.is_set()
+    assert not pool.stopping
 
 
 def test_claim_follows_the_weighted_rotation(c: redis.Redis, prefix: str) -> None:
@@ -418,18 +418,18 @@ def test_halt_stops_older_pools_but_not_newer_ones(env: Env) -> None:
     assert value.startswith(f"HALT:{int(NOW)}:")
     assert env.c.get(env.keys.control) == value
     assert env.claim(old) is None
-    assert old.stopping.is_set()
+    assert old.stopping
     assert env.queue("A") == ["b:A", "a:A"] and env.leases() == {}
     new = env.pool()  # started after it: has seen it
     assert new.control_seen == value
     job = env.claim(new)
     assert job.lease.jobid == "a:A"
-    assert not new.stopping.is_set()
+    assert not new.stopping
     # a later HALT stops the newer pool too, in the fused claim as well
     env.bike.control()
     done, nxt = new.finish(job, Outcome("ok"), "", Rotation(new.queue_names), "w1")
     assert done == "DONE" and nxt is None
-    assert new.stopping.is_set()
+    assert new.stopping
     assert env.queue("A") == ["b:A"]
     with pytest.raises(ValueError):
         env.bike.control("GO")
@@ -856,7 +856,7 @@ def test_heartbeat_renews_running_leases(real: Env) -> None:
     pool = real.pool("L", lease_seconds=0.03)  # heartbeat interval 0.01s
     job = real.claim(pool)
     assert real.deadlines() == {"l:L": NOW + 0.03 + GRACE_SECONDS}
-    pool.running[0] = job
+    pool.board.write(0, [job])
     real.at(NOW + 40)
     beat = threading.Thread(target=pool._heartbeat)
     beat.start()

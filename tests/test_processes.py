@@ -27,7 +27,17 @@ from typing import Any
 
 import pytest
 import redis
-from conftest import ROOT, Daemons, RedisServer, free_port, redbike_command, wait_for
+from conftest import (
+    ROOT,
+    Daemons,
+    RedisServer,
+    alive,
+    free_port,
+    parent_of,
+    redbike_command,
+    wait_for,
+    worker_of,
+)
 
 from redbike import Redbike, RoundRobin
 from redbike.keys import Keys
@@ -118,19 +128,6 @@ def runs(recs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         run = found.setdefault(r["token"], {"job": r["job"], "pid": r["pid"], "end": None})
         run[r["event"]] = r["at"]
     return found
-
-
-def alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie, dead but not yet reaped, does not)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
-def parent_of(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
 def status_of(client: redis.Redis, keys: Keys, jobid: str) -> str:
@@ -360,7 +357,8 @@ def test_pool_under_load_never_overlaps_a_job_and_restarts_a_killed_child(
     assert len(found) > 200  # it did keep 4 slots busy
 
     victim = min(pids)
-    assert alive(victim) and parent_of(victim) == worker.pid
+    # The children are forked by the pool's zygote, itself the worker's child.
+    assert alive(victim) and worker_of(victim) == worker.pid
     mark = len(recs)
     os.kill(victim, signal.SIGKILL)
 
@@ -705,7 +703,8 @@ def test_a_child_killed_while_idle_is_replaced(workdir, client, keys, bike, daem
     wait_for(
         lambda: status_of(client, keys, "first-idle:A") == "END", what="the first run to be ended"
     )
-    assert alive(first["pid"]) and parent_of(first["pid"]) == worker.pid
+    zygote = parent_of(first["pid"])  # forks the children; the worker's own child
+    assert alive(first["pid"]) and parent_of(zygote) == worker.pid
     os.kill(first["pid"], signal.SIGKILL)  # the slot's child dies between jobs
     wait_for(lambda: not alive(first["pid"]), timeout=5, what="the child to die")
 
@@ -715,5 +714,12 @@ def test_a_child_killed_while_idle_is_replaced(workdir, client, keys, bike, daem
     )
     assert len(second) == 1 and second[0]["pid"] != first["pid"]
     assert status_of(client, keys, "second-idle:A") == "END"
+
+    # The zygote itself killed: its child dies with it, and a new zygote forks a new one.
+    os.kill(zygote, signal.SIGKILL)
+    wait_for(lambda: not alive(zygote) and not alive(second[0]["pid"]), timeout=5, what="the zygote and its child to die")
+    bike.set("third-idle:A", "NOW")
+    third = wait_for(lambda: ends(client, testlog, "third-idle:A"), timeout=8, what="a job after the zygote died")
+    assert worker_of(third[0]["pid"]) == worker.pid and parent_of(third[0]["pid"]) != zygote
     assert worker.poll() is None
     halt(workdir, env, worker)

@@ -22,7 +22,7 @@ from typing import Any
 import fakeredis
 import pytest
 import redis
-from conftest import Daemons, redbike_command, wait_for
+from conftest import Daemons, redbike_command, wait_for, worker_of
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
@@ -774,8 +774,7 @@ def test_real_workers_respect_capacities_and_release_after_a_kill(procs: Procs, 
     # A job holding db:y hangs; its whole pool is killed (kill -9) mid-job.
     bike.set("once-kill:T", "NOW", needs="db:y")
     first = wait_for(lambda: [r for r in recs() if r["job"] == "once-kill:T"], what="once-kill to start")[0]
-    victim = next(p for p in pools if p.pid == int(Path(f"/proc/{first['pid']}/stat").read_text()
-                                                    .rsplit(")", 1)[1].split()[1]))
+    victim = next(p for p in pools if p.pid == worker_of(first["pid"]))
     os.killpg(victim.pid, signal.SIGKILL)
     victim.wait(5)
     pools.remove(victim)

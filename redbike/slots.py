@@ -1,0 +1,347 @@
+"""The processes of a worker pool, and the memory they share.
+
+Each slot of a pool is a child process that claims, runs and finishes its
+jobs on its own Redis connection. The supervisor never sits on that path: it
+reads what each child runs from a SlotBoard (shared memory, no system call
+per job), renews the leases of long jobs, kills a child that overruns its
+timeout, and ends the run of a child that died.
+
+Children are forked by a Zygote, a process forked once from the supervisor
+before the supervisor starts any thread. Forking straight from the threaded
+supervisor could copy into the child a lock that another thread held at
+that instant (redis-py's connection pool lock, a stream's buffer lock), and
+the child would wait for it forever.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import functools
+import gc
+import json
+import logging
+import mmap
+import os
+import select
+import signal
+import socket
+import struct
+import sys
+import tempfile
+import threading
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from .roundrobin import Lease
+
+log = logging.getLogger(__name__)
+
+RECORD_BYTES = 1 << 20  # per slot; only the pages a record touches take memory
+_HEADER = struct.Struct("<QQI")  # write sequence (odd while writing), runs ended, record length
+_FLAGS = 64  # bytes before the first slot: byte 0 is the stop flag
+
+
+@dataclass
+class Running:
+    """A claimed job, as its slot knows it."""
+
+    lease: Lease
+    schedule: str
+    enqueued_at: float
+    renewed_at: float
+    local_needs: dict[str, int]  # worker-local amounts it holds
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "lease": asdict(self.lease)}
+
+    @classmethod
+    def from_dict(cls, fields: dict[str, Any]) -> Running:
+        return cls(**{**fields, "lease": Lease(**fields["lease"])})
+
+
+class SlotBoard:
+    """What each slot runs, and the pool's stop flag, in anonymous shared
+    memory that the supervisor's forks (the zygote, the children) inherit.
+
+    A slot's record lists the runs it holds: one at most in a child; more
+    only when a test claims several jobs through one pool object. It is
+    written only by the process that runs the slot (its child; the supervisor
+    once that child is dead) and read by anyone: a sequence number, odd while
+    a write is under way, lets a reader retry instead of taking half a
+    record (a seqlock).
+    """
+
+    def __init__(self, slots: int) -> None:
+        self.slots = slots
+        self.memory = mmap.mmap(-1, _FLAGS + slots * RECORD_BYTES)
+
+    def _base(self, slot: int) -> int:
+        return _FLAGS + slot * RECORD_BYTES
+
+    @property
+    def stopping(self) -> bool:
+        return self.memory[0] == 1
+
+    def stop(self) -> None:
+        self.memory[0] = 1
+
+    def write(self, slot: int, runs: list[Running]) -> None:
+        data = json.dumps([run.as_dict() for run in runs]).encode() if runs else b""
+        if _HEADER.size + len(data) > RECORD_BYTES:
+            # Only a schedule or id of about a megabyte gets here; the job
+            # then runs unsupervised and the dispatcher reaps it if it hangs.
+            data = b""
+        base = self._base(slot)
+        sequence, done, _ = _HEADER.unpack_from(self.memory, base)
+        _HEADER.pack_into(self.memory, base, sequence + 1, done, 0)
+        self.memory[base + _HEADER.size : base + _HEADER.size + len(data)] = data
+        _HEADER.pack_into(self.memory, base, sequence + 2, done, len(data))
+
+    def runs(self, slot: int) -> list[Running]:
+        base = self._base(slot)
+        while True:
+            before, _, length = _HEADER.unpack_from(self.memory, base)
+            data = self.memory[base + _HEADER.size : base + _HEADER.size + length]
+            after = _HEADER.unpack_from(self.memory, base)[0]
+            if before == after and not before % 2:
+                return [Running.from_dict(run) for run in json.loads(data)] if data else []
+
+    def replace(self, slot: int, ended: Running | None, claimed: Running | None) -> None:
+        """Take ``ended`` off the slot's record and put ``claimed`` on it."""
+        runs = self.runs(slot) if (ended or claimed) else []
+        if ended is not None:
+            runs = [run for run in runs if run.lease.token != ended.lease.token]
+        if claimed is not None:
+            runs.append(claimed)
+        if ended is not None or claimed is not None:
+            self.write(slot, runs)
+
+    def all_runs(self) -> list[Running]:
+        return [run for slot in range(self.slots) for run in self.runs(slot)]
+
+    def count_run(self, slot: int) -> None:
+        """One more run ended in ``slot`` (written by the slot's own process)."""
+        base = self._base(slot)
+        sequence, done, length = _HEADER.unpack_from(self.memory, base)
+        _HEADER.pack_into(self.memory, base, sequence, done + 1, length)
+
+    def runs_ended(self) -> int:
+        return sum(_HEADER.unpack_from(self.memory, self._base(slot))[1] for slot in range(self.slots))
+
+    def local_held(self) -> dict[str, int]:
+        """Worker-local amounts held by the runs of every slot."""
+        held: dict[str, int] = {}
+        for run in self.all_runs():
+            for name, amount in run.local_needs.items():
+                held[name] = held.get(name, 0) + amount
+        return held
+
+
+class LocalLock:
+    """A lock between the processes of one pool (flock on a temporary file):
+    claims that count worker-local resources take it, so two children never
+    spend the same free amount. The kernel releases it if its holder dies."""
+
+    def __init__(self) -> None:
+        handle, self.path = tempfile.mkstemp(prefix="redbike-local-")
+        os.close(handle)
+        self._fd: int | None = None
+        self._pid = 0
+        self._threads = threading.Lock()  # flock does not exclude threads sharing one descriptor
+
+    def __enter__(self) -> LocalLock:
+        self._threads.acquire()
+        if self._pid != os.getpid():  # a descriptor of its own per process, or they share the lock
+            self._fd, self._pid = os.open(self.path, os.O_RDWR), os.getpid()
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        self._threads.release()
+
+    def remove(self) -> None:
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+def die_with_parent() -> None:
+    """Ask Linux to kill this process when the thread that forked it ends
+    (even by SIGKILL), so no job outlives the supervisor renewing its lease."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def fork(child: Callable[[], None], *, with_parent: bool = True) -> int:
+    """Fork; the child runs ``child`` and exits (``with_parent``: and dies
+    when this thread ends, see die_with_parent). Garbage collection is off
+    across the fork and the child freezes what it inherited: a collection in
+    the child could otherwise run the finalizer of an inherited object (a
+    redis client) and block on a lock copied in the locked state."""
+    parent = os.getpid()
+    gc.disable()
+    try:
+        pid = os.fork()
+    finally:
+        if os.getpid() == parent:
+            gc.enable()
+    if pid:
+        return pid
+    code = 1
+    try:
+        gc.freeze()
+        gc.enable()
+        if with_parent:
+            die_with_parent()
+            if os.getppid() != parent:  # the parent died before prctl took effect
+                os._exit(1)
+        child()
+        code = 0
+    except BaseException:  # noqa: BLE001 - reported, then the process ends
+        traceback.print_exc()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # noqa: BLE001
+                pass
+        os._exit(code)
+
+
+class Child:
+    """The supervisor's handle on one slot's process: its pid, a pidfd (to
+    wait for and signal it without racing pid reuse), and a socket pair end
+    (wake-ups go down, notes come up)."""
+
+    def __init__(self, pid: int, channel: socket.socket) -> None:
+        self.pid = pid
+        self.channel = channel
+        self.channel.setblocking(False)
+        try:
+            self.pidfd: int | None = os.pidfd_open(pid)
+        except ProcessLookupError:  # already gone
+            self.pidfd = None
+
+    def alive(self) -> bool:
+        return self.pidfd is not None and not select.select([self.pidfd], [], [], 0)[0]
+
+    def wait(self, seconds: float) -> tuple[bytes, bool]:
+        """Wait up to ``seconds`` for a note or the child's end. Returns the
+        notes read and whether the child has ended."""
+        waiting = [self.channel] + ([self.pidfd] if self.pidfd is not None else [])
+        ready = select.select(waiting, [], [], max(0.0, seconds))[0] if self.pidfd is not None else waiting
+        notes = b""
+        if self.channel in ready:
+            try:
+                notes = self.channel.recv(4096)
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError:
+                notes = b""
+        return notes, self.pidfd is None or self.pidfd in ready
+
+    def wake(self) -> None:
+        try:
+            self.channel.send(b"W")
+        except OSError:  # full (a wake-up is pending anyway) or the child is gone
+            pass
+
+    def kill(self) -> None:
+        if self.pidfd is not None:
+            try:
+                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def close(self) -> None:
+        self.channel.close()
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
+
+
+class Zygote:
+    """A single-threaded process that forks the children of a pool's slots.
+
+    The supervisor asks for slot N over a socket pair; the zygote forks a
+    child that runs ``run_slot(N, channel)`` and passes back the child's pid
+    and the other end of the child's channel (SCM_RIGHTS). The zygote reaps
+    nothing itself: SIGCHLD is ignored, so the kernel does.
+
+    The zygote ends when its request socket closes, which the kernel does
+    when the supervisor dies (even by SIGKILL); its children then die with it.
+    If it is killed, the next spawn forks a new one (from the threaded
+    supervisor: fork() above keeps the collector off, the likeliest trap).
+    """
+
+    def __init__(self, run_slot: Callable[[int, socket.socket], None]) -> None:
+        self.run_slot = run_slot
+        self.lock = threading.Lock()
+        self._start()
+
+    def _start(self) -> None:
+        self.requests, theirs = socket.socketpair()
+        # Not tied to the forking thread's life: that need not be the main thread.
+        self.pid = fork(lambda: self._serve(theirs), with_parent=False)
+        theirs.close()
+
+    def _serve(self, requests: socket.socket) -> None:
+        self.requests.close()
+        # Signals are the supervisor's to handle (Ctrl-C reaches the whole
+        # process group): the zygote lives exactly as long as its socket.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+        while len(request := requests.recv(4)) == 4:
+            slot = struct.unpack("<I", request)[0]
+            mine, theirs = socket.socketpair()
+            pid = fork(functools.partial(self._slot, slot, requests, mine, theirs))
+            theirs.close()
+            socket.send_fds(requests, [struct.pack("<I", pid)], [mine.fileno()])
+            mine.close()
+
+    def _slot(self, slot: int, requests: socket.socket, mine: socket.socket, theirs: socket.socket) -> None:
+        requests.close()
+        mine.close()
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # a job's own subprocesses need their exit codes
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        self.run_slot(slot, theirs)
+
+    def _ask(self, slot: int) -> Child | None:
+        try:
+            self.requests.sendall(struct.pack("<I", slot))
+            data, fds, _, _ = socket.recv_fds(self.requests, 4, 1)
+        except OSError:
+            return None
+        if len(data) != 4 or not fds:
+            return None
+        return Child(struct.unpack("<I", data)[0], socket.socket(fileno=fds[0]))
+
+    def spawn(self, slot: int) -> Child:
+        """A new child for ``slot``."""
+        with self.lock:
+            child = self._ask(slot)
+            if child is None:
+                log.warning("the zygote (pid %d) is gone; forking a new one", self.pid)
+                self.close()
+                self._start()
+                child = self._ask(slot)
+            if child is None:
+                raise OSError("the zygote does not answer")
+            return child
+
+    def close(self) -> None:
+        """End the zygote (it exits when its request socket closes)."""
+        self.requests.close()
+        try:
+            os.waitpid(self.pid, 0)
+        except ChildProcessError:
+            pass
