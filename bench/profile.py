@@ -122,7 +122,7 @@ def pieces(server: RedisServer, n: int) -> None:
     profiler.disable()
     print("    cProfile of that loop, by own time:")
     stats = pstats.Stats(profiler)
-    stats.sort_stats("tottime").print_stats(15)
+    stats.sort_stats(os.environ.get("PROFILE_SORT", "tottime")).print_stats(int(os.environ.get("PROFILE_LINES", "15")))
 
 
 def main(argv: list[str] | None = None) -> int:

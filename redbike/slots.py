@@ -19,7 +19,6 @@ import ctypes
 import fcntl
 import functools
 import gc
-import json
 import logging
 import mmap
 import os
@@ -32,15 +31,19 @@ import tempfile
 import threading
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
 
 from .roundrobin import Lease
 
 log = logging.getLogger(__name__)
 
 RECORD_BYTES = 1 << 20  # per slot; only the pages a record touches take memory
-_HEADER = struct.Struct("<QQI")  # write sequence (odd while writing), runs ended, record length
+# A slot's header: write sequence (odd while a write is under way), runs
+# ended, record length; the record follows.
+_SEQUENCE = struct.Struct("<Q")
+_DONE = struct.Struct("<Q")
+_LENGTH = struct.Struct("<I")
+_DONE_AT, _LENGTH_AT, _RECORD_AT = 8, 16, 24
 _FLAGS = 64  # bytes before the first slot: byte 0 is the stop flag
 
 
@@ -54,12 +57,27 @@ class Running:
     renewed_at: float
     local_needs: dict[str, int]  # worker-local amounts it holds
 
-    def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "lease": asdict(self.lease)}
+    # On the board a run is ten fields, each ended by NUL (job ids, schedules,
+    # queue and resource names hold none): cheaper than JSON on every job's path.
+    FIELDS = 10
+
+    def encode(self) -> str:
+        lease = self.lease
+        local = ",".join(f"{name}={amount}" for name, amount in self.local_needs.items())
+        return (f"{lease.jobid}\0{lease.token}\0{lease.queue}\0{lease.worker}\0{lease.since!r}\0"
+                f"{lease.timeout!r}\0{self.schedule}\0{self.enqueued_at!r}\0{self.renewed_at!r}\0{local}\0")
 
     @classmethod
-    def from_dict(cls, fields: dict[str, Any]) -> Running:
-        return cls(**{**fields, "lease": Lease(**fields["lease"])})
+    def decode_all(cls, text: str) -> list[Running]:
+        fields = text.split("\0")[:-1]
+        runs = []
+        for at in range(0, len(fields), cls.FIELDS):
+            jobid, token, queue, worker, since, timeout, schedule, enqueued_at, renewed_at, local = \
+                fields[at : at + cls.FIELDS]
+            needs = {name: int(amount) for name, _, amount in (pair.partition("=") for pair in local.split(",") if pair)}
+            lease = Lease(jobid, token, queue, worker, float(since), float(timeout))
+            runs.append(cls(lease, schedule, float(enqueued_at), float(renewed_at), needs))
+        return runs
 
 
 class SlotBoard:
@@ -77,6 +95,9 @@ class SlotBoard:
     def __init__(self, slots: int) -> None:
         self.slots = slots
         self.memory = mmap.mmap(-1, _FLAGS + slots * RECORD_BYTES)
+        # The record each slot had at a sequence number, as this process last
+        # wrote or read it: a slot's own process then never decodes its record.
+        self._known: dict[int, tuple[int, list[Running]]] = {}
 
     def _base(self, slot: int) -> int:
         return _FLAGS + slot * RECORD_BYTES
@@ -89,25 +110,36 @@ class SlotBoard:
         self.memory[0] = 1
 
     def write(self, slot: int, runs: list[Running]) -> None:
-        data = json.dumps([run.as_dict() for run in runs]).encode() if runs else b""
-        if _HEADER.size + len(data) > RECORD_BYTES:
+        data = "".join(run.encode() for run in runs).encode()
+        if _RECORD_AT + len(data) > RECORD_BYTES:
             # Only a schedule or id of about a megabyte gets here; the job
             # then runs unsupervised and the dispatcher reaps it if it hangs.
             data = b""
         base = self._base(slot)
-        sequence, done, _ = _HEADER.unpack_from(self.memory, base)
-        _HEADER.pack_into(self.memory, base, sequence + 1, done, 0)
-        self.memory[base + _HEADER.size : base + _HEADER.size + len(data)] = data
-        _HEADER.pack_into(self.memory, base, sequence + 2, done, len(data))
+        sequence = _SEQUENCE.unpack_from(self.memory, base)[0]
+        # The sequence alone first and last: a reader that saw it even and
+        # unchanged around its read took no byte of this write.
+        _SEQUENCE.pack_into(self.memory, base, sequence + 1)
+        _LENGTH.pack_into(self.memory, base + _LENGTH_AT, len(data))
+        self.memory[base + _RECORD_AT : base + _RECORD_AT + len(data)] = data
+        _SEQUENCE.pack_into(self.memory, base, sequence + 2)
+        self._known[slot] = (sequence + 2, list(runs))
 
     def runs(self, slot: int) -> list[Running]:
         base = self._base(slot)
         while True:
-            before, _, length = _HEADER.unpack_from(self.memory, base)
-            data = self.memory[base + _HEADER.size : base + _HEADER.size + length]
-            after = _HEADER.unpack_from(self.memory, base)[0]
-            if before == after and not before % 2:
-                return [Running.from_dict(run) for run in json.loads(data)] if data else []
+            before = _SEQUENCE.unpack_from(self.memory, base)[0]
+            known = self._known.get(slot)
+            if known is not None and known[0] == before:
+                return list(known[1])
+            if before % 2:
+                continue
+            length = min(_LENGTH.unpack_from(self.memory, base + _LENGTH_AT)[0], RECORD_BYTES - _RECORD_AT)
+            data = self.memory[base + _RECORD_AT : base + _RECORD_AT + length]
+            if _SEQUENCE.unpack_from(self.memory, base)[0] == before:
+                runs = Running.decode_all(data.decode())
+                self._known[slot] = (before, runs)
+                return list(runs)
 
     def replace(self, slot: int, ended: Running | None, claimed: Running | None) -> None:
         """Take ``ended`` off the slot's record and put ``claimed`` on it."""
@@ -124,12 +156,11 @@ class SlotBoard:
 
     def count_run(self, slot: int) -> None:
         """One more run ended in ``slot`` (written by the slot's own process)."""
-        base = self._base(slot)
-        sequence, done, length = _HEADER.unpack_from(self.memory, base)
-        _HEADER.pack_into(self.memory, base, sequence, done + 1, length)
+        at = self._base(slot) + _DONE_AT
+        _DONE.pack_into(self.memory, at, _DONE.unpack_from(self.memory, at)[0] + 1)
 
     def runs_ended(self) -> int:
-        return sum(_HEADER.unpack_from(self.memory, self._base(slot))[1] for slot in range(self.slots))
+        return sum(_DONE.unpack_from(self.memory, self._base(slot) + _DONE_AT)[0] for slot in range(self.slots))
 
     def local_held(self) -> dict[str, int]:
         """Worker-local amounts held by the runs of every slot."""
@@ -225,6 +256,7 @@ class Child:
         self.pid = pid
         self.channel = channel
         self.channel.setblocking(False)
+        self.closed_by_child = False
         try:
             self.pidfd: int | None = os.pidfd_open(pid)
         except ProcessLookupError:  # already gone
@@ -236,17 +268,24 @@ class Child:
     def wait(self, seconds: float) -> tuple[bytes, bool]:
         """Wait up to ``seconds`` for a note or the child's end. Returns the
         notes read and whether the child has ended."""
-        waiting = [self.channel] + ([self.pidfd] if self.pidfd is not None else [])
-        ready = select.select(waiting, [], [], max(0.0, seconds))[0] if self.pidfd is not None else waiting
+        if self.pidfd is None:
+            return b"", True
+        waiting = [self.pidfd] if self.closed_by_child else [self.channel, self.pidfd]
+        ready = select.select(waiting, [], [], max(0.0, seconds))[0]
         notes = b""
         if self.channel in ready:
             try:
                 notes = self.channel.recv(4096)
+                self.closed_by_child = not notes
             except (BlockingIOError, InterruptedError):
                 pass
             except OSError:
-                notes = b""
-        return notes, self.pidfd is None or self.pidfd in ready
+                self.closed_by_child = True
+            if self.closed_by_child:
+                # The child closed its end: it is exiting. Its pidfd turns
+                # readable a moment later; wait for that, not the socket.
+                ready = select.select([self.pidfd], [], [], max(0.0, seconds))[0]
+        return notes, self.pidfd in ready
 
     def wake(self) -> None:
         try:

@@ -79,18 +79,22 @@ class Rotation:
     def __init__(self, names: list[str]) -> None:
         self.names = names
         self.cursor = 0
+        self._orders = [self._order_from(cursor) for cursor in range(len(names))]
 
-    def order(self) -> list[tuple[int, str]]:
-        """(position, name) of each distinct queue, from the cursor on."""
+    def _order_from(self, cursor: int) -> list[tuple[int, str]]:
         seen: set[str] = set()
         order = []
         for step in range(len(self.names)):
-            position = (self.cursor + step) % len(self.names)
+            position = (cursor + step) % len(self.names)
             name = self.names[position]
             if name not in seen:
                 seen.add(name)
                 order.append((position, name))
         return order
+
+    def order(self) -> list[tuple[int, str]]:
+        """(position, name) of each distinct queue, from the cursor on."""
+        return self._orders[self.cursor]
 
     def served(self, position: int) -> None:
         self.cursor = (position + 1) % len(self.names)
@@ -132,6 +136,13 @@ class WorkerPool:
         self.timeouts = {
             name: float(worker.timeout(name) or default_timeout) for name in set(self.queue_names)
         }
+        # What a claim passes per queue: its key; its name, timeout and the
+        # seconds until the lease's first deadline.
+        self.queue_keys = {name: keys.queue(name) for name in self.timeouts}
+        self.queue_specs = {
+            name: [name, timeout, min(timeout, lease_seconds) + GRACE_SECONDS]
+            for name, timeout in self.timeouts.items()
+        }
         self.identity = f"{socket.gethostname()}:{os.getpid()}"
         self.board = SlotBoard(concurrency)
         self.forced = threading.Event()
@@ -140,7 +151,7 @@ class WorkerPool:
         self.control_seen = ""
         # In a slot's child: its own connection (made on first use, inside
         # the slot's retry loop) and its channel to the supervisor.
-        self.slot_client: redis.Redis | None = None
+        self.slot_connection: redis.connection.AbstractConnection | None = None
         self.channel: socket.socket | None = None
 
     @property
@@ -219,7 +230,7 @@ class WorkerPool:
         """KEYS and ARGV of a claim (claim() in lib.lua), and the queue order
         tried. ``freed``: local amounts the same script releases first."""
         order = rotation.order()
-        keys = [self.keys.queue(name) for _, name in order]
+        keys = [self.queue_keys[name] for _, name in order]
         held = self.board.local_held() if self.local_capacity else {}
         free = {
             name: capacity - held.get(name, 0) + freed.get(name, 0)
@@ -227,8 +238,7 @@ class WorkerPool:
         }
         args: list[Any] = [token, worker_id, self.control_seen, format_amounts(free)]
         for _, name in order:
-            timeout = self.timeouts[name]
-            args += [name, timeout, min(timeout, self.lease_seconds) + GRACE_SECONDS]
+            args += self.queue_specs[name]
         return keys, args, order
 
     def _job_from(
@@ -247,19 +257,19 @@ class WorkerPool:
         rotation.served(position)
         event, stamp = parse_status(status) if status else ("", now)
         lease = Lease(jobid, token, queue, worker_id, now, self.timeouts[queue])
-        local = {name: amount for name, amount in parse_amounts(needs).items() if name in self.local_capacity}
+        local = {name: amount for name, amount in parse_amounts(needs).items() if name in self.local_capacity} \
+            if needs and self.local_capacity else {}
         return Running(lease, schedule, stamp if event == "ENQ" else now, now, local)
 
-    def _connection(self) -> redis.Redis | None:
-        """In a slot's child, its own connection (a fresh pool: nothing
+    def _connection(self) -> redis.connection.AbstractConnection | None:
+        """In a slot's child, its own connection, used directly (nothing
         inherited from the supervisor is used); None (the pool's client) elsewhere."""
         if self.channel is None:
             return None
-        if self.slot_client is None:
+        if self.slot_connection is None:
             pool = self.client.connection_pool
-            fresh = type(pool)(connection_class=pool.connection_class, **pool.connection_kwargs)
-            self.slot_client = redis.Redis(connection_pool=fresh, single_connection_client=True)
-        return self.slot_client
+            self.slot_connection = pool.connection_class(**pool.connection_kwargs)
+        return self.slot_connection
 
     def _settle(self, job: Running | None, outcome: Outcome | None, trace: str,
                 rotation: Rotation | None, worker_id: str, slot: int) -> tuple[str | None, Running | None]:
@@ -379,8 +389,8 @@ class WorkerPool:
                     continue
                 finished = run_work(self.worker, job.lease)
         finally:
-            if self.slot_client is not None:
-                self.slot_client.close()
+            if self.slot_connection is not None:
+                self.slot_connection.disconnect()
 
     # -- the supervisor ------------------------------------------------------------
 

@@ -1,0 +1,224 @@
+"""The pool's process plumbing (redbike/slots.py): the shared slot board, the
+zygote that forks the slots' children, and the lock between them."""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import socket
+import threading
+import time
+
+import pytest
+import redis
+from conftest import alive, parent_of, wait_for
+
+from redbike.roundrobin import Lease
+from redbike.slots import LocalLock, Running, SlotBoard, Zygote, fork
+
+
+def run(jobid: str, token: str = "t0", local: dict[str, int] | None = None, schedule: str = "NOW") -> Running:
+    lease = Lease(jobid, token, jobid.rsplit(":", 1)[-1], "host:1:0", 1795392299.576707, 30.0)
+    return Running(lease, schedule, 1795392290.25, 1795392299.5, local or {})
+
+
+ODD_IDS = ["plain:A", "a,b=c|d:Q", "ünï cödé: spaced:B", "x" * 5000 + ":L", "=,|:"]
+
+
+@pytest.mark.parametrize("jobid", ODD_IDS)
+def test_a_run_survives_the_board_encoding(jobid: str) -> None:
+    board = SlotBoard(2)
+    one = run(jobid, "tok1", {"worker:cpu": 3, "worker:ram_gb": 8},
+              "DTSTART;TZID=Europe/Paris:20260301T020000\nRRULE:FREQ=DAILY")
+    two = run("other:B", "tok2")
+    board.write(1, [one, two])
+    assert SlotBoard.runs(board, 0) == []
+    fresh = SlotBoard.__new__(SlotBoard)  # no cache: decodes what is in memory
+    fresh.slots, fresh.memory, fresh._known = board.slots, board.memory, {}
+    assert fresh.runs(1) == [one, two]
+    assert fresh.local_held() == {"worker:cpu": 3, "worker:ram_gb": 8}
+
+
+def test_replace_and_counts() -> None:
+    board = SlotBoard(3)
+    a, b = run("a:A", "ta", {"worker:cpu": 2}), run("b:A", "tb", {"worker:cpu": 1})
+    board.replace(0, None, a)
+    board.replace(2, None, b)
+    assert board.local_held() == {"worker:cpu": 3}
+    c = run("c:A", "tc")
+    board.replace(0, a, c)  # a fused finish + claim
+    assert board.runs(0) == [c] and board.local_held() == {"worker:cpu": 1}
+    board.count_run(0)
+    board.count_run(0)
+    board.count_run(2)
+    assert board.runs_ended() == 3
+    assert board.runs(0) == [c]  # counting leaves the record alone
+    board.replace(2, b, None)
+    assert board.all_runs() == [c]
+
+
+def test_the_board_is_shared_with_forked_processes() -> None:
+    board = SlotBoard(2)
+    mine, theirs = socket.socketpair()
+
+    def child() -> None:
+        board.write(1, [run("from-child:A", "tc", {"worker:cpu": 4})])
+        board.count_run(1)
+        theirs.send(b"1" if board.runs(0) == [run("from-parent:A")] and not board.stopping else b"0")
+        theirs.recv(1)  # the parent has set the stop flag
+        theirs.send(b"1" if board.stopping else b"0")
+
+    board.write(0, [run("from-parent:A")])
+    pid = fork(child)
+    try:
+        assert mine.recv(1) == b"1"
+        assert board.runs(1) == [run("from-child:A", "tc", {"worker:cpu": 4})]
+        assert board.runs_ended() == 1
+        board.stop()
+        mine.send(b"x")
+        assert mine.recv(1) == b"1"
+    finally:
+        os.waitpid(pid, 0)
+
+
+def test_a_reader_never_sees_half_a_record() -> None:
+    """A child rewrites one slot as fast as it can with records of two sizes;
+    every read here is one of them, whole (the sequence number works)."""
+    board = SlotBoard(1)
+    short, long = [run("s:A", "t1")], [run("l" * 3000 + ":A", "t2", {"worker:x": 1}), run("m:B", "t3")]
+    board.write(0, short)
+
+    def writer() -> None:
+        while not board.stopping:
+            board.write(0, long)
+            board.write(0, short)
+
+    pid = fork(writer)
+    reads = {0: 0, 1: 0}
+    try:
+        deadline = time.monotonic() + 2
+        fresh = SlotBoard.__new__(SlotBoard)
+        fresh.slots, fresh.memory = board.slots, board.memory
+        while time.monotonic() < deadline and min(reads.values()) < 200:
+            fresh._known = {}
+            seen = fresh.runs(0)
+            assert seen in (short, long)
+            reads[seen == long] += 1
+    finally:
+        board.stop()
+        os.waitpid(pid, 0)
+    assert min(reads.values()) >= 1, reads  # both records were read while they changed
+
+
+def test_the_zygote_forks_children_that_talk_back() -> None:
+    def run_slot(slot: int, channel: socket.socket) -> None:
+        channel.send(f"slot {slot} pid {os.getpid()}".encode())
+        channel.recv(1)  # until the supervisor says
+
+    zygote = Zygote(run_slot)
+    try:
+        children = [zygote.spawn(slot) for slot in (0, 1)]
+        for slot, child in enumerate(children):
+            notes, ended = child.wait(5)
+            assert notes == f"slot {slot} pid {child.pid}".encode() and not ended
+            assert parent_of(child.pid) == zygote.pid and parent_of(zygote.pid) == os.getpid()
+        first = children[0]
+        first.wake()  # ends it
+        assert first.wait(5)[1]
+        wait_for(lambda: not alive(first.pid), what="the first child to be gone (reaped by the kernel)")
+        second = children[1]
+        second.kill()
+        assert second.wait(5)[1] and not second.alive()
+
+        old = zygote.pid
+        os.kill(old, signal.SIGKILL)
+        replacement = zygote.spawn(7)  # a new zygote is forked
+        assert zygote.pid != old
+        assert replacement.wait(5)[0] == f"slot 7 pid {replacement.pid}".encode()
+        replacement.wake()
+        for child in children + [replacement]:
+            child.close()
+    finally:
+        zygote.close()
+    assert not alive(zygote.pid)
+
+
+def test_children_of_a_dead_zygote_die_with_it() -> None:
+    zygote = Zygote(lambda slot, channel: channel.recv(1))
+    child = zygote.spawn(0)
+    try:
+        os.kill(zygote.pid, signal.SIGKILL)
+        assert child.wait(5)[1]  # PDEATHSIG
+    finally:
+        child.close()
+        zygote.close()
+
+
+def test_a_lock_held_elsewhere_at_fork_time_does_not_hang_a_child(redis_server) -> None:
+    """The bug the zygote fixes: a child forked while another thread held
+    redis-py's pool lock froze on its first use of a client. The zygote is
+    forked first, so a child forked later is not hurt by the lock held now."""
+    client = redis.Redis.from_url(redis_server.url)
+    client.ping()
+
+    def run_slot(slot: int, channel: socket.socket) -> None:
+        garbage = [redis.Redis(connection_pool=client.connection_pool) for _ in range(10)]
+        del garbage
+        import gc
+
+        gc.collect()
+        channel.send(b"ok" if client.ping() else b"no")
+
+    zygote = Zygote(run_slot)
+    holder_ready, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with client.connection_pool._lock:
+            holder_ready.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        holder_ready.wait(5)
+        child = zygote.spawn(0)
+        try:
+            assert select.select([child.channel], [], [], 10)[0], "the child hangs"
+            assert child.channel.recv(2) == b"ok"
+        finally:
+            child.close()
+    finally:
+        release.set()
+        holder.join()
+        zygote.close()
+
+
+def test_the_local_lock_excludes_other_processes_and_dies_with_its_holder() -> None:
+    lock = LocalLock()
+    mine, theirs = socket.socketpair()
+
+    def holder() -> None:
+        with lock:
+            theirs.send(b"held")
+            time.sleep(60)  # killed while it holds the lock
+
+    pid = fork(holder)
+    try:
+        assert mine.recv(4) == b"held"
+        got = threading.Event()
+
+        def take() -> None:
+            with lock:
+                got.set()
+
+        taker = threading.Thread(target=take, daemon=True)
+        taker.start()
+        assert not got.wait(0.3)  # excluded while the other process holds it
+        os.kill(pid, signal.SIGKILL)
+        assert got.wait(5)  # the kernel let go of it with its holder
+        taker.join()
+    finally:
+        os.waitpid(pid, 0)
+        lock.remove()
+    assert not os.path.exists(lock.path)
