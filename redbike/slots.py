@@ -29,6 +29,7 @@ import struct
 import sys
 import tempfile
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,11 +40,13 @@ log = logging.getLogger(__name__)
 
 RECORD_BYTES = 1 << 20  # per slot; only the pages a record touches take memory
 # A slot's header: write sequence (odd while a write is under way), runs
-# ended, record length; the record follows.
+# ended, the pid and exit code of its last child to end (written by the
+# zygote, which reaps it), record length; the record follows.
 _SEQUENCE = struct.Struct("<Q")
 _DONE = struct.Struct("<Q")
+_EXIT = struct.Struct("<Qq")
 _LENGTH = struct.Struct("<I")
-_DONE_AT, _LENGTH_AT, _RECORD_AT = 8, 16, 24
+_DONE_AT, _EXIT_AT, _LENGTH_AT, _RECORD_AT = 8, 16, 32, 40
 _FLAGS = 64  # bytes before the first slot: byte 0 is the stop flag
 
 
@@ -158,6 +161,22 @@ class SlotBoard:
         """One more run ended in ``slot`` (written by the slot's own process)."""
         at = self._base(slot) + _DONE_AT
         _DONE.pack_into(self.memory, at, _DONE.unpack_from(self.memory, at)[0] + 1)
+
+    def record_exit(self, slot: int, pid: int, code: int) -> None:
+        """Child ``pid`` of ``slot`` ended with ``code`` (-N: killed by signal N)."""
+        _EXIT.pack_into(self.memory, self._base(slot) + _EXIT_AT, pid, code)
+
+    def exit_code(self, slot: int, pid: int, wait: float = 0.5) -> int | None:
+        """How child ``pid`` of ``slot`` ended, once its zygote has reaped it
+        (a moment after its pidfd said it ended); None if not within ``wait``."""
+        deadline = time.monotonic() + wait
+        while True:
+            ended, code = _EXIT.unpack_from(self.memory, self._base(slot) + _EXIT_AT)
+            if ended == pid:
+                return code
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.002)
 
     def runs_ended(self) -> int:
         return sum(_DONE.unpack_from(self.memory, self._base(slot) + _DONE_AT)[0] for slot in range(self.slots))
@@ -312,8 +331,9 @@ class Zygote:
 
     The supervisor asks for slot N over a socket pair; the zygote forks a
     child that runs ``run_slot(N, channel)`` and passes back the child's pid
-    and the other end of the child's channel (SCM_RIGHTS). The zygote reaps
-    nothing itself: SIGCHLD is ignored, so the kernel does.
+    and the other end of the child's channel (SCM_RIGHTS). It reaps its
+    children and hands each one's exit code to ``record_exit(slot, pid, code)``
+    (and so their CPU time adds up to the supervisor's, as for any child).
 
     The zygote ends when its request socket closes, which the kernel does
     when the supervisor dies (even by SIGKILL); its children then die with it.
@@ -321,8 +341,11 @@ class Zygote:
     supervisor: fork() above keeps the collector off, the likeliest trap).
     """
 
-    def __init__(self, run_slot: Callable[[int, socket.socket], None]) -> None:
+    def __init__(self, run_slot: Callable[[int, socket.socket], None],
+                 record_exit: Callable[[int, int, int], None]) -> None:
         self.run_slot = run_slot
+        self.record_exit = record_exit
+        self.slots: dict[int, int] = {}  # in the zygote: pid -> slot of each live child
         self.lock = threading.Lock()
         self._start()
 
@@ -338,19 +361,31 @@ class Zygote:
         # process group): the zygote lives exactly as long as its socket.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+        signal.signal(signal.SIGCHLD, self._reap)
         while len(request := requests.recv(4)) == 4:
             slot = struct.unpack("<I", request)[0]
             mine, theirs = socket.socketpair()
             pid = fork(functools.partial(self._slot, slot, requests, mine, theirs))
+            self.slots[pid] = slot
+            self._reap()  # one that ended before it was in self.slots
             theirs.close()
             socket.send_fds(requests, [struct.pack("<I", pid)], [mine.fileno()])
             mine.close()
 
+    def _reap(self, *_: Any) -> None:
+        """Collect the children that ended (the SIGCHLD handler)."""
+        for pid in list(self.slots):
+            try:
+                ended, status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                ended, status = pid, 0
+            if ended:
+                self.record_exit(self.slots.pop(pid), pid, os.waitstatus_to_exitcode(status))
+
     def _slot(self, slot: int, requests: socket.socket, mine: socket.socket, theirs: socket.socket) -> None:
         requests.close()
         mine.close()
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # a job's own subprocesses need their exit codes
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         self.run_slot(slot, theirs)
 

@@ -435,7 +435,15 @@ class WorkerPool:
             elif NOTE_FREED in notes:
                 self.kick()
             if ended:
-                return killed or ("worker process died", None)
+                return killed or (self._death(index, child.pid), None)
+
+    def _death(self, index: int, pid: int) -> str:
+        code = self.board.exit_code(index, pid)
+        if code is None:
+            return "worker process died"
+        if code < 0:
+            return f"worker process died (killed by signal {-code}: {signal.Signals(-code).name})"
+        return f"worker process died (exit code {code})"
 
     def _watch(self, index: int) -> None:
         """Keep slot ``index`` running a child until the pool stops."""
@@ -499,7 +507,7 @@ class WorkerPool:
         """Work until HALT or a signal."""
         self.control_seen = self.client.get(self.keys.control) or ""
         # Forked while this is still the process's only thread (see slots.py).
-        self.zygote = Zygote(self.run_slot)
+        self.zygote = Zygote(self.run_slot, self.board.record_exit)
         channels = [self.keys.queue_channel(name) for name in set(self.queue_names)]
         # Subscribed before the first claim, so no wake-up can fall in between.
         pubsub = subscribe(self.client, [self.keys.control, *channels])

@@ -383,7 +383,7 @@ def test_pool_under_load_never_overlaps_a_job_and_restarts_a_killed_child(
     assert len(cut) <= 1
     for run in cut:
         error = bike.tell(run["job"])["last_error"]
-        assert error["status"] == "EXP" and "worker process died" in error["error"]
+        assert error["status"] == "EXP" and error["error"] == "worker process died (killed by signal 9: SIGKILL)"
     assert worker.poll() is None
     halt(workdir, env, dispatcher, worker)
 

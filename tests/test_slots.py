@@ -12,7 +12,7 @@ import time
 
 import pytest
 import redis
-from conftest import alive, parent_of, wait_for
+from conftest import alive, parent_of
 
 from redbike.roundrobin import Lease
 from redbike.slots import LocalLock, Running, SlotBoard, Zygote, fork
@@ -116,7 +116,8 @@ def test_the_zygote_forks_children_that_talk_back() -> None:
         channel.send(f"slot {slot} pid {os.getpid()}".encode())
         channel.recv(1)  # until the supervisor says
 
-    zygote = Zygote(run_slot)
+    board = SlotBoard(8)
+    zygote = Zygote(run_slot, board.record_exit)
     try:
         children = [zygote.spawn(slot) for slot in (0, 1)]
         for slot, child in enumerate(children):
@@ -126,10 +127,13 @@ def test_the_zygote_forks_children_that_talk_back() -> None:
         first = children[0]
         first.wake()  # ends it
         assert first.wait(5)[1]
-        wait_for(lambda: not alive(first.pid), what="the first child to be gone (reaped by the kernel)")
+        assert board.exit_code(0, first.pid, wait=5) == 0  # reaped by the zygote, which says how it ended
+        assert not alive(first.pid)
         second = children[1]
         second.kill()
         assert second.wait(5)[1] and not second.alive()
+        assert board.exit_code(1, second.pid, wait=5) == -signal.SIGKILL
+        assert board.exit_code(1, 12345, wait=0.01) is None  # another pid: not known
 
         old = zygote.pid
         os.kill(old, signal.SIGKILL)
@@ -145,7 +149,7 @@ def test_the_zygote_forks_children_that_talk_back() -> None:
 
 
 def test_children_of_a_dead_zygote_die_with_it() -> None:
-    zygote = Zygote(lambda slot, channel: channel.recv(1))
+    zygote = Zygote(lambda slot, channel: channel.recv(1), SlotBoard(1).record_exit)
     child = zygote.spawn(0)
     try:
         os.kill(zygote.pid, signal.SIGKILL)
@@ -170,7 +174,7 @@ def test_a_lock_held_elsewhere_at_fork_time_does_not_hang_a_child(redis_server) 
         gc.collect()
         channel.send(b"ok" if client.ping() else b"no")
 
-    zygote = Zygote(run_slot)
+    zygote = Zygote(run_slot, SlotBoard(1).record_exit)
     holder_ready, release = threading.Event(), threading.Event()
 
     def hold() -> None:
