@@ -174,7 +174,10 @@ class WorkerPool:
     def stop(self, *_: Any) -> None:
         """A signal. First: finish running jobs, claim no more. Second: kill them."""
         if self.board.stopping:
+            log.warning("stopping now: killing the running jobs")
             self.forced.set()
+        else:
+            log.info("stopping after the running jobs (the same signal again kills them)")
         self.halt()
 
     def halt(self) -> None:

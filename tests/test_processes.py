@@ -234,6 +234,22 @@ def test_sigterm_lets_the_running_job_finish(workdir, client, keys, bike, daemon
     assert status_of(client, keys, "queued-term:A") == "ENQ"
 
 
+def test_a_second_sigterm_kills_the_running_job(workdir, client, keys, bike, daemons, testlog):
+    worker = daemons.start("work", cwd=workdir)
+    bike.set("hang-term:A", "NOW")
+    started = wait_for(lambda: starts(client, testlog, "hang-term:A"), what="the job to start")[0]
+    worker.send_signal(signal.SIGTERM)
+    # Two signals sent at once are one signal: send the second once the first was seen.
+    wait_for(lambda: "stopping after the running jobs" in daemons.log(worker), what="the first SIGTERM")
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(EXIT_TIMEOUT) == 0
+    assert not alive(started["pid"]) and ends(client, testlog, "hang-term:A") == []
+    assert status_of(client, keys, "hang-term:A") == "EXP"
+    error = json.loads(client.hget(keys.errors, "hang-term:A"))
+    assert error["error"] == "killed: stopped by force" and error["status"] == "EXP"
+    assert client.hlen(keys.leases) == 0
+
+
 def test_sigkill_worker_mid_job_is_reaped_and_rerun(
     workdir, client, keys, bike, daemons, testlog, env
 ):
