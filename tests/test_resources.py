@@ -832,6 +832,49 @@ def test_real_workers_respect_capacities_and_release_after_a_kill(procs: Procs, 
         assert process.wait(10) == 0
 
 
+def test_one_pools_children_share_its_local_resources(procs: Procs, client: redis.Redis, prefix: str) -> None:
+    """Four children of one pool, three cpus: the runs' worker-local amounts
+    never add up to more than three, across processes, including a run the
+    supervisor kills for overrunning its timeout (what it held comes back)."""
+    keys = Keys(prefix)
+    testlog = f"{prefix}:testlog"
+    bike = Redbike(RoundRobin(), prefix=prefix, client=client)
+    dispatcher = procs.start("dispatch")
+    pool = procs.start("work", "resworker:ResWorker('A:T')", "--concurrency", "4", "--resources", "cpu=3")
+    wait_for(lambda: client.pubsub_numsub(keys.queue_channel("A"))[0][1] >= 1, what="the pool to listen")
+    jobs = {f"s{80 + (i * 37) % 120}-{i}:A": 1 + i % 2 for i in range(30)}
+    jobs["once-cpu:T"] = 2  # hangs on its first run: killed after its 2 s timeout
+    bike.set("once-cpu:T", "NOW", needs="worker:cpu=2")
+    for jobid, cpus in jobs.items():
+        if jobid != "once-cpu:T":
+            bike.set(jobid, "NOW", needs=f"worker:cpu={cpus}")
+
+    def recs() -> list[dict[str, Any]]:
+        return [json.loads(r) for r in client.lrange(testlog, 0, -1)]
+
+    def all_done() -> bool:
+        ended = Counter(r["job"] for r in recs() if r["event"] == "end")
+        return all(ended[j] for j in jobs)
+
+    wait_for(all_done, timeout=40, what="every job to run")
+    killed = bike.tell("once-cpu:T")["last_error"]
+    assert killed["status"] == "EXP" and killed["error"] == "killed: timed out after 2s"
+    runs: dict[str, dict[str, Any]] = {}
+    for r in recs():
+        runs.setdefault(r["token"], {"job": r["job"], "end": killed["at"], "pid": r["pid"]})[r["event"]] = r["at"]
+    assert len({run["pid"] for run in runs.values()}) >= 3  # the children took part
+    events = sorted(event for run in runs.values() for event in
+                    ((run["start"], 1, jobs[run["job"]]), (run["end"], 0, -jobs[run["job"]])))
+    in_use = peak = 0
+    for at, _, amount in events:
+        in_use += amount
+        peak = max(peak, in_use)
+        assert in_use <= 3, f"{in_use} cpus in use at {at}"
+    assert peak == 3  # the jobs did compete for them
+    procs.cli("control", "HALT")
+    assert pool.wait(10) == 0 and dispatcher.wait(10) == 0
+
+
 def test_a_freed_resource_wakes_an_idle_pool_at_once(procs: Procs, client: redis.Redis, prefix: str) -> None:
     """The waiting job's pool is idle (it parked the job); the resource frees
     in another pool: pub/sub wakes it, well before its 5 s look at its queues."""
