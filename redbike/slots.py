@@ -327,6 +327,9 @@ class Child:
             self.pidfd = None
 
 
+_GOODBYE = 0xFFFFFFFF  # asked for as a slot: the pool ends
+
+
 class Zygote:
     """A single-threaded process that forks the children of a pool's slots.
 
@@ -365,6 +368,15 @@ class Zygote:
         signal.signal(signal.SIGCHLD, self._reap)
         while len(request := requests.recv(4)) == 4:
             slot = struct.unpack("<I", request)[0]
+            if slot == _GOODBYE:  # a clean end: the children have ended; collect them
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # no _reap() in between
+                for pid, slot in list(self.slots.items()):
+                    os.kill(pid, signal.SIGKILL)  # none should be left running: never wait on one
+                    try:
+                        self.record_exit(slot, pid, os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+                    except ChildProcessError:
+                        pass
+                return
             mine, theirs = socket.socketpair()
             pid = fork(functools.partial(self._slot, slot, requests, mine, theirs))
             self.slots[pid] = slot
@@ -414,7 +426,12 @@ class Zygote:
             return child
 
     def close(self) -> None:
-        """End the zygote (it exits when its request socket closes)."""
+        """End the zygote once the children it forked have ended; it exits
+        when its request socket closes."""
+        try:
+            self.requests.sendall(struct.pack("<I", _GOODBYE))
+        except OSError:  # it is gone already
+            pass
         self.requests.close()
         try:
             os.waitpid(self.pid, 0)
