@@ -238,18 +238,20 @@ def fork(child: Callable[[], None], *, with_parent: bool = True) -> int:
     the child could otherwise run the finalizer of an inherited object (a
     redis client) and block on a lock copied in the locked state."""
     parent = os.getpid()
+    collecting = gc.isenabled()
     gc.disable()
     try:
         pid = os.fork()
     finally:
-        if os.getpid() == parent:
+        if collecting and os.getpid() == parent:
             gc.enable()
     if pid:
         return pid
     code = 1
     try:
         gc.freeze()
-        gc.enable()
+        if collecting:
+            gc.enable()
         if with_parent:
             die_with_parent()
             if os.getppid() != parent:  # the parent died before prctl took effect
@@ -281,9 +283,6 @@ class Child:
             self.pidfd: int | None = os.pidfd_open(pid)
         except ProcessLookupError:  # already gone
             self.pidfd = None
-
-    def alive(self) -> bool:
-        return self.pidfd is not None and not select.select([self.pidfd], [], [], 0)[0]
 
     def wait(self, seconds: float) -> tuple[bytes, bool]:
         """Wait up to ``seconds`` for a note or the child's end. Returns the

@@ -131,7 +131,7 @@ def test_the_zygote_forks_children_that_talk_back() -> None:
         assert not alive(first.pid)
         second = children[1]
         second.kill()
-        assert second.wait(5)[1] and not second.alive()
+        assert second.wait(5)[1] and not alive(second.pid)
         assert board.exit_code(1, second.pid, wait=5) == -signal.SIGKILL
         assert board.exit_code(1, 12345, wait=0.01) is None  # another pid: not known
 
