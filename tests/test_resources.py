@@ -875,6 +875,41 @@ def test_one_pools_children_share_its_local_resources(procs: Procs, client: redi
     assert pool.wait(10) == 0 and dispatcher.wait(10) == 0
 
 
+def test_freed_local_resources_wake_the_pools_idle_children(procs: Procs, client: redis.Redis,
+                                                             prefix: str) -> None:
+    """A child that gives back worker-local amounts wakes its idle siblings
+    (no pub/sub message says so): here the idle child takes a job that
+    waited behind one needing the cpus, at once, not at its 5 s look."""
+    keys = Keys(prefix)
+    testlog = f"{prefix}:testlog"
+    bike = Redbike(RoundRobin(), prefix=prefix, client=client)
+    pool = procs.start("work", "resworker:ResWorker('A')", "--concurrency", "2", "--resources", "cpu=2")
+    wait_for(lambda: client.pubsub_numsub(keys.queue_channel("A"))[0][1] >= 1, what="the pool to listen")
+
+    def recs(event: str, job: str) -> list[dict[str, Any]]:
+        found = map(json.loads, client.lrange(testlog, 0, -1))
+        return [r for r in found if r["event"] == event and r["job"] == job]
+
+    def claims() -> int:
+        return int(client.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0))
+
+    bike.set("s1000-first:A", "NOW", needs="worker:cpu=2")
+    wait_for(lambda: recs("start", "s1000-first:A"), what="the first job to start")
+    before = claims()
+    bike.set("s1500-second:A", "NOW", needs="worker:cpu=2")  # wakes the idle child: it does not fit
+    wait_for(lambda: claims() >= before + 2, what="the idle child to look and give up")
+    assert client.lrange(keys.queue("A"), 0, -1) == ["s1500-second:A"]
+    bike.set("s0-third:A", "NOW")  # behind it in the queue: no wake-up for it
+    first_end = wait_for(lambda: recs("end", "s1000-first:A"), what="the first job to end")[0]
+    # The first job's child takes the second in its fused claim; the third
+    # goes to the idle child, woken by the cpus freed.
+    third = wait_for(lambda: recs("start", "s0-third:A"), timeout=10, what="the third job to start")[0]
+    assert third["at"] - first_end["at"] < 1.0, third["at"] - first_end["at"]
+    assert recs("start", "s1500-second:A")[0]["pid"] == first_end["pid"] != third["pid"]
+    procs.cli("control", "HALT")
+    assert pool.wait(10) == 0
+
+
 def test_a_freed_resource_wakes_an_idle_pool_at_once(procs: Procs, client: redis.Redis, prefix: str) -> None:
     """The waiting job's pool is idle (it parked the job); the resource frees
     in another pool: pub/sub wakes it, well before its 5 s look at its queues."""
