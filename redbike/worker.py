@@ -371,7 +371,6 @@ class WorkerPool:
                         fused = None if self.board.stopping or retry_in else rotation
                         _, job = self.finish(job, *finished, fused, worker_id, index)
                         finished = None
-                        self.board.count_run(index)
                     elif self.board.stopping:
                         return
                     else:
@@ -391,6 +390,7 @@ class WorkerPool:
                         self._wait_for_work()
                     continue
                 finished = run_work(self.worker, job.lease)
+                self.board.count_run(index)  # counted before the script that ends it
         finally:
             if self.slot_connection is not None:
                 self.slot_connection.disconnect()

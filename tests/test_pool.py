@@ -137,3 +137,24 @@ def test_demo_runs_on_the_embedded_server(tmp_path) -> None:
     assert "ran hello:A" in done.stdout
     assert "embedded Redis" in done.stderr
     assert (tmp_path / ".redbike" / "redis.sock").exists() is False  # stopped
+
+
+def test_a_flushed_script_cache_is_reloaded_on_the_hot_path(client: redis.Redis, prefix: str) -> None:
+    """The children send EVALSHA straight on their connections: after SCRIPT
+    FLUSH (or a server restart) they load the script again and go on."""
+    worker = Noop("A")
+    bike = Redbike(worker, prefix=prefix, client=client)
+    pool = WorkerPool(client, bike.keys, worker)
+    thread = start(pool)
+    try:
+        bike.set("before:A", "NOW")
+        wait_for(lambda: pool.jobs_done == 1, what="the first job")
+        client.script_flush()
+        bike.set("after:A", "NOW")  # Redbike.set loads its own script again
+        wait_for(lambda: pool.jobs_done == 2, what="a job after SCRIPT FLUSH")
+        wait_for(lambda: dict((job, event) for job, event, _ in bike.statuses()).get("after:A") == "END",
+                 what="its run to be ended")
+    finally:
+        bike.control()
+        thread.join(10)
+    assert not thread.is_alive()
