@@ -73,11 +73,6 @@ def real(client: redis.Redis, prefix: str) -> REnv:
     return REnv(client, prefix)
 
 
-def claim(env: REnv, pool: WorkerPool | None = None, worker_id: str = "w1"):
-    pool = pool or env.pool()
-    return pool.claim(Rotation(pool.queue_names), worker_id)
-
-
 def finish(pool: WorkerPool, job, outcome: str = "ok", error: str = "") -> str:
     done, nxt = pool.finish(job, Outcome(outcome, error=error), "", None, "w1")
     assert nxt is None
@@ -105,10 +100,10 @@ def test_claim_takes_all_needs_or_none(env: REnv) -> None:
     env.bike.set_capacity("host:b", 1)
     pool = env.pool()
     env.bike.set("holder:A", "NOW", needs="host:b")
-    holder = claim(env, pool)
+    holder = env.claim(pool)
     assert env.usage() == {"host:b": 1}
     env.bike.set("both:A", "NOW", needs="db:x,host:b")  # db:x (looked at first) has room, host:b not
-    assert claim(env, pool) is None
+    assert env.claim(pool) is None
     # nothing of db:x was taken: the job waits for host:b
     assert env.usage() == {"host:b": 1}
     assert env.parked() == [("host:b", "both:A")]
@@ -116,11 +111,11 @@ def test_claim_takes_all_needs_or_none(env: REnv) -> None:
     assert env.leases().keys() == {"holder:A"}
     # meanwhile db:x is all there for another job
     env.bike.set("x:B", "NOW", needs="db:x")
-    x = claim(env, pool)
+    x = env.claim(pool)
     assert x.lease.jobid == "x:B"
     finish(pool, x)
     finish(pool, holder)
-    job = claim(env, pool)
+    job = env.claim(pool)
     assert job.lease.jobid == "both:A"
     assert env.usage() == {"db:x": 1, "host:b": 1}
     assert env.leases()["both:A"].endswith("|db:x=1,host:b=1")  # the lease records what it holds
@@ -135,15 +130,15 @@ def test_amounts_count_against_capacity(env: REnv) -> None:
     env.bike.set("two:A", "NOW", needs="db:x=2")
     env.bike.set("two-more:A", "NOW", needs="db:x=2")
     env.bike.set("one:B", "NOW", needs="db:x")
-    first = claim(env, pool)
+    first = env.claim(pool)
     assert first.lease.jobid == "two:A" and env.usage() == {"db:x": 2}
     # 2 + 2 > 3: parked; and the job of B, which would fit, does not overtake it
-    assert claim(env, pool) is None
+    assert env.claim(pool) is None
     assert env.parked() == [("db:x", "two-more:A"), ("db:x", "one:B")]
     finish(pool, first)
     assert env.ready() == ["two-more:A", "one:B"] and env.parked() == []
     assert env.usage() == {"db:x": 3}  # set aside for the two woken jobs
-    assert [claim(env, pool).lease.jobid for _ in range(2)] == ["two-more:A", "one:B"]
+    assert [env.claim(pool).lease.jobid for _ in range(2)] == ["two-more:A", "one:B"]
     assert env.usage() == {"db:x": 3}
 
 
@@ -153,11 +148,11 @@ def test_parks_on_the_first_saturated_resource_and_wakes_in_order(env: REnv) -> 
     pool = env.pool()
     env.bike.set("hold-a:A", "NOW", needs="host:a")
     env.bike.set("hold-b:A", "NOW", needs="host:b")
-    holders = [claim(env, pool), claim(env, pool)]
+    holders = [env.claim(pool), env.claim(pool)]
     for i in range(3):
         env.bike.set(f"w{i}:A", "NOW", needs="host:a,host:b")  # both saturated: parks on the first
     env.bike.set("only-b:B", "NOW", needs="host:b")
-    assert claim(env, pool) is None
+    assert env.claim(pool) is None
     assert env.parked() == [("host:a", "w0:A"), ("host:a", "w1:A"), ("host:a", "w2:A"), ("host:b", "only-b:B")]
     assert env.capacities() == {"host:a": (1, 1, 3), "host:b": (1, 1, 1)}
     assert [env.waiting_for(f"w{i}:A") for i in range(3)] == ["host:a"] * 3
@@ -167,14 +162,14 @@ def test_parks_on_the_first_saturated_resource_and_wakes_in_order(env: REnv) -> 
     finish(pool, holders[0])
     assert env.ready() == ["w0:A"]
     assert env.usage() == {"host:a": 1, "host:b": 1}  # host:a set aside for w0
-    assert claim(env, pool) is None
+    assert env.claim(pool) is None
     assert env.parked() == [("host:b", "w0:A"), ("host:b", "w1:A"), ("host:b", "w2:A"), ("host:b", "only-b:B")]
     assert env.ready() == [] and env.usage() == {"host:b": 1}
     assert env.waiting_for("w0:A") == "host:b"
     # host:b frees: the jobs run one at a time, in the order they came
     finish(pool, holders[1])
     order = []
-    while (job := claim(env, pool)) is not None:
+    while (job := env.claim(pool)) is not None:
         order.append(job.lease.jobid)
         finish(pool, job)
     assert order == ["w0:A", "w1:A", "w2:A", "only-b:B"]
@@ -185,16 +180,16 @@ def test_wake_ups_are_in_line_order(env: REnv) -> None:
     env.bike.set_capacity("host:a", 1)
     pool = env.pool()
     env.bike.set("hold:A", "NOW", needs="host:a")
-    job = claim(env, pool)
+    job = env.claim(pool)
     for name in ("p1:B", "p2:A", "p3:B", "p4:A"):
         env.bike.set(name, "NOW", needs="host:a")
-        assert claim(env, pool) is None
+        assert env.claim(pool) is None
     assert [j for _, j in env.parked()] == ["p1:B", "p2:A", "p3:B", "p4:A"]
     started = []
     for _ in range(4):
         finish(pool, job)
         assert len(env.ready()) == 1  # one place: one woken
-        job = claim(env, pool)
+        job = env.claim(pool)
         started.append(job.lease.jobid)
     assert started == ["p1:B", "p2:A", "p3:B", "p4:A"]
 
@@ -204,16 +199,16 @@ def test_no_head_of_line_blocking(env: REnv) -> None:
     env.bike.set_capacity("host:b", 1)
     pool = env.pool("A")
     env.bike.set("hold:A", "NOW", needs="host:a")
-    holder = claim(env, pool)
+    holder = env.claim(pool)
     for name, needs in (("a1:A", "host:a"), ("a2:A", "host:a"), ("b1:A", "host:b")):
         env.bike.set(name, "NOW", needs=needs)
     assert env.queue("A") == ["b1:A", "a2:A", "a1:A"]  # a1 next
-    job = claim(env, pool)
+    job = env.claim(pool)
     assert job.lease.jobid == "b1:A"
     assert env.parked() == [("host:a", "a1:A"), ("host:a", "a2:A")]
     assert env.usage() == {"host:a": 1, "host:b": 1}
     finish(pool, holder)
-    assert claim(env, pool).lease.jobid == "a1:A"
+    assert env.claim(pool).lease.jobid == "a1:A"
 
 
 def test_a_free_job_is_found_behind_more_than_64_parked_ones(env: REnv) -> None:
@@ -224,7 +219,7 @@ def test_a_free_job_is_found_behind_more_than_64_parked_ones(env: REnv) -> None:
     env.bike.set("free:A", "NOW", needs="host:free")
     pool = env.pool("A")
     calls = count_scripts(pool)
-    job = claim(env, pool)
+    job = env.claim(pool)
     assert job.lease.jobid == "free:A"
     assert calls["claim"] == 3  # 64 + 64 + 22 parked, the last claim also found free:A
     assert len(env.parked()) == 150 and env.queue("A") == []
@@ -246,7 +241,7 @@ def test_a_free_job_is_found_behind_tens_of_thousands_parked_ones(real: REnv) ->
             pipe.lpush(env.keys.queue("A"), jobid)
         pipe.execute()
     env.bike.set("free:A", "NOW")
-    job = claim(env, env.pool("A"))
+    job = env.claim(env.pool("A"))
     assert job.lease.jobid == "free:A"
     assert env.c.zcard(env.keys.parked) == n
 
@@ -258,16 +253,16 @@ def test_every_ending_releases_and_wakes_the_next(env: REnv, outcome: str) -> No
     pool = env.pool()
     env.bike.set("r:A", "CONTINUE", needs="host:a,db:x=2")
     env.bike.set("w:B", "NOW", needs="host:a")
-    job = claim(env, pool)
+    job = env.claim(pool)
     assert job.lease.jobid == "r:A"
-    assert claim(env, pool) is None  # w parks
+    assert env.claim(pool) is None  # w parks
     assert env.usage() == {"host:a": 1, "db:x": 2}
     env.at(NOW + 1)
     assert finish(pool, job, outcome, error="E: x" if outcome in ("error", "expired") else "") == "DONE"
     assert env.leases() == {}
     assert env.ready() == ["w:B"] and env.parked() == []
     assert env.usage() == {"host:a": 1}  # only the place set aside for w
-    assert claim(env, pool).lease.jobid == "w:B"
+    assert env.claim(pool).lease.jobid == "w:B"
     assert env.usage() == {"host:a": 1}
 
 
@@ -276,13 +271,13 @@ def test_unset_of_a_running_job_releases_when_it_ends(env: REnv) -> None:
     pool = env.pool()
     env.bike.set("r:A", "CONTINUE", needs="host:a")
     env.bike.set("w:A", "NOW", needs="host:a")
-    job = claim(env, pool)
-    assert claim(env, pool) is None
+    job = env.claim(pool)
+    assert env.claim(pool) is None
     assert env.bike.unset("r:A") == 2
     assert env.usage() == {"host:a": 1} and env.parked() == [("host:a", "w:A")]  # it still runs
     assert finish(pool, job, "error", error="E: late") == "GONE"
     assert env.ready() == ["w:A"]
-    assert claim(env, pool).lease.jobid == "w:A"
+    assert env.claim(pool).lease.jobid == "w:A"
     env.assert_no_trace("r:A", "A")
     assert env.c.hget(env.keys.needs, "r:A") is None
 
@@ -292,8 +287,8 @@ def test_reaped_lease_releases_and_wakes_the_next(env: REnv) -> None:
     pool = env.pool()
     env.bike.set("r:A", "NOW", needs="host:a")
     env.bike.set("w:A", "NOW", needs="host:a")
-    job = claim(env, pool)
-    assert claim(env, pool) is None
+    job = env.claim(pool)
+    assert env.claim(pool) is None
     deadline = NOW + 10 + GRACE_SECONDS
     d = env.dispatcher()
     assert d.lead(deadline)
@@ -303,7 +298,7 @@ def test_reaped_lease_releases_and_wakes_the_next(env: REnv) -> None:
     assert env.ready() == ["w:A"] and env.parked() == []
     assert env.status("r:A") == stamp("EXP", deadline)
     env.at(deadline)
-    nxt = claim(env, pool)
+    nxt = env.claim(pool)
     assert nxt.lease.jobid == "w:A"
     # the late worker's finish changes nothing
     assert finish(pool, job) == "STALE"
@@ -318,8 +313,8 @@ def test_release_publishes_a_wake_up_for_the_waiting_job_queue(env: REnv) -> Non
     pool = env.pool()
     env.bike.set("r:A", "NOW", needs="host:a")
     env.bike.set("w:B", "NOW", needs="host:a")
-    job = claim(env, pool)
-    assert claim(env, pool) is None
+    job = env.claim(pool)
+    assert env.claim(pool) is None
     pubsub = subscribe(env.c, [env.keys.queue_channel("B")])
     try:
         finish(pool, job)
@@ -334,15 +329,15 @@ def test_capacity_zero_pauses_and_raising_it_wakes_as_many_as_fit(env: REnv) -> 
     pool = env.pool()
     for i in range(5):
         env.bike.set(f"p{i}:A", "NOW", needs="db:x")
-    assert claim(env, pool) is None
+    assert env.claim(pool) is None
     assert len(env.parked()) == 5 and env.capacities() == {"db:x": (0, 0, 5)}
     assert env.bike.set_capacity("db:x", 2) == 2
     assert env.ready() == ["p0:A", "p1:A"]
-    assert [claim(env, pool).lease.jobid for _ in range(2)] == ["p0:A", "p1:A"]
-    assert claim(env, pool) is None
+    assert [env.claim(pool).lease.jobid for _ in range(2)] == ["p0:A", "p1:A"]
+    assert env.claim(pool) is None
     assert env.capacities() == {"db:x": (2, 2, 3)}
     assert env.bike.set_capacity("db:x", 3) == 1
-    assert claim(env, pool).lease.jobid == "p2:A"
+    assert env.claim(pool).lease.jobid == "p2:A"
     assert env.bike.set_capacity("db:x", 3) == 0  # no room: nothing more
 
 
@@ -351,18 +346,18 @@ def test_lowering_capacity_below_use_admits_nothing_until_below(env: REnv) -> No
     pool = env.pool()
     for i in range(3):
         env.bike.set(f"r{i}:A", "NOW", needs="db:x")
-    running = [claim(env, pool) for _ in range(3)]
+    running = [env.claim(pool) for _ in range(3)]
     env.bike.set("w:A", "NOW", needs="db:x")
-    assert claim(env, pool) is None
+    assert env.claim(pool) is None
     assert env.bike.set_capacity("db:x", 1) == 0
     assert env.capacities() == {"db:x": (1, 3, 1)}
     finish(pool, running[0])
-    assert env.ready() == [] and claim(env, pool) is None  # 2 in use, capacity 1
+    assert env.ready() == [] and env.claim(pool) is None  # 2 in use, capacity 1
     finish(pool, running[1])
-    assert env.ready() == [] and claim(env, pool) is None  # 1 in use: not below 1
+    assert env.ready() == [] and env.claim(pool) is None  # 1 in use: not below 1
     assert env.capacities() == {"db:x": (1, 1, 1)}
     finish(pool, running[2])
-    assert claim(env, pool).lease.jobid == "w:A"
+    assert env.claim(pool).lease.jobid == "w:A"
     assert env.usage() == {"db:x": 1}
 
 
@@ -370,11 +365,11 @@ def test_lowering_capacity_holds_back_jobs_already_woken(env: REnv) -> None:
     env.bike.set_capacity("db:x", 0)
     pool = env.pool()
     env.bike.set("w:A", "NOW", needs="db:x")
-    assert claim(env, pool) is None
+    assert env.claim(pool) is None
     env.bike.set_capacity("db:x", 1)
     assert env.ready() == ["w:A"]
     env.bike.set_capacity("db:x", 0)
-    assert claim(env, pool) is None  # it goes back in line
+    assert env.claim(pool) is None  # it goes back in line
     assert env.parked() == [("db:x", "w:A")] and env.usage() == {}
 
 
@@ -383,10 +378,10 @@ def test_unlimited_capacity_wakes_every_waiting_job(env: REnv) -> None:
     pool = env.pool()
     for i in range(5):
         env.bike.set(f"p{i}:A", "NOW", needs="db:x")
-    assert claim(env, pool) is None
+    assert env.claim(pool) is None
     assert env.bike.set_capacity("db:x", None) == 5
     assert env.parked() == []
-    assert sorted(claim(env, pool).lease.jobid for _ in range(5)) == [f"p{i}:A" for i in range(5)]
+    assert sorted(env.claim(pool).lease.jobid for _ in range(5)) == [f"p{i}:A" for i in range(5)]
     assert env.capacities() == {"db:x": (None, 5, 0)}
 
 
@@ -396,7 +391,7 @@ def test_unlimited_capacity_wakes_more_than_a_batch(real: REnv) -> None:
     n = WAKE_BATCH + 5
     for i in range(n):
         env.bike.set(f"p{i}:A", "NOW", needs="db:x")
-    assert claim(env, env.pool()) is None
+    assert env.claim(env.pool()) is None
     assert env.c.zcard(env.keys.parked) == n
     assert env.bike.set_capacity("db:x", None) == n
     assert env.c.zcard(env.keys.parked) == 0 and env.c.zcard(env.keys.ready) == n
@@ -407,14 +402,14 @@ def test_unset_of_a_parked_job_leaves_no_ghost(env: REnv) -> None:
     pool = env.pool()
     env.bike.set("r:A", "NOW", needs="host:a")
     env.bike.set("p:A", "NOW", needs="host:a")
-    job = claim(env, pool)
-    assert claim(env, pool) is None
+    job = env.claim(pool)
+    assert env.claim(pool) is None
     assert env.waiting_for("p:A") == "host:a"
     assert env.bike.unset("p:A") == 1
     assert env.parked() == [] and env.bike.tell("p:A") is None
     env.assert_no_trace("p:A", "A")
     finish(pool, job)
-    assert env.ready() == [] and claim(env, pool) is None  # no ghost claim
+    assert env.ready() == [] and env.claim(pool) is None  # no ghost claim
     assert env.usage() == {}
 
 
@@ -423,14 +418,14 @@ def test_set_of_a_parked_job_to_a_later_time_takes_it_out_of_line(env: REnv) -> 
     pool = env.pool()
     env.bike.set("r:A", "NOW", needs="host:a")
     env.bike.set("p:A", "NOW", needs="host:a")
-    job = claim(env, pool)
-    assert claim(env, pool) is None
+    job = env.claim(pool)
+    assert env.claim(pool) is None
     assert env.bike.set("p:A", f"AT:{NOW + 600:.0f}", needs="host:a") == "PLACED"
     assert env.parked() == []
     told = env.bike.tell("p:A")
     assert "waiting_for" not in told and told["event"] == "TML"
     finish(pool, job)
-    assert claim(env, pool) is None and env.usage() == {}
+    assert env.claim(pool) is None and env.usage() == {}
     assert env.timeline() == {"p:A": NOW + 600}
 
 
@@ -440,12 +435,12 @@ def test_set_now_of_a_parked_job_keeps_its_place_in_line(env: REnv) -> None:
     env.bike.set("r:A", "NOW", needs="host:a")
     env.bike.set("p1:A", "NOW", needs="host:a")
     env.bike.set("p2:A", "NOW", needs="host:a")
-    job = claim(env, pool)
-    assert claim(env, pool) is None
+    job = env.claim(pool)
+    assert env.claim(pool) is None
     assert env.bike.set("p1:A", "NOW", needs="host:a") == "PLACED"  # same needs (e.g. dispatch --schedules)
     assert [j for _, j in env.parked()] == ["p1:A", "p2:A"]
     finish(pool, job)
-    assert claim(env, pool).lease.jobid == "p1:A"
+    assert env.claim(pool).lease.jobid == "p1:A"
 
 
 def test_set_of_a_parked_job_with_other_needs_requeues_it(env: REnv) -> None:
@@ -453,12 +448,12 @@ def test_set_of_a_parked_job_with_other_needs_requeues_it(env: REnv) -> None:
     env.bike.set_capacity("host:a", 0)
     pool = env.pool()
     env.bike.set("p:A", "NOW", needs="host:a")
-    assert claim(env, pool) is None
+    assert env.claim(pool) is None
     assert env.waiting_for("p:A") == "host:a"
     assert env.bike.set("p:A", "NOW", needs="host:b") == "PLACED"
     assert env.parked() == [] and "waiting_for" not in env.bike.tell("p:A")
     assert env.queue("A") == ["p:A"]
-    job = claim(env, pool)
+    job = env.claim(pool)
     assert job.lease.jobid == "p:A" and env.usage() == {"host:b": 1}
 
 
@@ -469,14 +464,14 @@ def test_unset_of_a_woken_job_passes_its_place_on(env: REnv) -> None:
     pool = env.pool()
     for name in ("r:A", "p1:A", "p2:A"):
         env.bike.set(name, "NOW", needs="host:a")
-    job = claim(env, pool)
-    assert claim(env, pool) is None
+    job = env.claim(pool)
+    assert env.claim(pool) is None
     finish(pool, job)
     assert env.ready() == ["p1:A"]
     assert env.waiting_for("p1:A").startswith("nothing")
     assert env.bike.unset("p1:A") == 1
     assert env.ready() == ["p2:A"] and env.usage() == {"host:a": 1}
-    assert claim(env, pool).lease.jobid == "p2:A"
+    assert env.claim(pool).lease.jobid == "p2:A"
 
 
 def test_set_of_a_woken_job_to_the_timeline_passes_its_place_on(env: REnv) -> None:
@@ -484,12 +479,12 @@ def test_set_of_a_woken_job_to_the_timeline_passes_its_place_on(env: REnv) -> No
     pool = env.pool()
     for name in ("r:A", "p1:A", "p2:A"):
         env.bike.set(name, "NOW", needs="host:a")
-    job = claim(env, pool)
-    assert claim(env, pool) is None
+    job = env.claim(pool)
+    assert env.claim(pool) is None
     finish(pool, job)
     assert env.bike.set("p1:A", f"AT:{NOW + 60:.0f}", needs="host:a") == "PLACED"
     assert env.ready() == ["p2:A"]
-    assert claim(env, pool).lease.jobid == "p2:A"
+    assert env.claim(pool).lease.jobid == "p2:A"
 
 
 def test_a_waiting_job_is_not_starved_by_a_busy_queue(env: REnv) -> None:
@@ -526,24 +521,24 @@ def test_no_busy_loop_when_woken_jobs_do_not_fit(env: REnv) -> None:
     pool = env.pool()
     env.bike.set("z1:A", "NOW", needs="r1")
     env.bike.set("z2:A", "NOW", needs="r2")
-    z1, z2 = claim(env, pool), claim(env, pool)
+    z1, z2 = env.claim(pool), env.claim(pool)
     env.bike.set("x:A", "NOW", needs="r1=2,r2=1")
     env.bike.set("y:A", "NOW", needs="r1=1,r2=2")
     calls = count_scripts(pool)
-    assert claim(env, pool) is None
+    assert env.claim(pool) is None
     assert calls["claim"] == 1
     assert env.parked() == [("r1", "x:A"), ("r1", "y:A")]
     finish(pool, z1)
     assert env.ready() == ["x:A"]  # r1 has room for 2: x (2) wakes; y (1) stays behind it
-    x = claim(env, pool)
+    x = env.claim(pool)
     assert x.lease.jobid == "x:A"
-    assert claim(env, pool) is None
+    assert env.claim(pool) is None
     assert calls["claim"] == 3
     assert env.usage() == {"r1": 2, "r2": 2} and env.parked() == [("r1", "y:A")]
     finish(pool, z2)
     finish(pool, x)
     assert env.ready() == ["y:A"]
-    assert claim(env, pool).lease.jobid == "y:A"
+    assert env.claim(pool).lease.jobid == "y:A"
     assert env.parked() == [] and env.usage() == {"r1": 1, "r2": 2}
 
 
@@ -552,24 +547,24 @@ def test_local_resources_limit_what_one_pool_claims(env: REnv) -> None:
     env.bike.set("x:A", "NOW", needs="worker:cpu_cores=4")
     env.bike.set("y:A", "NOW", needs="worker:cpu_cores=4")
     env.bike.set("z:A", "NOW")
-    x = claim(env, pool)
+    x = env.claim(pool)
     assert x.lease.jobid == "x:A"
     assert pool.local_used == {"worker:cpu_cores": 4}
     assert env.usage() == {}  # local amounts are the pool's own business
-    assert claim(env, pool) is None  # y does not fit here ...
+    assert env.claim(pool) is None  # y does not fit here ...
     assert env.queue("A") == ["z:A", "y:A"]  # ... and stays first in its queue
     assert env.parked() == []
     # another pool with room (or none declared: unlimited) takes it
     other = env.pool("A")
-    y = claim(env, other)
+    y = env.claim(other)
     assert y.lease.jobid == "y:A" and other.local_used == {}
     env.bike.set("y2:A", "NOW", needs="worker:cpu_cores=4")
     assert env.queue("A") == ["y2:A", "z:A"]
-    assert claim(env, pool).lease.jobid == "z:A"  # no needs: fits
-    assert claim(env, pool) is None
+    assert env.claim(pool).lease.jobid == "z:A"  # no needs: fits
+    assert env.claim(pool) is None
     finish(pool, x)
     assert pool.local_used == {"worker:cpu_cores": 0}
-    assert claim(env, pool).lease.jobid == "y2:A"
+    assert env.claim(pool).lease.jobid == "y2:A"
 
 
 def test_local_resources_with_a_woken_job_that_does_not_fit(env: REnv) -> None:
@@ -578,13 +573,13 @@ def test_local_resources_with_a_woken_job_that_does_not_fit(env: REnv) -> None:
     big = env.pool("A", resources={"cpu_cores": 8})
     env.bike.set("hold:A", "NOW", needs="db:x")
     env.bike.set("w:A", "NOW", needs="db:x,worker:cpu_cores=4")
-    hold = claim(env, small)
-    assert claim(env, small) is None and env.parked() == [("db:x", "w:A")]
+    hold = env.claim(small)
+    assert env.claim(small) is None and env.parked() == [("db:x", "w:A")]
     finish(small, hold)
     assert env.ready() == ["w:A"]
-    assert claim(env, small) is None  # woken, but 4 cores do not fit here: it stays woken
+    assert env.claim(small) is None  # woken, but 4 cores do not fit here: it stays woken
     assert env.ready() == ["w:A"] and env.usage() == {"db:x": 1}
-    job = claim(env, big)
+    job = env.claim(big)
     assert job.lease.jobid == "w:A" and big.local_used == {"worker:cpu_cores": 4}
     assert env.usage() == {"db:x": 1}
 
@@ -650,8 +645,8 @@ def test_capacities_report(env: REnv) -> None:
     env.bike.set("r:A", "NOW", needs="host:a,free:q=3")
     env.bike.set("w1:A", "NOW", needs="host:a")
     env.bike.set("w2:B", "NOW", needs="db:x")
-    claim(env, pool)
-    assert claim(env, pool) is None
+    env.claim(pool)
+    assert env.claim(pool) is None
     assert list(env.bike.capacities()) == [
         ("cpu:z", 5, 0, 0),
         ("db:x", 0, 0, 1),
@@ -676,8 +671,8 @@ def test_cli_capacity_capacities_set_needs_and_tell(real: REnv, redis_server, tm
     assert run("capacity", "--load", str(capfile))[0] == 0
     assert run("set", "j1:A", "NOW", "--needs=host:a,db:y=2")[0] == 0
     assert run("set", "j2:A", "NOW", "--needs=host:a")[0] == 0
-    assert claim(real, real.pool("A")).lease.jobid == "j1:A"
-    assert claim(real, real.pool("A")) is None
+    assert real.claim(real.pool("A")).lease.jobid == "j1:A"
+    assert real.claim(real.pool("A")) is None
     code, out, _ = run("capacities")
     assert code == 0
     assert list(csv.reader(io.StringIO(out))) == [
