@@ -122,22 +122,24 @@ class Scripts:
         script = self._scripts[name]
         all_keys = self._keys + keys
         command = ("EVALSHA", script.sha, len(all_keys), *all_keys, repr(now), *self._common, *args)
-        for attempt in range(2):
+        try:
             try:
-                if pack_command is None:
-                    connection.send_command(*command)
-                else:  # skips redis-py's check of every argument's type
-                    connection.send_packed_command([pack_command(command)], check_health=False)
-                return connection.read_response()
+                return self._send(connection, command)
             except redis.exceptions.NoScriptError:  # a restarted or flushed server
-                if attempt:
-                    raise
                 connection.send_command("SCRIPT", "LOAD", script.script)
                 connection.read_response()
-            except (redis.ConnectionError, redis.TimeoutError):
-                connection.disconnect()  # a reply may be half read: start afresh
-                raise
-        raise AssertionError("unreachable")
+                return self._send(connection, command)
+        except (redis.ConnectionError, redis.TimeoutError):
+            connection.disconnect()  # a reply may be half read: start afresh
+            raise
+
+    @staticmethod
+    def _send(connection: redis.connection.AbstractConnection, command: tuple[Any, ...]) -> Any:
+        if pack_command is None:
+            connection.send_command(*command)
+        else:  # skips redis-py's check of every argument's type
+            connection.send_packed_command([pack_command(command)], check_health=False)
+        return connection.read_response()
 
 
 def subscribe(client: redis.Redis, channels: list[str]) -> redis.client.PubSub:

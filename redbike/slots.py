@@ -147,13 +147,14 @@ class SlotBoard:
 
     def replace(self, slot: int, ended: Running | None, claimed: Running | None) -> None:
         """Take ``ended`` off the slot's record and put ``claimed`` on it."""
-        runs = self.runs(slot) if (ended or claimed) else []
+        if ended is None and claimed is None:
+            return
+        runs = self.runs(slot)
         if ended is not None:
             runs = [run for run in runs if run.lease.token != ended.lease.token]
         if claimed is not None:
             runs.append(claimed)
-        if ended is not None or claimed is not None:
-            self.write(slot, runs)
+        self.write(slot, runs)
 
     def all_runs(self) -> list[Running]:
         return [run for slot in range(self.slots) for run in self.runs(slot)]

@@ -23,6 +23,14 @@ def run(jobid: str, token: str = "t0", local: dict[str, int] | None = None, sche
     return Running(lease, schedule, 1795392290.25, 1795392299.5, local or {})
 
 
+def uncached(board: SlotBoard) -> SlotBoard:
+    """The same shared memory, read by a board that never wrote it (so it
+    decodes what is there, as another process would)."""
+    other = SlotBoard.__new__(SlotBoard)
+    other.slots, other.memory, other._known = board.slots, board.memory, {}
+    return other
+
+
 ODD_IDS = ["plain:A", "a,b=c|d:Q", "ünï cödé: spaced:B", "x" * 5000 + ":L", "=,|:"]
 
 
@@ -33,9 +41,8 @@ def test_a_run_survives_the_board_encoding(jobid: str) -> None:
               "DTSTART;TZID=Europe/Paris:20260301T020000\nRRULE:FREQ=DAILY")
     two = run("other:B", "tok2")
     board.write(1, [one, two])
-    assert SlotBoard.runs(board, 0) == []
-    fresh = SlotBoard.__new__(SlotBoard)  # no cache: decodes what is in memory
-    fresh.slots, fresh.memory, fresh._known = board.slots, board.memory, {}
+    assert board.runs(0) == []
+    fresh = uncached(board)
     assert fresh.runs(1) == [one, two]
     assert fresh.local_held() == {"worker:cpu": 3, "worker:ram_gb": 8}
 
@@ -98,11 +105,8 @@ def test_a_reader_never_sees_half_a_record() -> None:
     reads = {0: 0, 1: 0}
     try:
         deadline = time.monotonic() + 2
-        fresh = SlotBoard.__new__(SlotBoard)
-        fresh.slots, fresh.memory = board.slots, board.memory
         while time.monotonic() < deadline and min(reads.values()) < 200:
-            fresh._known = {}
-            seen = fresh.runs(0)
+            seen = uncached(board).runs(0)
             assert seen in (short, long)
             reads[seen == long] += 1
     finally:
