@@ -18,8 +18,9 @@ from typing import Any
 import redis
 
 from redbike import Redbike
-from redbike.keys import SCRIPT_NAMES, Keys
+from redbike.keys import Keys
 from redbike.schedules import parse_schedule
+from redbike.scripts import SCRIPT_NAMES
 
 from .noop import Noop
 from .procs import (
@@ -471,7 +472,7 @@ class Monitor:
 
 
 def script_shas() -> dict[str, str]:
-    """SHA1 -> name of each redbike script, built as redbike.keys.Scripts
+    """SHA1 -> name of each redbike script, built as redbike.scripts.Scripts
     builds them (lib.lua, a newline, the script's own file)."""
     folder = resources.files("redbike") / "lua"
     lib = (folder / "lib.lua").read_text(encoding="utf-8")

@@ -14,10 +14,11 @@ from . import report
 from .config import connect
 from .csvfile import read_rows
 from .dispatcher import Dispatcher
-from .keys import WAKE_BATCH, Keys, Scripts
+from .keys import WAKE_BATCH, Keys
 from .resources import ResourceError, amounts_of, check_name, format_amounts, read_capacities_csv
 from .roundrobin import RoundRobin
 from .schedules import ScheduleError, parse_schedule
+from .scripts import Scripts
 from .states import BAD, Placement, place_on_set
 from .timefile import read_timefile
 from .worker import WorkerPool

@@ -22,10 +22,11 @@ from typing import Any
 
 import redis
 
-from .keys import Keys, Scripts, subscribe
+from .keys import Keys
+from .records import error_record
+from .scripts import Scripts, subscribe
 from .states import FORGET, place_after_expiry
 from .timefile import write_timefile
-from .worker import error_record
 
 log = logging.getLogger(__name__)
 

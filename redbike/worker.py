@@ -13,7 +13,6 @@ new one. Each slot holds at most the one job it runs: no prefetch.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import select
@@ -27,9 +26,11 @@ from typing import Any
 
 import redis
 
-from .keys import Keys, Scripts, subscribe
+from .keys import Keys
+from .records import error_record
 from .resources import LOCAL_PREFIX, format_amounts, parse_amounts
 from .roundrobin import Lease, RoundRobin, StopWork, UnsetJob
+from .scripts import Scripts, subscribe
 from .slots import Child, LocalLock, Running, SlotBoard, Zygote
 from .states import Outcome, parse_status, place_after_run
 
@@ -45,14 +46,6 @@ QUICK_DEATH_SECONDS = 1.0  # a child dying younger than this is replaced after a
 # Notes a child sends its supervisor (one byte each).
 NOTE_HALT = b"H"  # a claim found HALT: stop the pool
 NOTE_FREED = b"F"  # a run gave back worker-local amounts: wake the idle slots
-
-
-def error_record(status: str, error: str, worker: str, now: float, trace: str = "") -> str:
-    """The JSON kept in the errors hash for tell."""
-    record = {"status": status, "at": now, "error": error, "worker": worker}
-    if trace:
-        record["traceback"] = trace
-    return json.dumps(record)
 
 
 def run_work(worker: RoundRobin, lease: Lease) -> tuple[Outcome, str]:

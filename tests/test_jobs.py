@@ -21,8 +21,8 @@ from redbike.api import JobIdError, read_schedules_csv
 from redbike.cli import main
 from redbike.csvfile import CsvError
 from redbike.dispatcher import RENEW_SECONDS, STANDBY_SECONDS, Dispatcher
-from redbike.keys import subscribe
 from redbike.schedules import parse_schedule
+from redbike.scripts import subscribe
 from redbike.states import (
     FORGET,
     QUEUE,

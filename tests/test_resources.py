@@ -32,8 +32,9 @@ from redbike import Redbike, RoundRobin
 from redbike.api import read_schedules_csv
 from redbike.cli import main
 from redbike.csvfile import CsvError
-from redbike.keys import WAKE_BATCH, Keys, subscribe
+from redbike.keys import WAKE_BATCH, Keys
 from redbike.resources import ResourceError
+from redbike.scripts import subscribe
 from redbike.states import Outcome
 from redbike.worker import GRACE_SECONDS, Rotation, WorkerPool
 

@@ -1,0 +1,97 @@
+"""The Lua scripts that change redbike's keys, and the worker's fast path to them.
+
+Each script is lib.lua (shared helpers) followed by its own file in
+redbike/lua; every script takes the job-state keys (Keys.job_state()) and
+three common arguments first.
+"""
+
+from __future__ import annotations
+
+import time
+from importlib import resources
+from typing import Any
+
+import redis
+
+from .keys import Keys
+
+try:  # a redbike dependency; without it, redis-py packs commands itself
+    from hiredis import pack_command
+except ImportError:  # pragma: no cover
+    pack_command = None
+
+SCRIPT_NAMES = ("set", "unset", "claim", "finish", "move_due", "reap", "renew", "lead", "capacity")
+
+
+class Scripts:
+    """The Lua scripts, read once from redbike/lua and registered on a client.
+
+    Each script is lib.lua (shared helpers) followed by its own file, and
+    takes the job-state keys and three common arguments first.
+    """
+
+    _sources: dict[str, str] = {}
+
+    def __init__(self, client: redis.Redis, keys: Keys) -> None:
+        if not Scripts._sources:
+            folder = resources.files("redbike") / "lua"
+            lib = (folder / "lib.lua").read_text(encoding="utf-8")
+            for name in SCRIPT_NAMES:
+                body = (folder / f"{name}.lua").read_text(encoding="utf-8")
+                Scripts._sources[name] = lib + "\n" + body
+        self._scripts = {
+            name: client.register_script(src) for name, src in Scripts._sources.items()
+        }
+        self._keys = keys.job_state()
+        self._common = [keys.dispatcher_channel, keys.queue_channel("")]
+
+    def run(self, name: str, now: float, keys: list[str], args: list[Any], client: Any = None) -> Any:
+        """Run script ``name`` with its own ``keys`` and ``args`` after the common ones.
+        ``client``: a client or pipeline (default: the one the scripts were
+        made with), or one connection, used directly (see _run_on)."""
+        if isinstance(client, redis.connection.AbstractConnection):
+            return self._run_on(client, name, now, keys, args)
+        return self._scripts[name](keys=self._keys + keys, args=[repr(now), *self._common, *args], client=client)
+
+    def _run_on(self, connection: redis.connection.AbstractConnection, name: str, now: float,
+                keys: list[str], args: list[Any]) -> Any:
+        """EVALSHA straight on a connection: a worker's hot path, where
+        redis-py's command layer costs about as much as Redis running the script."""
+        script = self._scripts[name]
+        all_keys = self._keys + keys
+        command = ("EVALSHA", script.sha, len(all_keys), *all_keys, repr(now), *self._common, *args)
+        try:
+            try:
+                return self._send(connection, command)
+            except redis.exceptions.NoScriptError:  # a restarted or flushed server
+                connection.send_command("SCRIPT", "LOAD", script.script)
+                connection.read_response()
+                return self._send(connection, command)
+        except (redis.ConnectionError, redis.TimeoutError):
+            connection.disconnect()  # a reply may be half read: start afresh
+            raise
+
+    @staticmethod
+    def _send(connection: redis.connection.AbstractConnection, command: tuple[Any, ...]) -> Any:
+        if pack_command is None:
+            connection.send_command(*command)
+        else:  # skips redis-py's check of every argument's type
+            connection.send_packed_command([pack_command(command)], check_health=False)
+        return connection.read_response()
+
+
+def subscribe(client: redis.Redis, channels: list[str]) -> redis.client.PubSub:
+    """Subscribe to ``channels`` and wait until Redis confirms, so that no
+    message published after this returns can be missed."""
+    pubsub = client.pubsub()
+    pubsub.subscribe(*channels)
+    confirmed = 0
+    deadline = time.monotonic() + 10
+    while confirmed < len(set(channels)):
+        message = pubsub.get_message(timeout=max(0.0, deadline - time.monotonic()))
+        if message is None and time.monotonic() >= deadline:
+            pubsub.close()
+            raise redis.TimeoutError("Redis did not confirm the subscription")
+        if message and message["type"] == "subscribe":
+            confirmed += 1
+    return pubsub
