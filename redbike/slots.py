@@ -33,7 +33,6 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from .roundrobin import Lease
 
@@ -42,12 +41,13 @@ log = logging.getLogger(__name__)
 RECORD_BYTES = 1 << 20  # per slot; only the pages a record touches take memory
 # A slot's header: write sequence (odd while a write is under way), runs
 # ended, the pid and exit code of its last child to end (written by the
-# zygote, which reaps it), record length; the record follows.
-_SEQUENCE = struct.Struct("<Q")
-_DONE = struct.Struct("<Q")
-_EXIT = struct.Struct("<Qq")
+# zygote, which reaps it): pid << 32 | the code as an unsigned 32-bit number,
+# one 8-byte store (struct packs a native-sized Q with one memcpy), so no
+# reader sees one child's pid with another's code; record length; the record.
+_WORD = struct.Struct("<Q")
 _LENGTH = struct.Struct("<I")
 _DONE_AT, _EXIT_AT, _LENGTH_AT, _RECORD_AT = 8, 16, 32, 40
+_UNKNOWN = 1 << 31  # as an exit code: the child could not be waited for
 _FLAGS = 64  # bytes before the first slot: byte 0 is the stop flag
 
 
@@ -120,19 +120,19 @@ class SlotBoard:
             # then runs unsupervised and the dispatcher reaps it if it hangs.
             data = b""
         base = self._base(slot)
-        sequence = _SEQUENCE.unpack_from(self.memory, base)[0]
+        sequence = _WORD.unpack_from(self.memory, base)[0]
         # The sequence alone first and last: a reader that saw it even and
         # unchanged around its read took no byte of this write.
-        _SEQUENCE.pack_into(self.memory, base, sequence + 1)
+        _WORD.pack_into(self.memory, base, sequence + 1)
         _LENGTH.pack_into(self.memory, base + _LENGTH_AT, len(data))
         self.memory[base + _RECORD_AT : base + _RECORD_AT + len(data)] = data
-        _SEQUENCE.pack_into(self.memory, base, sequence + 2)
+        _WORD.pack_into(self.memory, base, sequence + 2)
         self._known[slot] = (sequence + 2, list(runs))
 
     def runs(self, slot: int) -> list[Running]:
         base = self._base(slot)
         while True:
-            before = _SEQUENCE.unpack_from(self.memory, base)[0]
+            before = _WORD.unpack_from(self.memory, base)[0]
             known = self._known.get(slot)
             if known is not None and known[0] == before:
                 return list(known[1])
@@ -140,7 +140,7 @@ class SlotBoard:
                 continue
             length = min(_LENGTH.unpack_from(self.memory, base + _LENGTH_AT)[0], RECORD_BYTES - _RECORD_AT)
             data = self.memory[base + _RECORD_AT : base + _RECORD_AT + length]
-            if _SEQUENCE.unpack_from(self.memory, base)[0] == before:
+            if _WORD.unpack_from(self.memory, base)[0] == before:
                 runs = Running.decode_all(data.decode())
                 self._known[slot] = (before, runs)
                 return list(runs)
@@ -162,26 +162,30 @@ class SlotBoard:
     def count_run(self, slot: int) -> None:
         """One more run ended in ``slot`` (written by the slot's own process)."""
         at = self._base(slot) + _DONE_AT
-        _DONE.pack_into(self.memory, at, _DONE.unpack_from(self.memory, at)[0] + 1)
+        _WORD.pack_into(self.memory, at, _WORD.unpack_from(self.memory, at)[0] + 1)
 
-    def record_exit(self, slot: int, pid: int, code: int) -> None:
-        """Child ``pid`` of ``slot`` ended with ``code`` (-N: killed by signal N)."""
-        _EXIT.pack_into(self.memory, self._base(slot) + _EXIT_AT, pid, code)
+    def record_exit(self, slot: int, pid: int, code: int | None) -> None:
+        """Child ``pid`` of ``slot`` ended with ``code`` (-N: killed by
+        signal N; None: it could not be waited for, so how is not known)."""
+        word = pid << 32 | (_UNKNOWN if code is None else code & 0xFFFFFFFF)
+        _WORD.pack_into(self.memory, self._base(slot) + _EXIT_AT, word)
 
     def exit_code(self, slot: int, pid: int, wait: float = 0.5) -> int | None:
         """How child ``pid`` of ``slot`` ended, once its zygote has reaped it
-        (a moment after its pidfd said it ended); None if not within ``wait``."""
+        (a moment after its pidfd said it ended); None if that is not known
+        or not within ``wait``."""
         deadline = time.monotonic() + wait
         while True:
-            ended, code = _EXIT.unpack_from(self.memory, self._base(slot) + _EXIT_AT)
-            if ended == pid:
-                return code
+            word = _WORD.unpack_from(self.memory, self._base(slot) + _EXIT_AT)[0]
+            if word >> 32 == pid:
+                code = word & 0xFFFFFFFF
+                return None if code == _UNKNOWN else code - (code >> 31 << 32)
             if time.monotonic() >= deadline:
                 return None
             time.sleep(0.002)
 
     def runs_ended(self) -> int:
-        return sum(_DONE.unpack_from(self.memory, self._base(slot) + _DONE_AT)[0] for slot in range(self.slots))
+        return sum(_WORD.unpack_from(self.memory, self._base(slot) + _DONE_AT)[0] for slot in range(self.slots))
 
     def local_held(self) -> dict[str, int]:
         """Worker-local amounts held by the runs of every slot."""
@@ -330,6 +334,14 @@ class Child:
 _GOODBYE = 0xFFFFFFFF  # asked for as a slot: the pool ends
 
 
+def _receive(sock: socket.socket, size: int) -> bytes:
+    """``size`` bytes, or fewer if the other end closed."""
+    data = b""
+    while len(data) < size and (part := sock.recv(size - len(data))):
+        data += part
+    return data
+
+
 class Zygote:
     """A single-threaded process that forks the children of a pool's slots.
 
@@ -346,7 +358,7 @@ class Zygote:
     """
 
     def __init__(self, run_slot: Callable[[int, socket.socket], None],
-                 record_exit: Callable[[int, int, int], None]) -> None:
+                 record_exit: Callable[[int, int, int | None], None]) -> None:
         self.run_slot = run_slot
         self.record_exit = record_exit
         self.slots: dict[int, int] = {}  # in the zygote: pid -> slot of each live child
@@ -365,39 +377,68 @@ class Zygote:
         # process group): the zygote lives exactly as long as its socket.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGCHLD, self._reap)
-        while len(request := requests.recv(4)) == 4:
-            slot = struct.unpack("<I", request)[0]
-            if slot == _GOODBYE:  # a clean end: the children have ended; collect them
-                signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # no _reap() in between
-                for pid, slot in list(self.slots.items()):
+        # Children are reaped here, in the loop, never in a signal handler: a
+        # handler runs between any two bytecodes, so one reaping while another
+        # was half-way through its loop lost or invented exits (and a KeyError
+        # killed the zygote, and with it every slot's child). The C-level
+        # handler only writes to a wake-up socket that the loop selects on;
+        # the Python-level one does nothing, and Python retries the calls it
+        # interrupts (PEP 475).
+        self._wake_ups, wake_up = socket.socketpair()
+        for end in (self._wake_ups, wake_up):
+            end.setblocking(False)
+        signal.set_wakeup_fd(wake_up.fileno(), warn_on_full_buffer=False)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        while True:
+            ready = select.select([requests, self._wake_ups], [], [])[0]
+            if self._wake_ups in ready:
+                self._drain_wake_ups()
+                self._reap()
+            if requests not in ready:
+                continue
+            request = _receive(requests, 4)
+            slot = struct.unpack("<I", request)[0] if len(request) == 4 else _GOODBYE
+            if slot == _GOODBYE:  # the pool ends (or the supervisor died): collect the children
+                self._reap()
+                for pid in self.slots:
                     os.kill(pid, signal.SIGKILL)  # none should be left running: never wait on one
-                    try:
-                        self.record_exit(slot, pid, os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
-                    except ChildProcessError:
-                        pass
+                self._reap(blocking=True)
                 return
             mine, theirs = socket.socketpair()
-            pid = fork(functools.partial(self._slot, slot, requests, mine, theirs))
+            pid = fork(functools.partial(self._slot, slot, requests, mine, theirs, wake_up))
             self.slots[pid] = slot
-            self._reap()  # one that ended before it was in self.slots
             theirs.close()
             socket.send_fds(requests, [struct.pack("<I", pid)], [mine.fileno()])
             mine.close()
 
-    def _reap(self, *_: Any) -> None:
-        """Collect the children that ended (the SIGCHLD handler)."""
-        for pid in list(self.slots):
+    def _drain_wake_ups(self) -> None:
+        try:
+            while self._wake_ups.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _reap(self, blocking: bool = False) -> None:
+        """Collect the children that ended (``blocking``: all of them), each
+        with the status the kernel gave for it."""
+        while self.slots:
             try:
-                ended, status = os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                ended, status = pid, 0
-            if ended:
+                pid, status = os.waitpid(-1, 0 if blocking else os.WNOHANG)
+            except ChildProcessError:  # none left that we could wait for: their ends are not known
+                for pid, slot in self.slots.items():
+                    self.record_exit(slot, pid, None)
+                self.slots.clear()
+                return
+            if not pid:
+                return
+            if pid in self.slots:
                 self.record_exit(self.slots.pop(pid), pid, os.waitstatus_to_exitcode(status))
 
-    def _slot(self, slot: int, requests: socket.socket, mine: socket.socket, theirs: socket.socket) -> None:
-        requests.close()
-        mine.close()
+    def _slot(self, slot: int, requests: socket.socket, mine: socket.socket, theirs: socket.socket,
+              wake_up: socket.socket) -> None:
+        signal.set_wakeup_fd(-1)
+        for end in (requests, mine, self._wake_ups, wake_up):
+            end.close()
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         self.run_slot(slot, theirs)

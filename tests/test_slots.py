@@ -115,6 +115,17 @@ def test_a_reader_never_sees_half_a_record() -> None:
     assert min(reads.values()) >= 1, reads  # both records were read while they changed
 
 
+def test_exit_codes_are_recorded_as_they_were() -> None:
+    board = SlotBoard(2)
+    for pid, code in ((4194304, 0), (77, 3), (78, 255), (79, -signal.SIGKILL), (80, None)):
+        board.record_exit(1, pid, code)
+        started = time.monotonic()
+        assert board.exit_code(1, pid, wait=5) == code
+        assert time.monotonic() - started < 1  # recorded: no waiting, even when not known
+    assert board.exit_code(1, 79, wait=0) is None  # another child ended since
+    assert board.exit_code(0, 80, wait=0) is None
+
+
 def test_the_zygote_forks_children_that_talk_back() -> None:
     def run_slot(slot: int, channel: socket.socket) -> None:
         channel.send(f"slot {slot} pid {os.getpid()}".encode())
@@ -230,3 +241,64 @@ def test_the_local_lock_excludes_other_processes_and_dies_with_its_holder() -> N
         os.waitpid(pid, 0)
         lock.remove()
     assert not os.path.exists(lock.path)
+
+
+def test_the_zygote_survives_many_deaths_at_once_and_records_each_exit() -> None:
+    """Eight children end together (half exit 3, half are killed by SIGKILL),
+    round after round, while a long child runs beside them and the next round
+    is spawned as the previous one dies. The zygote records each exit slowly,
+    as a loaded host makes it, so deaths land while it handles others. It
+    lives on, the long child is never touched, and each death is recorded
+    as it was (the bug: a re-entered SIGCHLD handler raised KeyError, the
+    zygote died and took the long child with it)."""
+    def run_slot(slot: int, channel: socket.socket) -> None:
+        message = channel.recv(64)
+        if slot == 0:  # the long child: runs until the test ends it
+            channel.recv(1)
+            return
+        # One after another, 1 ms apart: each lands while the last is handled.
+        time.sleep(max(0.0, float(message) + slot / 1000 - time.monotonic()))
+        if slot % 2:
+            os._exit(3)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    dying = range(1, 9)
+    board = SlotBoard(len(dying) + 1)
+
+    def record_slowly(slot: int, pid: int, code: int | None) -> None:
+        time.sleep(0.002)
+        board.record_exit(slot, pid, code)
+
+    zygote = Zygote(run_slot, record_slowly)
+    first_zygote = zygote.pid
+    long = zygote.spawn(0)
+    long.channel.setblocking(True)
+    long.channel.send(b"0")
+    try:
+        children = {slot: zygote.spawn(slot) for slot in dying}
+        for _ in range(6):
+            at = f"{time.monotonic() + 0.05!r}".encode()
+            for child in children.values():
+                child.channel.setblocking(True)
+                child.channel.send(at)
+            ended = children
+            children = {slot: zygote.spawn(slot) for slot in dying}  # asked for while those die
+            for slot, child in ended.items():
+                assert child.wait(10)[1]
+                assert board.exit_code(slot, child.pid, wait=10) == (3 if slot % 2 else -signal.SIGKILL)
+                child.close()
+            assert zygote.pid == first_zygote and alive(zygote.pid)
+            assert alive(long.pid) and not long.wait(0)[1]
+            assert board.exit_code(0, long.pid, wait=0) is None
+        for slot, child in children.items():
+            child.kill()
+            assert child.wait(10)[1]
+            assert board.exit_code(slot, child.pid, wait=10) == -signal.SIGKILL
+            child.close()
+        long.channel.send(b"x")
+        assert long.wait(10)[1]
+        assert board.exit_code(0, long.pid, wait=10) == 0
+    finally:
+        long.close()
+        zygote.close()
+    assert not alive(zygote.pid)
