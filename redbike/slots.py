@@ -38,15 +38,20 @@ from .roundrobin import Lease
 
 log = logging.getLogger(__name__)
 
-RECORD_BYTES = 1 << 20  # per slot; only the pages a record touches take memory
-# A slot's header: write sequence (odd while a write is under way), runs
-# ended, the pid and exit code of its last child to end (written by the
-# zygote, which reaps it): pid << 32 | the code as an unsigned 32-bit number,
-# one 8-byte store (struct packs a native-sized Q with one memcpy), so no
-# reader sees one child's pid with another's code; record length; the record.
+RECORD_BYTES = 1 << 20  # per record buffer; only the pages a record touches take memory
+# A slot's header, each field one aligned 8-byte word, so that a process
+# killed at any instant leaves each one old or new, never half written
+# (struct packs a native-sized Q with one memcpy, one store):
+# - the sequence of its last published record, whose parity says which of the
+#   slot's two buffers holds it;
+# - runs ended;
+# - the pid and exit code of its last child to end (written by the zygote,
+#   which reaps it): pid << 32 | the code as an unsigned 32-bit number.
+# The two record buffers follow, each a length and the record.
 _WORD = struct.Struct("<Q")
 _LENGTH = struct.Struct("<I")
-_DONE_AT, _EXIT_AT, _LENGTH_AT, _RECORD_AT = 8, 16, 32, 40
+_DONE_AT, _EXIT_AT, _BUFFERS_AT = 8, 16, 64
+_SLOT_BYTES = _BUFFERS_AT + 2 * RECORD_BYTES
 _UNKNOWN = 1 << 31  # as an exit code: the child could not be waited for
 _FLAGS = 64  # bytes before the first slot: byte 0 is the stop flag
 
@@ -91,20 +96,26 @@ class SlotBoard:
     A slot's record lists the runs it holds: one at most in a child; more
     only when a test claims several jobs through one pool object. It is
     written only by the process that runs the slot (its child; the supervisor
-    once that child is dead) and read by anyone: a sequence number, odd while
-    a write is under way, lets a reader retry instead of taking half a
-    record (a seqlock).
+    once that child is dead) and read by anyone. A write fills the buffer not
+    in use and then publishes it with one store of the next sequence number,
+    so a writer killed at any instant leaves the last published record whole
+    and nobody waits on it. A reader copies the published buffer and keeps
+    the copy if the sequence did not move meanwhile: a writer reaches that
+    buffer again only after publishing the other one.
     """
 
     def __init__(self, slots: int) -> None:
         self.slots = slots
-        self.memory = mmap.mmap(-1, _FLAGS + slots * RECORD_BYTES)
+        self.memory = mmap.mmap(-1, _FLAGS + slots * _SLOT_BYTES)
         # The record each slot had at a sequence number, as this process last
         # wrote or read it: a slot's own process then never decodes its record.
         self._known: dict[int, tuple[int, list[Running]]] = {}
 
     def _base(self, slot: int) -> int:
-        return _FLAGS + slot * RECORD_BYTES
+        return _FLAGS + slot * _SLOT_BYTES
+
+    def _buffer(self, slot: int, sequence: int) -> int:
+        return self._base(slot) + _BUFFERS_AT + sequence % 2 * RECORD_BYTES
 
     @property
     def stopping(self) -> bool:
@@ -115,34 +126,31 @@ class SlotBoard:
 
     def write(self, slot: int, runs: list[Running]) -> None:
         data = "".join(run.encode() for run in runs).encode()
-        if _RECORD_AT + len(data) > RECORD_BYTES:
+        if _LENGTH.size + len(data) > RECORD_BYTES:
             # Only a schedule or id of about a megabyte gets here; the job
             # then runs unsupervised and the dispatcher reaps it if it hangs.
             data = b""
         base = self._base(slot)
-        sequence = _WORD.unpack_from(self.memory, base)[0]
-        # The sequence alone first and last: a reader that saw it even and
-        # unchanged around its read took no byte of this write.
-        _WORD.pack_into(self.memory, base, sequence + 1)
-        _LENGTH.pack_into(self.memory, base + _LENGTH_AT, len(data))
-        self.memory[base + _RECORD_AT : base + _RECORD_AT + len(data)] = data
-        _WORD.pack_into(self.memory, base, sequence + 2)
-        self._known[slot] = (sequence + 2, list(runs))
+        sequence = _WORD.unpack_from(self.memory, base)[0] + 1
+        at = self._buffer(slot, sequence)
+        _LENGTH.pack_into(self.memory, at, len(data))
+        self.memory[at + _LENGTH.size : at + _LENGTH.size + len(data)] = data
+        _WORD.pack_into(self.memory, base, sequence)
+        self._known[slot] = (sequence, list(runs))
 
     def runs(self, slot: int) -> list[Running]:
         base = self._base(slot)
         while True:
-            before = _WORD.unpack_from(self.memory, base)[0]
+            sequence = _WORD.unpack_from(self.memory, base)[0]
             known = self._known.get(slot)
-            if known is not None and known[0] == before:
+            if known is not None and known[0] == sequence:
                 return list(known[1])
-            if before % 2:
-                continue
-            length = min(_LENGTH.unpack_from(self.memory, base + _LENGTH_AT)[0], RECORD_BYTES - _RECORD_AT)
-            data = self.memory[base + _RECORD_AT : base + _RECORD_AT + length]
-            if _WORD.unpack_from(self.memory, base)[0] == before:
+            at = self._buffer(slot, sequence)
+            length = min(_LENGTH.unpack_from(self.memory, at)[0], RECORD_BYTES - _LENGTH.size)
+            data = self.memory[at + _LENGTH.size : at + _LENGTH.size + length]
+            if _WORD.unpack_from(self.memory, base)[0] == sequence:  # else a live writer moved on: again
                 runs = Running.decode_all(data.decode())
-                self._known[slot] = (before, runs)
+                self._known[slot] = (sequence, runs)
                 return list(runs)
 
     def replace(self, slot: int, ended: Running | None, claimed: Running | None) -> None:

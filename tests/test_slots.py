@@ -7,8 +7,11 @@ import os
 import select
 import signal
 import socket
+import sys
 import threading
 import time
+from collections.abc import Callable
+from types import FrameType
 
 import pytest
 import redis
@@ -113,6 +116,69 @@ def test_a_reader_never_sees_half_a_record() -> None:
         board.stop()
         os.waitpid(pid, 0)
     assert min(reads.values()) >= 1, reads  # both records were read while they changed
+
+
+def read_in_another_process(board: SlotBoard, within: float = 5.0) -> list[Running] | None:
+    """What a fresh process reads from slot 0; None if it does not return in time."""
+    mine, theirs = socket.socketpair()
+
+    def reader() -> None:
+        theirs.sendall("".join(run.encode() for run in uncached(board).runs(0)).encode())
+        theirs.close()
+
+    pid = fork(reader)
+    theirs.close()
+    try:
+        if not select.select([mine], [], [], within)[0]:
+            return None
+        data = b""
+        while part := mine.recv(65536):
+            data += part
+        return Running.decode_all(data.decode())
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        mine.close()
+
+
+def test_a_writer_killed_at_any_step_leaves_a_whole_record() -> None:
+    """A slot's process dies at each step of a write in turn (the bug: killed
+    between the two sequence writes, it left the sequence odd and every
+    reader spun forever). Readers get the old record or the new one, at
+    once, and the next writer (the supervisor, for a dead child) goes on."""
+    old = [run("old:A", "t1", {"worker:x": 1})]
+    new = [run("n" * 3000 + ":A", "t2"), run("m:B", "t3", {"worker:y": 2})]
+    steps = 0
+    while True:
+        steps += 1
+        assert steps < 50, "the write never completed"
+        board = SlotBoard(1)
+        board.write(0, old)
+
+        def killed_mid_write(board: SlotBoard = board, at: int = steps) -> None:
+            lines = 0
+
+            def in_write(frame: FrameType, event: str, arg: object) -> Callable[..., object]:
+                nonlocal lines
+                if event == "line":
+                    lines += 1
+                    if lines == at:
+                        os._exit(7)
+                return in_write
+
+            sys.settrace(lambda frame, event, arg: in_write if frame.f_code is SlotBoard.write.__code__ else None)
+            board.write(0, new)
+
+        pid = fork(killed_mid_write)
+        completed = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+        seen = read_in_another_process(board)
+        assert seen is not None, f"a reader waits forever on a writer killed at step {steps}"
+        assert seen == new if completed else seen in (old, new), steps
+        board.write(0, old + new)
+        assert read_in_another_process(board) == old + new
+        if completed:
+            break
+    assert steps > 3
 
 
 def test_exit_codes_are_recorded_as_they_were() -> None:
