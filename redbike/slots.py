@@ -205,33 +205,41 @@ class SlotBoard:
 
 
 class LocalLock:
-    """A lock between the processes of one pool (flock on a temporary file):
-    claims that count worker-local resources take it, so two children never
-    spend the same free amount. The kernel releases it if its holder dies."""
+    """A lock between the processes of one pool: claims that count
+    worker-local resources take it, so two children never spend the same
+    free amount. The kernel releases it if its holder dies.
+
+    It is a POSIX record lock (lockf) on a file that has no name (O_TMPFILE,
+    or unlinked at once), so nothing is left on disk however the pool ends.
+    Its one descriptor reaches the children through fork, which is why the
+    lock is not flock: flock belongs to the open file description, which the
+    processes would share, so they would not exclude each other. A POSIX
+    lock belongs to the process. Its one trap, that closing any descriptor
+    of the file drops the process's locks, cannot be sprung: no other
+    descriptor of a nameless file exists.
+    """
 
     def __init__(self) -> None:
-        handle, self.path = tempfile.mkstemp(prefix="redbike-local-")
-        os.close(handle)
-        self._fd: int | None = None
-        self._pid = 0
-        self._threads = threading.Lock()  # flock does not exclude threads sharing one descriptor
+        self._file = tempfile.TemporaryFile(prefix="redbike-local-")  # noqa: SIM115 - as long-lived as the pool
+        self._threads = threading.Lock()  # a POSIX lock does not exclude the threads of its process
 
     def __enter__(self) -> LocalLock:
         self._threads.acquire()
-        if self._pid != os.getpid():  # a descriptor of its own per process, or they share the lock
-            self._fd, self._pid = os.open(self.path, os.O_RDWR), os.getpid()
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        try:
+            fcntl.lockf(self._file, fcntl.LOCK_EX)
+        except BaseException:
+            self._threads.release()
+            raise
         return self
 
     def __exit__(self, *_: object) -> None:
-        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        fcntl.lockf(self._file, fcntl.LOCK_UN)
         self._threads.release()
 
     def remove(self) -> None:
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+        """Close this process's descriptor of the lock's file (the file
+        itself has no name: it goes with its last descriptor)."""
+        self._file.close()
 
 
 def die_with_parent() -> None:
