@@ -223,7 +223,7 @@ class LocalLock:
         self._file = tempfile.TemporaryFile(prefix="redbike-local-")  # noqa: SIM115 - as long-lived as the pool
         self._threads = threading.Lock()  # a POSIX lock does not exclude the threads of its process
 
-    def __enter__(self) -> LocalLock:
+    def __enter__(self) -> LocalLock:  # noqa: PYI034 - typing.Self needs Python 3.11
         self._threads.acquire()
         try:
             fcntl.lockf(self._file, fcntl.LOCK_EX)
@@ -285,7 +285,7 @@ def fork(child: Callable[[], None], *, with_parent: bool = True) -> int:
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()
-            except Exception:  # noqa: BLE001
+            except Exception:  # noqa: BLE001, S110 - nowhere left to report it: the process ends
                 pass
         os._exit(code)
 
@@ -310,10 +310,11 @@ class Child:
         notes read and whether the child has ended."""
         if self.pidfd is None:
             return b"", True
-        waiting = [self.pidfd] if self.closed_by_child else [self.channel, self.pidfd]
+        channel = self.channel.fileno()
+        waiting = [self.pidfd] if self.closed_by_child else [channel, self.pidfd]
         ready = select.select(waiting, [], [], max(0.0, seconds))[0]
         notes = b""
-        if self.channel in ready:
+        if channel in ready:
             try:
                 notes = self.channel.recv(4096)
                 self.closed_by_child = not notes
