@@ -24,7 +24,8 @@ Options:
   --schedules=CSV    Set these JOBID,SCHEDULE[,NEEDS] rows before dispatching.
   --needs=NEEDS      Resources the job needs: host:db-17,db:db42=2 (amount 1
                      unless given).
-  --concurrency=N    Worker processes under this supervisor [default: 1].
+  --concurrency=N    Worker processes under this supervisor, 1 to 256
+                     (each maps 1 MiB of shared memory) [default: 1].
   --resources=AMOUNTS  This pool's worker-local resources: cpu_cores=16,ram_gb=64
                      (jobs need them as worker:cpu_cores=4).
   --load=CSV         Set the RESOURCE,CAPACITY rows of a CSV file.
@@ -59,6 +60,10 @@ from .workerspec import WorkerSpecError, load_worker
 
 log = logging.getLogger("redbike")
 
+# Each slot maps 1 MiB of shared memory and forks a process: a typo such as
+# --concurrency=99999999999999999999 must be refused, not attempted.
+MAX_CONCURRENCY = 256
+
 BAD_INPUT = (ConfigError, WorkerSpecError, ScheduleError, CsvError, JobIdError, ResourceError, EmbeddedError, ValueError)
 
 
@@ -89,10 +94,30 @@ def _timestamp(value: str | None) -> float | None:
 def _worker(spec: str | None, config: Config, required: bool) -> RoundRobin:
     spec = spec or config.worker
     if spec:
-        return load_worker(spec)  # type: ignore[return-value]
+        return load_worker(spec)
     if required:
         raise ConfigError("no worker: give WORKER (e.g. mymodule:Worker('A:B')) or set 'worker' in [redbike]")
     return RoundRobin()
+
+
+def _concurrency(text: str) -> int:
+    try:
+        concurrency = int(text)
+    except ValueError:
+        raise ValueError(f"--concurrency must be a whole number from 1 to {MAX_CONCURRENCY}, not {text!r}") from None
+    if not 1 <= concurrency <= MAX_CONCURRENCY:
+        raise ValueError(
+            f"--concurrency must be from 1 to {MAX_CONCURRENCY} (each slot maps 1 MiB of shared memory), not {text}"
+        )
+    return concurrency
+
+
+def _check_usage(args: dict[str, Any]) -> None:
+    """Command-line checks that need no Redis: done before connecting."""
+    if args["control"] and args["HALT"] != "HALT":
+        raise ValueError(f"unknown control command {args['HALT']!r}; the only one is HALT")
+    if args["work"]:
+        _concurrency(args["--concurrency"])
 
 
 def _bike(args: dict[str, Any], config: Config, worker_required: bool = False) -> Redbike:
@@ -106,6 +131,7 @@ def _bike(args: dict[str, Any], config: Config, worker_required: bool = False) -
 
 
 def _run(args: dict[str, Any]) -> int:
+    _check_usage(args)
     config = load_config(args["--config"])
     if args["embedded"]:
         if args["stop"]:
@@ -129,16 +155,11 @@ def _run(args: dict[str, Any]) -> int:
     elif args["dispatch"]:
         bike.dispatch(args["--schedules"], after=_timestamp(args["--after"]))
     elif args["work"]:
-        concurrency = int(args["--concurrency"])
-        if concurrency < 1:
-            raise ValueError(f"--concurrency must be at least 1, not {concurrency}")
-        bike.work(concurrency=concurrency, resources=args["--resources"])
+        bike.work(concurrency=_concurrency(args["--concurrency"]), resources=args["--resources"])
     elif args["statuses"]:
-        for row in bike.statuses(before=_timestamp(args["--before"])):
-            out.writerow(row)
+        out.writerows(bike.statuses(before=_timestamp(args["--before"])))
     elif args["schedules"]:
-        for row in bike.schedules():
-            out.writerow(row)
+        out.writerows(bike.schedules())
     elif args["tell"]:
         told = bike.tell(args["JOBID"])
         if told is None:

@@ -1,0 +1,94 @@
+"""The real CLI as a subprocess: bad input gets one line on stderr and exit 2,
+checked before Redis is contacted, and nothing named by a spec is called."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import free_port, redbike_command
+
+
+def run(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(redbike_command(*args), check=False, cwd=cwd, capture_output=True, text=True, timeout=60)
+
+
+def assert_one_line(result: subprocess.CompletedProcess[str], code: int = 2) -> str:
+    assert result.returncode == code, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("redbike: ")
+    return lines[0]
+
+
+@pytest.fixture
+def nowhere(tmp_path: Path) -> Path:
+    """A folder whose config names a Redis nobody listens on: a check made
+    after connecting would exit 1 (unreachable), not 2."""
+    (tmp_path / ".redbike.conf").write_text(
+        f"[redbike-redis]\nurl = redis://127.0.0.1:{free_port()}/0\nsocket_connect_timeout = 1\n"
+    )
+    (tmp_path / "notworker.py").write_text(
+        "class Plain:\n    def __init__(self, *args):\n        open('constructed', 'w').close()\n"
+    )
+    return tmp_path
+
+
+@pytest.mark.parametrize("word", ["status", "halt", "STOP", "HALT2"])
+def test_control_other_than_halt_is_a_usage_error(nowhere, word):
+    line = assert_one_line(run(nowhere, "control", word))
+    assert line == f"redbike: unknown control command {word!r}; the only one is HALT"
+
+
+def test_control_halt_still_halts(workdir, client, prefix):
+    result = run(workdir, "control", "HALT")
+    assert result.returncode == 0, result.stderr
+    assert client.get(f"{prefix}:control").startswith("HALT:")
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-3", "257", "99999999999999999999", "1.5"])
+def test_bad_concurrency_is_refused_before_connecting(nowhere, value):
+    line = assert_one_line(run(nowhere, "work", "redbike:RoundRobin('A')", f"--concurrency={value}"))
+    assert "--concurrency must be" in line and "256" in line
+
+
+def test_concurrency_256_is_accepted_by_the_check(nowhere):
+    # Passes the usage check, then fails at the unreachable Redis (exit 1).
+    line = assert_one_line(run(nowhere, "work", "redbike:RoundRobin('A')", "--concurrency=256"), code=1)
+    assert "cannot reach Redis" in line
+
+
+def test_help_states_the_concurrency_bound(tmp_path):
+    result = run(tmp_path, "--help")
+    assert result.returncode == 0 and "1 to 256" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "os:system('touch {marker}')",
+        "builtins:exec('open(\"{marker}\", \"w\").close()')",
+        "subprocess:call(['touch', '{marker}'])",
+        "sys:exit",
+        "sys:exit(0)",
+        "builtins:dict",
+        "notworker:Plain('A')",
+    ],
+)
+@pytest.mark.parametrize("command", ["work", "dispatch"])
+def test_worker_spec_that_is_not_a_roundrobin_is_refused_uncalled(nowhere, spec, command):
+    marker = nowhere / "marker"
+    line = assert_one_line(run(nowhere, command, spec.format(marker=marker)))
+    assert "is not a class deriving from redbike.RoundRobin" in line
+    assert not marker.exists() and not (nowhere / "constructed").exists()
+
+
+def test_worker_in_config_that_is_not_a_roundrobin(nowhere):
+    marker = nowhere / "marker"
+    conf = nowhere / ".redbike.conf"
+    conf.write_text(f"[redbike]\nworker = os:system('touch {marker}')\n\n" + conf.read_text())
+    line = assert_one_line(run(nowhere, "work"))
+    assert "is not a class deriving from redbike.RoundRobin" in line
+    assert not marker.exists()
