@@ -3,11 +3,16 @@ checked before Redis is contacted, and nothing named by a spec is called."""
 
 from __future__ import annotations
 
+import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
-from conftest import free_port, redbike_command
+from conftest import Daemons, free_port, redbike_command, wait_for
+
+from redbike import Redbike
+from redbike.keys import Keys
 
 
 def run(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -92,3 +97,52 @@ def test_worker_in_config_that_is_not_a_roundrobin(nowhere):
     line = assert_one_line(run(nowhere, "work"))
     assert "is not a class deriving from redbike.RoundRobin" in line
     assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        "encoding = rot13",
+        "encoding_errors = bogus",
+        "socket_connect_timeout = 1e300",
+        "socket_timeout = inf",
+        "socket_read_size = 0",
+        "port = 0",
+        "port = 99999",
+    ],
+)
+def test_bad_redis_setting_is_one_line(nowhere, setting):
+    conf = nowhere / ".redbike.conf"
+    conf.write_text(conf.read_text().replace("socket_connect_timeout = 1\n", "") + setting + "\n")
+    line = assert_one_line(run(nowhere, "statuses"))
+    assert f"[redbike-redis] {setting.split()[0]}" in line
+
+
+def test_idle_dispatcher_and_worker_outlive_a_short_socket_timeout(workdir, client, prefix, tmp_path):
+    """Both wait on pub/sub far longer than socket_timeout = 1 allows a read
+    to take, then still dispatch and run a job."""
+    conf = workdir / ".redbike.conf"
+    conf.write_text(conf.read_text() + "socket_timeout = 1\n")
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    daemons = Daemons(logs, dict(os.environ, PYTHONUNBUFFERED="1"))
+    try:
+        dispatcher = daemons.start("dispatch", cwd=workdir)
+        worker = daemons.start("work", cwd=workdir)
+        keys = Keys(prefix)
+        wait_for(lambda: client.get(keys.dispatcher), what="the dispatcher to lead")
+        wait_for(lambda: "slot(s) on queues" in daemons.log(worker), what="the worker to start")
+        idle_until = time.monotonic() + 3
+        # The idling itself is what is tested: nothing to wait for but time.
+        wait_for(lambda: time.monotonic() >= idle_until, what="3 s of idling")
+        assert dispatcher.poll() is None and worker.poll() is None
+        assert run(workdir, "set", "after-idle:A", "NOW").returncode == 0
+        bike = Redbike(client=client, prefix=prefix)
+        wait_for(
+            lambda: ("after-idle:A", "END") in {(job, event) for job, event, _ in bike.statuses()},
+            what="the job to run after the idle time",
+        )
+        log = daemons.log(dispatcher) + daemons.log(worker)
+        assert "Timeout" not in log and "Redis error" not in log, log
+    finally:
+        daemons.cleanup()
