@@ -13,6 +13,7 @@ from conftest import Daemons, free_port, redbike_command, wait_for
 
 from redbike import Redbike
 from redbike.keys import Keys
+from redbike.resources import ResourceError, check_name
 
 
 def run(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -144,5 +145,52 @@ def test_idle_dispatcher_and_worker_outlive_a_short_socket_timeout(workdir, clie
         )
         log = daemons.log(dispatcher) + daemons.log(worker)
         assert "Timeout" not in log and "Redis error" not in log, log
+    finally:
+        daemons.cleanup()
+
+
+@pytest.mark.parametrize("name", ["db\n", "db\r", "d\x1bb", "d\x7fb", "db\u0085", "d b", "a|b"])
+def test_resource_name_with_newline_or_control_character_is_refused(workdir, client, name):
+    line = assert_one_line(run(workdir, "capacity", name, "3"))
+    assert line.startswith(f"redbike: bad resource name {name!r}")
+    assert run(workdir, "capacities").stdout == ""
+
+
+def test_needs_with_bad_resource_name_is_refused(workdir, client):
+    line = assert_one_line(run(workdir, "set", "j:A", "STOP", "--needs=host:a\nb"))
+    assert "bad resource name 'host:a\\nb'" in line
+
+
+@pytest.mark.parametrize("name", ["db\n", "d\x00b", "\x85", ""])
+def test_check_name_matches_the_whole_name(name):
+    with pytest.raises(ResourceError, match="bad resource name"):
+        check_name(name)
+
+
+def test_byte_order_mark_is_not_part_of_the_first_field(workdir, client):
+    (workdir / "caps.csv").write_bytes("\ufeffdb,2\nhost:x,1\n".encode())
+    assert run(workdir, "capacity", "--load=caps.csv").returncode == 0
+    assert run(workdir, "capacities").stdout.splitlines() == ["db,2,0,0", "host:x,1,0,0"]
+
+
+def test_dispatch_schedules_reports_what_was_bad(workdir, client, prefix, tmp_path):
+    """A BOM does not become part of the first job id, and a bad needs cell is
+    reported as bad needs, not as a bad schedule."""
+    (workdir / "jobs.csv").write_bytes(
+        "\ufefffirst:A,STOP\nbadneeds:A,STOP,host:x=abc\nbadschedule:A,sometimes\n".encode()
+    )
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    daemons = Daemons(logs, dict(os.environ, PYTHONUNBUFFERED="1"))
+    try:
+        dispatcher = daemons.start("dispatch", "--schedules=jobs.csv", cwd=workdir)
+        wait_for(lambda: "started" in daemons.log(dispatcher), what="the dispatcher to start")
+        log = daemons.log(dispatcher)
+        assert "jobs.csv: badneeds:A: bad amount in needs 'abc': not a whole number" in log, log
+        assert "jobs.csv: badschedule:A: bad schedule 'sometimes'" in log, log
+        assert "bad schedule: badneeds" not in log
+        jobs = dict(row.split(",", 1) for row in run(workdir, "schedules").stdout.splitlines())
+        assert jobs.get("first:A") == "STOP" and "\ufefffirst:A" not in jobs
+        assert "badneeds:A" not in jobs
     finally:
         daemons.cleanup()
