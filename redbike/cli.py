@@ -32,13 +32,19 @@ Options:
   --seconds=S        How long the demo runs [default: 5].
   -v --verbose       Log debug messages.
 
-Exit status: 0 success, 1 runtime failure (e.g. Redis unreachable),
-2 bad input (usage, schedule, config, worker spec, CSV), 3 no such job.
+Exit status: 0 success, 1 runtime failure (e.g. Redis unreachable) or, for
+`embedded status`, no embedded server running, 2 bad input (usage, schedule,
+config, worker spec, CSV), 3 no such job.
+
+With no [redbike-redis] in the config, commands use the embedded Redis server
+of the nearest .redbike/ folder here or above (as git finds .git/), or start
+one in ./.redbike/ (with a warning) if there is none.
 """
 
 from __future__ import annotations
 
 import csv
+import datetime
 import json
 import logging
 import os
@@ -52,7 +58,7 @@ from docopt import DocoptExit, docopt
 from .api import JobIdError, Redbike
 from .config import Config, ConfigError, check_reachable, connect, load_config
 from .csvfile import CsvError
-from .embedded import EmbeddedError, server_running, stop_server
+from .embedded import EmbeddedError, find_folder, server_status, stop_server
 from .resources import ResourceError, check_name, parse_capacity
 from .roundrobin import RoundRobin
 from .schedules import ScheduleError, parse_timestamp
@@ -130,15 +136,38 @@ def _bike(args: dict[str, Any], config: Config, worker_required: bool = False) -
     return Redbike(worker, prefix=config.prefix, timefile=config.timefile, default_timeout=config.default_timeout, client=client)
 
 
+def _embedded(stop: bool) -> int:
+    """`embedded stop` / `embedded status` for the .redbike/ folder found here
+    or above; status exits 1 when no server runs."""
+    folder = find_folder()
+    where = folder or "no .redbike/ folder here or above"
+    if stop:
+        print(f"stopped the embedded Redis server in {folder}" if folder and stop_server(folder) else f"not running ({where})")
+        return 0
+    status = server_status(folder) if folder else None
+    if status is None:
+        print(f"not running ({where})")
+        return 1
+    unknown = "unknown (the server is loading its data)" if status.busy else "unknown"
+    uptime = status.uptime_seconds
+    print("running")
+    for name, value in (
+        ("folder", status.folder),
+        ("socket", status.socket),
+        ("pid", status.pid),
+        ("version", status.version),
+        ("uptime", None if uptime is None else f"{uptime} s ({datetime.timedelta(seconds=uptime)})"),
+        ("memory", status.used_memory),
+    ):
+        print(f"{name + ':':<9}{unknown if value is None else value}")
+    return 0
+
+
 def _run(args: dict[str, Any]) -> int:
     _check_usage(args)
     config = load_config(args["--config"])
     if args["embedded"]:
-        if args["stop"]:
-            print("stopped" if stop_server() else "not running")
-        else:
-            print("running" if server_running() else "not running")
-        return 0
+        return _embedded(stop=bool(args["stop"]))
     if args["demo"]:
         from .demo import run_demo
 

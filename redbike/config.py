@@ -294,24 +294,41 @@ def load_config(path: str | None) -> Config:
     return config
 
 
-def connect(settings: dict[str, object], *, embedded_dir: str = ".redbike") -> redis.Redis:
-    """A client (``decode_responses=True``) for ``settings``; empty: the embedded server.
-
-    Does not contact the server (except to start the embedded one); use
-    :func:`check_reachable` for that.
-    """
-    if not settings:
-        try:
-            socket_path = embedded.ensure_server(embedded_dir)
-        except embedded.EmbeddedError as exc:
-            raise ConfigError(str(exc)) from exc
-        folder = os.path.dirname(socket_path)
+def _embedded_socket(embedded_dir: str | None) -> str:
+    """Start (unless it runs) the embedded server of ``embedded_dir``, else of
+    the nearest ``.redbike/`` here or above, else of a new ``./.redbike/``."""
+    found = embedded_dir or embedded.find_folder()
+    try:
+        socket_path = embedded.ensure_server(found or embedded.DEFAULT_FOLDER)
+    except embedded.EmbeddedError as exc:
+        raise ConfigError(str(exc)) from exc
+    folder = os.path.dirname(socket_path)
+    if found is None:
+        # Loud: a command run from the wrong folder would otherwise silently
+        # work on a new, empty server.
+        logger.warning(
+            "redbike: no Redis configured and no .redbike/ folder here or above: "
+            "started a new embedded Redis server in %s (stop it with 'redbike embedded stop')",
+            folder,
+        )
+    else:
         logger.info(
             "redbike: no Redis configured; using the embedded Redis server in %s (socket %s)",
             folder,
             os.path.basename(socket_path),
         )
-        settings = {"unix_socket_path": socket_path}
+    return socket_path
+
+
+def connect(settings: dict[str, object], *, embedded_dir: str | None = None) -> redis.Redis:
+    """A client (``decode_responses=True``) for ``settings``; empty: the embedded
+    server of ``embedded_dir`` (default: found as :func:`embedded.find_folder` does).
+
+    Does not contact the server (except to start the embedded one); use
+    :func:`check_reachable` for that.
+    """
+    if not settings:
+        settings = {"unix_socket_path": _embedded_socket(embedded_dir)}
     kwargs: dict[str, Any] = dict(settings)
     url = kwargs.pop("url", None)
     # Set explicitly: redis-py's default differs between versions (none
