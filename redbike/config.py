@@ -62,8 +62,8 @@ _INT_KEYS: dict[str, tuple[int, int]] = {
     "max_connections": (1, 1_000_000),
     "protocol": (2, 3),
 }
-# (smallest allowed, whether the smallest itself is allowed): 0 disables
-# health checks, but a zero socket timeout would make every read fail.
+# Seconds, at most a day, and whether 0 is allowed: 0 disables health
+# checks, but a zero socket timeout would make every read fail.
 _FLOAT_KEYS: dict[str, bool] = {
     "socket_timeout": False,
     "socket_connect_timeout": False,

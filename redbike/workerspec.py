@@ -90,6 +90,13 @@ def parse_spec(spec: str) -> tuple[str, list[str], list[object], dict[str, objec
     return module, path, args, kwargs
 
 
+def _is_worker_class(target: object) -> bool:
+    try:
+        return isinstance(target, type) and issubclass(target, RoundRobin)
+    except TypeError:  # a generic alias passes isinstance(..., type) on some Pythons
+        return False
+
+
 def load_worker(spec: str) -> RoundRobin:
     """Import the module named in ``spec`` and return the constructed worker."""
     module_name, path, args, kwargs = parse_spec(spec)
@@ -114,7 +121,7 @@ def load_worker(spec: str) -> RoundRobin:
     qualname = f"{module_name}:{'.'.join(path)}"
     # Checked before the call: a spec may name any attribute of any module
     # (os:system, builtins:exec, sys:exit), and only a worker class may run.
-    if not (isinstance(target, type) and issubclass(target, RoundRobin)):
+    if not _is_worker_class(target):
         raise WorkerSpecError(f"worker {qualname!r} is not a class deriving from redbike.RoundRobin")
     # A subclass's __init__ takes whatever it declares, not RoundRobin's.
     construct: Callable[..., object] = target
