@@ -23,6 +23,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from typing import TypeGuard
 
 from .roundrobin import RoundRobin
 
@@ -90,7 +91,7 @@ def parse_spec(spec: str) -> tuple[str, list[str], list[object], dict[str, objec
     return module, path, args, kwargs
 
 
-def _is_worker_class(target: object) -> bool:
+def _is_worker_class(target: object) -> TypeGuard[type[RoundRobin]]:
     try:
         return isinstance(target, type) and issubclass(target, RoundRobin)
     except TypeError:  # a generic alias passes isinstance(..., type) on some Pythons
