@@ -19,13 +19,18 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=7", "fakeredis[lua]>=2.20", "lupa", "hypothesis>=6"],
+        # The peers, bounded to the releases of the committed results (see
+        # bench/README.md): unbounded, pip's resolver backtracks through every
+        # old kombu, because arq >= 0.26 wants redis-py < 6 and kombu's Redis
+        # transport a newer one.
         "bench": [
             "matplotlib>=3.5",
-            "rq>=1.15",
-            "huey>=2.5",
-            "celery[redis]>=5.3",
-            "dramatiq[redis]>=1.15",
-            "arq>=0.25",
+            "rq>=3.0,<4",
+            "huey>=2.5,<4",
+            "celery[redis]>=5.7,<5.8",
+            "kombu[redis]>=5.7,<5.8",
+            "dramatiq[redis]>=2.2,<3",
+            "arq>=0.25,<0.26",
             "pyinstrument>=4.5",
             "py-spy>=0.3",
         ],

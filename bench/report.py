@@ -117,9 +117,9 @@ def targets(r: dict[str, Any]) -> list[tuple[str, str, str]]:
         low, high = gating[0], gating[-1]
         growth = high["server_usec"] / low["server_usec"] - 1
         rows.append((f"claim cost flat from {_f(low['parked'])} to {_f(high['parked'])} parked jobs",
-                     f"{low['server_usec']:.1f} -> {high['server_usec']:.1f} us of Redis time per claim "
-                     f"({growth:+.0%}), {high['commands_per_claim']:.0f} commands, "
-                     f"{high['evalsha_per_claim']:.2f} round trips", _status(growth <= 0.25)))
+                     (f"{low['server_usec']:.1f} -> {high['server_usec']:.1f} us of Redis time per claim "
+                      f"({growth:+.0%}), {high['commands_per_claim']:.0f} commands, "
+                      f"{high['evalsha_per_claim']:.2f} round trips"), _status(growth <= 0.25)))
     return rows
 
 
@@ -263,7 +263,8 @@ def machine_lines(r: dict[str, Any]) -> list[str]:
     m = r["machine"]
     return [(f"{m['date']}; {m['nproc']} x {m['cpu']}; Python {m['python']}; redis-py {m['redis_py']}"
             f" ({'hiredis' if m['hiredis'] else 'no hiredis'}); Redis {m['redis']} ({m['redis_malloc']});"
-            f" redbike {m['redbike']}; options: {m['options']}")]
+            f" redbike {m['redbike']}; options: {m['options']}"
+            + "".join(f"; {name} {v}" for name, v in m.get("packages", {}).items()))]
 
 
 def load_lines(r: dict[str, Any]) -> list[str]:

@@ -1,7 +1,9 @@
 """Run the redbike benchmark suite: ``python -m bench`` (see bench/README.md).
 
 Starts its own redis-server on a free loopback port, measures, prints the
-results table and writes results.md, results.json and scaling.png to --out.
+results table and writes results.md, results.json and scaling.png to --out
+(default bench/results/latest/, not committed); --commit-results writes them
+to bench/results/, the committed run that bench/README.md describes.
 """
 
 from __future__ import annotations
@@ -22,7 +24,10 @@ from .load import OtherLoad, wait_quiet
 from .server import RedisServer, calibrate
 
 SECTIONS = ("limit", "drain", "scale", "latency", "pickup", "idle", "heartbeats", "gating", "peers")
-DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+COMMITTED_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+DEFAULT_OUT = os.path.join(COMMITTED_OUT, "latest")  # git-ignored: a run does not overwrite the committed one
+# Recorded with every run: the peers' figures depend on their releases.
+PACKAGES = ("redis", "hiredis", "rq", "huey", "celery", "kombu", "dramatiq", "arq")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -51,7 +56,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="at most this many seconds timing each peer's drain (default 30)")
     parser.add_argument("--skip", default="", help=f"sections to leave out, comma-separated: {','.join(SECTIONS)}")
     parser.add_argument("--only", default="", help="run only these sections, comma-separated")
-    parser.add_argument("--out", default=DEFAULT_OUT, help="folder for results.md/.json and scaling.png")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--out", default=DEFAULT_OUT,
+                       help="folder for results.md/.json and scaling.png (default bench/results/latest, git-ignored)")
+    where.add_argument("--commit-results", dest="out", action="store_const", const=COMMITTED_OUT,
+                       help="write them to bench/results/, replacing the committed run")
     parser.add_argument("--no-plot", action="store_true", help="no PNG")
     parser.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
                         help="first wait up to this long until other processes leave the CPU alone (default 0)")
@@ -96,9 +105,21 @@ def machine(server: RedisServer, args: argparse.Namespace) -> dict[str, Any]:
         "nproc": os.cpu_count(), "cpu": cpu, "python": platform.python_version(),
         "redis_py": redis.__version__, "hiredis": has_hiredis, "redis": info["redis_version"],
         "redis_malloc": "malloc=" + str(server.client().info("memory").get("mem_allocator", "?")),
-        "redbike": _redbike_version(), "platform": platform.platform(),
+        "redbike": _redbike_version(), "platform": platform.platform(), "packages": _package_versions(),
         "options": " ".join(f"--{k.replace('_', '-')}={v}" for k, v in options.items()),
     }
+
+
+def _package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
 
 
 def _redbike_version() -> str:
@@ -108,7 +129,7 @@ def _redbike_version() -> str:
 
     folder = os.path.dirname(os.path.dirname(os.path.abspath(redbike.__file__)))
     try:
-        head = subprocess.run(["git", "-C", folder, "describe", "--always", "--dirty"], capture_output=True,
+        head = subprocess.run(["git", "-C", folder, "describe", "--always", "--dirty"], check=False, capture_output=True,
                               text=True, timeout=5).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         head = ""
@@ -143,7 +164,7 @@ def run(args: argparse.Namespace, say: Callable[[str], None] = print) -> dict[st
             load.start()
             try:
                 fn()
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - recorded; the other sections go on
                 results["errors"][name] = f"{type(exc).__name__}: {exc}"
                 say(f"  FAILED: {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
             other = load.stop()

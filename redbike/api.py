@@ -168,8 +168,9 @@ class Redbike:
         """Set the schedules of a JOBID,SCHEDULE CSV file, then dispatch until
         HALT or a signal."""
         if schedules_csv is not None:
+            # Each line says what was wrong (schedule, needs, job id).
             for line in self.set_many(read_schedules_csv(schedules_csv), after=after):
-                log.error("bad schedule: %s", line)
+                log.error("%s: %s", schedules_csv, line)
         dispatcher = Dispatcher(self.client, self.keys, self.worker.queue_for, timefile=self.timefile, clock=self.clock)
         recorded = read_timefile(self.timefile)
         if recorded is not None:

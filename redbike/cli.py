@@ -24,20 +24,27 @@ Options:
   --schedules=CSV    Set these JOBID,SCHEDULE[,NEEDS] rows before dispatching.
   --needs=NEEDS      Resources the job needs: host:db-17,db:db42=2 (amount 1
                      unless given).
-  --concurrency=N    Worker processes under this supervisor [default: 1].
+  --concurrency=N    Worker processes under this supervisor, 1 to 256
+                     (each maps 1 MiB of shared memory) [default: 1].
   --resources=AMOUNTS  This pool's worker-local resources: cpu_cores=16,ram_gb=64
                      (jobs need them as worker:cpu_cores=4).
   --load=CSV         Set the RESOURCE,CAPACITY rows of a CSV file.
   --seconds=S        How long the demo runs [default: 5].
   -v --verbose       Log debug messages.
 
-Exit status: 0 success, 1 runtime failure (e.g. Redis unreachable),
-2 bad input (usage, schedule, config, worker spec, CSV), 3 no such job.
+Exit status: 0 success, 1 runtime failure (e.g. Redis unreachable) or, for
+`embedded status`, no embedded server running, 2 bad input (usage, schedule,
+config, worker spec, CSV), 3 no such job.
+
+With no [redbike-redis] in the config, commands use the embedded Redis server
+of the nearest .redbike/ folder here or above (as git finds .git/), or start
+one in ./.redbike/ (with a warning) if there is none.
 """
 
 from __future__ import annotations
 
 import csv
+import datetime
 import json
 import logging
 import os
@@ -51,13 +58,17 @@ from docopt import DocoptExit, docopt
 from .api import JobIdError, Redbike
 from .config import Config, ConfigError, check_reachable, connect, load_config
 from .csvfile import CsvError
-from .embedded import EmbeddedError, server_running, stop_server
+from .embedded import EmbeddedError, find_folder, server_status, stop_server
 from .resources import ResourceError, check_name, parse_capacity
 from .roundrobin import RoundRobin
 from .schedules import ScheduleError, parse_timestamp
 from .workerspec import WorkerSpecError, load_worker
 
 log = logging.getLogger("redbike")
+
+# Each slot maps 1 MiB of shared memory and forks a process: a typo such as
+# --concurrency=99999999999999999999 must be refused, not attempted.
+MAX_CONCURRENCY = 256
 
 BAD_INPUT = (ConfigError, WorkerSpecError, ScheduleError, CsvError, JobIdError, ResourceError, EmbeddedError, ValueError)
 
@@ -89,10 +100,30 @@ def _timestamp(value: str | None) -> float | None:
 def _worker(spec: str | None, config: Config, required: bool) -> RoundRobin:
     spec = spec or config.worker
     if spec:
-        return load_worker(spec)  # type: ignore[return-value]
+        return load_worker(spec)
     if required:
         raise ConfigError("no worker: give WORKER (e.g. mymodule:Worker('A:B')) or set 'worker' in [redbike]")
     return RoundRobin()
+
+
+def _concurrency(text: str) -> int:
+    try:
+        concurrency = int(text)
+    except ValueError:
+        raise ValueError(f"--concurrency must be a whole number from 1 to {MAX_CONCURRENCY}, not {text!r}") from None
+    if not 1 <= concurrency <= MAX_CONCURRENCY:
+        raise ValueError(
+            f"--concurrency must be from 1 to {MAX_CONCURRENCY} (each slot maps 1 MiB of shared memory), not {text}"
+        )
+    return concurrency
+
+
+def _check_usage(args: dict[str, Any]) -> None:
+    """Command-line checks that need no Redis: done before connecting."""
+    if args["control"] and args["HALT"] != "HALT":
+        raise ValueError(f"unknown control command {args['HALT']!r}; the only one is HALT")
+    if args["work"]:
+        _concurrency(args["--concurrency"])
 
 
 def _bike(args: dict[str, Any], config: Config, worker_required: bool = False) -> Redbike:
@@ -105,14 +136,38 @@ def _bike(args: dict[str, Any], config: Config, worker_required: bool = False) -
     return Redbike(worker, prefix=config.prefix, timefile=config.timefile, default_timeout=config.default_timeout, client=client)
 
 
+def _embedded(stop: bool) -> int:
+    """`embedded stop` / `embedded status` for the .redbike/ folder found here
+    or above; status exits 1 when no server runs."""
+    folder = find_folder()
+    where = folder or "no .redbike/ folder here or above"
+    if stop:
+        print(f"stopped the embedded Redis server in {folder}" if folder and stop_server(folder) else f"not running ({where})")
+        return 0
+    status = server_status(folder) if folder else None
+    if status is None:
+        print(f"not running ({where})")
+        return 1
+    unknown = "unknown (the server is loading its data)" if status.busy else "unknown"
+    uptime = status.uptime_seconds
+    print("running")
+    for name, value in (
+        ("folder", status.folder),
+        ("socket", status.socket),
+        ("pid", status.pid),
+        ("version", status.version),
+        ("uptime", None if uptime is None else f"{uptime} s ({datetime.timedelta(seconds=uptime)})"),
+        ("memory", status.used_memory),
+    ):
+        print(f"{name + ':':<9}{unknown if value is None else value}")
+    return 0
+
+
 def _run(args: dict[str, Any]) -> int:
+    _check_usage(args)
     config = load_config(args["--config"])
     if args["embedded"]:
-        if args["stop"]:
-            print("stopped" if stop_server() else "not running")
-        else:
-            print("running" if server_running() else "not running")
-        return 0
+        return _embedded(stop=bool(args["stop"]))
     if args["demo"]:
         from .demo import run_demo
 
@@ -129,16 +184,11 @@ def _run(args: dict[str, Any]) -> int:
     elif args["dispatch"]:
         bike.dispatch(args["--schedules"], after=_timestamp(args["--after"]))
     elif args["work"]:
-        concurrency = int(args["--concurrency"])
-        if concurrency < 1:
-            raise ValueError(f"--concurrency must be at least 1, not {concurrency}")
-        bike.work(concurrency=concurrency, resources=args["--resources"])
+        bike.work(concurrency=_concurrency(args["--concurrency"]), resources=args["--resources"])
     elif args["statuses"]:
-        for row in bike.statuses(before=_timestamp(args["--before"])):
-            out.writerow(row)
+        out.writerows(bike.statuses(before=_timestamp(args["--before"])))
     elif args["schedules"]:
-        for row in bike.schedules():
-            out.writerow(row)
+        out.writerows(bike.schedules())
     elif args["tell"]:
         told = bike.tell(args["JOBID"])
         if told is None:

@@ -12,17 +12,29 @@ The file (default ``.redbike.conf`` in the current directory) has two stanzas:
 
 Every other section is ignored, so the file can be shared with other tools.
 Keys may be spelled with ``-`` or ``_`` (``default-timeout`` or
-``default_timeout``, ``ssl-ca-certs`` or ``ssl_ca_certs``).
+``default_timeout``, ``ssl-ca-certs`` or ``ssl_ca_certs``).  Values are checked
+when the file is read: numbers within their range (``port`` 1..65535,
+timeouts finite, > 0 and at most a day), ``encoding`` a known text encoding,
+``encoding_errors`` a known error handler.
+
+Unless the file says otherwise, every connection has a ``socket_timeout`` of
+30 s and, over TCP, keepalive probes that find a silently dropped connection
+within about 30 s: a read on a dead connection must not block a slot or the
+heartbeat for the many minutes the kernel would otherwise wait.  redbike makes
+no blocking call that waits longer (pub/sub is polled with a short timeout).
 """
 
 from __future__ import annotations
 
+import codecs
 import configparser
 import inspect
 import logging
 import math
 import os
+import socket
 from dataclasses import dataclass, field
+from typing import Any
 
 import redis
 
@@ -40,8 +52,23 @@ REDIS_SECTION = "redbike-redis"
 # something no one writes makes [DEFAULT] an ordinary, ignored section.
 _NO_DEFAULT_SECTION = "redbike: no default section"
 
-_INT_KEYS = frozenset({"port", "db", "socket_read_size", "max_connections", "protocol"})
-_FLOAT_KEYS = frozenset({"socket_timeout", "socket_connect_timeout", "health_check_interval"})
+DAY = 86400.0
+# Inclusive ranges: a value outside them fails late and obscurely (port 0,
+# socket_read_size 0 reads nothing and hangs, a huge timeout overflows).
+_INT_KEYS: dict[str, tuple[int, int]] = {
+    "port": (1, 65535),
+    "db": (0, 2**31 - 1),
+    "socket_read_size": (1, 64 * 1024 * 1024),
+    "max_connections": (1, 1_000_000),
+    "protocol": (2, 3),
+}
+# Seconds, at most a day, and whether 0 is allowed: 0 disables health
+# checks, but a zero socket timeout would make every read fail.
+_FLOAT_KEYS: dict[str, bool] = {
+    "socket_timeout": False,
+    "socket_connect_timeout": False,
+    "health_check_interval": True,
+}
 _BOOL_KEYS = frozenset(
     {
         "ssl",
@@ -83,6 +110,23 @@ _URL_SCHEMES = ("redis://", "rediss://", "unix://")
 # Used when nothing else is configured: a dead connection (e.g. after a
 # NAT/firewall silently dropped it) is noticed before a command is sent on it.
 DEFAULT_HEALTH_CHECK_INTERVAL = 30
+# ... and a read on one that died after the command was sent gives up.
+DEFAULT_SOCKET_TIMEOUT = 30.0
+# TCP keepalive: first probe after 15 s idle, then every 5 s, dead after 3
+# unanswered: an idle connection silently dropped is found within ~30 s.
+# macOS names the idle time TCP_KEEPALIVE.
+_KEEPALIVE = ((("TCP_KEEPIDLE", "TCP_KEEPALIVE"), 15), (("TCP_KEEPINTVL",), 5), (("TCP_KEEPCNT",), 3))
+
+
+def keepalive_options() -> dict[int, int]:
+    """The TCP keepalive socket options this platform has."""
+    options: dict[int, int] = {}
+    for names, value in _KEEPALIVE:
+        for name in names:
+            if hasattr(socket, name):
+                options[getattr(socket, name)] = value
+                break
+    return options
 
 
 class ConfigError(Exception):
@@ -169,18 +213,36 @@ def _parse_main(section: configparser.SectionProxy, path: str, config: Config) -
 def _convert(key: str, raw_key: str, value: str, path: str) -> object:
     where = f"[{REDIS_SECTION}] {raw_key} in {path!r}"
     if key in _INT_KEYS:
+        low, high = _INT_KEYS[key]
         try:
-            return int(value)
+            integer = int(value)
         except ValueError:
             raise ConfigError(f"{where} must be an integer, got {value!r}") from None
+        if not low <= integer <= high:
+            raise ConfigError(f"{where} must be an integer from {low} to {high}, got {value!r}")
+        return integer
     if key in _FLOAT_KEYS:
+        zero_allowed = _FLOAT_KEYS[key]
         try:
             number = float(value)
         except ValueError:
             number = math.nan
-        if not (math.isfinite(number) and number >= 0):
-            raise ConfigError(f"{where} must be a non-negative number, got {value!r}")
+        if not ((0 <= number if zero_allowed else 0 < number) and number <= DAY):
+            smallest = "from 0" if zero_allowed else "above 0 and"
+            raise ConfigError(f"{where} must be a number of seconds {smallest} up to {DAY:g}, got {value!r}")
         return number
+    if key == "encoding":
+        try:
+            "".encode(value)  # a LookupError also for codecs such as rot13 that are not text encodings
+        except LookupError:
+            raise ConfigError(f"{where} must be a text encoding Python knows (e.g. utf-8), got {value!r}") from None
+    if key == "encoding_errors":
+        try:
+            codecs.lookup_error(value)
+        except LookupError:
+            raise ConfigError(
+                f"{where} must be a codec error handler (strict, replace, ignore, ...), got {value!r}"
+            ) from None
     if key in _BOOL_KEYS:
         state = configparser.ConfigParser.BOOLEAN_STATES.get(value.lower())
         if state is None:
@@ -232,30 +294,51 @@ def load_config(path: str | None) -> Config:
     return config
 
 
-def connect(settings: dict[str, object], *, embedded_dir: str = ".redbike") -> redis.Redis:
-    """A client (``decode_responses=True``) for ``settings``; empty: the embedded server.
-
-    Does not contact the server (except to start the embedded one); use
-    :func:`check_reachable` for that.
-    """
-    if not settings:
-        try:
-            socket_path = embedded.ensure_server(embedded_dir)
-        except embedded.EmbeddedError as exc:
-            raise ConfigError(str(exc)) from exc
-        folder = os.path.dirname(socket_path)
+def _embedded_socket(embedded_dir: str | None) -> str:
+    """Start (unless it runs) the embedded server of ``embedded_dir``, else of
+    the nearest ``.redbike/`` here or above, else of a new ``./.redbike/``."""
+    found = embedded_dir or embedded.find_folder()
+    try:
+        socket_path = embedded.ensure_server(found or embedded.DEFAULT_FOLDER)
+    except embedded.EmbeddedError as exc:
+        raise ConfigError(str(exc)) from exc
+    folder = os.path.dirname(socket_path)
+    if found is None:
+        # Loud: a command run from the wrong folder would otherwise silently
+        # work on a new, empty server.
+        logger.warning(
+            "redbike: no Redis configured and no .redbike/ folder here or above: "
+            "started a new embedded Redis server in %s (stop it with 'redbike embedded stop')",
+            folder,
+        )
+    else:
         logger.info(
             "redbike: no Redis configured; using the embedded Redis server in %s (socket %s)",
             folder,
             os.path.basename(socket_path),
         )
-        settings = {"unix_socket_path": socket_path}
-    kwargs = dict(settings)
+    return socket_path
+
+
+def connect(settings: dict[str, object], *, embedded_dir: str | None = None) -> redis.Redis:
+    """A client (``decode_responses=True``) for ``settings``; empty: the embedded
+    server of ``embedded_dir`` (default: found as :func:`embedded.find_folder` does).
+
+    Does not contact the server (except to start the embedded one); use
+    :func:`check_reachable` for that.
+    """
+    if not settings:
+        settings = {"unix_socket_path": _embedded_socket(embedded_dir)}
+    kwargs: dict[str, Any] = dict(settings)
     url = kwargs.pop("url", None)
-    # redis-py >= 8 defaults socket_timeout to 5 s, which would break the
-    # long blocking reads (BLPOP, XREADGROUP BLOCK, ...) workers rely on.
-    kwargs.setdefault("socket_timeout", None)
+    # Set explicitly: redis-py's default differs between versions (none
+    # before 8, 5 s since). No redbike read blocks for longer: pub/sub waits
+    # poll with get_message(timeout=...), which is not bound by it.
+    kwargs.setdefault("socket_timeout", DEFAULT_SOCKET_TIMEOUT)
     kwargs.setdefault("health_check_interval", DEFAULT_HEALTH_CHECK_INTERVAL)
+    unix = "unix_socket_path" in kwargs or (url is not None and str(url).startswith("unix://"))
+    if not unix and kwargs.setdefault("socket_keepalive", True):
+        kwargs["socket_keepalive_options"] = keepalive_options()
     kwargs["decode_responses"] = True
     try:
         if url is not None:

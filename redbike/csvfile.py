@@ -16,7 +16,8 @@ def read_rows(path: str, columns: str, optional: int = 0) -> list[tuple[int, lis
     they start on, since a quoted field may span lines."""
     wanted = columns.count(",") + 1
     try:
-        with open(path, newline="", encoding="utf-8") as handle:
+        # utf-8-sig: a byte order mark (Excel writes one) is not part of the first field.
+        with open(path, newline="", encoding="utf-8-sig") as handle:
             reader = csv.reader(handle)
             rows, line = [], 1
             for row in reader:

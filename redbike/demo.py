@@ -4,9 +4,12 @@ embedded server by default)."""
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
+
+import redis
 
 from .api import Redbike
 from .config import Config, check_reachable, connect
@@ -34,10 +37,23 @@ class DemoWorker(RoundRobin):
 
 
 def run_demo(config: Config, seconds: float = 5.0) -> int:
-    global STARTED
     seconds = max(seconds, 3.0)  # time for the AT job (2 s) and the countdown to end
     client = connect(config.redis)
     check_reachable(client)
+    try:
+        return _demo(client, config, seconds)
+    finally:
+        if not config.redis:
+            # It was started (or found) for the demo and outlives it: say so.
+            folder = os.path.dirname(str(client.connection_pool.connection_kwargs["path"]))
+            print(
+                f"the embedded Redis server in {folder} still runs (it keeps the demo's data); "
+                "stop it with 'redbike embedded stop'"
+            )
+
+
+def _demo(client: redis.Redis, config: Config, seconds: float) -> int:
+    global STARTED
     bike = Redbike(DemoWorker("A:B"), prefix=f"{config.prefix}-demo", client=client)
     keys = bike.keys
     client.delete(*keys.job_state(), keys.dispatcher_epoch, keys.queue("A"), keys.queue("B"))

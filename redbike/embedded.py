@@ -6,7 +6,9 @@ unless told otherwise) whose socket, config, log and data live in one folder,
 ``<folder>/redis.sock`` and daemonizes, so it outlives the process that started
 it: every redbike process started from the same directory (``redbike set``,
 ``redbike dispatch``, ``redbike work`` ...) shares it.  :func:`stop_server`
-stops it.
+stops it.  :func:`find_folder` finds the ``.redbike/`` of the current directory
+or of the nearest folder above it, as git finds ``.git/``, so that a command
+run from a subfolder uses the same server.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import redis
 from redis.backoff import NoBackoff
@@ -112,6 +115,62 @@ def _probe(socket_path: str) -> _State:
 def server_running(folder: str = DEFAULT_FOLDER) -> bool:
     """True if a server accepts connections on ``<folder>/redis.sock``."""
     return _probe(_paths(folder)[1]) is not _State.DOWN
+
+
+def find_folder(start: str | None = None) -> str | None:
+    """The absolute path of the nearest ``.redbike/`` folder in ``start``
+    (default: the current directory) or in a folder above it; None if none."""
+    here = os.path.abspath(start if start is not None else os.getcwd())
+    while True:
+        candidate = os.path.join(here, DEFAULT_FOLDER)
+        if os.path.isdir(candidate):
+            return candidate
+        parent = os.path.dirname(here)
+        if parent == here:
+            return None
+        here = parent
+
+
+@dataclass(frozen=True)
+class ServerStatus:
+    """What ``redbike embedded status`` shows; ``None`` fields are unknown
+    (a server still loading its data answers no INFO)."""
+
+    folder: str
+    socket: str
+    pid: int | None
+    version: str | None
+    uptime_seconds: int | None
+    used_memory: str | None
+    busy: bool
+
+
+def server_status(folder: str = DEFAULT_FOLDER) -> ServerStatus | None:
+    """The running server of ``folder``, or None if none runs there."""
+    folder, socket_path, pidfile = _paths(folder)
+    state = _probe(socket_path)
+    if state is _State.DOWN:
+        return None
+    info: dict[str, object] = {}
+    if state is _State.UP:
+        client = _control_client(socket_path, 2.0)
+        try:
+            info = client.info()
+        except redis.RedisError as exc:  # it went away or got busy since the probe
+            logger.debug("INFO on %s failed: %s", socket_path, exc)
+        finally:
+            client.close()
+    pid = info.get("process_id")
+    uptime = info.get("uptime_in_seconds")
+    return ServerStatus(
+        folder=folder,
+        socket=socket_path,
+        pid=pid if isinstance(pid, int) else _read_pid(pidfile),
+        version=str(info["redis_version"]) if "redis_version" in info else None,
+        uptime_seconds=uptime if isinstance(uptime, int) else None,
+        used_memory=str(info["used_memory_human"]) if "used_memory_human" in info else None,
+        busy=state is _State.BUSY,
+    )
 
 
 @contextmanager

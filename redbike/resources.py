@@ -15,7 +15,9 @@ from collections.abc import Mapping
 from .csvfile import read_rows
 
 LOCAL_PREFIX = "worker:"
-_NAME = re.compile(r"^[^\s|,=]+$")
+# Matched whole (fullmatch: "$" would also match before a trailing newline);
+# no whitespace or control characters, nor the separators of stored needs.
+_NAME = re.compile(r"[^\s|,=\x00-\x1f\x7f-\x9f]+")
 
 
 class ResourceError(ValueError):
@@ -33,8 +35,8 @@ def _amount(text: str, what: str, allow_zero: bool) -> int:
 
 
 def check_name(name: str) -> str:
-    if not _NAME.match(name):
-        raise ResourceError(f"bad resource name {name!r}: no spaces, '|', ',' or '='")
+    if not _NAME.fullmatch(name):
+        raise ResourceError(f"bad resource name {name!r}: no spaces, control characters, '|', ',' or '='")
     return name
 
 

@@ -1,7 +1,7 @@
 """Turning a worker spec string into a worker object.
 
-A spec names a class (or any callable) in an importable module and, optionally,
-literal constructor arguments::
+A spec names a subclass of :class:`redbike.RoundRobin` in an importable module
+and, optionally, literal constructor arguments::
 
     examples.worker:Echo
     examples.worker:Echo('A:A:B')
@@ -10,7 +10,9 @@ literal constructor arguments::
 The part after the module is parsed with :mod:`ast` and only literals
 (strings, numbers, tuples, lists, dicts, sets, booleans, None) are accepted as
 arguments: the spec comes from a command line or a config file and is never
-evaluated.
+evaluated.  The name must resolve to a class deriving from ``RoundRobin``; it
+is checked before anything is called, so a spec such as ``os:system('...')``
+or ``builtins:exec('...')`` is refused without running anything.
 """
 
 from __future__ import annotations
@@ -20,6 +22,10 @@ import importlib
 import logging
 import os
 import sys
+from collections.abc import Callable
+from typing import TypeGuard
+
+from .roundrobin import RoundRobin
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +91,14 @@ def parse_spec(spec: str) -> tuple[str, list[str], list[object], dict[str, objec
     return module, path, args, kwargs
 
 
-def load_worker(spec: str) -> object:
+def _is_worker_class(target: object) -> TypeGuard[type[RoundRobin]]:
+    try:
+        return isinstance(target, type) and issubclass(target, RoundRobin)
+    except TypeError:  # a generic alias passes isinstance(..., type) on some Pythons
+        return False
+
+
+def load_worker(spec: str) -> RoundRobin:
     """Import the module named in ``spec`` and return the constructed worker."""
     module_name, path, args, kwargs = parse_spec(spec)
     # So that `redbike work mymodule:Work(...)` finds mymodule.py in the
@@ -107,11 +120,17 @@ def load_worker(spec: str) -> object:
             owner = ".".join([module_name, *path[:i]])
             raise WorkerSpecError(f"{owner!r} has no attribute {name!r}") from None
     qualname = f"{module_name}:{'.'.join(path)}"
-    if not callable(target):
-        raise WorkerSpecError(f"worker {qualname!r} is not a class or callable")
+    # Checked before the call: a spec may name any attribute of any module
+    # (os:system, builtins:exec, sys:exit), and only a worker class may run.
+    if not _is_worker_class(target):
+        raise WorkerSpecError(f"worker {qualname!r} is not a class deriving from redbike.RoundRobin")
+    # A subclass's __init__ takes whatever it declares, not RoundRobin's.
+    construct: Callable[..., object] = target
     try:
-        worker = target(*args, **kwargs)
+        worker = construct(*args, **kwargs)
     except Exception as exc:
         raise WorkerSpecError(f"cannot create worker {qualname!r}: {_one_line(exc)}") from exc
+    if not isinstance(worker, RoundRobin):  # a __new__ may return anything
+        raise WorkerSpecError(f"worker {qualname!r} did not create a redbike.RoundRobin")
     logger.debug("loaded worker %s from spec %r", type(worker).__name__, spec)
     return worker

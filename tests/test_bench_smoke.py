@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -13,8 +15,10 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import redis
+
 from bench import report
-from bench.run import parse_args, run
+from bench.run import COMMITTED_OUT, parse_args, run
 
 
 def finite_positive(value: object) -> bool:
@@ -27,6 +31,10 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert results["errors"] == {}
 
     assert finite_positive(results["limit"]["ping_per_s"])
+    packages = results["machine"]["packages"]  # the peers' releases are recorded with every run
+    assert set(packages) >= {"redis", "rq", "huey", "celery", "kombu", "dramatiq", "arq"}
+    assert packages["redis"] == redis.__version__
+    assert f"redis {redis.__version__}" in report.as_markdown(results).splitlines()[0]
 
     for drain in results["drain"].values():
         assert drain["drained"] == drain["jobs"] == args.jobs  # every job set was run, once
@@ -71,3 +79,13 @@ def test_bench_smoke(tmp_path: Path) -> None:
     markdown.write_text(report.as_markdown(results))
     report.write_json(results, str(tmp_path / "results.json"))
     assert json.loads((tmp_path / "results.json").read_text())["drain"]["c1"]["jobs"] == args.jobs
+
+
+def test_a_run_does_not_overwrite_the_committed_results() -> None:
+    latest = parse_args([]).out
+    assert latest != COMMITTED_OUT and os.path.dirname(latest) == COMMITTED_OUT
+    ignored = subprocess.run(["git", "-C", str(ROOT), "check-ignore", "-q", os.path.join(latest, "results.json")],
+                             check=False)
+    assert ignored.returncode == 0, "bench/results/latest/ must be git-ignored"
+    assert parse_args(["--commit-results"]).out == COMMITTED_OUT
+    assert parse_args(["--out", "/tmp/x"]).out == "/tmp/x"

@@ -1,13 +1,22 @@
 import logging
 import os
+import socket
 import textwrap
+import time
 
 import pytest
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from redbike import embedded
-from redbike.config import Config, ConfigError, check_reachable, connect, load_config
+from redbike.config import (
+    Config,
+    ConfigError,
+    check_reachable,
+    connect,
+    keepalive_options,
+    load_config,
+)
 
 
 def write(tmp_path, text, name="redbike.conf"):
@@ -218,9 +227,23 @@ def test_boolean_spellings(tmp_path, text, expected):
     [
         ("port", "63x79", "integer"),
         ("db", "1.5", "integer"),
-        ("socket_timeout", "soon", "non-negative number"),
-        ("health_check_interval", "-3", "non-negative number"),
+        ("socket_timeout", "soon", "number of seconds above 0"),
+        ("health_check_interval", "-3", "number of seconds from 0"),
         ("ssl", "maybe", "true/false"),
+        ("port", "0", "from 1 to 65535"),
+        ("port", "65536", "from 1 to 65535"),
+        ("db", "-1", "from 0"),
+        ("socket_read_size", "0", "from 1"),
+        ("max_connections", "0", "from 1"),
+        ("protocol", "4", "from 2 to 3"),
+        ("socket_timeout", "0", "above 0"),
+        ("socket_timeout", "86401", "up to 86400"),
+        ("socket_connect_timeout", "1e300", "up to 86400"),
+        ("socket_connect_timeout", "inf", "up to 86400"),
+        ("health_check_interval", "nan", "from 0"),
+        ("encoding", "rot13", "text encoding"),
+        ("encoding", "no-such-codec", "text encoding"),
+        ("encoding_errors", "bogus", "error handler"),
     ],
 )
 def test_bad_redis_values(tmp_path, key, value, kind):
@@ -267,8 +290,34 @@ def test_connect_with_settings_builds_client():
     assert kwargs["host"] == "h.example" and kwargs["port"] == 6390 and kwargs["db"] == 2
     assert kwargs["password"] == "pw"
     assert kwargs["decode_responses"] is True
-    assert kwargs["socket_timeout"] is None  # blocking reads must not time out
+    assert kwargs["socket_timeout"] == 30  # a dead connection cannot block a read for long
     assert kwargs["health_check_interval"] == 30
+    assert kwargs["socket_keepalive"] is True
+    assert kwargs["socket_keepalive_options"] == keepalive_options()
+
+
+def test_keepalive_options_probe_a_dropped_connection_within_a_minute():
+    options = keepalive_options()
+    idle = options.get(getattr(socket, "TCP_KEEPIDLE", getattr(socket, "TCP_KEEPALIVE", -1)), 0)
+    assert idle and idle + options[socket.TCP_KEEPINTVL] * options[socket.TCP_KEEPCNT] <= 60
+
+
+def test_connect_unix_socket_has_timeout_but_no_keepalive():
+    for settings in ({"unix_socket_path": "/tmp/x.sock"}, {"url": "unix:///tmp/x.sock"}):
+        kwargs = connect(settings).connection_pool.connection_kwargs
+        assert kwargs["socket_timeout"] == 30
+        assert "socket_keepalive_options" not in kwargs
+
+
+def test_connect_keepalive_can_be_turned_off():
+    kwargs = connect({"host": "h", "socket_keepalive": False}).connection_pool.connection_kwargs
+    assert kwargs["socket_keepalive"] is False
+
+
+def test_connect_url_form_gets_keepalive():
+    kwargs = connect({"url": "redis://h.example:6391/4"}).connection_pool.connection_kwargs
+    assert kwargs["socket_keepalive"] is True and kwargs["socket_keepalive_options"] == keepalive_options()
+    assert kwargs["socket_timeout"] == 30
 
 
 def test_connect_keeps_configured_timeouts():
@@ -329,7 +378,7 @@ def test_connect_empty_uses_embedded_server(embedded_dir, caplog):
     assert client.get("k") == "v"  # str, not bytes: decode_responses
     kwargs = client.connection_pool.connection_kwargs
     assert kwargs["path"] == os.path.join(os.path.abspath(embedded_dir), "redis.sock")
-    assert kwargs["socket_timeout"] is None
+    assert kwargs["socket_timeout"] == 30
     messages = [r.getMessage() for r in caplog.records if r.name == "redbike.config"]
     expected = (
         "redbike: no Redis configured; using the embedded Redis server in "
@@ -339,11 +388,19 @@ def test_connect_empty_uses_embedded_server(embedded_dir, caplog):
     client.close()
 
 
-def test_connect_blocking_read_outlives_redis_py_default_timeout(embedded_dir):
-    # redis-py 8 defaults socket_timeout to 5 s; connect() must lift that so
-    # a worker's blocking pop longer than that does not fail.
-    client = connect({}, embedded_dir=embedded_dir)
-    assert client.blpop(["nothing-here"], timeout=6) is None
+def test_pubsub_wait_outlives_a_short_socket_timeout(redis_server):
+    # Workers and the dispatcher wait on pub/sub with get_message(timeout=...):
+    # a socket_timeout shorter than the wait must not break it.
+    client = connect({"url": redis_server.url, "socket_timeout": 0.5})
+    pubsub = client.pubsub()
+    pubsub.subscribe("redbike-test-idle")
+    assert pubsub.get_message(timeout=2)["type"] == "subscribe"
+    began = time.monotonic()
+    assert pubsub.get_message(timeout=1.5) is None
+    assert time.monotonic() - began >= 1.4
+    client.publish("redbike-test-idle", "hi")
+    assert pubsub.get_message(timeout=2)["data"] == "hi"
+    pubsub.close()
     client.close()
 
 

@@ -241,3 +241,89 @@ def test_socket_path_too_long(tmp_path):
     with pytest.raises(EmbeddedError, match="longer than"):
         ensure_server(str(deep))
     assert not deep.exists()
+
+
+# --- the CLI: which folder's server, status, demo ----------------------------------
+
+
+@pytest.fixture
+def project(tmp_path):
+    """A project folder (its embedded server stopped afterwards) with a subfolder."""
+    sub = tmp_path / "sub" / "deeper"
+    sub.mkdir(parents=True)
+    yield tmp_path
+    stop_server(str(tmp_path / ".redbike"))
+    assert not server_running(str(tmp_path / ".redbike"))
+
+
+def redbike_cli(cwd, *args):
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run(
+        [sys.executable, "-m", "redbike", *args],
+        check=False, cwd=cwd, env=env, capture_output=True, text=True, timeout=60,
+    )
+
+
+def test_find_folder_looks_upwards(tmp_path):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    assert not (embedded.find_folder(str(tmp_path / "a" / "b")) or "").startswith(str(tmp_path))
+    (tmp_path / ".redbike").mkdir()
+    assert embedded.find_folder(str(tmp_path / "a" / "b")) == str(tmp_path / ".redbike")
+    (tmp_path / "a" / ".redbike").mkdir()
+    assert embedded.find_folder(str(tmp_path / "a" / "b")) == str(tmp_path / "a" / ".redbike")
+
+
+def test_a_new_server_is_announced_and_a_subfolder_uses_it(project):
+    first = redbike_cli(project, "set", "top:A", "STOP")
+    assert first.returncode == 0, first.stderr
+    assert (
+        "no .redbike/ folder here or above: started a new embedded Redis server in "
+        f"{project / '.redbike'}" in first.stderr
+    )
+    assert "WARNING" in first.stderr
+    listed = redbike_cli(project / "sub" / "deeper", "schedules")
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout == "top:A,STOP\n"
+    assert listed.stderr == ""  # found, not new: nothing to warn about
+    assert not (project / "sub" / ".redbike").exists()
+    assert not (project / "sub" / "deeper" / ".redbike").exists()
+
+
+def test_embedded_status_and_stop_from_a_subfolder(project):
+    deeper = project / "sub" / "deeper"
+    down = redbike_cli(deeper, "embedded", "status")
+    assert down.returncode == 1 and down.stdout.startswith("not running"), down
+    assert redbike_cli(project, "set", "x:A", "STOP").returncode == 0
+    up = redbike_cli(deeper, "embedded", "status")
+    assert up.returncode == 0, up.stderr
+    lines = dict(line.split(":", 1) for line in up.stdout.splitlines()[1:])
+    assert up.stdout.startswith("running\n")
+    folder = str(project / ".redbike")
+    assert lines["folder"].strip() == folder
+    assert lines["socket"].strip() == os.path.join(folder, "redis.sock")
+    assert int(lines["pid"]) == read_pid(folder)
+    assert lines["version"].strip()[0].isdigit()
+    assert lines["uptime"].strip().split()[1] == "s"
+    assert lines["memory"].strip()[0].isdigit()
+    stopped = redbike_cli(deeper, "embedded", "stop")
+    assert stopped.returncode == 0 and stopped.stdout == f"stopped the embedded Redis server in {folder}\n"
+    assert not server_running(folder)
+    again = redbike_cli(deeper, "embedded", "status")
+    assert again.returncode == 1 and again.stdout == f"not running ({folder})\n"
+
+
+def test_config_with_redis_stanza_starts_no_embedded_server(project, redis_server):
+    (project / ".redbike.conf").write_text(f"[redbike-redis]\nurl = {redis_server.url}\n")
+    result = redbike_cli(project, "schedules")
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert not (project / ".redbike").exists()
+
+
+def test_demo_says_the_embedded_server_still_runs(project):
+    done = redbike_cli(project, "demo", "--seconds", "3")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (
+        f"the embedded Redis server in {project / '.redbike'} still runs (it keeps the demo's data); "
+        "stop it with 'redbike embedded stop'"
+    ) in done.stdout
+    assert server_running(str(project / ".redbike"))

@@ -6,20 +6,35 @@ import pytest
 from redbike.workerspec import WorkerSpecError, load_worker, parse_spec
 
 WORKER_MODULE = """
-    class Echo:
+    from redbike import RoundRobin
+
+    class Echo(RoundRobin):
         def __init__(self, init=None, *args, **kwargs):
+            super().__init__(init or "")
             self.init = init
             self.args = args
             self.kwargs = kwargs
 
     class Outer:
-        class Inner:
+        class Inner(RoundRobin):
             def __init__(self, x):
+                super().__init__()
                 self.x = x
 
-    class Broken:
+    class Broken(RoundRobin):
         def __init__(self, init):
             raise ValueError("bad init " + init)
+
+    class NotAWorker:
+        def __init__(self, *args):
+            raise AssertionError("called")
+
+    class Sneaky(RoundRobin):
+        def __new__(cls, *args):
+            return 42
+
+    def make_worker(*args):
+        raise AssertionError("called")
 
     NOT_CALLABLE = 42
 """
@@ -170,10 +185,40 @@ def test_missing_nested_attribute(workdir):
         load_worker("wmod_nonest:Outer.Missing")
 
 
-def test_not_callable(workdir):
+@pytest.mark.parametrize("name", ["NOT_CALLABLE", "NotAWorker('A')", "make_worker('A')", "Outer"])
+def test_not_a_roundrobin_class_is_refused_uncalled(workdir, name):
     module(workdir, "wmod_notcall", WORKER_MODULE)
-    with pytest.raises(WorkerSpecError, match="not a class or callable"):
-        load_worker("wmod_notcall:NOT_CALLABLE")
+    with pytest.raises(WorkerSpecError) as info:
+        load_worker(f"wmod_notcall:{name}")
+    assert str(info.value) == (
+        f"worker 'wmod_notcall:{name.partition('(')[0]}' is not a class deriving from redbike.RoundRobin"
+    )
+
+
+def test_constructor_returning_something_else(workdir):
+    module(workdir, "wmod_sneaky", WORKER_MODULE)
+    with pytest.raises(WorkerSpecError, match="did not create a redbike.RoundRobin"):
+        load_worker("wmod_sneaky:Sneaky")
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "os:system('touch {marker}')",
+        "builtins:exec('open(\"{marker}\", \"w\").close()')",
+        "builtins:open('{marker}', 'w')",
+        "subprocess:call(['touch', '{marker}'])",
+        "sys:exit(0)",
+        "builtins:dict",
+        "builtins:type('X', (), {{}})",
+    ],
+)
+def test_any_callable_is_never_called(workdir, spec):
+    marker = workdir / "side_effect"
+    with pytest.raises(WorkerSpecError, match="is not a class deriving from redbike.RoundRobin") as info:
+        load_worker(spec.format(marker=marker))
+    assert "\n" not in str(info.value)
+    assert not marker.exists()
 
 
 def test_module_raising_at_import(workdir):
