@@ -13,8 +13,10 @@ import re
 from collections.abc import Mapping
 
 from .csvfile import read_rows
+from .records import encode_needs
 
 LOCAL_PREFIX = "worker:"
+format_amounts = encode_needs  # the stored needs text (records.py)
 _NAME = re.compile(r"^[^\s|,=]+$")
 
 
@@ -61,11 +63,6 @@ def amounts_of(value: Mapping[str, int] | str | None, what: str = "needs") -> di
             raise ResourceError(f"bad amount {amount!r} of {name} in {what}: must be a whole number > 0")
         amounts[check_name(name)] = amount
     return amounts
-
-
-def format_amounts(amounts: dict[str, int]) -> str:
-    """The stored form: sorted ``name=amount`` pairs joined by commas."""
-    return ",".join(f"{name}={amount}" for name, amount in sorted(amounts.items()))
 
 
 def parse_capacity(text: str) -> int | None:
