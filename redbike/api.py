@@ -16,7 +16,14 @@ from .csvfile import read_rows
 from .dispatcher import Dispatcher
 from .keys import WAKE_BATCH, Keys
 from .names import BadName, check_jobid, check_queue
-from .resources import ResourceError, amounts_of, check_name, format_amounts, read_capacities_csv
+from .resources import (
+    ResourceError,
+    amounts_of,
+    check_capacity,
+    check_name,
+    format_amounts,
+    read_capacities_csv,
+)
 from .roundrobin import RoundRobin
 from .schedules import ScheduleError, parse_schedule
 from .scripts import Scripts
@@ -116,8 +123,7 @@ class Redbike:
         """Set a resource's capacity (0 pauses it, None makes it unlimited);
         returns how many waiting jobs it woke."""
         check_name(resource)
-        if capacity is not None and capacity < 0:
-            raise ResourceError(f"bad capacity {capacity} for {resource}: must be >= 0")
+        check_capacity(capacity)
         woken = total = self.scripts.run("capacity", self.clock(), [], [resource, "" if capacity is None else capacity])
         while capacity is None and woken >= WAKE_BATCH:  # unlimited: wake them all, a batch at a time
             woken = self.scripts.run("capacity", self.clock(), [], [resource, ""])
