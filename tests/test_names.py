@@ -17,7 +17,7 @@ from redbike import RoundRobin
 from redbike.api import JobIdError
 from redbike.cli import main
 from redbike.names import BadName, check_jobid, check_queue
-from redbike.records import encode_lease, LeaseRecord
+from redbike.records import LeaseRecord, encode_lease
 from redbike.report import tell
 
 BAD_IDS = ["x:Q|x", "a|b", "", "   ", "a\nb:A", "a\rb", "nul\0:A", "esc\x1b[31m:A", "tab\tb", "del\x7f", "c1\x85"]

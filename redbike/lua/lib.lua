@@ -37,6 +37,7 @@ local DISPATCH_CHANNEL = ARGV[2]
 local QUEUE_CHANNEL_PREFIX = ARGV[3]
 local MAX_PARKS = 64 -- jobs one claim may park before it lets other clients in
 local WAKE_BATCH = 1000 -- jobs one script may wake for a resource without a capacity
+local LOCAL_PREFIX = 'worker:' -- resources local to a worker pool (resources.LOCAL_PREFIX)
 local LAST = '\255' -- sorts after every byte a resource or queue name can hold
 local MAX_AMOUNT = 1000000000 -- most of a resource one job may need (resources.MAX_AMOUNT)
 local MAX_CAPACITY = 1000000000000 -- largest capacity (resources.MAX_CAPACITY)
@@ -117,8 +118,36 @@ local function fence(token)
   return nil
 end
 
+-- The records of records.py, decoded (their encoders are inline below).
+
 local function lease_token_matches(lease, token)
   return lease and string.sub(lease, 1, #token + 1) == token .. '|'
+end
+
+-- A lease record's needs (its last field).
+local function lease_needs(lease)
+  return string.match(lease, '([^|]*)$')
+end
+
+-- A pending record -> kind, at, status.
+local function pending_parts(pending)
+  return string.match(pending, '^([^|]*)|([^|]*)|(.*)$')
+end
+
+-- A parked member -> resource, seq, queue, jobid.
+local function parked_parts(member)
+  return string.match(member, '^([^|]*)|([^|]*)|([^|]*)|(.*)$')
+end
+
+-- A ready member -> queue, seq, jobid.
+local function ready_parts(ready)
+  return string.match(ready, '^([^|]*)|([^|]*)|(.*)$')
+end
+
+-- A woken job's parking value -> resource, amount set aside, ready member.
+local function woken_parts(parking)
+  local resource, amount, ready = string.match(parking or '', '^R([^=|]*)=(%d+)|(.*)$')
+  return resource, tonumber(amount), ready
 end
 
 -- "a=1,b=2" -> {{'a', 1}, {'b', 2}}
@@ -131,7 +160,7 @@ local function parse_needs(text)
 end
 
 local function is_local(name)
-  return string.sub(name, 1, 7) == 'worker:'
+  return string.sub(name, 1, #LOCAL_PREFIX) == LOCAL_PREFIX
 end
 
 -- How much of `resource` a job needs (0 if none).
@@ -152,7 +181,10 @@ end
 local function first_in_line(resource)
   local member = redis.call('ZRANGEBYLEX', PARKED, '[' .. resource .. '|', '(' .. resource .. '|' .. LAST,
     'LIMIT', 0, 1)[1]
-  if member then return member, string.match(member, '^[^|]*|([^|]*)|') end
+  if member then
+    local _, seq = parked_parts(member)
+    return member, seq
+  end
   return nil, nil
 end
 
@@ -168,7 +200,7 @@ local function wake(resource, room)
     'LIMIT', 0, limit)
   local woken = 0
   for _, member in ipairs(heads) do
-    local seq, queue_name, jobid = string.match(member, '^[^|]*|([^|]*)|([^|]*)|(.*)$')
+    local _, seq, queue_name, jobid = parked_parts(member)
     local amount = need_of(jobid, resource)
     if room then
       if amount > room then break end
@@ -195,12 +227,6 @@ local function wake_if_room(resource)
   return wake(resource, tonumber(capacity) - tonumber(redis.call('HGET', USAGE, resource) or '0'))
 end
 
--- A woken job's parking value -> resource, amount set aside, ready member.
-local function woken_parts(parking)
-  local resource, amount, ready = string.match(parking or '', '^R([^=|]*)=(%d+)|(.*)$')
-  return resource, tonumber(amount), ready
-end
-
 -- Give back the global resources a run held (its lease's needs).
 local function release(needs_text)
   for _, need in ipairs(parse_needs(needs_text)) do
@@ -225,7 +251,7 @@ local function unplace(jobid, queue)
         give_back(resource, amount)
       else -- parked: the next in line may fit now that it is gone
         redis.call('ZREM', PARKED, string.sub(parking, 2))
-        resource = string.match(parking, '^P([^|]*)|')
+        resource = parked_parts(string.sub(parking, 2))
       end
       if resource and resource ~= '' then wake_if_room(resource) end
     else
@@ -284,7 +310,7 @@ local function finish(jobid, token, kind, at, status, err, queue, channel)
   end
   redis.call('HDEL', LEASES, jobid)
   redis.call('ZREM', DEADLINES, jobid)
-  release(string.match(lease, '([^|]*)$'))
+  release(lease_needs(lease))
   if redis.call('HEXISTS', SCHEDULES, jobid) == 0 then
     redis.call('HDEL', PENDING, jobid)
     return 'GONE'
@@ -295,7 +321,7 @@ local function finish(jobid, token, kind, at, status, err, queue, channel)
   local pending = redis.call('HGET', PENDING, jobid)
   if pending then
     redis.call('HDEL', PENDING, jobid)
-    kind, at, status = string.match(pending, '^([^|]*)|([^|]*)|(.*)$')
+    kind, at, status = pending_parts(pending)
   end
   local failed = place(jobid, kind, at, status, queue, channel)
   if failed then return failed end
@@ -313,7 +339,7 @@ local function next_candidate(queue, queue_name)
     'LIMIT', 0, 1)[1]
   if ready then
     redis.call('ZREM', READY, ready)
-    local seq, jobid = string.match(ready, '^[^|]*|([^|]*)|(.*)$')
+    local _, seq, jobid = ready_parts(ready)
     local resource, amount = woken_parts(redis.call('HGET', PARKING, jobid))
     redis.call('HDEL', PARKING, jobid)
     if resource then give_back(resource, amount) end
