@@ -6,6 +6,7 @@ records written before that (or by a foreign client) still decode.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -85,12 +86,17 @@ def _stored_lease(env: Env, jobid: str, queue: str) -> None:
     env.c.zadd(env.keys.deadlines, {jobid: NOW + 10})
 
 
-def test_the_reaper_survives_a_lease_whose_queue_holds_a_bar(real: Env) -> None:
+def test_the_reaper_survives_a_lease_whose_queue_holds_a_bar(real: Env, caplog: pytest.LogCaptureFixture) -> None:
     _stored_lease(real, "x:Q|x", "Q|x")
     _stored_lease(real, "y:A", "A")  # an ordinary run expired at the same time
     dispatcher = real.dispatcher()
     assert dispatcher.lead(NOW + 20)
-    assert dispatcher.reap(NOW + 20) == 2  # was: ValueError: could not convert string to float
+    with caplog.at_level(logging.WARNING, logger="redbike.dispatcher"):
+        assert dispatcher.reap(NOW + 20) == 2  # was: ValueError: could not convert string to float
+    # bug 8: the log says where the job went, not Placement(kind='T', ...)
+    assert "job y:A: lease of worker w1 expired; back in the timeline for 2023-11-14T22:13:40Z (status EXP)" \
+        in caplog.messages
+    assert not any("Placement(" in message for message in caplog.messages)
     assert real.leases() == {}
     for jobid in ("x:Q|x", "y:A"):
         assert real.status(jobid) == f"EXP:{NOW + 20:.0f}"
