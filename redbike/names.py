@@ -13,7 +13,7 @@ import re
 from .records import SEP
 
 # C0 and C1 control characters (newline, NUL, escape ...) and DEL.
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 class BadName(ValueError):
@@ -25,7 +25,7 @@ def _check(name: object, what: str) -> str:
         raise BadName(f"bad {what} {name!r}: not a string")
     if not name.strip():
         raise BadName(f"bad {what} {name!r}: it must not be empty")
-    if SEP in name or _CONTROL.search(name):
+    if SEP in name or CONTROL.search(name):
         raise BadName(f"bad {what} {name!r}: no '|', line breaks or control characters")
     return name
 

@@ -13,6 +13,7 @@ import re
 from collections.abc import Mapping
 
 from .csvfile import read_rows
+from .names import CONTROL
 from .records import encode_needs
 
 LOCAL_PREFIX = "worker:"
@@ -55,6 +56,8 @@ def check_capacity(capacity: int | None) -> int | None:
 def check_name(name: str) -> str:
     if not _NAME.match(name):
         raise ResourceError(f"bad resource name {name!r}: no spaces, '|', ',' or '='")
+    if CONTROL.search(name):  # as lib.lua's is_resource()
+        raise ResourceError(f"bad resource name {name!r}: no control characters")
     return name
 
 

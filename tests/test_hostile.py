@@ -158,6 +158,9 @@ def test_resource_amounts_and_capacities_are_bounded_at_input(client: redis.Redi
         with pytest.raises(ResourceError) as raised:
             env.bike.set("j:A", "NOW", needs=needs)
         assert "\n" not in str(raised.value)
+    for needs in ("a\x00b", "a\x1bb=1", "a\x85b"):
+        with pytest.raises(ResourceError, match="bad resource name"):
+            env.bike.set("j:A", "NOW", needs=needs)
     for capacity in (MAX_CAPACITY + 1, 10**17, -1):
         with pytest.raises(ResourceError):
             env.bike.set_capacity("r", capacity)
