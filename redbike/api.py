@@ -15,7 +15,15 @@ from .config import connect
 from .csvfile import read_rows
 from .dispatcher import Dispatcher
 from .keys import WAKE_BATCH, Keys
-from .resources import ResourceError, amounts_of, check_name, format_amounts, read_capacities_csv
+from .names import BadName, check_jobid, check_queue
+from .resources import (
+    ResourceError,
+    amounts_of,
+    check_capacity,
+    check_name,
+    format_amounts,
+    read_capacities_csv,
+)
 from .roundrobin import RoundRobin
 from .schedules import ScheduleError, parse_schedule
 from .scripts import Scripts
@@ -28,13 +36,7 @@ log = logging.getLogger(__name__)
 Needs = Mapping[str, int] | str | None
 
 
-class JobIdError(ValueError):
-    """A job id redbike cannot store."""
-
-
-def check_jobid(jobid: str) -> None:
-    if not jobid or not jobid.strip() or any(c in jobid for c in "\r\n\0"):
-        raise JobIdError(f"bad job id {jobid!r}: it must be non-empty, on one line")
+JobIdError = BadName  # what callers of earlier versions catch
 
 
 class Redbike:
@@ -67,8 +69,12 @@ class Redbike:
         recorded = read_timefile(self.timefile)
         return recorded if recorded is not None else self.clock()
 
+    def _queue_of(self, jobid: str) -> str:
+        """The queue of a job (checked, as is the job id)."""
+        return check_queue(self.worker.queue_for(check_jobid(jobid)))
+
     def _place(self, jobid: str, schedule: str, placement: Placement, only_if_new: bool, needs: str = "") -> str:
-        queue = self.worker.queue_for(jobid)
+        queue = self._queue_of(jobid)
         return self.scripts.run(
             "set",
             self.clock(),
@@ -90,7 +96,7 @@ class Redbike:
 
         A bad schedule raises ScheduleError; a new job is recorded with status
         BAD, and an existing job keeps its schedule untouched."""
-        check_jobid(jobid)
+        self._queue_of(jobid)
         wanted = format_amounts(self.needs_of(jobid, needs))
         try:
             parsed = parse_schedule(schedule)
@@ -117,8 +123,7 @@ class Redbike:
         """Set a resource's capacity (0 pauses it, None makes it unlimited);
         returns how many waiting jobs it woke."""
         check_name(resource)
-        if capacity is not None and capacity < 0:
-            raise ResourceError(f"bad capacity {capacity} for {resource}: must be >= 0")
+        check_capacity(capacity)
         woken = total = self.scripts.run("capacity", self.clock(), [], [resource, "" if capacity is None else capacity])
         while capacity is None and woken >= WAKE_BATCH:  # unlimited: wake them all, a batch at a time
             woken = self.scripts.run("capacity", self.clock(), [], [resource, ""])
@@ -140,11 +145,11 @@ class Redbike:
     def unset(self, jobid: str) -> int:
         """Remove a job. Returns 0 (unknown), 1 (removed) or 2 (running: it
         completes, then is removed)."""
-        queue = self.worker.queue_for(jobid)
+        queue = self._queue_of(jobid)
         return self.scripts.run("unset", self.clock(), [self.keys.queue(queue)], [jobid])
 
     def tell(self, jobid: str) -> dict[str, Any] | None:
-        return report.tell(self.client, self.keys, jobid, self.worker.queue_for(jobid))
+        return report.tell(self.client, self.keys, jobid, self._queue_of(jobid))
 
     def statuses(self, before: float | None = None) -> Iterator[tuple[str, str, int]]:
         return report.statuses(self.client, self.keys, before)

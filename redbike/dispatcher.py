@@ -18,14 +18,14 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import redis
 
 from .keys import Keys
-from .records import error_record
+from .records import RecordError, decode_lease, error_record, lease_token
 from .scripts import Scripts, subscribe
-from .states import FORGET, place_after_expiry
+from .states import FORGET, Placement, place_after_expiry
 from .timefile import write_timefile
 
 log = logging.getLogger(__name__)
@@ -125,7 +125,7 @@ class Dispatcher:
 
     def reap(self, now: float) -> int:
         """End the runs whose lease deadline passed and put their jobs back."""
-        expired = self.client.zrangebyscore(self.keys.deadlines, "-inf", now, start=0, num=REAP_BATCH)
+        expired = cast("list[str]", self.client.zrangebyscore(self.keys.deadlines, "-inf", now, start=0, num=REAP_BATCH))
         if not expired:
             return 0
         with self.client.pipeline(transaction=False) as pipe:
@@ -133,20 +133,20 @@ class Dispatcher:
                 pipe.hget(self.keys.leases, jobid)
                 pipe.hget(self.keys.schedules, jobid)
             found = pipe.execute()
-        runs = []
-        for jobid, lease, schedule in zip(expired, found[0::2], found[1::2]):
-            if lease is not None:
-                runs.append((jobid, lease.split("|"), schedule))
+        runs: list[tuple[str, str, str | None]] = [(jobid, lease, schedule) for jobid, lease, schedule in zip(expired, found[0::2], found[1::2])
+                if lease is not None]
         keys, args, positions = self._queue_args([jobid for jobid, _, _ in runs])
         for (jobid, lease, schedule), position in zip(runs, positions):
-            token, _queue, worker, since = lease[0], lease[1], lease[2], float(lease[3])
             placement = place_after_expiry(schedule, now) if schedule is not None else FORGET
-            error = error_record(
-                "EXP", f"lease expired: worker {worker} stopped renewing it ({now - since:.0f}s after it claimed the job)",
-                worker, now,
-            )
-            args += [jobid, token, *placement.script_args(), error, position]
-            log.warning("job %s: lease of worker %s expired; %s", jobid, worker, placement)
+            try:
+                held = decode_lease(lease)
+                worker, ran = held.worker, f" ({now - held.since:.0f}s after it claimed the job)"
+            except RecordError as exc:  # still reaped: the token is all the script needs
+                log.warning("job %s: %s", jobid, exc)
+                worker, ran = "?", ""
+            error = error_record("EXP", f"lease expired: worker {worker} stopped renewing it{ran}", worker, now)
+            args += [jobid, lease_token(lease), *placement.script_args(), error, position]
+            log.warning("job %s: lease of worker %s expired; %s", jobid, worker, _sentence(placement))
         reaped = self.scripts.run("reap", now, keys, [self.token, *args])
         self.reaped += reaped
         return reaped
@@ -225,3 +225,13 @@ class Dispatcher:
                 except redis.RedisError:
                     pass
         log.info("dispatcher %s stopped: %d moved, %d reaped", self.identity, self.moved, self.reaped)
+
+
+def _sentence(placement: Placement) -> str:
+    """Where a reaped job went, for the log."""
+    if placement.kind == "T" and placement.at is not None:
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(placement.at))
+        return f"back in the timeline for {when} (status {placement.status})"
+    if placement.kind == "D":
+        return "removed (it was unset while it ran)"
+    return f"not run again (status {placement.status})"

@@ -8,6 +8,8 @@ Redis Cluster hash tag (``{myapp}``) to keep them on one slot.
 
 from __future__ import annotations
 
+from .records import JOB_STATE
+
 
 class Keys:
     """Key and channel names for one prefix."""
@@ -18,9 +20,9 @@ class Keys:
         self.schedules = f"{p}:schedules"  # hash  jobid -> schedule text
         self.statuses = f"{p}:statuses"  # hash  jobid -> "EVENT:TIMESTAMP"
         self.timeline = f"{p}:timeline"  # zset  jobid scored by next run (epoch s)
-        self.leases = f"{p}:leases"  # hash  jobid -> "token|queue|worker|since|timeout"
+        self.leases = f"{p}:leases"  # hash  jobid -> "token|queue|worker|since|timeout|needs"
         self.deadlines = f"{p}:deadlines"  # zset  jobid scored by lease deadline
-        self.pending = f"{p}:pending"  # hash  jobid -> placement set while it ran
+        self.pending = f"{p}:pending"  # hash  jobid -> "kind|at|status" set while it ran
         self.errors = f"{p}:errors"  # hash  jobid -> JSON of the last failure
         self.control = f"{p}:control"  # string "HALT:<ts>:<nonce>"; also a channel
         self.dispatcher = f"{p}:dispatcher"  # string leader token, expires (PX)
@@ -44,24 +46,7 @@ class Keys:
 
     def job_state(self) -> list[str]:
         """The keys every script takes first, in the order lib.lua expects."""
-        return [
-            self.schedules,
-            self.statuses,
-            self.timeline,
-            self.leases,
-            self.deadlines,
-            self.pending,
-            self.errors,
-            self.control,
-            self.dispatcher,
-            self.capacities,
-            self.usage,
-            self.needs,
-            self.parked,
-            self.ready,
-            self.parking,
-            self.parkseq,
-        ]
+        return [getattr(self, name) for name in JOB_STATE]
 
     def parked_range(self, resource: str) -> tuple[bytes, bytes]:
         """ZRANGEBYLEX bounds of the jobs parked on ``resource`` (byte 0xFF

@@ -1,12 +1,31 @@
 """The records redbike stores in Redis, encoded and decoded in one place.
 
-Lua scripts read and write some of them too (see redbike/lua/lib.lua); the
-two sides must agree byte for byte.
+Lua scripts read and write most of them too (see redbike/lua/lib.lua); the
+two sides must agree byte for byte, which tests/test_contract.py checks on a
+real server. Fields are joined with ``|``. Names (job ids, queues,
+resources) never hold one (redbike.names refuses them where they enter),
+and a record's one free-form field comes last or is found by counting from
+both ends, so a decoder never mis-splits a record even if a foreign client
+stored such a name.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
+
+SEP = "|"
+
+# Keys.job_state(): the attribute names of the keys every script takes first,
+# in the order of KEYS[1..16] in lib.lua's header.
+JOB_STATE = (
+    "schedules", "statuses", "timeline", "leases", "deadlines", "pending", "errors", "control",
+    "dispatcher", "capacities", "usage", "needs", "parked", "ready", "parking", "parkseq",
+)
+
+
+class RecordError(ValueError):
+    """A stored record that cannot be decoded."""
 
 
 def error_record(status: str, error: str, worker: str, now: float, trace: str = "") -> str:
@@ -15,3 +34,209 @@ def error_record(status: str, error: str, worker: str, now: float, trace: str = 
     if trace:
         record["traceback"] = trace
     return json.dumps(record)
+
+
+# -- the status value: "EVENT:TIMESTAMP" (stamp() in lib.lua) ------------------
+
+def encode_status(event: str, at: float) -> str:
+    return f"{event}:{int(at)}"
+
+
+def decode_status(value: str) -> tuple[str, float]:
+    """Split "EVENT:TIMESTAMP" (a timestamp that is not a number reads as 0)."""
+    event, _, stamp = value.partition(":")
+    try:
+        return event, float(stamp or 0)
+    except ValueError:
+        return event, 0.0
+
+
+# -- the needs text: "resource=amount,..." (parse_needs() in lib.lua) -----------
+
+def encode_needs(amounts: dict[str, int]) -> str:
+    """Sorted ``name=amount`` pairs joined by commas ('' for none)."""
+    return ",".join(f"{name}={amount}" for name, amount in sorted(amounts.items()))
+
+
+def decode_needs(text: str | None) -> dict[str, int]:
+    amounts: dict[str, int] = {}
+    for part in filter(None, (text or "").split(",")):
+        name, _, amount = part.partition("=")
+        if not name or not amount.isdigit():
+            raise RecordError(f"bad needs record {text!r}")
+        amounts[name] = int(amount)
+    return amounts
+
+
+# -- the lease: "token|queue|worker|since|timeout|needs" (claim() in lib.lua) ---
+
+@dataclass(frozen=True)
+class LeaseRecord:
+    token: str
+    queue: str
+    worker: str
+    since: float
+    timeout: float
+    needs: str
+
+
+def encode_lease(lease: LeaseRecord) -> str:
+    return SEP.join([lease.token, lease.queue, lease.worker, _number(lease.since), _number(lease.timeout), lease.needs])
+
+
+def decode_lease(value: str) -> LeaseRecord:
+    """The queue is found by counting fields from both ends: the token has
+    no ``|``, nor do the worker id, the times or the needs."""
+    parts = value.split(SEP)
+    if len(parts) < 6:
+        raise RecordError(f"bad lease record {value!r}")
+    try:
+        since, timeout = float(parts[-3]), float(parts[-2])
+    except ValueError:
+        raise RecordError(f"bad lease record {value!r}") from None
+    return LeaseRecord(parts[0], SEP.join(parts[1:-4]), parts[-4], since, timeout, parts[-1])
+
+
+def lease_token(value: str) -> str:
+    """The token of a lease record (lease_token_matches() in lib.lua)."""
+    return value.partition(SEP)[0]
+
+
+def _number(value: float) -> str:
+    return repr(float(value))
+
+
+# -- the pending placement: "kind|at|status" (set.lua, finish() in lib.lua) ----
+
+def encode_pending(kind: str, at: str, status: str) -> str:
+    return SEP.join([kind, at, status])
+
+
+def decode_pending(value: str) -> tuple[str, str, str]:
+    """(kind, at, status); at is '' unless kind is T."""
+    kind, sep1, rest = value.partition(SEP)
+    at, sep2, status = rest.partition(SEP)
+    if not (sep1 and sep2):
+        raise RecordError(f"bad pending record {value!r}")
+    return kind, at, status
+
+
+# -- parked and ready members, and the parking value (lib.lua: park, wake) -----
+
+@dataclass(frozen=True)
+class Parked:
+    """A job in line for ``resource`` (a member of the parked zset)."""
+
+    resource: str
+    seq: str
+    queue: str
+    jobid: str
+
+
+@dataclass(frozen=True)
+class Ready:
+    """A woken job, claimed before its queue's list (a member of the ready zset)."""
+
+    queue: str
+    seq: str
+    jobid: str
+
+
+@dataclass(frozen=True)
+class Woken:
+    """A woken job's parking value: the amount of ``resource`` set aside for it."""
+
+    resource: str
+    amount: int
+    ready: Ready
+
+
+def encode_parked(parked: Parked) -> str:
+    return SEP.join([parked.resource, parked.seq, parked.queue, parked.jobid])
+
+
+def decode_parked(member: str) -> Parked:
+    parts = member.split(SEP, 3)
+    if len(parts) != 4:
+        raise RecordError(f"bad parked member {member!r}")
+    return Parked(*parts)
+
+
+def encode_ready(ready: Ready) -> str:
+    return SEP.join([ready.queue, ready.seq, ready.jobid])
+
+
+def decode_ready(member: str) -> Ready:
+    parts = member.split(SEP, 2)
+    if len(parts) != 3:
+        raise RecordError(f"bad ready member {member!r}")
+    return Ready(*parts)
+
+
+def encode_parking(place: Parked | Woken) -> str:
+    """'P' + parked member, or 'R' + resource=amount|ready member."""
+    if isinstance(place, Parked):
+        return "P" + encode_parked(place)
+    return f"R{place.resource}={place.amount}{SEP}{encode_ready(place.ready)}"
+
+
+def decode_parking(value: str) -> Parked | Woken:
+    if value.startswith("P"):
+        return decode_parked(value[1:])
+    if value.startswith("R"):
+        held, sep, ready = value[1:].partition(SEP)
+        resource, _, amount = held.partition("=")
+        if sep and amount.isdigit():
+            return Woken(resource, int(amount), decode_ready(ready))
+    raise RecordError(f"bad parking value {value!r}")
+
+
+# -- the replies of claim.lua and finish.lua ----------------------------------
+
+@dataclass(frozen=True)
+class Claimed:
+    """{'JOB', jobid, index, schedule, status, needs}: ``index`` is the
+    0-based position of the job's queue among the queues the claim tried;
+    ``status`` its status before the claim ('' if none)."""
+
+    jobid: str
+    index: int
+    schedule: str
+    status: str
+    needs: dict[str, int]
+
+
+@dataclass(frozen=True)
+class Halt:
+    """{'HALT', control}: the control key holds a value the worker has not seen."""
+
+    control: str
+
+
+NONE = "NONE"  # nothing to claim
+MORE = "MORE"  # the claim parked many jobs: call again
+
+ClaimReply = Claimed | Halt | str
+
+
+def decode_claim(reply: list[object]) -> ClaimReply:
+    kind = reply[0]
+    if kind == "JOB":
+        _, jobid, index, schedule, status, needs = reply
+        return Claimed(str(jobid), int(str(index)), str(schedule), str(status or ""), decode_needs(str(needs or "")))
+    if kind == "HALT":
+        return Halt(str(reply[1]))
+    if kind in (NONE, MORE):
+        return str(kind)
+    raise RecordError(f"bad claim reply {reply!r}")
+
+
+FINISHES = ("DONE", "GONE", "STALE")  # finish() in lib.lua
+
+
+def decode_finish(reply: list[object]) -> tuple[str, ClaimReply]:
+    """finish.lua's {how the run ended, claim reply}."""
+    done, claimed = reply
+    if done not in FINISHES or not isinstance(claimed, list):
+        raise RecordError(f"bad finish reply {reply!r}")
+    return str(done), decode_claim(claimed)

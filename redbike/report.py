@@ -12,7 +12,14 @@ from typing import Any
 import redis
 
 from .keys import Keys
-from .states import parse_status
+from .records import (
+    Parked,
+    RecordError,
+    decode_lease,
+    decode_parking,
+    decode_pending,
+    decode_status,
+)
 
 SCAN_COUNT = 1000
 
@@ -21,7 +28,7 @@ def statuses(client: redis.Redis, keys: Keys, before: float | None = None) -> It
     """(jobid, EVENT, timestamp) of every job, or of those whose last status
     is older than ``before``."""
     for jobid, value in client.hscan_iter(keys.statuses, count=SCAN_COUNT):
-        event, stamp = parse_status(value)
+        event, stamp = decode_status(value)
         if before is None or stamp < before:
             yield jobid, event, int(stamp)
 
@@ -67,28 +74,47 @@ def tell(client: redis.Redis, keys: Keys, jobid: str, queue: str) -> dict[str, A
     if status and status.startswith("ENQ:"):
         told["queue"] = queue
         told["queue_length"] = client.llen(keys.queue(queue))
-        if parking and parking.startswith("P"):
-            told["waiting_for"] = parking[1:].split("|", 1)[0]
-        elif parking:
-            told["waiting_for"] = "nothing: a resource freed up; the next claim of its queue takes it"
+        if parking:
+            told["waiting_for"] = _waiting_for(parking)
     if lease:
-        token, lease_queue, worker, since, timeout, held = lease.split("|")
-        told["lease"] = {
-            "worker": worker,
-            "queue": lease_queue,
-            "since": float(since),
-            "timeout": float(timeout),
-            "deadline": deadline,
-            "token": token,
-            "holds": held or None,
-        }
+        try:
+            held = decode_lease(lease)
+        except RecordError as exc:
+            told["lease"] = {"unreadable": str(exc), "deadline": deadline}
+        else:
+            told["lease"] = {
+                "worker": held.worker,
+                "queue": held.queue,
+                "since": held.since,
+                "timeout": held.timeout,
+                "deadline": deadline,
+                "token": held.token,
+                "holds": held.needs or None,
+            }
         if schedule is None:
             told["unset"] = "running; removed when this run ends"
     if pending:
-        kind, at, pending_status = pending.split("|")
-        told["after_this_run"] = {"Q": "enqueue", "T": f"timeline at {at}", "S": pending_status}.get(kind, kind)
+        told["after_this_run"] = _after_this_run(pending)
     if error:
         told["last_error"] = json.loads(error)
     if status:
-        told["event"], told["since"] = parse_status(status)
+        told["event"], told["since"] = decode_status(status)
     return told
+
+
+def _waiting_for(parking: str) -> str:
+    try:
+        place = decode_parking(parking)
+    except RecordError as exc:
+        return str(exc)
+    if isinstance(place, Parked):
+        return place.resource
+    return "nothing: a resource freed up; the next claim of its queue takes it"
+
+
+def _after_this_run(pending: str) -> str:
+    try:
+        kind, at, status = decode_pending(pending)
+    except RecordError as exc:
+        return str(exc)
+    return {"Q": "enqueue", "T": f"timeline at {at}", "S": status}.get(kind, kind)

@@ -8,13 +8,15 @@ three common arguments first.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from importlib import resources
-from typing import Any
+from typing import Any, ClassVar
 
 import redis
 
 from .keys import Keys
 
+pack_command: Callable[[tuple[Any, ...]], bytes] | None
 try:  # a redbike dependency; without it, redis-py packs commands itself
     from hiredis import pack_command
 except ImportError:  # pragma: no cover
@@ -30,7 +32,7 @@ class Scripts:
     takes the job-state keys and three common arguments first.
     """
 
-    _sources: dict[str, str] = {}
+    _sources: ClassVar[dict[str, str]] = {}
 
     def __init__(self, client: redis.Redis, keys: Keys) -> None:
         if not Scripts._sources:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .records import decode_status
 from .schedules import Schedule, ScheduleError, parse_schedule
 
 # The statuses of the original redbike ...
@@ -118,10 +119,4 @@ def place_after_expiry(schedule_text: str, now: float) -> Placement:
     return Placement("S", EXP) if at is None else Placement("T", EXP, at)
 
 
-def parse_status(value: str) -> tuple[str, float]:
-    """Split "EVENT:TIMESTAMP" (a timestamp that is not a number reads as 0)."""
-    event, _, stamp = value.partition(":")
-    try:
-        return event, float(stamp or 0)
-    except ValueError:
-        return event, 0.0
+parse_status = decode_status  # "EVENT:TIMESTAMP" -> (event, timestamp); see records.py

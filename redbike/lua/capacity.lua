@@ -5,6 +5,8 @@
 -- ARGV: the common three, then resource, capacity.
 -- Returns how many jobs woke (call again while it is 1000 and unlimited).
 local resource, capacity = ARGV[A + 1], ARGV[A + 2]
+if not is_resource(resource) then return bad('resource name', resource) end
+if capacity ~= '' and not int_of(capacity, 0, MAX_CAPACITY) then return bad('capacity', capacity) end
 if capacity == '' then
   redis.call('HDEL', CAPACITIES, resource)
 else

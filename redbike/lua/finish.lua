@@ -6,10 +6,15 @@
 --       next token, worker id, control value seen, free local amounts,
 --       per-queue specs.
 -- Returns {finish result, claim result}.
+local count = #KEYS - K - 1
+local failed = finish_error(ARGV[A + 1], ARGV[A + 2], ARGV[A + 3], ARGV[A + 4], ARGV[A + 5], ARGV[A + 6])
+if not failed and count > 0 then
+  failed = claim_error(ARGV[A + 8], ARGV[A + 9], ARGV[A + 11], K + 2, count, A + 12)
+end
+if failed then return failed end
 local done = finish(ARGV[A + 1], ARGV[A + 2], ARGV[A + 3], ARGV[A + 4], ARGV[A + 5], ARGV[A + 6],
   KEYS[K + 1], ARGV[A + 7])
 if type(done) == 'table' then return done end -- an error reply
-local count = #KEYS - K - 1
 if count == 0 then
   return {done, {'NONE'}}
 end

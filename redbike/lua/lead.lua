@@ -6,7 +6,9 @@
 -- so that renewing the lease also tells the dispatcher when to wake next.
 -- A new lease gets a new token, so a stalled former leader fails every
 -- fenced script (see fence() in lib.lua).
-local held, ms, identity = ARGV[A + 1], tonumber(ARGV[A + 2]), ARGV[A + 3]
+local held, ms, identity = ARGV[A + 1], int_of(ARGV[A + 2], 0, 86400000), ARGV[A + 3]
+if not ms then return bad('lease ms', ARGV[A + 2]) end
+if not is_name(identity) then return bad('dispatcher identity', identity) end
 local current = redis.call('GET', DISPATCHER)
 if ms == 0 then
   if current and current == held then redis.call('DEL', DISPATCHER) end

@@ -37,7 +37,75 @@ local DISPATCH_CHANNEL = ARGV[2]
 local QUEUE_CHANNEL_PREFIX = ARGV[3]
 local MAX_PARKS = 64 -- jobs one claim may park before it lets other clients in
 local WAKE_BATCH = 1000 -- jobs one script may wake for a resource without a capacity
+local LOCAL_PREFIX = 'worker:' -- resources local to a worker pool (resources.LOCAL_PREFIX)
 local LAST = '\255' -- sorts after every byte a resource or queue name can hold
+local MAX_AMOUNT = 1000000000 -- most of a resource one job may need (resources.MAX_AMOUNT)
+local MAX_CAPACITY = 1000000000000 -- largest capacity (resources.MAX_CAPACITY)
+local MAX_TIME = 1e18 -- bound of a time or a number of seconds: '%d' still writes it
+
+-- Numbers written into records and increments: '%d', never Lua's '%.14g'
+-- (2e+14 cannot be read back as an integer).
+local function int(n)
+  return string.format('%d', n)
+end
+
+-- Argument checks. Redis does not roll back a script that fails half-way, so
+-- every script checks all of its arguments before its first write.
+local function bad(what, value)
+  local shown = string.gsub(string.sub(tostring(value), 1, 80), '%c', '?')
+  return redis.error_reply('BADARG bad ' .. what .. ': "' .. shown .. '"')
+end
+
+-- A time or a number of seconds: a decimal (as Python's repr writes one),
+-- finite, within MAX_TIME.
+local function time_of(text)
+  if type(text) ~= 'string' then return nil end
+  if not (string.match(text, '^%-?%d+%.?%d*$') or string.match(text, '^%-?%d+%.?%d*[eE][%+%-]?%d+$')) then
+    return nil
+  end
+  local n = tonumber(text)
+  if n and n == n and n >= -MAX_TIME and n <= MAX_TIME then return n end
+  return nil
+end
+
+-- A whole number in [low, high], or nil.
+local function int_of(text, low, high)
+  if type(text) ~= 'string' or not string.match(text, '^%d+$') or #text > 15 then return nil end
+  local n = tonumber(text)
+  if n >= low and n <= high then return n end
+  return nil
+end
+
+-- A job id or queue name: not empty, no '|' and no control character
+-- (redbike.names).
+local function is_name(text)
+  return type(text) == 'string' and string.match(text, '%S') ~= nil and not string.find(text, '[|%c]')
+end
+
+-- A resource name as redbike.resources.check_name allows it.
+local function is_resource(text)
+  return type(text) == 'string' and string.match(text, '^[^%s|,=%c]+$') ~= nil
+end
+
+-- "a=1,b=2" with each amount in [low, high]; '' is none.
+local function is_amounts(text, low, high)
+  if text == '' then return true end
+  for part in string.gmatch(text .. ',', '([^,]*),') do
+    local name, amount = string.match(part, '^([^=]*)=(%d+)$')
+    if not is_resource(name) or not int_of(amount, low, high) then return false end
+  end
+  return true
+end
+
+-- A placement (kind, at, status) as Placement.script_args() gives it.
+local function placement_error(kind, at, status)
+  if kind ~= 'Q' and kind ~= 'T' and kind ~= 'S' and kind ~= 'X' and kind ~= 'D' then
+    return bad('placement kind', kind)
+  end
+  if kind == 'T' and not time_of(at) then return bad('placement time', at) end
+  if type(status) ~= 'string' or not string.match(status, '^%u*$') then return bad('status', status) end
+  return nil
+end
 
 local function stamp(event)
   return event .. ':' .. string.format('%d', NOW_N)
@@ -50,8 +118,36 @@ local function fence(token)
   return nil
 end
 
+-- The records of records.py, decoded (their encoders are inline below).
+
 local function lease_token_matches(lease, token)
   return lease and string.sub(lease, 1, #token + 1) == token .. '|'
+end
+
+-- A lease record's needs (its last field).
+local function lease_needs(lease)
+  return string.match(lease, '([^|]*)$')
+end
+
+-- A pending record -> kind, at, status.
+local function pending_parts(pending)
+  return string.match(pending, '^([^|]*)|([^|]*)|(.*)$')
+end
+
+-- A parked member -> resource, seq, queue, jobid.
+local function parked_parts(member)
+  return string.match(member, '^([^|]*)|([^|]*)|([^|]*)|(.*)$')
+end
+
+-- A ready member -> queue, seq, jobid.
+local function ready_parts(ready)
+  return string.match(ready, '^([^|]*)|([^|]*)|(.*)$')
+end
+
+-- A woken job's parking value -> resource, amount set aside, ready member.
+local function woken_parts(parking)
+  local resource, amount, ready = string.match(parking or '', '^R([^=|]*)=(%d+)|(.*)$')
+  return resource, tonumber(amount), ready
 end
 
 -- "a=1,b=2" -> {{'a', 1}, {'b', 2}}
@@ -64,7 +160,7 @@ local function parse_needs(text)
 end
 
 local function is_local(name)
-  return string.sub(name, 1, 7) == 'worker:'
+  return string.sub(name, 1, #LOCAL_PREFIX) == LOCAL_PREFIX
 end
 
 -- How much of `resource` a job needs (0 if none).
@@ -76,7 +172,7 @@ local function need_of(jobid, resource)
 end
 
 local function give_back(resource, amount)
-  if amount > 0 and redis.call('HINCRBY', USAGE, resource, -amount) <= 0 then
+  if amount > 0 and redis.call('HINCRBY', USAGE, resource, int(-amount)) <= 0 then
     redis.call('HDEL', USAGE, resource)
   end
 end
@@ -85,7 +181,10 @@ end
 local function first_in_line(resource)
   local member = redis.call('ZRANGEBYLEX', PARKED, '[' .. resource .. '|', '(' .. resource .. '|' .. LAST,
     'LIMIT', 0, 1)[1]
-  if member then return member, string.match(member, '^[^|]*|([^|]*)|') end
+  if member then
+    local _, seq = parked_parts(member)
+    return member, seq
+  end
   return nil, nil
 end
 
@@ -101,7 +200,7 @@ local function wake(resource, room)
     'LIMIT', 0, limit)
   local woken = 0
   for _, member in ipairs(heads) do
-    local seq, queue_name, jobid = string.match(member, '^[^|]*|([^|]*)|([^|]*)|(.*)$')
+    local _, seq, queue_name, jobid = parked_parts(member)
     local amount = need_of(jobid, resource)
     if room then
       if amount > room then break end
@@ -110,8 +209,8 @@ local function wake(resource, room)
     local ready = queue_name .. '|' .. seq .. '|' .. jobid
     redis.call('ZREM', PARKED, member)
     redis.call('ZADD', READY, 0, ready)
-    if amount > 0 then redis.call('HINCRBY', USAGE, resource, amount) end
-    redis.call('HSET', PARKING, jobid, 'R' .. resource .. '=' .. amount .. '|' .. ready)
+    if amount > 0 then redis.call('HINCRBY', USAGE, resource, int(amount)) end
+    redis.call('HSET', PARKING, jobid, 'R' .. resource .. '=' .. int(amount) .. '|' .. ready)
     redis.call('PUBLISH', QUEUE_CHANNEL_PREFIX .. queue_name, '1')
     woken = woken + 1
   end
@@ -126,12 +225,6 @@ local function wake_if_room(resource)
     return wake(resource, nil)
   end
   return wake(resource, tonumber(capacity) - tonumber(redis.call('HGET', USAGE, resource) or '0'))
-end
-
--- A woken job's parking value -> resource, amount set aside, ready member.
-local function woken_parts(parking)
-  local resource, amount, ready = string.match(parking or '', '^R([^=|]*)=(%d+)|(.*)$')
-  return resource, tonumber(amount), ready
 end
 
 -- Give back the global resources a run held (its lease's needs).
@@ -158,7 +251,7 @@ local function unplace(jobid, queue)
         give_back(resource, amount)
       else -- parked: the next in line may fit now that it is gone
         redis.call('ZREM', PARKED, string.sub(parking, 2))
-        resource = string.match(parking, '^P([^|]*)|')
+        resource = parked_parts(string.sub(parking, 2))
       end
       if resource and resource ~= '' then wake_if_room(resource) end
     else
@@ -217,7 +310,7 @@ local function finish(jobid, token, kind, at, status, err, queue, channel)
   end
   redis.call('HDEL', LEASES, jobid)
   redis.call('ZREM', DEADLINES, jobid)
-  release(string.match(lease, '([^|]*)$'))
+  release(lease_needs(lease))
   if redis.call('HEXISTS', SCHEDULES, jobid) == 0 then
     redis.call('HDEL', PENDING, jobid)
     return 'GONE'
@@ -228,7 +321,7 @@ local function finish(jobid, token, kind, at, status, err, queue, channel)
   local pending = redis.call('HGET', PENDING, jobid)
   if pending then
     redis.call('HDEL', PENDING, jobid)
-    kind, at, status = string.match(pending, '^([^|]*)|([^|]*)|(.*)$')
+    kind, at, status = pending_parts(pending)
   end
   local failed = place(jobid, kind, at, status, queue, channel)
   if failed then return failed end
@@ -246,7 +339,7 @@ local function next_candidate(queue, queue_name)
     'LIMIT', 0, 1)[1]
   if ready then
     redis.call('ZREM', READY, ready)
-    local seq, jobid = string.match(ready, '^[^|]*|([^|]*)|(.*)$')
+    local _, seq, jobid = ready_parts(ready)
     local resource, amount = woken_parts(redis.call('HGET', PARKING, jobid))
     redis.call('HDEL', PARKING, jobid)
     if resource then give_back(resource, amount) end
@@ -337,15 +430,15 @@ local function claim(token, worker, control_seen, local_free, first, count, spec
         elseif not fits_locally(needs, free) then
           if ready then -- back where it was, its amount set aside again
             redis.call('ZADD', READY, 0, ready)
-            if held and amount > 0 then redis.call('HINCRBY', USAGE, held, amount) end
-            redis.call('HSET', PARKING, jobid, 'R' .. (held or '') .. '=' .. (amount or 0) .. '|' .. ready)
+            if held and amount > 0 then redis.call('HINCRBY', USAGE, held, int(amount)) end
+            redis.call('HSET', PARKING, jobid, 'R' .. (held or '') .. '=' .. int(amount or 0) .. '|' .. ready)
           else
             redis.call('RPUSH', queue, jobid)
           end
           break
         else
           for _, need in ipairs(needs) do
-            if not is_local(need[1]) then redis.call('HINCRBY', USAGE, need[1], need[2]) end
+            if not is_local(need[1]) then redis.call('HINCRBY', USAGE, need[1], int(need[2])) end
           end
           local status = redis.call('HGET', STATUSES, jobid) or ''
           redis.call('HSET', LEASES, jobid, table.concat(
@@ -359,3 +452,31 @@ local function claim(token, worker, control_seen, local_free, first, count, spec
   end
   return {'NONE'}
 end
+
+-- What is wrong with the arguments of claim() (see there), or nil.
+local function claim_error(token, worker, local_free, first, count, spec)
+  if not is_name(token) then return bad('token', token) end
+  if not is_name(worker) then return bad('worker id', worker) end
+  if not is_amounts(local_free, 0, MAX_CAPACITY) then return bad('free worker-local amounts', local_free) end
+  if #KEYS ~= first + count - 1 or #ARGV ~= spec + 3 * count - 1 then
+    return bad('count of queues', count)
+  end
+  for i = 0, count - 1 do
+    local base = spec + 3 * i
+    if not is_name(ARGV[base]) then return bad('queue name', ARGV[base]) end
+    local timeout, first_deadline = time_of(ARGV[base + 1]), time_of(ARGV[base + 2])
+    if not timeout or timeout < 0 then return bad('timeout', ARGV[base + 1]) end
+    if not first_deadline or first_deadline < 0 then return bad('lease seconds', ARGV[base + 2]) end
+  end
+  return nil
+end
+
+-- What is wrong with the arguments of finish() (see there), or nil.
+local function finish_error(jobid, token, kind, at, status, err)
+  if type(jobid) ~= 'string' or jobid == '' then return bad('job id', jobid) end
+  if not is_name(token) then return bad('token', token) end
+  if type(err) ~= 'string' then return bad('error record', err) end
+  return placement_error(kind, at, status)
+end
+
+if not time_of(NOW) then return bad('now', NOW) end

@@ -5,7 +5,13 @@
 -- A job no longer due (unset, set again) is skipped. Returns the count moved.
 local failed = fence(ARGV[A + 1])
 if failed then return failed end
-local n = tonumber(ARGV[A + 2])
+local n = int_of(ARGV[A + 2], 0, #KEYS - K)
+if not n or n ~= #KEYS - K then return bad('queue count', ARGV[A + 2]) end
+if (#ARGV - A - 2 - n) % 2 ~= 0 then return bad('count of job values', #ARGV) end
+for j = A + 3 + n, #ARGV, 2 do
+  if ARGV[j] == '' then return bad('job id', ARGV[j]) end
+  if not int_of(ARGV[j + 1], 1, n) then return bad('queue index', ARGV[j + 1]) end
+end
 local moved = 0
 for j = A + 3 + n, #ARGV, 2 do
   local jobid = ARGV[j]

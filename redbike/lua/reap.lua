@@ -8,7 +8,14 @@
 -- its lease is dropped. Returns the count reaped.
 local failed = fence(ARGV[A + 1])
 if failed then return failed end
-local n = tonumber(ARGV[A + 2])
+local n = int_of(ARGV[A + 2], 0, #KEYS - K)
+if not n or n ~= #KEYS - K then return bad('queue count', ARGV[A + 2]) end
+if (#ARGV - A - 2 - n) % 7 ~= 0 then return bad('count of lease values', #ARGV) end
+for j = A + 3 + n, #ARGV, 7 do
+  failed = finish_error(ARGV[j], ARGV[j + 1], ARGV[j + 2], ARGV[j + 3], ARGV[j + 4], ARGV[j + 5])
+  if failed then return failed end
+  if not int_of(ARGV[j + 6], 1, n) then return bad('queue index', ARGV[j + 6]) end
+end
 local reaped = 0
 for j = A + 3 + n, #ARGV, 7 do
   local jobid = ARGV[j]

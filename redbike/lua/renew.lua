@@ -2,6 +2,10 @@
 -- KEYS: the job-state keys.
 -- ARGV: the common three, then triples (jobid, token, new deadline).
 -- Returns the jobids whose lease was lost (reaped or unset).
+if (#ARGV - A) % 3 ~= 0 then return bad('count of lease values', #ARGV) end
+for j = A + 1, #ARGV, 3 do
+  if not time_of(ARGV[j + 2]) then return bad('deadline', ARGV[j + 2]) end
+end
 local lost = {}
 for j = A + 1, #ARGV, 3 do
   local jobid, token = ARGV[j], ARGV[j + 1]

@@ -8,6 +8,11 @@
 local jobid, schedule, kind, at, status, channel, only_if_new, needs =
   ARGV[A + 1], ARGV[A + 2], ARGV[A + 3], ARGV[A + 4], ARGV[A + 5], ARGV[A + 6], ARGV[A + 7], ARGV[A + 8]
 local queue = KEYS[K + 1]
+if not is_name(jobid) then return bad('job id', jobid) end
+local failed = placement_error(kind, at, status)
+if failed then return failed end
+if only_if_new ~= '0' and only_if_new ~= '1' then return bad('only_if_new', only_if_new) end
+if not is_amounts(needs, 1, MAX_AMOUNT) then return bad('needs', needs) end
 if only_if_new == '1' and redis.call('HEXISTS', SCHEDULES, jobid) == 1 then
   return 'KEPT'
 end
@@ -29,6 +34,6 @@ if kind == 'Q' and current and string.sub(current, 1, 4) == 'ENQ:'
   -- resource whose needs changed goes to the back of its queue instead)
 end
 unplace(jobid, queue)
-local failed = place(jobid, kind, at, status, queue, channel)
+failed = place(jobid, kind, at, status, queue, channel)
 if failed then return failed end
 return 'PLACED'

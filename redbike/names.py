@@ -1,0 +1,41 @@
+"""The names users give redbike, checked where they enter.
+
+Job ids and queue names go into Redis records whose fields are joined with
+``|`` (see records.py) and into one-line outputs (CSV, logs), so neither may
+hold a ``|``, a line break or any other control character, nor be empty.
+Resource names have stricter rules of their own (resources.check_name).
+"""
+
+from __future__ import annotations
+
+import re
+
+from .records import SEP
+
+# C0 and C1 control characters (newline, NUL, escape ...) and DEL.
+CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+class BadName(ValueError):
+    """A job id or queue name redbike cannot store (one line for the user)."""
+
+
+def _check(name: object, what: str) -> str:
+    if not isinstance(name, str):
+        raise BadName(f"bad {what} {name!r}: not a string")
+    if not name.strip():
+        raise BadName(f"bad {what} {name!r}: it must not be empty")
+    if SEP in name or CONTROL.search(name):
+        raise BadName(f"bad {what} {name!r}: no '|', line breaks or control characters")
+    return name
+
+
+def check_jobid(jobid: str) -> str:
+    """``jobid``, if redbike can store it; else BadName."""
+    return _check(jobid, "job id")
+
+
+def check_queue(name: str) -> str:
+    """``name`` (a queue from queue_names() or queue_for()), if redbike can
+    store it; else BadName."""
+    return _check(name, "queue name")

@@ -1,0 +1,259 @@
+"""The contract between the Python side and the Lua scripts, checked so that
+the two cannot drift: the scripts' headers and lib.lua's constants against
+redbike's modules, the arguments Python passes against each header, and
+every shared record encoded on one side and decoded on the other, on the
+real server.
+"""
+
+from __future__ import annotations
+
+import re
+from importlib import resources
+from typing import Any
+
+import pytest
+import redis
+from test_jobs import NOW, Env
+
+from redbike import keys as keys_module
+from redbike import records, states
+from redbike.keys import Keys
+from redbike.records import (
+    Claimed,
+    Halt,
+    LeaseRecord,
+    Parked,
+    Ready,
+    Woken,
+    decode_claim,
+    decode_finish,
+    decode_lease,
+    decode_needs,
+    decode_parked,
+    decode_parking,
+    decode_pending,
+    decode_ready,
+    decode_status,
+    encode_lease,
+    encode_needs,
+    encode_parked,
+    encode_parking,
+    encode_pending,
+    encode_ready,
+)
+from redbike.resources import LOCAL_PREFIX, MAX_AMOUNT, MAX_CAPACITY
+from redbike.scripts import SCRIPT_NAMES, Scripts
+from redbike.states import Outcome
+from redbike.worker import Rotation
+
+LUA = resources.files("redbike") / "lua"
+LIB = (LUA / "lib.lua").read_text(encoding="utf-8")
+
+
+def source(name: str) -> str:
+    return (LUA / f"{name}.lua").read_text(encoding="utf-8")
+
+
+def lua_constant(name: str) -> str:
+    match = re.search(rf"^local {name} = ('[^']*'|[\d.e]+)", LIB, re.MULTILINE)
+    assert match, f"lib.lua defines no {name}"
+    return match.group(1).strip("'")
+
+
+def header(text: str, label: str) -> str:
+    """The ``-- LABEL:`` paragraph of a script's header comment, on one line,
+    without its parenthesised remarks."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"-- {label}:"))
+    part = [lines[start][len(f"-- {label}:"):]]
+    for line in lines[start + 1:]:
+        if not line.startswith("--       "):
+            break
+        part.append(line[2:])
+    joined = " ".join(" ".join(part).split())
+    while "(" in joined:
+        joined = re.sub(r"\s*\([^()]*\)", "", joined)
+    return joined
+
+
+# -- the scripts and lib.lua's constants --------------------------------------
+
+def test_every_script_file_is_loaded_and_has_a_header() -> None:
+    files = {path.name[:-4] for path in LUA.iterdir() if path.name.endswith(".lua")}
+    assert files - {"lib"} == set(SCRIPT_NAMES)
+    for name in SCRIPT_NAMES:
+        text = source(name)
+        assert text.startswith(f"-- {name}.lua: "), name
+        assert header(text, "KEYS").startswith("the job-state keys"), name
+        assert header(text, "ARGV").startswith("the common three"), name
+
+
+def test_lib_lists_the_job_state_keys_in_the_order_python_passes_them() -> None:
+    listed = re.findall(r"^--\s+KEYS\[(\d+)\]\s+(\w+)", LIB, re.MULTILINE)
+    assert [int(n) for n, _ in listed] == list(range(1, len(listed) + 1))
+    assert tuple(name for _, name in listed) == records.JOB_STATE
+    assert f"local K, A = {len(records.JOB_STATE)}, 3" in LIB
+    keys = Keys("p")
+    assert keys.job_state() == [getattr(keys, name) for name, _ in zip(records.JOB_STATE, listed)]
+    # the locals lib.lua binds KEYS[1..16] to, in the same order
+    bound = re.findall(r"KEYS\[(\d+)\]", LIB.split("local K, A")[0].split("-- D (forget the job).")[1])
+    assert [int(n) for n in bound] == list(range(1, len(records.JOB_STATE) + 1))
+
+
+def test_lib_constants_match_python() -> None:
+    assert int(lua_constant("WAKE_BATCH")) == keys_module.WAKE_BATCH
+    assert int(lua_constant("MAX_AMOUNT")) == MAX_AMOUNT
+    assert int(lua_constant("MAX_CAPACITY")) == MAX_CAPACITY
+    assert lua_constant("LOCAL_PREFIX") == LOCAL_PREFIX
+
+
+def test_statuses_and_placement_kinds_match_python() -> None:
+    python_statuses = {value for name, value in vars(states).items() if re.fullmatch(r"[A-Z]{3}", name)}
+    lua = LIB + "".join(source(name) for name in SCRIPT_NAMES)
+    stamped = set(re.findall(r"stamp\('(\w+)'\)", lua)) | set(re.findall(r"== '(\w+):'", lua))
+    assert stamped and stamped <= python_statuses
+    lua_kinds = set(re.findall(r"kind == '(\w)'", LIB))
+    assert lua_kinds == set("QTSXD")
+    python_kinds = set(re.findall(r'Placement\("(\w)"', (resources.files("redbike") / "states.py").read_text()))
+    assert python_kinds == lua_kinds
+
+
+# -- the arguments Python passes, against each script's header -----------------
+
+def own_arguments(name: str) -> tuple[int, str]:
+    """How many fixed arguments script ``name`` takes after the common three,
+    and the header's words on what follows them."""
+    text = text_of(name).removeprefix("the common three")
+    fixed, _, rest = text.removeprefix(", then ").partition(", then ")
+    return (0 if fixed.startswith(("triples", "pairs")) else len(fixed.rstrip(".").split(", "))), rest or fixed
+
+
+GROUPS = {"pairs": 2, "triples": 3, "per lease 7 values": 7}
+
+
+def text_of(name: str) -> str:
+    return header(source(name), "ARGV")
+
+
+def check_call(name: str, keys: list[str], args: list[Any]) -> None:
+    fixed, rest = own_arguments(name)
+    if name == "finish":  # then the claim's arguments, when it claims
+        if len(keys) == 1:
+            assert len(args) == fixed
+            return
+        check_call("claim", keys[1:], args[fixed:])
+        return
+    if rest.startswith("per queue"):
+        assert len(args) == fixed + 3 * len(keys), (name, args)
+        return
+    if "the n queue channels" in text_of(name):
+        n = int(args[1])
+        assert n == len(keys)
+        fixed += n - 1  # the header counted "the n queue channels" as one
+    group = next((size for word, size in GROUPS.items() if word in text_of(name)), 0)
+    if group:
+        assert (len(args) - fixed) % group == 0 and len(args) > fixed, (name, args)
+    else:
+        assert len(args) == fixed, (name, args)
+
+
+def test_python_passes_what_each_header_says(client: redis.Redis, prefix: str,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[str, list[str], list[Any]]] = []
+    run = Scripts.run
+
+    def recording(self: Scripts, name: str, now: float, keys: list[str], args: list[Any], client: Any = None) -> Any:
+        calls.append((name, keys, args))
+        return run(self, name, now, keys, args, client)
+
+    monkeypatch.setattr(Scripts, "run", recording)
+    env = Env(client, prefix)
+    env.bike.set_capacity("r", 1)
+    env.bike.set("a:A", "NOW", needs="r")
+    env.bike.set("b:A", "NOW", needs="r")
+    env.bike.set("t:A", "AT:2023-11-14T22:13:30Z")
+    env.bike.set("gone:A", "NOW")
+    env.bike.unset("gone:A")
+    pool = env.pool()
+    rotation = Rotation(pool.queue_names)
+    job = pool.claim(rotation, "w1")
+    assert job is not None
+    pool.finish(job, Outcome("ok"), "", rotation, "w1")  # claims b:A
+    pool.finish(job, Outcome("ok"), "", None, "w1")  # stale: claims nothing
+    dispatcher = env.dispatcher()
+    env.at(NOW + 100)
+    dispatcher.step(NOW + 100)  # moves t:A, reaps b:A
+    assert dispatcher.moved == 1 and dispatcher.reaped == 1
+    env.bike.scripts.run("renew", NOW, [], ["a:A", "tok", repr(NOW + 30)])
+    dispatcher.lead(NOW, milliseconds=0)
+    assert {name for name, _, _ in calls} == set(SCRIPT_NAMES)
+    for name, keys, args in calls:
+        check_call(name, keys, args)
+
+
+# -- records written by one side, read by the other, on the real server ---------
+
+def lua(client: redis.Redis, body: str, *args: str) -> Any:
+    """Run ``body`` after lib.lua, as every script runs, with ``args`` after the common three."""
+    keys = Keys("contract").job_state()
+    return client.eval(LIB + "\n" + body, len(keys), *keys, repr(NOW), "d", "q:", *args)
+
+
+def test_lua_reads_what_python_writes(client: redis.Redis) -> None:
+    lease = encode_lease(LeaseRecord("tok", "A", "host:1:0", NOW, 10.0, "db:x=2,host:a=1"))
+    assert lua(client, "return {lease_token_matches(ARGV[4], 'tok') and 1 or 0, "
+               "lease_token_matches(ARGV[4], 'to') and 1 or 0, lease_needs(ARGV[4])}", lease) \
+        == [1, 0, "db:x=2,host:a=1"]
+    assert lua(client, "return {pending_parts(ARGV[4])}", encode_pending("T", repr(NOW), "TML")) \
+        == ["T", repr(NOW), "TML"]
+    assert lua(client, "return {pending_parts(ARGV[4])}", encode_pending("D", "", "")) == ["D", "", ""]
+    needs = {"db:x": 2, "host:a": 1, f"{LOCAL_PREFIX}cpu": MAX_AMOUNT}
+    parsed = lua(client, "local out = {} for _, n in ipairs(parse_needs(ARGV[4])) do "
+                 "table.insert(out, n[1]) table.insert(out, int(n[2])) end return out", encode_needs(needs))
+    assert dict(zip(parsed[0::2], map(int, parsed[1::2]))) == needs
+    parked = Parked("host:a", "0000000000000042", "A", "job:with|bar:A")
+    assert lua(client, "return {parked_parts(ARGV[4])}", encode_parked(parked)) == list(vars(parked).values())
+    ready = Ready("A", "0000000000000042", "job|x:A")
+    assert lua(client, "return {ready_parts(ARGV[4])}", encode_ready(ready)) == list(vars(ready).values())
+    woken = encode_parking(Woken("host:a", MAX_AMOUNT, ready))
+    assert lua(client, "local r, a, m = woken_parts(ARGV[4]) return {r, int(a), m}", woken) \
+        == ["host:a", str(MAX_AMOUNT), encode_ready(ready)]
+    assert lua(client, "return {woken_parts(ARGV[4])}", encode_parking(parked)) == []
+
+
+def test_python_reads_what_lua_writes(client: redis.Redis, prefix: str) -> None:
+    env = Env(client, prefix)
+    assert decode_status(lua(client, "return stamp('ENQ')")) == ("ENQ", NOW)
+    env.bike.set_capacity("r", 0)
+    env.bike.set("parked:A", "NOW", needs="r=3,worker:cpu=2")
+    env.bike.set("run:A", "NOW", needs="s=1")
+    assert env.claim() is not None  # parks parked:A, claims run:A
+    member = client.zrange(env.keys.parked, 0, -1)[0]
+    assert decode_parked(member) == Parked("r", decode_parked(member).seq, "A", "parked:A")
+    assert decode_parking(client.hget(env.keys.parking, "parked:A")) == decode_parked(member)
+    env.bike.set_capacity("r", 5)
+    woken = decode_parking(client.hget(env.keys.parking, "parked:A"))
+    assert isinstance(woken, Woken) and woken.resource == "r" and woken.amount == 3
+    assert woken.ready == decode_ready(client.zrange(env.keys.ready, 0, -1)[0]) == Ready("A", woken.ready.seq, "parked:A")
+    lease = decode_lease(client.hget(env.keys.leases, "run:A"))
+    assert (lease.queue, lease.worker, lease.since, lease.timeout, lease.needs) == ("A", "w1", NOW, 10.0, "s=1")
+    assert decode_needs(client.hget(env.keys.needs, "parked:A")) == {"r": 3, "worker:cpu": 2}
+    env.bike.set("run:A", "AT:2030-01-01T00:00:00Z")  # while it runs: a pending placement
+    kind, at, status = decode_pending(client.hget(env.keys.pending, "run:A"))
+    assert (kind, float(at), status) == ("T", 1893456000.0, "TML")
+
+
+def test_the_claim_and_finish_replies_decode(client: redis.Redis, prefix: str) -> None:
+    env = Env(client, prefix)
+    env.bike.set("a:B", "NOW", needs="r=2")
+    claim = ["tok", "w1", "", "", "A", "10", "10", "B", "10", "10"]
+    queues = [env.keys.queue("A"), env.keys.queue("B")]
+    reply = env.bike.scripts.run("claim", NOW, queues, claim)
+    assert decode_claim(reply) == Claimed("a:B", 1, "NOW", f"ENQ:{NOW:.0f}", {"r": 2})
+    assert decode_claim(env.bike.scripts.run("claim", NOW, queues, claim)) == records.NONE
+    finish = ["a:B", "tok", "S", "", "END", "", env.keys.queue_channel("B")]
+    done = env.bike.scripts.run("finish", NOW, [env.keys.queue("B"), *queues], finish + claim)
+    assert decode_finish(done) == ("DONE", records.NONE)
+    assert decode_finish(env.bike.scripts.run("finish", NOW, [env.keys.queue("B")], finish)) == ("STALE", "NONE")
+    env.bike.control()
+    assert decode_claim(env.bike.scripts.run("claim", NOW, queues, claim)) == Halt(client.get(env.keys.control))
