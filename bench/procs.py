@@ -32,7 +32,9 @@ class Proc:
 
     def __init__(self, argv: list[str], env: dict[str, str], cwd: str | None = None, name: str = "") -> None:
         self.name = name or os.path.basename(argv[0])
-        self.log = tempfile.NamedTemporaryFile(prefix=f"bench-{self.name}-", suffix=".log", delete=False)
+        # Open for the process's whole life (closed in stop()), not a with-block.
+        self.log = tempfile.NamedTemporaryFile(  # noqa: SIM115
+            prefix=f"bench-{self.name}-", suffix=".log", delete=False)
         self.argv = argv
         self.process = subprocess.Popen(argv, env=env, cwd=cwd or str(ROOT), stdout=self.log, stderr=subprocess.STDOUT,
                                         start_new_session=True)

@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         cpu_split(server, args.jobs, args.seconds, not args.no_py_spy)
         try:
             pieces(server, 10000)
-        except Exception as exc:  # these use redbike's internals, which may have moved
+        except Exception as exc:  # noqa: BLE001 - these use redbike's internals, which may have moved
             print(f"3. n/a: {type(exc).__name__}: {exc}")
     finally:
         server.stop()

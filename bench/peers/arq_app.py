@@ -4,6 +4,7 @@ logging at WARNING like every other system here (arq's CLI logs every job at INF
 
 import logging
 import os
+from typing import Any, ClassVar
 
 from arq import run_worker
 from arq.connections import RedisSettings
@@ -16,7 +17,7 @@ async def noop(ctx: dict, i: int) -> None:
 
 
 class WorkerSettings:
-    functions = [noop]
+    functions: ClassVar[list[Any]] = [noop]  # arq reads its settings from class attributes
     redis_settings = RedisSettings.from_dsn(os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0"))
 
 
