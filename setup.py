@@ -19,6 +19,9 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=7", "fakeredis[lua]>=2.20", "lupa", "hypothesis>=6"],
+        # What .ci/run checks the code with. ruff is held to one minor
+        # release: each adds rules to its default set.
+        "lint": ["mypy>=1.10", "ruff>=0.17,<0.18", "types-python-dateutil"],
         # The peers, bounded to the releases of the committed results (see
         # bench/README.md): unbounded, pip's resolver backtracks through every
         # old kombu, because arq >= 0.26 wants redis-py < 6 and kombu's Redis
