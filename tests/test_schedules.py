@@ -305,7 +305,7 @@ def test_longest_interval_still_fires() -> None:
                                         ("FREQ=MONTHLY;COUNT=3000", None)])
 def test_count_rule_from_an_old_dtstart_is_computed_without_enumerating(
         rule: str, step: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
-    import redbike.schedules as schedules
+    from redbike import schedules
 
     produced = 0
     plain = rrule._iter
