@@ -123,6 +123,8 @@ def _run(args: dict[str, Any]) -> int:
         result = bike.set(args["JOBID"], args["SCHEDULE"], after=_timestamp(args["--after"]), needs=args["--needs"])
         if result == "PENDING":
             print(f"{args['JOBID']} is running; its new schedule applies when the run ends", file=sys.stderr)
+        elif result == "KEPT":
+            print(f"{args['JOBID']} already has this schedule, whose time has passed; left as it is", file=sys.stderr)
     elif args["unset"]:
         if bike.unset(args["JOBID"]) == 0:
             raise NoSuchJob(f"no such job: {args['JOBID']}")
