@@ -23,7 +23,8 @@ Options:
   --before=TS        Only jobs whose last status is older than this.
   --schedules=CSV    Set these JOBID,SCHEDULE[,NEEDS] rows before dispatching.
   --needs=NEEDS      Resources the job needs: host:db-17,db:db42=2 (amount 1
-                     unless given).
+                     unless given); none: it needs nothing. Without it a job
+                     keeps its needs.
   --concurrency=N    Worker processes under this supervisor [default: 1].
   --resources=AMOUNTS  This pool's worker-local resources: cpu_cores=16,ram_gb=64
                      (jobs need them as worker:cpu_cores=4).
