@@ -203,6 +203,9 @@ def test_the_default_clock_is_redis_time(client, prefix):
     assert abs(bike.clock() - (seconds + micros / 1e6)) < 0.5
     injected = Redbike(RoundRobin(), prefix=prefix, client=client, clock=lambda: 5.0)
     assert injected.clock() == 5.0
+    with client.pipeline(transaction=False) as pipe:  # a Redbike over a pipeline (the bench)
+        piped = Redbike(RoundRobin(), prefix=prefix, client=pipe)
+        assert abs(piped.clock() - bike.clock()) < 0.5 and len(pipe) == 0
 
 
 def test_redis_clock_measures_again_and_works_after_fork(client):
