@@ -11,6 +11,7 @@ from typing import Any
 import redis
 
 from . import report
+from .clock import RedisClock
 from .config import connect
 from .csvfile import read_rows
 from .dispatcher import Dispatcher
@@ -25,15 +26,17 @@ from .resources import (
     read_capacities_csv,
 )
 from .roundrobin import RoundRobin
-from .schedules import ScheduleError, parse_schedule
+from .schedules import ScheduleError, parse_schedule, timestamp_problem
 from .scripts import Scripts
 from .states import BAD, Placement, place_on_set
-from .timefile import read_timefile
+from .timefile import check_timefile, read_timefile
 from .worker import WorkerPool
 
 log = logging.getLogger(__name__)
 
 Needs = Mapping[str, int] | str | None
+CLEAR_NEEDS = "none"  # as needs: the job needs nothing (set.lua drops the stored needs)
+TIMEFILE_AHEAD = 5.0  # seconds a timefile may be ahead of the clock before that is suspicious
 
 
 JobIdError = BadName  # what callers of earlier versions catch
@@ -52,7 +55,7 @@ class Redbike:
         default_timeout: float = 10.0,
         *,
         client: redis.Redis | None = None,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self.worker = worker if worker is not None else RoundRobin()
         self.keys = Keys(prefix)
@@ -60,14 +63,25 @@ class Redbike:
         self.scripts = Scripts(self.client, self.keys)
         self.timefile = timefile
         self.default_timeout = default_timeout
-        self.clock = clock
+        # Redis' clock unless one is given: every process and host then agrees on the time.
+        self.clock: Callable[[], float] = clock if clock is not None else RedisClock(self.client)
 
-    def _after(self, after: float | None) -> float:
-        """The time runs count from: --after, else the timefile, else now."""
+    def _after(self, after: float | None, now: float) -> float:
+        """The time runs count from: --after, else the timefile, else now. A timefile
+        ahead of now (a clock stepped back, a fast clock where the dispatcher ran)
+        would skip the runs until it: runs count from now instead."""
         if after is not None:
+            problem = timestamp_problem(after)
+            if problem:
+                raise ScheduleError(f"bad timestamp: {problem}")
             return after
         recorded = read_timefile(self.timefile)
-        return recorded if recorded is not None else self.clock()
+        if recorded is None:
+            return now
+        if recorded > now + TIMEFILE_AHEAD:
+            log.warning("timefile %s is %.0fs ahead of the clock; counting runs from now",
+                        self.timefile, recorded - now)
+        return min(recorded, now)
 
     def _queue_of(self, jobid: str) -> str:
         """The queue of a job (checked, as is the job id)."""
@@ -89,28 +103,43 @@ class Redbike:
         merged.update(amounts_of(needs))
         return merged
 
+    def _needs_arg(self, jobid: str, needs: Needs) -> str:
+        """The needs set.lua stores: '' keeps the stored ones (none were given),
+        CLEAR_NEEDS drops them."""
+        if isinstance(needs, str) and needs.strip().lower() == CLEAR_NEEDS:
+            return CLEAR_NEEDS
+        return format_amounts(self.needs_of(jobid, needs))
+
     def set(self, jobid: str, schedule: str, after: float | None = None, needs: Needs = None) -> str:
         """Give a job a schedule (and the resources it needs). Returns 'PLACED',
-        or 'PENDING' when the job is running (the new schedule takes effect
-        when the run ends).
+        'PENDING' when the job is running (the new schedule takes effect when
+        the run ends), or 'KEPT' for an AT job set again with the schedule it
+        has, whose time is before ``after`` (it was entered before: it runs or
+        ran once, and is left as it is).
+
+        Needs given (``needs``, else the worker's needs() hook) replace the stored
+        ones; none given keeps them; ``needs="none"`` drops them.
 
         A bad schedule raises ScheduleError; a new job is recorded with status
         BAD, and an existing job keeps its schedule untouched."""
         self._queue_of(jobid)
-        wanted = format_amounts(self.needs_of(jobid, needs))
+        wanted = self._needs_arg(jobid, needs)
         try:
             parsed = parse_schedule(schedule)
         except ScheduleError as exc:
             kept = self._place(jobid, schedule.strip(), Placement("S", BAD), only_if_new=True) == "KEPT"
             note = "it keeps its previous schedule" if kept else "recorded with status BAD"
             raise ScheduleError(f"{exc} ({jobid} {note})") from None
-        placement = place_on_set(parsed, self._after(after), self.clock())
-        return self._place(jobid, parsed.text, placement, only_if_new=False, needs=wanted)
+        now = self.clock()
+        start = self._after(after, now)
+        entered = (parsed.kind == "AT" and parsed.first_after(start) is None
+                   and self.client.hget(self.keys.schedules, jobid) == parsed.text)
+        return self._place(jobid, parsed.text, place_on_set(parsed, start, now), only_if_new=entered, needs=wanted)
 
     def set_many(self, rows: Iterable[tuple[str, ...]], after: float | None = None) -> list[str]:
         """Set (jobid, schedule[, needs]) rows; returns one error line per bad
         row (a new job with a bad schedule is recorded BAD), setting all the others."""
-        start = self._after(after)
+        start = self._after(after, self.clock())
         errors = []
         for jobid, schedule, *needs in rows:
             try:
@@ -172,6 +201,7 @@ class Redbike:
     def dispatch(self, schedules_csv: str | None = None, after: float | None = None) -> None:
         """Set the schedules of a JOBID,SCHEDULE CSV file, then dispatch until
         HALT or a signal."""
+        check_timefile(self.timefile)
         if schedules_csv is not None:
             # Each line says what was wrong (schedule, needs, job id).
             for line in self.set_many(read_schedules_csv(schedules_csv), after=after):

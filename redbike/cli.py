@@ -23,9 +23,10 @@ Options:
   --before=TS        Only jobs whose last status is older than this.
   --schedules=CSV    Set these JOBID,SCHEDULE[,NEEDS] rows before dispatching.
   --needs=NEEDS      Resources the job needs: host:db-17,db:db42=2 (amount 1
-                     unless given).
+                     unless given); none: it needs nothing. Without it a job
+                     keeps its needs.
   --concurrency=N    Worker processes under this supervisor, 1 to 256
-                     (each maps 1 MiB of shared memory) [default: 1].
+                     (each maps 2 MiB of shared memory) [default: 1].
   --resources=AMOUNTS  This pool's worker-local resources: cpu_cores=16,ram_gb=64
                      (jobs need them as worker:cpu_cores=4).
   --load=CSV         Set the RESOURCE,CAPACITY rows of a CSV file.
@@ -66,7 +67,7 @@ from .workerspec import WorkerSpecError, load_worker
 
 log = logging.getLogger("redbike")
 
-# Each slot maps 1 MiB of shared memory and forks a process: a typo such as
+# Each slot maps 2 MiB of shared memory and forks a process: a typo such as
 # --concurrency=99999999999999999999 must be refused, not attempted.
 MAX_CONCURRENCY = 256
 
@@ -113,7 +114,7 @@ def _concurrency(text: str) -> int:
         raise ValueError(f"--concurrency must be a whole number from 1 to {MAX_CONCURRENCY}, not {text!r}") from None
     if not 1 <= concurrency <= MAX_CONCURRENCY:
         raise ValueError(
-            f"--concurrency must be from 1 to {MAX_CONCURRENCY} (each slot maps 1 MiB of shared memory), not {text}"
+            f"--concurrency must be from 1 to {MAX_CONCURRENCY} (each slot maps 2 MiB of shared memory), not {text}"
         )
     return concurrency
 
@@ -178,6 +179,8 @@ def _run(args: dict[str, Any]) -> int:
         result = bike.set(args["JOBID"], args["SCHEDULE"], after=_timestamp(args["--after"]), needs=args["--needs"])
         if result == "PENDING":
             print(f"{args['JOBID']} is running; its new schedule applies when the run ends", file=sys.stderr)
+        elif result == "KEPT":
+            print(f"{args['JOBID']} already has this schedule, whose time has passed; left as it is", file=sys.stderr)
     elif args["unset"]:
         if bike.unset(args["JOBID"]) == 0:
             raise NoSuchJob(f"no such job: {args['JOBID']}")

@@ -35,6 +35,7 @@ RENEW_SECONDS = LEAD_MS / 3000  # renew well before it runs out
 STANDBY_SECONDS = 1.0  # how often a standby asks for the lease
 POLL_SECONDS = 0.5  # how often a sleeping dispatcher looks at its stop flag
 TIMEFILE_SECONDS = 1.0  # how often a busy dispatcher rewrites the timefile
+TIMEFILE_WARN_SECONDS = 60.0  # how often it says that the timefile cannot be written
 BATCH = 1000  # jobs moved per script call
 REAP_BATCH = 100
 FOREVER = float("inf")
@@ -67,6 +68,7 @@ class Dispatcher:
         self.next_due = FOREVER
         self.next_deadline = FOREVER
         self.timefile_written = 0.0
+        self.timefile_warned = -FOREVER  # monotonic time of the last warning that it cannot be written
         self.moved = 0
         self.reaped = 0
 
@@ -152,9 +154,22 @@ class Dispatcher:
         return reaped
 
     def _write_timefile(self, now: float, force: bool = False) -> None:
-        if self.timefile and (force or now - self.timefile_written >= TIMEFILE_SECONDS):
+        """A timefile that cannot be written (disk full, folder gone) costs only the
+        catch-up of missed runs after a restart: warn, now and then, and dispatch on."""
+        if not self.timefile or not (force or now - self.timefile_written >= TIMEFILE_SECONDS):
+            return
+        self.timefile_written = now
+        try:
             write_timefile(self.timefile, now)
-            self.timefile_written = now
+        except OSError as exc:
+            if time.monotonic() >= self.timefile_warned + TIMEFILE_WARN_SECONDS:
+                self.timefile_warned = time.monotonic()
+                log.warning("cannot write the timefile %s (%s); dispatching on without it",
+                            self.timefile, exc.strerror or exc)
+            return
+        if self.timefile_warned > -FOREVER:
+            log.info("timefile %s written again", self.timefile)
+            self.timefile_warned = -FOREVER
 
     # -- the loop ----------------------------------------------------------------
 

@@ -61,18 +61,36 @@ def _one_line(error: Exception) -> str:
 
 
 _EPOCH = re.compile(r"\d+(?:\.\d+)?")
+# Timestamps are bounded to what datetime can turn into a wall time in any zone
+# (up to year 9999, with a margin for the zone's offset and a day's look back).
+EARLIEST = 0.0
+LATEST = datetime(9999, 12, 30, tzinfo=UTC).timestamp()
+
+
+def timestamp_problem(when: float) -> str | None:
+    """Why ``when`` cannot be used as a time (not finite, before 1970, after 9999), or None."""
+    if not math.isfinite(when):
+        return f"{when} is not a time"
+    if not EARLIEST <= when <= LATEST:
+        return f"{when:.0f} is outside the years 1970 to 9999"
+    return None
 
 
 def _timestamp(text: str) -> float:
     s = text.strip()
     if _EPOCH.fullmatch(s):
-        return float(s)
-    try:  # not datetime.fromisoformat: before Python 3.11 it refuses 'Z' and '.5'
-        when = isoparse(s)
-    except (ValueError, OverflowError):
-        raise _Invalid("expected epoch seconds or an ISO-8601 time like "
-                       f"2026-11-22T10:00:00Z, got {text.strip()!r}") from None
-    return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
+        when = float(s)
+    else:
+        try:  # not datetime.fromisoformat: before Python 3.11 it refuses 'Z' and '.5'
+            parsed = isoparse(s)
+            when = (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
+        except (ValueError, OverflowError):
+            raise _Invalid("expected epoch seconds or an ISO-8601 time like "
+                           f"2026-11-22T10:00:00Z, got {text.strip()!r}") from None
+    problem = timestamp_problem(when)
+    if problem:
+        raise _Invalid(f"{s[:40]}{'...' if len(s) > 40 else ''}: {problem}")
+    return when
 
 
 def parse_timestamp(text: str) -> float:
@@ -188,7 +206,8 @@ def _advance(start: datetime, since: datetime, freq: str, interval: int) -> date
     dateutil iterates from DTSTART on every query: for a minutely rule started a year
     ago that is half a million steps. Moving DTSTART by whole INTERVAL periods keeps
     the period grid and everything dateutil derives from DTSTART (time of day, weekday,
-    day of month, month), so later occurrences are unchanged. Not valid with COUNT.
+    day of month, month), so later occurrences are unchanged. COUNT is not in the rule
+    dateutil sees (_RRule.last stands for it), so it does not count from the new start.
     """
     if since <= start:
         return start
@@ -214,13 +233,15 @@ class _RRule:
     start: datetime | None    # DTSTART as naive wall time; None: anchored at t
     freq: str
     interval: int
-    count: int | None
+    last: datetime | None     # the wall time of the last occurrence COUNT allows
     until: float | None       # UNTIL as an instant, compared with instants
 
     def walls(self, anchor: datetime, since: datetime) -> Iterator[datetime]:
-        line = self.line if self.count is None else f"{self.line};COUNT={self.count}"
         try:
-            yield from rrulestr(line, dtstart=anchor).xafter(since, inc=True)
+            for wall in rrulestr(self.line, dtstart=anchor).xafter(since, inc=True):
+                if self.last is not None and wall > self.last:
+                    return
+                yield wall
         except ValueError:  # dateutil's way to say INTERVAL and BYxxx leave no (more) occurrences
             return
 
@@ -230,11 +251,45 @@ class _RRule:
             walls = self.walls(anchor, anchor)
         else:
             since = _earliest_wall(t, self.zone)
-            anchor = (self.start if self.count
-                      else _advance(self.start, since, self.freq, self.interval))
-            walls = self.walls(anchor, since)
+            walls = self.walls(_advance(self.start, since, self.freq, self.interval), since)
         best = _first_instant(walls, self.zone, t)
         return None if best is None or (self.until is not None and best > self.until) else best
+
+
+# COUNT is turned into its last occurrence once, so that no query enumerates from
+# DTSTART: by arithmetic for a rule of fixed steps, else by enumerating up to this
+# many occurrences (about 0.1 s).
+_COUNT_ENUMERATED = 10_000
+# One period of a rule stays within a century, well inside dateutil's year 9999.
+_MAX_INTERVAL = {"YEARLY": 100, "MONTHLY": 1200, "WEEKLY": 5200, "DAILY": 36500,
+                 "HOURLY": 876_000, "MINUTELY": 52_560_000, "SECONDLY": 3_153_600_000}
+
+
+def _last_occurrence(line: str, start: datetime, freq: str, interval: int, count: int,
+                     fixed: bool) -> datetime | None:
+    """The wall time of occurrence number COUNT (None: it would fall after year 9999).
+    ``fixed``: the rule has no BYxxx part, so occurrences are whole periods apart."""
+    steps = (count - 1) * interval
+    try:
+        if fixed and freq in _STEPS:
+            return start + _STEPS[freq] * steps
+        if fixed and start.day <= 28:  # MONTHLY or YEARLY, on a day every month has
+            month = start.month - 1 + steps * (12 if freq == "YEARLY" else 1)
+            return start.replace(year=start.year + month // 12, month=month % 12 + 1)
+    except (OverflowError, ValueError):  # past year 9999
+        return None
+    if count > _COUNT_ENUMERATED:
+        raise _Invalid(f"COUNT={count} is too large for this rule (at most "
+                       f"{_COUNT_ENUMERATED} with BYxxx parts or a DTSTART day after the 28th)")
+    last = None
+    try:
+        for last in rrulestr(f"{line};COUNT={count}", dtstart=start):
+            pass
+    except ValueError:  # no (more) occurrences
+        pass
+    if last is None:
+        raise _Invalid("it never fires")
+    return last
 
 
 def _dtstart(part: str) -> tuple[ZoneInfo, datetime]:
@@ -291,6 +346,9 @@ def _compile_rrule(text: str) -> _RRule:
     if start is None and "COUNT" in pairs:
         raise _Invalid("COUNT needs a DTSTART to count from")
     interval, rank = int(pairs.get("INTERVAL", 1)), _FREQS.index(freq)
+    if interval > _MAX_INTERVAL[freq]:
+        raise _Invalid(f"INTERVAL={interval} is too long for FREQ={freq} (at most "
+                       f"{_MAX_INTERVAL[freq]}: one period must stay within a century)")
     filters = [k for k in pairs if rank >= _BY_UNIT.get(k, len(_FREQS))]
     if start is None and interval > 1 and filters:
         # Which periods INTERVAL skips would depend on when the rule is asked, and for
@@ -313,18 +371,21 @@ def _compile_rrule(text: str) -> _RRule:
         if (start is None and finer not in pairs and coarser & pairs.keys()
                 and _BY_UNIT[finer] > rank):
             pairs[finer] = "0"
-    rule = _RRule(
-        line=";".join(f"{k}={v}" for k, v in pairs.items() if k not in ("COUNT", "UNTIL")),
-        zone=zone, start=start, freq=freq, interval=interval,
-        count=int(pairs["COUNT"]) if "COUNT" in pairs else None, until=until)
+    line = ";".join(f"{k}={v}" for k, v in pairs.items() if k not in ("COUNT", "UNTIL"))
+    rule = _RRule(line=line, zone=zone, start=start, freq=freq, interval=interval, last=None,
+                  until=until)
     since = max(start or _PROBE, _PROBE)
     anchor = _advance(start, since, freq, interval) if start else since
     try:
-        probe = next(dataclasses.replace(rule, count=None).walls(anchor, since), None)
+        probe = next(rule.walls(anchor, since), None)
     except (TypeError, LookupError, ArithmeticError) as e:  # dateutil's odd ways to object
         raise _Invalid(f"invalid rule: {_one_line(e)}") from None
     if probe is None:
         raise _Invalid("it never fires")
+    if start is not None and "COUNT" in pairs:
+        fixed = not any(k.startswith("BY") for k in pairs)
+        rule = dataclasses.replace(
+            rule, last=_last_occurrence(line, start, freq, interval, int(pairs["COUNT"]), fixed))
     if start is not None and until is not None:
         first = rule.first_after(start.replace(tzinfo=zone).timestamp() - 86400)
         if first is None:

@@ -8,6 +8,7 @@ atomically. They take ``now`` as an argument so that tests need no clock.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from .records import decode_status
@@ -51,13 +52,15 @@ def timeline_or_end(at: float | None, status: str = TML) -> Placement:
 
 def place_on_set(schedule: Schedule, after: float, now: float) -> Placement:
     """Where a job goes when it is set. ``after`` is the time from which runs
-    count (``--after``, else the timefile, else now): a run that fell due
-    between ``after`` and ``now`` is enqueued at once, just once."""
+    of a recurring schedule count (``--after``, else the timefile, else now):
+    a run that fell due between ``after`` and ``now`` is enqueued at once, just
+    once. A one-off (AT) runs once however late it is set: at its time, or at
+    once if that has passed (the caller decides whether it ran already)."""
     if schedule.kind in ("NOW", "CONTINUE"):
         return QUEUE
     if schedule.kind == "STOP":
         return Placement("S", STP)
-    at = schedule.first_after(after)
+    at = schedule.first_after(-math.inf if schedule.kind == "AT" else after)
     if at is not None and at <= now:
         return QUEUE
     return timeline_or_end(at)

@@ -172,13 +172,21 @@ def test_set_at_in_the_future_goes_to_the_timeline(env: Env) -> None:
     assert env.queue("A") == []
 
 
-def test_set_at_in_the_past_relative_to_after_ends(env: Env) -> None:
+def test_set_at_in_the_past_relative_to_after_runs_once_late(env: Env) -> None:
     assert env.bike.set("a:A", f"AT:{NOW - 100:.0f}", after=NOW - 50) == "PLACED"
     assert env.bike.set("b:A", f"AT:{NOW - 100:.0f}") == "PLACED"  # after defaults to now
-    assert env.status("a:A") == env.status("b:A") == stamp("END", NOW)
+    assert env.status("a:A") == env.status("b:A") == stamp("ENQ", NOW)
     assert env.timeline() == {}
-    assert env.queue("A") == []
+    assert env.queue("A") == ["b:A", "a:A"]
     assert env.schedule("a:A") == f"AT:{NOW - 100:.0f}"
+    # Set again with the same schedule (a CSV loaded again): it was entered, so it is left alone.
+    env.c.hset(env.keys.statuses, "a:A", stamp("END", NOW))
+    env.c.lrem(env.keys.queue("A"), 0, "a:A")
+    assert env.bike.set("a:A", f"AT:{NOW - 100:.0f}", after=NOW - 50) == "KEPT"
+    assert env.status("a:A") == stamp("END", NOW) and env.queue("A") == ["b:A"]
+    # A new time is a new one-off.
+    assert env.bike.set("a:A", f"AT:{NOW - 90:.0f}", after=NOW - 50) == "PLACED"
+    assert env.queue("A") == ["a:A", "b:A"]
 
 
 def test_set_at_between_after_and_now_is_queued(env: Env) -> None:
@@ -982,7 +990,8 @@ def test_place_on_set() -> None:
     assert place_on_set(p("STOP"), NOW, NOW) == Placement("S", "STP")
     assert place_on_set(p(f"AT:{NOW + 30:.0f}"), NOW, NOW) == Placement("T", "TML", NOW + 30)
     assert place_on_set(p(f"AT:{NOW - 30:.0f}"), NOW - 60, NOW) == QUEUE
-    assert place_on_set(p(f"AT:{NOW - 30:.0f}"), NOW - 10, NOW) == Placement("S", "END")
+    assert place_on_set(p(f"AT:{NOW - 30:.0f}"), NOW - 10, NOW) == QUEUE  # late, but once
+    assert place_on_set(p(f"AT:{NOW + 30:.0f}"), NOW + 60, NOW) == Placement("T", "TML", NOW + 30)
     assert place_on_set(p(f"AT:{NOW:.0f}"), NOW - 10, NOW) == QUEUE  # due exactly now
     assert place_on_set(p(HOURLY), NOW, NOW) == Placement("T", "TML", NEXT_HOUR)
     assert place_on_set(p(HOURLY), NOW - HOUR, NOW) == QUEUE

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Iterator
 from datetime import date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import pytest
-from dateutil.rrule import rrulestr
+from dateutil.rrule import rrule, rrulestr
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
@@ -277,6 +278,100 @@ def test_rrule_errors(text: str, message: str, capsys: pytest.CaptureFixture[str
     assert message in text_of
     assert text_of.startswith(f"bad schedule {text.strip()!r}: ") and "\n" not in text_of
     assert capsys.readouterr() == ("", "")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("FREQ=WEEKLY;INTERVAL=999999999999", "INTERVAL=999999999999 is too long for FREQ=WEEKLY"),
+    ("FREQ=YEARLY;INTERVAL=10000", "INTERVAL=10000 is too long for FREQ=YEARLY (at most 100"),
+    ("DTSTART:20260101T000000Z FREQ=YEARLY;INTERVAL=101", "is too long"),
+    ("FREQ=SECONDLY;INTERVAL=99999999999", "is too long"),
+    ("DTSTART:20260131T000000Z FREQ=MONTHLY;COUNT=20000", "COUNT=20000 is too large"),
+    ("DTSTART:20260101T000000Z FREQ=DAILY;BYHOUR=1,2;COUNT=99999", "COUNT=99999 is too large"),
+])
+def test_odd_interval_and_count_are_refused(text: str, message: str) -> None:
+    with pytest.raises(ScheduleError) as err:
+        parse_schedule(text)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_longest_interval_still_fires() -> None:
+    assert run("DTSTART:20260101T000000Z FREQ=YEARLY;INTERVAL=100", T2024, 2) == [
+        "2026-01-01T00:00:00Z", "2126-01-01T00:00:00Z"]
+    assert parse_schedule("FREQ=YEARLY;INTERVAL=100").first_after(T2024) is not None
+
+
+@pytest.mark.parametrize("rule, step", [("FREQ=SECONDLY;COUNT=2000000000", 1),
+                                        ("FREQ=MINUTELY;INTERVAL=7;COUNT=100000000", 420),
+                                        ("FREQ=MONTHLY;COUNT=3000", None)])
+def test_count_rule_from_an_old_dtstart_is_computed_without_enumerating(
+        rule: str, step: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    from redbike import schedules
+
+    produced = 0
+    plain = rrule._iter
+
+    def counted(self: rrule) -> Iterator[datetime]:  # every occurrence dateutil computes
+        nonlocal produced
+        for occurrence in plain(self):
+            produced += 1
+            yield occurrence
+
+    monkeypatch.setattr(rrule, "_iter", counted)
+    schedules._compile.cache_clear()
+    sched = parse_schedule(f"DTSTART:20000101T000000Z RRULE:{rule}")
+    after = ts("2026-11-22T10:00:00.5+00:00")
+    first = ts("2000-01-01T00:00:00+00:00")
+    expected = (first + step * (int((after - first) // step) + 1) if step
+                else ts("2026-12-01T00:00:00+00:00"))
+    assert sched.first_after(after) == expected
+    assert 0 < produced < 100, produced  # not one per occurrence since 2000
+    schedules._compile.cache_clear()
+
+
+def test_count_rule_ends_at_its_last_occurrence() -> None:
+    for rule, last in [("FREQ=SECONDLY;COUNT=2000000000", "2063-05-18T03:33:19+00:00"),
+                       ("FREQ=WEEKLY;INTERVAL=2;COUNT=4", "2000-02-12T00:00:00+00:00"),
+                       ("FREQ=YEARLY;COUNT=3", "2002-01-01T00:00:00+00:00"),
+                       ("FREQ=MONTHLY;BYMONTHDAY=31;COUNT=3", "2000-05-31T00:00:00+00:00")]:
+        sched = parse_schedule(f"DTSTART:20000101T000000Z RRULE:{rule}")
+        assert sched.first_after(ts(last) - 0.5) == ts(last), rule
+        assert sched.first_after(ts(last)) is None, rule
+    # A COUNT reaching past year 9999 simply does not end.
+    assert parse_schedule("DTSTART:20000101T000000Z FREQ=YEARLY;COUNT=9000").first_after(
+        ts("9998-06-01T00:00:00+00:00")) == ts("9999-01-01T00:00:00+00:00")
+
+
+@FAST
+@given(rules(), st.integers(1, 60))
+def test_count_rule_matches_dateutil(case: tuple[str, datetime, datetime], count: int) -> None:
+    rule, start, after = case
+    try:
+        sched = parse_schedule(f"DTSTART:{start:%Y%m%dT%H%M%S}Z RRULE:{rule};COUNT={count}")
+    except ScheduleError as err:
+        assert "never fires" in str(err) or "INTERVAL" in str(err)
+        return
+    expected = rrulestr(f"{rule};COUNT={count}", dtstart=start).after(after.replace(microsecond=0))
+    got = sched.first_after(after.replace(tzinfo=UTC).timestamp())
+    assert got == (None if expected is None else expected.replace(tzinfo=UTC).timestamp())
+
+
+@pytest.mark.parametrize("text", ["9" * 400, "99999999999999999999", "253402300800",
+                                  "10000-01-01T00:00:00Z", "1960-01-01T00:00:00Z"])
+def test_absurd_timestamps_are_refused(text: str) -> None:
+    with pytest.raises(ScheduleError) as err:
+        parse_timestamp(text)
+    assert str(err.value).startswith("bad timestamp") and "\n" not in str(err.value)
+    with pytest.raises(ScheduleError):
+        parse_schedule(f"AT:{text}")  # `tell` printed Infinity, which is not JSON
+
+
+def test_timestamps_near_the_bounds_work_with_every_kind() -> None:
+    from redbike.schedules import EARLIEST, LATEST
+
+    for text in ["FREQ=SECONDLY", "DTSTART:20000101T000000Z FREQ=DAILY;COUNT=5", "* * * * *",
+                 "CRON_TZ=Pacific/Kiritimati 0 0 * * *", f"AT:{LATEST:.0f}"]:
+        for t in (EARLIEST, LATEST):
+            parse_schedule(text).first_after(t)  # no exception
 
 
 def test_impossible_rrule_is_rejected_quickly() -> None:

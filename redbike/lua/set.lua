@@ -2,7 +2,7 @@
 -- KEYS: the job-state keys (lib.lua), then the job's queue.
 -- ARGV: the common three, then jobid, schedule, kind, at, status, queue
 --       channel, only_if_new ('1': leave an existing job untouched), needs
---       ("resource=amount,..." or '').
+--       ("resource=amount,...", '' to keep the stored needs, 'none' to drop them).
 -- Returns 'KEPT', 'PENDING' (the job is running: the placement waits for the
 -- run to end) or 'PLACED'.
 local jobid, schedule, kind, at, status, channel, only_if_new, needs =
@@ -18,6 +18,11 @@ if only_if_new == '1' and redis.call('HEXISTS', SCHEDULES, jobid) == 1 then
 end
 redis.call('HSET', SCHEDULES, jobid, schedule)
 local needs_before = redis.call('HGET', NEEDS, jobid) or ''
+if needs == '' then
+  needs = needs_before -- none given: the job keeps what it needs
+elseif needs == 'none' then
+  needs = '' -- given as none: it needs nothing
+end
 if needs ~= '' then
   redis.call('HSET', NEEDS, jobid, needs)
 else
