@@ -17,6 +17,7 @@ from .csvfile import read_rows
 from .dispatcher import Dispatcher
 from .keys import WAKE_BATCH, Keys
 from .names import BadName, check_jobid, check_queue
+from .records import CLEAR_NEEDS
 from .resources import (
     ResourceError,
     amounts_of,
@@ -35,7 +36,6 @@ from .worker import WorkerPool
 log = logging.getLogger(__name__)
 
 Needs = Mapping[str, int] | str | None
-CLEAR_NEEDS = "none"  # as needs: the job needs nothing (set.lua drops the stored needs)
 TIMEFILE_AHEAD = 5.0  # seconds a timefile may be ahead of the clock before that is suspicious
 
 

@@ -23,6 +23,9 @@ JOB_STATE = (
     "dispatcher", "capacities", "usage", "needs", "parked", "ready", "parking", "parkseq",
 )
 
+# set.lua's needs argument: the job needs nothing (no needs, "", keeps the stored ones).
+CLEAR_NEEDS = "none"
+
 
 class RecordError(ValueError):
     """A stored record that cannot be decoded."""

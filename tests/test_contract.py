@@ -103,6 +103,7 @@ def test_lib_lists_the_job_state_keys_in_the_order_python_passes_them() -> None:
 def test_lib_constants_match_python() -> None:
     assert int(lua_constant("WAKE_BATCH")) == keys_module.WAKE_BATCH
     assert int(lua_constant("MAX_AMOUNT")) == MAX_AMOUNT
+    assert lua_constant("CLEAR_NEEDS") == records.CLEAR_NEEDS
     assert int(lua_constant("MAX_CAPACITY")) == MAX_CAPACITY
     assert lua_constant("LOCAL_PREFIX") == LOCAL_PREFIX
 

@@ -41,6 +41,7 @@ local LOCAL_PREFIX = 'worker:' -- resources local to a worker pool (resources.LO
 local LAST = '\255' -- sorts after every byte a resource or queue name can hold
 local MAX_AMOUNT = 1000000000 -- most of a resource one job may need (resources.MAX_AMOUNT)
 local MAX_CAPACITY = 1000000000000 -- largest capacity (resources.MAX_CAPACITY)
+local CLEAR_NEEDS = 'none' -- set.lua's needs argument that drops the stored needs (records.CLEAR_NEEDS)
 local MAX_TIME = 1e18 -- bound of a time or a number of seconds: '%d' still writes it
 
 -- Numbers written into records and increments: '%d', never Lua's '%.14g'

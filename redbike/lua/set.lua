@@ -12,7 +12,7 @@ if not is_name(jobid) then return bad('job id', jobid) end
 local failed = placement_error(kind, at, status)
 if failed then return failed end
 if only_if_new ~= '0' and only_if_new ~= '1' then return bad('only_if_new', only_if_new) end
-if not is_amounts(needs, 1, MAX_AMOUNT) then return bad('needs', needs) end
+if needs ~= CLEAR_NEEDS and not is_amounts(needs, 1, MAX_AMOUNT) then return bad('needs', needs) end
 if only_if_new == '1' and redis.call('HEXISTS', SCHEDULES, jobid) == 1 then
   return 'KEPT'
 end
@@ -20,7 +20,7 @@ redis.call('HSET', SCHEDULES, jobid, schedule)
 local needs_before = redis.call('HGET', NEEDS, jobid) or ''
 if needs == '' then
   needs = needs_before -- none given: the job keeps what it needs
-elseif needs == 'none' then
+elseif needs == CLEAR_NEEDS then
   needs = '' -- given as none: it needs nothing
 end
 if needs ~= '' then
