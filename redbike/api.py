@@ -87,13 +87,15 @@ class Redbike:
         """The queue of a job (checked, as is the job id)."""
         return check_queue(self.worker.queue_for(check_jobid(jobid)))
 
-    def _place(self, jobid: str, schedule: str, placement: Placement, only_if_new: bool, needs: str = "") -> str:
+    def _place(self, jobid: str, schedule: str, placement: Placement, only_if_new: str, needs: str = "") -> str:
+        """Run set.lua. ``only_if_new``: '1' leaves an existing job as it is,
+        'S' one whose schedule is ``schedule``, '0' sets it whatever it has."""
         queue = self._queue_of(jobid)
         return self.scripts.run(
             "set",
             self.clock(),
             [self.keys.queue(queue)],
-            [jobid, schedule, *placement.script_args(), self.keys.queue_channel(queue), "1" if only_if_new else "0", needs],
+            [jobid, schedule, *placement.script_args(), self.keys.queue_channel(queue), only_if_new, needs],
         )
 
     def needs_of(self, jobid: str, needs: Needs = None) -> dict[str, int]:
@@ -127,14 +129,17 @@ class Redbike:
         try:
             parsed = parse_schedule(schedule)
         except ScheduleError as exc:
-            kept = self._place(jobid, schedule.strip(), Placement("S", BAD), only_if_new=True) == "KEPT"
+            kept = self._place(jobid, schedule.strip(), Placement("S", BAD), only_if_new="1") == "KEPT"
             note = "it keeps its previous schedule" if kept else "recorded with status BAD"
             raise ScheduleError(f"{exc} ({jobid} {note})") from None
         now = self.clock()
         start = self._after(after, now)
-        entered = (parsed.kind == "AT" and parsed.first_after(start) is None
-                   and self.client.hget(self.keys.schedules, jobid) == parsed.text)
-        return self._place(jobid, parsed.text, place_on_set(parsed, start, now), only_if_new=entered, needs=wanted)
+        # An AT job whose time is before the timefile, set again with the schedule
+        # it has, was entered before (a --schedules file loaded again): it ran or
+        # runs once, and is left as it is.
+        entered = parsed.kind == "AT" and parsed.first_after(start) is None
+        return self._place(jobid, parsed.text, place_on_set(parsed, start, now),
+                           only_if_new="S" if entered else "0", needs=wanted)
 
     def set_many(self, rows: Iterable[tuple[str, ...]], after: float | None = None) -> list[str]:
         """Set (jobid, schedule[, needs]) rows; returns one error line per bad

@@ -1,7 +1,8 @@
 -- set.lua: give a job a schedule (and needs) and place it, atomically.
 -- KEYS: the job-state keys (lib.lua), then the job's queue.
 -- ARGV: the common three, then jobid, schedule, kind, at, status, queue
---       channel, only_if_new ('1': leave an existing job untouched), needs
+--       channel, only_if_new ('1': leave an existing job untouched; 'S': leave
+--       it untouched if its schedule is this one; '0': set it), needs
 --       ("resource=amount,...", '' to keep the stored needs, 'none' to drop them).
 -- Returns 'KEPT', 'PENDING' (the job is running: the placement waits for the
 -- run to end) or 'PLACED'.
@@ -11,9 +12,12 @@ local queue = KEYS[K + 1]
 if not is_name(jobid) then return bad('job id', jobid) end
 local failed = placement_error(kind, at, status)
 if failed then return failed end
-if only_if_new ~= '0' and only_if_new ~= '1' then return bad('only_if_new', only_if_new) end
+if only_if_new ~= '0' and only_if_new ~= '1' and only_if_new ~= 'S' then
+  return bad('only_if_new', only_if_new)
+end
 if needs ~= CLEAR_NEEDS and not is_amounts(needs, 1, MAX_AMOUNT) then return bad('needs', needs) end
-if only_if_new == '1' and redis.call('HEXISTS', SCHEDULES, jobid) == 1 then
+if (only_if_new == '1' and redis.call('HEXISTS', SCHEDULES, jobid) == 1)
+    or (only_if_new == 'S' and redis.call('HGET', SCHEDULES, jobid) == schedule) then
   return 'KEPT'
 end
 redis.call('HSET', SCHEDULES, jobid, schedule)
