@@ -20,8 +20,8 @@ from .roundrobin import RoundRobin
 from .schedules import ScheduleError, parse_schedule
 from .scripts import Scripts
 from .states import BAD, Placement, place_on_set
+from .supervisor import WorkerPool
 from .timefile import read_timefile
-from .worker import WorkerPool
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,129 @@
+"""A slot's child process: claim a job, run work(), end the run and claim
+the next in one round trip, on the child's own Redis connection, until the
+pool stops. The supervisor is not on this path (see supervisor.py); the
+child tells it what it must act on with one-byte notes.
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import signal
+import socket
+import time
+import traceback
+
+import redis
+
+from .claims import Claims, Rotation, Settled, SlotClaims
+from .roundrobin import Lease, RoundRobin, StopWork, UnsetJob
+from .slots import Running
+from .states import Outcome
+
+log = logging.getLogger(__name__)
+
+IDLE_RECHECK_SECONDS = 5.0  # an idle slot looks at its queues this often without a wake-up
+MAX_BACKOFF_SECONDS = 5.0
+
+# Notes a child sends its supervisor (one byte each).
+NOTE_HALT = b"H"  # a claim found HALT: stop the pool
+NOTE_FREED = b"F"  # a run gave back worker-local amounts: wake the idle slots
+
+
+def run_work(worker: RoundRobin, lease: Lease) -> tuple[Outcome, str]:
+    """Run one job's work(); returns its outcome and the traceback of a failure."""
+    worker.lease = lease
+    try:
+        result = worker.work(lease.jobid)
+        backoff = result if isinstance(result, int) and not isinstance(result, bool) else None
+        return Outcome("ok", backoff), ""
+    except StopWork:
+        return Outcome("stop"), ""
+    except UnsetJob:
+        return Outcome("unset"), ""
+    except Exception as exc:  # noqa: BLE001 - any failure of the job is reported, not fatal
+        error = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+        return Outcome("error", error=error), traceback.format_exc()[-4000:]
+    finally:
+        worker.lease = None
+
+
+class Slot:
+    """The life of one slot's child: claim, work, end the run and claim the
+    next, until the pool stops."""
+
+    def __init__(self, claims: Claims, index: int, worker_id: str, channel: socket.socket) -> None:
+        self.index = index
+        self.board = claims.board
+        self.worker = claims.worker
+        self.channel = channel
+        # Its own connection, used directly (nothing inherited from the
+        # supervisor is used); it connects on first use, inside the retry loop.
+        pool = claims.client.connection_pool
+        self.connection = pool.connection_class(**pool.connection_kwargs)
+        self.claims: SlotClaims = claims.slot(index, worker_id, self.connection)
+        self.rotation = Rotation(claims.queue_names)
+
+    def run(self) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
+        self.channel.setblocking(False)
+        job: Running | None = None
+        finished: tuple[Outcome, str] | None = None
+        retry_in = 0.0  # seconds to wait after a Redis error; 0 while all is well
+        try:
+            while True:
+                try:
+                    if finished is not None and job is not None:
+                        # After an error, a script may have run without its reply
+                        # reaching us: end the run alone, so no claim is lost with it.
+                        fused = None if self.board.stopping or retry_in else self.rotation
+                        settled = self.claims.finish(job, *finished, fused)
+                        finished = None
+                    elif self.board.stopping:
+                        return
+                    else:
+                        self._drain_wake_ups()
+                        settled = self.claims.claim(self.rotation)
+                    job = settled.claimed
+                    self._tell_supervisor(settled)
+                    retry_in = 0.0
+                except Exception as exc:  # Redis down, or a bug: log, back off, try again
+                    retry_in = min(retry_in * 2 or 0.1, MAX_BACKOFF_SECONDS)
+                    if isinstance(exc, redis.RedisError):
+                        log.warning("slot %d: Redis error (%s); retrying in %.1fs", self.index, exc, retry_in)
+                    else:
+                        log.exception("slot %d: unexpected error; retrying in %.1fs", self.index, retry_in)
+                    time.sleep(retry_in)
+                    continue
+                if job is None:
+                    if not self.board.stopping:
+                        self._wait_for_work()
+                    continue
+                finished = run_work(self.worker, job.lease)
+                self.board.count_run(self.index)  # counted before the script that ends it
+        finally:
+            self.connection.disconnect()
+
+    def _tell_supervisor(self, settled: Settled) -> None:
+        if settled.halted:
+            self._note(NOTE_HALT)
+        elif settled.freed:
+            self._note(NOTE_FREED)  # idle slots may have room now
+
+    def _note(self, note: bytes) -> None:
+        try:
+            self.channel.send(note)
+        except OSError:  # the supervisor is gone: this process dies with it
+            pass
+
+    def _wait_for_work(self) -> None:
+        """Block until the supervisor wakes this slot, or IDLE_RECHECK_SECONDS."""
+        select.select([self.channel], [], [], IDLE_RECHECK_SECONDS)
+
+    def _drain_wake_ups(self) -> None:
+        """Forget the wake-ups so far: the claim that follows sees what they announced."""
+        try:
+            while self.channel.recv(4096):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass

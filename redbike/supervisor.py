@@ -1,0 +1,283 @@
+"""The worker pool's supervisor: one process that keeps a child per slot.
+
+Each child claims, runs and finishes its own jobs (see slot.py): the
+supervisor is not on the path of a job. It watches the children through
+shared memory (see slots.py): it renews the leases of long jobs from its own
+process, so a job that holds the GIL for minutes (a C extension) cannot
+starve them; it kills a child that overruns its job's timeout rather than
+leave the job running beside its own retry; and it ends the run of a child
+that died and forks a new one. It handles the signals, and wakes idle slots
+when a job enters one of their queues. Each slot holds at most the one job
+it runs: no prefetch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, cast
+
+import redis
+
+from .claims import GRACE_SECONDS, LEASE_SECONDS, Claims
+from .keys import Keys
+from .roundrobin import RoundRobin
+from .scripts import subscribe
+from .slot import MAX_BACKOFF_SECONDS, NOTE_FREED, NOTE_HALT, Slot
+from .slots import Child, LocalLock, SlotBoard, Zygote
+from .states import Outcome
+
+log = logging.getLogger(__name__)
+
+POLL_SECONDS = 0.5  # how often blocked waits look at the stop flags
+QUICK_DEATH_SECONDS = 1.0  # a child dying younger than this is replaced after a backoff
+
+
+class WorkerPool:
+    """Run ``concurrency`` slots; stop on HALT, SIGTERM or SIGINT (a second
+    signal kills running jobs)."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        keys: Keys,
+        worker: RoundRobin,
+        *,
+        concurrency: int = 1,
+        default_timeout: float = 10.0,
+        lease_seconds: float = LEASE_SECONDS,
+        resources: dict[str, int] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        self.client = client
+        self.keys = keys
+        self.concurrency = concurrency
+        self.lease_seconds = lease_seconds
+        self.clock = clock
+        self.board = SlotBoard(concurrency)
+        self.claims = Claims(client, keys, worker, self.board, default_timeout=default_timeout,
+                             lease_seconds=lease_seconds, resources=resources, clock=clock)
+        if self.claims.local_capacity:
+            self.claims.local_lock = LocalLock()
+        self.scripts = self.claims.scripts
+        self.queue_names = self.claims.queue_names
+        self.identity = f"{socket.gethostname()}:{os.getpid()}"
+        self.forced = threading.Event()
+        self.done = threading.Event()
+        self.children: dict[int, Child] = {}
+
+    @property
+    def jobs_done(self) -> int:
+        """Runs ended so far, by every slot."""
+        return self.board.runs_ended()
+
+    @property
+    def stopping(self) -> bool:
+        return self.board.stopping
+
+    @property
+    def local_used(self) -> dict[str, int]:
+        """Worker-local amounts held by this pool's running jobs."""
+        return self.claims.local_used()
+
+    def worker_id(self, index: int) -> str:
+        """Who holds the leases of slot ``index``'s runs."""
+        return f"{self.identity}:{index}"
+
+    # -- signals and wake-ups --------------------------------------------------
+
+    def stop(self, *_: Any) -> None:
+        """A signal. First: finish running jobs, claim no more. Second: kill them."""
+        if self.board.stopping:
+            log.warning("stopping now: killing the running jobs")
+            self.forced.set()
+        else:
+            log.info("stopping after the running jobs (the same signal again kills them)")
+        self.halt()
+
+    def halt(self) -> None:
+        """Finish running jobs, claim no more (HALT; the same again changes nothing)."""
+        self.board.stop()
+        self.kick()
+
+    def kick(self) -> None:
+        """Wake the idle slots: they look at their queues."""
+        for child in list(self.children.values()):
+            child.wake()
+
+    def _listen(self, pubsub: redis.client.PubSub) -> None:
+        """Wake idle slots when a job enters one of their queues, and stop on HALT."""
+        backoff = 0.1
+        while not self.done.is_set():
+            try:
+                message = pubsub.get_message(timeout=POLL_SECONDS)
+                backoff = 0.1
+            except redis.RedisError as exc:
+                log.warning("pub/sub connection lost (%s); retrying in %.1fs", exc, backoff)
+                self.done.wait(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
+                self.kick()  # messages may have been missed: look at the queues
+                continue
+            if message and message["type"] == "message":
+                if message["channel"] == self.keys.control and self.claims.halts(message["data"]):
+                    log.info("HALT received")
+                    self.halt()
+                self.kick()
+
+    # -- the children --------------------------------------------------------------
+
+    def _run_slot(self, index: int, channel: socket.socket) -> None:
+        """In slot ``index``'s new child (forked by the zygote)."""
+        Slot(self.claims, index, self.worker_id(index), channel).run()
+
+    def _end_runs_of_dead_child(self, index: int, why: str, timed_out: str | None) -> None:
+        """End the run a dead child left on the board (a retry loop: Redis may be down)."""
+        backoff = 0.1
+        claims = self.claims.slot(index, self.worker_id(index))
+        while runs := self.board.runs(index):
+            run = runs[0]
+            reason = why if timed_out in (None, run.lease.token) else "killed: the slot's previous job timed out"
+            try:
+                done = claims.finish(run, Outcome("expired", error=reason), "", None).done
+            except redis.RedisError as exc:
+                log.warning("slot %d: Redis error (%s) ending %s; retrying in %.1fs", index, exc, run.lease.jobid, backoff)
+                if self.done.wait(backoff):
+                    return
+                backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
+                continue
+            if done != "STALE":
+                log.warning("job %s: %s", run.lease.jobid, reason)
+            self.board.count_run(index)
+
+    def _supervise(self, index: int, child: Child) -> tuple[str, str | None]:
+        """Watch slot ``index``'s child until it ends. Returns why it ended
+        and, if it was killed for a timeout, the token of that run."""
+        killed: tuple[str, str | None] | None = None
+        while True:
+            runs = self.board.runs(index)
+            now = self.clock()
+            deadline = min((run.lease.since + run.lease.timeout for run in runs), default=None)
+            if killed is None:
+                if self.forced.is_set():
+                    killed = ("killed: stopped by force", None)
+                    child.kill()
+                elif deadline is not None and now >= deadline:
+                    late = min(runs, key=lambda run: run.lease.since + run.lease.timeout)
+                    killed = (f"killed: timed out after {late.lease.timeout:g}s", late.lease.token)
+                    child.kill()
+            wait = POLL_SECONDS if deadline is None or killed else min(POLL_SECONDS, deadline - now)
+            notes, ended = child.wait(wait)
+            if NOTE_HALT in notes:
+                self.halt()
+            elif NOTE_FREED in notes:
+                self.kick()
+            if ended:
+                return killed or (self._death(index, child.pid), None)
+
+    def _death(self, index: int, pid: int) -> str:
+        code = self.board.exit_code(index, pid)
+        if code is None:
+            return "worker process died"
+        if code < 0:
+            return f"worker process died (killed by signal {-code}: {signal.Signals(-code).name})"
+        return f"worker process died (exit code {code})"
+
+    def _watch(self, index: int) -> None:
+        """Keep slot ``index`` running a child until the pool stops."""
+        backoff = 0.0
+        while not self.board.stopping:
+            try:
+                child = self.zygote.spawn(index)
+            except OSError as exc:
+                backoff = min(backoff * 2 or 0.1, MAX_BACKOFF_SECONDS)
+                log.error("slot %d: cannot start a worker process (%s); retrying in %.1fs", index, exc, backoff)
+                if self.done.wait(backoff):
+                    return
+                continue
+            self.children[index] = child
+            born = time.monotonic()
+            try:
+                why, timed_out = self._supervise(index, child)
+            finally:
+                del self.children[index]
+                child.close()
+            if self.board.runs(index):
+                self._end_runs_of_dead_child(index, why, timed_out)
+                self.kick()  # what it held is free again
+            if self.board.stopping:
+                return
+            log.warning("slot %d: worker process %d ended (%s); replaced", index, child.pid, why)
+            backoff = min(backoff * 2 or 0.1, MAX_BACKOFF_SECONDS) if time.monotonic() - born < QUICK_DEATH_SECONDS else 0.0
+            if backoff and self.done.wait(backoff):
+                return
+
+    # -- heartbeats ------------------------------------------------------------------
+
+    def _heartbeat(self) -> None:
+        """Renew the leases of jobs that run longer than a third of a lease,
+        up to their timeout. A lease's deadline is renewed_at + lease + grace."""
+        interval = self.lease_seconds / 3
+        renewed: dict[str, float] = {}  # token -> when this supervisor last renewed it
+        while not self.done.wait(min(interval, POLL_SECONDS * 4)):
+            now = self.clock()
+            beats: list[Any] = []
+            running = self.board.all_runs()
+            renewed = {run.lease.token: renewed.get(run.lease.token, run.renewed_at) for run in running}
+            for run in running:
+                lease = run.lease
+                renewed_at = renewed[lease.token]
+                cap = lease.since + lease.timeout + GRACE_SECONDS  # killed by then anyway
+                # A lease already reaching the job's timeout needs no renewal:
+                # jobs that fit in one lease cost no heartbeat traffic at all.
+                if now - renewed_at >= interval and renewed_at + self.lease_seconds + GRACE_SECONDS < cap:
+                    beats += [lease.jobid, lease.token, repr(min(now + self.lease_seconds + GRACE_SECONDS, cap))]
+                    renewed[lease.token] = now
+            if not beats:
+                continue
+            try:
+                lost = self.scripts.run("renew", now, [], beats)
+            except redis.RedisError as exc:
+                log.warning("heartbeat failed (%s)", exc)
+                continue
+            for jobid in lost:
+                log.warning("job %s: lease lost (reaped or unset) while it runs", jobid)
+
+    # -- the pool's life -------------------------------------------------------------
+
+    def run(self) -> None:
+        """Work until HALT or a signal."""
+        self.claims.control_seen = cast(str, self.client.get(self.keys.control) or "")
+        # Forked while this is still the process's only thread (see slots.py).
+        self.zygote = Zygote(self._run_slot, self.board.record_exit)
+        channels = [self.keys.queue_channel(name) for name in set(self.queue_names)]
+        # Subscribed before the first claim, so no wake-up can fall in between.
+        pubsub = subscribe(self.client, [self.keys.control, *channels])
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self.stop)
+            signal.signal(signal.SIGINT, self.stop)
+        threads = [threading.Thread(target=self._listen, args=(pubsub,), daemon=True, name="redbike-listen")]
+        threads.append(threading.Thread(target=self._heartbeat, daemon=True, name="redbike-heartbeat"))
+        watchers = [threading.Thread(target=self._watch, args=(i,), name=f"redbike-slot-{i}") for i in range(self.concurrency)]
+        for thread in threads + watchers:
+            thread.start()
+        log.info("worker %s: %d slot(s) on queues %s", self.identity, self.concurrency, ":".join(self.queue_names))
+        try:
+            for watcher in watchers:
+                while watcher.is_alive():
+                    watcher.join(POLL_SECONDS)
+        finally:
+            self.done.set()
+            for thread in threads:
+                thread.join()
+            pubsub.close()
+            self.zygote.close()
+            if self.claims.local_lock is not None:
+                self.claims.local_lock.remove()
+        log.info("worker %s stopped after %d job(s)", self.identity, self.jobs_done)
