@@ -28,6 +28,7 @@ from .states import Outcome, parse_status, place_after_run
 
 log = logging.getLogger(__name__)
 
+LEASE_LOST = "lease lost before it ended; its outcome is dropped"  # why a finish was STALE
 LEASE_SECONDS = 15.0  # a running job's lease outlives its last heartbeat by this much
 GRACE_SECONDS = 2.0  # past a timeout: time for the supervisor to kill the job and report
 
@@ -66,7 +67,7 @@ class Rotation:
 class Settled(NamedTuple):
     """What one round trip did."""
 
-    done: str | None  # how the ended run's finish went (DONE, GONE, STALE); None if no run ended
+    done: str | None  # how the ended run's finish went (DONE, GONE, STALE: see LEASE_LOST); None if none ended
     claimed: Running | None  # the job claimed, if any
     halted: bool = False  # the claim found a HALT this pool had not seen: the pool stops
     freed: bool = False  # the ended run gave back worker-local amounts: idle slots may have room
@@ -222,8 +223,6 @@ class SlotClaims:
             reply = claims.scripts.run("claim", now, keys, args, client=self.connection)
         else:
             done, reply = claims.scripts.run("finish", now, keys, args, client=self.connection)
-            if done == "STALE":
-                log.warning("job %s: lease lost before it ended; its outcome is dropped", job.lease.jobid)
         claimed, halted = None, False
         if rotation is not None:
             while reply[0] == "MORE":  # the claim parked many jobs: look again (a loop: there may be thousands)

@@ -15,7 +15,8 @@ import traceback
 
 import redis
 
-from .claims import Claims, Rotation, Settled, SlotClaims
+from .claims import LEASE_LOST, Claims, Rotation, Settled, SlotClaims
+from .events import Subscriber
 from .roundrobin import Lease, RoundRobin, StopWork, UnsetJob
 from .slots import Running
 from .states import Outcome
@@ -52,8 +53,10 @@ class Slot:
     """The life of one slot's child: claim, work, end the run and claim the
     next, until the pool stops."""
 
-    def __init__(self, claims: Claims, index: int, worker_id: str, channel: socket.socket) -> None:
+    def __init__(self, claims: Claims, events: Subscriber, index: int, worker_id: str,
+                 channel: socket.socket) -> None:
         self.index = index
+        self.events = events
         self.board = claims.board
         self.worker = claims.worker
         self.channel = channel
@@ -79,6 +82,8 @@ class Slot:
                         fused = None if self.board.stopping or retry_in else self.rotation
                         settled = self.claims.finish(job, *finished, fused)
                         finished = None
+                        if settled.done == "STALE":
+                            self.events.expired(job, LEASE_LOST)
                     elif self.board.stopping:
                         return
                     else:
@@ -99,10 +104,21 @@ class Slot:
                     if not self.board.stopping:
                         self._wait_for_work()
                     continue
-                finished = run_work(self.worker, job.lease)
-                self.board.count_run(self.index)  # counted before the script that ends it
+                finished = self._run(job)
         finally:
             self.connection.disconnect()
+
+    def _run(self, job: Running) -> tuple[Outcome, str]:
+        self.events.claimed(job)
+        started = time.monotonic()
+        outcome, trace = run_work(self.worker, job.lease)
+        seconds = time.monotonic() - started
+        self.board.count_run(self.index)  # counted before the script that ends it
+        if outcome.kind == "error":
+            self.events.failed(job, outcome, seconds, trace)
+        else:
+            self.events.finished(job, outcome, seconds)
+        return outcome, trace
 
     def _tell_supervisor(self, settled: Settled) -> None:
         if settled.halted:

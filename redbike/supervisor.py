@@ -24,7 +24,8 @@ from typing import Any, cast
 
 import redis
 
-from .claims import GRACE_SECONDS, LEASE_SECONDS, Claims
+from .claims import GRACE_SECONDS, LEASE_LOST, LEASE_SECONDS, Claims
+from .events import Events, LogEvents
 from .keys import Keys
 from .roundrobin import RoundRobin
 from .scripts import subscribe
@@ -53,7 +54,10 @@ class WorkerPool:
         lease_seconds: float = LEASE_SECONDS,
         resources: dict[str, int] | None = None,
         clock: Callable[[], float] = time.time,
+        events: Events | None = None,
     ) -> None:
+        """``events``: where the pool reports what its jobs do (default: the log);
+        subscribe to ``self.events`` before run()."""
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         self.client = client
@@ -69,6 +73,7 @@ class WorkerPool:
         self.scripts = self.claims.scripts
         self.queue_names = self.claims.queue_names
         self.identity = f"{socket.gethostname()}:{os.getpid()}"
+        self.events = events if events is not None else Events(LogEvents())
         self.forced = threading.Event()
         self.done = threading.Event()
         self.children: dict[int, Child] = {}
@@ -135,7 +140,7 @@ class WorkerPool:
 
     def _run_slot(self, index: int, channel: socket.socket) -> None:
         """In slot ``index``'s new child (forked by the zygote)."""
-        Slot(self.claims, index, self.worker_id(index), channel).run()
+        Slot(self.claims, self.events, index, self.worker_id(index), channel).run()
 
     def _end_runs_of_dead_child(self, index: int, why: str, timed_out: str | None) -> None:
         """End the run a dead child left on the board (a retry loop: Redis may be down)."""
@@ -152,8 +157,7 @@ class WorkerPool:
                     return
                 backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
                 continue
-            if done != "STALE":
-                log.warning("job %s: %s", run.lease.jobid, reason)
+            self.events.expired(run, LEASE_LOST if done == "STALE" else reason)
             self.board.count_run(index)
 
     def _supervise(self, index: int, child: Child) -> tuple[str, str | None]:
