@@ -13,6 +13,7 @@ it runs: no prefetch.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -20,7 +21,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import redis
 
@@ -30,13 +31,33 @@ from .keys import Keys
 from .roundrobin import RoundRobin
 from .scripts import subscribe
 from .slot import MAX_BACKOFF_SECONDS, NOTE_FREED, NOTE_HALT, Slot
-from .slots import Child, LocalLock, SlotBoard, Zygote
+from .slots import Child, LocalLock, Running, SlotBoard, Zygote
 from .states import Outcome
 
 log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.5  # how often blocked waits look at the stop flags
 QUICK_DEATH_SECONDS = 1.0  # a child dying younger than this is replaced after a backoff
+
+
+LOST_ITS_LEASE = "lost its lease"
+
+
+def _error_of(text: Any) -> dict[str, Any] | None:
+    """A job's error record (JSON, see records.error_record), or None if it has none that reads."""
+    try:
+        record = json.loads(text) if text else None
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
+class Ending(NamedTuple):
+    """Why a slot's child ended."""
+
+    why: str  # for the run it concerns: how it ended
+    token: str | None = None  # the run it was killed for (None: whichever run the slot held)
+    cause: str = ""  # what that run did, said of another run the slot held by then
 
 
 class WorkerPool:
@@ -77,6 +98,7 @@ class WorkerPool:
         self.forced = threading.Event()
         self.done = threading.Event()
         self.children: dict[int, Child] = {}
+        self.doomed: dict[int, Ending] = {}  # slot -> why the heartbeat killed its child
 
     @property
     def jobs_done(self) -> int:
@@ -142,13 +164,14 @@ class WorkerPool:
         """In slot ``index``'s new child (forked by the zygote)."""
         Slot(self.claims, self.events, index, self.worker_id(index), channel).run()
 
-    def _end_runs_of_dead_child(self, index: int, why: str, timed_out: str | None) -> None:
+    def _end_runs_of_dead_child(self, index: int, ending: Ending) -> None:
         """End the run a dead child left on the board (a retry loop: Redis may be down)."""
         backoff = 0.1
         claims = self.claims.slot(index, self.worker_id(index))
         while runs := self.board.runs(index):
             run = runs[0]
-            reason = why if timed_out in (None, run.lease.token) else "killed: the slot's previous job timed out"
+            reason = ending.why if ending.token in (None, run.lease.token) else \
+                f"killed: the slot's previous job {ending.cause}"
             try:
                 done = claims.finish(run, Outcome("expired", error=reason), "", None).done
             except redis.RedisError as exc:
@@ -157,24 +180,52 @@ class WorkerPool:
                     return
                 backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
                 continue
-            self.events.expired(run, LEASE_LOST if done == "STALE" else reason)
+            if done == "STALE" and ending.token == run.lease.token and ending.cause == LOST_ITS_LEASE:
+                self.events.expired(run, reason)
+                self._note_killed(run)
+            else:
+                self.events.expired(run, LEASE_LOST if done == "STALE" else reason)
             self.board.count_run(index)
 
-    def _supervise(self, index: int, child: Child) -> tuple[str, str | None]:
-        """Watch slot ``index``'s child until it ends. Returns why it ended
-        and, if it was killed for a timeout, the token of that run."""
-        killed: tuple[str, str | None] | None = None
+    def _note_killed(self, run: Running) -> None:
+        """Add to the job's last error that this run was killed when its lease
+        was found lost, so that tell says so; only if that record is still
+        the reaper's about this run, never over a newer run's."""
+        jobid, errors = run.lease.jobid, self.keys.errors
+        note = f"the run on worker {run.lease.worker} went on past its lease; killed when the worker found it lost"
+        with self.client.pipeline() as pipe:
+            for _ in range(3):  # another job's error written meanwhile: look again
+                try:
+                    pipe.watch(errors)
+                    record = _error_of(pipe.hget(errors, jobid))
+                    if record is None or record.get("status") != "EXP" or record.get("worker") != run.lease.worker \
+                            or not isinstance(record.get("at"), (int, float)) or record["at"] < run.lease.since:
+                        return
+                    record["killed"] = note
+                    pipe.multi()
+                    pipe.hset(errors, jobid, json.dumps(record))
+                    pipe.execute()
+                    return
+                except redis.WatchError:
+                    continue
+                except redis.RedisError as exc:
+                    log.warning("job %s: cannot note in its last error that its run was killed (%s)", jobid, exc)
+                    return
+
+    def _supervise(self, index: int, child: Child) -> Ending:
+        """Watch slot ``index``'s child until it ends. Returns why it ended."""
+        killed: Ending | None = None
         while True:
             runs = self.board.runs(index)
             now = self.clock()
             deadline = min((run.lease.since + run.lease.timeout for run in runs), default=None)
             if killed is None:
                 if self.forced.is_set():
-                    killed = ("killed: stopped by force", None)
+                    killed = Ending("killed: stopped by force")
                     child.kill()
                 elif deadline is not None and now >= deadline:
                     late = min(runs, key=lambda run: run.lease.since + run.lease.timeout)
-                    killed = (f"killed: timed out after {late.lease.timeout:g}s", late.lease.token)
+                    killed = Ending(f"killed: timed out after {late.lease.timeout:g}s", late.lease.token, "timed out")
                     child.kill()
             wait = POLL_SECONDS if deadline is None or killed else min(POLL_SECONDS, deadline - now)
             notes, ended = child.wait(wait)
@@ -183,7 +234,7 @@ class WorkerPool:
             elif NOTE_FREED in notes:
                 self.kick()
             if ended:
-                return killed or (self._death(index, child.pid), None)
+                return killed or self.doomed.pop(index, None) or Ending(self._death(index, child.pid))
 
     def _death(self, index: int, pid: int) -> str:
         code = self.board.exit_code(index, pid)
@@ -205,19 +256,20 @@ class WorkerPool:
                 if self.done.wait(backoff):
                     return
                 continue
+            self.doomed.pop(index, None)
             self.children[index] = child
             born = time.monotonic()
             try:
-                why, timed_out = self._supervise(index, child)
+                ending = self._supervise(index, child)
             finally:
                 del self.children[index]
                 child.close()
             if self.board.runs(index):
-                self._end_runs_of_dead_child(index, why, timed_out)
+                self._end_runs_of_dead_child(index, ending)
                 self.kick()  # what it held is free again
             if self.board.stopping:
                 return
-            log.warning("slot %d: worker process %d ended (%s); replaced", index, child.pid, why)
+            log.warning("slot %d: worker process %d ended (%s); replaced", index, child.pid, ending.why)
             backoff = min(backoff * 2 or 0.1, MAX_BACKOFF_SECONDS) if time.monotonic() - born < QUICK_DEATH_SECONDS else 0.0
             if backoff and self.done.wait(backoff):
                 return
@@ -251,7 +303,22 @@ class WorkerPool:
                 log.warning("heartbeat failed (%s)", exc)
                 continue
             for jobid in lost:
-                log.warning("job %s: lease lost (reaped or unset) while it runs", jobid)
+                self._kill_lost(jobid)
+
+    def _kill_lost(self, jobid: str) -> None:
+        """A renewal found the lease of ``jobid`` gone (reaped while this
+        worker was stopped or cut off, or the job unset and set again): its run
+        may be running elsewhere by now, so kill this one at once."""
+        for index in range(self.concurrency):
+            run = next((run for run in self.board.runs(index) if run.lease.jobid == jobid), None)
+            child = self.children.get(index)
+            if run is not None and child is not None:
+                self.doomed[index] = Ending(
+                    "killed: its lease was lost (reaped while this worker was stopped or cut off from Redis)",
+                    run.lease.token, LOST_ITS_LEASE)
+                child.kill()
+                return
+        log.warning("job %s: lease lost (reaped or unset) while it ran", jobid)
 
     # -- the pool's life -------------------------------------------------------------
 

@@ -2,13 +2,21 @@
 what its log says about each run, a lease lost while the pool was stopped,
 a stop while Redis is down. Fixtures and helpers as in test_processes.py."""
 
+# ruff: noqa: F811 - the fixtures of test_processes, imported, are taken as arguments
+
 from __future__ import annotations
 
-from conftest import wait_for
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+from conftest import ROOT, alive, wait_for
 from test_processes import bike, daemons, ends, env, halt, keys, starts, testlog  # noqa: F401 - fixtures
 
 
-def test_each_failed_run_is_logged_and_with_v_every_start_and_end(workdir, client, bike, daemons, testlog, env):  # noqa: F811
+def test_each_failed_run_is_logged_and_with_v_every_start_and_end(workdir, client, bike, daemons, testlog, env):
     quiet = daemons.start("work", "testworker:Recorder('A')", cwd=workdir)
     verbose = daemons.start("-v", "work", "testworker:Recorder('V')", cwd=workdir)
     bike.set("fail-1:A", "NOW")
@@ -27,3 +35,51 @@ def test_each_failed_run_is_logged_and_with_v_every_start_and_end(workdir, clien
     assert "WARNING job fail-2:V: failed after " in log and "ValueError: fail-2:V failed on purpose" in log
     assert "Traceback" in log  # the failure's traceback too, at DEBUG
     halt(workdir, env, quiet, verbose)
+
+
+def write_home(folder: Path, prefix: str, url: str, default_timeout: float) -> Path:
+    """A folder with a config for ``url`` and the test worker."""
+    folder.mkdir()
+    (folder / ".redbike.conf").write_text(
+        f"[redbike]\nprefix = {prefix}\nworker = testworker:Recorder('A')\n"
+        f"timefile = {folder / 'timefile'}\ndefault-timeout = {default_timeout:g}\n\n"
+        f"[redbike-redis]\nurl = {url}\n"
+    )
+    shutil.copy(ROOT / "tests" / "testworker.py", folder / "testworker.py")
+    return folder
+
+
+def test_a_run_whose_lease_was_lost_is_killed_at_once(tmp_path, redis_server, client, prefix, keys, bike,
+                                                      daemons, testlog, env):
+    """A worker stopped (SIGSTOP) past its lease's deadline: the dispatcher
+    reaps the lease and another worker starts the job. When the first one
+    resumes, its heartbeat finds the lease gone and kills its copy at once;
+    tell says so. Leases last 15 s + 2 s grace, so the job (timeout 120 s) is
+    renewed, and the stop lasts until the second worker has started it."""
+    home = write_home(tmp_path / "home", prefix, redis_server.url, 120)
+    dispatcher = daemons.start("dispatch", cwd=home)
+    first = daemons.start("work", cwd=home)
+    bike.set("sleep60-lost:A", "NOW")
+    started = wait_for(lambda: starts(client, testlog, "sleep60-lost:A"), what="the first run")[0]
+    os.killpg(first.pid, signal.SIGSTOP)  # the supervisor, its zygote and the job's child
+    try:
+        second = daemons.start("work", cwd=home)
+        again = wait_for(lambda: [r for r in starts(client, testlog, "sleep60-lost:A") if r["token"] != started["token"]],
+                         timeout=45, what="the dispatcher to reap the lease and the second worker to start the job")[0]
+        assert alive(started["pid"])  # stopped, not dead
+    finally:
+        resumed = time.monotonic()
+        os.killpg(first.pid, signal.SIGCONT)
+    # Its heartbeat's wait ran out during the stop: it renews at once, finds
+    # the lease gone and kills the child through its pidfd; a second is ample.
+    wait_for(lambda: not alive(started["pid"]), timeout=10, what="the first copy to be killed")
+    assert time.monotonic() - resumed < 2.0
+    assert ends(client, testlog, "sleep60-lost:A") == []  # neither copy ended; the first never will
+    assert first.poll() is None and second.poll() is None and dispatcher.poll() is None
+    lease = client.hget(keys.leases, "sleep60-lost:A")
+    assert lease.startswith(again["token"] + "|")  # the second run goes on
+    told = wait_for(lambda: "killed" in (bike.tell("sleep60-lost:A") or {}).get("last_error", {}) and
+                    bike.tell("sleep60-lost:A"), what="tell to say the first copy was killed")
+    assert told["last_error"]["status"] == "EXP" and "lease expired" in told["last_error"]["error"]
+    assert "went on past its lease; killed" in told["last_error"]["killed"]
+    assert "killed: its lease was lost" in daemons.log(first)
