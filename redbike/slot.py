@@ -7,9 +7,11 @@ child tells it what it must act on with one-byte notes.
 from __future__ import annotations
 
 import logging
+import mmap
 import select
 import signal
 import socket
+import struct
 import time
 import traceback
 
@@ -29,6 +31,45 @@ MAX_BACKOFF_SECONDS = 5.0
 # Notes a child sends its supervisor (one byte each).
 NOTE_HALT = b"H"  # a claim found HALT: stop the pool
 NOTE_FREED = b"F"  # a run gave back worker-local amounts: wake the idle slots
+
+
+OUTCOME_BYTES = 1 << 15  # per slot: a token, an outcome, an error line and a traceback (4000 characters)
+_LENGTH = struct.Struct("<I")
+
+
+class Outcomes:
+    """How each slot's current run ended, as its child saw it, in anonymous
+    shared memory that the children inherit. The child writes it as soon as
+    work() returns, before it reports the run to Redis: if the child is then
+    killed (a forced stop) while Redis is down or slow, the supervisor still
+    knows that the run completed, and how, and ends it as what it was.
+    Written by the slot's child only, read by the supervisor once that
+    child has ended (so no reader races a writer)."""
+
+    def __init__(self, slots: int) -> None:
+        self.memory = mmap.mmap(-1, slots * OUTCOME_BYTES)
+
+    def write(self, slot: int, token: str, outcome: Outcome, trace: str) -> None:
+        backoff = "" if outcome.backoff is None else repr(outcome.backoff)
+        error = outcome.error.replace("\0", " ")
+        data = f"{token}\0{outcome.kind}\0{backoff}\0{error}\0{trace}".encode(errors="replace")
+        data = data[: OUTCOME_BYTES - _LENGTH.size]
+        base = slot * OUTCOME_BYTES
+        # No record while it is written: a child killed meanwhile leaves none.
+        _LENGTH.pack_into(self.memory, base, 0)
+        self.memory[base + _LENGTH.size : base + _LENGTH.size + len(data)] = data
+        _LENGTH.pack_into(self.memory, base, len(data))
+
+    def read(self, slot: int, token: str) -> tuple[Outcome, str] | None:
+        """The outcome and traceback recorded for run ``token`` of ``slot``, if any."""
+        base = slot * OUTCOME_BYTES
+        length = _LENGTH.unpack_from(self.memory, base)[0]
+        data = self.memory[base + _LENGTH.size : base + _LENGTH.size + length].decode(errors="replace")
+        fields = data.split("\0", 4)
+        if len(fields) != 5 or fields[0] != token:
+            return None
+        _, kind, backoff, error, trace = fields
+        return Outcome(kind, float(backoff) if backoff else None, error), trace
 
 
 def run_work(worker: RoundRobin, lease: Lease) -> tuple[Outcome, str]:
@@ -53,10 +94,11 @@ class Slot:
     """The life of one slot's child: claim, work, end the run and claim the
     next, until the pool stops."""
 
-    def __init__(self, claims: Claims, events: Subscriber, index: int, worker_id: str,
+    def __init__(self, claims: Claims, events: Subscriber, outcomes: Outcomes, index: int, worker_id: str,
                  channel: socket.socket) -> None:
         self.index = index
         self.events = events
+        self.outcomes = outcomes
         self.board = claims.board
         self.worker = claims.worker
         self.channel = channel
@@ -113,7 +155,8 @@ class Slot:
         started = time.monotonic()
         outcome, trace = run_work(self.worker, job.lease)
         seconds = time.monotonic() - started
-        self.board.count_run(self.index)  # counted before the script that ends it
+        self.outcomes.write(self.index, job.lease.token, outcome, trace)  # before Redis is asked anything
+        self.board.count_run(self.index)  # counted as ended where its outcome is known (see Outcomes)
         if outcome.kind == "error":
             self.events.failed(job, outcome, seconds, trace)
         else:

@@ -30,7 +30,7 @@ from .events import Events, LogEvents
 from .keys import Keys
 from .roundrobin import RoundRobin
 from .scripts import subscribe
-from .slot import MAX_BACKOFF_SECONDS, NOTE_FREED, NOTE_HALT, Slot
+from .slot import MAX_BACKOFF_SECONDS, NOTE_FREED, NOTE_HALT, Outcomes, Slot
 from .slots import Child, LocalLock, Running, SlotBoard, Zygote
 from .states import Outcome
 
@@ -87,6 +87,7 @@ class WorkerPool:
         self.lease_seconds = lease_seconds
         self.clock = clock
         self.board = SlotBoard(concurrency)
+        self.outcomes = Outcomes(concurrency)
         self.claims = Claims(client, keys, worker, self.board, default_timeout=default_timeout,
                              lease_seconds=lease_seconds, resources=resources, clock=clock)
         if self.claims.local_capacity:
@@ -162,23 +163,34 @@ class WorkerPool:
 
     def _run_slot(self, index: int, channel: socket.socket) -> None:
         """In slot ``index``'s new child (forked by the zygote)."""
-        Slot(self.claims, self.events, index, self.worker_id(index), channel).run()
+        Slot(self.claims, self.events, self.outcomes, index, self.worker_id(index), channel).run()
 
     def _end_runs_of_dead_child(self, index: int, ending: Ending) -> None:
-        """End the run a dead child left on the board (a retry loop: Redis may be down)."""
+        """End the run a dead child left on the board: as what it was if its
+        work() had completed (see Outcomes), else as expired. Redis may be
+        down: retried, until a forced stop, which leaves the lease to the
+        dispatcher's reaper rather than wait for Redis."""
         backoff = 0.1
         claims = self.claims.slot(index, self.worker_id(index))
         while runs := self.board.runs(index):
             run = runs[0]
             reason = ending.why if ending.token in (None, run.lease.token) else \
                 f"killed: the slot's previous job {ending.cause}"
+            completed = self.outcomes.read(index, run.lease.token)
+            outcome, trace = completed or (Outcome("expired", error=reason), "")
             try:
-                done = claims.finish(run, Outcome("expired", error=reason), "", None).done
+                done = claims.finish(run, outcome, trace, None).done
             except redis.RedisError as exc:
-                log.warning("slot %d: Redis error (%s) ending %s; retrying in %.1fs", index, exc, run.lease.jobid, backoff)
-                if self.done.wait(backoff):
+                if self.forced.is_set():
+                    self._leave_to_reaper(index, run, reason if completed is None else "", exc)
                     return
+                log.warning("slot %d: Redis error (%s) ending %s; retrying in %.1fs", index, exc, run.lease.jobid, backoff)
+                self.forced.wait(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
+                continue
+            if completed is not None:  # its child reported the run (events) and counted it
+                if done == "STALE":
+                    self.events.expired(run, LEASE_LOST)
                 continue
             if done == "STALE" and ending.token == run.lease.token and ending.cause == LOST_ITS_LEASE:
                 self.events.expired(run, reason)
@@ -186,6 +198,17 @@ class WorkerPool:
             else:
                 self.events.expired(run, LEASE_LOST if done == "STALE" else reason)
             self.board.count_run(index)
+
+    def _leave_to_reaper(self, index: int, run: Running, killed: str, error: redis.RedisError) -> None:
+        """A forced stop while Redis is unreachable: the run's lease stays in
+        Redis until the dispatcher reaps it (status EXP: the job runs again)."""
+        left = f"Redis is unreachable ({error}): its lease is left to the dispatcher's reaper"
+        if killed:
+            self.events.expired(run, f"{killed}; {left}")
+            self.board.count_run(index)
+        else:
+            log.warning("job %s: its run ended, but %s", run.lease.jobid, left)
+        self.board.write(index, [])
 
     def _note_killed(self, run: Running) -> None:
         """Add to the job's last error that this run was killed when its lease

@@ -12,8 +12,10 @@ import signal
 import time
 from pathlib import Path
 
-from conftest import ROOT, alive, wait_for
+from conftest import ROOT, RedisServer, alive, wait_for
 from test_processes import bike, daemons, ends, env, halt, keys, starts, testlog  # noqa: F401 - fixtures
+
+from redbike import Redbike, RoundRobin
 
 
 def test_each_failed_run_is_logged_and_with_v_every_start_and_end(workdir, client, bike, daemons, testlog, env):
@@ -83,3 +85,41 @@ def test_a_run_whose_lease_was_lost_is_killed_at_once(tmp_path, redis_server, cl
     assert told["last_error"]["status"] == "EXP" and "lease expired" in told["last_error"]["error"]
     assert "went on past its lease; killed" in told["last_error"]["killed"]
     assert "killed: its lease was lost" in daemons.log(first)
+
+
+def test_a_second_signal_stops_a_worker_while_redis_is_down(tmp_path, client, prefix, keys, daemons, testlog, env):
+    """Redis goes down while a job runs; work() completes but cannot be
+    reported. SIGTERM, then SIGTERM again: the worker exits within seconds,
+    leaves the lease to the dispatcher's reaper and counts one job. Back up,
+    Redis holds the job as the worker left it: running, no false EXP."""
+    folder = tmp_path / "own-redis"
+    folder.mkdir()
+    server = RedisServer(folder)  # a server of its own, saved to disk and restarted
+    server.start()
+    try:
+        home = write_home(tmp_path / "home", prefix, server.url, 30)
+        worker = daemons.start("work", cwd=home)
+        own = server.client()
+        Redbike(RoundRobin(), prefix=prefix, client=own).set("sleep1-down:A", "NOW")
+        wait_for(lambda: starts(client, testlog, "sleep1-down:A"), what="the run to start")
+        own.shutdown(save=True)
+        assert server.process is not None and server.process.wait(10) == 0
+        wait_for(lambda: ends(client, testlog, "sleep1-down:A"), what="work() to complete")
+        wait_for(lambda: "slot 0: Redis error" in daemons.log(worker), what="the run's report to fail")
+        worker.send_signal(signal.SIGTERM)
+        wait_for(lambda: "stopping after the running jobs" in daemons.log(worker), what="the first SIGTERM")
+        signalled = time.monotonic()
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(10) == 0
+        assert time.monotonic() - signalled < 3.0  # no wait for Redis
+        log = daemons.log(worker)
+        assert "job sleep1-down:A: its run ended, but Redis is unreachable" in log
+        assert "its lease is left to the dispatcher's reaper" in log
+        assert "stopped after 1 job(s)" in log
+        server.start()
+        own = server.client()
+        assert own.hget(keys.statuses, "sleep1-down:A").startswith("WRK:")  # as it was left: the reaper's to end
+        assert own.hget(keys.leases, "sleep1-down:A") is not None
+        assert own.hget(keys.errors, "sleep1-down:A") is None  # not "killed: stopped by force"
+    finally:
+        server.stop()
