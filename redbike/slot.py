@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 IDLE_RECHECK_SECONDS = 5.0  # an idle slot looks at its queues this often without a wake-up
 MAX_BACKOFF_SECONDS = 5.0
+MAX_BACKOFF_RETURNED = 366 * 86400  # the longest backoff work() may ask for: a year
 
 # Notes a child sends its supervisor (one byte each).
 NOTE_HALT = b"H"  # a claim found HALT: stop the pool
@@ -72,13 +73,26 @@ class Outcomes:
         return Outcome(kind, float(backoff) if backoff else None, error), trace
 
 
+def backoff_of(jobid: str, result: object) -> int | None:
+    """The backoff a work() result asks for: an integer of seconds, from 0 to
+    MAX_BACKOFF_RETURNED; one outside is logged and clamped to that range
+    (a negative one: no backoff; a huge one would not even fit a float)."""
+    if not isinstance(result, int) or isinstance(result, bool):
+        return None
+    if 0 <= result <= MAX_BACKOFF_RETURNED:
+        return result
+    clamped = 0 if result < 0 else MAX_BACKOFF_RETURNED
+    shown = str(result) if abs(result) < 10**12 else f"an integer of about {int(result.bit_length() * 0.30103)} digits"
+    log.warning("job %s: work() returned %s, not a backoff of 0 to %d seconds; backing off %d s",
+                jobid, shown, MAX_BACKOFF_RETURNED, clamped)
+    return clamped
+
+
 def run_work(worker: RoundRobin, lease: Lease) -> tuple[Outcome, str]:
     """Run one job's work(); returns its outcome and the traceback of a failure."""
     worker.lease = lease
     try:
-        result = worker.work(lease.jobid)
-        backoff = result if isinstance(result, int) and not isinstance(result, bool) else None
-        return Outcome("ok", backoff), ""
+        return Outcome("ok", backoff_of(lease.jobid, worker.work(lease.jobid))), ""
     except StopWork:
         return Outcome("stop"), ""
     except UnsetJob:
