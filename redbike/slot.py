@@ -19,6 +19,7 @@ import redis
 
 from .claims import LEASE_LOST, Claims, Rotation, Settled, SlotClaims
 from .events import Subscriber
+from .outage import Outage
 from .roundrobin import Lease, RoundRobin, StopWork, UnsetJob
 from .slots import Running
 from .states import Outcome
@@ -129,6 +130,7 @@ class Slot:
         job: Running | None = None
         finished: tuple[Outcome, str] | None = None
         retry_in = 0.0  # seconds to wait after a Redis error; 0 while all is well
+        outage = Outage(log, f"slot {self.index}")
         try:
             while True:
                 try:
@@ -147,11 +149,13 @@ class Slot:
                         settled = self.claims.claim(self.rotation)
                     job = settled.claimed
                     self._tell_supervisor(settled)
+                    if retry_in:
+                        outage.recovered()
                     retry_in = 0.0
                 except Exception as exc:  # Redis down, or a bug: log, back off, try again
                     retry_in = min(retry_in * 2 or 0.1, MAX_BACKOFF_SECONDS)
                     if isinstance(exc, redis.RedisError):
-                        log.warning("slot %d: Redis error (%s); retrying in %.1fs", self.index, exc, retry_in)
+                        outage.failed(exc, retry_in)
                     else:
                         log.exception("slot %d: unexpected error; retrying in %.1fs", self.index, retry_in)
                     time.sleep(retry_in)

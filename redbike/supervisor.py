@@ -28,6 +28,7 @@ import redis
 from .claims import GRACE_SECONDS, LEASE_LOST, LEASE_SECONDS, Claims
 from .events import Events, LogEvents
 from .keys import Keys
+from .outage import Outage
 from .roundrobin import RoundRobin
 from .scripts import subscribe
 from .slot import MAX_BACKOFF_SECONDS, NOTE_FREED, NOTE_HALT, Outcomes, Slot
@@ -143,12 +144,14 @@ class WorkerPool:
     def _listen(self, pubsub: redis.client.PubSub) -> None:
         """Wake idle slots when a job enters one of their queues, and stop on HALT."""
         backoff = 0.1
+        outage = Outage(log, "wake-ups (pub/sub connection lost)")
         while not self.done.is_set():
             try:
                 message = pubsub.get_message(timeout=POLL_SECONDS)
+                outage.recovered()
                 backoff = 0.1
             except redis.RedisError as exc:
-                log.warning("pub/sub connection lost (%s); retrying in %.1fs", exc, backoff)
+                outage.failed(exc, backoff)
                 self.done.wait(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
                 self.kick()  # messages may have been missed: look at the queues
@@ -172,6 +175,7 @@ class WorkerPool:
         dispatcher's reaper rather than wait for Redis."""
         backoff = 0.1
         claims = self.claims.slot(index, self.worker_id(index))
+        outage = Outage(log, f"slot {index} (ending the run its dead child left)")
         while runs := self.board.runs(index):
             run = runs[0]
             reason = ending.why if ending.token in (None, run.lease.token) else \
@@ -184,10 +188,11 @@ class WorkerPool:
                 if self.forced.is_set():
                     self._leave_to_reaper(index, run, reason if completed is None else "", exc)
                     return
-                log.warning("slot %d: Redis error (%s) ending %s; retrying in %.1fs", index, exc, run.lease.jobid, backoff)
+                outage.failed(exc, backoff)
                 self.forced.wait(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
                 continue
+            outage.recovered()
             if completed is not None:  # its child reported the run (events) and counted it
                 if done == "STALE":
                     self.events.expired(run, LEASE_LOST)
@@ -304,6 +309,7 @@ class WorkerPool:
         up to their timeout. A lease's deadline is renewed_at + lease + grace."""
         interval = self.lease_seconds / 3
         renewed: dict[str, float] = {}  # token -> when this supervisor last renewed it
+        outage = Outage(log, "heartbeat")
         while not self.done.wait(min(interval, POLL_SECONDS * 4)):
             now = self.clock()
             beats: list[Any] = []
@@ -323,8 +329,9 @@ class WorkerPool:
             try:
                 lost = self.scripts.run("renew", now, [], beats)
             except redis.RedisError as exc:
-                log.warning("heartbeat failed (%s)", exc)
+                outage.failed(exc)
                 continue
+            outage.recovered()
             for jobid in lost:
                 self._kill_lost(jobid)
 

@@ -116,6 +116,7 @@ def test_a_second_signal_stops_a_worker_while_redis_is_down(tmp_path, client, pr
         assert "job sleep1-down:A: its run ended, but Redis is unreachable" in log
         assert "its lease is left to the dispatcher's reaper" in log
         assert "stopped after 1 job(s)" in log
+        assert log.count("slot 0: Redis error") == 1  # once, not on every retry
         server.start()
         own = server.client()
         assert own.hget(keys.statuses, "sleep1-down:A").startswith("WRK:")  # as it was left: the reaper's to end
