@@ -91,8 +91,6 @@ class WorkerPool:
         self.outcomes = Outcomes(concurrency)
         self.claims = Claims(client, keys, worker, self.board, default_timeout=default_timeout,
                              lease_seconds=lease_seconds, resources=resources, clock=clock)
-        if self.claims.local_capacity:
-            self.claims.local_lock = LocalLock()
         self.scripts = self.claims.scripts
         self.queue_names = self.claims.queue_names
         self.identity = f"{socket.gethostname()}:{os.getpid()}"
@@ -355,11 +353,28 @@ class WorkerPool:
     def run(self) -> None:
         """Work until HALT or a signal."""
         self.claims.control_seen = cast(str, self.client.get(self.keys.control) or "")
+        # The lock's file lives exactly as long as run(): a pool that never
+        # runs (a test's) makes none.
+        if self.claims.local_capacity:
+            self.claims.local_lock = LocalLock()
+        try:
+            self._run()
+        finally:
+            if self.claims.local_lock is not None:
+                self.claims.local_lock.remove()
+                self.claims.local_lock = None
+        log.info("worker %s stopped after %d job(s)", self.identity, self.jobs_done)
+
+    def _run(self) -> None:
         # Forked while this is still the process's only thread (see slots.py).
         self.zygote = Zygote(self._run_slot, self.board.record_exit)
         channels = [self.keys.queue_channel(name) for name in set(self.queue_names)]
         # Subscribed before the first claim, so no wake-up can fall in between.
-        pubsub = subscribe(self.client, [self.keys.control, *channels])
+        try:
+            pubsub = subscribe(self.client, [self.keys.control, *channels])
+        except BaseException:
+            self.zygote.close()
+            raise
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self.stop)
             signal.signal(signal.SIGINT, self.stop)
@@ -379,6 +394,3 @@ class WorkerPool:
                 thread.join()
             pubsub.close()
             self.zygote.close()
-            if self.claims.local_lock is not None:
-                self.claims.local_lock.remove()
-        log.info("worker %s stopped after %d job(s)", self.identity, self.jobs_done)

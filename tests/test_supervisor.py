@@ -4,13 +4,17 @@ a real Redis server: what it records for the run the child left behind."""
 from __future__ import annotations
 
 import logging
+import threading
+from pathlib import Path
 
 import pytest
 import redis
+from conftest import wait_for
 from test_jobs import NOW, Env, stamp
 
+from redbike import RoundRobin
 from redbike.states import Outcome
-from redbike.supervisor import Ending
+from redbike.supervisor import Ending, WorkerPool
 
 
 @pytest.fixture
@@ -71,3 +75,20 @@ def test_a_forced_stop_leaves_the_lease_when_redis_is_down(env: Env, caplog: pyt
     assert pool.board.runs(0) == [] and pool.jobs_done == 1
     assert "job stuck:A: killed: stopped by force; Redis is unreachable (Connection refused): " \
            "its lease is left to the dispatcher's reaper" in caplog.text
+
+
+def test_a_pool_with_local_resources_leaves_no_lock_file(env: Env) -> None:
+    """The lock between a pool's processes is a file: it exists only while
+    the pool runs, so neither a pool that never runs nor one that ran leaves it."""
+    pool = WorkerPool(env.c, env.keys, RoundRobin("A"), resources={"cpu": 2})
+    assert pool.claims.local_lock is None
+    thread = threading.Thread(target=pool.run)
+    thread.start()
+    try:
+        lock = wait_for(lambda: pool.claims.local_lock, what="the pool's lock")
+        assert Path(lock.path).exists()
+    finally:
+        env.bike.control()  # HALT
+        thread.join(20)
+    assert not thread.is_alive()
+    assert not Path(lock.path).exists()
