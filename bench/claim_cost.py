@@ -28,7 +28,8 @@ import time
 import redis
 
 from redbike import Redbike, RoundRobin
-from redbike.worker import Rotation, WorkerPool
+from redbike.claims import Rotation
+from redbike.supervisor import WorkerPool
 
 from .server import RedisServer
 
@@ -61,20 +62,21 @@ def measure(client: redis.Redis, parked: int, claims: int) -> dict[str, float]:
     bike.set_capacity(BUSY, 1)
     pool = WorkerPool(client, bike.keys, RoundRobin("W:F"), concurrency=1)
     rotation = Rotation(pool.queue_names)
+    slot = pool.claims.slot(0, "bench")
     # The resource is saturated: one running job holds it ...
     set_many(bike, ["holder:W"], f"{BUSY}=1")
-    holder = pool.claim(rotation, "bench")
+    holder = slot.claim(rotation).claimed
     assert holder is not None and holder.lease.jobid == "holder:W"
     # ... and `parked` jobs wait for it (a claim parks them, 64 per script call).
     set_many(bike, [f"wait{i}:W" for i in range(parked)], f"{BUSY}=1")
     started = time.perf_counter()
-    assert pool.claim(rotation, "bench") is None
+    assert slot.claim(rotation).claimed is None
     parking = time.perf_counter() - started
     assert client.zcard(bike.keys.parked) == parked and client.llen(bike.keys.queue("W")) == 0
     # Jobs of a resource with room to spare, claimed one by one.
     bike.set_capacity(FREE, 10 * claims)
     set_many(bike, [f"free{i}:F" for i in range(claims + 1)], f"{FREE}=1")
-    assert pool.claim(rotation, "bench").lease.jobid.startswith("free")  # warm-up (script cache)
+    assert slot.claim(rotation).claimed.lease.jobid.startswith("free")  # warm-up (script cache)
     # In five rounds: the least disturbed round's figures count (this VM's
     # speed drifts by more than the effect looked for).
     rounds = []
@@ -82,11 +84,8 @@ def measure(client: redis.Redis, parked: int, claims: int) -> dict[str, float]:
         client.config_resetstat()
         wall = 0.0
         for _ in range(claims // ROUNDS):
-            # A slot holds one run: forget the last claim's (untimed), as a
-            # worker's finish would, or the pool's record of its slot would grow.
-            pool.board.write(0, [])
             started = time.perf_counter()
-            job = pool.claim(rotation, "bench")
+            job = slot.claim(rotation).claimed
             wall += time.perf_counter() - started
             assert job is not None and job.lease.jobid.startswith("free"), job
         stats = commandstats(client)

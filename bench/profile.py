@@ -5,7 +5,7 @@
    jobs (/proc/PID/stat, INFO), split user/system.
 2. py-spy (if installed: ``pip install -e '.[bench]'``) on the slot's child,
    GIL-holding samples only: the Python functions that burn its CPU.
-3. finish+claim (WorkerPool.finish) alone, in this process, under cProfile.
+3. finish+claim (SlotClaims.finish) alone, in this process, under cProfile.
 """
 
 from __future__ import annotations
@@ -89,9 +89,10 @@ def cpu_split(server: RedisServer, jobs: int, seconds: float, pyspy: bool) -> No
 
 
 def pieces(server: RedisServer, n: int) -> None:
+    from redbike.claims import Rotation
     from redbike.keys import Keys
     from redbike.states import Outcome
-    from redbike.worker import Rotation, WorkerPool
+    from redbike.supervisor import WorkerPool
 
     from .noop import Noop
 
@@ -99,13 +100,13 @@ def pieces(server: RedisServer, n: int) -> None:
     client.flushall()
     rb.fill_now(server, 3 * n + 2000)
     pool = WorkerPool(client, Keys(rb.PREFIX), Noop("A"))
-    rotation, worker_id = Rotation(pool.queue_names), f"{pool.identity}:0"
-    job = pool.claim(rotation, worker_id)
+    rotation, slot = Rotation(pool.queue_names), pool.claims.slot(0, pool.worker_id(0))
+    job = slot.claim(rotation).claimed
 
     def loop(k: int) -> None:
         nonlocal job
         for _ in range(k):
-            _, job = pool.finish(job, Outcome("ok"), "", rotation, worker_id)
+            job = slot.finish(job, Outcome("ok"), "", rotation).claimed
 
     loop(500)
     before = snapshot(client)

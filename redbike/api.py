@@ -30,8 +30,8 @@ from .roundrobin import RoundRobin
 from .schedules import ScheduleError, parse_schedule, timestamp_problem
 from .scripts import Scripts
 from .states import BAD, Placement, place_on_set
+from .supervisor import WorkerPool
 from .timefile import check_timefile, read_timefile
-from .worker import WorkerPool
 
 log = logging.getLogger(__name__)
 

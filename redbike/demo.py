@@ -15,7 +15,7 @@ from .api import Redbike
 from .config import Config, check_reachable, connect
 from .dispatcher import Dispatcher
 from .roundrobin import RoundRobin, StopWork
-from .worker import WorkerPool
+from .supervisor import WorkerPool
 
 STARTED = time.time()
 

@@ -23,6 +23,7 @@ from typing import Any, cast
 import redis
 
 from .keys import Keys
+from .outage import Outage
 from .records import RecordError, decode_lease, error_record, lease_token
 from .scripts import Scripts, subscribe
 from .states import FORGET, Placement, place_after_expiry
@@ -218,10 +219,13 @@ class Dispatcher:
             signal.signal(signal.SIGINT, self.stop)
         log.info("dispatcher %s started", self.identity)
         retry_in = 0.0  # seconds to wait after a Redis error; 0 while all is well
+        outage = Outage(log, f"dispatcher {self.identity}")
         try:
             while not self.stopping.is_set():
                 try:
                     self._sleep(pubsub, self.step(self.clock()))
+                    if retry_in:
+                        outage.recovered()
                     retry_in = 0.0
                 except redis.RedisError as exc:  # connection lost, server loading, fenced ...
                     if isinstance(exc, redis.ResponseError) and "FENCED" in str(exc):
@@ -230,7 +234,7 @@ class Dispatcher:
                         self.stopping.wait(STANDBY_SECONDS)
                         continue
                     retry_in = min(retry_in * 2 or 0.1, 5.0)
-                    log.warning("Redis error (%s); retrying in %.1fs", exc, retry_in)
+                    outage.failed(exc, retry_in)
                     self.stopping.wait(retry_in)
         finally:
             pubsub.close()

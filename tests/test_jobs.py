@@ -15,9 +15,11 @@ from pathlib import Path
 import pytest
 import redis
 from conftest import wait_for
+from pooltools import ClaimingPool
 
 from redbike import Redbike, RoundRobin, ScheduleError
 from redbike.api import JobIdError, read_schedules_csv
+from redbike.claims import GRACE_SECONDS, LEASE_SECONDS, Rotation
 from redbike.cli import main
 from redbike.csvfile import CsvError
 from redbike.dispatcher import RENEW_SECONDS, STANDBY_SECONDS, Dispatcher
@@ -35,7 +37,6 @@ from redbike.states import (
     place_on_set,
 )
 from redbike.timefile import read_timefile, write_timefile
-from redbike.worker import GRACE_SECONDS, LEASE_SECONDS, Rotation, WorkerPool
 
 NOW = 1_700_000_000.0  # 2023-11-14T22:13:20Z
 HOURLY = "DTSTART:20231114T000000Z RRULE:FREQ=HOURLY"  # on the hour, UTC
@@ -76,16 +77,16 @@ class Env:
         self.clock.now = when
         return self
 
-    def pool(self, queues: str | None = None, **kwargs) -> WorkerPool:
+    def pool(self, queues: str | None = None, **kwargs) -> ClaimingPool:
         worker = Worker(queues) if queues else self.worker
-        pool = WorkerPool(self.c, self.keys, worker, clock=self.clock, **kwargs)
+        pool = ClaimingPool(self.c, self.keys, worker, clock=self.clock, **kwargs)
         pool.control_seen = self.c.get(self.keys.control) or ""  # as run() does
         return pool
 
     def dispatcher(self, **kwargs) -> Dispatcher:
         return Dispatcher(self.c, self.keys, self.worker.queue_for, clock=self.clock, **kwargs)
 
-    def claim(self, pool: WorkerPool | None = None, worker_id: str = "w1"):
+    def claim(self, pool: ClaimingPool | None = None, worker_id: str = "w1"):
         pool = pool or self.pool()
         return pool.claim(Rotation(pool.queue_names), worker_id)
 

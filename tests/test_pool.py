@@ -152,7 +152,7 @@ def test_a_flushed_script_cache_is_reloaded_on_the_hot_path(client: redis.Redis,
         client.script_flush()
         bike.set("after:A", "NOW")  # Redbike.set loads its own script again
         wait_for(lambda: pool.jobs_done == 2, what="a job after SCRIPT FLUSH")
-        wait_for(lambda: dict((job, event) for job, event, _ in bike.statuses()).get("after:A") == "END",
+        wait_for(lambda: {job: event for job, event, _ in bike.statuses()}.get("after:A") == "END",
                  what="its run to be ended")
     finally:
         bike.control()

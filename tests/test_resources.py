@@ -26,17 +26,18 @@ from conftest import Daemons, redbike_command, wait_for, worker_of
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from pooltools import ClaimingPool
 from test_jobs import NOW, Env, Worker, stamp
 
 from redbike import Redbike, RoundRobin
 from redbike.api import read_schedules_csv
+from redbike.claims import GRACE_SECONDS, Rotation
 from redbike.cli import main
 from redbike.csvfile import CsvError
 from redbike.keys import WAKE_BATCH, Keys
 from redbike.resources import ResourceError
 from redbike.scripts import subscribe
 from redbike.states import Outcome
-from redbike.worker import GRACE_SECONDS, Rotation, WorkerPool
 
 # ===================================================================== helpers
 
@@ -74,13 +75,13 @@ def real(client: redis.Redis, prefix: str) -> REnv:
     return REnv(client, prefix)
 
 
-def finish(pool: WorkerPool, job, outcome: str = "ok", error: str = "") -> str:
+def finish(pool: ClaimingPool, job, outcome: str = "ok", error: str = "") -> str:
     done, nxt = pool.finish(job, Outcome(outcome, error=error), "", None, "w1")
     assert nxt is None
     return done
 
 
-def count_scripts(pool: WorkerPool) -> Counter:
+def count_scripts(pool: ClaimingPool) -> Counter:
     """Count the scripts a pool runs (by name)."""
     calls: Counter = Counter()
     run = pool.scripts.run
@@ -1166,7 +1167,7 @@ class ResourceMachine(RuleBasedStateMachine):
             for owner, job in self.running:
                 if owner == name:
                     mine.update(job.local_needs)
-            for resource, capacity in pool.local_capacity.items():
+            for resource, capacity in pool.claims.local_capacity.items():
                 assert pool.local_used[resource] == mine[resource] <= capacity
 
     def teardown(self) -> None:

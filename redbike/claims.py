@@ -1,0 +1,235 @@
+"""The claim/finish protocol client: a slot's round trips to Redis.
+
+A claim (claim.lua) leases the first job found in a slot's queues; a finish
+(finish.lua) ends a run and, in the same round trip, claims the next job.
+This module builds their KEYS and ARGV, runs the script on the slot's own
+connection, turns the reply into a Running job and keeps the slot's record
+on the board: one run per slot at most. What the reply meant for the pool
+(a HALT, worker-local amounts given back) is returned to the caller, which
+acts on it in its own process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import redis
+
+from .keys import Keys
+from .records import error_record
+from .resources import LOCAL_PREFIX, format_amounts, parse_amounts
+from .roundrobin import Lease, RoundRobin
+from .scripts import Scripts
+from .slots import LocalLock, Running, SlotBoard
+from .states import Outcome, parse_status, place_after_run
+
+log = logging.getLogger(__name__)
+
+LEASE_LOST = "lease lost before it ended; its outcome is dropped"  # why a finish was STALE
+LEASE_SECONDS = 15.0  # a running job's lease outlives its last heartbeat by this much
+GRACE_SECONDS = 2.0  # past a timeout: time for the supervisor to kill the job and report
+
+# A slot's connection: one of its own (a child's hot path), or None for the
+# client the scripts were registered on (the supervisor, tests).
+Connection = redis.connection.AbstractConnection | None
+
+
+class Rotation:
+    """The weighted round robin of one slot over the worker's queue names."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+        self.cursor = 0
+        self._orders = [self._order_from(cursor) for cursor in range(len(names))]
+
+    def _order_from(self, cursor: int) -> list[tuple[int, str]]:
+        seen: set[str] = set()
+        order = []
+        for step in range(len(self.names)):
+            position = (cursor + step) % len(self.names)
+            name = self.names[position]
+            if name not in seen:
+                seen.add(name)
+                order.append((position, name))
+        return order
+
+    def order(self) -> list[tuple[int, str]]:
+        """(position, name) of each distinct queue, from the cursor on."""
+        return self._orders[self.cursor]
+
+    def served(self, position: int) -> None:
+        self.cursor = (position + 1) % len(self.names)
+
+
+class Settled(NamedTuple):
+    """What one round trip did."""
+
+    done: str | None  # how the ended run's finish went (DONE, GONE, STALE: see LEASE_LOST); None if none ended
+    claimed: Running | None  # the job claimed, if any
+    halted: bool = False  # the claim found a HALT this pool had not seen: the pool stops
+    freed: bool = False  # the ended run gave back worker-local amounts: idle slots may have room
+
+
+class Claims:
+    """What every claim and finish of one pool passes (queues, timeouts,
+    worker-local capacities, the control value seen at start), and the
+    board its slots' records are kept on. ``slot()`` gives one slot's client."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        keys: Keys,
+        worker: RoundRobin,
+        board: SlotBoard,
+        *,
+        default_timeout: float,
+        lease_seconds: float,
+        resources: dict[str, int] | None,
+        clock: Callable[[], float],
+    ) -> None:
+        self.client = client
+        self.keys = keys
+        self.worker = worker
+        self.board = board
+        self.clock = clock
+        self.scripts = Scripts(client, keys)
+        self.queue_names = worker.queue_names()
+        if not self.queue_names:
+            raise ValueError("the worker names no queues (e.g. RoundRobin('A:B'))")
+        self.timeouts = {
+            name: float(worker.timeout(name) or default_timeout) for name in set(self.queue_names)
+        }
+        # What a claim passes per queue: its key; its name, timeout and the
+        # seconds until the lease's first deadline.
+        self.queue_keys = {name: keys.queue(name) for name in self.timeouts}
+        self.queue_specs = {
+            name: [name, timeout, min(timeout, lease_seconds) + GRACE_SECONDS]
+            for name, timeout in self.timeouts.items()
+        }
+        # Worker-local resources (cpu_cores=16 ...): the pool counts them
+        # itself from what its slots hold, and tells each claim how much is
+        # free; while the pool runs, claims that count them take a lock
+        # shared by its processes (set by the pool: see WorkerPool.run).
+        self.local_capacity = {f"{LOCAL_PREFIX}{name}": amount for name, amount in (resources or {}).items()}
+        self.local_lock: LocalLock | None = None
+        self.control_seen = ""
+
+    def halts(self, control: str | None) -> bool:
+        """Whether a control value is a HALT this pool has not seen."""
+        return bool(control) and control != self.control_seen and str(control).startswith("HALT")
+
+    def local_used(self) -> dict[str, int]:
+        """Worker-local amounts held by the runs of every slot."""
+        held = self.board.local_held()
+        return {name: held.get(name, 0) for name in self.local_capacity}
+
+    def slot(self, index: int, worker_id: str, connection: Connection = None) -> SlotClaims:
+        """The claim/finish client of slot ``index`` (its runs are leased to ``worker_id``)."""
+        return SlotClaims(self, index, worker_id, connection)
+
+
+class SlotClaims:
+    """One slot's claim/finish client: it holds at most one run, recorded on
+    the board as the slot's record."""
+
+    def __init__(self, claims: Claims, index: int, worker_id: str, connection: Connection) -> None:
+        self.claims = claims
+        self.index = index
+        self.worker_id = worker_id
+        self.connection = connection
+
+    def claim(self, rotation: Rotation) -> Settled:
+        """Claim one job (one round trip)."""
+        return self._locked(None, None, "", rotation)
+
+    def finish(self, job: Running, outcome: Outcome, trace: str, rotation: Rotation | None) -> Settled:
+        """End ``job``'s run; with a rotation, claim the next job in the same round trip."""
+        return self._locked(job, outcome, trace, rotation)
+
+    def _locked(self, job: Running | None, outcome: Outcome | None, trace: str,
+                rotation: Rotation | None) -> Settled:
+        lock = self.claims.local_lock
+        if lock is None:
+            return self._settle(job, outcome, trace, rotation)
+        with lock:
+            return self._settle(job, outcome, trace, rotation)
+
+    def _claim_part(self, rotation: Rotation, token: str, freed: dict[str, int]
+                    ) -> tuple[list[str], list[Any], list[tuple[int, str]]]:
+        """KEYS and ARGV of a claim (claim() in lib.lua), and the queue order
+        tried. ``freed``: local amounts the same script releases first."""
+        claims = self.claims
+        order = rotation.order()
+        keys = [claims.queue_keys[name] for _, name in order]
+        held = claims.board.local_held() if claims.local_capacity else {}
+        free = {
+            name: capacity - held.get(name, 0) + freed.get(name, 0)
+            for name, capacity in claims.local_capacity.items()
+        }
+        args: list[Any] = [token, self.worker_id, claims.control_seen, format_amounts(free)]
+        for _, name in order:
+            args += claims.queue_specs[name]
+        return keys, args, order
+
+    def _job_from(self, reply: list[Any], order: list[tuple[int, str]], rotation: Rotation, token: str,
+                  now: float) -> tuple[Running | None, bool]:
+        """The job a claim's reply leased, and whether it found a new HALT."""
+        if reply[0] == "HALT":
+            if self.claims.halts(reply[1]):
+                log.info("HALT found")
+                self.claims.board.stop()
+                return None, True
+            return None, False
+        if reply[0] != "JOB":
+            return None, False
+        _, jobid, index, schedule, status, needs = reply
+        position, queue = order[int(index)]
+        rotation.served(position)
+        event, stamp = parse_status(status) if status else ("", now)
+        lease = Lease(jobid, token, queue, self.worker_id, now, self.claims.timeouts[queue])
+        capacity = self.claims.local_capacity
+        local = {name: amount for name, amount in parse_amounts(needs).items() if name in capacity} \
+            if needs and capacity else {}
+        return Running(lease, schedule, stamp if event == "ENQ" else now, now, local), False
+
+    def _settle(self, job: Running | None, outcome: Outcome | None, trace: str,
+                rotation: Rotation | None) -> Settled:
+        """One round trip: end ``job``'s run (if any) and, with a rotation,
+        claim the next job; the slot's record on the board follows."""
+        claims = self.claims
+        done = None
+        now = claims.clock()
+        token = os.urandom(8).hex()
+        keys: list[str] = []
+        args: list[Any] = []
+        freed: dict[str, int] = {}
+        if job is not None and outcome is not None:
+            lease = job.lease
+            home = claims.worker.queue_for(lease.jobid)
+            placement = place_after_run(job.schedule, outcome, now, job.enqueued_at)
+            error = error_record(placement.status, outcome.error, self.worker_id, now, trace) if outcome.error else ""
+            keys.append(claims.keys.queue(home))
+            args += [lease.jobid, lease.token, *placement.script_args(), error, claims.keys.queue_channel(home)]
+            freed = job.local_needs
+        order: list[tuple[int, str]] = []
+        if rotation is not None:
+            claim_keys, claim_args, order = self._claim_part(rotation, token, freed)
+            keys += claim_keys
+            args += claim_args
+        if job is None:
+            reply = claims.scripts.run("claim", now, keys, args, client=self.connection)
+        else:
+            done, reply = claims.scripts.run("finish", now, keys, args, client=self.connection)
+        claimed, halted = None, False
+        if rotation is not None:
+            while reply[0] == "MORE":  # the claim parked many jobs: look again (a loop: there may be thousands)
+                now = claims.clock()
+                claim_keys, claim_args, order = self._claim_part(rotation, token, {})
+                reply = claims.scripts.run("claim", now, claim_keys, claim_args, client=self.connection)
+            claimed, halted = self._job_from(reply, order, rotation, token, now)
+        if job is not None or claimed is not None:
+            claims.board.write(self.index, [claimed] if claimed is not None else [])
+        return Settled(done, claimed, halted, bool(freed))

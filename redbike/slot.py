@@ -1,0 +1,206 @@
+"""A slot's child process: claim a job, run work(), end the run and claim
+the next in one round trip, on the child's own Redis connection, until the
+pool stops. The supervisor is not on this path (see supervisor.py); the
+child tells it what it must act on with one-byte notes.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import select
+import signal
+import socket
+import struct
+import time
+import traceback
+
+import redis
+
+from .claims import LEASE_LOST, Claims, Rotation, Settled, SlotClaims
+from .events import Subscriber
+from .outage import Outage
+from .roundrobin import Lease, RoundRobin, StopWork, UnsetJob
+from .slots import Running
+from .states import Outcome
+
+log = logging.getLogger(__name__)
+
+IDLE_RECHECK_SECONDS = 5.0  # an idle slot looks at its queues this often without a wake-up
+MAX_BACKOFF_SECONDS = 5.0
+MAX_BACKOFF_RETURNED = 366 * 86400  # the longest backoff work() may ask for: a year
+
+# Notes a child sends its supervisor (one byte each).
+NOTE_HALT = b"H"  # a claim found HALT: stop the pool
+NOTE_FREED = b"F"  # a run gave back worker-local amounts: wake the idle slots
+
+
+OUTCOME_BYTES = 1 << 15  # per slot: a token, an outcome, an error line and a traceback (4000 characters)
+_LENGTH = struct.Struct("<I")
+
+
+class Outcomes:
+    """How each slot's current run ended, as its child saw it, in anonymous
+    shared memory that the children inherit. The child writes it as soon as
+    work() returns, before it reports the run to Redis: if the child is then
+    killed (a forced stop) while Redis is down or slow, the supervisor still
+    knows that the run completed, and how, and ends it as what it was.
+    Written by the slot's child only, read by the supervisor once that
+    child has ended (so no reader races a writer)."""
+
+    def __init__(self, slots: int) -> None:
+        self.memory = mmap.mmap(-1, slots * OUTCOME_BYTES)
+
+    def write(self, slot: int, token: str, outcome: Outcome, trace: str) -> None:
+        backoff = "" if outcome.backoff is None else repr(outcome.backoff)
+        error = outcome.error.replace("\0", " ")
+        data = f"{token}\0{outcome.kind}\0{backoff}\0{error}\0{trace}".encode(errors="replace")
+        data = data[: OUTCOME_BYTES - _LENGTH.size]
+        base = slot * OUTCOME_BYTES
+        # No record while it is written: a child killed meanwhile leaves none.
+        _LENGTH.pack_into(self.memory, base, 0)
+        self.memory[base + _LENGTH.size : base + _LENGTH.size + len(data)] = data
+        _LENGTH.pack_into(self.memory, base, len(data))
+
+    def read(self, slot: int, token: str) -> tuple[Outcome, str] | None:
+        """The outcome and traceback recorded for run ``token`` of ``slot``, if any."""
+        base = slot * OUTCOME_BYTES
+        length = _LENGTH.unpack_from(self.memory, base)[0]
+        data = self.memory[base + _LENGTH.size : base + _LENGTH.size + length].decode(errors="replace")
+        fields = data.split("\0", 4)
+        if len(fields) != 5 or fields[0] != token:
+            return None
+        _, kind, backoff, error, trace = fields
+        return Outcome(kind, float(backoff) if backoff else None, error), trace
+
+
+def backoff_of(jobid: str, result: object) -> int | None:
+    """The backoff a work() result asks for: an integer of seconds, from 0 to
+    MAX_BACKOFF_RETURNED; one outside is logged and clamped to that range
+    (a negative one: no backoff; a huge one would not even fit a float)."""
+    if not isinstance(result, int) or isinstance(result, bool):
+        return None
+    if 0 <= result <= MAX_BACKOFF_RETURNED:
+        return result
+    clamped = 0 if result < 0 else MAX_BACKOFF_RETURNED
+    shown = str(result) if abs(result) < 10**12 else f"an integer of about {int(result.bit_length() * 0.30103)} digits"
+    log.warning("job %s: work() returned %s, not a backoff of 0 to %d seconds; backing off %d s",
+                jobid, shown, MAX_BACKOFF_RETURNED, clamped)
+    return clamped
+
+
+def run_work(worker: RoundRobin, lease: Lease) -> tuple[Outcome, str]:
+    """Run one job's work(); returns its outcome and the traceback of a failure."""
+    worker.lease = lease
+    try:
+        return Outcome("ok", backoff_of(lease.jobid, worker.work(lease.jobid))), ""
+    except StopWork:
+        return Outcome("stop"), ""
+    except UnsetJob:
+        return Outcome("unset"), ""
+    except Exception as exc:  # noqa: BLE001 - any failure of the job is reported, not fatal
+        error = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+        return Outcome("error", error=error), traceback.format_exc()[-4000:]
+    finally:
+        worker.lease = None
+
+
+class Slot:
+    """The life of one slot's child: claim, work, end the run and claim the
+    next, until the pool stops."""
+
+    def __init__(self, claims: Claims, events: Subscriber, outcomes: Outcomes, index: int, worker_id: str,
+                 channel: socket.socket) -> None:
+        self.index = index
+        self.events = events
+        self.outcomes = outcomes
+        self.board = claims.board
+        self.worker = claims.worker
+        self.channel = channel
+        # Its own connection, used directly (nothing inherited from the
+        # supervisor is used); it connects on first use, inside the retry loop.
+        pool = claims.client.connection_pool
+        self.connection = pool.connection_class(**pool.connection_kwargs)
+        self.claims: SlotClaims = claims.slot(index, worker_id, self.connection)
+        self.rotation = Rotation(claims.queue_names)
+
+    def run(self) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
+        self.channel.setblocking(False)
+        job: Running | None = None
+        finished: tuple[Outcome, str] | None = None
+        retry_in = 0.0  # seconds to wait after a Redis error; 0 while all is well
+        outage = Outage(log, f"slot {self.index}")
+        try:
+            while True:
+                try:
+                    if finished is not None and job is not None:
+                        # After an error, a script may have run without its reply
+                        # reaching us: end the run alone, so no claim is lost with it.
+                        fused = None if self.board.stopping or retry_in else self.rotation
+                        settled = self.claims.finish(job, *finished, fused)
+                        finished = None
+                        if settled.done == "STALE":
+                            self.events.expired(job, LEASE_LOST)
+                    elif self.board.stopping:
+                        return
+                    else:
+                        self._drain_wake_ups()
+                        settled = self.claims.claim(self.rotation)
+                    job = settled.claimed
+                    self._tell_supervisor(settled)
+                    if retry_in:
+                        outage.recovered()
+                    retry_in = 0.0
+                except Exception as exc:  # Redis down, or a bug: log, back off, try again
+                    retry_in = min(retry_in * 2 or 0.1, MAX_BACKOFF_SECONDS)
+                    if isinstance(exc, redis.RedisError):
+                        outage.failed(exc, retry_in)
+                    else:
+                        log.exception("slot %d: unexpected error; retrying in %.1fs", self.index, retry_in)
+                    time.sleep(retry_in)
+                    continue
+                if job is None:
+                    if not self.board.stopping:
+                        self._wait_for_work()
+                    continue
+                finished = self._run(job)
+        finally:
+            self.connection.disconnect()
+
+    def _run(self, job: Running) -> tuple[Outcome, str]:
+        self.events.claimed(job)
+        started = time.monotonic()
+        outcome, trace = run_work(self.worker, job.lease)
+        seconds = time.monotonic() - started
+        self.outcomes.write(self.index, job.lease.token, outcome, trace)  # before Redis is asked anything
+        self.board.count_run(self.index)  # counted as ended where its outcome is known (see Outcomes)
+        if outcome.kind == "error":
+            self.events.failed(job, outcome, seconds, trace)
+        else:
+            self.events.finished(job, outcome, seconds)
+        return outcome, trace
+
+    def _tell_supervisor(self, settled: Settled) -> None:
+        if settled.halted:
+            self._note(NOTE_HALT)
+        elif settled.freed:
+            self._note(NOTE_FREED)  # idle slots may have room now
+
+    def _note(self, note: bytes) -> None:
+        try:
+            self.channel.send(note)
+        except OSError:  # the supervisor is gone: this process dies with it
+            pass
+
+    def _wait_for_work(self) -> None:
+        """Block until the supervisor wakes this slot, or IDLE_RECHECK_SECONDS."""
+        select.select([self.channel], [], [], IDLE_RECHECK_SECONDS)
+
+    def _drain_wake_ups(self) -> None:
+        """Forget the wake-ups so far: the claim that follows sees what they announced."""
+        try:
+            while self.channel.recv(4096):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass

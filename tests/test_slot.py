@@ -1,0 +1,52 @@
+"""A slot's run of work(), in-process against a real Redis server: what a
+result of work() makes of the job."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import redis
+from test_jobs import NOW, Env, stamp
+
+from redbike import RoundRobin
+from redbike.worker import run_work
+
+A_YEAR = 366 * 86400  # the longest backoff work() may ask for
+
+
+class Returns(RoundRobin):
+    def __init__(self, value: object) -> None:
+        super().__init__("A")
+        self.value = value
+
+    def work(self, jobid: str) -> int | None:
+        return self.value  # type: ignore[return-value]
+
+
+@pytest.fixture
+def env(client: redis.Redis, prefix: str) -> Env:
+    return Env(client, prefix)
+
+
+@pytest.mark.parametrize(("value", "backoff", "logged"), [
+    (10**400, A_YEAR, "work() returned an integer of about 400 digits, not a backoff of 0 to 31622400 seconds"),
+    (-5, 0, "work() returned -5, not a backoff of 0 to 31622400 seconds; backing off 0 s"),
+    (A_YEAR + 1, A_YEAR, "returned 31622401, not a backoff"),
+    (7, 7, ""),
+])
+def test_a_backoff_out_of_range_is_clamped_logged_and_the_job_placed(
+        env: Env, value: int, backoff: int, logged: str, caplog: pytest.LogCaptureFixture) -> None:
+    env.bike.set("c:A", "CONTINUE")
+    pool = env.pool()
+    job = env.claim(pool)
+    with caplog.at_level(logging.WARNING, "redbike"):
+        outcome, trace = run_work(Returns(value), job.lease)
+    assert (outcome.kind, outcome.backoff, trace) == ("ok", backoff, "")
+    assert logged in caplog.text and (logged or not caplog.text)
+    env.at(NOW + 2)
+    assert pool.finish(job, outcome, trace, None, "w1") == ("DONE", None)
+    if backoff:
+        assert env.timeline() == {"c:A": NOW + 2 + backoff} and env.status("c:A") == stamp("TML", NOW + 2)
+    else:  # no backoff: straight back into its queue
+        assert env.queue("A") == ["c:A"] and env.status("c:A") == stamp("ENQ", NOW + 2)
