@@ -12,6 +12,7 @@ acts on it in its own process.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -19,18 +20,30 @@ from typing import Any, NamedTuple
 import redis
 
 from .keys import Keys
-from .records import error_record
-from .resources import LOCAL_PREFIX, format_amounts, parse_amounts
+from .names import check_queue
+from .records import (
+    MORE,
+    Claimed,
+    ClaimReply,
+    Halt,
+    decode_claim,
+    decode_finish,
+    decode_status,
+    encode_needs,
+    error_record,
+)
+from .resources import LOCAL_PREFIX
 from .roundrobin import Lease, RoundRobin
 from .scripts import Scripts
 from .slots import LocalLock, Running, SlotBoard
-from .states import Outcome, parse_status, place_after_run
+from .states import Outcome, place_after_run
 
 log = logging.getLogger(__name__)
 
 LEASE_LOST = "lease lost before it ended; its outcome is dropped"  # why a finish was STALE
 LEASE_SECONDS = 15.0  # a running job's lease outlives its last heartbeat by this much
 GRACE_SECONDS = 2.0  # past a timeout: time for the supervisor to kill the job and report
+MAX_TIMEOUT = 366 * 86400.0  # a job may run up to a year
 
 # A slot's connection: one of its own (a child's hot path), or None for the
 # client the scripts were registered on (the supervisor, tests).
@@ -96,12 +109,10 @@ class Claims:
         self.board = board
         self.clock = clock
         self.scripts = Scripts(client, keys)
-        self.queue_names = worker.queue_names()
+        self.queue_names = [check_queue(name) for name in worker.queue_names()]
         if not self.queue_names:
             raise ValueError("the worker names no queues (e.g. RoundRobin('A:B'))")
-        self.timeouts = {
-            name: float(worker.timeout(name) or default_timeout) for name in set(self.queue_names)
-        }
+        self.timeouts = {name: _timeout(worker, name, default_timeout) for name in set(self.queue_names)}
         # What a claim passes per queue: its key; its name, timeout and the
         # seconds until the lease's first deadline.
         self.queue_keys = {name: keys.queue(name) for name in self.timeouts}
@@ -129,6 +140,18 @@ class Claims:
     def slot(self, index: int, worker_id: str, connection: Connection = None) -> SlotClaims:
         """The claim/finish client of slot ``index`` (its runs are leased to ``worker_id``)."""
         return SlotClaims(self, index, worker_id, connection)
+
+
+def _timeout(worker: RoundRobin, queue: str, default: float) -> float:
+    """The seconds a job of ``queue`` may run: the worker's timeout() hook, else ``default``."""
+    given = worker.timeout(queue)
+    try:
+        seconds = float(given or default)
+    except (TypeError, ValueError):
+        seconds = math.nan
+    if not (math.isfinite(seconds) and 0 < seconds <= MAX_TIMEOUT):
+        raise ValueError(f"bad timeout {given!r} for queue {queue}: seconds from 0 to {MAX_TIMEOUT:g}")
+    return seconds
 
 
 class SlotClaims:
@@ -169,31 +192,29 @@ class SlotClaims:
             name: capacity - held.get(name, 0) + freed.get(name, 0)
             for name, capacity in claims.local_capacity.items()
         }
-        args: list[Any] = [token, self.worker_id, claims.control_seen, format_amounts(free)]
+        args: list[Any] = [token, self.worker_id, claims.control_seen, encode_needs(free)]
         for _, name in order:
             args += claims.queue_specs[name]
         return keys, args, order
 
-    def _job_from(self, reply: list[Any], order: list[tuple[int, str]], rotation: Rotation, token: str,
+    def _job_from(self, reply: ClaimReply, order: list[tuple[int, str]], rotation: Rotation, token: str,
                   now: float) -> tuple[Running | None, bool]:
         """The job a claim's reply leased, and whether it found a new HALT."""
-        if reply[0] == "HALT":
-            if self.claims.halts(reply[1]):
+        if isinstance(reply, Halt):
+            if self.claims.halts(reply.control):
                 log.info("HALT found")
                 self.claims.board.stop()
                 return None, True
             return None, False
-        if reply[0] != "JOB":
+        if not isinstance(reply, Claimed):
             return None, False
-        _, jobid, index, schedule, status, needs = reply
-        position, queue = order[int(index)]
+        position, queue = order[reply.index]
         rotation.served(position)
-        event, stamp = parse_status(status) if status else ("", now)
-        lease = Lease(jobid, token, queue, self.worker_id, now, self.claims.timeouts[queue])
+        event, stamp = decode_status(reply.status) if reply.status else ("", now)
+        lease = Lease(reply.jobid, token, queue, self.worker_id, now, self.claims.timeouts[queue])
         capacity = self.claims.local_capacity
-        local = {name: amount for name, amount in parse_amounts(needs).items() if name in capacity} \
-            if needs and capacity else {}
-        return Running(lease, schedule, stamp if event == "ENQ" else now, now, local), False
+        local = {name: amount for name, amount in reply.needs.items() if name in capacity} if capacity else {}
+        return Running(lease, reply.schedule, stamp if event == "ENQ" else now, now, local), False
 
     def _settle(self, job: Running | None, outcome: Outcome | None, trace: str,
                 rotation: Rotation | None) -> Settled:
@@ -219,16 +240,17 @@ class SlotClaims:
             claim_keys, claim_args, order = self._claim_part(rotation, token, freed)
             keys += claim_keys
             args += claim_args
+        reply: ClaimReply
         if job is None:
-            reply = claims.scripts.run("claim", now, keys, args, client=self.connection)
+            reply = decode_claim(claims.scripts.run("claim", now, keys, args, client=self.connection))
         else:
-            done, reply = claims.scripts.run("finish", now, keys, args, client=self.connection)
+            done, reply = decode_finish(claims.scripts.run("finish", now, keys, args, client=self.connection))
         claimed, halted = None, False
         if rotation is not None:
-            while reply[0] == "MORE":  # the claim parked many jobs: look again (a loop: there may be thousands)
+            while reply == MORE:  # the claim parked many jobs: look again (a loop: there may be thousands)
                 now = claims.clock()
                 claim_keys, claim_args, order = self._claim_part(rotation, token, {})
-                reply = claims.scripts.run("claim", now, claim_keys, claim_args, client=self.connection)
+                reply = decode_claim(claims.scripts.run("claim", now, claim_keys, claim_args, client=self.connection))
             claimed, halted = self._job_from(reply, order, rotation, token, now)
         if job is not None or claimed is not None:
             claims.board.write(self.index, [claimed] if claimed is not None else [])

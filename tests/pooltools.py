@@ -38,7 +38,11 @@ class ClaimingPool(WorkerPool):
 
     def finish(self, job: Running, outcome: Outcome, trace: str, rotation: Rotation | None,
                worker_id: str) -> tuple[str | None, Running | None]:
-        """End ``job``'s run in the slot that holds it (and claim the next there, with a rotation)."""
-        slot = next(i for i in range(self.concurrency) if any(r.lease.token == job.lease.token for r in self.board.runs(i)))
+        """End ``job``'s run in the slot that holds it (and claim the next there, with a
+        rotation); a run ended before (a late, stale finish) in a free slot."""
+        slot = next((i for i in range(self.concurrency) if any(r.lease.token == job.lease.token for r in self.board.runs(i))),
+                    None)
+        if slot is None:
+            slot = next(i for i in range(self.concurrency) if not self.board.runs(i))
         settled = self.claims.slot(slot, worker_id).finish(job, outcome, trace, rotation)
         return settled.done, settled.claimed
