@@ -114,7 +114,7 @@ class Dispatcher:
         """Move every job due at ``now`` into its queue, a batch per script."""
         moved = 0
         while not self.stopping.is_set():
-            due = self.client.zrangebyscore(self.keys.timeline, "-inf", now, start=0, num=self.batch)
+            due = cast(list[str], self.client.zrangebyscore(self.keys.timeline, "-inf", now, start=0, num=self.batch))
             if not due:
                 break
             keys, args, positions = self._queue_args(due)
@@ -212,7 +212,7 @@ class Dispatcher:
 
     def run(self) -> None:
         """Dispatch until HALT or a signal."""
-        self.control_seen = self.client.get(self.keys.control) or ""
+        self.control_seen = cast(str, self.client.get(self.keys.control) or "")
         pubsub = subscribe(self.client, [self.keys.control, self.keys.dispatcher_channel])
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self.stop)

@@ -119,8 +119,9 @@ def _earliest_wall(t: float, zone: ZoneInfo) -> datetime:
     """
     now = datetime.fromtimestamp(t, zone)
     naive = now.replace(tzinfo=None)
-    earlier_offset = datetime.fromtimestamp(t - 86400, zone).utcoffset()
-    return min(naive, naive - now.utcoffset() + earlier_offset)
+    offset = now.utcoffset() or timedelta()  # aware in a ZoneInfo: never None
+    earlier_offset = datetime.fromtimestamp(t - 86400, zone).utcoffset() or timedelta()
+    return min(naive, naive - offset + earlier_offset)
 
 
 def _first_instant(walls: Iterable[datetime], zone: ZoneInfo, t: float) -> float | None:
@@ -179,7 +180,8 @@ def _ical_time(value: str, what: str) -> tuple[datetime, bool, bool]:
     m = _ICAL_TIME.fullmatch(value)
     if m:
         try:
-            return datetime(*(int(x) for x in m.groups()[:6] if x)), bool(m[7]), m[4] is None
+            year, month, day, hour, minute, second = (int(x or 0) for x in m.groups()[:6])
+            return datetime(year, month, day, hour, minute, second), bool(m[7]), m[4] is None
         except ValueError:  # month 13 and the like
             pass
     raise _Invalid(f"bad {what} {value!r} (expected e.g. 20260101T093000 or 20260101T093000Z)")
@@ -212,11 +214,11 @@ def _advance(start: datetime, since: datetime, freq: str, interval: int) -> date
     if since <= start:
         return start
     if freq in _STEPS:
-        step = _STEPS[freq] * interval
-        return start + step * ((since - start) // step)
-    step = interval * (12 if freq == "YEARLY" else 1)
-    for k in range(((since.year - start.year) * 12 + since.month - start.month) // step, 0, -1):
-        month = start.month - 1 + k * step
+        period = _STEPS[freq] * interval
+        return start + period * ((since - start) // period)
+    months = interval * (12 if freq == "YEARLY" else 1)
+    for k in range(((since.year - start.year) * 12 + since.month - start.month) // months, 0, -1):
+        month = start.month - 1 + k * months
         try:
             moved = start.replace(year=start.year + month // 12, month=month % 12 + 1)
         except ValueError:  # no day 29-31 in that month (or past year 9999): a period earlier
@@ -398,7 +400,7 @@ _ALIASES = {"@yearly": "0 0 1 1 *", "@annually": "0 0 1 1 *", "@monthly": "0 0 1
             "@hourly": "0 * * * *"}
 _MONTH_NAMES = {n.upper(): i for i, n in enumerate(calendar.month_abbr) if n}
 _DAY_NAMES = {n: i for i, n in enumerate(("SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT"))}
-_FIELDS = (("minute", 0, 59, {}), ("hour", 0, 23, {}), ("day-of-month", 1, 31, {}),
+_FIELDS: tuple[tuple[str, int, int, dict[str, int]], ...] = (("minute", 0, 59, {}), ("hour", 0, 23, {}), ("day-of-month", 1, 31, {}),
            ("month", 1, 12, _MONTH_NAMES), ("day-of-week", 0, 7, _DAY_NAMES))
 _CRON_ITEM = re.compile(r"(\*|([0-9A-Za-z]+)(?:-([0-9A-Za-z]+))?)(?:/(\d+))?")
 _CRON_WORD = re.compile(r"[0-9A-Za-z*,/-]+")
