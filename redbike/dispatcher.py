@@ -22,9 +22,11 @@ from typing import Any, cast
 
 import redis
 
+from .events import Events, LogEvents, Subscriber
 from .keys import Keys
 from .outage import Outage
 from .records import RecordError, decode_lease, error_record, lease_token
+from .roundrobin import Lease
 from .scripts import Scripts, subscribe
 from .states import FORGET, Placement, place_after_expiry
 from .timefile import write_timefile
@@ -52,6 +54,7 @@ class Dispatcher:
         queue_for: Callable[[str], str],
         *,
         timefile: str | None = None,
+        events: Subscriber | None = None,
         clock: Callable[[], float] = time.time,
         batch: int = BATCH,
     ) -> None:
@@ -62,6 +65,8 @@ class Dispatcher:
         self.timefile = timefile
         self.clock = clock
         self.batch = batch
+        # Reaped runs are told to the job events seam, as the workers' are.
+        self.events: Subscriber = events if events is not None else Events(LogEvents())
         self.identity = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
         self.token: str | None = None
         self.stopping = threading.Event()
@@ -136,23 +141,28 @@ class Dispatcher:
                 pipe.hget(self.keys.leases, jobid)
                 pipe.hget(self.keys.schedules, jobid)
             found = pipe.execute()
-        runs: list[tuple[str, str, str | None]] = [(jobid, lease, schedule) for jobid, lease, schedule in zip(expired, found[0::2], found[1::2])
-                if lease is not None]
+        runs: list[tuple[str, str, str | None]] = [
+            (jobid, lease, schedule) for jobid, lease, schedule in zip(expired, found[0::2], found[1::2])
+            if lease is not None]
         keys, args, positions = self._queue_args([jobid for jobid, _, _ in runs])
+        reasons: dict[str, tuple[Lease, str]] = {}
         for (jobid, lease, schedule), position in zip(runs, positions):
             placement = place_after_expiry(schedule, now) if schedule is not None else FORGET
             try:
-                held = decode_lease(lease)
-                worker, ran = held.worker, f" ({now - held.since:.0f}s after it claimed the job)"
+                record = decode_lease(lease)
+                held = Lease(jobid, record.token, record.queue, record.worker, record.since, record.timeout)
+                ran = f" ({now - held.since:.0f}s after it claimed the job)"
             except RecordError as exc:  # still reaped: the token is all the script needs
                 log.warning("job %s: %s", jobid, exc)
-                worker, ran = "?", ""
-            error = error_record("EXP", f"lease expired: worker {worker} stopped renewing it{ran}", worker, now)
-            args += [jobid, lease_token(lease), *placement.script_args(), error, position]
-            log.warning("job %s: lease of worker %s expired; %s", jobid, worker, _sentence(placement))
-        reaped = self.scripts.run("reap", now, keys, [self.token, *args])
-        self.reaped += reaped
-        return reaped
+                held, ran = Lease(jobid, lease_token(lease), "?", "?", now, 0.0), ""
+            error = error_record("EXP", f"lease expired: worker {held.worker} stopped renewing it{ran}", held.worker, now)
+            args += [jobid, held.token, *placement.script_args(), error, position]
+            reasons[jobid] = held, f"lease of worker {held.worker} expired; {_sentence(placement)}"
+        reaped = cast("list[str]", self.scripts.run("reap", now, keys, [self.token, *args]))
+        for jobid in reaped:  # not those renewed or ended meanwhile: the script left them alone
+            self.events.expired(*reasons[jobid])
+        self.reaped += len(reaped)
+        return len(reaped)
 
     def _write_timefile(self, now: float, force: bool = False) -> None:
         """A timefile that cannot be written (disk full, folder gone) costs only the

@@ -11,12 +11,15 @@ Where each hook is called, and in which process:
 - ``failed``: in the child, when work() raised anything else (kind error).
 - ``expired``: wherever a run is found not to have completed: in the
   supervisor when it killed a run (timeout, forced stop, lease found lost)
-  or its child died; in the child when ending a run found its lease gone.
+  or its child died; in the child when ending a run found its lease gone;
+  in the dispatcher when it reaped a lease whose deadline passed.
 
 Not here yet: ``retried`` (there is no retry policy to call it before the
 next issue), ``parked`` and ``woken`` (the claim script's reply does not say
-which jobs it parked or woke, only that it parked many), and the reaping
-done by the dispatcher (it runs no pool).
+which jobs it parked or woke, only that it parked many).
+
+Hooks get the run's Lease (job id, token, queue, worker, since, timeout):
+what the worker that ran it and the dispatcher that reaped it both know.
 
 Subscribers are called in the calling process, one after another, on the
 job's path: they must be quick and must not raise. Those subscribed before
@@ -27,7 +30,7 @@ from __future__ import annotations
 
 import logging
 
-from .slots import Running
+from .roundrobin import Lease
 from .states import Outcome
 
 log = logging.getLogger(__name__)
@@ -36,17 +39,18 @@ log = logging.getLogger(__name__)
 class Subscriber:
     """Override the hooks you need; the others do nothing."""
 
-    def claimed(self, run: Running) -> None:
-        """A claim leased ``run``'s job to this pool."""
+    def claimed(self, lease: Lease) -> None:
+        """A claim leased ``lease.jobid`` to this pool."""
 
-    def finished(self, run: Running, outcome: Outcome, seconds: float) -> None:
+    def finished(self, lease: Lease, outcome: Outcome, seconds: float) -> None:
         """work() returned after ``seconds``, or stopped or unset its job."""
 
-    def failed(self, run: Running, outcome: Outcome, seconds: float, trace: str) -> None:
+    def failed(self, lease: Lease, outcome: Outcome, seconds: float, trace: str) -> None:
         """work() raised after ``seconds``: ``outcome.error`` is "Type: message"."""
 
-    def expired(self, run: Running, reason: str) -> None:
-        """The run did not complete: killed, its process died, or its lease was lost."""
+    def expired(self, lease: Lease, reason: str) -> None:
+        """The run did not complete: killed, its process died, its lease was lost
+        or reaped."""
 
 
 class Events(Subscriber):
@@ -58,41 +62,40 @@ class Events(Subscriber):
     def subscribe(self, subscriber: Subscriber) -> None:
         self.subscribers.append(subscriber)
 
-    def claimed(self, run: Running) -> None:
+    def claimed(self, lease: Lease) -> None:
         for subscriber in self.subscribers:
-            subscriber.claimed(run)
+            subscriber.claimed(lease)
 
-    def finished(self, run: Running, outcome: Outcome, seconds: float) -> None:
+    def finished(self, lease: Lease, outcome: Outcome, seconds: float) -> None:
         for subscriber in self.subscribers:
-            subscriber.finished(run, outcome, seconds)
+            subscriber.finished(lease, outcome, seconds)
 
-    def failed(self, run: Running, outcome: Outcome, seconds: float, trace: str) -> None:
+    def failed(self, lease: Lease, outcome: Outcome, seconds: float, trace: str) -> None:
         for subscriber in self.subscribers:
-            subscriber.failed(run, outcome, seconds, trace)
+            subscriber.failed(lease, outcome, seconds, trace)
 
-    def expired(self, run: Running, reason: str) -> None:
+    def expired(self, lease: Lease, reason: str) -> None:
         for subscriber in self.subscribers:
-            subscriber.expired(run, reason)
+            subscriber.expired(lease, reason)
 
 
 class LogEvents(Subscriber):
     """The log: one WARNING line per failed or expired run; the start and end
     of every run at DEBUG (``-v``)."""
 
-    def claimed(self, run: Running) -> None:
+    def claimed(self, lease: Lease) -> None:
         if log.isEnabledFor(logging.DEBUG):
-            lease = run.lease
             log.debug("job %s: started (queue %s, worker %s, timeout %gs)", lease.jobid, lease.queue, lease.worker,
                       lease.timeout)
 
-    def finished(self, run: Running, outcome: Outcome, seconds: float) -> None:
+    def finished(self, lease: Lease, outcome: Outcome, seconds: float) -> None:
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("job %s: ended (%s) after %.3fs", run.lease.jobid, outcome.kind, seconds)
+            log.debug("job %s: ended (%s) after %.3fs", lease.jobid, outcome.kind, seconds)
 
-    def failed(self, run: Running, outcome: Outcome, seconds: float, trace: str) -> None:
-        log.warning("job %s: failed after %.3fs: %s", run.lease.jobid, seconds, outcome.error)
+    def failed(self, lease: Lease, outcome: Outcome, seconds: float, trace: str) -> None:
+        log.warning("job %s: failed after %.3fs: %s", lease.jobid, seconds, outcome.error)
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("job %s: %s", run.lease.jobid, trace.rstrip())
+            log.debug("job %s: %s", lease.jobid, trace.rstrip())
 
-    def expired(self, run: Running, reason: str) -> None:
-        log.warning("job %s: %s", run.lease.jobid, reason)
+    def expired(self, lease: Lease, reason: str) -> None:
+        log.warning("job %s: %s", lease.jobid, reason)

@@ -141,7 +141,7 @@ class Slot:
                         settled = self.claims.finish(job, *finished, fused)
                         finished = None
                         if settled.done == "STALE":
-                            self.events.expired(job, LEASE_LOST)
+                            self.events.expired(job.lease, LEASE_LOST)
                     elif self.board.stopping:
                         return
                     else:
@@ -169,16 +169,16 @@ class Slot:
             self.connection.disconnect()
 
     def _run(self, job: Running) -> tuple[Outcome, str]:
-        self.events.claimed(job)
+        self.events.claimed(job.lease)
         started = time.monotonic()
         outcome, trace = run_work(self.worker, job.lease)
         seconds = time.monotonic() - started
         self.outcomes.write(self.index, job.lease.token, outcome, trace)  # before Redis is asked anything
         self.board.count_run(self.index)  # counted as ended where its outcome is known (see Outcomes)
         if outcome.kind == "error":
-            self.events.failed(job, outcome, seconds, trace)
+            self.events.failed(job.lease, outcome, seconds, trace)
         else:
-            self.events.finished(job, outcome, seconds)
+            self.events.finished(job.lease, outcome, seconds)
         return outcome, trace
 
     def _tell_supervisor(self, settled: Settled) -> None:

@@ -193,13 +193,13 @@ class WorkerPool:
             outage.recovered()
             if completed is not None:  # its child reported the run (events) and counted it
                 if done == "STALE":
-                    self.events.expired(run, LEASE_LOST)
+                    self.events.expired(run.lease, LEASE_LOST)
                 continue
             if done == "STALE" and ending.token == run.lease.token and ending.cause == LOST_ITS_LEASE:
-                self.events.expired(run, reason)
+                self.events.expired(run.lease, reason)
                 self._note_killed(run)
             else:
-                self.events.expired(run, LEASE_LOST if done == "STALE" else reason)
+                self.events.expired(run.lease, LEASE_LOST if done == "STALE" else reason)
             self.board.count_run(index)
 
     def _leave_to_reaper(self, index: int, run: Running, killed: str, error: redis.RedisError) -> None:
@@ -207,7 +207,7 @@ class WorkerPool:
         Redis until the dispatcher reaps it (status EXP: the job runs again)."""
         left = f"Redis is unreachable ({error}): its lease is left to the dispatcher's reaper"
         if killed:
-            self.events.expired(run, f"{killed}; {left}")
+            self.events.expired(run.lease, f"{killed}; {left}")
             self.board.count_run(index)
         else:
             log.warning("job %s: its run ended, but %s", run.lease.jobid, left)

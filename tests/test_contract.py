@@ -17,6 +17,7 @@ from test_jobs import NOW, Env
 
 from redbike import keys as keys_module
 from redbike import records, states
+from redbike.claims import Rotation
 from redbike.keys import Keys
 from redbike.records import (
     Claimed,
@@ -44,7 +45,6 @@ from redbike.records import (
 from redbike.resources import LOCAL_PREFIX, MAX_AMOUNT, MAX_CAPACITY
 from redbike.scripts import SCRIPT_NAMES, Scripts
 from redbike.states import Outcome
-from redbike.worker import Rotation
 
 LUA = resources.files("redbike") / "lua"
 LIB = (LUA / "lib.lua").read_text(encoding="utf-8")

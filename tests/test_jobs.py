@@ -23,6 +23,8 @@ from redbike.claims import GRACE_SECONDS, LEASE_SECONDS, Rotation
 from redbike.cli import main
 from redbike.csvfile import CsvError
 from redbike.dispatcher import RENEW_SECONDS, STANDBY_SECONDS, Dispatcher
+from redbike.events import Subscriber
+from redbike.roundrobin import Lease
 from redbike.schedules import parse_schedule
 from redbike.scripts import subscribe
 from redbike.states import (
@@ -751,15 +753,29 @@ def test_step_moves_and_reaps(env: Env) -> None:
     assert env.status("n:A") == stamp("EXP", NOW + 12)
 
 
+class Told(Subscriber):
+    """The job events a test was told of."""
+
+    def __init__(self) -> None:
+        self.ends: list[tuple[Lease, str]] = []
+
+    def expired(self, lease: Lease, reason: str) -> None:
+        self.ends.append((lease, reason))
+
+
 def test_reap_of_an_expired_lease(env: Env) -> None:
     env.bike.set("n:A", "NOW")
     job = env.claim()
-    d = env.dispatcher()
+    told = Told()
+    d = env.dispatcher(events=told)
     assert d.lead(NOW + 11)
     assert d.reap(NOW + 11) == 0  # not yet: deadline is NOW + 12
     assert env.status("n:A") == stamp("WRK", NOW)
     env.at(NOW + 12)
     assert d.reap(NOW + 12) == 1
+    # The reaper tells the job events seam, with the run's lease and why.
+    assert [(lease.jobid, lease.token, lease.worker) for lease, _ in told.ends] == [("n:A", job.lease.token, "w1")]
+    assert told.ends[0][1] == "lease of worker w1 expired; back in the timeline for 2023-11-14T22:13:32Z (status EXP)"
     assert env.status("n:A") == stamp("EXP", NOW + 12)
     assert env.timeline() == {"n:A": NOW + 12}
     assert env.leases() == {} and env.deadlines() == {}
@@ -854,7 +870,10 @@ def test_reap_leaves_a_lease_renewed_after_it_looked(env: Env) -> None:
         return run(name, now, keys, args, client)
 
     d.scripts.run = heartbeat_first
+    told = Told()
+    d.events = told
     assert d.reap(NOW + 17) == 0
+    assert told.ends == []  # the script left it alone: no event either
     assert env.deadlines() == {"l:L": NOW + 33}
     assert env.leases()["l:L"].startswith(job.lease.token + "|")
     assert env.status("l:L") == stamp("WRK", NOW) and env.timeline() == {} and env.errors() == {}

@@ -15,7 +15,7 @@ from conftest import ROOT, wait_for
 from redbike import Redbike, RoundRobin
 from redbike.dispatcher import Dispatcher
 from redbike.embedded import stop_server
-from redbike.worker import WorkerPool
+from redbike.supervisor import WorkerPool
 
 
 class Noop(RoundRobin):

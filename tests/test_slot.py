@@ -10,7 +10,7 @@ import redis
 from test_jobs import NOW, Env, stamp
 
 from redbike import RoundRobin
-from redbike.worker import run_work
+from redbike.slot import run_work
 
 A_YEAR = 366 * 86400  # the longest backoff work() may ask for
 

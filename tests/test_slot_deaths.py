@@ -15,7 +15,7 @@ from conftest import wait_for
 
 from redbike import Redbike, RoundRobin
 from redbike.slots import SlotBoard
-from redbike.worker import WorkerPool
+from redbike.supervisor import WorkerPool
 
 DYING = 7
 

@@ -4,6 +4,7 @@ a real Redis server: what it records for the run the child left behind."""
 from __future__ import annotations
 
 import logging
+import tempfile
 import threading
 from pathlib import Path
 
@@ -77,18 +78,21 @@ def test_a_forced_stop_leaves_the_lease_when_redis_is_down(env: Env, caplog: pyt
            "its lease is left to the dispatcher's reaper" in caplog.text
 
 
-def test_a_pool_with_local_resources_leaves_no_lock_file(env: Env) -> None:
-    """The lock between a pool's processes is a file: it exists only while
-    the pool runs, so neither a pool that never runs nor one that ran leaves it."""
+def test_a_pool_with_local_resources_leaves_no_lock_file(env: Env, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lock between a pool's processes exists only while the pool runs, and
+    its file has no name: neither a pool that never runs nor one that ran
+    leaves a file in the temporary folder."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     pool = WorkerPool(env.c, env.keys, RoundRobin("A"), resources={"cpu": 2})
     assert pool.claims.local_lock is None
     thread = threading.Thread(target=pool.run)
     thread.start()
     try:
-        lock = wait_for(lambda: pool.claims.local_lock, what="the pool's lock")
-        assert Path(lock.path).exists()
+        wait_for(lambda: pool.claims.local_lock, what="the pool's lock")
+        assert list(tmp_path.iterdir()) == []
     finally:
         env.bike.control()  # HALT
         thread.join(20)
     assert not thread.is_alive()
-    assert not Path(lock.path).exists()
+    assert list(tmp_path.iterdir()) == []

@@ -5,7 +5,7 @@
 --       channels, then per lease 7 values: jobid, token, kind, at, status,
 --       error JSON, 1-based queue index.
 -- A lease renewed or ended meanwhile is left alone; a deadline left without
--- its lease is dropped. Returns the count reaped.
+-- its lease is dropped. Returns the job ids reaped.
 local failed = fence(ARGV[A + 1])
 if failed then return failed end
 local n = int_of(ARGV[A + 2], 0, #KEYS - K)
@@ -16,7 +16,7 @@ for j = A + 3 + n, #ARGV, 7 do
   if failed then return failed end
   if not int_of(ARGV[j + 6], 1, n) then return bad('queue index', ARGV[j + 6]) end
 end
-local reaped = 0
+local reaped = {}
 for j = A + 3 + n, #ARGV, 7 do
   local jobid = ARGV[j]
   local deadline = redis.call('ZSCORE', DEADLINES, jobid)
@@ -25,7 +25,7 @@ for j = A + 3 + n, #ARGV, 7 do
     local done = finish(jobid, ARGV[j + 1], ARGV[j + 2], ARGV[j + 3], ARGV[j + 4], ARGV[j + 5],
       KEYS[K + qi], ARGV[A + 2 + qi])
     if done == 'DONE' or done == 'GONE' then
-      reaped = reaped + 1
+      table.insert(reaped, jobid)
     elseif redis.call('HEXISTS', LEASES, jobid) == 0 then
       redis.call('ZREM', DEADLINES, jobid)
     end
