@@ -15,6 +15,7 @@ from .keys import Keys
 from .records import (
     Parked,
     RecordError,
+    SetAside,
     decode_lease,
     decode_parking,
     decode_pending,
@@ -109,6 +110,8 @@ def _waiting_for(parking: str) -> str:
         return str(exc)
     if isinstance(place, Parked):
         return place.resource
+    if isinstance(place, SetAside):
+        return f"needs {place.aside.amount} of {place.aside.resource}, capacity {place.capacity}"
     return "nothing: a resource freed up; the next claim of its queue takes it"
 
 

@@ -27,8 +27,8 @@ from typing import Any
 import redis
 
 from .keys import Keys
-from .records import error_record
-from .resources import LOCAL_PREFIX, format_amounts, parse_amounts
+from .records import encode_local_room, error_record
+from .resources import LOCAL_PREFIX, parse_amounts
 from .roundrobin import Lease, RoundRobin, StopWork, UnsetJob
 from .scripts import Scripts, subscribe
 from .slots import Child, LocalLock, Running, SlotBoard, Zygote
@@ -232,7 +232,7 @@ class WorkerPool:
             name: capacity - held.get(name, 0) + freed.get(name, 0)
             for name, capacity in self.local_capacity.items()
         }
-        args: list[Any] = [token, worker_id, self.control_seen, format_amounts(free)]
+        args: list[Any] = [token, worker_id, self.control_seen, encode_local_room(free, self.local_capacity)]
         for _, name in order:
             args += self.queue_specs[name]
         return keys, args, order
