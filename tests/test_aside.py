@@ -19,7 +19,14 @@ from conftest import Daemons, redbike_command, wait_for
 from test_resources import REnv, finish
 
 from redbike.keys import Keys
-from redbike.records import Aside, SetAside, decode_local_room, decode_parking, encode_local_room, encode_parking
+from redbike.records import (
+    Aside,
+    SetAside,
+    decode_local_room,
+    decode_parking,
+    encode_local_room,
+    encode_parking,
+)
 
 
 @pytest.fixture

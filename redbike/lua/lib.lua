@@ -44,6 +44,7 @@ local LOCAL_PREFIX = 'worker:' -- resources local to a worker pool (resources.LO
 local LAST = '\255' -- sorts after every byte a resource or queue name can hold
 local MAX_AMOUNT = 1000000000 -- most of a resource one job may need (resources.MAX_AMOUNT)
 local MAX_CAPACITY = 1000000000000 -- largest capacity (resources.MAX_CAPACITY)
+local AMOUNT_DIGITS = 10 -- an amount in an aside member, zero-padded (records.AMOUNT_DIGITS)
 local ASIDE_LOOK = 16 -- jobs set aside for a local resource one idle claim looks at
 local MAX_TIME = 1e18 -- bound of a time or a number of seconds: '%d' still writes it
 
@@ -233,7 +234,7 @@ end
 -- (seen by the script or, for a local resource, declared by the pool that
 -- tried it), so it would hold its line forever. It keeps its `seq`.
 local function set_aside(jobid, resource, amount, capacity, queue_name, seq)
-  local member = table.concat({resource, string.format('%010d', amount), new_seq(seq), queue_name, jobid}, '|')
+  local member = table.concat({resource, string.format('%0' .. AMOUNT_DIGITS .. 'd', amount), new_seq(seq), queue_name, jobid}, '|')
   redis.call('ZADD', ASIDE, 0, member)
   redis.call('HSET', PARKING, jobid, 'A' .. int(capacity) .. '|' .. member)
 end
@@ -242,7 +243,7 @@ end
 -- `most` of it (nil: any amount).
 local function aside_range(resource, most)
   if not most then return '[' .. resource .. '|', '(' .. resource .. '|' .. LAST end
-  return '[' .. resource .. '|', '(' .. resource .. '|' .. string.format('%010d', math.min(most, MAX_AMOUNT) + 1)
+  return '[' .. resource .. '|', '(' .. resource .. '|' .. string.format('%0' .. AMOUNT_DIGITS .. 'd', math.min(most, MAX_AMOUNT) + 1)
 end
 
 -- Wake the jobs parked on `resource`, oldest first, while the next one's
