@@ -234,7 +234,8 @@ end
 -- (seen by the script or, for a local resource, declared by the pool that
 -- tried it), so it would hold its line forever. It keeps its `seq`.
 local function set_aside(jobid, resource, amount, capacity, queue_name, seq)
-  local member = table.concat({resource, string.format('%0' .. AMOUNT_DIGITS .. 'd', amount), new_seq(seq), queue_name, jobid}, '|')
+  local padded = string.format('%0' .. AMOUNT_DIGITS .. 'd', amount)
+  local member = table.concat({resource, padded, new_seq(seq), queue_name, jobid}, '|')
   redis.call('ZADD', ASIDE, 0, member)
   redis.call('HSET', PARKING, jobid, 'A' .. int(capacity) .. '|' .. member)
 end
@@ -243,7 +244,8 @@ end
 -- `most` of it (nil: any amount).
 local function aside_range(resource, most)
   if not most then return '[' .. resource .. '|', '(' .. resource .. '|' .. LAST end
-  return '[' .. resource .. '|', '(' .. resource .. '|' .. string.format('%0' .. AMOUNT_DIGITS .. 'd', math.min(most, MAX_AMOUNT) + 1)
+  local above = string.format('%0' .. AMOUNT_DIGITS .. 'd', math.min(most, MAX_AMOUNT) + 1)
+  return '[' .. resource .. '|', '(' .. resource .. '|' .. above
 end
 
 -- Wake the jobs parked on `resource`, oldest first, while the next one's
