@@ -50,8 +50,8 @@ class Keys:
         return [getattr(self, name) for name in JOB_STATE]
 
     def parked_range(self, resource: str) -> tuple[bytes, bytes]:
-        """ZRANGEBYLEX bounds of the jobs parked on ``resource`` (byte 0xFF
-        sorts after every byte of a UTF-8 name)."""
+        """ZRANGEBYLEX bounds of the jobs parked on ``resource``, or set aside
+        for it (byte 0xFF sorts after every byte of a UTF-8 name)."""
         return f"[{resource}|".encode(), f"({resource}|".encode() + b"\xff"
 
 

@@ -50,6 +50,7 @@ def test_a_global_need_over_capacity_does_not_hold_the_line(env: REnv) -> None:
     assert env.usage() == {"db:x": 2} and env.parked() == [] and aside(env) == ["big:A"]
     assert env.waiting_for("big:A") == "needs 3 of db:x, capacity 2"
     assert env.bike.tell("big:A")["status"].startswith("ENQ:")
+    assert env.capacities()["db:x"] == (2, 2, 1)  # it is counted as waiting
     # jobs set later still run while it waits aside
     finish(pool, first)
     env.bike.set("small3:A", "NOW", needs="db:x")
