@@ -158,9 +158,10 @@ class Redbike:
         returns how many waiting jobs it woke."""
         check_name(resource)
         check_capacity(capacity)
-        woken = total = self.scripts.run("capacity", self.clock(), [], [resource, "" if capacity is None else capacity])
-        while capacity is None and woken >= WAKE_BATCH:  # unlimited: wake them all, a batch at a time
-            woken = self.scripts.run("capacity", self.clock(), [], [resource, ""])
+        args = [resource, "" if capacity is None else capacity]
+        woken = total = self.scripts.run("capacity", self.clock(), [], args)
+        while woken >= WAKE_BATCH:  # many woke, or came back in line: the rest, a batch at a time
+            woken = self.scripts.run("capacity", self.clock(), [], args)
             total += woken
         return total
 

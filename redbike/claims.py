@@ -29,7 +29,7 @@ from .records import (
     decode_claim,
     decode_finish,
     decode_status,
-    encode_needs,
+    encode_local_room,
     error_record,
 )
 from .resources import LOCAL_PREFIX
@@ -192,7 +192,7 @@ class SlotClaims:
             name: capacity - held.get(name, 0) + freed.get(name, 0)
             for name, capacity in claims.local_capacity.items()
         }
-        args: list[Any] = [token, self.worker_id, claims.control_seen, encode_needs(free)]
+        args: list[Any] = [token, self.worker_id, claims.control_seen, encode_local_room(free, claims.local_capacity)]
         for _, name in order:
             args += claims.queue_specs[name]
         return keys, args, order

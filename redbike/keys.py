@@ -33,8 +33,9 @@ class Keys:
         self.needs = f"{p}:needs"  # hash  jobid -> "resource=amount,..."
         self.parked = f"{p}:parked"  # zset  (lex) "resource|seq|queue|jobid"
         self.ready = f"{p}:ready"  # zset  (lex) "queue|seq|jobid"
-        self.parking = f"{p}:parking"  # hash  jobid -> "P"/"R" + its parked/ready member
+        self.parking = f"{p}:parking"  # hash  jobid -> "P"/"R"/"A" + its parked/ready/aside member
         self.parkseq = f"{p}:parkseq"  # counter: order of parked jobs
+        self.aside = f"{p}:aside"  # zset  (lex) "resource|amount|seq|queue|jobid": needs more than a capacity
 
     def queue(self, name: str) -> str:
         """A work queue (list; LPUSH in, RPOP out)."""
@@ -49,8 +50,8 @@ class Keys:
         return [getattr(self, name) for name in JOB_STATE]
 
     def parked_range(self, resource: str) -> tuple[bytes, bytes]:
-        """ZRANGEBYLEX bounds of the jobs parked on ``resource`` (byte 0xFF
-        sorts after every byte of a UTF-8 name)."""
+        """ZRANGEBYLEX bounds of the jobs parked on ``resource``, or set aside
+        for it (byte 0xFF sorts after every byte of a UTF-8 name)."""
         return f"[{resource}|".encode(), f"({resource}|".encode() + b"\xff"
 
 

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 SEP = "|"
 
 # Keys.job_state(): the attribute names of the keys every script takes first,
-# in the order of KEYS[1..16] in lib.lua's header.
+# in the order of KEYS[1..17] in lib.lua's header.
 JOB_STATE = (
     "schedules", "statuses", "timeline", "leases", "deadlines", "pending", "errors", "control",
-    "dispatcher", "capacities", "usage", "needs", "parked", "ready", "parking", "parkseq",
+    "dispatcher", "capacities", "usage", "needs", "parked", "ready", "parking", "parkseq", "aside",
 )
 
 # set.lua's needs argument: the job needs nothing (no needs, "", keeps the stored ones).
@@ -69,6 +69,25 @@ def decode_needs(text: str | None) -> dict[str, int]:
             raise RecordError(f"bad needs record {text!r}")
         amounts[name] = int(amount)
     return amounts
+
+
+# -- a claim's worker-local room: "name=free/capacity,..." (claim() in lib.lua) --
+
+def encode_local_room(free: dict[str, int], capacity: dict[str, int]) -> str:
+    """What a pool has of each of its worker-local resources: free now and
+    in all (sorted by name; '' for a pool that declared none)."""
+    return ",".join(f"{name}={free[name]}/{capacity[name]}" for name in sorted(capacity))
+
+
+def decode_local_room(text: str) -> dict[str, tuple[int, int]]:
+    room: dict[str, tuple[int, int]] = {}
+    for part in filter(None, text.split(",")):
+        name, _, amounts = part.partition("=")
+        free, _, capacity = amounts.partition("/")
+        if not name or not free.isdigit() or not capacity.isdigit():
+            raise RecordError(f"bad local room {text!r}")
+        room[name] = int(free), int(capacity)
+    return room
 
 
 # -- the lease: "token|queue|worker|since|timeout|needs" (claim() in lib.lua) ---
@@ -176,16 +195,59 @@ def decode_ready(member: str) -> Ready:
     return Ready(*parts)
 
 
-def encode_parking(place: Parked | Woken) -> str:
-    """'P' + parked member, or 'R' + resource=amount|ready member."""
+@dataclass(frozen=True)
+class Aside:
+    """A job that needs ``amount`` of ``resource``, more than its capacity
+    (a member of the aside zset: "resource|amount|seq|queue|jobid", the
+    amount zero-padded so that a resource's jobs sort by amount)."""
+
+    resource: str
+    amount: int
+    seq: str
+    queue: str
+    jobid: str
+
+
+@dataclass(frozen=True)
+class SetAside:
+    """An aside job's parking value: the capacity it was found to exceed."""
+
+    capacity: int
+    aside: Aside
+
+
+AMOUNT_DIGITS = 10  # MAX_AMOUNT (10**9) written with leading zeros (aside_member() in lib.lua)
+
+
+def encode_aside(aside: Aside) -> str:
+    return SEP.join([aside.resource, f"{aside.amount:0{AMOUNT_DIGITS}d}", aside.seq, aside.queue, aside.jobid])
+
+
+def decode_aside(member: str) -> Aside:
+    parts = member.split(SEP, 4)
+    if len(parts) != 5 or not parts[1].isdigit():
+        raise RecordError(f"bad aside member {member!r}")
+    resource, amount, seq, queue, jobid = parts
+    return Aside(resource, int(amount), seq, queue, jobid)
+
+
+def encode_parking(place: Parked | Woken | SetAside) -> str:
+    """'P' + parked member, 'R' + resource=amount|ready member, or
+    'A' + capacity|aside member."""
     if isinstance(place, Parked):
         return "P" + encode_parked(place)
+    if isinstance(place, SetAside):
+        return f"A{place.capacity}{SEP}{encode_aside(place.aside)}"
     return f"R{place.resource}={place.amount}{SEP}{encode_ready(place.ready)}"
 
 
-def decode_parking(value: str) -> Parked | Woken:
+def decode_parking(value: str) -> Parked | Woken | SetAside:
     if value.startswith("P"):
         return decode_parked(value[1:])
+    if value.startswith("A"):
+        capacity, sep, aside = value[1:].partition(SEP)
+        if sep and capacity.isdigit():
+            return SetAside(int(capacity), decode_aside(aside))
     if value.startswith("R"):
         held, sep, ready = value[1:].partition(SEP)
         resource, _, amount = held.partition("=")

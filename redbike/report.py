@@ -15,6 +15,7 @@ from .keys import Keys
 from .records import (
     Parked,
     RecordError,
+    SetAside,
     decode_lease,
     decode_parking,
     decode_pending,
@@ -39,12 +40,14 @@ def schedules(client: redis.Redis, keys: Keys) -> Iterator[tuple[str, str]]:
 
 
 def capacities(client: redis.Redis, keys: Keys) -> Iterator[tuple[str, int | None, int, int]]:
-    """(resource, capacity or None for unlimited, in use, jobs waiting for it)
-    of every resource that has a capacity or is in use."""
+    """(resource, capacity or None for unlimited, in use, jobs waiting for it:
+    in line, or aside as they need more than its capacity) of every resource
+    that has a capacity or is in use."""
     capacity = dict(client.hscan_iter(keys.capacities, count=SCAN_COUNT))
     usage = dict(client.hscan_iter(keys.usage, count=SCAN_COUNT))
     for resource in sorted(capacity.keys() | usage.keys()):
-        waiting = client.zlexcount(keys.parked, *keys.parked_range(resource))
+        bounds = keys.parked_range(resource)
+        waiting = client.zlexcount(keys.parked, *bounds) + client.zlexcount(keys.aside, *bounds)
         limit = capacity.get(resource)
         yield resource, None if limit is None else int(limit), int(usage.get(resource, 0)), waiting
 
@@ -109,6 +112,8 @@ def _waiting_for(parking: str) -> str:
         return str(exc)
     if isinstance(place, Parked):
         return place.resource
+    if isinstance(place, SetAside):
+        return f"needs {place.aside.amount} of {place.aside.resource}, capacity {place.capacity}"
     return "nothing: a resource freed up; the next claim of its queue takes it"
 
 

@@ -20,22 +20,28 @@ from redbike import records, states
 from redbike.claims import Rotation
 from redbike.keys import Keys
 from redbike.records import (
+    Aside,
     Claimed,
     Halt,
     LeaseRecord,
     Parked,
     Ready,
+    SetAside,
     Woken,
+    decode_aside,
     decode_claim,
     decode_finish,
     decode_lease,
+    decode_local_room,
     decode_needs,
     decode_parked,
     decode_parking,
     decode_pending,
     decode_ready,
     decode_status,
+    encode_aside,
     encode_lease,
+    encode_local_room,
     encode_needs,
     encode_parked,
     encode_parking,
@@ -106,6 +112,7 @@ def test_lib_constants_match_python() -> None:
     assert lua_constant("CLEAR_NEEDS") == records.CLEAR_NEEDS
     assert int(lua_constant("MAX_CAPACITY")) == MAX_CAPACITY
     assert lua_constant("LOCAL_PREFIX") == LOCAL_PREFIX
+    assert int(lua_constant("AMOUNT_DIGITS")) == records.AMOUNT_DIGITS == len(str(MAX_AMOUNT))
 
 
 def test_statuses_and_placement_kinds_match_python() -> None:
@@ -220,6 +227,17 @@ def test_lua_reads_what_python_writes(client: redis.Redis) -> None:
     assert lua(client, "local r, a, m = woken_parts(ARGV[4]) return {r, int(a), m}", woken) \
         == ["host:a", str(MAX_AMOUNT), encode_ready(ready)]
     assert lua(client, "return {woken_parts(ARGV[4])}", encode_parking(parked)) == []
+    aside = Aside("worker:slots", MAX_AMOUNT, "0000000000000042", "A", "job|x:A")
+    assert lua(client, "local r, a, s, q, j = aside_parts(ARGV[4]) return {r, int(a), s, q, j}", encode_aside(aside)) \
+        == ["worker:slots", str(MAX_AMOUNT), aside.seq, "A", "job|x:A"]
+    assert lua(client, "local c, m = set_aside_parts(ARGV[4]) return {int(c), m}",
+               encode_parking(SetAside(MAX_AMOUNT - 1, aside))) == [str(MAX_AMOUNT - 1), encode_aside(aside)]
+    assert lua(client, "return {woken_parts(ARGV[4])}", encode_parking(SetAside(2, aside))) == []
+    room = encode_local_room({"worker:b": 0, "worker:a": 3}, {"worker:a": 4, "worker:b": MAX_AMOUNT})
+    assert lua(client, "local r = parse_local_room(ARGV[4]) return {is_local_room(ARGV[4]) and 1 or 0, "
+               "r['worker:a'][1], r['worker:a'][2], r['worker:b'][1], r['worker:b'][2]}", room) \
+        == [1, 3, 4, 0, MAX_AMOUNT]
+    assert lua(client, "return is_local_room(ARGV[4]) and 1 or 0", encode_local_room({}, {})) == 1
 
 
 def test_python_reads_what_lua_writes(client: redis.Redis, prefix: str) -> None:
@@ -239,6 +257,16 @@ def test_python_reads_what_lua_writes(client: redis.Redis, prefix: str) -> None:
     lease = decode_lease(client.hget(env.keys.leases, "run:A"))
     assert (lease.queue, lease.worker, lease.since, lease.timeout, lease.needs) == ("A", "w1", NOW, 10.0, "s=1")
     assert decode_needs(client.hget(env.keys.needs, "parked:A")) == {"r": 3, "worker:cpu": 2}
+    env.bike.set_capacity("small", 2)
+    env.bike.set("big:A", "NOW", needs="small=3")
+    assert env.claim().lease.jobid == "parked:A"  # woken above
+    assert env.claim() is None  # sets big:A aside
+    member = client.zrange(env.keys.aside, 0, -1)[0]
+    assert decode_aside(member) == Aside("small", 3, decode_aside(member).seq, "A", "big:A")
+    assert decode_parking(client.hget(env.keys.parking, "big:A")) == SetAside(2, decode_aside(member))
+    local = env.pool("A", resources={"slots": 2})
+    assert decode_local_room(local._claim_part(Rotation(local.queue_names), "t", "w", {})[1][3]) \
+        == {"worker:slots": (2, 2)}
     env.bike.set("run:A", "AT:2030-01-01T00:00:00Z")  # while it runs: a pending placement
     kind, at, status = decode_pending(client.hget(env.keys.pending, "run:A"))
     assert (kind, float(at), status) == ("T", 1893456000.0, "TML")

@@ -571,15 +571,17 @@ def test_local_resources_limit_what_one_pool_claims(env: REnv) -> None:
 
 def test_local_resources_with_a_woken_job_that_does_not_fit(env: REnv) -> None:
     env.bike.set_capacity("db:x", 1)
-    small = env.pool("A", resources={"cpu_cores": 2})
+    small = env.pool("A", resources={"cpu_cores": 4})  # big enough, but one core is busy
     big = env.pool("A", resources={"cpu_cores": 8})
+    env.bike.set("busy:A", "NOW", needs="worker:cpu_cores=1")
     env.bike.set("hold:A", "NOW", needs="db:x")
     env.bike.set("w:A", "NOW", needs="db:x,worker:cpu_cores=4")
+    assert env.claim(small).lease.jobid == "busy:A"
     hold = env.claim(small)
     assert env.claim(small) is None and env.parked() == [("db:x", "w:A")]
     finish(small, hold)
     assert env.ready() == ["w:A"]
-    assert env.claim(small) is None  # woken, but 4 cores do not fit here: it stays woken
+    assert env.claim(small) is None  # woken, but 4 cores are not free here: it stays woken
     assert env.ready() == ["w:A"] and env.usage() == {"db:x": 1}
     job = env.claim(big)
     assert job.lease.jobid == "w:A" and big.local_used == {"worker:cpu_cores": 4}
@@ -1066,6 +1068,7 @@ class ResourceMachine(RuleBasedStateMachine):
             "parked": self.c.zrange(k.parked, 0, -1),
             "ready": self.c.zrange(k.ready, 0, -1),
             "parking": self.c.hgetall(k.parking),
+            "aside": self.c.zrange(k.aside, 0, -1),
             "statuses": self.c.hgetall(k.statuses),
             "caps": self.c.hgetall(k.capacities),
             "lists": {q: self.c.lrange(k.queue(q), 0, -1) for q in "AB"},
@@ -1100,9 +1103,11 @@ class ResourceMachine(RuleBasedStateMachine):
                 assert ready in s["ready"], (jobid, value)
                 assert self._amounts(s["needs"].get(jobid)).get(resource) == int(amount)
                 set_aside[resource] += int(amount)
+            elif value.startswith("A"):
+                assert value.split("|", 1)[1] in s["aside"], (jobid, value)
             else:
                 assert value.startswith("P") and value[1:] in s["parked"], (jobid, value)
-        assert len(s["parking"]) == len(s["parked"]) + len(s["ready"])
+        assert len(s["parking"]) == len(s["parked"]) + len(s["ready"]) + len(s["aside"])
         expected = {r: n for r, n in (held + set_aside).items() if n}
         assert s["usage"] == expected, (s["usage"], dict(held), dict(set_aside))
         held_before, usage_before = self.before
@@ -1139,6 +1144,17 @@ class ResourceMachine(RuleBasedStateMachine):
             assert cap is not None, f"{resource} is unlimited but {jobids} wait for it"
             need = self._amounts(s["needs"][jobids[0]])[resource]
             assert s["usage"].get(resource, 0) + need > cap, (resource, jobids, s["usage"], cap)
+            assert cap == 0 or need <= cap, f"{jobids[0]} can never fit {resource} but holds its line"
+        for member in s["aside"]:
+            resource, amount, _seq, queue, jobid = member.split("|", 4)
+            seen = int(s["parking"][jobid][1:].split("|", 1)[0])
+            assert self._amounts(s["needs"].get(jobid)).get(resource) == int(amount) > seen
+            assert queue == jobid.rsplit(":", 1)[1]
+            if resource.startswith("worker:"):  # more than a pool of its queue has
+                assert seen in {pool.local_capacity.get(resource) for pool in self.pools.values()}
+            else:  # more than the capacity now (0 pauses: it waits aside until there is enough)
+                cap = self.caps[resource]
+                assert cap is not None and int(amount) > cap, (member, cap)
 
     @invariant()
     def every_job_is_in_one_place(self) -> None:
@@ -1150,6 +1166,7 @@ class ResourceMachine(RuleBasedStateMachine):
             places.update(s["lists"][q])
         places.update(m.split("|", 3)[3] for m in s["parked"])
         places.update(m.split("|", 2)[2] for m in s["ready"])
+        places.update(m.split("|", 4)[4] for m in s["aside"])
         places.update(list(s["leases"]))
         places.update(s["timeline"])
         assert all(n == 1 for n in places.values()), places
@@ -1194,6 +1211,7 @@ class ResourceMachine(RuleBasedStateMachine):
                 break
         assert self.owed == set(), f"never ran: {self.owed}"
         assert self.c.zcard(self.env.keys.parked) == self.c.zcard(self.env.keys.ready) == 0
+        assert self.c.zcard(self.env.keys.aside) == 0
         assert self.c.hgetall(self.env.keys.usage) == {}
 
 

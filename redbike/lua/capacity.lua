@@ -1,9 +1,12 @@
--- capacity.lua: set a resource's capacity ('' for unlimited) and wake as many
--- parked jobs as it now has room for. Lowering it below what is in use lets
--- running jobs finish and admits no new ones until usage is below it.
+-- capacity.lua: set a resource's capacity ('' for unlimited), put the jobs set
+-- aside for it that now fit back in line (each at its old place), and wake as
+-- many parked jobs as it now has room for. Lowering it below what is in use
+-- lets running jobs finish and admits no new ones until usage is below it;
+-- jobs in line that need more than the new capacity are set aside.
 -- KEYS: the job-state keys.
 -- ARGV: the common three, then resource, capacity.
--- Returns how many jobs woke (call again while it is 1000 and unlimited).
+-- Returns how many jobs woke, or came back in line if that was a full batch
+-- (call again while it is 1000).
 local resource, capacity = ARGV[A + 1], ARGV[A + 2]
 if not is_resource(resource) then return bad('resource name', resource) end
 if capacity ~= '' and not int_of(capacity, 0, MAX_CAPACITY) then return bad('capacity', capacity) end
@@ -12,4 +15,7 @@ if capacity == '' then
 else
   redis.call('HSET', CAPACITIES, resource, capacity)
 end
-return wake_if_room(resource)
+local back = bring_back(resource, tonumber(capacity))
+local woken = wake_if_room(resource)
+if back >= WAKE_BATCH then return back end
+return woken

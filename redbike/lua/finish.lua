@@ -3,7 +3,7 @@
 --       to claim from (none: claim nothing).
 -- ARGV: the common three, then jobid, token, kind, at, status, error JSON
 --       (or ''), queue channel of the finished job's queue, then as claim.lua:
---       next token, worker id, control value seen, free local amounts,
+--       next token, worker id, control value seen, worker-local room,
 --       per-queue specs.
 -- Returns {finish result, claim result}.
 local count = #KEYS - K - 1

@@ -1,6 +1,6 @@
 -- lib.lua: helpers shared by every redbike script (prepended to each one).
 --
--- Every script takes the same first sixteen KEYS (the job state):
+-- Every script takes the same first seventeen KEYS (the job state):
 --   KEYS[1]  schedules   hash  jobid -> schedule text
 --   KEYS[2]  statuses    hash  jobid -> "EVENT:TIMESTAMP"
 --   KEYS[3]  timeline    zset  jobid scored by next run
@@ -17,8 +17,11 @@
 --   KEYS[13] parked      zset  (lex) "resource|seq|queue|jobid": waits for resource
 --   KEYS[14] ready       zset  (lex) "queue|seq|jobid": woken, claimed before the list
 --   KEYS[15] parking     hash  jobid -> "P" .. parked member, or for a woken job
---                              "R" .. resource .. "=" .. amount set aside .. "|" .. ready member
+--                              "R" .. resource .. "=" .. amount set aside .. "|" .. ready member,
+--                              or for a job set aside "A" .. capacity .. "|" .. aside member
 --   KEYS[16] parkseq     counter giving parked jobs their order
+--   KEYS[17] aside       zset  (lex) "resource|amount|seq|queue|jobid": needs more
+--                              than the capacity (amount zero-padded: sorts by amount)
 -- and the same first three ARGV: now (epoch seconds), the dispatcher's wake
 -- channel, and the prefix of the queue wake channels (+ queue name).
 -- A script's own KEYS start at KEYS[K + 1], its own ARGV at ARGV[A + 1].
@@ -28,9 +31,9 @@
 -- D (forget the job).
 local SCHEDULES, STATUSES, TIMELINE, LEASES, DEADLINES, PENDING, ERRORS, CONTROL, DISPATCHER =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
-local CAPACITIES, USAGE, NEEDS, PARKED, READY, PARKING, PARKSEQ =
-  KEYS[10], KEYS[11], KEYS[12], KEYS[13], KEYS[14], KEYS[15], KEYS[16]
-local K, A = 16, 3
+local CAPACITIES, USAGE, NEEDS, PARKED, READY, PARKING, PARKSEQ, ASIDE =
+  KEYS[10], KEYS[11], KEYS[12], KEYS[13], KEYS[14], KEYS[15], KEYS[16], KEYS[17]
+local K, A = 17, 3
 local NOW = ARGV[1]
 local NOW_N = tonumber(ARGV[1])
 local DISPATCH_CHANNEL = ARGV[2]
@@ -42,6 +45,8 @@ local LAST = '\255' -- sorts after every byte a resource or queue name can hold
 local MAX_AMOUNT = 1000000000 -- most of a resource one job may need (resources.MAX_AMOUNT)
 local MAX_CAPACITY = 1000000000000 -- largest capacity (resources.MAX_CAPACITY)
 local CLEAR_NEEDS = 'none' -- set.lua's needs argument that drops the stored needs (records.CLEAR_NEEDS)
+local AMOUNT_DIGITS = 10 -- an amount in an aside member, zero-padded (records.AMOUNT_DIGITS)
+local ASIDE_LOOK = 16 -- jobs set aside for a local resource one idle claim looks at
 local MAX_TIME = 1e18 -- bound of a time or a number of seconds: '%d' still writes it
 
 -- Numbers written into records and increments: '%d', never Lua's '%.14g'
@@ -83,6 +88,10 @@ local function is_name(text)
   return type(text) == 'string' and string.match(text, '%S') ~= nil and not string.find(text, '[|%c]')
 end
 
+local function is_local(name)
+  return string.sub(name, 1, #LOCAL_PREFIX) == LOCAL_PREFIX
+end
+
 -- A resource name as redbike.resources.check_name allows it.
 local function is_resource(text)
   return type(text) == 'string' and string.match(text, '^[^%s|,=%c]+$') ~= nil
@@ -94,6 +103,19 @@ local function is_amounts(text, low, high)
   for part in string.gmatch(text .. ',', '([^,]*),') do
     local name, amount = string.match(part, '^([^=]*)=(%d+)$')
     if not is_resource(name) or not int_of(amount, low, high) then return false end
+  end
+  return true
+end
+
+-- A claim's worker-local room "a=free/capacity,..." ('' for none), each
+-- free amount at most its capacity.
+local function is_local_room(text)
+  if text == '' then return true end
+  for part in string.gmatch(text .. ',', '([^,]*),') do
+    local name, free, capacity = string.match(part, '^([^=]*)=(%d+)/(%d+)$')
+    if not is_resource(name) or not is_local(name) then return false end
+    free, capacity = int_of(free, 0, MAX_AMOUNT), int_of(capacity, 0, MAX_AMOUNT)
+    if not free or not capacity or free > capacity then return false end
   end
   return true
 end
@@ -151,6 +173,18 @@ local function woken_parts(parking)
   return resource, tonumber(amount), ready
 end
 
+-- An aside member -> resource, amount, seq, queue, jobid.
+local function aside_parts(member)
+  local resource, amount, seq, queue_name, jobid = string.match(member, '^([^|]*)|(%d+)|([^|]*)|([^|]*)|(.*)$')
+  return resource, tonumber(amount), seq, queue_name, jobid
+end
+
+-- An aside job's parking value -> the capacity it exceeded, its aside member.
+local function set_aside_parts(parking)
+  local capacity, member = string.match(parking or '', '^A(%d+)|(.*)$')
+  return tonumber(capacity), member
+end
+
 -- "a=1,b=2" -> {{'a', 1}, {'b', 2}}
 local function parse_needs(text)
   local list = {}
@@ -158,10 +192,6 @@ local function parse_needs(text)
     table.insert(list, {name, tonumber(amount)})
   end
   return list
-end
-
-local function is_local(name)
-  return string.sub(name, 1, #LOCAL_PREFIX) == LOCAL_PREFIX
 end
 
 -- How much of `resource` a job needs (0 if none).
@@ -189,31 +219,76 @@ local function first_in_line(resource)
   return nil, nil
 end
 
+local function new_seq(seq)
+  return seq or string.format('%016d', redis.call('INCR', PARKSEQ))
+end
+
+-- Put a job in line for `resource`, at its place `seq` (kept from an earlier
+-- wait, so that it keeps its age) or at the back.
+local function park(jobid, resource, queue_name, seq)
+  local member = resource .. '|' .. new_seq(seq) .. '|' .. queue_name .. '|' .. jobid
+  redis.call('ZADD', PARKED, 0, member)
+  redis.call('HSET', PARKING, jobid, 'P' .. member)
+end
+
+-- Set a job aside: it needs `amount` of `resource`, more than its `capacity`
+-- (seen by the script or, for a local resource, declared by the pool that
+-- tried it), so it would hold its line forever. It keeps its `seq`.
+local function set_aside(jobid, resource, amount, capacity, queue_name, seq)
+  local padded = string.format('%0' .. AMOUNT_DIGITS .. 'd', amount)
+  local member = table.concat({resource, padded, new_seq(seq), queue_name, jobid}, '|')
+  redis.call('ZADD', ASIDE, 0, member)
+  redis.call('HSET', PARKING, jobid, 'A' .. int(capacity) .. '|' .. member)
+end
+
+-- ZRANGEBYLEX bounds of the jobs set aside for `resource` that need at most
+-- `most` of it (nil: any amount).
+local function aside_range(resource, most)
+  if not most then return '[' .. resource .. '|', '(' .. resource .. '|' .. LAST end
+  local above = string.format('%0' .. AMOUNT_DIGITS .. 'd', math.min(most, MAX_AMOUNT) + 1)
+  return '[' .. resource .. '|', '(' .. resource .. '|' .. above
+end
+
 -- Wake the jobs parked on `resource`, oldest first, while the next one's
 -- amount fits in `room` (nil: unlimited, at most WAKE_BATCH): move each to
 -- the ready set, where the next claim of its queue finds it, set its amount
 -- aside in usage (so that no later job takes its place), and wake its queue.
--- Stops at the first job that does not fit: jobs start in line order.
-local function wake(resource, room)
-  local limit = room and math.min(room, WAKE_BATCH) or WAKE_BATCH
-  if limit <= 0 then return 0 end
-  local heads = redis.call('ZRANGEBYLEX', PARKED, '[' .. resource .. '|', '(' .. resource .. '|' .. LAST,
-    'LIMIT', 0, limit)
-  local woken = 0
-  for _, member in ipairs(heads) do
-    local _, seq, queue_name, jobid = parked_parts(member)
-    local amount = need_of(jobid, resource)
-    if room then
-      if amount > room then break end
-      room = room - amount
+-- Stops at the first job that does not fit: jobs start in line order. A job
+-- that needs more than `capacity` (a lowered one; 0 pauses, it is not too
+-- small) is set aside instead of holding the line.
+local function wake(resource, room, capacity)
+  local sized = capacity and capacity > 0
+  local woken, moved = 0, true
+  while moved do
+    moved = false
+    local want = WAKE_BATCH - woken
+    if room then want = math.min(want, room) end
+    if want <= 0 and not sized then break end
+    -- With no room, still look at the head: it may never fit.
+    local heads = redis.call('ZRANGEBYLEX', PARKED, '[' .. resource .. '|', '(' .. resource .. '|' .. LAST,
+      'LIMIT', 0, math.max(want, 1))
+    for _, member in ipairs(heads) do
+      local _, seq, queue_name, jobid = parked_parts(member)
+      local amount = need_of(jobid, resource)
+      if sized and amount > capacity then
+        redis.call('ZREM', PARKED, member)
+        set_aside(jobid, resource, amount, capacity, queue_name, seq)
+        moved = true
+      elseif want <= 0 or (room and amount > room) then
+        moved = false
+        break
+      else
+        if room then room = room - amount end
+        want = want - 1
+        local ready = queue_name .. '|' .. seq .. '|' .. jobid
+        redis.call('ZREM', PARKED, member)
+        redis.call('ZADD', READY, 0, ready)
+        if amount > 0 then redis.call('HINCRBY', USAGE, resource, int(amount)) end
+        redis.call('HSET', PARKING, jobid, 'R' .. resource .. '=' .. int(amount) .. '|' .. ready)
+        redis.call('PUBLISH', QUEUE_CHANNEL_PREFIX .. queue_name, '1')
+        woken = woken + 1
+      end
     end
-    local ready = queue_name .. '|' .. seq .. '|' .. jobid
-    redis.call('ZREM', PARKED, member)
-    redis.call('ZADD', READY, 0, ready)
-    if amount > 0 then redis.call('HINCRBY', USAGE, resource, int(amount)) end
-    redis.call('HSET', PARKING, jobid, 'R' .. resource .. '=' .. int(amount) .. '|' .. ready)
-    redis.call('PUBLISH', QUEUE_CHANNEL_PREFIX .. queue_name, '1')
-    woken = woken + 1
   end
   return woken
 end
@@ -223,9 +298,25 @@ end
 local function wake_if_room(resource)
   local capacity = redis.call('HGET', CAPACITIES, resource)
   if not capacity then
-    return wake(resource, nil)
+    return wake(resource, nil, nil)
   end
-  return wake(resource, tonumber(capacity) - tonumber(redis.call('HGET', USAGE, resource) or '0'))
+  capacity = tonumber(capacity)
+  return wake(resource, capacity - tonumber(redis.call('HGET', USAGE, resource) or '0'), capacity)
+end
+
+-- Put the jobs set aside for global `resource` that fit its `capacity` (nil:
+-- unlimited) back in line, each at the place its seq gives it (at most
+-- WAKE_BATCH). Returns how many came back.
+local function bring_back(resource, capacity)
+  if capacity == 0 or is_local(resource) then return 0 end
+  local low, high = aside_range(resource, capacity)
+  local members = redis.call('ZRANGEBYLEX', ASIDE, low, high, 'LIMIT', 0, WAKE_BATCH)
+  for _, member in ipairs(members) do
+    local _, _, seq, queue_name, jobid = aside_parts(member)
+    redis.call('ZREM', ASIDE, member)
+    park(jobid, resource, queue_name, seq)
+  end
+  return #members
 end
 
 -- Give back the global resources a run held (its lease's needs).
@@ -247,9 +338,12 @@ local function unplace(jobid, queue)
     if parking then
       redis.call('HDEL', PARKING, jobid)
       local resource, amount, ready = woken_parts(parking)
+      local _, aside = set_aside_parts(parking)
       if ready then -- woken: the amount set aside for it goes to the next in line
         redis.call('ZREM', READY, ready)
         give_back(resource, amount)
+      elseif aside then -- set aside: it held no line
+        redis.call('ZREM', ASIDE, aside)
       else -- parked: the next in line may fit now that it is gone
         redis.call('ZREM', PARKED, string.sub(parking, 2))
         resource = parked_parts(string.sub(parking, 2))
@@ -352,14 +446,18 @@ end
 -- The first global resource in `needs` without room for it, or nil. A
 -- resource with jobs in line for it that came before this one (any, for a
 -- job with no park sequence `seq`) has no room for it either: no job
--- overtakes one that waits for the same resource.
+-- overtakes one that waits for the same resource. For a job that needs more
+-- than a capacity (not 0: that is a pause) and so would hold the line
+-- forever, also the amount it needs and the capacity.
 local function blocker(needs, seq)
   for _, need in ipairs(needs) do
     if not is_local(need[1]) then
       local capacity = redis.call('HGET', CAPACITIES, need[1])
       if capacity then
+        capacity = tonumber(capacity)
+        if capacity > 0 and need[2] > capacity then return need[1], need[2], capacity end
         local used = tonumber(redis.call('HGET', USAGE, need[1]) or '0')
-        if used + need[2] > tonumber(capacity) then return need[1] end
+        if used + need[2] > capacity then return need[1] end
         local first, first_seq = first_in_line(need[1])
         if first and (not seq or first_seq < seq) then return need[1] end
       end
@@ -368,97 +466,158 @@ local function blocker(needs, seq)
   return nil
 end
 
--- Whether the pool has the worker-local amounts `needs` asks for. `free` is
--- nil when the pool declared no local resources (then they are unlimited).
-local function fits_locally(needs, free)
-  if not free then return true end
+-- A claim's worker-local room (see is_local_room) -> name -> {free,
+-- capacity}, or nil when the pool declared none (then they are unlimited).
+local function parse_local_room(text)
+  if text == '' then return nil end
+  local room = {}
+  for name, free, capacity in string.gmatch(text, '([^,=]+)=(%d+)/(%d+)') do
+    room[name] = {tonumber(free), tonumber(capacity)}
+  end
+  return room
+end
+
+-- The first worker-local need in `needs` larger than the pool's capacity
+-- (its name, the amount and the capacity), or nil.
+local function too_big_here(needs, room)
+  if not room then return nil end
   for _, need in ipairs(needs) do
-    if is_local(need[1]) and free[need[1]] ~= nil and need[2] > free[need[1]] then
-      return false
-    end
+    local have = room[need[1]]
+    if have and need[2] > have[2] then return need[1], need[2], have[2] end
+  end
+  return nil
+end
+
+-- Whether the pool has the worker-local amounts `needs` asks for free now.
+local function fits_locally(needs, room)
+  if not room then return true end
+  for _, need in ipairs(needs) do
+    local have = room[need[1]]
+    if have and need[2] > have[1] then return false end
   end
   return true
 end
 
-local function park(jobid, resource, queue_name, seq)
-  seq = seq or string.format('%016d', redis.call('INCR', PARKSEQ))
-  local member = resource .. '|' .. seq .. '|' .. queue_name .. '|' .. jobid
-  redis.call('ZADD', PARKED, 0, member)
-  redis.call('HSET', PARKING, jobid, 'P' .. member)
+-- What a claim does with job `jobid` of queue i (0-based; see claim() for
+-- the arguments, next_candidate() for seq, ready, held, amount): claims it
+-- and returns the claim's reply; or returns 'parked' (in line for a global
+-- resource, or set aside: it needs more than a capacity), 'full' (the pool
+-- lacks local room now: it stays first in its queue) or 'dropped'.
+local function consider(token, worker, room, i, queue, base, jobid, seq, ready, held, amount)
+  local queue_name = ARGV[base]
+  -- An id without a schedule was unset by a writer that did not remove it
+  -- from its queue (e.g. another language's client): drop it.
+  local schedule = redis.call('HGET', SCHEDULES, jobid)
+  if not schedule then
+    if held then wake_if_room(held) end
+    return 'dropped'
+  end
+  local needs_text = redis.call('HGET', NEEDS, jobid) or ''
+  local needs = parse_needs(needs_text)
+  local lacking, need, capacity = too_big_here(needs, room)
+  if not lacking then lacking, need, capacity = blocker(needs, seq) end
+  if lacking then
+    if capacity then
+      set_aside(jobid, lacking, need, capacity, queue_name, seq)
+    else
+      park(jobid, lacking, queue_name, seq)
+    end
+    -- The place it was woken for goes to the next in line.
+    if held then wake_if_room(held) end
+    return 'parked'
+  end
+  if not fits_locally(needs, room) then
+    if ready then -- back where it was, its amount set aside again
+      redis.call('ZADD', READY, 0, ready)
+      if held and amount > 0 then redis.call('HINCRBY', USAGE, held, int(amount)) end
+      redis.call('HSET', PARKING, jobid, 'R' .. (held or '') .. '=' .. int(amount or 0) .. '|' .. ready)
+    else
+      redis.call('RPUSH', queue, jobid)
+    end
+    return 'full'
+  end
+  for _, one in ipairs(needs) do
+    if not is_local(one[1]) then redis.call('HINCRBY', USAGE, one[1], int(one[2])) end
+  end
+  local status = redis.call('HGET', STATUSES, jobid) or ''
+  redis.call('HSET', LEASES, jobid, table.concat(
+    {token, queue_name, worker, NOW, ARGV[base + 1], needs_text}, '|'))
+  redis.call('ZADD', DEADLINES, NOW_N + tonumber(ARGV[base + 2]), jobid)
+  redis.call('HSET', STATUSES, jobid, stamp('WRK'))
+  return {'JOB', jobid, i, schedule, status, needs_text}
 end
 
--- Claim the first job found in the queues KEYS[first .. first+count-1], tried
--- in that order. Per queue i (0-based), ARGV[spec + 3*i .. spec + 3*i + 2] hold
--- its name, its timeout and the seconds until the lease's first deadline.
--- `local_free` is the pool's free worker-local amounts ("cpu=3,...") or ''.
--- A job whose global needs have no room is parked on the resource that
--- lacks it; one the pool lacks local room for stays first in its queue.
--- Returns {'JOB', jobid, i, schedule, status-before-claim, needs},
--- {'NONE'}, {'MORE'} (parked many: call again), or {'HALT', control} once the
--- control key holds a value the worker has not seen.
-local function claim(token, worker, control_seen, local_free, first, count, spec)
-  local control = redis.call('GET', CONTROL)
-  if control and control ~= control_seen then
-    return {'HALT', control}
+-- A claim that found nothing to claim looks for jobs of its queues set aside
+-- for a worker-local resource this pool has enough of (any amount, for a
+-- pool that declared none: to it they are unlimited), at most ASIDE_LOOK
+-- per resource, smallest amount first, and takes the first it can.
+local function claim_aside(token, worker, local_room, room, first, count, spec)
+  local index = {}
+  for i = 0, count - 1 do index[ARGV[spec + 3 * i]] = i end
+  local ranges = {}
+  if room then
+    for name in string.gmatch(local_room, '([^,=]+)=') do
+      table.insert(ranges, {aside_range(name, room[name][2])})
+    end
+  else
+    ranges[1] = {'[' .. LOCAL_PREFIX, '(' .. LOCAL_PREFIX .. LAST}
   end
-  local free = nil
-  if local_free ~= '' then
-    free = {}
-    for _, have in ipairs(parse_needs(local_free)) do free[have[1]] = have[2] end
-  end
-  local parks = 0
-  for i = 0, count - 1 do
-    local queue, base = KEYS[first + i], spec + 3 * i
-    local queue_name = ARGV[base]
-    while true do
-      local jobid, seq, ready, held, amount = next_candidate(queue, queue_name)
-      if not jobid then break end
-      -- An id without a schedule was unset by a writer that did not remove
-      -- it from its queue (e.g. another language's client): drop it.
-      local schedule = redis.call('HGET', SCHEDULES, jobid)
-      if not schedule then
-        if held then wake_if_room(held) end
-      else
-        local needs_text = redis.call('HGET', NEEDS, jobid) or ''
-        local needs = parse_needs(needs_text)
-        local lacking = blocker(needs, seq)
-        if lacking then
-          park(jobid, lacking, queue_name, seq)
-          -- The place it was woken for goes to the next in line.
-          if held then wake_if_room(held) end
-          parks = parks + 1
-          if parks >= MAX_PARKS then return {'MORE'} end
-        elseif not fits_locally(needs, free) then
-          if ready then -- back where it was, its amount set aside again
-            redis.call('ZADD', READY, 0, ready)
-            if held and amount > 0 then redis.call('HINCRBY', USAGE, held, int(amount)) end
-            redis.call('HSET', PARKING, jobid, 'R' .. (held or '') .. '=' .. int(amount or 0) .. '|' .. ready)
-          else
-            redis.call('RPUSH', queue, jobid)
-          end
-          break
-        else
-          for _, need in ipairs(needs) do
-            if not is_local(need[1]) then redis.call('HINCRBY', USAGE, need[1], int(need[2])) end
-          end
-          local status = redis.call('HGET', STATUSES, jobid) or ''
-          redis.call('HSET', LEASES, jobid, table.concat(
-            {token, queue_name, worker, NOW, ARGV[base + 1], needs_text}, '|'))
-          redis.call('ZADD', DEADLINES, NOW_N + tonumber(ARGV[base + 2]), jobid)
-          redis.call('HSET', STATUSES, jobid, stamp('WRK'))
-          return {'JOB', jobid, i, schedule, status, needs_text}
-        end
+  for _, range in ipairs(ranges) do
+    for _, member in ipairs(redis.call('ZRANGEBYLEX', ASIDE, range[1], range[2], 'LIMIT', 0, ASIDE_LOOK)) do
+      local _, _, seq, queue_name, jobid = aside_parts(member)
+      local i = index[queue_name]
+      if i and not too_big_here(parse_needs(redis.call('HGET', NEEDS, jobid)), room) then
+        redis.call('ZREM', ASIDE, member)
+        redis.call('HDEL', PARKING, jobid)
+        local base = spec + 3 * i
+        local claimed = consider(token, worker, room, i, KEYS[first + i], base, jobid, seq, nil, nil, nil)
+        if type(claimed) == 'table' then return claimed end
       end
     end
   end
   return {'NONE'}
 end
 
+-- Claim the first job found in the queues KEYS[first .. first+count-1], tried
+-- in that order. Per queue i (0-based), ARGV[spec + 3*i .. spec + 3*i + 2] hold
+-- its name, its timeout and the seconds until the lease's first deadline.
+-- `local_room` is the pool's worker-local room ("cpu=3/4,...": free now and
+-- declared) or ''. A job whose global needs have no room is parked on the
+-- resource that lacks it; one that needs more than a capacity (global, or
+-- this pool's local one) is set aside; one the pool lacks local room for
+-- now stays first in its queue.
+-- Returns {'JOB', jobid, i, schedule, status-before-claim, needs},
+-- {'NONE'}, {'MORE'} (parked many: call again), or {'HALT', control} once the
+-- control key holds a value the worker has not seen.
+local function claim(token, worker, control_seen, local_room, first, count, spec)
+  local control = redis.call('GET', CONTROL)
+  if control and control ~= control_seen then
+    return {'HALT', control}
+  end
+  local room = parse_local_room(local_room)
+  local parks = 0
+  for i = 0, count - 1 do
+    local queue, base = KEYS[first + i], spec + 3 * i
+    while true do
+      local jobid, seq, ready, held, amount = next_candidate(queue, ARGV[base])
+      if not jobid then break end
+      local claimed = consider(token, worker, room, i, queue, base, jobid, seq, ready, held, amount)
+      if type(claimed) == 'table' then return claimed end
+      if claimed == 'full' then break end
+      if claimed == 'parked' then
+        parks = parks + 1
+        if parks >= MAX_PARKS then return {'MORE'} end
+      end
+    end
+  end
+  return claim_aside(token, worker, local_room, room, first, count, spec)
+end
+
 -- What is wrong with the arguments of claim() (see there), or nil.
-local function claim_error(token, worker, local_free, first, count, spec)
+local function claim_error(token, worker, local_room, first, count, spec)
   if not is_name(token) then return bad('token', token) end
   if not is_name(worker) then return bad('worker id', worker) end
-  if not is_amounts(local_free, 0, MAX_CAPACITY) then return bad('free worker-local amounts', local_free) end
+  if not is_local_room(local_room) then return bad('worker-local room', local_room) end
   if #KEYS ~= first + count - 1 or #ARGV ~= spec + 3 * count - 1 then
     return bad('count of queues', count)
   end
