@@ -265,7 +265,8 @@ def test_python_reads_what_lua_writes(client: redis.Redis, prefix: str) -> None:
     assert decode_aside(member) == Aside("small", 3, decode_aside(member).seq, "A", "big:A")
     assert decode_parking(client.hget(env.keys.parking, "big:A")) == SetAside(2, decode_aside(member))
     local = env.pool("A", resources={"slots": 2})
-    assert decode_local_room(local._claim_part(Rotation(local.queue_names), "t", "w", {})[1][3]) \
+    slot = local.claims.slot(0, "w")
+    assert decode_local_room(slot._claim_part(Rotation(local.queue_names), "t", {})[1][3]) \
         == {"worker:slots": (2, 2)}
     env.bike.set("run:A", "AT:2030-01-01T00:00:00Z")  # while it runs: a pending placement
     kind, at, status = decode_pending(client.hget(env.keys.pending, "run:A"))
