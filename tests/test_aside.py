@@ -8,10 +8,8 @@ the real server), then real `redbike work` processes.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
-from typing import Any
 
 import pytest
 import redis
@@ -97,6 +95,22 @@ def test_capacity_zero_still_pauses_in_line(env: REnv) -> None:
     assert env.parked() == [("db:x", "a:A")] and aside(env) == []
 
 
+def test_a_paused_line_unpaused_too_small_sets_its_new_head_aside(env: REnv) -> None:
+    """Regression (found by the property test): raising a paused capacity to
+    less than the second job in line needs woke the first, and left the second
+    at the head of the line, which it could never leave."""
+    env.bike.set_capacity("db:x", 0)
+    env.bike.set("small:A", "NOW", needs="db:x")
+    env.bike.set("big:A", "NOW", needs="db:x=3")
+    env.bike.set("after:A", "NOW", needs="db:x")
+    assert env.claim() is None
+    assert env.parked() == [("db:x", "small:A"), ("db:x", "big:A"), ("db:x", "after:A")]
+    env.bike.set_capacity("db:x", 1)
+    assert env.ready() == ["small:A"] and aside(env) == ["big:A"]
+    assert env.parked() == [("db:x", "after:A")]
+    assert env.waiting_for("big:A") == "needs 3 of db:x, capacity 1"
+
+
 def test_unset_and_set_take_a_job_out_of_aside(env: REnv) -> None:
     env.bike.set_capacity("db:x", 2)
     env.bike.set("gone:A", "NOW", needs="db:x=3")
@@ -177,19 +191,6 @@ def test_local_room_and_aside_records_round_trip() -> None:
 
 def aside_jobs(client: redis.Redis, keys: Keys) -> list[str]:
     return [member.rsplit("|", 1)[1] for member in client.zrange(keys.aside, 0, -1)]
-
-
-@pytest.fixture
-def daemons(workdir: Path, redis_server: Any, prefix: str) -> Any:
-    env = {**os.environ, "TESTLOG_URL": redis_server.url, "TESTLOG_KEY": f"{prefix}:testlog",
-           "PYTHONUNBUFFERED": "1"}
-    logs = workdir / "logs"
-    logs.mkdir()
-    started = Daemons(logs, env)
-    try:
-        yield started
-    finally:
-        started.cleanup()
 
 
 def test_a_pool_with_two_slots_runs_the_jobs_behind_one_needing_three(

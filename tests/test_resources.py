@@ -1151,7 +1151,7 @@ class ResourceMachine(RuleBasedStateMachine):
             assert self._amounts(s["needs"].get(jobid)).get(resource) == int(amount) > seen
             assert queue == jobid.rsplit(":", 1)[1]
             if resource.startswith("worker:"):  # more than a pool of its queue has
-                assert seen in {pool.local_capacity.get(resource) for pool in self.pools.values()}
+                assert seen in {pool.claims.local_capacity.get(resource) for pool in self.pools.values()}
             else:  # more than the capacity now (0 pauses: it waits aside until there is enough)
                 cap = self.caps[resource]
                 assert cap is not None and int(amount) > cap, (member, cap)

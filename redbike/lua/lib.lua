@@ -264,9 +264,13 @@ local function wake(resource, room, capacity)
     local want = WAKE_BATCH - woken
     if room then want = math.min(want, room) end
     if want <= 0 and not sized then break end
-    -- With no room, still look at the head: it may never fit.
+    -- With a capacity, look one past the jobs there is room for: the head
+    -- left after them (or the head, with no room) may never fit, and must
+    -- not hold the line.
+    local limit = math.max(want, 1)
+    if sized then limit = math.max(want, 0) + 1 end
     local heads = redis.call('ZRANGEBYLEX', PARKED, '[' .. resource .. '|', '(' .. resource .. '|' .. LAST,
-      'LIMIT', 0, math.max(want, 1))
+      'LIMIT', 0, limit)
     for _, member in ipairs(heads) do
       local _, seq, queue_name, jobid = parked_parts(member)
       local amount = need_of(jobid, resource)
