@@ -117,16 +117,35 @@ def prefix() -> str:
     return f"t{uuid.uuid4().hex[:8]}"
 
 
+def write_config(folder: Path, prefix: str, url: str, *, worker: str = "testworker:Recorder('A:B')",
+                 default_timeout: float = 30) -> Path:
+    """``folder`` (made if need be) with a .redbike.conf for ``url`` and the test worker module."""
+    folder.mkdir(exist_ok=True)
+    (folder / ".redbike.conf").write_text(
+        f"[redbike]\nprefix = {prefix}\nworker = {worker}\n"
+        f"timefile = {folder / 'timefile'}\ndefault-timeout = {default_timeout:g}\n\n"
+        f"[redbike-redis]\nurl = {url}\n"
+    )
+    shutil.copy(ROOT / "tests" / "testworker.py", folder / "testworker.py")
+    return folder
+
+
 @pytest.fixture
 def workdir(tmp_path: Path, redis_server: RedisServer, prefix: str) -> Path:
     """A folder with a .redbike.conf pointing at the test server and a worker module."""
-    (tmp_path / ".redbike.conf").write_text(
-        f"[redbike]\nprefix = {prefix}\nworker = testworker:Recorder('A:B')\n"
-        f"timefile = {tmp_path / 'timefile'}\ndefault-timeout = 30\n\n"
-        f"[redbike-redis]\nurl = {redis_server.url}\n"
-    )
-    shutil.copy(ROOT / "tests" / "testworker.py", tmp_path / "testworker.py")
-    return tmp_path
+    return write_config(tmp_path, prefix, redis_server.url)
+
+
+@pytest.fixture
+def testlog(prefix: str) -> str:
+    """The list the test worker (testworker.py) records its runs in."""
+    return f"{prefix}:testlog"
+
+
+@pytest.fixture
+def process_env(redis_server: RedisServer, testlog: str) -> dict[str, str]:
+    """The environment of redbike processes a test starts: their runs are recorded in ``testlog``."""
+    return dict(os.environ, TESTLOG_URL=redis_server.url, TESTLOG_KEY=testlog, PYTHONUNBUFFERED="1")
 
 
 def redbike_command(*args: str) -> list[str]:
@@ -175,6 +194,18 @@ class Daemons:
                 f"--- {' '.join(process.args[2:])} (pid {process.pid}, exit {process.returncode})"
             )
             print(path.read_text(errors="replace")[-3000:])
+
+
+@pytest.fixture
+def daemons(tmp_path: Path, process_env: dict[str, str]) -> Iterator[Daemons]:
+    """Start redbike processes (logs in tmp_path/logs); killed at the end of the test."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    started = Daemons(logs, process_env)
+    try:
+        yield started
+    finally:
+        started.cleanup()
 
 
 def alive(pid: int) -> bool:

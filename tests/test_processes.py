@@ -14,7 +14,6 @@ import csv
 import io
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -28,8 +27,6 @@ from typing import Any
 import pytest
 import redis
 from conftest import (
-    ROOT,
-    Daemons,
     RedisServer,
     alive,
     free_port,
@@ -37,6 +34,7 @@ from conftest import (
     redbike_command,
     wait_for,
     worker_of,
+    write_config,
 )
 
 from redbike import Redbike, RoundRobin
@@ -49,24 +47,8 @@ EXIT_TIMEOUT = 10  # seconds a daemon may take to exit after HALT or SIGTERM
 
 
 @pytest.fixture
-def testlog(prefix: str) -> str:
-    return f"{prefix}:testlog"
-
-
-@pytest.fixture
-def env(redis_server: RedisServer, testlog: str) -> dict[str, str]:
-    return dict(os.environ, TESTLOG_URL=redis_server.url, TESTLOG_KEY=testlog, PYTHONUNBUFFERED="1")
-
-
-@pytest.fixture
-def daemons(tmp_path: Path, env: dict[str, str]) -> Any:
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    started = Daemons(logs, env)
-    try:
-        yield started
-    finally:
-        started.cleanup()
+def env(process_env: dict[str, str]) -> dict[str, str]:
+    return process_env
 
 
 @pytest.fixture
@@ -140,16 +122,6 @@ def leads(client: redis.Redis, keys: Keys) -> str | None:
 
 def subscribed(client: redis.Redis, channel: str) -> bool:
     return client.pubsub_numsub(channel)[0][1] >= 1
-
-
-def write_config(folder: Path, prefix: str, url: str) -> None:
-    folder.mkdir(exist_ok=True)
-    (folder / ".redbike.conf").write_text(
-        f"[redbike]\nprefix = {prefix}\nworker = testworker:Recorder('A:B')\n"
-        f"timefile = {folder / 'timefile'}\ndefault-timeout = 30\n\n"
-        f"[redbike-redis]\nurl = {url}\n"
-    )
-    shutil.copy(ROOT / "tests" / "testworker.py", folder / "testworker.py")
 
 
 def one_line_error(result: subprocess.CompletedProcess) -> str:

@@ -7,13 +7,11 @@ a stop while Redis is down. Fixtures and helpers as in test_processes.py."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import time
-from pathlib import Path
 
-from conftest import ROOT, RedisServer, alive, wait_for
-from test_processes import bike, daemons, ends, env, halt, keys, starts, testlog  # noqa: F401 - fixtures
+from conftest import RedisServer, alive, wait_for, write_config
+from test_processes import bike, ends, env, halt, keys, starts  # noqa: F401 - fixtures
 
 from redbike import Redbike, RoundRobin
 
@@ -39,18 +37,6 @@ def test_each_failed_run_is_logged_and_with_v_every_start_and_end(workdir, clien
     halt(workdir, env, quiet, verbose)
 
 
-def write_home(folder: Path, prefix: str, url: str, default_timeout: float) -> Path:
-    """A folder with a config for ``url`` and the test worker."""
-    folder.mkdir()
-    (folder / ".redbike.conf").write_text(
-        f"[redbike]\nprefix = {prefix}\nworker = testworker:Recorder('A')\n"
-        f"timefile = {folder / 'timefile'}\ndefault-timeout = {default_timeout:g}\n\n"
-        f"[redbike-redis]\nurl = {url}\n"
-    )
-    shutil.copy(ROOT / "tests" / "testworker.py", folder / "testworker.py")
-    return folder
-
-
 def test_a_run_whose_lease_was_lost_is_killed_at_once(tmp_path, redis_server, client, prefix, keys, bike,
                                                       daemons, testlog, env):
     """A worker stopped (SIGSTOP) past its lease's deadline: the dispatcher
@@ -58,7 +44,7 @@ def test_a_run_whose_lease_was_lost_is_killed_at_once(tmp_path, redis_server, cl
     resumes, its heartbeat finds the lease gone and kills its copy at once;
     tell says so. Leases last 15 s + 2 s grace, so the job (timeout 120 s) is
     renewed, and the stop lasts until the second worker has started it."""
-    home = write_home(tmp_path / "home", prefix, redis_server.url, 120)
+    home = write_config(tmp_path / "home", prefix, redis_server.url, worker="testworker:Recorder('A')", default_timeout=120)
     dispatcher = daemons.start("dispatch", cwd=home)
     first = daemons.start("work", cwd=home)
     bike.set("sleep60-lost:A", "NOW")
@@ -97,7 +83,7 @@ def test_a_second_signal_stops_a_worker_while_redis_is_down(tmp_path, client, pr
     server = RedisServer(folder)  # a server of its own, saved to disk and restarted
     server.start()
     try:
-        home = write_home(tmp_path / "home", prefix, server.url, 30)
+        home = write_config(tmp_path / "home", prefix, server.url, worker="testworker:Recorder('A')")
         worker = daemons.start("work", cwd=home)
         own = server.client()
         Redbike(RoundRobin(), prefix=prefix, client=own).set("sleep1-down:A", "NOW")
