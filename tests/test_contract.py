@@ -61,7 +61,7 @@ def source(name: str) -> str:
 
 
 def lua_constant(name: str) -> str:
-    match = re.search(rf"^local {name} = ('[^']*'|[\d.e]+)", LIB, re.MULTILINE)
+    match = re.search(rf"^L\.{name} = ('[^']*'|[\d.e]+)", LIB, re.MULTILINE)
     assert match, f"lib.lua defines no {name}"
     return match.group(1).strip("'")
 
@@ -98,11 +98,11 @@ def test_lib_lists_the_job_state_keys_in_the_order_python_passes_them() -> None:
     listed = re.findall(r"^--\s+KEYS\[(\d+)\]\s+(\w+)", LIB, re.MULTILINE)
     assert [int(n) for n, _ in listed] == list(range(1, len(listed) + 1))
     assert tuple(name for _, name in listed) == records.JOB_STATE
-    assert f"local K, A = {len(records.JOB_STATE)}, 3" in LIB
+    assert f"L.K, L.A = {len(records.JOB_STATE)}, 3" in LIB
     keys = Keys("p")
     assert keys.job_state() == [getattr(keys, name) for name, _ in zip(records.JOB_STATE, listed)]
-    # the locals lib.lua binds KEYS[1..16] to, in the same order
-    bound = re.findall(r"KEYS\[(\d+)\]", LIB.split("local K, A")[0].split("-- D (forget the job).")[1])
+    # the names lib.lua binds KEYS[1..17] to, in the same order
+    bound = re.findall(r"KEYS\[(\d+)\]", LIB.split("L.K, L.A")[0].split("-- D (forget the job).")[1])
     assert [int(n) for n in bound] == list(range(1, len(records.JOB_STATE) + 1))
 
 
@@ -202,9 +202,12 @@ def test_python_passes_what_each_header_says(client: redis.Redis, prefix: str,
 # -- records written by one side, read by the other, on the real server ---------
 
 def lua(client: redis.Redis, body: str, *args: str) -> Any:
-    """Run ``body`` after lib.lua, as every script runs, with ``args`` after the common three."""
+    """Run ``body`` after lib.lua, as every script runs, with ``args`` after the
+    common three; the library's functions are in scope by their own names."""
     keys = Keys("contract").job_state()
-    return client.eval(LIB + "\n" + body, len(keys), *keys, repr(NOW), "d", "q:", *args)
+    names = re.findall(r"^function L\.(\w+)\(", LIB, re.MULTILINE)
+    aliases = f"local {', '.join(names)} = {', '.join('L.' + name for name in names)}\n"
+    return client.eval(LIB + "\n" + aliases + body, len(keys), *keys, repr(NOW), "d", "q:", *args)
 
 
 def test_lua_reads_what_python_writes(client: redis.Redis) -> None:

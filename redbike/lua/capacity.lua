@@ -7,15 +7,15 @@
 -- ARGV: the common three, then resource, capacity.
 -- Returns how many jobs woke, or came back in line if that was a full batch
 -- (call again while it is 1000).
-local resource, capacity = ARGV[A + 1], ARGV[A + 2]
-if not is_resource(resource) then return bad('resource name', resource) end
-if capacity ~= '' and not int_of(capacity, 0, MAX_CAPACITY) then return bad('capacity', capacity) end
+local resource, capacity = ARGV[L.A + 1], ARGV[L.A + 2]
+if not L.is_resource(resource) then return L.bad('resource name', resource) end
+if capacity ~= '' and not L.int_of(capacity, 0, L.MAX_CAPACITY) then return L.bad('capacity', capacity) end
 if capacity == '' then
-  redis.call('HDEL', CAPACITIES, resource)
+  redis.call('HDEL', L.CAPACITIES, resource)
 else
-  redis.call('HSET', CAPACITIES, resource, capacity)
+  redis.call('HSET', L.CAPACITIES, resource, capacity)
 end
-local back = bring_back(resource, tonumber(capacity))
-local woken = wake_if_room(resource)
-if back >= WAKE_BATCH then return back end
+local back = L.bring_back(resource, tonumber(capacity))
+local woken = L.wake_if_room(resource)
+if back >= L.WAKE_BATCH then return back end
 return woken

@@ -3,6 +3,6 @@
 -- ARGV: the common three, then token, worker id, control value seen,
 --       worker-local room ("name=free/capacity,...", '' if none declared),
 --       then per queue: name, timeout, seconds to the first lease deadline.
-local failed = claim_error(ARGV[A + 1], ARGV[A + 2], ARGV[A + 4], K + 1, #KEYS - K, A + 5)
+local failed = L.claim_error(ARGV[L.A + 1], ARGV[L.A + 2], ARGV[L.A + 4], L.K + 1, #KEYS - L.K, L.A + 5)
 if failed then return failed end
-return claim(ARGV[A + 1], ARGV[A + 2], ARGV[A + 3], ARGV[A + 4], K + 1, #KEYS - K, A + 5)
+return L.claim(ARGV[L.A + 1], ARGV[L.A + 2], ARGV[L.A + 3], ARGV[L.A + 4], L.K + 1, #KEYS - L.K, L.A + 5)

@@ -6,16 +6,16 @@
 --       next token, worker id, control value seen, worker-local room,
 --       per-queue specs.
 -- Returns {finish result, claim result}.
-local count = #KEYS - K - 1
-local failed = finish_error(ARGV[A + 1], ARGV[A + 2], ARGV[A + 3], ARGV[A + 4], ARGV[A + 5], ARGV[A + 6])
+local count = #KEYS - L.K - 1
+local failed = L.finish_error(ARGV[L.A + 1], ARGV[L.A + 2], ARGV[L.A + 3], ARGV[L.A + 4], ARGV[L.A + 5], ARGV[L.A + 6])
 if not failed and count > 0 then
-  failed = claim_error(ARGV[A + 8], ARGV[A + 9], ARGV[A + 11], K + 2, count, A + 12)
+  failed = L.claim_error(ARGV[L.A + 8], ARGV[L.A + 9], ARGV[L.A + 11], L.K + 2, count, L.A + 12)
 end
 if failed then return failed end
-local done = finish(ARGV[A + 1], ARGV[A + 2], ARGV[A + 3], ARGV[A + 4], ARGV[A + 5], ARGV[A + 6],
-  KEYS[K + 1], ARGV[A + 7])
+local done = L.finish(ARGV[L.A + 1], ARGV[L.A + 2], ARGV[L.A + 3], ARGV[L.A + 4], ARGV[L.A + 5], ARGV[L.A + 6],
+  KEYS[L.K + 1], ARGV[L.A + 7])
 if type(done) == 'table' then return done end -- an error reply
 if count == 0 then
   return {done, {'NONE'}}
 end
-return {done, claim(ARGV[A + 8], ARGV[A + 9], ARGV[A + 10], ARGV[A + 11], K + 2, count, A + 12)}
+return {done, L.claim(ARGV[L.A + 8], ARGV[L.A + 9], ARGV[L.A + 10], ARGV[L.A + 11], L.K + 2, count, L.A + 12)}

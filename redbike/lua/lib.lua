@@ -29,53 +29,59 @@
 -- A placement says where a job goes next: kind Q (its queue), T (the
 -- timeline at "at"), S (nowhere, just a status), X (schedule becomes STOP),
 -- D (forget the job).
-local SCHEDULES, STATUSES, TIMELINE, LEASES, DEADLINES, PENDING, ERRORS, CONTROL, DISPATCHER =
+-- The constants and functions of the library are fields of one table: each
+-- script call creates every function anew, and a function that captures
+-- locals as upvalues (as local functions that call each other and read
+-- shared locals do) costs several times more to create than one that
+-- captures only this table.
+local L = {}
+L.SCHEDULES, L.STATUSES, L.TIMELINE, L.LEASES, L.DEADLINES, L.PENDING, L.ERRORS, L.CONTROL, L.DISPATCHER =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
-local CAPACITIES, USAGE, NEEDS, PARKED, READY, PARKING, PARKSEQ, ASIDE =
+L.CAPACITIES, L.USAGE, L.NEEDS, L.PARKED, L.READY, L.PARKING, L.PARKSEQ, L.ASIDE =
   KEYS[10], KEYS[11], KEYS[12], KEYS[13], KEYS[14], KEYS[15], KEYS[16], KEYS[17]
-local K, A = 17, 3
-local NOW = ARGV[1]
-local NOW_N = tonumber(ARGV[1])
-local DISPATCH_CHANNEL = ARGV[2]
-local QUEUE_CHANNEL_PREFIX = ARGV[3]
-local MAX_PARKS = 64 -- jobs one claim may park before it lets other clients in
-local WAKE_BATCH = 1000 -- jobs one script may wake for a resource without a capacity
-local LOCAL_PREFIX = 'worker:' -- resources local to a worker pool (resources.LOCAL_PREFIX)
-local LAST = '\255' -- sorts after every byte a resource or queue name can hold
-local MAX_AMOUNT = 1000000000 -- most of a resource one job may need (resources.MAX_AMOUNT)
-local MAX_CAPACITY = 1000000000000 -- largest capacity (resources.MAX_CAPACITY)
-local CLEAR_NEEDS = 'none' -- set.lua's needs argument that drops the stored needs (records.CLEAR_NEEDS)
-local AMOUNT_DIGITS = 10 -- an amount in an aside member, zero-padded (records.AMOUNT_DIGITS)
-local ASIDE_LOOK = 16 -- jobs set aside for a local resource one idle claim looks at
-local MAX_TIME = 1e18 -- bound of a time or a number of seconds: '%d' still writes it
+L.K, L.A = 17, 3
+L.NOW = ARGV[1]
+L.NOW_N = tonumber(ARGV[1])
+L.DISPATCH_CHANNEL = ARGV[2]
+L.QUEUE_CHANNEL_PREFIX = ARGV[3]
+L.MAX_PARKS = 64 -- jobs one claim may park before it lets other clients in
+L.WAKE_BATCH = 1000 -- jobs one script may wake for a resource without a capacity
+L.LOCAL_PREFIX = 'worker:' -- resources local to a worker pool (resources.LOCAL_PREFIX)
+L.LAST = '\255' -- sorts after every byte a resource or queue name can hold
+L.MAX_AMOUNT = 1000000000 -- most of a resource one job may need (resources.MAX_AMOUNT)
+L.MAX_CAPACITY = 1000000000000 -- largest capacity (resources.MAX_CAPACITY)
+L.CLEAR_NEEDS = 'none' -- set.lua's needs argument that drops the stored needs (records.CLEAR_NEEDS)
+L.AMOUNT_DIGITS = 10 -- an amount in an aside member, zero-padded (records.AMOUNT_DIGITS)
+L.ASIDE_LOOK = 16 -- jobs set aside for a local resource one idle claim looks at
+L.MAX_TIME = 1e18 -- bound of a time or a number of seconds: '%d' still writes it
 
 -- Numbers written into records and increments: '%d', never Lua's '%.14g'
 -- (2e+14 cannot be read back as an integer).
-local function int(n)
+function L.int(n)
   return string.format('%d', n)
 end
 
 -- Argument checks. Redis does not roll back a script that fails half-way, so
 -- every script checks all of its arguments before its first write.
-local function bad(what, value)
+function L.bad(what, value)
   local shown = string.gsub(string.sub(tostring(value), 1, 80), '%c', '?')
   return redis.error_reply('BADARG bad ' .. what .. ': "' .. shown .. '"')
 end
 
 -- A time or a number of seconds: a decimal (as Python's repr writes one),
 -- finite, within MAX_TIME.
-local function time_of(text)
+function L.time_of(text)
   if type(text) ~= 'string' then return nil end
   if not (string.match(text, '^%-?%d+%.?%d*$') or string.match(text, '^%-?%d+%.?%d*[eE][%+%-]?%d+$')) then
     return nil
   end
   local n = tonumber(text)
-  if n and n == n and n >= -MAX_TIME and n <= MAX_TIME then return n end
+  if n and n == n and n >= -L.MAX_TIME and n <= L.MAX_TIME then return n end
   return nil
 end
 
 -- A whole number in [low, high], or nil.
-local function int_of(text, low, high)
+function L.int_of(text, low, high)
   if type(text) ~= 'string' or not string.match(text, '^%d+$') or #text > 15 then return nil end
   local n = tonumber(text)
   if n >= low and n <= high then return n end
@@ -84,58 +90,58 @@ end
 
 -- A job id or queue name: not empty, no '|' and no control character
 -- (redbike.names).
-local function is_name(text)
+function L.is_name(text)
   return type(text) == 'string' and string.match(text, '%S') ~= nil and not string.find(text, '[|%c]')
 end
 
-local function is_local(name)
-  return string.sub(name, 1, #LOCAL_PREFIX) == LOCAL_PREFIX
+function L.is_local(name)
+  return string.sub(name, 1, #L.LOCAL_PREFIX) == L.LOCAL_PREFIX
 end
 
 -- A resource name as redbike.resources.check_name allows it.
-local function is_resource(text)
+function L.is_resource(text)
   return type(text) == 'string' and string.match(text, '^[^%s|,=%c]+$') ~= nil
 end
 
 -- "a=1,b=2" with each amount in [low, high]; '' is none.
-local function is_amounts(text, low, high)
+function L.is_amounts(text, low, high)
   if text == '' then return true end
   for part in string.gmatch(text .. ',', '([^,]*),') do
     local name, amount = string.match(part, '^([^=]*)=(%d+)$')
-    if not is_resource(name) or not int_of(amount, low, high) then return false end
+    if not L.is_resource(name) or not L.int_of(amount, low, high) then return false end
   end
   return true
 end
 
 -- A claim's worker-local room "a=free/capacity,..." ('' for none), each
 -- free amount at most its capacity.
-local function is_local_room(text)
+function L.is_local_room(text)
   if text == '' then return true end
   for part in string.gmatch(text .. ',', '([^,]*),') do
     local name, free, capacity = string.match(part, '^([^=]*)=(%d+)/(%d+)$')
-    if not is_resource(name) or not is_local(name) then return false end
-    free, capacity = int_of(free, 0, MAX_AMOUNT), int_of(capacity, 0, MAX_AMOUNT)
+    if not L.is_resource(name) or not L.is_local(name) then return false end
+    free, capacity = L.int_of(free, 0, L.MAX_AMOUNT), L.int_of(capacity, 0, L.MAX_AMOUNT)
     if not free or not capacity or free > capacity then return false end
   end
   return true
 end
 
 -- A placement (kind, at, status) as Placement.script_args() gives it.
-local function placement_error(kind, at, status)
+function L.placement_error(kind, at, status)
   if kind ~= 'Q' and kind ~= 'T' and kind ~= 'S' and kind ~= 'X' and kind ~= 'D' then
-    return bad('placement kind', kind)
+    return L.bad('placement kind', kind)
   end
-  if kind == 'T' and not time_of(at) then return bad('placement time', at) end
-  if type(status) ~= 'string' or not string.match(status, '^%u*$') then return bad('status', status) end
+  if kind == 'T' and not L.time_of(at) then return L.bad('placement time', at) end
+  if type(status) ~= 'string' or not string.match(status, '^%u*$') then return L.bad('status', status) end
   return nil
 end
 
-local function stamp(event)
-  return event .. ':' .. string.format('%d', NOW_N)
+function L.stamp(event)
+  return event .. ':' .. string.format('%d', L.NOW_N)
 end
 
-local function fence(token)
-  if redis.call('GET', DISPATCHER) ~= token then
+function L.fence(token)
+  if redis.call('GET', L.DISPATCHER) ~= token then
     return redis.error_reply('FENCED this dispatcher no longer leads')
   end
   return nil
@@ -143,50 +149,50 @@ end
 
 -- The records of records.py, decoded (their encoders are inline below).
 
-local function lease_token_matches(lease, token)
+function L.lease_token_matches(lease, token)
   return lease and string.sub(lease, 1, #token + 1) == token .. '|'
 end
 
 -- A lease record's needs (its last field).
-local function lease_needs(lease)
+function L.lease_needs(lease)
   return string.match(lease, '([^|]*)$')
 end
 
 -- A pending record -> kind, at, status.
-local function pending_parts(pending)
+function L.pending_parts(pending)
   return string.match(pending, '^([^|]*)|([^|]*)|(.*)$')
 end
 
 -- A parked member -> resource, seq, queue, jobid.
-local function parked_parts(member)
+function L.parked_parts(member)
   return string.match(member, '^([^|]*)|([^|]*)|([^|]*)|(.*)$')
 end
 
 -- A ready member -> queue, seq, jobid.
-local function ready_parts(ready)
+function L.ready_parts(ready)
   return string.match(ready, '^([^|]*)|([^|]*)|(.*)$')
 end
 
 -- A woken job's parking value -> resource, amount set aside, ready member.
-local function woken_parts(parking)
+function L.woken_parts(parking)
   local resource, amount, ready = string.match(parking or '', '^R([^=|]*)=(%d+)|(.*)$')
   return resource, tonumber(amount), ready
 end
 
 -- An aside member -> resource, amount, seq, queue, jobid.
-local function aside_parts(member)
+function L.aside_parts(member)
   local resource, amount, seq, queue_name, jobid = string.match(member, '^([^|]*)|(%d+)|([^|]*)|([^|]*)|(.*)$')
   return resource, tonumber(amount), seq, queue_name, jobid
 end
 
 -- An aside job's parking value -> the capacity it exceeded, its aside member.
-local function set_aside_parts(parking)
+function L.set_aside_parts(parking)
   local capacity, member = string.match(parking or '', '^A(%d+)|(.*)$')
   return tonumber(capacity), member
 end
 
 -- "a=1,b=2" -> {{'a', 1}, {'b', 2}}
-local function parse_needs(text)
+function L.parse_needs(text)
   local list = {}
   for name, amount in string.gmatch(text or '', '([^,=]+)=(%d+)') do
     table.insert(list, {name, tonumber(amount)})
@@ -195,57 +201,57 @@ local function parse_needs(text)
 end
 
 -- How much of `resource` a job needs (0 if none).
-local function need_of(jobid, resource)
-  for _, need in ipairs(parse_needs(redis.call('HGET', NEEDS, jobid))) do
+function L.need_of(jobid, resource)
+  for _, need in ipairs(L.parse_needs(redis.call('HGET', L.NEEDS, jobid))) do
     if need[1] == resource then return need[2] end
   end
   return 0
 end
 
-local function give_back(resource, amount)
-  if amount > 0 and redis.call('HINCRBY', USAGE, resource, int(-amount)) <= 0 then
-    redis.call('HDEL', USAGE, resource)
+function L.give_back(resource, amount)
+  if amount > 0 and redis.call('HINCRBY', L.USAGE, resource, L.int(-amount)) <= 0 then
+    redis.call('HDEL', L.USAGE, resource)
   end
 end
 
 -- The first job in line for `resource` (its parked member and seq), or nil.
-local function first_in_line(resource)
-  local member = redis.call('ZRANGEBYLEX', PARKED, '[' .. resource .. '|', '(' .. resource .. '|' .. LAST,
+function L.first_in_line(resource)
+  local member = redis.call('ZRANGEBYLEX', L.PARKED, '[' .. resource .. '|', '(' .. resource .. '|' .. L.LAST,
     'LIMIT', 0, 1)[1]
   if member then
-    local _, seq = parked_parts(member)
+    local _, seq = L.parked_parts(member)
     return member, seq
   end
   return nil, nil
 end
 
-local function new_seq(seq)
-  return seq or string.format('%016d', redis.call('INCR', PARKSEQ))
+function L.new_seq(seq)
+  return seq or string.format('%016d', redis.call('INCR', L.PARKSEQ))
 end
 
 -- Put a job in line for `resource`, at its place `seq` (kept from an earlier
 -- wait, so that it keeps its age) or at the back.
-local function park(jobid, resource, queue_name, seq)
-  local member = resource .. '|' .. new_seq(seq) .. '|' .. queue_name .. '|' .. jobid
-  redis.call('ZADD', PARKED, 0, member)
-  redis.call('HSET', PARKING, jobid, 'P' .. member)
+function L.park(jobid, resource, queue_name, seq)
+  local member = resource .. '|' .. L.new_seq(seq) .. '|' .. queue_name .. '|' .. jobid
+  redis.call('ZADD', L.PARKED, 0, member)
+  redis.call('HSET', L.PARKING, jobid, 'P' .. member)
 end
 
 -- Set a job aside: it needs `amount` of `resource`, more than its `capacity`
 -- (seen by the script or, for a local resource, declared by the pool that
 -- tried it), so it would hold its line forever. It keeps its `seq`.
-local function set_aside(jobid, resource, amount, capacity, queue_name, seq)
-  local padded = string.format('%0' .. AMOUNT_DIGITS .. 'd', amount)
-  local member = table.concat({resource, padded, new_seq(seq), queue_name, jobid}, '|')
-  redis.call('ZADD', ASIDE, 0, member)
-  redis.call('HSET', PARKING, jobid, 'A' .. int(capacity) .. '|' .. member)
+function L.set_aside(jobid, resource, amount, capacity, queue_name, seq)
+  local padded = string.format('%0' .. L.AMOUNT_DIGITS .. 'd', amount)
+  local member = table.concat({resource, padded, L.new_seq(seq), queue_name, jobid}, '|')
+  redis.call('ZADD', L.ASIDE, 0, member)
+  redis.call('HSET', L.PARKING, jobid, 'A' .. L.int(capacity) .. '|' .. member)
 end
 
 -- ZRANGEBYLEX bounds of the jobs set aside for `resource` that need at most
 -- `most` of it (nil: any amount).
-local function aside_range(resource, most)
-  if not most then return '[' .. resource .. '|', '(' .. resource .. '|' .. LAST end
-  local above = string.format('%0' .. AMOUNT_DIGITS .. 'd', math.min(most, MAX_AMOUNT) + 1)
+function L.aside_range(resource, most)
+  if not most then return '[' .. resource .. '|', '(' .. resource .. '|' .. L.LAST end
+  local above = string.format('%0' .. L.AMOUNT_DIGITS .. 'd', math.min(most, L.MAX_AMOUNT) + 1)
   return '[' .. resource .. '|', '(' .. resource .. '|' .. above
 end
 
@@ -256,12 +262,12 @@ end
 -- Stops at the first job that does not fit: jobs start in line order. A job
 -- that needs more than `capacity` (a lowered one; 0 pauses, it is not too
 -- small) is set aside instead of holding the line.
-local function wake(resource, room, capacity)
+function L.wake(resource, room, capacity)
   local sized = capacity and capacity > 0
   local woken, moved = 0, true
   while moved do
     moved = false
-    local want = WAKE_BATCH - woken
+    local want = L.WAKE_BATCH - woken
     if room then want = math.min(want, room) end
     if want <= 0 and not sized then break end
     -- With a capacity, look one past the jobs there is room for: the head
@@ -269,14 +275,14 @@ local function wake(resource, room, capacity)
     -- not hold the line.
     local limit = math.max(want, 1)
     if sized then limit = math.max(want, 0) + 1 end
-    local heads = redis.call('ZRANGEBYLEX', PARKED, '[' .. resource .. '|', '(' .. resource .. '|' .. LAST,
+    local heads = redis.call('ZRANGEBYLEX', L.PARKED, '[' .. resource .. '|', '(' .. resource .. '|' .. L.LAST,
       'LIMIT', 0, limit)
     for _, member in ipairs(heads) do
-      local _, seq, queue_name, jobid = parked_parts(member)
-      local amount = need_of(jobid, resource)
+      local _, seq, queue_name, jobid = L.parked_parts(member)
+      local amount = L.need_of(jobid, resource)
       if sized and amount > capacity then
-        redis.call('ZREM', PARKED, member)
-        set_aside(jobid, resource, amount, capacity, queue_name, seq)
+        redis.call('ZREM', L.PARKED, member)
+        L.set_aside(jobid, resource, amount, capacity, queue_name, seq)
         moved = true
       elseif want <= 0 or (room and amount > room) then
         moved = false
@@ -285,11 +291,11 @@ local function wake(resource, room, capacity)
         if room then room = room - amount end
         want = want - 1
         local ready = queue_name .. '|' .. seq .. '|' .. jobid
-        redis.call('ZREM', PARKED, member)
-        redis.call('ZADD', READY, 0, ready)
-        if amount > 0 then redis.call('HINCRBY', USAGE, resource, int(amount)) end
-        redis.call('HSET', PARKING, jobid, 'R' .. resource .. '=' .. int(amount) .. '|' .. ready)
-        redis.call('PUBLISH', QUEUE_CHANNEL_PREFIX .. queue_name, '1')
+        redis.call('ZREM', L.PARKED, member)
+        redis.call('ZADD', L.READY, 0, ready)
+        if amount > 0 then redis.call('HINCRBY', L.USAGE, resource, L.int(amount)) end
+        redis.call('HSET', L.PARKING, jobid, 'R' .. resource .. '=' .. L.int(amount) .. '|' .. ready)
+        redis.call('PUBLISH', L.QUEUE_CHANNEL_PREFIX .. queue_name, '1')
         woken = woken + 1
       end
     end
@@ -299,99 +305,99 @@ end
 
 -- Wake as many jobs parked on `resource` as it has room for now (at most
 -- WAKE_BATCH when it has become unlimited). Returns how many woke.
-local function wake_if_room(resource)
-  local capacity = redis.call('HGET', CAPACITIES, resource)
+function L.wake_if_room(resource)
+  local capacity = redis.call('HGET', L.CAPACITIES, resource)
   if not capacity then
-    return wake(resource, nil, nil)
+    return L.wake(resource, nil, nil)
   end
   capacity = tonumber(capacity)
-  return wake(resource, capacity - tonumber(redis.call('HGET', USAGE, resource) or '0'), capacity)
+  return L.wake(resource, capacity - tonumber(redis.call('HGET', L.USAGE, resource) or '0'), capacity)
 end
 
 -- Put the jobs set aside for global `resource` that fit its `capacity` (nil:
 -- unlimited) back in line, each at the place its seq gives it (at most
 -- WAKE_BATCH). Returns how many came back.
-local function bring_back(resource, capacity)
-  if capacity == 0 or is_local(resource) then return 0 end
-  local low, high = aside_range(resource, capacity)
-  local members = redis.call('ZRANGEBYLEX', ASIDE, low, high, 'LIMIT', 0, WAKE_BATCH)
+function L.bring_back(resource, capacity)
+  if capacity == 0 or L.is_local(resource) then return 0 end
+  local low, high = L.aside_range(resource, capacity)
+  local members = redis.call('ZRANGEBYLEX', L.ASIDE, low, high, 'LIMIT', 0, L.WAKE_BATCH)
   for _, member in ipairs(members) do
-    local _, _, seq, queue_name, jobid = aside_parts(member)
-    redis.call('ZREM', ASIDE, member)
-    park(jobid, resource, queue_name, seq)
+    local _, _, seq, queue_name, jobid = L.aside_parts(member)
+    redis.call('ZREM', L.ASIDE, member)
+    L.park(jobid, resource, queue_name, seq)
   end
   return #members
 end
 
 -- Give back the global resources a run held (its lease's needs).
-local function release(needs_text)
-  for _, need in ipairs(parse_needs(needs_text)) do
-    if not is_local(need[1]) then
-      give_back(need[1], need[2])
-      wake_if_room(need[1])
+function L.release(needs_text)
+  for _, need in ipairs(L.parse_needs(needs_text)) do
+    if not L.is_local(need[1]) then
+      L.give_back(need[1], need[2])
+      L.wake_if_room(need[1])
     end
   end
 end
 
 -- Take a job out of wherever it waits: timeline, queue, parked or ready.
-local function unplace(jobid, queue)
-  redis.call('ZREM', TIMELINE, jobid)
-  local status = redis.call('HGET', STATUSES, jobid)
+function L.unplace(jobid, queue)
+  redis.call('ZREM', L.TIMELINE, jobid)
+  local status = redis.call('HGET', L.STATUSES, jobid)
   if status and string.sub(status, 1, 4) == 'ENQ:' then
-    local parking = redis.call('HGET', PARKING, jobid)
+    local parking = redis.call('HGET', L.PARKING, jobid)
     if parking then
-      redis.call('HDEL', PARKING, jobid)
-      local resource, amount, ready = woken_parts(parking)
-      local _, aside = set_aside_parts(parking)
+      redis.call('HDEL', L.PARKING, jobid)
+      local resource, amount, ready = L.woken_parts(parking)
+      local _, aside = L.set_aside_parts(parking)
       if ready then -- woken: the amount set aside for it goes to the next in line
-        redis.call('ZREM', READY, ready)
-        give_back(resource, amount)
+        redis.call('ZREM', L.READY, ready)
+        L.give_back(resource, amount)
       elseif aside then -- set aside: it held no line
-        redis.call('ZREM', ASIDE, aside)
+        redis.call('ZREM', L.ASIDE, aside)
       else -- parked: the next in line may fit now that it is gone
-        redis.call('ZREM', PARKED, string.sub(parking, 2))
-        resource = parked_parts(string.sub(parking, 2))
+        redis.call('ZREM', L.PARKED, string.sub(parking, 2))
+        resource = L.parked_parts(string.sub(parking, 2))
       end
-      if resource and resource ~= '' then wake_if_room(resource) end
+      if resource and resource ~= '' then L.wake_if_room(resource) end
     else
       redis.call('LREM', queue, 0, jobid)
     end
   end
 end
 
-local function enqueue(jobid, queue, channel)
+function L.enqueue(jobid, queue, channel)
   -- Only a push onto an empty queue wakes idle workers: any worker that went
   -- idle saw the queue empty, so the push that filled it is the one to hear.
   if redis.call('LPUSH', queue, jobid) == 1 then
     redis.call('PUBLISH', channel, '1')
   end
-  redis.call('HSET', STATUSES, jobid, stamp('ENQ'))
+  redis.call('HSET', L.STATUSES, jobid, L.stamp('ENQ'))
 end
 
-local function forget(jobid)
-  for _, key in ipairs({SCHEDULES, STATUSES, ERRORS, PENDING, NEEDS}) do
+function L.forget(jobid)
+  for _, key in ipairs({L.SCHEDULES, L.STATUSES, L.ERRORS, L.PENDING, L.NEEDS}) do
     redis.call('HDEL', key, jobid)
   end
 end
 
-local function place(jobid, kind, at, status, queue, channel)
+function L.place(jobid, kind, at, status, queue, channel)
   if kind == 'Q' then
-    enqueue(jobid, queue, channel)
+    L.enqueue(jobid, queue, channel)
   elseif kind == 'T' then
-    local head = redis.call('ZRANGE', TIMELINE, 0, 0, 'WITHSCORES')
-    redis.call('ZADD', TIMELINE, at, jobid)
-    redis.call('HSET', STATUSES, jobid, stamp(status))
+    local head = redis.call('ZRANGE', L.TIMELINE, 0, 0, 'WITHSCORES')
+    redis.call('ZADD', L.TIMELINE, at, jobid)
+    redis.call('HSET', L.STATUSES, jobid, L.stamp(status))
     -- Wake the dispatcher only when it would otherwise sleep past this job.
     if head[2] == nil or tonumber(at) < tonumber(head[2]) then
-      redis.call('PUBLISH', DISPATCH_CHANNEL, at)
+      redis.call('PUBLISH', L.DISPATCH_CHANNEL, at)
     end
   elseif kind == 'S' then
-    redis.call('HSET', STATUSES, jobid, stamp(status))
+    redis.call('HSET', L.STATUSES, jobid, L.stamp(status))
   elseif kind == 'X' then
-    redis.call('HSET', SCHEDULES, jobid, 'STOP')
-    redis.call('HSET', STATUSES, jobid, stamp(status))
+    redis.call('HSET', L.SCHEDULES, jobid, 'STOP')
+    redis.call('HSET', L.STATUSES, jobid, L.stamp(status))
   elseif kind == 'D' then
-    forget(jobid)
+    L.forget(jobid)
   else
     return redis.error_reply('unknown placement kind ' .. tostring(kind))
   end
@@ -402,27 +408,27 @@ end
 -- and place the job. A `set` made while the job ran (the pending placement)
 -- wins over the run's own; a job unset while it ran is just released. A stale
 -- token changes nothing.
-local function finish(jobid, token, kind, at, status, err, queue, channel)
-  local lease = redis.call('HGET', LEASES, jobid)
-  if not lease_token_matches(lease, token) then
+function L.finish(jobid, token, kind, at, status, err, queue, channel)
+  local lease = redis.call('HGET', L.LEASES, jobid)
+  if not L.lease_token_matches(lease, token) then
     return 'STALE'
   end
-  redis.call('HDEL', LEASES, jobid)
-  redis.call('ZREM', DEADLINES, jobid)
-  release(lease_needs(lease))
-  if redis.call('HEXISTS', SCHEDULES, jobid) == 0 then
-    redis.call('HDEL', PENDING, jobid)
+  redis.call('HDEL', L.LEASES, jobid)
+  redis.call('ZREM', L.DEADLINES, jobid)
+  L.release(L.lease_needs(lease))
+  if redis.call('HEXISTS', L.SCHEDULES, jobid) == 0 then
+    redis.call('HDEL', L.PENDING, jobid)
     return 'GONE'
   end
   if err ~= '' then
-    redis.call('HSET', ERRORS, jobid, err)
+    redis.call('HSET', L.ERRORS, jobid, err)
   end
-  local pending = redis.call('HGET', PENDING, jobid)
+  local pending = redis.call('HGET', L.PENDING, jobid)
   if pending then
-    redis.call('HDEL', PENDING, jobid)
-    kind, at, status = pending_parts(pending)
+    redis.call('HDEL', L.PENDING, jobid)
+    kind, at, status = L.pending_parts(pending)
   end
-  local failed = place(jobid, kind, at, status, queue, channel)
+  local failed = L.place(jobid, kind, at, status, queue, channel)
   if failed then return failed end
   return 'DONE'
 end
@@ -433,15 +439,15 @@ end
 -- job's other needs, or passes it on.
 -- Returns jobid, its park sequence (if it was parked), its ready member, and
 -- the resource and amount that were set aside for it.
-local function next_candidate(queue, queue_name)
-  local ready = redis.call('ZRANGEBYLEX', READY, '[' .. queue_name .. '|', '(' .. queue_name .. '|' .. LAST,
+function L.next_candidate(queue, queue_name)
+  local ready = redis.call('ZRANGEBYLEX', L.READY, '[' .. queue_name .. '|', '(' .. queue_name .. '|' .. L.LAST,
     'LIMIT', 0, 1)[1]
   if ready then
-    redis.call('ZREM', READY, ready)
-    local _, seq, jobid = ready_parts(ready)
-    local resource, amount = woken_parts(redis.call('HGET', PARKING, jobid))
-    redis.call('HDEL', PARKING, jobid)
-    if resource then give_back(resource, amount) end
+    redis.call('ZREM', L.READY, ready)
+    local _, seq, jobid = L.ready_parts(ready)
+    local resource, amount = L.woken_parts(redis.call('HGET', L.PARKING, jobid))
+    redis.call('HDEL', L.PARKING, jobid)
+    if resource then L.give_back(resource, amount) end
     return jobid, seq, ready, resource, amount
   end
   return redis.call('RPOP', queue), nil, nil, nil, nil
@@ -453,16 +459,16 @@ end
 -- overtakes one that waits for the same resource. For a job that needs more
 -- than a capacity (not 0: that is a pause) and so would hold the line
 -- forever, also the amount it needs and the capacity.
-local function blocker(needs, seq)
+function L.blocker(needs, seq)
   for _, need in ipairs(needs) do
-    if not is_local(need[1]) then
-      local capacity = redis.call('HGET', CAPACITIES, need[1])
+    if not L.is_local(need[1]) then
+      local capacity = redis.call('HGET', L.CAPACITIES, need[1])
       if capacity then
         capacity = tonumber(capacity)
         if capacity > 0 and need[2] > capacity then return need[1], need[2], capacity end
-        local used = tonumber(redis.call('HGET', USAGE, need[1]) or '0')
+        local used = tonumber(redis.call('HGET', L.USAGE, need[1]) or '0')
         if used + need[2] > capacity then return need[1] end
-        local first, first_seq = first_in_line(need[1])
+        local first, first_seq = L.first_in_line(need[1])
         if first and (not seq or first_seq < seq) then return need[1] end
       end
     end
@@ -472,7 +478,7 @@ end
 
 -- A claim's worker-local room (see is_local_room) -> name -> {free,
 -- capacity}, or nil when the pool declared none (then they are unlimited).
-local function parse_local_room(text)
+function L.parse_local_room(text)
   if text == '' then return nil end
   local room = {}
   for name, free, capacity in string.gmatch(text, '([^,=]+)=(%d+)/(%d+)') do
@@ -483,7 +489,7 @@ end
 
 -- The first worker-local need in `needs` larger than the pool's capacity
 -- (its name, the amount and the capacity), or nil.
-local function too_big_here(needs, room)
+function L.too_big_here(needs, room)
   if not room then return nil end
   for _, need in ipairs(needs) do
     local have = room[need[1]]
@@ -493,7 +499,7 @@ local function too_big_here(needs, room)
 end
 
 -- Whether the pool has the worker-local amounts `needs` asks for free now.
-local function fits_locally(needs, room)
+function L.fits_locally(needs, room)
   if not room then return true end
   for _, need in ipairs(needs) do
     local have = room[need[1]]
@@ -507,47 +513,47 @@ end
 -- and returns the claim's reply; or returns 'parked' (in line for a global
 -- resource, or set aside: it needs more than a capacity), 'full' (the pool
 -- lacks local room now: it stays first in its queue) or 'dropped'.
-local function consider(token, worker, room, i, queue, base, jobid, seq, ready, held, amount)
+function L.consider(token, worker, room, i, queue, base, jobid, seq, ready, held, amount)
   local queue_name = ARGV[base]
   -- An id without a schedule was unset by a writer that did not remove it
   -- from its queue (e.g. another language's client): drop it.
-  local schedule = redis.call('HGET', SCHEDULES, jobid)
+  local schedule = redis.call('HGET', L.SCHEDULES, jobid)
   if not schedule then
-    if held then wake_if_room(held) end
+    if held then L.wake_if_room(held) end
     return 'dropped'
   end
-  local needs_text = redis.call('HGET', NEEDS, jobid) or ''
-  local needs = parse_needs(needs_text)
-  local lacking, need, capacity = too_big_here(needs, room)
-  if not lacking then lacking, need, capacity = blocker(needs, seq) end
+  local needs_text = redis.call('HGET', L.NEEDS, jobid) or ''
+  local needs = L.parse_needs(needs_text)
+  local lacking, need, capacity = L.too_big_here(needs, room)
+  if not lacking then lacking, need, capacity = L.blocker(needs, seq) end
   if lacking then
     if capacity then
-      set_aside(jobid, lacking, need, capacity, queue_name, seq)
+      L.set_aside(jobid, lacking, need, capacity, queue_name, seq)
     else
-      park(jobid, lacking, queue_name, seq)
+      L.park(jobid, lacking, queue_name, seq)
     end
     -- The place it was woken for goes to the next in line.
-    if held then wake_if_room(held) end
+    if held then L.wake_if_room(held) end
     return 'parked'
   end
-  if not fits_locally(needs, room) then
+  if not L.fits_locally(needs, room) then
     if ready then -- back where it was, its amount set aside again
-      redis.call('ZADD', READY, 0, ready)
-      if held and amount > 0 then redis.call('HINCRBY', USAGE, held, int(amount)) end
-      redis.call('HSET', PARKING, jobid, 'R' .. (held or '') .. '=' .. int(amount or 0) .. '|' .. ready)
+      redis.call('ZADD', L.READY, 0, ready)
+      if held and amount > 0 then redis.call('HINCRBY', L.USAGE, held, L.int(amount)) end
+      redis.call('HSET', L.PARKING, jobid, 'R' .. (held or '') .. '=' .. L.int(amount or 0) .. '|' .. ready)
     else
       redis.call('RPUSH', queue, jobid)
     end
     return 'full'
   end
   for _, one in ipairs(needs) do
-    if not is_local(one[1]) then redis.call('HINCRBY', USAGE, one[1], int(one[2])) end
+    if not L.is_local(one[1]) then redis.call('HINCRBY', L.USAGE, one[1], L.int(one[2])) end
   end
-  local status = redis.call('HGET', STATUSES, jobid) or ''
-  redis.call('HSET', LEASES, jobid, table.concat(
-    {token, queue_name, worker, NOW, ARGV[base + 1], needs_text}, '|'))
-  redis.call('ZADD', DEADLINES, NOW_N + tonumber(ARGV[base + 2]), jobid)
-  redis.call('HSET', STATUSES, jobid, stamp('WRK'))
+  local status = redis.call('HGET', L.STATUSES, jobid) or ''
+  redis.call('HSET', L.LEASES, jobid, table.concat(
+    {token, queue_name, worker, L.NOW, ARGV[base + 1], needs_text}, '|'))
+  redis.call('ZADD', L.DEADLINES, L.NOW_N + tonumber(ARGV[base + 2]), jobid)
+  redis.call('HSET', L.STATUSES, jobid, L.stamp('WRK'))
   return {'JOB', jobid, i, schedule, status, needs_text}
 end
 
@@ -555,26 +561,26 @@ end
 -- for a worker-local resource this pool has enough of (any amount, for a
 -- pool that declared none: to it they are unlimited), at most ASIDE_LOOK
 -- per resource, smallest amount first, and takes the first it can.
-local function claim_aside(token, worker, local_room, room, first, count, spec)
+function L.claim_aside(token, worker, local_room, room, first, count, spec)
   local index = {}
   for i = 0, count - 1 do index[ARGV[spec + 3 * i]] = i end
   local ranges = {}
   if room then
     for name in string.gmatch(local_room, '([^,=]+)=') do
-      table.insert(ranges, {aside_range(name, room[name][2])})
+      table.insert(ranges, {L.aside_range(name, room[name][2])})
     end
   else
-    ranges[1] = {'[' .. LOCAL_PREFIX, '(' .. LOCAL_PREFIX .. LAST}
+    ranges[1] = {'[' .. L.LOCAL_PREFIX, '(' .. L.LOCAL_PREFIX .. L.LAST}
   end
   for _, range in ipairs(ranges) do
-    for _, member in ipairs(redis.call('ZRANGEBYLEX', ASIDE, range[1], range[2], 'LIMIT', 0, ASIDE_LOOK)) do
-      local _, _, seq, queue_name, jobid = aside_parts(member)
+    for _, member in ipairs(redis.call('ZRANGEBYLEX', L.ASIDE, range[1], range[2], 'LIMIT', 0, L.ASIDE_LOOK)) do
+      local _, _, seq, queue_name, jobid = L.aside_parts(member)
       local i = index[queue_name]
-      if i and not too_big_here(parse_needs(redis.call('HGET', NEEDS, jobid)), room) then
-        redis.call('ZREM', ASIDE, member)
-        redis.call('HDEL', PARKING, jobid)
+      if i and not L.too_big_here(L.parse_needs(redis.call('HGET', L.NEEDS, jobid)), room) then
+        redis.call('ZREM', L.ASIDE, member)
+        redis.call('HDEL', L.PARKING, jobid)
         local base = spec + 3 * i
-        local claimed = consider(token, worker, room, i, KEYS[first + i], base, jobid, seq, nil, nil, nil)
+        local claimed = L.consider(token, worker, room, i, KEYS[first + i], base, jobid, seq, nil, nil, nil)
         if type(claimed) == 'table' then return claimed end
       end
     end
@@ -593,54 +599,54 @@ end
 -- Returns {'JOB', jobid, i, schedule, status-before-claim, needs},
 -- {'NONE'}, {'MORE'} (parked many: call again), or {'HALT', control} once the
 -- control key holds a value the worker has not seen.
-local function claim(token, worker, control_seen, local_room, first, count, spec)
-  local control = redis.call('GET', CONTROL)
+function L.claim(token, worker, control_seen, local_room, first, count, spec)
+  local control = redis.call('GET', L.CONTROL)
   if control and control ~= control_seen then
     return {'HALT', control}
   end
-  local room = parse_local_room(local_room)
+  local room = L.parse_local_room(local_room)
   local parks = 0
   for i = 0, count - 1 do
     local queue, base = KEYS[first + i], spec + 3 * i
     while true do
-      local jobid, seq, ready, held, amount = next_candidate(queue, ARGV[base])
+      local jobid, seq, ready, held, amount = L.next_candidate(queue, ARGV[base])
       if not jobid then break end
-      local claimed = consider(token, worker, room, i, queue, base, jobid, seq, ready, held, amount)
+      local claimed = L.consider(token, worker, room, i, queue, base, jobid, seq, ready, held, amount)
       if type(claimed) == 'table' then return claimed end
       if claimed == 'full' then break end
       if claimed == 'parked' then
         parks = parks + 1
-        if parks >= MAX_PARKS then return {'MORE'} end
+        if parks >= L.MAX_PARKS then return {'MORE'} end
       end
     end
   end
-  return claim_aside(token, worker, local_room, room, first, count, spec)
+  return L.claim_aside(token, worker, local_room, room, first, count, spec)
 end
 
 -- What is wrong with the arguments of claim() (see there), or nil.
-local function claim_error(token, worker, local_room, first, count, spec)
-  if not is_name(token) then return bad('token', token) end
-  if not is_name(worker) then return bad('worker id', worker) end
-  if not is_local_room(local_room) then return bad('worker-local room', local_room) end
+function L.claim_error(token, worker, local_room, first, count, spec)
+  if not L.is_name(token) then return L.bad('token', token) end
+  if not L.is_name(worker) then return L.bad('worker id', worker) end
+  if not L.is_local_room(local_room) then return L.bad('worker-local room', local_room) end
   if #KEYS ~= first + count - 1 or #ARGV ~= spec + 3 * count - 1 then
-    return bad('count of queues', count)
+    return L.bad('count of queues', count)
   end
   for i = 0, count - 1 do
     local base = spec + 3 * i
-    if not is_name(ARGV[base]) then return bad('queue name', ARGV[base]) end
-    local timeout, first_deadline = time_of(ARGV[base + 1]), time_of(ARGV[base + 2])
-    if not timeout or timeout < 0 then return bad('timeout', ARGV[base + 1]) end
-    if not first_deadline or first_deadline < 0 then return bad('lease seconds', ARGV[base + 2]) end
+    if not L.is_name(ARGV[base]) then return L.bad('queue name', ARGV[base]) end
+    local timeout, first_deadline = L.time_of(ARGV[base + 1]), L.time_of(ARGV[base + 2])
+    if not timeout or timeout < 0 then return L.bad('timeout', ARGV[base + 1]) end
+    if not first_deadline or first_deadline < 0 then return L.bad('lease seconds', ARGV[base + 2]) end
   end
   return nil
 end
 
 -- What is wrong with the arguments of finish() (see there), or nil.
-local function finish_error(jobid, token, kind, at, status, err)
-  if type(jobid) ~= 'string' or jobid == '' then return bad('job id', jobid) end
-  if not is_name(token) then return bad('token', token) end
-  if type(err) ~= 'string' then return bad('error record', err) end
-  return placement_error(kind, at, status)
+function L.finish_error(jobid, token, kind, at, status, err)
+  if type(jobid) ~= 'string' or jobid == '' then return L.bad('job id', jobid) end
+  if not L.is_name(token) then return L.bad('token', token) end
+  if type(err) ~= 'string' then return L.bad('error record', err) end
+  return L.placement_error(kind, at, status)
 end
 
-if not time_of(NOW) then return bad('now', NOW) end
+if not L.time_of(L.NOW) then return L.bad('now', L.NOW) end

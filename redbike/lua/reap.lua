@@ -6,28 +6,28 @@
 --       error JSON, 1-based queue index.
 -- A lease renewed or ended meanwhile is left alone; a deadline left without
 -- its lease is dropped. Returns the job ids reaped.
-local failed = fence(ARGV[A + 1])
+local failed = L.fence(ARGV[L.A + 1])
 if failed then return failed end
-local n = int_of(ARGV[A + 2], 0, #KEYS - K)
-if not n or n ~= #KEYS - K then return bad('queue count', ARGV[A + 2]) end
-if (#ARGV - A - 2 - n) % 7 ~= 0 then return bad('count of lease values', #ARGV) end
-for j = A + 3 + n, #ARGV, 7 do
-  failed = finish_error(ARGV[j], ARGV[j + 1], ARGV[j + 2], ARGV[j + 3], ARGV[j + 4], ARGV[j + 5])
+local n = L.int_of(ARGV[L.A + 2], 0, #KEYS - L.K)
+if not n or n ~= #KEYS - L.K then return L.bad('queue count', ARGV[L.A + 2]) end
+if (#ARGV - L.A - 2 - n) % 7 ~= 0 then return L.bad('count of lease values', #ARGV) end
+for j = L.A + 3 + n, #ARGV, 7 do
+  failed = L.finish_error(ARGV[j], ARGV[j + 1], ARGV[j + 2], ARGV[j + 3], ARGV[j + 4], ARGV[j + 5])
   if failed then return failed end
-  if not int_of(ARGV[j + 6], 1, n) then return bad('queue index', ARGV[j + 6]) end
+  if not L.int_of(ARGV[j + 6], 1, n) then return L.bad('queue index', ARGV[j + 6]) end
 end
 local reaped = {}
-for j = A + 3 + n, #ARGV, 7 do
+for j = L.A + 3 + n, #ARGV, 7 do
   local jobid = ARGV[j]
-  local deadline = redis.call('ZSCORE', DEADLINES, jobid)
-  if deadline and tonumber(deadline) <= NOW_N then
+  local deadline = redis.call('ZSCORE', L.DEADLINES, jobid)
+  if deadline and tonumber(deadline) <= L.NOW_N then
     local qi = tonumber(ARGV[j + 6])
-    local done = finish(jobid, ARGV[j + 1], ARGV[j + 2], ARGV[j + 3], ARGV[j + 4], ARGV[j + 5],
-      KEYS[K + qi], ARGV[A + 2 + qi])
+    local done = L.finish(jobid, ARGV[j + 1], ARGV[j + 2], ARGV[j + 3], ARGV[j + 4], ARGV[j + 5],
+      KEYS[L.K + qi], ARGV[L.A + 2 + qi])
     if done == 'DONE' or done == 'GONE' then
       table.insert(reaped, jobid)
-    elseif redis.call('HEXISTS', LEASES, jobid) == 0 then
-      redis.call('ZREM', DEADLINES, jobid)
+    elseif redis.call('HEXISTS', L.LEASES, jobid) == 0 then
+      redis.call('ZREM', L.DEADLINES, jobid)
     end
   end
 end

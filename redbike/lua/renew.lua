@@ -2,15 +2,15 @@
 -- KEYS: the job-state keys.
 -- ARGV: the common three, then triples (jobid, token, new deadline).
 -- Returns the jobids whose lease was lost (reaped or unset).
-if (#ARGV - A) % 3 ~= 0 then return bad('count of lease values', #ARGV) end
-for j = A + 1, #ARGV, 3 do
-  if not time_of(ARGV[j + 2]) then return bad('deadline', ARGV[j + 2]) end
+if (#ARGV - L.A) % 3 ~= 0 then return L.bad('count of lease values', #ARGV) end
+for j = L.A + 1, #ARGV, 3 do
+  if not L.time_of(ARGV[j + 2]) then return L.bad('deadline', ARGV[j + 2]) end
 end
 local lost = {}
-for j = A + 1, #ARGV, 3 do
+for j = L.A + 1, #ARGV, 3 do
   local jobid, token = ARGV[j], ARGV[j + 1]
-  if lease_token_matches(redis.call('HGET', LEASES, jobid), token) then
-    redis.call('ZADD', DEADLINES, 'XX', ARGV[j + 2], jobid)
+  if L.lease_token_matches(redis.call('HGET', L.LEASES, jobid), token) then
+    redis.call('ZADD', L.DEADLINES, 'XX', ARGV[j + 2], jobid)
   else
     table.insert(lost, jobid)
   end

@@ -7,42 +7,42 @@
 -- Returns 'KEPT', 'PENDING' (the job is running: the placement waits for the
 -- run to end) or 'PLACED'.
 local jobid, schedule, kind, at, status, channel, only_if_new, needs =
-  ARGV[A + 1], ARGV[A + 2], ARGV[A + 3], ARGV[A + 4], ARGV[A + 5], ARGV[A + 6], ARGV[A + 7], ARGV[A + 8]
-local queue = KEYS[K + 1]
-if not is_name(jobid) then return bad('job id', jobid) end
-local failed = placement_error(kind, at, status)
+  ARGV[L.A + 1], ARGV[L.A + 2], ARGV[L.A + 3], ARGV[L.A + 4], ARGV[L.A + 5], ARGV[L.A + 6], ARGV[L.A + 7], ARGV[L.A + 8]
+local queue = KEYS[L.K + 1]
+if not L.is_name(jobid) then return L.bad('job id', jobid) end
+local failed = L.placement_error(kind, at, status)
 if failed then return failed end
 if only_if_new ~= '0' and only_if_new ~= '1' and only_if_new ~= 'S' then
-  return bad('only_if_new', only_if_new)
+  return L.bad('only_if_new', only_if_new)
 end
-if needs ~= CLEAR_NEEDS and not is_amounts(needs, 1, MAX_AMOUNT) then return bad('needs', needs) end
-if (only_if_new == '1' and redis.call('HEXISTS', SCHEDULES, jobid) == 1)
-    or (only_if_new == 'S' and redis.call('HGET', SCHEDULES, jobid) == schedule) then
+if needs ~= L.CLEAR_NEEDS and not L.is_amounts(needs, 1, L.MAX_AMOUNT) then return L.bad('needs', needs) end
+if (only_if_new == '1' and redis.call('HEXISTS', L.SCHEDULES, jobid) == 1)
+    or (only_if_new == 'S' and redis.call('HGET', L.SCHEDULES, jobid) == schedule) then
   return 'KEPT'
 end
-redis.call('HSET', SCHEDULES, jobid, schedule)
-local needs_before = redis.call('HGET', NEEDS, jobid) or ''
+redis.call('HSET', L.SCHEDULES, jobid, schedule)
+local needs_before = redis.call('HGET', L.NEEDS, jobid) or ''
 if needs == '' then
   needs = needs_before -- none given: the job keeps what it needs
-elseif needs == CLEAR_NEEDS then
+elseif needs == L.CLEAR_NEEDS then
   needs = '' -- given as none: it needs nothing
 end
 if needs ~= '' then
-  redis.call('HSET', NEEDS, jobid, needs)
+  redis.call('HSET', L.NEEDS, jobid, needs)
 else
-  redis.call('HDEL', NEEDS, jobid)
+  redis.call('HDEL', L.NEEDS, jobid)
 end
-if redis.call('HEXISTS', LEASES, jobid) == 1 then
-  redis.call('HSET', PENDING, jobid, kind .. '|' .. at .. '|' .. status)
+if redis.call('HEXISTS', L.LEASES, jobid) == 1 then
+  redis.call('HSET', L.PENDING, jobid, kind .. '|' .. at .. '|' .. status)
   return 'PENDING'
 end
-local current = redis.call('HGET', STATUSES, jobid)
+local current = redis.call('HGET', L.STATUSES, jobid)
 if kind == 'Q' and current and string.sub(current, 1, 4) == 'ENQ:'
-    and (needs == needs_before or redis.call('HEXISTS', PARKING, jobid) == 0) then
+    and (needs == needs_before or redis.call('HEXISTS', L.PARKING, jobid) == 0) then
   return 'PLACED' -- already queued: keep its place in line (a job in line for a
   -- resource whose needs changed goes to the back of its queue instead)
 end
-unplace(jobid, queue)
-failed = place(jobid, kind, at, status, queue, channel)
+L.unplace(jobid, queue)
+failed = L.place(jobid, kind, at, status, queue, channel)
 if failed then return failed end
 return 'PLACED'

@@ -3,14 +3,14 @@
 -- KEYS: the job-state keys (lib.lua), then the job's queue.
 -- ARGV: the common three, then jobid.
 -- Returns 0 (no such job), 1 (removed) or 2 (running: removed when it ends).
-local jobid = ARGV[A + 1]
-if redis.call('HEXISTS', SCHEDULES, jobid) == 0 and redis.call('HEXISTS', STATUSES, jobid) == 0 then
+local jobid = ARGV[L.A + 1]
+if redis.call('HEXISTS', L.SCHEDULES, jobid) == 0 and redis.call('HEXISTS', L.STATUSES, jobid) == 0 then
   return 0
 end
-local running = redis.call('HEXISTS', LEASES, jobid) == 1
+local running = redis.call('HEXISTS', L.LEASES, jobid) == 1
 if not running then
-  unplace(jobid, KEYS[K + 1])
+  L.unplace(jobid, KEYS[L.K + 1])
 end
-forget(jobid)
+L.forget(jobid)
 if running then return 2 end
 return 1
