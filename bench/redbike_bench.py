@@ -12,7 +12,6 @@ import statistics
 import tempfile
 import threading
 import time
-from importlib import resources
 from typing import Any
 
 import redis
@@ -20,7 +19,7 @@ import redis
 from redbike import Redbike
 from redbike.keys import Keys
 from redbike.schedules import parse_schedule
-from redbike.scripts import SCRIPT_NAMES
+from redbike.scripts import sources
 
 from .noop import Noop
 from .procs import (
@@ -472,12 +471,8 @@ class Monitor:
 
 
 def script_shas() -> dict[str, str]:
-    """SHA1 -> name of each redbike script, built as redbike.scripts.Scripts
-    builds them (lib.lua, a newline, the script's own file)."""
-    folder = resources.files("redbike") / "lua"
-    lib = (folder / "lib.lua").read_text(encoding="utf-8")
-    return {hashlib.sha1((lib + "\n" + (folder / f"{name}.lua").read_text(encoding="utf-8")).encode()).hexdigest(): name
-            for name in SCRIPT_NAMES}
+    """SHA1 -> name of each redbike script, as redbike loads them."""
+    return {hashlib.sha1(source.encode()).hexdigest(): name for name, source in sources().items()}
 
 
 def heartbeats(server: RedisServer, long_job: float, short: float = 0.5) -> dict[str, Any]:

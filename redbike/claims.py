@@ -208,7 +208,7 @@ class SlotClaims:
             return None, False
         if not isinstance(reply, Claimed):
             return None, False
-        position, queue = order[reply.index]
+        position, queue = order[reply.queue_index]
         rotation.served(position)
         event, stamp = decode_status(reply.status) if reply.status else ("", now)
         lease = Lease(reply.jobid, token, queue, self.worker_id, now, self.claims.timeouts[queue])

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from test_jobs import NOW, Env
 
 from redbike.resources import MAX_AMOUNT, MAX_CAPACITY, ResourceError, parse_capacity
-from redbike.scripts import SCRIPT_NAMES, Scripts
+from redbike.scripts import SCRIPT_NAMES, sources
 
 HOSTILE = [
     "1e17", "100000000000000000", "200000000000000", "1e400", "-1", "abc", "nan", "NaN", "inf", "-inf",
@@ -88,7 +88,7 @@ class Stage:
         """EVAL script ``name`` with ``args`` after the job-state keys: the
         first three are the common ones (now, channels)."""
         keys = self.env.keys.job_state() + self.calls[name][0]
-        return self.env.c.eval(Scripts._sources[name], len(keys), *keys, *args)
+        return self.env.c.eval(sources()[name], len(keys), *keys, *args)
 
     def common(self) -> list[str]:
         return [repr(NOW + 20), self.env.keys.dispatcher_channel, self.env.keys.queue_channel("")]
