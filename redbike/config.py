@@ -114,8 +114,11 @@ DEFAULT_HEALTH_CHECK_INTERVAL = 30
 DEFAULT_SOCKET_TIMEOUT = 30.0
 # TCP keepalive: first probe after 15 s idle, then every 5 s, dead after 3
 # unanswered: an idle connection silently dropped is found within ~30 s.
-# macOS names the idle time TCP_KEEPALIVE.
-_KEEPALIVE = ((("TCP_KEEPIDLE", "TCP_KEEPALIVE"), 15), (("TCP_KEEPINTVL",), 5), (("TCP_KEEPCNT",), 3))
+# macOS names the idle time TCP_KEEPALIVE. And (Linux) a request left
+# unacknowledged for 30 s ends its connection: with both, a connection read
+# without a socket timeout (a worker slot's) still cannot hang on a dead peer.
+_KEEPALIVE = ((("TCP_KEEPIDLE", "TCP_KEEPALIVE"), 15), (("TCP_KEEPINTVL",), 5), (("TCP_KEEPCNT",), 3),
+              (("TCP_USER_TIMEOUT",), 30_000))
 
 
 def keepalive_options() -> dict[int, int]:

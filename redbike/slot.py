@@ -18,6 +18,7 @@ import traceback
 import redis
 
 from .claims import LEASE_LOST, Claims, Rotation, Settled, SlotClaims
+from .config import DEFAULT_SOCKET_TIMEOUT
 from .events import Subscriber
 from .outage import Outage
 from .roundrobin import Lease, RoundRobin, StopWork, UnsetJob
@@ -120,7 +121,14 @@ class Slot:
         # Its own connection, used directly (nothing inherited from the
         # supervisor is used); it connects on first use, inside the retry loop.
         pool = claims.client.connection_pool
-        self.connection = pool.connection_class(**pool.connection_kwargs)
+        settings = dict(pool.connection_kwargs)
+        if settings.get("socket_timeout") == DEFAULT_SOCKET_TIMEOUT:
+            # Without a timeout a socket read is one recv(), with one a poll()
+            # before each send and recv: a tenth of a job's CPU. A dead peer is
+            # still found: over TCP by keepalive and TCP_USER_TIMEOUT (see
+            # config.py); a unix socket cannot be silently dropped.
+            settings["socket_timeout"] = None
+        self.connection = pool.connection_class(**settings)
         self.claims: SlotClaims = claims.slot(index, worker_id, self.connection)
         self.rotation = Rotation(claims.queue_names)
 

@@ -4,13 +4,18 @@ result of work() makes of the job."""
 from __future__ import annotations
 
 import logging
+import socket
 
 import pytest
 import redis
+from conftest import RedisServer
 from test_jobs import NOW, Env, stamp
 
 from redbike import RoundRobin
-from redbike.slot import run_work
+from redbike.config import DEFAULT_SOCKET_TIMEOUT, connect
+from redbike.keys import Keys
+from redbike.slot import Slot, run_work
+from redbike.supervisor import WorkerPool
 
 A_YEAR = 366 * 86400  # the longest backoff work() may ask for
 
@@ -50,3 +55,26 @@ def test_a_backoff_out_of_range_is_clamped_logged_and_the_job_placed(
         assert env.timeline() == {"c:A": NOW + 2 + backoff} and env.status("c:A") == stamp("TML", NOW + 2)
     else:  # no backoff: straight back into its queue
         assert env.queue("A") == ["c:A"] and env.status("c:A") == stamp("ENQ", NOW + 2)
+
+
+@pytest.mark.parametrize(("settings", "timeout"), [
+    ({}, None),  # the default 30 s: a slot's socket blocks (kernel keepalive and TCP_USER_TIMEOUT watch it)
+    ({"socket_timeout": 5}, 5),  # one the user set is kept
+])
+def test_a_slot_reads_its_connection_without_the_default_timeout(
+        redis_server: RedisServer, prefix: str, settings: dict[str, object], timeout: float | None) -> None:
+    """A socket timeout makes every send and recv a poll() first: two system
+    calls more per job on the hot path (bench: the child's system CPU)."""
+    client = connect({"url": redis_server.url, **settings})
+    pool = WorkerPool(client, Keys(prefix), RoundRobin("A"))
+    mine, theirs = socket.socketpair()
+    try:
+        slot = Slot(pool.claims, pool.events, pool.outcomes, 0, pool.worker_id(0), theirs)
+        assert slot.connection.socket_timeout == timeout
+        assert client.connection_pool.connection_kwargs["socket_timeout"] == (timeout or DEFAULT_SOCKET_TIMEOUT)
+        slot.connection.connect()
+        options = slot.connection._sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT)
+        assert options == 30_000
+    finally:
+        mine.close()
+        theirs.close()
