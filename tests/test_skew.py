@@ -17,8 +17,7 @@ SKEW = "-20s"
 # The faketime package (apt-get install faketime); CI installs it. Missing is a failure.
 LIBFAKETIME = glob.glob("/usr/lib/*/faketime/libfaketime.so.1")
 
-env, daemons, keys, testlog = (test_processes.env, test_processes.daemons, test_processes.keys,
-                               test_processes.testlog)
+env, keys = test_processes.env, test_processes.keys  # daemons and testlog come from conftest
 
 
 def test_a_worker_20s_behind_runs_each_job_once(workdir, tmp_path, client, prefix, keys, daemons,

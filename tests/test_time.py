@@ -23,8 +23,7 @@ from redbike.keys import Keys
 from redbike.timefile import write_timefile
 
 # The real-process fixtures of test_processes.
-env, daemons, keys, testlog = (test_processes.env, test_processes.daemons, test_processes.keys,
-                               test_processes.testlog)
+env, keys = test_processes.env, test_processes.keys  # daemons and testlog come from conftest
 
 
 def statuses(client: redis.Redis, keys: Keys) -> dict[str, str]:
