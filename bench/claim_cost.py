@@ -29,6 +29,7 @@ import redis
 
 from redbike import Redbike, RoundRobin
 from redbike.claims import Rotation
+from redbike.states import Placement
 from redbike.supervisor import WorkerPool
 
 from .server import RedisServer
@@ -40,12 +41,14 @@ PIPELINE = 2000
 def set_many(bike: Redbike, jobids: list[str], needs: str) -> None:
     """bike.set(jobid, 'NOW', needs=needs) for each job, pipelined (the same set.lua)."""
     keys = bike.keys
+    now = time.time()
     for start in range(0, len(jobids), PIPELINE):
         with bike.client.pipeline(transaction=False) as pipe:
             for jobid in jobids[start:start + PIPELINE]:
                 queue = bike.worker.queue_for(jobid)
-                args = [jobid, "NOW", "Q", "", "ENQ", keys.queue_channel(queue), "0", needs]
-                bike.scripts.run("set", time.time(), [keys.queue(queue)], args, client=pipe)
+                args = [jobid, "NOW", *Placement("Q", "ENQ", due=now, attempt=1).script_args(),
+                        keys.queue_channel(queue), "0", needs, "", "once", "", "0", "bench"]
+                bike.scripts.run("set", now, [keys.queue(queue)], args, client=pipe)
             pipe.execute()
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import getpass
 import logging
+import math
 import os
+import socket
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
@@ -17,7 +20,8 @@ from .csvfile import read_rows
 from .dispatcher import Dispatcher
 from .keys import WAKE_BATCH, Keys
 from .names import BadName, check_jobid, check_queue
-from .records import CLEAR_NEEDS
+from .occurrences import Retry, misfire_text
+from .records import CLEAR_NEEDS, RecordError, check_misfire, decode_job
 from .resources import (
     ResourceError,
     amounts_of,
@@ -28,8 +32,8 @@ from .resources import (
 )
 from .roundrobin import RoundRobin
 from .schedules import ScheduleError, parse_schedule, timestamp_problem
-from .scripts import Scripts
-from .states import BAD, Placement, place_on_set
+from .scripts import Retention, Scripts
+from .states import BAD, DIE, ENQ, Placement, place_on_set
 from .supervisor import WorkerPool
 from .timefile import check_timefile, read_timefile
 
@@ -56,13 +60,24 @@ class Redbike:
         *,
         client: redis.Redis | None = None,
         clock: Callable[[], float] | None = None,
+        misfire: str = "once",
+        retries: int = 0,
+        retry: Retry | None = None,
+        retention: Retention | None = None,
     ) -> None:
+        """``misfire`` and ``retries``: the policy of a job set without one
+        (the config's ``misfire`` and ``retries``); ``retry``: the backoff of
+        retries; ``retention``: keep-finished and trail-length."""
         self.worker = worker if worker is not None else RoundRobin()
         self.keys = Keys(prefix)
         self.client = client if client is not None else connect(redis_config or {})
-        self.scripts = Scripts(self.client, self.keys)
+        self.retention = retention or Retention()
+        self.retry_backoff = retry or Retry()
+        self.scripts = Scripts(self.client, self.keys, self.retention)
         self.timefile = timefile
         self.default_timeout = default_timeout
+        self.misfire = check_misfire(misfire)
+        self.retries = check_retries(retries)
         # Redis' clock unless one is given: every process and host then agrees on the time.
         self.clock: Callable[[], float] = clock if clock is not None else RedisClock(self.client)
 
@@ -87,16 +102,31 @@ class Redbike:
         """The queue of a job (checked, as is the job id)."""
         return check_queue(self.worker.queue_for(check_jobid(jobid)))
 
-    def _place(self, jobid: str, schedule: str, placement: Placement, only_if_new: str, needs: str = "") -> str:
+    def _place(self, jobid: str, schedule: str, placement: Placement, only_if_new: str, needs: str = "",
+               policy: tuple[str, str] = ("", "")) -> str:
         """Run set.lua. ``only_if_new``: '1' leaves an existing job as it is,
-        'S' one whose schedule is ``schedule``, '0' sets it whatever it has."""
+        'S' one whose schedule is ``schedule``, 'R' one that did not fail
+        (status DIE), '0' sets it whatever it has. ``policy``: its misfire
+        policy and retries ('' keeps the job's; a new job gets the defaults)."""
         queue = self._queue_of(jobid)
         return self.scripts.run(
             "set",
             self.clock(),
             [self.keys.queue(queue)],
-            [jobid, schedule, *placement.script_args(), self.keys.queue_channel(queue), only_if_new, needs],
+            [jobid, schedule, *placement.script_args(), self.keys.queue_channel(queue), only_if_new, needs,
+             policy[0], self.misfire, policy[1], str(self.retries), who()],
         )
+
+    def _stored_misfire(self, jobid: str) -> str:
+        """The misfire policy a job was set with (the default for a new or unset job)."""
+        with self.client.pipeline(transaction=False) as pipe:
+            pipe.hget(self.keys.jobs, jobid)
+            pipe.hexists(self.keys.schedules, jobid)
+            record, exists = pipe.execute()
+        try:
+            return decode_job(record).misfire if exists else self.misfire
+        except RecordError:
+            return self.misfire
 
     def needs_of(self, jobid: str, needs: Needs = None) -> dict[str, int]:
         """What a job needs: the worker's needs(jobid) hook, overridden per
@@ -112,7 +142,8 @@ class Redbike:
             return CLEAR_NEEDS
         return format_amounts(self.needs_of(jobid, needs))
 
-    def set(self, jobid: str, schedule: str, after: float | None = None, needs: Needs = None) -> str:
+    def set(self, jobid: str, schedule: str, after: float | None = None, needs: Needs = None, *,
+            misfire: str | None = None, grace: float | None = None, retries: int | None = None) -> str:
         """Give a job a schedule (and the resources it needs). Returns 'PLACED',
         'PENDING' when the job is running (the new schedule takes effect when
         the run ends), or 'KEPT' for an AT job set again with the schedule it
@@ -122,10 +153,20 @@ class Redbike:
         Needs given (``needs``, else the worker's needs() hook) replace the stored
         ones; none given keeps them; ``needs="none"`` drops them.
 
+        ``misfire`` (once, skip, all, all:N; ``grace``: seconds late an
+        occurrence may still run under skip) and ``retries`` (runs after
+        the first for a run that raised or expired): given, they replace
+        the job's; else it keeps its own, and a new job gets the defaults.
+
         A bad schedule raises ScheduleError; a new job is recorded with status
-        BAD, and an existing job keeps its schedule untouched."""
+        BAD, and an existing job keeps its schedule untouched. A bad policy
+        raises ValueError before anything is stored."""
         self._queue_of(jobid)
         wanted = self._needs_arg(jobid, needs)
+        if misfire is not None or grace is not None:
+            misfire = misfire_text((misfire or "skip").strip().lower(), grace)
+        if retries is not None:
+            check_retries(retries)
         try:
             parsed = parse_schedule(schedule)
         except ScheduleError as exc:
@@ -138,20 +179,53 @@ class Redbike:
         # it has, was entered before (a --schedules file loaded again): it ran or
         # runs once, and is left as it is.
         entered = parsed.kind == "AT" and parsed.first_after(start) is None
-        return self._place(jobid, parsed.text, place_on_set(parsed, start, now),
-                           only_if_new="S" if entered else "0", needs=wanted)
+        # The policy matters only when occurrences are already due; only then
+        # is the job's own read (a pipelined set of NOW jobs reads nothing).
+        due = parsed.kind in ("AT", "RRULE", "CRON") and (parsed.first_after(
+            -math.inf if parsed.kind == "AT" else start) or math.inf) <= now
+        policy = misfire or (self._stored_misfire(jobid) if due else self.misfire)
+        return self._place(jobid, parsed.text, place_on_set(parsed, start, now, policy),
+                           only_if_new="S" if entered else "0", needs=wanted,
+                           policy=(misfire or "", "" if retries is None else str(retries)))
 
     def set_many(self, rows: Iterable[tuple[str, ...]], after: float | None = None) -> list[str]:
-        """Set (jobid, schedule[, needs]) rows; returns one error line per bad
-        row (a new job with a bad schedule is recorded BAD), setting all the others."""
+        """Set (jobid, schedule[, needs[, misfire[, retries]]]) rows ('' for
+        a value not given); returns one error line per bad row (a new job with
+        a bad schedule is recorded BAD), setting all the others."""
         start = self._after(after, self.clock())
         errors = []
-        for jobid, schedule, *needs in rows:
+        for jobid, schedule, *rest in rows:
+            needs, misfire, retries = (list(rest) + ["", "", ""])[:3]
             try:
-                self.set(jobid, schedule, after=start, needs=needs[0] if needs else None)
-            except (ScheduleError, JobIdError, ResourceError) as exc:
+                self.set(jobid, schedule, after=start, needs=needs or None, misfire=misfire or None,
+                         retries=parse_retries(retries) if retries else None)
+            except (ScheduleError, JobIdError, ResourceError, ValueError) as exc:
                 errors.append(f"{jobid}: {exc}")
         return errors
+
+    def retry(self, jobids: Iterable[str] = (), status: str | None = None) -> dict[str, str]:
+        """Put failed jobs (status DIE) back at once, for the occurrence that
+        failed, with a fresh attempt count; with ``status="DIE"``, all of
+        them. Returns each job's result: 'PLACED', 'NOT FAILED' or 'NO SUCH JOB'."""
+        if status is not None:
+            if status != DIE:
+                raise ValueError(f"retry --status takes DIE (the failed jobs), not {status!r}")
+            jobids = [jobid for jobid, told, _ in self.statuses() if told == DIE]
+        results = {}
+        for jobid in jobids:
+            self._queue_of(jobid)
+            with self.client.pipeline(transaction=False) as pipe:
+                pipe.hget(self.keys.schedules, jobid)
+                pipe.hget(self.keys.jobs, jobid)
+                schedule, record = pipe.execute()
+            if schedule is None:
+                results[jobid] = "NO SUCH JOB"
+                continue
+            due = decode_job(record).due
+            placement = Placement("Q", ENQ, due=due if due is not None else self.clock(), attempt=1)
+            placed = self._place(jobid, schedule, placement, only_if_new="R")
+            results[jobid] = "NOT FAILED" if placed == "KEPT" else placed
+        return results
 
     def set_capacity(self, resource: str, capacity: int | None) -> int:
         """Set a resource's capacity (0 pauses it, None makes it unlimited);
@@ -181,7 +255,7 @@ class Redbike:
         """Remove a job. Returns 0 (unknown), 1 (removed) or 2 (running: it
         completes, then is removed)."""
         queue = self._queue_of(jobid)
-        return self.scripts.run("unset", self.clock(), [self.keys.queue(queue)], [jobid])
+        return self.scripts.run("unset", self.clock(), [self.keys.queue(queue)], [jobid, who()])
 
     def tell(self, jobid: str) -> dict[str, Any] | None:
         return report.tell(self.client, self.keys, jobid, self._queue_of(jobid))
@@ -212,7 +286,8 @@ class Redbike:
             # Each line says what was wrong (schedule, needs, job id).
             for line in self.set_many(read_schedules_csv(schedules_csv), after=after):
                 log.error("%s: %s", schedules_csv, line)
-        dispatcher = Dispatcher(self.client, self.keys, self.worker.queue_for, timefile=self.timefile, clock=self.clock)
+        dispatcher = Dispatcher(self.client, self.keys, self.worker.queue_for, timefile=self.timefile, clock=self.clock,
+                                retry=self.retry_backoff, retention=self.retention)
         recorded = read_timefile(self.timefile)
         if recorded is not None:
             log.info("timefile %s: dispatched up to %s", self.timefile, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(recorded)))
@@ -229,9 +304,36 @@ class Redbike:
             default_timeout=self.default_timeout,
             resources=amounts_of(resources, "resources"),
             clock=self.clock,
+            retry=self.retry_backoff,
+            retention=self.retention,
         ).run()
 
 
-def read_schedules_csv(path: str) -> list[tuple[str, str, str]]:
-    """All (jobid, schedule, needs) rows of a CSV file, checked before any is set."""
-    return [(row[0], row[1], row[2]) for _, row in read_rows(path, "JOBID,SCHEDULE,NEEDS", optional=1)]
+def read_schedules_csv(path: str) -> list[tuple[str, ...]]:
+    """All (jobid, schedule, needs, misfire, retries) rows of a CSV file
+    (the last three optional), checked before any is set."""
+    return [tuple(row) for _, row in read_rows(path, "JOBID,SCHEDULE,NEEDS,MISFIRE,RETRIES", optional=3)]
+
+
+MAX_RETRIES = 1000
+
+
+def check_retries(retries: int) -> int:
+    if not 0 <= retries <= MAX_RETRIES:
+        raise ValueError(f"retries must be from 0 to {MAX_RETRIES}, not {retries}")
+    return retries
+
+
+def parse_retries(text: str) -> int:
+    if not text.strip().isdigit():
+        raise ValueError(f"retries must be a whole number from 0 to {MAX_RETRIES}, not {text!r}")
+    return check_retries(int(text))
+
+
+def who() -> str:
+    """Who sets or unsets a job, for its trail: user@host."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = str(os.getuid())
+    return f"{user}@{socket.gethostname()}".replace("|", "?")

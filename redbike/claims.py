@@ -21,6 +21,7 @@ import redis
 
 from .keys import Keys
 from .names import check_queue
+from .occurrences import Retry
 from .records import (
     MORE,
     Claimed,
@@ -28,13 +29,12 @@ from .records import (
     Halt,
     decode_claim,
     decode_finish,
-    decode_status,
     encode_local_room,
     error_record,
 )
 from .resources import LOCAL_PREFIX
 from .roundrobin import Lease, RoundRobin
-from .scripts import Scripts
+from .scripts import Retention, Scripts
 from .slots import LocalLock, Running, SlotBoard
 from .states import Outcome, place_after_run
 
@@ -102,13 +102,16 @@ class Claims:
         lease_seconds: float,
         resources: dict[str, int] | None,
         clock: Callable[[], float],
+        retry: Retry | None = None,
+        retention: Retention | None = None,
     ) -> None:
         self.client = client
         self.keys = keys
         self.worker = worker
         self.board = board
         self.clock = clock
-        self.scripts = Scripts(client, keys)
+        self.retry = retry or Retry()
+        self.scripts = Scripts(client, keys, retention)
         self.queue_names = [check_queue(name) for name in worker.queue_names()]
         if not self.queue_names:
             raise ValueError("the worker names no queues (e.g. RoundRobin('A:B'))")
@@ -210,11 +213,10 @@ class SlotClaims:
             return None, False
         position, queue = order[reply.queue_index]
         rotation.served(position)
-        event, stamp = decode_status(reply.status) if reply.status else ("", now)
         lease = Lease(reply.jobid, token, queue, self.worker_id, now, self.claims.timeouts[queue])
         capacity = self.claims.local_capacity
         local = {name: amount for name, amount in reply.needs.items() if name in capacity} if capacity else {}
-        return Running(lease, reply.schedule, stamp if event == "ENQ" else now, now, local), False
+        return Running(lease, reply.schedule, reply.job, now, local), False
 
     def _settle(self, job: Running | None, outcome: Outcome | None, trace: str,
                 rotation: Rotation | None) -> Settled:
@@ -230,7 +232,7 @@ class SlotClaims:
         if job is not None and outcome is not None:
             lease = job.lease
             home = claims.worker.queue_for(lease.jobid)
-            placement = place_after_run(job.schedule, outcome, now, job.enqueued_at)
+            placement = place_after_run(job.schedule, outcome, now, job.job, claims.retry)
             error = error_record(placement.status, outcome.error, self.worker_id, now, trace) if outcome.error else ""
             keys.append(claims.keys.queue(home))
             args += [lease.jobid, lease.token, *placement.script_args(), error, claims.keys.queue_channel(home)]

@@ -1,8 +1,9 @@
 """redbike: a cron-style job dispatcher and worker pool on Redis.
 
 Usage:
-  redbike [options] set JOBID SCHEDULE [--after=TS] [--needs=NEEDS]
+  redbike [options] set JOBID SCHEDULE [--after=TS] [--needs=NEEDS] [--misfire=POLICY] [--grace=S] [--retries=N]
   redbike [options] unset JOBID
+  redbike [options] retry (--status=DIE | JOBID...)
   redbike [options] dispatch [WORKER] [--schedules=CSV [--after=TS]]
   redbike [options] work [WORKER] [--concurrency=N] [--resources=AMOUNTS]
   redbike [options] statuses [--before=TS]
@@ -25,6 +26,15 @@ Options:
   --needs=NEEDS      Resources the job needs: host:db-17,db:db42=2 (amount 1
                      unless given); none: it needs nothing. Without it a job
                      keeps its needs.
+  --misfire=POLICY   What runs of the occurrences missed while the job could
+                     not run: once (one run for all), skip (those later than
+                     the grace are skipped), all or all:N (each, oldest
+                     first; at most the N latest). Without it a job keeps
+                     its policy; a new one gets the config's misfire.
+  --grace=S          Seconds late an occurrence may still run under skip.
+  --retries=N        Runs after the first when a run raises or does not
+                     complete, with exponential backoff (config retries).
+  --status=DIE       retry: every failed job.
   --concurrency=N    Worker processes under this supervisor, 1 to 256
                      (each maps 2 MiB of shared memory) [default: 1].
   --resources=AMOUNTS  This pool's worker-local resources: cpu_cores=16,ram_gb=64
@@ -48,6 +58,7 @@ import csv
 import datetime
 import json
 import logging
+import math
 import os
 import sys
 from importlib.metadata import PackageNotFoundError, version
@@ -56,10 +67,11 @@ from typing import Any
 import redis
 from docopt import DocoptExit, docopt
 
-from .api import JobIdError, Redbike
+from .api import JobIdError, Redbike, parse_retries
 from .config import Config, ConfigError, check_reachable, connect, load_config
 from .csvfile import CsvError
 from .embedded import EmbeddedError, find_folder, server_status, stop_server
+from .occurrences import misfire_text
 from .resources import ResourceError, check_name, parse_capacity
 from .roundrobin import RoundRobin
 from .schedules import ScheduleError, parse_timestamp
@@ -125,6 +137,27 @@ def _check_usage(args: dict[str, Any]) -> None:
         raise ValueError(f"unknown control command {args['HALT']!r}; the only one is HALT")
     if args["work"]:
         _concurrency(args["--concurrency"])
+    if args["set"]:
+        _policy(args)
+    if args["retry"] and args["--status"] is not None and args["--status"] != "DIE":
+        raise ValueError(f"retry --status takes DIE (the failed jobs), not {args['--status']!r}")
+
+
+def _policy(args: dict[str, Any]) -> dict[str, Any]:
+    """set's --misfire, --grace and --retries, checked."""
+    grace = None
+    if args["--grace"] is not None:
+        try:
+            grace = float(args["--grace"])
+        except ValueError:
+            grace = math.nan
+        if not (math.isfinite(grace) and 0 <= grace <= 10 * 365 * 86400):
+            raise ValueError(f"--grace must be a number of seconds from 0, not {args['--grace']!r}")
+    misfire = args["--misfire"]
+    if misfire is not None:
+        misfire_text(misfire.strip().lower(), grace)
+    retries = parse_retries(args["--retries"]) if args["--retries"] is not None else None
+    return {"misfire": misfire, "grace": grace, "retries": retries}
 
 
 def _bike(args: dict[str, Any], config: Config, worker_required: bool = False) -> Redbike:
@@ -134,7 +167,9 @@ def _bike(args: dict[str, Any], config: Config, worker_required: bool = False) -
         check_reachable(client)
     except ConfigError as exc:
         raise Unreachable(str(exc)) from None
-    return Redbike(worker, prefix=config.prefix, timefile=config.timefile, default_timeout=config.default_timeout, client=client)
+    return Redbike(worker, prefix=config.prefix, timefile=config.timefile, default_timeout=config.default_timeout,
+                   client=client, misfire=config.misfire, retries=config.retries, retry=config.retry,
+                   retention=config.retention)
 
 
 def _embedded(stop: bool) -> int:
@@ -176,14 +211,23 @@ def _run(args: dict[str, Any]) -> int:
     bike = _bike(args, config, worker_required=bool(args["work"]))
     out = csv.writer(sys.stdout, lineterminator="\n")
     if args["set"]:
-        result = bike.set(args["JOBID"], args["SCHEDULE"], after=_timestamp(args["--after"]), needs=args["--needs"])
+        result = bike.set(args["JOBID"][0], args["SCHEDULE"], after=_timestamp(args["--after"]), needs=args["--needs"],
+                          **_policy(args))
         if result == "PENDING":
             print(f"{args['JOBID']} is running; its new schedule applies when the run ends", file=sys.stderr)
         elif result == "KEPT":
             print(f"{args['JOBID']} already has this schedule, whose time has passed; left as it is", file=sys.stderr)
     elif args["unset"]:
-        if bike.unset(args["JOBID"]) == 0:
-            raise NoSuchJob(f"no such job: {args['JOBID']}")
+        if bike.unset(args["JOBID"][0]) == 0:
+            raise NoSuchJob(f"no such job: {args['JOBID'][0]}")
+    elif args["retry"]:
+        results = bike.retry(args["JOBID"], status=args["--status"])
+        for jobid, result in results.items():
+            if result != "PLACED":
+                print(f"{jobid}: {result.lower()}; left as it is", file=sys.stderr)
+        print(f"{sum(result == 'PLACED' for result in results.values())} job(s) put back", file=sys.stderr)
+        if any(result == "NO SUCH JOB" for result in results.values()):
+            return 3
     elif args["dispatch"]:
         bike.dispatch(args["--schedules"], after=_timestamp(args["--after"]))
     elif args["work"]:
@@ -193,9 +237,9 @@ def _run(args: dict[str, Any]) -> int:
     elif args["schedules"]:
         out.writerows(bike.schedules())
     elif args["tell"]:
-        told = bike.tell(args["JOBID"])
+        told = bike.tell(args["JOBID"][0])
         if told is None:
-            raise NoSuchJob(f"no such job: {args['JOBID']}")
+            raise NoSuchJob(f"no such job: {args['JOBID'][0]}")
         print(json.dumps(told, indent=2))
     elif args["capacity"]:
         if args["--load"]:

@@ -3,7 +3,10 @@
 The file (default ``.redbike.conf`` in the current directory) has two stanzas:
 
 ``[redbike]``
-    ``prefix``, ``worker``, ``timefile``, ``default-timeout``.
+    ``prefix``, ``worker``, ``timefile``, ``default-timeout``; the defaults
+    of a job's policy, ``misfire`` (once, skip:GRACE, all, all:N) and
+    ``retries``; ``retry-backoff`` and ``retry-backoff-max`` (seconds);
+    ``keep-finished`` (seconds) and ``trail-length`` (events per job).
 ``[redbike-redis]``
     keyword arguments of ``redis.Redis`` (``host``, ``port``, ``password``,
     ``ssl``, ...) or ``url`` plus extra keyword arguments for
@@ -39,6 +42,9 @@ from typing import Any
 import redis
 
 from . import embedded
+from .occurrences import Retry
+from .records import check_misfire
+from .scripts import Retention
 
 logger = logging.getLogger(__name__)
 
@@ -142,6 +148,10 @@ class Config:
     worker: str | None = None
     timefile: str | None = None
     default_timeout: float = 10.0
+    misfire: str = "once"
+    retries: int = 0
+    retry: Retry = field(default_factory=Retry)
+    retention: Retention = field(default_factory=Retention)
     redis: dict[str, object] = field(default_factory=dict)
 
 
@@ -183,6 +193,49 @@ def _read_parser(path: str) -> configparser.ConfigParser:
     return parser
 
 
+_MAIN_KEYS = ("prefix, worker, timefile, default-timeout, misfire, retries, retry-backoff, "
+              "retry-backoff-max, keep-finished, trail-length")
+YEAR = 365 * DAY
+
+
+def _seconds(value: str, where: str, high: float) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not (math.isfinite(number) and 0 < number <= high):
+        raise ConfigError(f"{where} must be a number of seconds above 0 and up to {high:g}, got {value!r}")
+    return number
+
+
+def _count(value: str, where: str, low: int, high: int) -> int:
+    if not value.isdigit() or not low <= int(value) <= high:
+        raise ConfigError(f"{where} must be an integer from {low} to {high}, got {value!r}")
+    return int(value)
+
+
+def _parse_policy(key: str, value: str, where: str, config: Config) -> bool:
+    """The keys of a job's default policy and of retention; False for any other key."""
+    if key == "misfire":
+        try:
+            config.misfire = check_misfire(value)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+    elif key == "retries":
+        config.retries = _count(value, where, 0, 1000)
+    elif key == "retry_backoff":
+        config.retry = Retry(_seconds(value, where, DAY), config.retry.backoff_max)
+    elif key == "retry_backoff_max":
+        config.retry = Retry(config.retry.backoff, _seconds(value, where, 30 * DAY))
+    elif key == "keep_finished":
+        config.retention = Retention(config.retention.trail_length, _seconds(value, where, 10 * YEAR))
+    elif key == "trail_length":
+        config.retention = Retention(_count(value, where, 1, 10000), config.retention.keep_finished)
+    else:
+        return False
+    return True
+
+
 def _parse_main(section: configparser.SectionProxy, path: str, config: Config) -> None:
     for raw_key, value in section.items():
         key = _normalize(raw_key)
@@ -204,13 +257,10 @@ def _parse_main(section: configparser.SectionProxy, path: str, config: Config) -
             if not (math.isfinite(timeout) and timeout > 0):
                 raise ConfigError(f"{where} must be a positive number, got {value!r}")
             config.default_timeout = timeout
-        else:
+        elif not _parse_policy(key, value, where, config):
             # Rejected rather than ignored: a misspelt key would otherwise
             # silently fall back to its default.
-            raise ConfigError(
-                f"unknown key {raw_key!r} in [{MAIN_SECTION}] of {path!r} "
-                "(known: prefix, worker, timefile, default-timeout)"
-            )
+            raise ConfigError(f"unknown key {raw_key!r} in [{MAIN_SECTION}] of {path!r} (known: {_MAIN_KEYS})")
 
 
 def _convert(key: str, raw_key: str, value: str, path: str) -> object:

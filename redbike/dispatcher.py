@@ -1,5 +1,8 @@
-"""The dispatcher: moves jobs that fall due from the timeline into their
-queues, reaps the runs whose lease expired, and keeps the timefile.
+"""The dispatcher: fires the occurrences that fall due (moves their jobs
+from the timeline into their queues, through the misfire policy when they
+fire late), reaps the runs whose lease expired (retrying them while they
+have retries left), removes what finished jobs left once keep-finished has
+passed, and keeps the timefile.
 
 Only one dispatcher acts at a time. It holds a lease in Redis whose token
 changes with every new holder, and every script it runs checks that token
@@ -18,17 +21,19 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, cast
 
 import redis
 
 from .events import Events, LogEvents, Subscriber
 from .keys import Keys
+from .occurrences import Retry
 from .outage import Outage
-from .records import RecordError, decode_lease, error_record, lease_token
+from .records import JobRecord, RecordError, decode_job, decode_lease, error_record, lease_token
 from .roundrobin import Lease
-from .scripts import Scripts, subscribe
-from .states import FORGET, Placement, place_after_expiry
+from .scripts import Retention, Scripts, subscribe
+from .states import FORGET, Outcome, Placement, fire_due, place_after_run
 from .timefile import write_timefile
 
 log = logging.getLogger(__name__)
@@ -41,6 +46,8 @@ TIMEFILE_SECONDS = 1.0  # how often a busy dispatcher rewrites the timefile
 TIMEFILE_WARN_SECONDS = 60.0  # how often it says that the timefile cannot be written
 BATCH = 1000  # jobs moved per script call
 REAP_BATCH = 100
+RETIRE_BATCH = 1000  # finished jobs removed per script call
+RETIRE_SECONDS = 60.0  # how often the leader removes what finished jobs left
 FOREVER = float("inf")
 
 
@@ -57,10 +64,14 @@ class Dispatcher:
         events: Subscriber | None = None,
         clock: Callable[[], float] = time.time,
         batch: int = BATCH,
+        retry: Retry | None = None,
+        retention: Retention | None = None,
     ) -> None:
         self.client = client
         self.keys = keys
-        self.scripts = Scripts(client, keys)
+        self.retention = retention or Retention()
+        self.retry = retry or Retry()
+        self.scripts = Scripts(client, keys, self.retention)
         self.queue_for = queue_for
         self.timefile = timefile
         self.clock = clock
@@ -77,6 +88,7 @@ class Dispatcher:
         self.timefile_warned = -FOREVER  # monotonic time of the last warning that it cannot be written
         self.moved = 0
         self.reaped = 0
+        self.retired_at = -FOREVER
 
     def stop(self, *_: Any) -> None:
         self.stopping.set()
@@ -116,20 +128,51 @@ class Dispatcher:
         return keys, args, positions
 
     def move_due(self, now: float) -> int:
-        """Move every job due at ``now`` into its queue, a batch per script."""
+        """Fire every occurrence due at ``now``, a batch per script."""
         moved = 0
         while not self.stopping.is_set():
-            due = cast(list[str], self.client.zrangebyscore(self.keys.timeline, "-inf", now, start=0, num=self.batch))
+            due = cast("list[tuple[str, float]]", self.client.zrangebyscore(
+                self.keys.timeline, "-inf", now, start=0, num=self.batch, withscores=True))
             if not due:
                 break
-            keys, args, positions = self._queue_args(due)
-            for jobid, position in zip(due, positions):
-                args += [jobid, position]
+            placements = self._placements(due, now)
+            keys, args, positions = self._queue_args([jobid for jobid, _ in due])
+            for (jobid, score), position in zip(due, positions):
+                args += [jobid, position, repr(score), *placements[jobid].script_args()]
             moved += self.scripts.run("move_due", now, keys, [self.token, *args])
             if len(due) < self.batch:
                 break
         self.moved += moved
         return moved
+
+    def _placements(self, due: list[tuple[str, float]], now: float) -> dict[str, Placement]:
+        """Where each due job goes: its queue, unless it fires late (then its
+        misfire policy decides: one more round trip, for the late ones only)."""
+        late = [jobid for jobid, score in due if now - score >= 1]
+        found: list[Any] = []
+        if late:
+            with self.client.pipeline(transaction=False) as pipe:
+                for jobid in late:
+                    pipe.hget(self.keys.schedules, jobid)
+                    pipe.hget(self.keys.jobs, jobid)
+                found = pipe.execute()
+        schedules = dict(zip(late, found[0::2]))
+        records = dict(zip(late, found[1::2]))
+        placements = {}
+        for jobid, score in due:
+            placement = fire_due(schedules.get(jobid), self._job(jobid, records.get(jobid)), score, now)
+            if placement.skipped or placement.coalesced:
+                log.info("job %s fired %.0fs late: %s", jobid, now - score, _misfire_sentence(placement))
+            placements[jobid] = placement
+        return placements
+
+    @staticmethod
+    def _job(jobid: str, record: str | None) -> JobRecord:
+        try:
+            return decode_job(record)
+        except RecordError as exc:
+            log.warning("job %s: %s; its misfire policy is taken as once", jobid, exc)
+            return JobRecord()
 
     def reap(self, now: float) -> int:
         """End the runs whose lease deadline passed and put their jobs back."""
@@ -140,22 +183,26 @@ class Dispatcher:
             for jobid in expired:
                 pipe.hget(self.keys.leases, jobid)
                 pipe.hget(self.keys.schedules, jobid)
+                pipe.hget(self.keys.jobs, jobid)
             found = pipe.execute()
-        runs: list[tuple[str, str, str | None]] = [
-            (jobid, lease, schedule) for jobid, lease, schedule in zip(expired, found[0::2], found[1::2])
-            if lease is not None]
-        keys, args, positions = self._queue_args([jobid for jobid, _, _ in runs])
+        runs: list[tuple[str, str, str | None, str | None]] = [
+            run for run in zip(expired, found[0::3], found[1::3], found[2::3]) if run[1] is not None]
+        keys, args, positions = self._queue_args([jobid for jobid, _, _, _ in runs])
         reasons: dict[str, tuple[Lease, str]] = {}
-        for (jobid, lease, schedule), position in zip(runs, positions):
-            placement = place_after_expiry(schedule, now) if schedule is not None else FORGET
+        for (jobid, lease, schedule, job), position in zip(runs, positions):
+            record = self._job(jobid, job)
             try:
-                record = decode_lease(lease)
-                held = Lease(jobid, record.token, record.queue, record.worker, record.since, record.timeout)
+                leased = decode_lease(lease)
+                held = Lease(jobid, leased.token, leased.queue, leased.worker, leased.since, leased.timeout)
+                record = replace(record, due=leased.due, attempt=leased.attempt)  # the run's occurrence
                 ran = f" ({now - held.since:.0f}s after it claimed the job)"
             except RecordError as exc:  # still reaped: the token is all the script needs
                 log.warning("job %s: %s", jobid, exc)
                 held, ran = Lease(jobid, lease_token(lease), "?", "?", now, 0.0), ""
-            error = error_record("EXP", f"lease expired: worker {held.worker} stopped renewing it{ran}", held.worker, now)
+            reason = f"lease expired: worker {held.worker} stopped renewing it{ran}"
+            placement = FORGET if schedule is None else \
+                place_after_run(schedule, Outcome("expired", error=reason), now, record, self.retry)
+            error = error_record(placement.status or "EXP", reason, held.worker, now)
             args += [jobid, held.token, *placement.script_args(), error, position]
             reasons[jobid] = held, f"lease of worker {held.worker} expired; {_sentence(placement)}"
         reaped = cast("list[str]", self.scripts.run("reap", now, keys, [self.token, *args]))
@@ -163,6 +210,16 @@ class Dispatcher:
             self.events.expired(*reasons[jobid])
         self.reaped += len(reaped)
         return len(reaped)
+
+    def retire(self, now: float) -> int:
+        """Remove what the jobs that ended for good keep-finished ago left."""
+        self.retired_at = now
+        cutoff = repr(now - self.retention.keep_finished)
+        looked = total = self.scripts.run("retire", now, [], [self.token, cutoff, RETIRE_BATCH])
+        while looked >= RETIRE_BATCH and not self.stopping.is_set():
+            looked = self.scripts.run("retire", now, [], [self.token, cutoff, RETIRE_BATCH])
+            total += looked
+        return total
 
     def _write_timefile(self, now: float, force: bool = False) -> None:
         """A timefile that cannot be written (disk full, folder gone) costs only the
@@ -214,6 +271,8 @@ class Dispatcher:
             busy = self.move_due(now) > 0 or busy
         if self.next_deadline <= now:
             busy = self.reap(now) > 0 or busy
+        if now - self.retired_at >= RETIRE_SECONDS:
+            self.retire(now)
         self._write_timefile(now, force=not busy)
         if busy:
             return 0.0
@@ -254,6 +313,13 @@ class Dispatcher:
                 except redis.RedisError:
                     pass
         log.info("dispatcher %s stopped: %d moved, %d reaped", self.identity, self.moved, self.reaped)
+
+
+def _misfire_sentence(placement: Placement) -> str:
+    counts = f"{placement.coalesced} occurrence(s) coalesced, {placement.skipped} skipped by its misfire policy"
+    if placement.kind == "Q":
+        return f"{counts}; it runs for {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(placement.due or 0))}"
+    return f"{counts}; {_sentence(placement)}"
 
 
 def _sentence(placement: Placement) -> str:

@@ -36,6 +36,9 @@ class Keys:
         self.parking = f"{p}:parking"  # hash  jobid -> "P"/"R"/"A" + its parked/ready/aside member
         self.parkseq = f"{p}:parkseq"  # counter: order of parked jobs
         self.aside = f"{p}:aside"  # zset  (lex) "resource|amount|seq|queue|jobid": needs more than a capacity
+        self.jobs = f"{p}:jobs"  # hash  jobid -> job record: occurrence, attempt, policy, ledger (records.JobRecord)
+        self.finished = f"{p}:finished"  # zset  jobid scored by when it ended for good (END, SKP, unset)
+        self.trail_prefix = f"{p}:trail:"  # + jobid: list of the job's trail events (records.TrailEvent)
 
     def queue(self, name: str) -> str:
         """A work queue (list; LPUSH in, RPOP out)."""
@@ -44,6 +47,10 @@ class Keys:
     def queue_channel(self, name: str) -> str:
         """Channel published to when a job enters queue ``name``."""
         return f"{self.prefix}:wake-queue:{name}"
+
+    def trail(self, jobid: str) -> str:
+        """The job's trail: a capped list of events, expiring keep-finished after the last."""
+        return self.trail_prefix + jobid
 
     def job_state(self) -> list[str]:
         """The keys every script takes first, in the order lib.lua expects."""

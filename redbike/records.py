@@ -21,7 +21,8 @@ SEP = "|"
 # in the order of KEYS[1..17] in lib.lua's header.
 JOB_STATE = (
     "schedules", "statuses", "timeline", "leases", "deadlines", "pending", "errors", "control",
-    "dispatcher", "capacities", "usage", "needs", "parked", "ready", "parking", "parkseq", "aside",
+    "dispatcher", "capacities", "usage", "needs", "parked", "ready", "parking", "parkseq", "aside", "jobs",
+    "finished",
 )
 
 # set.lua's needs argument: the job needs nothing (no needs, "", keeps the stored ones).
@@ -91,7 +92,7 @@ def decode_local_room(text: str) -> dict[str, tuple[int, int]]:
     return room
 
 
-# -- the lease: "token|queue|worker|since|timeout|needs" (claim() in lib.lua) ---
+# -- the lease: "token|queue|worker|since|timeout|due|attempt|needs" (claim() in lib.lua)
 
 @dataclass(frozen=True)
 class LeaseRecord:
@@ -100,24 +101,27 @@ class LeaseRecord:
     worker: str
     since: float
     timeout: float
+    due: float  # the occurrence the run is for
+    attempt: int  # 1 for its first run
     needs: str
 
 
 def encode_lease(lease: LeaseRecord) -> str:
-    return SEP.join([lease.token, lease.queue, lease.worker, _number(lease.since), _number(lease.timeout), lease.needs])
+    return SEP.join([lease.token, lease.queue, lease.worker, _number(lease.since), _number(lease.timeout),
+                     _number(lease.due), str(lease.attempt), lease.needs])
 
 
 def decode_lease(value: str) -> LeaseRecord:
     """The queue is found by counting fields from both ends: the token has
-    no ``|``, nor do the worker id, the times or the needs."""
+    no ``|``, nor do the worker id, the times or the needs (lease_parts() in lib.lua)."""
     parts = value.split(SEP)
-    if len(parts) < 6:
+    if len(parts) < 8:
         raise RecordError(f"bad lease record {value!r}")
     try:
-        since, timeout = float(parts[-3]), float(parts[-2])
+        since, timeout, due, attempt = float(parts[-5]), float(parts[-4]), float(parts[-3]), int(parts[-2])
     except ValueError:
         raise RecordError(f"bad lease record {value!r}") from None
-    return LeaseRecord(parts[0], SEP.join(parts[1:-4]), parts[-4], since, timeout, parts[-1])
+    return LeaseRecord(parts[0], SEP.join(parts[1:-6]), parts[-6], since, timeout, due, attempt, parts[-1])
 
 
 def lease_token(value: str) -> str:
@@ -129,19 +133,132 @@ def _number(value: float) -> str:
     return repr(float(value))
 
 
-# -- the pending placement: "kind|at|status" (set.lua, finish() in lib.lua) ----
+# -- the pending placement: its 7 script values joined by "|" (set.lua, finish() in lib.lua)
 
-def encode_pending(kind: str, at: str, status: str) -> str:
-    return SEP.join([kind, at, status])
+PLACEMENT_VALUES = 7  # kind, at, status, due, attempt, coalesced, skipped (states.Placement)
 
 
-def decode_pending(value: str) -> tuple[str, str, str]:
-    """(kind, at, status); at is '' unless kind is T."""
-    kind, sep1, rest = value.partition(SEP)
-    at, sep2, status = rest.partition(SEP)
-    if not (sep1 and sep2):
+def encode_pending(values: list[str]) -> str:
+    """A placement's script values (states.Placement.script_args())."""
+    return SEP.join(values)
+
+
+def decode_pending(value: str) -> list[str]:
+    """The placement's 7 script values; at, due and attempt may be ''."""
+    parts = value.split(SEP)
+    if len(parts) != PLACEMENT_VALUES:
         raise RecordError(f"bad pending record {value!r}")
-    return kind, at, status
+    return parts
+
+
+# -- the job record (P:jobs; job_of() in lib.lua) ------------------------------
+
+MISFIRE_POLICIES = ("once", "skip", "all")
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """A job's occurrence, attempt, failure and misfire policy, and its
+    occurrence ledger: "due|attempt|misfire|retries|fired|coalesced|skipped|cancelled|last_due".
+
+    ``due``: the nominal time of the occurrence it is placed for, waits for
+    in its queue or runs for (None: none yet). ``attempt``: that
+    occurrence's run (1: the first). ``misfire``: once, all, all:N or
+    skip:GRACE. Counts of occurrences ``fired`` (enqueued),
+    ``coalesced`` into a later run, ``skipped`` by the misfire policy and
+    ``cancelled`` (unset or set again before they fired); ``last_due``: the
+    last occurrence fired."""
+
+    due: float | None = None
+    attempt: int = 1
+    misfire: str = "once"
+    retries: int = 0
+    fired: int = 0
+    coalesced: int = 0
+    skipped: int = 0
+    cancelled: int = 0
+    last_due: float | None = None
+
+
+def _optional_time(text: str) -> float | None:
+    return float(text) if text else None
+
+
+def encode_job(job: JobRecord) -> str:
+    return SEP.join([
+        "" if job.due is None else _number(job.due), str(job.attempt), job.misfire, str(job.retries),
+        str(job.fired), str(job.coalesced), str(job.skipped), str(job.cancelled),
+        "" if job.last_due is None else _number(job.last_due)])
+
+
+def decode_job(value: str | None) -> JobRecord:
+    """A job's record; the defaults for a job that has none (set before the
+    ledger existed, or pushed by a foreign client)."""
+    if value is None:
+        return JobRecord()
+    parts = value.split(SEP)
+    if len(parts) != 9:
+        raise RecordError(f"bad job record {value!r}")
+    try:
+        return JobRecord(_optional_time(parts[0]), int(parts[1]), parts[2], int(parts[3]), int(parts[4]),
+                         int(parts[5]), int(parts[6]), int(parts[7]), _optional_time(parts[8]))
+    except ValueError:
+        raise RecordError(f"bad job record {value!r}") from None
+
+
+def check_misfire(text: str) -> str:
+    """``once``, ``all``, ``all:N`` (N >= 1) or ``skip:GRACE`` (seconds >= 0),
+    as is_misfire() in lib.lua; ValueError with a one-line reason otherwise."""
+    name, _, parameter = text.partition(":")
+    if text in ("once", "all") or (name == "all" and parameter.isdigit() and int(parameter) >= 1) \
+            or (name == "skip" and parameter.isdigit()):
+        return text
+    raise ValueError(f"bad misfire policy {text!r} (once, skip, all or all:N)")
+
+
+# -- the trail: a list of events "time|event|field|..." (trail() in lib.lua) ---
+
+# Each event's fields, in order; the last may hold '|' (a schedule, an error).
+TRAIL_FIELDS: dict[str, tuple[str, ...]] = {
+    "set": ("by", "status", "needs", "misfire", "retries", "schedule"),
+    "retry": ("by",),
+    "unset": ("by",),
+    "cancelled": ("due",),
+    "enqueued": ("due", "attempt"),
+    "misfire": ("policy", "coalesced", "skipped", "due"),
+    "parked": ("resource", "in_use", "capacity"),
+    "aside": ("resource", "amount", "capacity"),
+    "woken": ("resource",),
+    "run": ("due", "attempt", "token", "worker", "since", "status", "next_at", "error"),
+}
+
+
+@dataclass(frozen=True)
+class TrailEvent:
+    at: float
+    event: str
+    fields: dict[str, str]
+
+
+def encode_trail_event(event: TrailEvent) -> str:
+    names = TRAIL_FIELDS[event.event]
+    return SEP.join([_number(event.at), event.event, *(event.fields.get(name, "") for name in names)])
+
+
+def decode_trail_event(value: str) -> TrailEvent:
+    at, _, rest = value.partition(SEP)
+    event, _, rest = rest.partition(SEP)
+    names = TRAIL_FIELDS.get(event)
+    if names is None:
+        raise RecordError(f"bad trail event {value!r}")
+    parts = rest.split(SEP, len(names) - 1)
+    try:
+        when = float(at)
+    except ValueError:
+        raise RecordError(f"bad trail event {value!r}") from None
+    if len(parts) != len(names):
+        raise RecordError(f"bad trail event {value!r}")
+    return TrailEvent(when, event, dict(zip(names, parts)))
 
 
 # -- parked and ready members, and the parking value (lib.lua: park, wake) -----
@@ -260,14 +377,14 @@ def decode_parking(value: str) -> Parked | Woken | SetAside:
 # -- the replies of claim.lua and finish.lua ----------------------------------
 
 class Claimed(NamedTuple):  # a NamedTuple: made on every job's path, and quicker to make than a dataclass
-    """{'JOB', jobid, index, schedule, status, needs}: ``queue_index`` is the
-    0-based position of the job's queue among the queues the claim tried;
-    ``status`` its status before the claim ('' if none)."""
+    """{'JOB', jobid, index, schedule, job record, needs}: ``queue_index`` is
+    the 0-based position of the job's queue among the queues the claim
+    tried; ``job`` its record (the run's occurrence and attempt, its policy)."""
 
     jobid: str
     queue_index: int
     schedule: str
-    status: str
+    job: JobRecord
     needs: dict[str, int]
 
 
@@ -287,8 +404,8 @@ ClaimReply = Claimed | Halt | str
 def decode_claim(reply: list[object]) -> ClaimReply:
     kind = reply[0]
     if kind == "JOB":
-        _, jobid, index, schedule, status, needs = reply
-        return Claimed(str(jobid), int(str(index)), str(schedule), str(status or ""), decode_needs(str(needs or "")))
+        _, jobid, index, schedule, job, needs = reply
+        return Claimed(str(jobid), int(str(index)), str(schedule), decode_job(str(job)), decode_needs(str(needs or "")))
     if kind == "HALT":
         return Halt(str(reply[1]))
     if kind in (NONE, MORE):

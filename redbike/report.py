@@ -16,11 +16,13 @@ from .records import (
     Parked,
     RecordError,
     SetAside,
+    decode_job,
     decode_lease,
     decode_parking,
     decode_pending,
     decode_status,
 )
+from .schedules import ScheduleError, parse_schedule
 
 SCAN_COUNT = 1000
 
@@ -68,12 +70,14 @@ def tell(client: redis.Redis, keys: Keys, jobid: str, queue: str) -> dict[str, A
         pipe.hget(keys.pending, jobid)
         pipe.hget(keys.needs, jobid)
         pipe.hget(keys.parking, jobid)
-        status, schedule, next_run, lease, deadline, error, pending, needs, parking = pipe.execute()
+        pipe.hget(keys.jobs, jobid)
+        status, schedule, next_run, lease, deadline, error, pending, needs, parking, job = pipe.execute()
     if status is None and schedule is None and lease is None:
         return None
     told: dict[str, Any] = {"status": status, "next_run": next_run, "schedule": schedule}
     if needs:
         told["needs"] = needs
+    told.update(_occurrence(job, status, next_run, schedule))
     if status and status.startswith("ENQ:"):
         told["queue"] = queue
         told["queue_length"] = client.llen(keys.queue(queue))
@@ -105,6 +109,36 @@ def tell(client: redis.Redis, keys: Keys, jobid: str, queue: str) -> dict[str, A
     return told
 
 
+def _occurrence(job: str | None, status: str | None, next_run: float | None, schedule: str | None) -> dict[str, Any]:
+    """The job record as tell shows it: the occurrence it waits in its queue
+    or runs for (``due``), the next after it (``next_run``), the attempt, the
+    policy and the ledger."""
+    try:
+        record = decode_job(job)
+    except RecordError as exc:
+        return {"job_record": str(exc)}
+    told: dict[str, Any] = {"misfire": record.misfire, "retries": record.retries}
+    event = decode_status(status)[0] if status else ""
+    if event in ("ENQ", "WRK") and record.due is not None:
+        told["due"] = record.due
+        if schedule and next_run is None:
+            told["next_run"] = _after(schedule, record.due)
+    if event in ("ENQ", "WRK", "RTY", "EXP") or record.attempt > 1:
+        told["attempt"] = record.attempt
+    told["ledger"] = {"fired": record.fired, "coalesced": record.coalesced, "skipped": record.skipped,
+                      "cancelled": record.cancelled, "last_due": record.last_due}
+    return told
+
+
+def _after(schedule: str, due: float) -> float | None:
+    """The occurrence after ``due`` of a recurring schedule (None for others)."""
+    try:
+        parsed = parse_schedule(schedule)
+    except ScheduleError:
+        return None
+    return parsed.first_after(due) if parsed.kind in ("RRULE", "CRON") else None
+
+
 def _waiting_for(parking: str) -> str:
     try:
         place = decode_parking(parking)
@@ -119,7 +153,7 @@ def _waiting_for(parking: str) -> str:
 
 def _after_this_run(pending: str) -> str:
     try:
-        kind, at, status = decode_pending(pending)
+        kind, at, status = decode_pending(pending)[:3]
     except RecordError as exc:
         return str(exc)
     return {"Q": "enqueue", "T": f"timeline at {at}", "S": status}.get(kind, kind)

@@ -2,7 +2,8 @@
 
 Each script is lib.lua (shared helpers) followed by its own file in
 redbike/lua; every script takes the job-state keys (Keys.job_state()) and
-three common arguments first.
+six common arguments first (now, two channel prefixes, the trail prefix,
+the trail length, keep-finished in ms).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import functools
 import re
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
@@ -24,7 +26,7 @@ try:  # a redbike dependency; without it, redis-py packs commands itself
 except ImportError:  # pragma: no cover
     pack_command = None
 
-SCRIPT_NAMES = ("set", "unset", "claim", "finish", "move_due", "reap", "renew", "lead", "capacity")
+SCRIPT_NAMES = ("set", "unset", "claim", "finish", "move_due", "reap", "renew", "lead", "capacity", "retire")
 
 
 @functools.cache
@@ -46,16 +48,33 @@ def presized(lib: str) -> str:
     return lib.replace("local L = {}", "local L = {" + ", ".join(f"{name} = false" for name in fields) + "}", 1)
 
 
+TRAIL_LENGTH = 10  # trail-length: events kept per job (up to twice as many before a trim)
+KEEP_FINISHED = 7 * 86400.0  # keep-finished: seconds
+
+
+@dataclass(frozen=True)
+class Retention:
+    """How long what a job leaves behind is kept: ``trail_length`` events of
+    its trail (the scripts trim it back to that many when it reaches twice
+    as many), and ``keep_finished`` seconds for a one-off that ended, an
+    unset job's record, and a trail after its last event."""
+
+    trail_length: int = TRAIL_LENGTH
+    keep_finished: float = KEEP_FINISHED
+
+
 class Scripts:
     """The Lua scripts (see sources()), registered on a client.
 
-    Each script takes the job-state keys and three common arguments first.
+    Each script takes the job-state keys and six common arguments first.
     """
 
-    def __init__(self, client: redis.Redis, keys: Keys) -> None:
+    def __init__(self, client: redis.Redis, keys: Keys, retention: Retention | None = None) -> None:
+        retention = retention or Retention()
         self._scripts = {name: client.register_script(src) for name, src in sources().items()}
         self._keys = keys.job_state()
-        self._common = [keys.dispatcher_channel, keys.queue_channel("")]
+        self._common = [keys.dispatcher_channel, keys.queue_channel(""), keys.trail_prefix,
+                        str(retention.trail_length), str(int(retention.keep_finished * 1000))]
 
     def run(self, name: str, now: float, keys: list[str], args: list[Any], client: Any = None) -> Any:
         """Run script ``name`` with its own ``keys`` and ``args`` after the common ones.

@@ -34,6 +34,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .records import JobRecord, decode_job, encode_job
 from .roundrobin import Lease
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ class Running:
 
     lease: Lease
     schedule: str
-    enqueued_at: float
+    job: JobRecord  # the job's record as claimed: the run's occurrence and attempt, its policy
     renewed_at: float
     local_needs: dict[str, int]  # worker-local amounts it holds
 
@@ -74,18 +75,18 @@ class Running:
         lease = self.lease
         local = ",".join(f"{name}={amount}" for name, amount in self.local_needs.items())
         return (f"{lease.jobid}\0{lease.token}\0{lease.queue}\0{lease.worker}\0{lease.since!r}\0"
-                f"{lease.timeout!r}\0{self.schedule}\0{self.enqueued_at!r}\0{self.renewed_at!r}\0{local}\0")
+                f"{lease.timeout!r}\0{self.schedule}\0{encode_job(self.job)}\0{self.renewed_at!r}\0{local}\0")
 
     @classmethod
     def decode_all(cls, text: str) -> list[Running]:
         fields = text.split("\0")[:-1]
         runs = []
         for at in range(0, len(fields), cls.FIELDS):
-            jobid, token, queue, worker, since, timeout, schedule, enqueued_at, renewed_at, local = \
+            jobid, token, queue, worker, since, timeout, schedule, job, renewed_at, local = \
                 fields[at : at + cls.FIELDS]
             needs = {name: int(amount) for name, _, amount in (pair.partition("=") for pair in local.split(",") if pair)}
             lease = Lease(jobid, token, queue, worker, float(since), float(timeout))
-            runs.append(cls(lease, schedule, float(enqueued_at), float(renewed_at), needs))
+            runs.append(cls(lease, schedule, decode_job(job), float(renewed_at), needs))
         return runs
 
 

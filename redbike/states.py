@@ -2,8 +2,10 @@
 
 A job is in at most one place: the timeline (waiting for its next run), a
 queue (due, waiting for a worker), or leased by a worker (running). These
-functions decide the next place from the schedule; the Lua scripts apply it
-atomically. They take ``now`` as an argument so that tests need no clock.
+functions decide the next place from the schedule, the occurrence it was
+for and the job's misfire and retry policy (redbike.occurrences); the Lua
+scripts apply it atomically. They take ``now`` as an argument so that tests
+need no clock.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .records import decode_status
+from .occurrences import DEFAULT_RETRY, Firing, Misfire, Retry, fire_late
+from .records import JobRecord, decode_status
 from .schedules import Schedule, ScheduleError, parse_schedule
 
 # The statuses of the original redbike ...
@@ -20,25 +23,38 @@ ENQ = "ENQ"  # entered into a work queue
 BAD = "BAD"  # its schedule could not be parsed
 WRK = "WRK"  # picked up by a worker
 STP = "STP"  # stopped: schedule STOP, or the worker raised StopWork
-DIE = "DIE"  # the worker raised an unexpected exception (error kept for tell)
+DIE = "DIE"  # the worker raised an unexpected exception (error kept for tell), retries used up
 # ... and the ones redbike adds:
 END = "END"  # ran, and its schedule has no further run (NOW, AT, exhausted RRULE)
 EXP = "EXP"  # its run's lease expired (worker died or overran its timeout); put back
+RTY = "RTY"  # its run raised; it runs again after a backoff (retries left)
+SKP = "SKP"  # a one-off skipped by its misfire policy (too late); it will not run
 
 
 @dataclass(frozen=True)
 class Placement:
     """Where a job goes next: kind Q (its queue), T (the timeline at ``at``),
     S (nowhere; only ``status`` is recorded), X (schedule becomes STOP) or
-    D (the job is forgotten)."""
+    D (the job is forgotten); ``due`` (the occurrence it is placed for) and
+    ``attempt`` (None: the job record's stay), and the ledger counts of
+    occurrences ``coalesced`` and ``skipped`` on the way."""
 
     kind: str
     status: str
     at: float | None = None
+    due: float | None = None
+    attempt: int | None = None
+    coalesced: int = 0
+    skipped: int = 0
 
     def script_args(self) -> list[str]:
-        """The (kind, at, status) triple the Lua scripts take."""
-        return [self.kind, "" if self.at is None else repr(self.at), self.status]
+        """The 7 values the Lua scripts take (placement_at() in lib.lua)."""
+        return [self.kind, _time(self.at), self.status, _time(self.due),
+                "" if self.attempt is None else str(self.attempt), str(self.coalesced), str(self.skipped)]
+
+
+def _time(value: float | None) -> str:
+    return "" if value is None else repr(float(value))
 
 
 QUEUE = Placement("Q", ENQ)
@@ -46,24 +62,56 @@ STOPPED = Placement("X", STP)
 FORGET = Placement("D", "")
 
 
-def timeline_or_end(at: float | None, status: str = TML) -> Placement:
-    return Placement("S", END) if at is None else Placement("T", status, at)
+def _fired(firing: Firing, status: str = TML) -> Placement:
+    """A late occurrence fired (or, none left to fire, the next one waited for)."""
+    counts = {"coalesced": firing.coalesced, "skipped": firing.skipped}
+    if firing.due is not None:
+        return Placement("Q", ENQ, due=firing.due, attempt=1, **counts)
+    if firing.next_due is None:
+        return Placement("S", END, **counts)
+    return Placement("T", status, firing.next_due, due=firing.next_due, attempt=1, **counts)
 
 
-def place_on_set(schedule: Schedule, after: float, now: float) -> Placement:
+def place_on_set(schedule: Schedule, after: float, now: float, misfire: str = "once") -> Placement:
     """Where a job goes when it is set. ``after`` is the time from which runs
     of a recurring schedule count (``--after``, else the timefile, else now):
-    a run that fell due between ``after`` and ``now`` is enqueued at once, just
-    once. A one-off (AT) runs once however late it is set: at its time, or at
-    once if that has passed (the caller decides whether it ran already)."""
+    the occurrences that fell due between ``after`` and ``now`` are missed,
+    and the misfire policy says which run (``once``: one run, now). A one-off
+    (AT) runs once however late it is set (unless ``skip`` finds it too
+    late): at its time, or at once if that has passed."""
     if schedule.kind in ("NOW", "CONTINUE"):
-        return QUEUE
+        return Placement("Q", ENQ, due=now, attempt=1)
     if schedule.kind == "STOP":
         return Placement("S", STP)
-    at = schedule.first_after(-math.inf if schedule.kind == "AT" else after)
-    if at is not None and at <= now:
+    first = schedule.first_after(-math.inf if schedule.kind == "AT" else after)
+    if first is None:
+        return Placement("S", END)
+    if first > now:
+        return Placement("T", TML, first, due=first, attempt=1)
+    placement = _fired(fire_late(schedule, first, now, Misfire.parse(misfire)))
+    if schedule.kind == "AT" and placement.kind == "S":
+        return Placement("S", SKP, skipped=placement.skipped)
+    return placement
+
+
+def fire_due(schedule_text: str | None, job: JobRecord, score: float, now: float) -> Placement:
+    """Where the dispatcher puts a job whose timeline score fell due: its
+    queue, for the occurrence its record holds. A recurring occurrence fired
+    late (a second or more: no schedule repeats faster) goes through its
+    misfire policy. A retry keeps its occurrence and attempt."""
+    if now - score < 1 or job.attempt > 1 or schedule_text is None:
         return QUEUE
-    return timeline_or_end(at)
+    try:
+        schedule = parse_schedule(schedule_text)
+    except ScheduleError:
+        return Placement("S", BAD)
+    first = job.due if job.due is not None else score
+    if schedule.kind not in ("RRULE", "CRON", "AT"):
+        return QUEUE
+    placement = _fired(fire_late(schedule, first, now, Misfire.parse(job.misfire)))
+    if schedule.kind == "AT" and placement.kind == "S":
+        return Placement("S", SKP, skipped=placement.skipped)
+    return placement
 
 
 @dataclass(frozen=True)
@@ -75,51 +123,66 @@ class Outcome:
     error: str = ""  # one line for tell: "ValueError: ..." or why it expired
 
 
-def place_after_run(schedule_text: str, outcome: Outcome, now: float, enqueued_at: float) -> Placement:
-    """Where a job goes when its run ends.
+def place_after_run(schedule_text: str, outcome: Outcome, now: float, job: JobRecord,
+                    retry: Retry = DEFAULT_RETRY) -> Placement:
+    """Where a job goes when its run (for occurrence ``job.due``, attempt
+    ``job.attempt``) ends.
 
-    Runs of a recurring schedule that fell due while the job waited or ran
-    are coalesced into this run: the next run is the first occurrence after
-    both ``now`` and the time it was enqueued (the latter guards against a
-    worker clock that lags the dispatcher's).
+    A run that raised, or did not complete (expired), runs again after a
+    backoff while it has retries left (``job.retries`` more runs than the
+    first; at least EXPIRY_RETRIES for one that did not complete); then it
+    ends as DIE (a recurring job that did not complete waits for its next
+    occurrence, status EXP). The occurrences of a
+    recurring schedule that fell due while the job waited or ran are missed:
+    the misfire policy says which run (``once``: none; they are coalesced
+    into this run).
     """
     if outcome.kind == "stop":
         return STOPPED
     if outcome.kind == "unset":
         return FORGET
+    if outcome.kind in ("error", "expired") and job.attempt <= retry.limit(job.retries, outcome.kind):
+        status = RTY if outcome.kind == "error" else EXP
+        return Placement("T", status, now + retry.delay(job.attempt), attempt=job.attempt + 1)
     if outcome.kind == "error":
         return Placement("S", DIE)
-    if outcome.kind == "expired":
-        return place_after_expiry(schedule_text, now)
     try:
         schedule = parse_schedule(schedule_text)
     except ScheduleError:
         return Placement("S", BAD)
+    if outcome.kind == "expired":
+        return _after_expiry(schedule, now, job)
     if schedule.kind == "CONTINUE":
         if outcome.backoff:
-            return Placement("T", TML, now + outcome.backoff)
-        return QUEUE
+            return Placement("T", TML, now + outcome.backoff, due=now + outcome.backoff, attempt=1)
+        return Placement("Q", ENQ, due=now, attempt=1)
     if schedule.kind in ("NOW", "AT"):
         return Placement("S", END)
     if schedule.kind == "STOP":
         return Placement("S", STP)
-    return timeline_or_end(schedule.first_after(max(now, enqueued_at)))
+    return _next_occurrence(schedule, now, job, TML)
 
 
-def place_after_expiry(schedule_text: str, now: float) -> Placement:
-    """Where a job goes when its run's lease expired. The run did not finish,
-    so a one-off (NOW, AT) or CONTINUE job runs again; a recurring job waits
-    for its next occurrence. Status EXP stays until it is enqueued again."""
-    try:
-        schedule = parse_schedule(schedule_text)
-    except ScheduleError:
-        return Placement("S", BAD)
+def _next_occurrence(schedule: Schedule, now: float, job: JobRecord, status: str) -> Placement:
+    """The occurrence after the one the run was for (``job.due``); those
+    that fell due meanwhile go through the misfire policy."""
+    upcoming = schedule.first_after(job.due if job.due is not None else now)
+    if upcoming is None:
+        return Placement("S", END if status == TML else status)
+    if upcoming > now:
+        return Placement("T", status, upcoming, due=upcoming, attempt=1)
+    return _fired(fire_late(schedule, upcoming, now, Misfire.parse(job.misfire), ran=True), status)
+
+
+def _after_expiry(schedule: Schedule, now: float, job: JobRecord) -> Placement:
+    """A run that did not complete and has no retries left: a one-off (NOW,
+    AT) or CONTINUE job dies; a recurring job waits for its next occurrence,
+    status EXP."""
     if schedule.kind in ("NOW", "AT", "CONTINUE"):
-        return Placement("T", EXP, now)
+        return Placement("S", DIE)
     if schedule.kind == "STOP":
         return Placement("S", STP)
-    at = schedule.first_after(now)
-    return Placement("S", EXP) if at is None else Placement("T", EXP, at)
+    return _next_occurrence(schedule, now, job, EXP)
 
 
 parse_status = decode_status  # "EVENT:TIMESTAMP" -> (event, timestamp); see records.py

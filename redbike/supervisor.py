@@ -28,9 +28,10 @@ import redis
 from .claims import GRACE_SECONDS, LEASE_LOST, LEASE_SECONDS, Claims
 from .events import Events, LogEvents
 from .keys import Keys
+from .occurrences import Retry
 from .outage import Outage
 from .roundrobin import RoundRobin
-from .scripts import subscribe
+from .scripts import Retention, subscribe
 from .slot import MAX_BACKOFF_SECONDS, NOTE_FREED, NOTE_HALT, Outcomes, Slot
 from .slots import Child, LocalLock, Running, SlotBoard, Zygote
 from .states import Outcome
@@ -77,6 +78,8 @@ class WorkerPool:
         resources: dict[str, int] | None = None,
         clock: Callable[[], float] = time.time,
         events: Events | None = None,
+        retry: Retry | None = None,
+        retention: Retention | None = None,
     ) -> None:
         """``events``: where the pool reports what its jobs do (default: the log);
         subscribe to ``self.events`` before run()."""
@@ -90,7 +93,8 @@ class WorkerPool:
         self.board = SlotBoard(concurrency)
         self.outcomes = Outcomes(concurrency)
         self.claims = Claims(client, keys, worker, self.board, default_timeout=default_timeout,
-                             lease_seconds=lease_seconds, resources=resources, clock=clock)
+                             lease_seconds=lease_seconds, resources=resources, clock=clock,
+                             retry=retry, retention=retention)
         self.scripts = self.claims.scripts
         self.queue_names = self.claims.queue_names
         self.identity = f"{socket.gethostname()}:{os.getpid()}"

@@ -123,7 +123,8 @@ def write_config(folder: Path, prefix: str, url: str, *, worker: str = "testwork
     folder.mkdir(exist_ok=True)
     (folder / ".redbike.conf").write_text(
         f"[redbike]\nprefix = {prefix}\nworker = {worker}\n"
-        f"timefile = {folder / 'timefile'}\ndefault-timeout = {default_timeout:g}\n\n"
+        f"timefile = {folder / 'timefile'}\ndefault-timeout = {default_timeout:g}\n"
+        "retry-backoff = 0.2\n\n"  # a run that did not complete runs again within 0.2 s
         f"[redbike-redis]\nurl = {url}\n"
     )
     shutil.copy(ROOT / "tests" / "testworker.py", folder / "testworker.py")

@@ -23,14 +23,17 @@ from redbike.records import (
     Aside,
     Claimed,
     Halt,
+    JobRecord,
     LeaseRecord,
     Parked,
     Ready,
     SetAside,
+    TrailEvent,
     Woken,
     decode_aside,
     decode_claim,
     decode_finish,
+    decode_job,
     decode_lease,
     decode_local_room,
     decode_needs,
@@ -39,7 +42,9 @@ from redbike.records import (
     decode_pending,
     decode_ready,
     decode_status,
+    decode_trail_event,
     encode_aside,
+    encode_job,
     encode_lease,
     encode_local_room,
     encode_needs,
@@ -50,7 +55,7 @@ from redbike.records import (
 )
 from redbike.resources import LOCAL_PREFIX, MAX_AMOUNT, MAX_CAPACITY
 from redbike.scripts import SCRIPT_NAMES, Scripts
-from redbike.states import Outcome
+from redbike.states import FORGET, Outcome, Placement
 
 LUA = resources.files("redbike") / "lua"
 LIB = (LUA / "lib.lua").read_text(encoding="utf-8")
@@ -91,18 +96,18 @@ def test_every_script_file_is_loaded_and_has_a_header() -> None:
         text = source(name)
         assert text.startswith(f"-- {name}.lua: "), name
         assert header(text, "KEYS").startswith("the job-state keys"), name
-        assert header(text, "ARGV").startswith("the common three"), name
+        assert header(text, "ARGV").startswith("the common six"), name
 
 
 def test_lib_lists_the_job_state_keys_in_the_order_python_passes_them() -> None:
     listed = re.findall(r"^--\s+KEYS\[(\d+)\]\s+(\w+)", LIB, re.MULTILINE)
     assert [int(n) for n, _ in listed] == list(range(1, len(listed) + 1))
     assert tuple(name for _, name in listed) == records.JOB_STATE
-    assert f"L.K, L.A = {len(records.JOB_STATE)}, 3" in LIB
+    assert f"L.K, L.A = {len(records.JOB_STATE)}, 6" in LIB
     keys = Keys("p")
     assert keys.job_state() == [getattr(keys, name) for name, _ in zip(records.JOB_STATE, listed)]
     # the names lib.lua binds KEYS[1..17] to, in the same order
-    bound = re.findall(r"KEYS\[(\d+)\]", LIB.split("L.K, L.A")[0].split("-- D (forget the job).")[1])
+    bound = re.findall(r"KEYS\[(\d+)\]", LIB.split("L.K, L.A")[0].split("local L = {}")[1])
     assert [int(n) for n in bound] == list(range(1, len(records.JOB_STATE) + 1))
 
 
@@ -129,14 +134,17 @@ def test_statuses_and_placement_kinds_match_python() -> None:
 # -- the arguments Python passes, against each script's header -----------------
 
 def own_arguments(name: str) -> tuple[int, str]:
-    """How many fixed arguments script ``name`` takes after the common three,
-    and the header's words on what follows them."""
-    text = text_of(name).removeprefix("the common three")
+    """How many fixed arguments script ``name`` takes after the common six,
+    and the header's words on what follows them ("the placement" is its 7 values)."""
+    text = text_of(name).removeprefix("the common six")
     fixed, _, rest = text.removeprefix(", then ").partition(", then ")
-    return (0 if fixed.startswith(("triples", "pairs")) else len(fixed.rstrip(".").split(", "))), rest or fixed
+    if fixed.startswith(("triples", "pairs")):
+        return 0, rest or fixed
+    words = fixed.rstrip(".").split(", ")
+    return sum(records.PLACEMENT_VALUES if word == "the placement" else 1 for word in words), rest or fixed
 
 
-GROUPS = {"pairs": 2, "triples": 3, "per lease 7 values": 7}
+GROUPS = {"pairs": 2, "triples": 3, "per lease 11 values": 11, "per job 10 values": 10}
 
 
 def text_of(name: str) -> str:
@@ -203,44 +211,60 @@ def test_python_passes_what_each_header_says(client: redis.Redis, prefix: str,
 
 def lua(client: redis.Redis, body: str, *args: str) -> Any:
     """Run ``body`` after lib.lua, as every script runs, with ``args`` after the
-    common three; the library's functions are in scope by their own names."""
+    common six; the library's functions are in scope by their own names."""
     keys = Keys("contract").job_state()
     names = re.findall(r"^function L\.(\w+)\(", LIB, re.MULTILINE)
     aliases = f"local {', '.join(names)} = {', '.join('L.' + name for name in names)}\n"
-    return client.eval(LIB + "\n" + aliases + body, len(keys), *keys, repr(NOW), "d", "q:", *args)
+    return client.eval(LIB + "\n" + aliases + body, len(keys), *keys, repr(NOW), "d", "q:", "t:", "10", "1000", *args)
 
 
 def test_lua_reads_what_python_writes(client: redis.Redis) -> None:
-    lease = encode_lease(LeaseRecord("tok", "A", "host:1:0", NOW, 10.0, "db:x=2,host:a=1"))
-    assert lua(client, "return {lease_token_matches(ARGV[4], 'tok') and 1 or 0, "
-               "lease_token_matches(ARGV[4], 'to') and 1 or 0, lease_needs(ARGV[4])}", lease) \
+    lease = encode_lease(LeaseRecord("tok", "A|b", "host:1:0", NOW, 10.0, NOW - 5, 3, "db:x=2,host:a=1"))
+    assert lua(client, "return {lease_token_matches(ARGV[7], 'tok') and 1 or 0, "
+               "lease_token_matches(ARGV[7], 'to') and 1 or 0, lease_needs(ARGV[7])}", lease) \
         == [1, 0, "db:x=2,host:a=1"]
-    assert lua(client, "return {pending_parts(ARGV[4])}", encode_pending("T", repr(NOW), "TML")) \
-        == ["T", repr(NOW), "TML"]
-    assert lua(client, "return {pending_parts(ARGV[4])}", encode_pending("D", "", "")) == ["D", "", ""]
+    assert lua(client, "return {lease_parts(ARGV[7])}", lease) \
+        == ["tok", "A|b", "host:1:0", repr(NOW), "10.0", repr(NOW - 5), "3", "db:x=2,host:a=1"]
+    for placement in (Placement("T", "RTY", NOW, due=NOW - 60, attempt=2, coalesced=3, skipped=4), FORGET):
+        values = placement.script_args()
+        assert lua(client, "local p = pending_placement(ARGV[7]) "
+                   "return {p.kind, p.at, p.status, p.due, p.attempt, p.coalesced, p.skipped}",
+                   encode_pending(values)) == values
+        assert decode_pending(encode_pending(values)) == values
+    record = JobRecord(NOW - 60, 2, "skip:30", 5, 7, 8, 9, 10, NOW - 120)
+    assert lua(client, "redis.call('HSET', L.JOBS, 'j', ARGV[7]) return job_of('j')", encode_job(record)) \
+        == encode_job(record).split("|")
+    assert decode_job(lua(client, "redis.call('DEL', L.JOBS) return table.concat(job_of('new'), '|')")) == JobRecord()
+    for policy in ("once", "all", "all:3", "skip:0", "skip:30", "skip", "all:", "twice", "all:x"):
+        valid = lua(client, "return is_misfire(ARGV[7]) and 1 or 0", policy) == 1
+        try:
+            records.check_misfire(policy)
+            assert valid, policy
+        except ValueError:
+            assert not valid, policy
     needs = {"db:x": 2, "host:a": 1, f"{LOCAL_PREFIX}cpu": MAX_AMOUNT}
-    parsed = lua(client, "local out = {} for _, n in ipairs(parse_needs(ARGV[4])) do "
+    parsed = lua(client, "local out = {} for _, n in ipairs(parse_needs(ARGV[7])) do "
                  "table.insert(out, n[1]) table.insert(out, int(n[2])) end return out", encode_needs(needs))
     assert dict(zip(parsed[0::2], map(int, parsed[1::2]))) == needs
     parked = Parked("host:a", "0000000000000042", "A", "job:with|bar:A")
-    assert lua(client, "return {parked_parts(ARGV[4])}", encode_parked(parked)) == list(vars(parked).values())
+    assert lua(client, "return {parked_parts(ARGV[7])}", encode_parked(parked)) == list(vars(parked).values())
     ready = Ready("A", "0000000000000042", "job|x:A")
-    assert lua(client, "return {ready_parts(ARGV[4])}", encode_ready(ready)) == list(vars(ready).values())
+    assert lua(client, "return {ready_parts(ARGV[7])}", encode_ready(ready)) == list(vars(ready).values())
     woken = encode_parking(Woken("host:a", MAX_AMOUNT, ready))
-    assert lua(client, "local r, a, m = woken_parts(ARGV[4]) return {r, int(a), m}", woken) \
+    assert lua(client, "local r, a, m = woken_parts(ARGV[7]) return {r, int(a), m}", woken) \
         == ["host:a", str(MAX_AMOUNT), encode_ready(ready)]
-    assert lua(client, "return {woken_parts(ARGV[4])}", encode_parking(parked)) == []
+    assert lua(client, "return {woken_parts(ARGV[7])}", encode_parking(parked)) == []
     aside = Aside("worker:slots", MAX_AMOUNT, "0000000000000042", "A", "job|x:A")
-    assert lua(client, "local r, a, s, q, j = aside_parts(ARGV[4]) return {r, int(a), s, q, j}", encode_aside(aside)) \
+    assert lua(client, "local r, a, s, q, j = aside_parts(ARGV[7]) return {r, int(a), s, q, j}", encode_aside(aside)) \
         == ["worker:slots", str(MAX_AMOUNT), aside.seq, "A", "job|x:A"]
-    assert lua(client, "local c, m = set_aside_parts(ARGV[4]) return {int(c), m}",
+    assert lua(client, "local c, m = set_aside_parts(ARGV[7]) return {int(c), m}",
                encode_parking(SetAside(MAX_AMOUNT - 1, aside))) == [str(MAX_AMOUNT - 1), encode_aside(aside)]
-    assert lua(client, "return {woken_parts(ARGV[4])}", encode_parking(SetAside(2, aside))) == []
+    assert lua(client, "return {woken_parts(ARGV[7])}", encode_parking(SetAside(2, aside))) == []
     room = encode_local_room({"worker:b": 0, "worker:a": 3}, {"worker:a": 4, "worker:b": MAX_AMOUNT})
-    assert lua(client, "local r = parse_local_room(ARGV[4]) return {is_local_room(ARGV[4]) and 1 or 0, "
+    assert lua(client, "local r = parse_local_room(ARGV[7]) return {is_local_room(ARGV[7]) and 1 or 0, "
                "r['worker:a'][1], r['worker:a'][2], r['worker:b'][1], r['worker:b'][2]}", room) \
         == [1, 3, 4, 0, MAX_AMOUNT]
-    assert lua(client, "return is_local_room(ARGV[4]) and 1 or 0", encode_local_room({}, {})) == 1
+    assert lua(client, "return is_local_room(ARGV[7]) and 1 or 0", encode_local_room({}, {})) == 1
 
 
 def test_python_reads_what_lua_writes(client: redis.Redis, prefix: str) -> None:
@@ -258,7 +282,9 @@ def test_python_reads_what_lua_writes(client: redis.Redis, prefix: str) -> None:
     assert isinstance(woken, Woken) and woken.resource == "r" and woken.amount == 3
     assert woken.ready == decode_ready(client.zrange(env.keys.ready, 0, -1)[0]) == Ready("A", woken.ready.seq, "parked:A")
     lease = decode_lease(client.hget(env.keys.leases, "run:A"))
-    assert (lease.queue, lease.worker, lease.since, lease.timeout, lease.needs) == ("A", "w1", NOW, 10.0, "s=1")
+    assert (lease.queue, lease.worker, lease.since, lease.timeout, lease.due, lease.attempt, lease.needs) \
+        == ("A", "w1", NOW, 10.0, NOW, 1, "s=1")
+    assert decode_job(client.hget(env.keys.jobs, "run:A")) == JobRecord(NOW, 1, "once", 0, 1, 0, 0, 0, NOW)
     assert decode_needs(client.hget(env.keys.needs, "parked:A")) == {"r": 3, "worker:cpu": 2}
     env.bike.set_capacity("small", 2)
     env.bike.set("big:A", "NOW", needs="small=3")
@@ -272,8 +298,14 @@ def test_python_reads_what_lua_writes(client: redis.Redis, prefix: str) -> None:
     assert decode_local_room(slot._claim_part(Rotation(local.queue_names), "t", {})[1][3]) \
         == {"worker:slots": (2, 2)}
     env.bike.set("run:A", "AT:2030-01-01T00:00:00Z")  # while it runs: a pending placement
-    kind, at, status = decode_pending(client.hget(env.keys.pending, "run:A"))
-    assert (kind, float(at), status) == ("T", 1893456000.0, "TML")
+    assert decode_pending(client.hget(env.keys.pending, "run:A")) \
+        == Placement("T", "TML", 1893456000.0, 1893456000.0, 1).script_args()
+    env.bike.unset("run:A")
+    trail = [decode_trail_event(event) for event in client.lrange(env.keys.trail("run:A"), 0, -1)]
+    assert [event.event for event in trail] == ["set", "enqueued", "set", "unset"]
+    assert trail[1] == TrailEvent(NOW, "enqueued", {"due": repr(NOW), "attempt": "1"})
+    assert trail[2].fields["schedule"] == "AT:2030-01-01T00:00:00Z" and trail[2].fields["status"] == "TML"
+    assert client.ttl(env.keys.trail("run:A")) > 0
 
 
 def test_the_claim_and_finish_replies_decode(client: redis.Redis, prefix: str) -> None:
@@ -282,9 +314,9 @@ def test_the_claim_and_finish_replies_decode(client: redis.Redis, prefix: str) -
     claim = ["tok", "w1", "", "", "A", "10", "10", "B", "10", "10"]
     queues = [env.keys.queue("A"), env.keys.queue("B")]
     reply = env.bike.scripts.run("claim", NOW, queues, claim)
-    assert decode_claim(reply) == Claimed("a:B", 1, "NOW", f"ENQ:{NOW:.0f}", {"r": 2})
+    assert decode_claim(reply) == Claimed("a:B", 1, "NOW", JobRecord(NOW, 1, "once", 0, 1, 0, 0, 0, NOW), {"r": 2})
     assert decode_claim(env.bike.scripts.run("claim", NOW, queues, claim)) == records.NONE
-    finish = ["a:B", "tok", "S", "", "END", "", env.keys.queue_channel("B")]
+    finish = ["a:B", "tok", *Placement("S", "END").script_args(), "", env.keys.queue_channel("B")]
     done = env.bike.scripts.run("finish", NOW, [env.keys.queue("B"), *queues], finish + claim)
     assert decode_finish(done) == ("DONE", records.NONE)
     assert decode_finish(env.bike.scripts.run("finish", NOW, [env.keys.queue("B")], finish)) == ("STALE", "NONE")

@@ -18,6 +18,7 @@ from test_jobs import NOW, Env
 
 from redbike.resources import MAX_AMOUNT, MAX_CAPACITY, ResourceError, parse_capacity
 from redbike.scripts import SCRIPT_NAMES, sources
+from redbike.states import Placement
 
 HOSTILE = [
     "1e17", "100000000000000000", "200000000000000", "1e400", "-1", "abc", "nan", "NaN", "inf", "-inf",
@@ -73,12 +74,16 @@ class Stage:
         queue = [keys.queue("A")]
         claim = ["tok2", "w2", "", "", "A", "10", "10"]
         self.calls: dict[str, tuple[list[str], list[str]]] = {
-            "set": (queue, ["n:A", "NOW", "Q", "", "ENQ", channel, "0", "r=1"]),
-            "unset": (queue, ["q2:A"]),
+            "set": (queue, ["n:A", "NOW", *Placement("Q", "ENQ", due=NOW, attempt=1).script_args(), channel, "0",
+                            "r=1", "skip:30", "once", "2", "0", "me@here"]),
+            "unset": (queue, ["q2:A", "me@here"]),
             "claim": (queue, claim),
-            "finish": (queue + queue, ["run:A", token, "S", "", "END", "", channel, *claim]),
-            "move_due": (queue, [str(self.leader.token), "1", channel, "t:A", "1"]),
-            "reap": (queue, [str(self.leader.token), "1", channel, "run:A", token, "T", repr(NOW), "EXP", "{}", "1"]),
+            "finish": (queue + queue, ["run:A", token, *Placement("S", "END").script_args(), "", channel, *claim]),
+            "move_due": (queue, [str(self.leader.token), "1", channel, "t:A", "1", "1893456000.0",
+                                 *Placement("Q", "ENQ").script_args()]),
+            "reap": (queue, [str(self.leader.token), "1", channel, "run:A", token,
+                             *Placement("T", "EXP", NOW, attempt=2).script_args(), "{}", "1"]),
+            "retire": ([], [str(self.leader.token), repr(NOW), "100"]),
             "renew": ([], ["run:A", token, repr(NOW + 30)]),
             "lead": ([keys.dispatcher_epoch], [str(self.leader.token), "5000", "me"]),
             "capacity": ([], ["r", "2"]),
@@ -91,7 +96,8 @@ class Stage:
         return self.env.c.eval(sources()[name], len(keys), *keys, *args)
 
     def common(self) -> list[str]:
-        return [repr(NOW + 20), self.env.keys.dispatcher_channel, self.env.keys.queue_channel("")]
+        return [repr(NOW + 20), self.env.keys.dispatcher_channel, self.env.keys.queue_channel(""),
+                self.env.keys.trail_prefix, "10", "604800000"]
 
     def check(self, name: str, args: list[str]) -> bool:
         """Run; a refusal must change nothing. Returns whether it was refused."""
@@ -122,7 +128,7 @@ def test_hostile_arguments_change_nothing_or_are_refused(stage: Stage, name: str
     args = stage.common() + stage.calls[name][1]
     refused = set()
     for position in range(len(args)):
-        if position in (1, 2):  # channel names: any string is one
+        if position in (1, 2, 3):  # channel names and the trail prefix: any string is one
             continue
         for value in HOSTILE:
             if stage.check(name, args[:position] + [value] + args[position + 1:]):
@@ -139,7 +145,8 @@ def test_hostile_arguments_that_broke_scripts_half_way_are_refused(stage: Stage)
         assert stage.check("claim", common + claim[:5] + [bad, "10"])
     # set: needs too large for HINCRBY, or unreadable
     for needs in ("r=100000000000000000", "r=200000000000000", f"r={MAX_AMOUNT + 1}", "r=x", "a|b=1"):
-        assert stage.check("set", common + stage.calls["set"][1][:7] + [needs])
+        set_args = stage.calls["set"][1]
+        assert stage.check("set", common + set_args[:11] + [needs] + set_args[12:])
     assert stage.check("capacity", [*common, "r", str(MAX_CAPACITY + 1)])
     assert stage.check("capacity", [*common, "a|b", "1"])
     # renew: a bad deadline after good ones was applied half-way

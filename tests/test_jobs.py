@@ -24,6 +24,8 @@ from redbike.cli import main
 from redbike.csvfile import CsvError
 from redbike.dispatcher import RENEW_SECONDS, STANDBY_SECONDS, Dispatcher
 from redbike.events import Subscriber
+from redbike.occurrences import Retry
+from redbike.records import JobRecord, decode_job
 from redbike.roundrobin import Lease
 from redbike.schedules import parse_schedule
 from redbike.scripts import subscribe
@@ -34,7 +36,6 @@ from redbike.states import (
     Outcome,
     Placement,
     parse_status,
-    place_after_expiry,
     place_after_run,
     place_on_set,
 )
@@ -45,6 +46,7 @@ HOURLY = "DTSTART:20231114T000000Z RRULE:FREQ=HOURLY"  # on the hour, UTC
 NEXT_HOUR = 1_700_002_800.0  # 23:00:00Z, the first HOURLY occurrence after NOW
 HOUR = 3600.0
 CRON15 = "*/15 * * * *"
+NO_JITTER = Retry(jitter=lambda: 0.0)  # a retry or a run that did not complete is placed at once
 NEXT_15 = 1_700_000_100.0  # 22:15:00Z
 
 
@@ -72,7 +74,7 @@ class Env:
         self.c = c
         self.clock = Clock(NOW)
         self.worker = Worker(queues)
-        self.bike = Redbike(self.worker, prefix=prefix, client=c, clock=self.clock)
+        self.bike = Redbike(self.worker, prefix=prefix, client=c, clock=self.clock, retry=NO_JITTER)
         self.keys = self.bike.keys
 
     def at(self, when: float) -> Env:
@@ -81,12 +83,12 @@ class Env:
 
     def pool(self, queues: str | None = None, **kwargs) -> ClaimingPool:
         worker = Worker(queues) if queues else self.worker
-        pool = ClaimingPool(self.c, self.keys, worker, clock=self.clock, **kwargs)
+        pool = ClaimingPool(self.c, self.keys, worker, clock=self.clock, **{"retry": NO_JITTER, **kwargs})
         pool.control_seen = self.c.get(self.keys.control) or ""  # as run() does
         return pool
 
     def dispatcher(self, **kwargs) -> Dispatcher:
-        return Dispatcher(self.c, self.keys, self.worker.queue_for, clock=self.clock, **kwargs)
+        return Dispatcher(self.c, self.keys, self.worker.queue_for, clock=self.clock, **{"retry": NO_JITTER, **kwargs})
 
     def claim(self, pool: ClaimingPool | None = None, worker_id: str = "w1"):
         pool = pool or self.pool()
@@ -371,9 +373,9 @@ def test_claim_writes_the_lease_and_deadline(c: redis.Redis, prefix: str) -> Non
     assert [j.lease.jobid for j in jobs] == ["a:A", "s:S", "l:L"]
     since = NOW + 4
     assert env.leases() == {
-        "a:A": f"{jobs[0].lease.token}|A|w1|{since!r}|10.0|",
-        "s:S": f"{jobs[1].lease.token}|S|w1|{since!r}|3.0|",
-        "l:L": f"{jobs[2].lease.token}|L|w1|{since!r}|60.0|",
+        "a:A": f"{jobs[0].lease.token}|A|w1|{since!r}|10.0|{NOW!r}|1|",
+        "s:S": f"{jobs[1].lease.token}|S|w1|{since!r}|3.0|{NOW!r}|1|",
+        "l:L": f"{jobs[2].lease.token}|L|w1|{since!r}|60.0|{NOW!r}|1|",
     }
     # deadline = now + min(timeout, lease seconds) + grace
     assert env.deadlines() == {
@@ -382,7 +384,7 @@ def test_claim_writes_the_lease_and_deadline(c: redis.Redis, prefix: str) -> Non
         "l:L": since + LEASE_SECONDS + GRACE_SECONDS,
     }
     assert all(env.status(j) == stamp("WRK", since) for j in ("a:A", "s:S", "l:L"))
-    assert jobs[0].enqueued_at == NOW  # from the ENQ status it had
+    assert (jobs[0].job.due, jobs[0].job.attempt) == (NOW, 1)  # the occurrence it was enqueued for
     assert jobs[0].schedule == "NOW"
     assert env.queue("A") == env.queue("S") == env.queue("L") == []
     assert len({j.lease.token for j in jobs}) == 3
@@ -469,7 +471,7 @@ def test_finish_ok_on_a_recurring_job_goes_to_the_next_occurrence(env: Env) -> N
     assert env.errors() == {}
 
 
-def test_finish_ok_counts_from_the_enqueue_time_when_the_worker_clock_lags(env: Env) -> None:
+def test_finish_ok_counts_from_the_runs_occurrence_when_the_worker_clock_lags(env: Env) -> None:
     env.bike.set("h:A", HOURLY)
     d = env.dispatcher()
     env.at(NEXT_HOUR + 30)  # the dispatcher's clock
@@ -479,7 +481,7 @@ def test_finish_ok_counts_from_the_enqueue_time_when_the_worker_clock_lags(env: 
     env.at(NEXT_HOUR - 10)  # the worker's clock lags 40s
     pool = env.pool()
     job = env.claim(pool)
-    assert job.enqueued_at == NEXT_HOUR + 30
+    assert job.job.due == NEXT_HOUR  # the occurrence it runs for, not when it was enqueued
     assert pool.finish(job, Outcome("ok"), "", None, "w1")[0] == "DONE"
     assert env.timeline() == {"h:A": NEXT_HOUR + HOUR}  # not 23:00 again
 
@@ -543,10 +545,19 @@ def test_finish_expired_puts_the_job_back_with_exp(env: Env) -> None:
     assert env.errors() == {"n:A": {"status": "EXP", "at": NOW + 12, "error": error, "worker": "w1"}}
 
 
-def test_finish_expired_on_a_recurring_job_waits_for_the_next_occurrence(env: Env) -> None:
-    assert run_once(env, "h:A", HOURLY, Outcome("expired", error="killed"), finish_at=NOW + 12) == "DONE"
-    assert env.timeline() == {"h:A": NEXT_HOUR}
-    assert env.status("h:A") == stamp("EXP", NOW + 12)
+def test_finish_expired_on_a_recurring_job_retries_then_waits_for_the_next_occurrence(env: Env) -> None:
+    env.bike.set("h:A", HOURLY, after=NOW - HOUR)  # its 22:00 occurrence is due
+    pool, d = env.pool(), env.dispatcher()
+    for attempt in (1, 2, 3):
+        job = env.claim(pool)
+        assert (job.lease.jobid, job.job.due, job.job.attempt) == ("h:A", NEXT_HOUR - HOUR, attempt)
+        env.at(NOW + 12 * attempt)
+        assert pool.finish(job, Outcome("expired", error="killed"), "", None, "w1")[0] == "DONE"
+        assert env.status("h:A") == stamp("EXP", NOW + 12 * attempt)
+        if attempt < 3:  # retried (jitter 0 here: at once), for the same occurrence
+            assert env.timeline() == {"h:A": NOW + 12 * attempt}
+            assert d.step(NOW + 12 * attempt) == 0.0
+    assert env.timeline() == {"h:A": NEXT_HOUR}  # retries used up: its next occurrence
 
 
 def test_finish_with_a_stale_token_changes_nothing(env: Env) -> None:
@@ -577,7 +588,7 @@ def test_set_while_running_applies_the_new_schedule_after_the_run(env: Env) -> N
     assert env.bike.set("p:A", f"AT:{NOW + 300:.0f}") == "PENDING"
     assert env.schedule("p:A") == f"AT:{NOW + 300:.0f}"
     assert env.status("p:A") == stamp("WRK", NOW)  # untouched while it runs
-    assert env.pending() == {"p:A": f"T|{NOW + 300!r}|TML"}
+    assert env.pending() == {"p:A": f"T|{NOW + 300!r}|TML|{NOW + 300!r}|1|0|0"}
     assert env.timeline() == {} and env.queue("A") == []
     env.at(NOW + 5)
     # the run's own placement (NOW, ok: END) gives way to the pending one
@@ -622,7 +633,7 @@ def test_fused_finish_claims_the_next_job(env: Env) -> None:
     assert second.lease.token != first.lease.token
     assert env.status("a:A") == stamp("END", NOW + 2)
     assert env.status("b:B") == stamp("WRK", NOW + 2)
-    assert env.leases() == {"b:B": f"{second.lease.token}|B|w1|{NOW + 2!r}|10.0|"}
+    assert env.leases() == {"b:B": f"{second.lease.token}|B|w1|{NOW + 2!r}|10.0|{NOW!r}|1|"}
     assert env.deadlines() == {"b:B": NOW + 2 + 10 + GRACE_SECONDS}
     done, third = pool.finish(second, Outcome("ok"), "", rotation, "w1")
     assert done == "DONE" and third is None
@@ -785,13 +796,14 @@ def test_reap_of_an_expired_lease(env: Env) -> None:
     assert job.lease.token not in json.dumps(error)
 
 
-def test_reap_of_a_recurring_job_waits_for_the_next_occurrence(env: Env) -> None:
+def test_reap_of_a_recurring_job_retries_its_occurrence(env: Env) -> None:
     env.bike.set("h:A", HOURLY, after=NOW - HOUR)
     env.claim()
     d = env.dispatcher()
     assert d.lead(NOW + 12)
     assert d.reap(NOW + 12) == 1
-    assert env.timeline() == {"h:A": NEXT_HOUR}
+    assert env.timeline() == {"h:A": NOW + 12}  # jitter 0 here: at once
+    assert decode_job(env.c.hget(env.keys.jobs, "h:A")).attempt == 2
     assert env.status("h:A") == stamp("EXP", NOW + 12)
     assert env.leases() == {} and env.deadlines() == {}
 
@@ -959,14 +971,18 @@ def test_statuses_and_schedules_api(env: Env) -> None:
 def test_tell_through_a_jobs_life(env: Env) -> None:
     assert env.bike.tell("nobody:A") is None
     env.bike.set("h:A", HOURLY)
+    ledger = {"fired": 0, "coalesced": 0, "skipped": 0, "cancelled": 0, "last_due": None}
     assert env.bike.tell("h:A") == {
         "status": stamp("TML", NOW), "next_run": NEXT_HOUR, "schedule": HOURLY, "event": "TML", "since": NOW,
+        "misfire": "once", "retries": 0, "ledger": ledger,
     }
     env.bike.set("n:A", "NOW")
-    env.bike.set("h:A", "CONTINUE")
+    env.bike.set("h:A", "CONTINUE", retries=2)
     assert env.bike.tell("h:A") == {
         "status": stamp("ENQ", NOW), "next_run": None, "schedule": "CONTINUE",
         "queue": "A", "queue_length": 2, "event": "ENQ", "since": NOW,
+        "misfire": "once", "retries": 2, "due": NOW, "attempt": 1,
+        "ledger": {**ledger, "fired": 1, "cancelled": 1, "last_due": NOW},  # its 23:00 occurrence was cancelled
     }
     pool = env.pool()
     job = env.claim(pool)
@@ -1005,55 +1021,90 @@ def test_tell_through_a_jobs_life(env: Env) -> None:
 
 def test_place_on_set() -> None:
     p = parse_schedule
-    assert place_on_set(p("NOW"), NOW, NOW) == QUEUE == Placement("Q", "ENQ")
-    assert place_on_set(p("CONTINUE"), NOW, NOW) == QUEUE
+    now_q = Placement("Q", "ENQ", due=NOW, attempt=1)
+    assert place_on_set(p("NOW"), NOW, NOW) == now_q
+    assert place_on_set(p("CONTINUE"), NOW, NOW) == now_q
     assert place_on_set(p("STOP"), NOW, NOW) == Placement("S", "STP")
-    assert place_on_set(p(f"AT:{NOW + 30:.0f}"), NOW, NOW) == Placement("T", "TML", NOW + 30)
-    assert place_on_set(p(f"AT:{NOW - 30:.0f}"), NOW - 60, NOW) == QUEUE
-    assert place_on_set(p(f"AT:{NOW - 30:.0f}"), NOW - 10, NOW) == QUEUE  # late, but once
-    assert place_on_set(p(f"AT:{NOW + 30:.0f}"), NOW + 60, NOW) == Placement("T", "TML", NOW + 30)
-    assert place_on_set(p(f"AT:{NOW:.0f}"), NOW - 10, NOW) == QUEUE  # due exactly now
-    assert place_on_set(p(HOURLY), NOW, NOW) == Placement("T", "TML", NEXT_HOUR)
-    assert place_on_set(p(HOURLY), NOW - HOUR, NOW) == QUEUE
-    assert place_on_set(p(CRON15), NOW, NOW) == Placement("T", "TML", NEXT_15)
+    assert place_on_set(p(f"AT:{NOW + 30:.0f}"), NOW, NOW) == Placement("T", "TML", NOW + 30, NOW + 30, 1)
+    late = Placement("Q", "ENQ", due=NOW - 30, attempt=1)
+    assert place_on_set(p(f"AT:{NOW - 30:.0f}"), NOW - 60, NOW) == late
+    assert place_on_set(p(f"AT:{NOW - 30:.0f}"), NOW - 10, NOW) == late  # late, but once
+    assert place_on_set(p(f"AT:{NOW - 30:.0f}"), NOW - 10, NOW, "skip:10") == Placement("S", "SKP", skipped=1)
+    assert place_on_set(p(f"AT:{NOW - 30:.0f}"), NOW - 10, NOW, "skip:60") == late
+    assert place_on_set(p(f"AT:{NOW + 30:.0f}"), NOW + 60, NOW) == Placement("T", "TML", NOW + 30, NOW + 30, 1)
+    assert place_on_set(p(f"AT:{NOW:.0f}"), NOW - 10, NOW) == Placement("Q", "ENQ", due=NOW, attempt=1)
+    assert place_on_set(p(HOURLY), NOW, NOW) == Placement("T", "TML", NEXT_HOUR, NEXT_HOUR, 1)
+    last_hour = NEXT_HOUR - HOUR
+    assert place_on_set(p(HOURLY), NOW - HOUR, NOW) == Placement("Q", "ENQ", due=last_hour, attempt=1)
+    # three occurrences missed since --after: once coalesces, all runs each, skip drops the stale
+    assert place_on_set(p(HOURLY), NOW - 3 * HOUR, NOW) == Placement("Q", "ENQ", due=last_hour, attempt=1, coalesced=2)
+    assert place_on_set(p(HOURLY), NOW - 3 * HOUR, NOW, "all") == Placement("Q", "ENQ", due=last_hour - 2 * HOUR,
+                                                                            attempt=1)
+    assert place_on_set(p(HOURLY), NOW - 3 * HOUR, NOW, "all:2") == Placement("Q", "ENQ", due=last_hour - HOUR,
+                                                                              attempt=1, skipped=1)
+    assert place_on_set(p(HOURLY), NOW - 3 * HOUR, NOW, "skip:60") == Placement("T", "TML", NEXT_HOUR, NEXT_HOUR, 1,
+                                                                                skipped=3)
+    assert place_on_set(p(CRON15), NOW, NOW) == Placement("T", "TML", NEXT_15, NEXT_15, 1)
     once = "DTSTART:20231114T000000Z RRULE:FREQ=DAILY;COUNT=1"
     assert place_on_set(p(once), NOW, NOW) == Placement("S", "END")
 
 
 def test_place_after_run() -> None:
-    def after(schedule: str, outcome: Outcome, now: float = NOW, enqueued: float = NOW) -> Placement:
-        return place_after_run(schedule, outcome, now, enqueued)
+    def after(schedule: str, outcome: Outcome, now: float = NOW, due: float = NOW, **job) -> Placement:
+        return place_after_run(schedule, outcome, now, JobRecord(due=due, **job), Retry(10, 100, jitter=lambda: 0.5))
 
     ok = Outcome("ok")
-    assert after("CONTINUE", ok) == QUEUE
-    assert after("CONTINUE", Outcome("ok", backoff=5)) == Placement("T", "TML", NOW + 5)
-    assert after("CONTINUE", Outcome("ok", backoff=0)) == QUEUE
+    assert after("CONTINUE", ok) == Placement("Q", "ENQ", due=NOW, attempt=1)
+    assert after("CONTINUE", Outcome("ok", backoff=5)) == Placement("T", "TML", NOW + 5, NOW + 5, 1)
+    assert after("CONTINUE", Outcome("ok", backoff=0)) == Placement("Q", "ENQ", due=NOW, attempt=1)
     assert after("NOW", ok) == after(f"AT:{NOW:.0f}", ok) == Placement("S", "END")
     assert after("STOP", ok) == Placement("S", "STP")
-    assert after(HOURLY, ok) == Placement("T", "TML", NEXT_HOUR)
-    assert after(HOURLY, ok, now=NEXT_HOUR - 10, enqueued=NEXT_HOUR + 30) == Placement("T", "TML", NEXT_HOUR + HOUR)
+    assert after(HOURLY, ok, due=NEXT_HOUR - HOUR) == Placement("T", "TML", NEXT_HOUR, NEXT_HOUR, 1)
+    # a worker clock behind the dispatcher's: the next occurrence is the one after the run's
+    assert after(HOURLY, ok, now=NEXT_HOUR - 10, due=NEXT_HOUR) == Placement("T", "TML", NEXT_HOUR + HOUR,
+                                                                             NEXT_HOUR + HOUR, 1)
+    # ran past two occurrences: once coalesces them into this run, all runs them, skip drops the stale
+    late = NEXT_HOUR + HOUR + 60
+    assert after(HOURLY, ok, now=late, due=NEXT_HOUR - HOUR) == Placement(
+        "T", "TML", NEXT_HOUR + 2 * HOUR, NEXT_HOUR + 2 * HOUR, 1, coalesced=2)
+    assert after(HOURLY, ok, now=late, due=NEXT_HOUR - HOUR, misfire="all") == Placement(
+        "Q", "ENQ", due=NEXT_HOUR, attempt=1)
+    assert after(HOURLY, ok, now=late, due=NEXT_HOUR - HOUR, misfire="skip:120") == Placement(
+        "Q", "ENQ", due=NEXT_HOUR + HOUR, attempt=1, skipped=1)
     assert after("DTSTART:20231114T000000Z RRULE:FREQ=DAILY;COUNT=1", ok) == Placement("S", "END")
     assert after("FREQ=NEVER", ok) == Placement("S", "BAD")
     assert after(HOURLY, Outcome("stop")) == STOPPED == Placement("X", "STP")
     assert after(HOURLY, Outcome("unset")) == FORGET == Placement("D", "")
     assert after(HOURLY, Outcome("error", error="E")) == Placement("S", "DIE")
-    assert after("NOW", Outcome("expired")) == Placement("T", "EXP", NOW)
+    # retries: backoff 10 s doubling, full jitter (0.5 here), capped at 100 s; expiry counts too
+    assert after(HOURLY, Outcome("error", error="E"), retries=5) == Placement("T", "RTY", NOW + 5, attempt=2)
+    assert after(HOURLY, Outcome("error", error="E"), retries=5, attempt=3) == Placement("T", "RTY", NOW + 20, attempt=4)
+    assert after(HOURLY, Outcome("error", error="E"), retries=9, attempt=9) == Placement("T", "RTY", NOW + 50, attempt=10)
+    assert after(HOURLY, Outcome("error", error="E"), retries=2, attempt=3) == Placement("S", "DIE")
+    assert after("NOW", Outcome("expired"), retries=1) == Placement("T", "EXP", NOW + 5, attempt=2)
+    assert after("NOW", Outcome("expired"), retries=1, attempt=2) == Placement("T", "EXP", NOW + 10, attempt=3)
+    assert after("NOW", Outcome("expired"), retries=1, attempt=3) == Placement("S", "DIE")  # at least 2 after expiry
 
 
 def test_place_after_expiry() -> None:
-    for schedule in ("NOW", f"AT:{NOW - 100:.0f}", "CONTINUE"):
-        assert place_after_expiry(schedule, NOW) == Placement("T", "EXP", NOW)
-    assert place_after_expiry(HOURLY, NOW) == Placement("T", "EXP", NEXT_HOUR)
-    assert place_after_expiry("DTSTART:20231114T000000Z RRULE:FREQ=DAILY;COUNT=1", NOW) == Placement("S", "EXP")
-    assert place_after_expiry("STOP", NOW) == Placement("S", "STP")
-    assert place_after_expiry("garbage", NOW) == Placement("S", "BAD")
+    def expired(schedule: str, now: float = NOW) -> Placement:
+        return place_after_run(schedule, Outcome("expired"), now, JobRecord(due=NOW - 100, attempt=3))
+
+    for schedule in ("NOW", f"AT:{NOW - 100:.0f}", "CONTINUE"):  # no retries left: it failed
+        assert expired(schedule) == Placement("S", "DIE")
+    assert expired(HOURLY) == Placement("T", "EXP", NEXT_HOUR, NEXT_HOUR, 1)
+    assert expired("DTSTART:20231114T000000Z RRULE:FREQ=DAILY;COUNT=1") == Placement("S", "EXP")
+    assert expired("STOP") == Placement("S", "STP")
+    assert expired("garbage") == Placement("S", "BAD")
 
 
 def test_parse_status_and_script_args() -> None:
     assert parse_status("ENQ:1700000000") == ("ENQ", 1700000000.0)
     assert parse_status("BAD") == ("BAD", 0.0)
-    assert Placement("T", "TML", NOW + 0.5).script_args() == ["T", "1700000000.5", "TML"]
-    assert QUEUE.script_args() == ["Q", "", "ENQ"]
+    assert Placement("T", "TML", NOW + 0.5).script_args() == ["T", "1700000000.5", "TML", "", "", "0", "0"]
+    assert QUEUE.script_args() == ["Q", "", "ENQ", "", "", "0", "0"]
+    assert Placement("Q", "ENQ", due=NOW, attempt=2, coalesced=3).script_args() == \
+        ["Q", "", "ENQ", "1700000000.0", "2", "3", "0"]
 
 
 def test_read_schedules_csv_good_file(tmp_path: Path, env: Env) -> None:
@@ -1067,13 +1118,13 @@ def test_read_schedules_csv_good_file(tmp_path: Path, env: Env) -> None:
     )
     rows = read_schedules_csv(str(path))
     assert rows == [
-        ("a:A", "NOW", ""),
-        ("b:B", "CONTINUE", ""),
-        ("q:B", "0 9 * * 1,3", ""),
-        ("c,d:A", "DTSTART:20231114T000000Z\nRRULE:FREQ=HOURLY", ""),
+        ("a:A", "NOW", "", "", ""),
+        ("b:B", "CONTINUE", "", "", ""),
+        ("q:B", "0 9 * * 1,3", "", "", ""),
+        ("c,d:A", "DTSTART:20231114T000000Z\nRRULE:FREQ=HOURLY", "", "", ""),
     ]
     assert env.bike.set_many(rows) == []
-    assert env.c.hgetall(env.keys.schedules) == {jobid: schedule for jobid, schedule, _ in rows}
+    assert env.c.hgetall(env.keys.schedules) == {jobid: schedule for jobid, schedule, *_ in rows}
     assert env.queue("A") == ["a:A"]
     assert env.queue("B") == ["b:B"]
     assert env.timeline() == {"q:B": 1_700_038_800.0, "c,d:A": NEXT_HOUR}
@@ -1083,15 +1134,15 @@ def test_read_schedules_csv_quoted_fields(tmp_path: Path) -> None:
     path = tmp_path / "schedules.csv"
     path.write_text('b:B,"0 9 * * 1,3"\n"c,d:A","DTSTART:20231114T000000Z\nRRULE:FREQ=HOURLY"\n')
     assert read_schedules_csv(str(path)) == [
-        ("b:B", "0 9 * * 1,3", ""),
-        ("c,d:A", "DTSTART:20231114T000000Z\nRRULE:FREQ=HOURLY", ""),
+        ("b:B", "0 9 * * 1,3", "", "", ""),
+        ("c,d:A", "DTSTART:20231114T000000Z\nRRULE:FREQ=HOURLY", "", "", ""),
     ]
 
 
 @pytest.mark.parametrize(
     "text, line",
     [
-        ("a:A,NOW\nb:A,NOW,host:x,extra\n", 2),
+        ("a:A,NOW\nb:A,NOW,host:x,once,0,extra\n", 2),
         ("a:A,NOW\n\njust-an-id\n", 3),
         ('"m:A","DTSTART:20231114T000000Z\nRRULE:FREQ=HOURLY"\n,NOW\n', 3),
     ],

@@ -82,7 +82,7 @@ def _stored_lease(env: Env, jobid: str, queue: str) -> None:
     foreign client) stored it: the worker was then killed."""
     env.c.hset(env.keys.schedules, jobid, "NOW")
     env.c.hset(env.keys.statuses, jobid, f"WRK:{NOW:.0f}")
-    env.c.hset(env.keys.leases, jobid, encode_lease(LeaseRecord("tok", queue, "w1", NOW, 10.0, "")))
+    env.c.hset(env.keys.leases, jobid, encode_lease(LeaseRecord("tok", queue, "w1", NOW, 10.0, NOW, 1, "")))
     env.c.zadd(env.keys.deadlines, {jobid: NOW + 10})
 
 

@@ -19,13 +19,15 @@ import pytest
 import redis
 from conftest import alive, parent_of
 
+from redbike.records import JobRecord
 from redbike.roundrobin import Lease
 from redbike.slots import LocalLock, Running, SlotBoard, Zygote, fork
 
 
 def run(jobid: str, token: str = "t0", local: dict[str, int] | None = None, schedule: str = "NOW") -> Running:
     lease = Lease(jobid, token, jobid.rsplit(":", 1)[-1], "host:1:0", 1795392299.576707, 30.0)
-    return Running(lease, schedule, 1795392290.25, 1795392299.5, local or {})
+    return Running(lease, schedule, JobRecord(1795392290.25, 2, "skip:30", 3, 5, 1, 0, 2, 1795392280.5),
+                   1795392299.5, local or {})
 
 
 def uncached(board: SlotBoard) -> SlotBoard:

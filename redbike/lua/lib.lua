@@ -22,13 +22,22 @@
 --   KEYS[16] parkseq     counter giving parked jobs their order
 --   KEYS[17] aside       zset  (lex) "resource|amount|seq|queue|jobid": needs more
 --                              than the capacity (amount zero-padded: sorts by amount)
--- and the same first three ARGV: now (epoch seconds), the dispatcher's wake
--- channel, and the prefix of the queue wake channels (+ queue name).
+--   KEYS[18] jobs        hash  jobid -> job record "due|attempt|misfire|retries|
+--                              fired|coalesced|skipped|cancelled|last_due"
+--   KEYS[19] finished    zset  jobid scored by when it ended for good (END, SKP,
+--                              unset): removed keep-finished seconds later
+-- and the same first six ARGV: now (epoch seconds), the dispatcher's wake
+-- channel, the prefix of the queue wake channels (+ queue name), the prefix
+-- of the trail keys (+ jobid), the trail's length (events kept per job) and
+-- keep-finished (seconds a trail outlives its job's last event).
 -- A script's own KEYS start at KEYS[K + 1], its own ARGV at ARGV[A + 1].
 --
--- A placement says where a job goes next: kind Q (its queue), T (the
--- timeline at "at"), S (nowhere, just a status), X (schedule becomes STOP),
--- D (forget the job).
+-- A placement (states.Placement.script_args(), 7 values) says where a job
+-- goes next: kind Q (its queue), T (the timeline at "at"), S (nowhere, just a
+-- status), X (schedule becomes STOP), D (forget the job); then its status,
+-- the due time of the occurrence it is for and the attempt ('' for both:
+-- keep the job record's), and how many occurrences it coalesced and skipped
+-- (the misfire policy's ledger counts).
 -- The constants and functions of the library are fields of one table: each
 -- script call creates every function anew, and a function that captures
 -- locals as upvalues (as local functions that call each other and read
@@ -37,13 +46,16 @@
 local L = {}
 L.SCHEDULES, L.STATUSES, L.TIMELINE, L.LEASES, L.DEADLINES, L.PENDING, L.ERRORS, L.CONTROL, L.DISPATCHER =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
-L.CAPACITIES, L.USAGE, L.NEEDS, L.PARKED, L.READY, L.PARKING, L.PARKSEQ, L.ASIDE =
-  KEYS[10], KEYS[11], KEYS[12], KEYS[13], KEYS[14], KEYS[15], KEYS[16], KEYS[17]
-L.K, L.A = 17, 3
+L.CAPACITIES, L.USAGE, L.NEEDS, L.PARKED, L.READY, L.PARKING, L.PARKSEQ, L.ASIDE, L.JOBS, L.FINISHED =
+  KEYS[10], KEYS[11], KEYS[12], KEYS[13], KEYS[14], KEYS[15], KEYS[16], KEYS[17], KEYS[18], KEYS[19]
+L.K, L.A = 19, 6
 L.NOW = ARGV[1]
 L.NOW_N = tonumber(ARGV[1])
 L.DISPATCH_CHANNEL = ARGV[2]
 L.QUEUE_CHANNEL_PREFIX = ARGV[3]
+L.TRAIL_PREFIX = ARGV[4]
+L.TRAIL_LENGTH = tonumber(ARGV[5])
+L.KEEP_MS = tonumber(ARGV[6])
 L.MAX_PARKS = 64 -- jobs one claim may park before it lets other clients in
 L.WAKE_BATCH = 1000 -- jobs one script may wake for a resource without a capacity
 L.LOCAL_PREFIX = 'worker:' -- resources local to a worker pool (resources.LOCAL_PREFIX)
@@ -126,14 +138,32 @@ function L.is_local_room(text)
   return true
 end
 
--- A placement (kind, at, status) as Placement.script_args() gives it.
-function L.placement_error(kind, at, status)
+-- The placement in ARGV[base .. base + 6] (see the header).
+function L.placement_at(base)
+  return {kind = ARGV[base], at = ARGV[base + 1], status = ARGV[base + 2], due = ARGV[base + 3],
+    attempt = ARGV[base + 4], coalesced = ARGV[base + 5], skipped = ARGV[base + 6]}
+end
+
+-- What is wrong with the placement in ARGV[base .. base + 6], or nil.
+function L.placement_error(base)
+  local kind, at, status, due, attempt = ARGV[base], ARGV[base + 1], ARGV[base + 2], ARGV[base + 3], ARGV[base + 4]
   if kind ~= 'Q' and kind ~= 'T' and kind ~= 'S' and kind ~= 'X' and kind ~= 'D' then
     return L.bad('placement kind', kind)
   end
   if kind == 'T' and not L.time_of(at) then return L.bad('placement time', at) end
   if type(status) ~= 'string' or not string.match(status, '^%u*$') then return L.bad('status', status) end
+  if due ~= '' and not L.time_of(due) then return L.bad('due time', due) end
+  if attempt ~= '' and not L.int_of(attempt, 1, L.MAX_AMOUNT) then return L.bad('attempt', attempt) end
+  if not L.int_of(ARGV[base + 5], 0, L.MAX_TIME) then return L.bad('coalesced count', ARGV[base + 5]) end
+  if not L.int_of(ARGV[base + 6], 0, L.MAX_TIME) then return L.bad('skipped count', ARGV[base + 6]) end
   return nil
+end
+
+-- A misfire policy as records.check_misfire allows it: once, all, all:N,
+-- skip:GRACE.
+function L.is_misfire(text)
+  return text == 'once' or text == 'all' or string.match(text, '^all:%d+$') ~= nil
+    or string.match(text, '^skip:%d+$') ~= nil
 end
 
 function L.stamp(event)
@@ -158,9 +188,59 @@ function L.lease_needs(lease)
   return string.match(lease, '([^|]*)$')
 end
 
--- A pending record -> kind, at, status.
-function L.pending_parts(pending)
-  return string.match(pending, '^([^|]*)|([^|]*)|(.*)$')
+-- A lease record -> token, queue, worker, since, timeout, due, attempt, needs
+-- (the queue found by counting from both ends).
+function L.lease_parts(lease)
+  return string.match(lease, '^([^|]*)|(.*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)$')
+end
+
+-- A pending record (the 7 values of a placement, joined by '|') -> placement.
+function L.pending_placement(pending)
+  local kind, at, status, due, attempt, coalesced, skipped =
+    string.match(pending, '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)$')
+  return {kind = kind, at = at, status = status, due = due, attempt = attempt, coalesced = coalesced,
+    skipped = skipped}
+end
+
+function L.pending_text(p)
+  return table.concat({p.kind, p.at, p.status, p.due, p.attempt, p.coalesced, p.skipped}, '|')
+end
+
+-- The job record (records.JobRecord), as a list indexed by these fields.
+L.DUE, L.ATTEMPT, L.MISFIRE, L.RETRIES, L.FIRED, L.COALESCED, L.SKIPPED, L.CANCELLED, L.LAST_DUE =
+  1, 2, 3, 4, 5, 6, 7, 8, 9
+
+-- The record of `jobid` (a new one, with the default policy, if it has none).
+function L.job_of(jobid)
+  local text = redis.call('HGET', L.JOBS, jobid)
+  local record = {}
+  if text then
+    for field in string.gmatch(text .. '|', '([^|]*)|') do record[#record + 1] = field end
+  end
+  if #record ~= L.LAST_DUE then record = {'', '1', 'once', '0', '0', '0', '0', '0', ''} end
+  return record
+end
+
+function L.save_job(jobid, record)
+  redis.call('HSET', L.JOBS, jobid, table.concat(record, '|'))
+end
+
+function L.add(record, field, count)
+  if count ~= '0' and count ~= 0 then
+    record[field] = L.int((tonumber(record[field]) or 0) + tonumber(count))
+  end
+end
+
+-- Append an event to the job's trail (records.decode_trail_event): its time,
+-- its name, its fields. The trail is a list, trimmed back to TRAIL_LENGTH
+-- events when it reaches twice that (one LTRIM per TRAIL_LENGTH events), and
+-- expires KEEP_MS after its last event.
+function L.trail(jobid, ...)
+  local key = L.TRAIL_PREFIX .. jobid
+  if redis.call('RPUSH', key, table.concat({L.NOW, ...}, '|')) >= 2 * L.TRAIL_LENGTH then
+    redis.call('LTRIM', key, -L.TRAIL_LENGTH, -1)
+  end
+  redis.call('PEXPIRE', key, L.KEEP_MS)
 end
 
 -- A parked member -> resource, seq, queue, jobid.
@@ -296,6 +376,7 @@ function L.wake(resource, room, capacity)
         if amount > 0 then redis.call('HINCRBY', L.USAGE, resource, L.int(amount)) end
         redis.call('HSET', L.PARKING, jobid, 'R' .. resource .. '=' .. L.int(amount) .. '|' .. ready)
         redis.call('PUBLISH', L.QUEUE_CHANNEL_PREFIX .. queue_name, '1')
+        L.trail(jobid, 'woken', resource)
         woken = woken + 1
       end
     end
@@ -374,50 +455,91 @@ function L.enqueue(jobid, queue, channel)
   redis.call('HSET', L.STATUSES, jobid, L.stamp('ENQ'))
 end
 
+-- Forget a job's schedule and state. Its record (the ledger) and trail stay
+-- until keep-finished has passed (retire.lua), so that explain can tell.
 function L.forget(jobid)
   for _, key in ipairs({L.SCHEDULES, L.STATUSES, L.ERRORS, L.PENDING, L.NEEDS}) do
     redis.call('HDEL', key, jobid)
   end
+  redis.call('ZADD', L.FINISHED, L.NOW, jobid)
 end
 
-function L.place(jobid, kind, at, status, queue, channel)
+-- The occurrence a job waits for in the timeline, if any, is cancelled
+-- (it is unset or set again before it ran): the ledger counts it.
+function L.cancel_waiting(jobid)
+  if redis.call('ZSCORE', L.TIMELINE, jobid) then
+    local record = L.job_of(jobid)
+    L.add(record, L.CANCELLED, 1)
+    L.save_job(jobid, record)
+    L.trail(jobid, 'cancelled', record[L.DUE])
+  end
+end
+
+-- Place a job (placement `p`; see the header) and write its record: the
+-- occurrence and attempt it is placed for, the ledger counts. A job placed
+-- in its queue fires its occurrence (the ledger's fired count and last due).
+-- `record`: the job's record if the caller has read (and changed) it.
+function L.place(jobid, p, queue, channel, record)
+  local kind = p.kind
+  if kind == 'D' then
+    L.forget(jobid)
+    return
+  end
+  local counted = p.coalesced ~= '0' or p.skipped ~= '0'
+  if record or counted or kind == 'Q' or kind == 'T' then
+    record = record or L.job_of(jobid)
+    if p.due ~= '' then record[L.DUE] = p.due end
+    if p.attempt ~= '' then record[L.ATTEMPT] = p.attempt end
+    L.add(record, L.COALESCED, p.coalesced)
+    L.add(record, L.SKIPPED, p.skipped)
+    if kind == 'Q' then
+      if record[L.DUE] == '' then record[L.DUE] = L.NOW end
+      L.add(record, L.FIRED, 1)
+      record[L.LAST_DUE] = record[L.DUE]
+    end
+    L.save_job(jobid, record)
+    if counted then L.trail(jobid, 'misfire', record[L.MISFIRE], p.coalesced, p.skipped, record[L.DUE]) end
+  end
   if kind == 'Q' then
     L.enqueue(jobid, queue, channel)
+    L.trail(jobid, 'enqueued', record[L.DUE], record[L.ATTEMPT])
   elseif kind == 'T' then
     local head = redis.call('ZRANGE', L.TIMELINE, 0, 0, 'WITHSCORES')
-    redis.call('ZADD', L.TIMELINE, at, jobid)
-    redis.call('HSET', L.STATUSES, jobid, L.stamp(status))
+    redis.call('ZADD', L.TIMELINE, p.at, jobid)
+    redis.call('HSET', L.STATUSES, jobid, L.stamp(p.status))
     -- Wake the dispatcher only when it would otherwise sleep past this job.
-    if head[2] == nil or tonumber(at) < tonumber(head[2]) then
-      redis.call('PUBLISH', L.DISPATCH_CHANNEL, at)
+    if head[2] == nil or tonumber(p.at) < tonumber(head[2]) then
+      redis.call('PUBLISH', L.DISPATCH_CHANNEL, p.at)
     end
-  elseif kind == 'S' then
-    redis.call('HSET', L.STATUSES, jobid, L.stamp(status))
-  elseif kind == 'X' then
-    redis.call('HSET', L.SCHEDULES, jobid, 'STOP')
-    redis.call('HSET', L.STATUSES, jobid, L.stamp(status))
-  elseif kind == 'D' then
-    L.forget(jobid)
-  else
-    return redis.error_reply('unknown placement kind ' .. tostring(kind))
+  elseif kind == 'S' or kind == 'X' then
+    if kind == 'X' then redis.call('HSET', L.SCHEDULES, jobid, 'STOP') end
+    redis.call('HSET', L.STATUSES, jobid, L.stamp(p.status))
+    -- A one-off that ran or was skipped is kept keep-finished seconds.
+    if p.status == 'END' or p.status == 'SKP' then redis.call('ZADD', L.FINISHED, L.NOW, jobid) end
   end
-  return nil
 end
 
 -- End the run that holds lease `token`: release the lease and what it held,
 -- and place the job. A `set` made while the job ran (the pending placement)
 -- wins over the run's own; a job unset while it ran is just released. A stale
 -- token changes nothing.
-function L.finish(jobid, token, kind, at, status, err, queue, channel)
+function L.finish(jobid, token, p, err, queue, channel)
   local lease = redis.call('HGET', L.LEASES, jobid)
   if not L.lease_token_matches(lease, token) then
     return 'STALE'
   end
   redis.call('HDEL', L.LEASES, jobid)
   redis.call('ZREM', L.DEADLINES, jobid)
-  L.release(L.lease_needs(lease))
+  local _, _, worker, since, _, due, attempt, needs = L.lease_parts(lease)
+  L.release(needs)
+  local line = ''
+  if err ~= '' then
+    local ok, decoded = pcall(cjson.decode, err)
+    if ok and type(decoded) == 'table' and type(decoded.error) == 'string' then line = decoded.error end
+  end
   if redis.call('HEXISTS', L.SCHEDULES, jobid) == 0 then
     redis.call('HDEL', L.PENDING, jobid)
+    L.trail(jobid, 'run', due, attempt, token, worker, since, 'GONE', '', line)
     return 'GONE'
   end
   if err ~= '' then
@@ -426,10 +548,10 @@ function L.finish(jobid, token, kind, at, status, err, queue, channel)
   local pending = redis.call('HGET', L.PENDING, jobid)
   if pending then
     redis.call('HDEL', L.PENDING, jobid)
-    kind, at, status = L.pending_parts(pending)
+    p = L.pending_placement(pending)
   end
-  local failed = L.place(jobid, kind, at, status, queue, channel)
-  if failed then return failed end
+  L.trail(jobid, 'run', due, attempt, token, worker, since, p.status, p.at, line)
+  L.place(jobid, p, queue, channel)
   return 'DONE'
 end
 
@@ -529,8 +651,10 @@ function L.consider(token, worker, room, i, queue, base, jobid, seq, ready, held
   if lacking then
     if capacity then
       L.set_aside(jobid, lacking, need, capacity, queue_name, seq)
+      L.trail(jobid, 'aside', lacking, need, capacity)
     else
       L.park(jobid, lacking, queue_name, seq)
+      L.trail_parked(jobid, lacking, room)
     end
     -- The place it was woken for goes to the next in line.
     if held then L.wake_if_room(held) end
@@ -549,12 +673,28 @@ function L.consider(token, worker, room, i, queue, base, jobid, seq, ready, held
   for _, one in ipairs(needs) do
     if not L.is_local(one[1]) then redis.call('HINCRBY', L.USAGE, one[1], L.int(one[2])) end
   end
-  local status = redis.call('HGET', L.STATUSES, jobid) or ''
+  local record = L.job_of(jobid)
+  -- A job a foreign client pushed has no occurrence: it is for now.
+  if record[L.DUE] == '' then record[L.DUE] = L.NOW end
   redis.call('HSET', L.LEASES, jobid, table.concat(
-    {token, queue_name, worker, L.NOW, ARGV[base + 1], needs_text}, '|'))
+    {token, queue_name, worker, L.NOW, ARGV[base + 1], record[L.DUE], record[L.ATTEMPT], needs_text}, '|'))
   redis.call('ZADD', L.DEADLINES, L.NOW_N + tonumber(ARGV[base + 2]), jobid)
   redis.call('HSET', L.STATUSES, jobid, L.stamp('WRK'))
-  return {'JOB', jobid, i, schedule, status, needs_text}
+  return {'JOB', jobid, i, schedule, table.concat(record, '|'), needs_text}
+end
+
+-- The trail event of a job parked on `resource`: what holds it then, and its
+-- capacity ('' for none: a worker-local one this pool declared none of).
+function L.trail_parked(jobid, resource, room)
+  local used, capacity
+  if L.is_local(resource) then
+    local have = room and room[resource]
+    if have then used, capacity = have[2] - have[1], have[2] end
+  else
+    used = redis.call('HGET', L.USAGE, resource) or '0'
+    capacity = redis.call('HGET', L.CAPACITIES, resource)
+  end
+  L.trail(jobid, 'parked', resource, used or '', capacity or '')
 end
 
 -- A claim that found nothing to claim looks for jobs of its queues set aside
@@ -641,12 +781,15 @@ function L.claim_error(token, worker, local_room, first, count, spec)
   return nil
 end
 
--- What is wrong with the arguments of finish() (see there), or nil.
-function L.finish_error(jobid, token, kind, at, status, err)
+-- What is wrong with the arguments of finish() (see there; its placement
+-- at ARGV[base]), or nil.
+function L.finish_error(jobid, token, base, err)
   if type(jobid) ~= 'string' or jobid == '' then return L.bad('job id', jobid) end
   if not L.is_name(token) then return L.bad('token', token) end
   if type(err) ~= 'string' then return L.bad('error record', err) end
-  return L.placement_error(kind, at, status)
+  return L.placement_error(base)
 end
 
 if not L.time_of(L.NOW) then return L.bad('now', L.NOW) end
+if not L.TRAIL_LENGTH or not L.int_of(ARGV[5], 1, L.MAX_AMOUNT) then return L.bad('trail length', ARGV[5]) end
+if not L.KEEP_MS or not L.int_of(ARGV[6], 1, L.MAX_TIME) then return L.bad('keep-finished ms', ARGV[6]) end

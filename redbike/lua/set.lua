@@ -1,26 +1,45 @@
--- set.lua: give a job a schedule (and needs) and place it, atomically.
+-- set.lua: give a job a schedule (needs, misfire policy, retries) and place
+-- it, atomically.
 -- KEYS: the job-state keys (lib.lua), then the job's queue.
--- ARGV: the common three, then jobid, schedule, kind, at, status, queue
---       channel, only_if_new ('1': leave an existing job untouched; 'S': leave
---       it untouched if its schedule is this one; '0': set it), needs
---       ("resource=amount,...", '' to keep the stored needs, 'none' to drop them).
+-- ARGV: the common six, then jobid, schedule, the placement (7 values), queue
+--       channel, only_if ('1': leave an existing job untouched; 'S': leave it
+--       untouched if its schedule is this one; 'R': only if it failed (status
+--       DIE: the retry command); '0': set it), needs ("resource=amount,...",
+--       '' to keep the stored needs, 'none' to drop them), misfire policy ('' to
+--       keep the job's), the default misfire policy (for a new job), retries
+--       ('' to keep the job's), the default retries, who set it (for the trail).
 -- Returns 'KEPT', 'PENDING' (the job is running: the placement waits for the
 -- run to end) or 'PLACED'.
-local jobid, schedule, kind, at, status, channel, only_if_new, needs =
-  ARGV[L.A + 1], ARGV[L.A + 2], ARGV[L.A + 3], ARGV[L.A + 4], ARGV[L.A + 5], ARGV[L.A + 6], ARGV[L.A + 7], ARGV[L.A + 8]
+local jobid, schedule, channel, only_if, needs, misfire, default_misfire, retries, default_retries, by =
+  ARGV[L.A + 1], ARGV[L.A + 2], ARGV[L.A + 10], ARGV[L.A + 11], ARGV[L.A + 12], ARGV[L.A + 13], ARGV[L.A + 14],
+  ARGV[L.A + 15], ARGV[L.A + 16], ARGV[L.A + 17]
 local queue = KEYS[L.K + 1]
 if not L.is_name(jobid) then return L.bad('job id', jobid) end
-local failed = L.placement_error(kind, at, status)
+local failed = L.placement_error(L.A + 3)
 if failed then return failed end
-if only_if_new ~= '0' and only_if_new ~= '1' and only_if_new ~= 'S' then
-  return L.bad('only_if_new', only_if_new)
+if only_if ~= '0' and only_if ~= '1' and only_if ~= 'S' and only_if ~= 'R' then
+  return L.bad('only_if', only_if)
 end
 if needs ~= L.CLEAR_NEEDS and not L.is_amounts(needs, 1, L.MAX_AMOUNT) then return L.bad('needs', needs) end
-if (only_if_new == '1' and redis.call('HEXISTS', L.SCHEDULES, jobid) == 1)
-    or (only_if_new == 'S' and redis.call('HGET', L.SCHEDULES, jobid) == schedule) then
+if misfire ~= '' and not L.is_misfire(misfire) then return L.bad('misfire policy', misfire) end
+if not L.is_misfire(default_misfire) then return L.bad('default misfire policy', default_misfire) end
+if retries ~= '' and not L.int_of(retries, 0, L.MAX_AMOUNT) then return L.bad('retries', retries) end
+if not L.int_of(default_retries, 0, L.MAX_AMOUNT) then return L.bad('default retries', default_retries) end
+if type(by) ~= 'string' or string.find(by, '[|%c]') then return L.bad('set by', by) end
+if (only_if == '1' and redis.call('HEXISTS', L.SCHEDULES, jobid) == 1)
+    or (only_if == 'S' and redis.call('HGET', L.SCHEDULES, jobid) == schedule) then
   return 'KEPT'
 end
+if only_if == 'R' then
+  local status = redis.call('HGET', L.STATUSES, jobid)
+  if not status or string.sub(status, 1, 4) ~= 'DIE:' or redis.call('HEXISTS', L.LEASES, jobid) == 1 then
+    return 'KEPT'
+  end
+end
+local p = L.placement_at(L.A + 3)
+local new = redis.call('HEXISTS', L.SCHEDULES, jobid) == 0 -- (an unset job's record is no policy)
 redis.call('HSET', L.SCHEDULES, jobid, schedule)
+redis.call('ZREM', L.FINISHED, jobid)
 local needs_before = redis.call('HGET', L.NEEDS, jobid) or ''
 if needs == '' then
   needs = needs_before -- none given: the job keeps what it needs
@@ -32,17 +51,32 @@ if needs ~= '' then
 else
   redis.call('HDEL', L.NEEDS, jobid)
 end
+local record = L.job_of(jobid)
+if misfire ~= '' then record[L.MISFIRE] = misfire elseif new then record[L.MISFIRE] = default_misfire end
+if retries ~= '' then record[L.RETRIES] = retries elseif new then record[L.RETRIES] = default_retries end
+if only_if == 'R' then
+  L.trail(jobid, 'retry', by)
+else
+  L.trail(jobid, 'set', by, p.status, needs, record[L.MISFIRE], record[L.RETRIES], schedule)
+end
 if redis.call('HEXISTS', L.LEASES, jobid) == 1 then
-  redis.call('HSET', L.PENDING, jobid, kind .. '|' .. at .. '|' .. status)
+  L.save_job(jobid, record)
+  redis.call('HSET', L.PENDING, jobid, L.pending_text(p))
   return 'PENDING'
 end
 local current = redis.call('HGET', L.STATUSES, jobid)
-if kind == 'Q' and current and string.sub(current, 1, 4) == 'ENQ:'
+if p.kind == 'Q' and current and string.sub(current, 1, 4) == 'ENQ:'
     and (needs == needs_before or redis.call('HEXISTS', L.PARKING, jobid) == 0) then
+  L.save_job(jobid, record)
   return 'PLACED' -- already queued: keep its place in line (a job in line for a
   -- resource whose needs changed goes to the back of its queue instead)
 end
+local due_before = redis.call('ZSCORE', L.TIMELINE, jobid) and record[L.DUE]
+if due_before and not (p.due ~= '' and tonumber(p.due) == tonumber(due_before)) then
+  -- the occurrence it waited for in the timeline will not run
+  L.add(record, L.CANCELLED, 1)
+  L.trail(jobid, 'cancelled', record[L.DUE])
+end
 L.unplace(jobid, queue)
-failed = L.place(jobid, kind, at, status, queue, channel)
-if failed then return failed end
+L.place(jobid, p, queue, channel, record)
 return 'PLACED'
