@@ -48,15 +48,15 @@ def presized(lib: str) -> str:
     return lib.replace("local L = {}", "local L = {" + ", ".join(f"{name} = false" for name in fields) + "}", 1)
 
 
-TRAIL_LENGTH = 10  # trail-length: events kept per job (up to twice as many before a trim)
+TRAIL_LENGTH = 6  # trail-length: events kept per job (up to half as many again before a trim)
 KEEP_FINISHED = 7 * 86400.0  # keep-finished: seconds
 
 
 @dataclass(frozen=True)
 class Retention:
     """How long what a job leaves behind is kept: ``trail_length`` events of
-    its trail (the scripts trim it back to that many when it reaches twice
-    as many), and ``keep_finished`` seconds for a one-off that ended, an
+    its trail (the scripts trim it back to that many when it reaches half
+    as many again), and ``keep_finished`` seconds for a one-off that ended, an
     unset job's record, and a trail after its last event."""
 
     trail_length: int = TRAIL_LENGTH

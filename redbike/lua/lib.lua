@@ -231,13 +231,24 @@ function L.add(record, field, count)
   end
 end
 
+-- A time as the trail writes it (records.decode_trail_event reads it back):
+-- whole seconds as an integer, else to the millisecond; '' stays ''. A trail
+-- keeps many times per event: this halves its memory.
+function L.short_time(text)
+  local n = tonumber(text)
+  if not n then return text end
+  if n == math.floor(n) then return string.format('%d', n) end
+  return string.format('%.3f', n)
+end
+
 -- Append an event to the job's trail (records.decode_trail_event): its time,
 -- its name, its fields. The trail is a list, trimmed back to TRAIL_LENGTH
--- events when it reaches twice that (one LTRIM per TRAIL_LENGTH events), and
--- expires KEEP_MS after its last event.
+-- events when it reaches half as many again (one LTRIM per TRAIL_LENGTH / 2
+-- events), and expires KEEP_MS after its last event.
 function L.trail(jobid, ...)
   local key = L.TRAIL_PREFIX .. jobid
-  if redis.call('RPUSH', key, table.concat({L.NOW, ...}, '|')) >= 2 * L.TRAIL_LENGTH then
+  local length = redis.call('RPUSH', key, table.concat({L.short_time(L.NOW), ...}, '|'))
+  if length >= L.TRAIL_LENGTH + math.ceil(L.TRAIL_LENGTH / 2) then
     redis.call('LTRIM', key, -L.TRAIL_LENGTH, -1)
   end
   redis.call('PEXPIRE', key, L.KEEP_MS)
@@ -471,7 +482,7 @@ function L.cancel_waiting(jobid)
     local record = L.job_of(jobid)
     L.add(record, L.CANCELLED, 1)
     L.save_job(jobid, record)
-    L.trail(jobid, 'cancelled', record[L.DUE])
+    L.trail(jobid, 'cancelled', L.short_time(record[L.DUE]))
   end
 end
 
@@ -498,11 +509,13 @@ function L.place(jobid, p, queue, channel, record)
       record[L.LAST_DUE] = record[L.DUE]
     end
     L.save_job(jobid, record)
-    if counted then L.trail(jobid, 'misfire', record[L.MISFIRE], p.coalesced, p.skipped, record[L.DUE]) end
+    if counted then
+      L.trail(jobid, 'misfire', record[L.MISFIRE], p.coalesced, p.skipped, L.short_time(record[L.DUE]))
+    end
   end
   if kind == 'Q' then
     L.enqueue(jobid, queue, channel)
-    L.trail(jobid, 'enqueued', record[L.DUE], record[L.ATTEMPT])
+    L.trail(jobid, 'enqueued', L.short_time(record[L.DUE]), record[L.ATTEMPT])
   elseif kind == 'T' then
     local head = redis.call('ZRANGE', L.TIMELINE, 0, 0, 'WITHSCORES')
     redis.call('ZADD', L.TIMELINE, p.at, jobid)
@@ -539,7 +552,7 @@ function L.finish(jobid, token, p, err, queue, channel)
   end
   if redis.call('HEXISTS', L.SCHEDULES, jobid) == 0 then
     redis.call('HDEL', L.PENDING, jobid)
-    L.trail(jobid, 'run', due, attempt, token, worker, since, 'GONE', '', line)
+    L.trail(jobid, 'run', L.short_time(due), attempt, token, worker, L.short_time(since), 'GONE', '', line)
     return 'GONE'
   end
   if err ~= '' then
@@ -550,7 +563,8 @@ function L.finish(jobid, token, p, err, queue, channel)
     redis.call('HDEL', L.PENDING, jobid)
     p = L.pending_placement(pending)
   end
-  L.trail(jobid, 'run', due, attempt, token, worker, since, p.status, p.at, line)
+  L.trail(jobid, 'run', L.short_time(due), attempt, token, worker, L.short_time(since), p.status,
+    L.short_time(p.at), line)
   L.place(jobid, p, queue, channel)
   return 'DONE'
 end
