@@ -32,8 +32,9 @@ from .outage import Outage
 from .roundrobin import RoundRobin
 from .scripts import subscribe
 from .slot import MAX_BACKOFF_SECONDS, NOTE_FREED, NOTE_HALT, Outcomes, Slot
-from .slots import Child, LocalLock, Running, SlotBoard, Zygote
+from .slots import LocalLock, Running, SlotBoard
 from .states import Outcome
+from .zygote import Child, Zygote
 
 log = logging.getLogger(__name__)
 

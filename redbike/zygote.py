@@ -1,0 +1,282 @@
+"""The processes of a worker pool: the zygote that forks each slot's child,
+and the supervisor's handle on a child (see slots.py for the memory they share).
+
+Children are forked by a Zygote, a process forked once from the supervisor
+before the supervisor starts any thread. Forking straight from the threaded
+supervisor could copy into the child a lock that another thread held at
+that instant (redis-py's connection pool lock, a stream's buffer lock), and
+the child would wait for it forever.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import gc
+import logging
+import os
+import select
+import signal
+import socket
+import struct
+import sys
+import threading
+import traceback
+from collections.abc import Callable
+
+log = logging.getLogger(__name__)
+
+
+def die_with_parent() -> None:
+    """Ask Linux to kill this process when the thread that forked it ends
+    (even by SIGKILL), so no job outlives the supervisor renewing its lease."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def fork(child: Callable[[], None], *, with_parent: bool = True) -> int:
+    """Fork; the child runs ``child`` and exits (``with_parent``: and dies
+    when this thread ends, see die_with_parent). Garbage collection is off
+    across the fork and the child freezes what it inherited: a collection in
+    the child could otherwise run the finalizer of an inherited object (a
+    redis client) and block on a lock copied in the locked state."""
+    parent = os.getpid()
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        pid = os.fork()
+    finally:
+        if collecting and os.getpid() == parent:
+            gc.enable()
+    if pid:
+        return pid
+    code = 1
+    try:
+        gc.freeze()
+        if collecting:
+            gc.enable()
+        if with_parent:
+            die_with_parent()
+            if os.getppid() != parent:  # the parent died before prctl took effect
+                os._exit(1)
+        child()
+        code = 0
+    except BaseException:  # noqa: BLE001 - reported, then the process ends
+        traceback.print_exc()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # noqa: BLE001, S110 - nowhere left to report it: the process ends
+                pass
+        os._exit(code)
+
+
+class Child:
+    """The supervisor's handle on one slot's process: its pid, a pidfd (to
+    wait for and signal it without racing pid reuse), and a socket pair end
+    (wake-ups go down, notes come up)."""
+
+    def __init__(self, pid: int, channel: socket.socket) -> None:
+        self.pid = pid
+        self.channel = channel
+        self.channel.setblocking(False)
+        self.closed_by_child = False
+        try:
+            self.pidfd: int | None = os.pidfd_open(pid)
+        except ProcessLookupError:  # already gone
+            self.pidfd = None
+
+    def wait(self, seconds: float) -> tuple[bytes, bool]:
+        """Wait up to ``seconds`` for a note or the child's end. Returns the
+        notes read and whether the child has ended."""
+        if self.pidfd is None:
+            return b"", True
+        channel = self.channel.fileno()
+        waiting = [self.pidfd] if self.closed_by_child else [channel, self.pidfd]
+        ready = select.select(waiting, [], [], max(0.0, seconds))[0]
+        notes = b""
+        if channel in ready:
+            try:
+                notes = self.channel.recv(4096)
+                self.closed_by_child = not notes
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError:
+                self.closed_by_child = True
+            if self.closed_by_child:
+                # The child closed its end: it is exiting. Its pidfd turns
+                # readable a moment later; wait for that, not the socket.
+                ready = select.select([self.pidfd], [], [], max(0.0, seconds))[0]
+        return notes, self.pidfd in ready
+
+    def wake(self) -> None:
+        try:
+            self.channel.send(b"W")
+        except OSError:  # full (a wake-up is pending anyway) or the child is gone
+            pass
+
+    def kill(self) -> None:
+        if self.pidfd is not None:
+            try:
+                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def close(self) -> None:
+        self.channel.close()
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
+
+
+_GOODBYE = 0xFFFFFFFF  # asked for as a slot: the pool ends
+
+
+def _receive(sock: socket.socket, size: int) -> bytes:
+    """``size`` bytes, or fewer if the other end closed."""
+    data = b""
+    while len(data) < size and (part := sock.recv(size - len(data))):
+        data += part
+    return data
+
+
+class Zygote:
+    """A single-threaded process that forks the children of a pool's slots.
+
+    The supervisor asks for slot N over a socket pair; the zygote forks a
+    child that runs ``run_slot(N, channel)`` and passes back the child's pid
+    and the other end of the child's channel (SCM_RIGHTS). It reaps its
+    children and hands each one's exit code to ``record_exit(slot, pid, code)``
+    (and so their CPU time adds up to the supervisor's, as for any child).
+
+    The zygote ends when its request socket closes, which the kernel does
+    when the supervisor dies (even by SIGKILL); its children then die with it.
+    If it is killed, the next spawn forks a new one (from the threaded
+    supervisor: fork() above keeps the collector off, the likeliest trap).
+    """
+
+    def __init__(self, run_slot: Callable[[int, socket.socket], None],
+                 record_exit: Callable[[int, int, int | None], None]) -> None:
+        self.run_slot = run_slot
+        self.record_exit = record_exit
+        self.slots: dict[int, int] = {}  # in the zygote: pid -> slot of each live child
+        self.lock = threading.Lock()
+        self._start()
+
+    def _start(self) -> None:
+        self.requests, theirs = socket.socketpair()
+        # Not tied to the forking thread's life: that need not be the main thread.
+        self.pid = fork(lambda: self._serve(theirs), with_parent=False)
+        theirs.close()
+
+    def _serve(self, requests: socket.socket) -> None:
+        self.requests.close()
+        # Signals are the supervisor's to handle (Ctrl-C reaches the whole
+        # process group): the zygote lives exactly as long as its socket.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        # Children are reaped here, in the loop, never in a signal handler: a
+        # handler runs between any two bytecodes, so one reaping while another
+        # was half-way through its loop lost or invented exits (and a KeyError
+        # killed the zygote, and with it every slot's child). The C-level
+        # handler only writes to a wake-up socket that the loop selects on;
+        # the Python-level one does nothing, and Python retries the calls it
+        # interrupts (PEP 475).
+        self._wake_ups, wake_up = socket.socketpair()
+        for end in (self._wake_ups, wake_up):
+            end.setblocking(False)
+        signal.set_wakeup_fd(wake_up.fileno(), warn_on_full_buffer=False)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        while True:
+            ready = select.select([requests, self._wake_ups], [], [])[0]
+            if self._wake_ups in ready:
+                self._drain_wake_ups()
+                self._reap()
+            if requests not in ready:
+                continue
+            request = _receive(requests, 4)
+            slot = struct.unpack("<I", request)[0] if len(request) == 4 else _GOODBYE
+            if slot == _GOODBYE:  # the pool ends (or the supervisor died): collect the children
+                self._reap()
+                for pid in self.slots:
+                    os.kill(pid, signal.SIGKILL)  # none should be left running: never wait on one
+                self._reap(blocking=True)
+                return
+            mine, theirs = socket.socketpair()
+            pid = fork(functools.partial(self._slot, slot, requests, mine, theirs, wake_up))
+            self.slots[pid] = slot
+            theirs.close()
+            socket.send_fds(requests, [struct.pack("<I", pid)], [mine.fileno()])
+            mine.close()
+
+    def _drain_wake_ups(self) -> None:
+        try:
+            while self._wake_ups.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _reap(self, blocking: bool = False) -> None:
+        """Collect the children that ended (``blocking``: all of them), each
+        with the status the kernel gave for it."""
+        while self.slots:
+            try:
+                pid, status = os.waitpid(-1, 0 if blocking else os.WNOHANG)
+            except ChildProcessError:  # none left that we could wait for: their ends are not known
+                for pid, slot in self.slots.items():
+                    self.record_exit(slot, pid, None)
+                self.slots.clear()
+                return
+            if not pid:
+                return
+            if pid in self.slots:
+                self.record_exit(self.slots.pop(pid), pid, os.waitstatus_to_exitcode(status))
+
+    def _slot(self, slot: int, requests: socket.socket, mine: socket.socket, theirs: socket.socket,
+              wake_up: socket.socket) -> None:
+        signal.set_wakeup_fd(-1)
+        for end in (requests, mine, self._wake_ups, wake_up):
+            end.close()
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        self.run_slot(slot, theirs)
+
+    def _ask(self, slot: int) -> Child | None:
+        try:
+            self.requests.sendall(struct.pack("<I", slot))
+            data, fds, _, _ = socket.recv_fds(self.requests, 4, 1)
+        except OSError:
+            return None
+        if len(data) != 4 or not fds:
+            return None
+        return Child(struct.unpack("<I", data)[0], socket.socket(fileno=fds[0]))
+
+    def spawn(self, slot: int) -> Child:
+        """A new child for ``slot``."""
+        with self.lock:
+            child = self._ask(slot)
+            if child is None:
+                log.warning("the zygote (pid %d) is gone; forking a new one", self.pid)
+                self.close()
+                self._start()
+                child = self._ask(slot)
+            if child is None:
+                raise OSError("the zygote does not answer")
+            return child
+
+    def close(self) -> None:
+        """End the zygote once the children it forked have ended; it exits
+        when its request socket closes."""
+        try:
+            self.requests.sendall(struct.pack("<I", _GOODBYE))
+        except OSError:  # it is gone already
+            pass
+        self.requests.close()
+        try:
+            os.waitpid(self.pid, 0)
+        except ChildProcessError:
+            pass
