@@ -6,6 +6,12 @@ before the supervisor starts any thread. Forking straight from the threaded
 supervisor could copy into the child a lock that another thread held at
 that instant (redis-py's connection pool lock, a stream's buffer lock), and
 the child would wait for it forever.
+
+Each child leads a process group of its own, which whatever its jobs start
+joins (a subprocess, os.system, a shell pipeline: all but what starts a
+session or group of its own). A child that is killed or dies takes its
+group with it: the zygote, which reaps the children, kills the group first
+(see kill_group), so a killed run leaves no process behind.
 """
 
 from __future__ import annotations
@@ -75,6 +81,27 @@ def fork(child: Callable[[], None], *, with_parent: bool = True) -> int:
         os._exit(code)
 
 
+def kill_group(leader: int) -> None:
+    """SIGKILL every process of the group that child ``leader`` leads.
+
+    Call it only while ``leader`` is an unreaped child of this process
+    (alive, or a zombie): a group's id is its leader's pid, and Linux hands
+    out no pid that still names a process (a zombie too) or a group or
+    session that has any member. So until the leader is reaped, that id can
+    only name the group the leader made: never a stranger's. After reaping,
+    once the group is empty, a new process could take the id and lead a
+    group of its own with it (a shell's job, the next slot's child), and a
+    late killpg would hit it; hence the zygote kills a child's group before
+    it reaps the child, never after.
+    """
+    try:
+        os.killpg(leader, signal.SIGKILL)
+    except ProcessLookupError:  # the leader died before making its group, and nobody joined it
+        pass
+    except PermissionError:  # only processes we may not signal are left (a job ran a setuid program)
+        log.warning("process group %d: cannot kill what is left of it (not ours to signal)", leader)
+
+
 class Child:
     """The supervisor's handle on one slot's process: its pid, a pidfd (to
     wait for and signal it without racing pid reuse), and a socket pair end
@@ -120,6 +147,8 @@ class Child:
             pass
 
     def kill(self) -> None:
+        """SIGKILL the child; its zygote kills its process group when it
+        reaps it (see kill_group: a pidfd does not pin a pid, a zombie does)."""
         if self.pidfd is not None:
             try:
                 signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
@@ -149,14 +178,19 @@ class Zygote:
 
     The supervisor asks for slot N over a socket pair; the zygote forks a
     child that runs ``run_slot(N, channel)`` and passes back the child's pid
-    and the other end of the child's channel (SCM_RIGHTS). It reaps its
-    children and hands each one's exit code to ``record_exit(slot, pid, code)``
-    (and so their CPU time adds up to the supervisor's, as for any child).
+    and the other end of the child's channel (SCM_RIGHTS). Each child leads
+    a process group of its own. The zygote reaps its children, first killing
+    the group of each one that did not exit cleanly (killed, or died: its run
+    was cut short), and hands each one's exit code to ``record_exit(slot, pid,
+    code)`` (and so their CPU time adds up to the supervisor's, as for any child).
 
     The zygote ends when its request socket closes, which the kernel does
-    when the supervisor dies (even by SIGKILL); its children then die with it.
-    If it is killed, the next spawn forks a new one (from the threaded
-    supervisor: fork() above keeps the collector off, the likeliest trap).
+    when the supervisor dies (even by SIGKILL); it then kills its children
+    and their groups. If it is killed itself, its children die with it (the
+    parent-death signal) but what their jobs started survives: nothing is
+    left to kill their groups safely. The next spawn forks a new zygote (from
+    the threaded supervisor: fork() above keeps the collector off, the
+    likeliest trap).
     """
 
     def __init__(self, run_slot: Callable[[int, socket.socket], None],
@@ -208,6 +242,13 @@ class Zygote:
                 return
             mine, theirs = socket.socketpair()
             pid = fork(functools.partial(self._slot, slot, requests, mine, theirs, wake_up))
+            # The child makes its group first thing; made here too, so that
+            # it exists, whichever of the two runs first, before the pid
+            # leaves this process (the classic shell race, closed).
+            try:
+                os.setpgid(pid, pid)
+            except OSError:  # the child is a zombie already, or made it: kill_group copes either way
+                pass
             self.slots[pid] = slot
             theirs.close()
             socket.send_fds(requests, [struct.pack("<I", pid)], [mine.fileno()])
@@ -222,22 +263,35 @@ class Zygote:
 
     def _reap(self, blocking: bool = False) -> None:
         """Collect the children that ended (``blocking``: all of them), each
-        with the status the kernel gave for it."""
+        with the status the kernel gave for it. A child that did not exit
+        cleanly (exit code 0 is its loop's end when the pool stops) has its
+        process group killed first, while it is still a zombie that holds
+        the group's id (see kill_group)."""
         while self.slots:
             try:
-                pid, status = os.waitpid(-1, 0 if blocking else os.WNOHANG)
+                # WNOWAIT: learn who ended and how, but leave it unreaped.
+                ended = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOWAIT | (0 if blocking else os.WNOHANG))
             except ChildProcessError:  # none left that we could wait for: their ends are not known
                 for pid, slot in self.slots.items():
                     self.record_exit(slot, pid, None)
                 self.slots.clear()
                 return
-            if not pid:
+            if ended is None or not ended.si_pid:
                 return
+            pid = ended.si_pid
+            code = ended.si_status if ended.si_code == os.CLD_EXITED else -ended.si_status
+            if code != 0:
+                kill_group(pid)
+            os.waitpid(pid, 0)  # a zombie already: at once
             if pid in self.slots:
-                self.record_exit(self.slots.pop(pid), pid, os.waitstatus_to_exitcode(status))
+                self.record_exit(self.slots.pop(pid), pid, code)
 
     def _slot(self, slot: int, requests: socket.socket, mine: socket.socket, theirs: socket.socket,
               wake_up: socket.socket) -> None:
+        # A group of its own before anything else: whatever a job starts
+        # joins it, and dies with it (see kill_group). The terminal's signals
+        # no longer reach the job: the supervisor's handler acts for it.
+        os.setpgid(0, 0)
         signal.set_wakeup_fd(-1)
         for end in (requests, mine, self._wake_ups, wake_up):
             end.close()
