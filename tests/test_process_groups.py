@@ -1,7 +1,8 @@
 """Real-process tests: a killed run takes down what its job started. Each
 slot's child leads a process group of its own; when it is killed (timeout,
 second signal, from outside, the supervisor dying by SIGKILL) the whole
-group is killed; a graceful stop leaves a finished job's detached work alone.
+group is killed; a graceful stop leaves a finished job's detached work alone;
+Ctrl-C in a terminal reaches the supervisor, not the job.
 
 The jobs are testworker's ``spawn-...`` (two ``sleep 1000``, then it hangs)
 and ``detach-...`` (one, then it returns), their processes marked in their
@@ -11,7 +12,10 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import signal
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any, cast
@@ -161,4 +165,55 @@ def test_a_worker_killed_by_sigkill_leaves_no_process_behind(workdir: Path, clie
         wait_for(lambda: not alive(child), timeout=5, what="the job's child to die with its supervisor")
         wait_for(lambda: not marked(jobid), timeout=5, what="the job's sleeps to die with it")
     finally:
+        kill_marked(jobid)
+
+
+# A shell without job control in a terminal: the leader of a new session
+# whose controlling terminal is its stdin; it runs its arguments as a Python
+# command in its own (the foreground) group, ignores Ctrl-C while it waits,
+# prints how the command exited, then waits for a line before it ends (a
+# session leader's end would hang up the terminal: SIGHUP to its group).
+TERMINAL_SHELL = """
+import fcntl, os, signal, sys, termios
+os.setsid()
+fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+print("exited", os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_ctrl_c_in_a_terminal_reaches_the_supervisor_not_the_job(workdir: Path, client: redis.Redis, prefix: str,
+                                                                 process_env: dict[str, str], tmp_path: Path) -> None:
+    """The worker in the foreground of a terminal: the first Ctrl-C lets the
+    running job go on, with what it started (out of the terminal's reach, in
+    the job's own group); the second kills them all, and the worker exits."""
+    bike = Redbike(RoundRobin(), prefix=prefix, client=client)
+    jobid = f"spawn-{prefix}:A"
+    master, terminal = pty.openpty()
+    log = tmp_path / "terminal.log"
+    with open(log, "wb") as output:
+        shell = subprocess.Popen([sys.executable, "-c", TERMINAL_SHELL, "-m", "redbike", "work", "testworker:Recorder('A')"],
+                                 cwd=workdir, env=process_env, stdin=terminal, stdout=output, stderr=subprocess.STDOUT)
+    os.close(terminal)
+    try:
+        bike.set(jobid, "NOW")
+        sleeps = started(jobid)
+        os.write(master, b"\x03")  # Ctrl-C: SIGINT to the terminal's foreground group
+        wait_for(lambda: "stopping after the running jobs" in log.read_text(), what="the first Ctrl-C")
+        assert marked(jobid) == sleeps and "exited" not in log.read_text()
+        os.write(master, b"\x03")
+        wait_for(lambda: "exited 0" in log.read_text(), what="the worker to exit")
+        assert last_error(bike, jobid)["error"] == "killed: stopped by force"
+        wait_for(lambda: not marked(jobid), timeout=5, what="the job's sleeps to be killed with it")
+        os.write(master, b"\n")
+        assert shell.wait(5) == 0
+    finally:
+        if shell.poll() is None:
+            os.killpg(shell.pid, signal.SIGKILL)
+            shell.wait()
+        os.close(master)
         kill_marked(jobid)
