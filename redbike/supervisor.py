@@ -33,8 +33,9 @@ from .outage import Outage
 from .roundrobin import RoundRobin
 from .scripts import Retention, subscribe
 from .slot import MAX_BACKOFF_SECONDS, NOTE_FREED, NOTE_HALT, Outcomes, Slot
-from .slots import Child, LocalLock, Running, SlotBoard, Zygote
+from .slots import LocalLock, Running, SlotBoard
 from .states import Outcome
+from .zygote import Child, Zygote
 
 log = logging.getLogger(__name__)
 
@@ -264,10 +265,15 @@ class WorkerPool:
             elif NOTE_FREED in notes:
                 self.kick()
             if ended:
-                return killed or self.doomed.pop(index, None) or Ending(self._death(index, child.pid))
+                # The zygote kills a dead child's process group before it
+                # records its exit (see zygote.kill_group): waited for, so
+                # that the run is not ended (and maybe run again elsewhere)
+                # while what it started still runs.
+                code = self.board.exit_code(index, child.pid)
+                return killed or self.doomed.pop(index, None) or Ending(self._death(code))
 
-    def _death(self, index: int, pid: int) -> str:
-        code = self.board.exit_code(index, pid)
+    @staticmethod
+    def _death(code: int | None) -> str:
         if code is None:
             return "worker process died"
         if code < 0:

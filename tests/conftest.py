@@ -210,12 +210,13 @@ def daemons(tmp_path: Path, process_env: dict[str, str]) -> Iterator[Daemons]:
 
 
 def alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie, dead but not yet reaped, does not)."""
+    """Whether ``pid`` runs (a zombie, dead but not yet reaped, does not; nor
+    one dead and being reaped at this instant: state X, briefly shown)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except (FileNotFoundError, ProcessLookupError):
         return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
 def parent_of(pid: int) -> int:

@@ -1,4 +1,4 @@
-"""The pool's process plumbing (redbike/slots.py): the shared slot board, the
+"""The pool's process plumbing (redbike/slots.py, redbike/zygote.py): the shared slot board, the
 zygote that forks the slots' children, and the lock between them."""
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from conftest import alive, parent_of
 
 from redbike.records import JobRecord
 from redbike.roundrobin import Lease
-from redbike.slots import LocalLock, Running, SlotBoard, Zygote, fork
+from redbike.slots import LocalLock, Running, SlotBoard
+from redbike.zygote import Zygote, fork
 
 
 def run(jobid: str, token: str = "t0", local: dict[str, int] | None = None, schedule: str = "NOW") -> Running:

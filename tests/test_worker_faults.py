@@ -49,7 +49,11 @@ def test_a_run_whose_lease_was_lost_is_killed_at_once(tmp_path, redis_server, cl
     first = daemons.start("work", cwd=home)
     bike.set("sleep60-lost:A", "NOW")
     started = wait_for(lambda: starts(client, testlog, "sleep60-lost:A"), what="the first run")[0]
-    os.killpg(first.pid, signal.SIGSTOP)  # the supervisor, its zygote and the job's child
+    # The whole worker frozen: the supervisor and its zygote, and the job's
+    # child, which leads a process group of its own.
+    frozen = (first.pid, started["pid"])
+    for group in frozen:
+        os.killpg(group, signal.SIGSTOP)
     try:
         second = daemons.start("work", cwd=home)
         again = wait_for(lambda: [r for r in starts(client, testlog, "sleep60-lost:A") if r["token"] != started["token"]],
@@ -57,7 +61,8 @@ def test_a_run_whose_lease_was_lost_is_killed_at_once(tmp_path, redis_server, cl
         assert alive(started["pid"])  # stopped, not dead
     finally:
         resumed = time.monotonic()
-        os.killpg(first.pid, signal.SIGCONT)
+        for group in frozen:
+            os.killpg(group, signal.SIGCONT)
     # Its heartbeat's wait ran out during the stop: it renews at once, finds
     # the lease gone and kills the child through its pidfd; a second is ample.
     wait_for(lambda: not alive(started["pid"]), timeout=10, what="the first copy to be killed")

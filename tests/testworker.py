@@ -1,6 +1,10 @@
 """The worker the real-process tests run. What a job does depends on its id:
 sleep<S>-...  sleeps S seconds; fail-... raises; stop-... raises StopWork;
-unset-... raises UnsetJob; backoff-... returns 1; hang-... sleeps an hour.
+unset-... raises UnsetJob; backoff-... returns 1; hang-... sleeps an hour;
+spawn-... starts two `sleep 1000` (one a shell's background job, one the
+shell itself, exec'd), marked with REDBIKE_TEST_MARK=<job id> in their
+environment, then sleeps an hour; detach-... starts one such `sleep 1000`
+and returns.
 Every run appends a JSON record (job, pid, token, start, end) to the list
 TESTLOG_KEY on TESTLOG_URL, so tests can check what ran, when, and where."""
 
@@ -8,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import time
 
 import redis
@@ -38,6 +43,12 @@ class Recorder(RoundRobin):
         try:
             if jobid.startswith("sleep"):
                 time.sleep(float(jobid[5:].split("-", 1)[0]))
+            elif jobid.startswith("spawn"):
+                subprocess.Popen(["sh", "-c", "sleep 1000 & exec sleep 1000"],
+                                 env=dict(os.environ, REDBIKE_TEST_MARK=jobid))
+                time.sleep(3600)
+            elif jobid.startswith("detach"):
+                subprocess.Popen(["sleep", "1000"], env=dict(os.environ, REDBIKE_TEST_MARK=jobid))
             elif jobid.startswith("hang"):
                 time.sleep(3600)
             elif jobid.startswith("fail"):
