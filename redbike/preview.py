@@ -14,7 +14,7 @@ import json
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -116,16 +116,17 @@ def _marks(schedule: Schedule, due: float) -> tuple[Mark, ...]:
     local = datetime.fromtimestamp(due, zone)
     wall = local.replace(tzinfo=None)
     marks = []
-    # A gap is only where the offset changed within the day before (gaps last at
-    # most a day), so most occurrences need no look at the schedule's wall times.
-    if datetime.fromtimestamp(due - 86400, zone).utcoffset() != local.utcoffset():
+    # A gap is only where the offset grew within the day before (gaps last at most
+    # a day), so most occurrences need no look at the schedule's wall times.
+    offset = local.utcoffset() or timedelta()  # aware in a ZoneInfo: never None
+    if (datetime.fromtimestamp(due - 86400, zone).utcoffset() or timedelta()) < offset:
         walls = schedule.walls_at(due)
         for shifted in (w for w in walls if w != wall):
             also = f", with the {_clock(wall, local)} run" if wall in walls else ""
             marks.append(Mark("dst-shifted", f"DST-shifted ({_clock(shifted, local)} does not exist "
                                              f"on that day; runs at {_clock(wall, local)}{also})"))
     second = wall.replace(tzinfo=zone, fold=1)
-    if second.utcoffset() != local.utcoffset() and local.fold == 0:
+    if second.utcoffset() != offset and local.fold == 0:
         marks.append(Mark("fold", f"fold: {_clock(wall, local)} occurs twice, runs at the first "
                                   f"({local.tzname()}) only, not at {_clock(wall, local)} {second.tzname()}"))
     return tuple(marks)
