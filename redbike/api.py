@@ -9,7 +9,7 @@ import os
 import socket
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, cast
 
 import redis
 
@@ -259,6 +259,10 @@ class Redbike:
 
     def tell(self, jobid: str) -> dict[str, Any] | None:
         return report.tell(self.client, self.keys, jobid, self._queue_of(jobid))
+
+    def schedule_of(self, jobid: str) -> str | None:
+        """A job's schedule text, or None if there is no such job."""
+        return cast("str | None", self.client.hget(self.keys.schedules, check_jobid(jobid)))
 
     def statuses(self, before: float | None = None) -> Iterator[tuple[str, str, int]]:
         return report.statuses(self.client, self.keys, before)

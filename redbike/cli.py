@@ -9,6 +9,8 @@ Usage:
   redbike [options] statuses [--before=TS]
   redbike [options] schedules
   redbike [options] tell JOBID
+  redbike [options] preview JOBID [--count=N] [--after=TS] [--json]
+  redbike [options] preview --schedule=SCHEDULE [--count=N] [--after=TS] [--json]
   redbike [options] capacity RESOURCE CAPACITY
   redbike [options] capacity --load=CSV
   redbike [options] capacities
@@ -20,7 +22,7 @@ Usage:
 Options:
   --config=CONF      Config file [default: .redbike.conf, if present].
   --after=TS         Count runs from this time (epoch seconds or ISO 8601)
-                     instead of the timefile's.
+                     instead of the timefile's (preview: instead of now).
   --before=TS        Only jobs whose last status is older than this.
   --schedules=CSV    Set these JOBID,SCHEDULE[,NEEDS] rows before dispatching.
   --needs=NEEDS      Resources the job needs: host:db-17,db:db42=2 (amount 1
@@ -41,6 +43,9 @@ Options:
                      (jobs need them as worker:cpu_cores=4).
   --load=CSV         Set the RESOURCE,CAPACITY rows of a CSV file.
   --seconds=S        How long the demo runs [default: 5].
+  --schedule=SCHEDULE  Preview this schedule (no Redis needed).
+  --count=N          How many occurrences preview shows, 1 to 1000 [default: 10].
+  --json             Preview as a JSON list (notes go to stderr).
   -v --verbose       Log debug messages.
 
 Exit status: 0 success, 1 runtime failure (e.g. Redis unreachable) or, for
@@ -61,6 +66,7 @@ import logging
 import math
 import os
 import sys
+import time
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -71,10 +77,12 @@ from .api import JobIdError, Redbike, parse_retries
 from .config import Config, ConfigError, check_reachable, connect, load_config
 from .csvfile import CsvError
 from .embedded import EmbeddedError, find_folder, server_status, stop_server
+from .names import check_jobid
 from .occurrences import misfire_text
+from .preview import parse_count, preview
 from .resources import ResourceError, check_name, parse_capacity
 from .roundrobin import RoundRobin
-from .schedules import ScheduleError, parse_timestamp
+from .schedules import ScheduleError, parse_schedule, parse_timestamp
 from .workerspec import WorkerSpecError, load_worker
 
 log = logging.getLogger("redbike")
@@ -158,6 +166,13 @@ def _policy(args: dict[str, Any]) -> dict[str, Any]:
         misfire_text(misfire.strip().lower(), grace)
     retries = parse_retries(args["--retries"]) if args["--retries"] is not None else None
     return {"misfire": misfire, "grace": grace, "retries": retries}
+    if args["preview"]:
+        parse_count(args["--count"])
+        _timestamp(args["--after"])
+        if args["--schedule"] is not None:
+            parse_schedule(args["--schedule"])
+        else:
+            check_jobid(args["JOBID"][0])
 
 
 def _bike(args: dict[str, Any], config: Config, worker_required: bool = False) -> Redbike:
@@ -199,6 +214,23 @@ def _embedded(stop: bool) -> int:
     return 0
 
 
+def _preview(args: dict[str, Any], text: str, now: float, jobid: str | None = None) -> int:
+    """Print the next occurrences of a schedule after --after, else ``now``."""
+    try:
+        schedule = parse_schedule(text)
+    except ScheduleError as exc:  # a job recorded BAD keeps the text it was given
+        raise ScheduleError(f"{jobid} has a {exc}" if jobid else str(exc)) from None
+    after = _timestamp(args["--after"])
+    shown = preview(schedule, now if after is None else after, parse_count(args["--count"]))
+    if args["--json"]:
+        print(shown.json())
+        for note in shown.notes:
+            print(f"redbike: {note}", file=sys.stderr)
+    else:
+        print("\n".join(shown.lines()))
+    return 0
+
+
 def _run(args: dict[str, Any]) -> int:
     _check_usage(args)
     config = load_config(args["--config"])
@@ -208,6 +240,8 @@ def _run(args: dict[str, Any]) -> int:
         from .demo import run_demo
 
         return run_demo(config, seconds=float(args["--seconds"]))
+    if args["preview"] and args["--schedule"] is not None:
+        return _preview(args, args["--schedule"], time.time())
     bike = _bike(args, config, worker_required=bool(args["work"]))
     out = csv.writer(sys.stdout, lineterminator="\n")
     if args["set"]:
@@ -241,6 +275,11 @@ def _run(args: dict[str, Any]) -> int:
         if told is None:
             raise NoSuchJob(f"no such job: {args['JOBID'][0]}")
         print(json.dumps(told, indent=2))
+    elif args["preview"]:
+        schedule = bike.schedule_of(args["JOBID"][0])
+        if schedule is None:
+            raise NoSuchJob(f"no such job: {args['JOBID']}")
+        return _preview(args, schedule, bike.clock(), jobid=args["JOBID"][0])
     elif args["capacity"]:
         if args["--load"]:
             print(f"{bike.load_capacities(args['--load'])} capacities set", file=sys.stderr)

@@ -40,6 +40,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from functools import lru_cache
+from itertools import takewhile
 from zoneinfo import ZoneInfo
 
 from dateutil.parser import isoparse
@@ -247,14 +248,16 @@ class _RRule:
         except ValueError:  # dateutil's way to say INTERVAL and BYxxx leave no (more) occurrences
             return
 
-    def first_after(self, t: float) -> float | None:
+    def walls_after(self, t: float) -> Iterator[datetime]:
+        """Ascending wall times from the earliest whose instant can be later than t."""
         if self.start is None:
             anchor = datetime.fromtimestamp(math.floor(t), UTC).replace(tzinfo=None)
-            walls = self.walls(anchor, anchor)
-        else:
-            since = _earliest_wall(t, self.zone)
-            walls = self.walls(_advance(self.start, since, self.freq, self.interval), since)
-        best = _first_instant(walls, self.zone, t)
+            return self.walls(anchor, anchor)
+        since = _earliest_wall(t, self.zone)
+        return self.walls(_advance(self.start, since, self.freq, self.interval), since)
+
+    def first_after(self, t: float) -> float | None:
+        best = _first_instant(self.walls_after(t), self.zone, t)
         return None if best is None or (self.until is not None and best > self.until) else best
 
 
@@ -469,8 +472,11 @@ class _Cron:
             if year > 9999:
                 return
 
+    def walls_after(self, t: float) -> Iterator[datetime]:
+        return self.walls(_earliest_wall(t, self.zone))
+
     def first_after(self, t: float) -> float | None:
-        return _first_instant(self.walls(_earliest_wall(t, self.zone)), self.zone, t)
+        return _first_instant(self.walls_after(t), self.zone, t)
 
 
 def _compile_cron(text: str) -> _Cron:
@@ -536,6 +542,27 @@ class Schedule:
         if rule is None:
             raise ValueError(f"{self.kind} schedules have no occurrences")
         return rule.first_after(t)
+
+    @property
+    def zone(self) -> ZoneInfo:
+        """The zone of the schedule's wall times: UTC unless a TZID or CRON_TZ names one."""
+        rule = _compiled(self.text)[1]
+        return rule.zone if isinstance(rule, (_RRule, _Cron)) else UTC
+
+    def walls_at(self, instant: float) -> list[datetime]:
+        """The wall times (naive, in :attr:`zone`) that fire at ``instant``, an occurrence
+        first_after returned: the one that exists there, one inside a spring-forward gap
+        shifted onto it, or both. AT and rules without DTSTART: the UTC time."""
+        rule = _compiled(self.text)[1]
+        if rule is None:
+            raise ValueError(f"{self.kind} schedules have no occurrences")
+        local = datetime.fromtimestamp(instant, self.zone).replace(tzinfo=None)
+        if isinstance(rule, _At) or (isinstance(rule, _RRule) and rule.start is None):
+            return [local]
+        # A wall time firing at instant is at most the wall time there (a gap time
+        # reads earlier than where it lands), and not before _earliest_wall.
+        walls = takewhile(lambda wall: wall <= local, rule.walls_after(instant - 1))
+        return [wall for wall in walls if wall.replace(tzinfo=rule.zone).timestamp() == instant]
 
 
 def parse_schedule(text: str) -> Schedule:
