@@ -24,7 +24,8 @@ Options:
   --after=TS         Count runs from this time (epoch seconds or ISO 8601)
                      instead of the timefile's (preview: instead of now).
   --before=TS        Only jobs whose last status is older than this.
-  --schedules=CSV    Set these JOBID,SCHEDULE[,NEEDS] rows before dispatching.
+  --schedules=CSV    Set these JOBID,SCHEDULE[,NEEDS[,MISFIRE[,RETRIES]]] rows
+                     before dispatching.
   --needs=NEEDS      Resources the job needs: host:db-17,db:db42=2 (amount 1
                      unless given); none: it needs nothing. Without it a job
                      keeps its needs.
@@ -149,6 +150,13 @@ def _check_usage(args: dict[str, Any]) -> None:
         _policy(args)
     if args["retry"] and args["--status"] is not None and args["--status"] != "DIE":
         raise ValueError(f"retry --status takes DIE (the failed jobs), not {args['--status']!r}")
+    if args["preview"]:
+        parse_count(args["--count"])
+        _timestamp(args["--after"])
+        if args["--schedule"] is not None:
+            parse_schedule(args["--schedule"])
+        else:
+            check_jobid(args["JOBID"])
 
 
 def _policy(args: dict[str, Any]) -> dict[str, Any]:
@@ -166,13 +174,6 @@ def _policy(args: dict[str, Any]) -> dict[str, Any]:
         misfire_text(misfire.strip().lower(), grace)
     retries = parse_retries(args["--retries"]) if args["--retries"] is not None else None
     return {"misfire": misfire, "grace": grace, "retries": retries}
-    if args["preview"]:
-        parse_count(args["--count"])
-        _timestamp(args["--after"])
-        if args["--schedule"] is not None:
-            parse_schedule(args["--schedule"])
-        else:
-            check_jobid(args["JOBID"][0])
 
 
 def _bike(args: dict[str, Any], config: Config, worker_required: bool = False) -> Redbike:
@@ -245,17 +246,17 @@ def _run(args: dict[str, Any]) -> int:
     bike = _bike(args, config, worker_required=bool(args["work"]))
     out = csv.writer(sys.stdout, lineterminator="\n")
     if args["set"]:
-        result = bike.set(args["JOBID"][0], args["SCHEDULE"], after=_timestamp(args["--after"]), needs=args["--needs"],
+        result = bike.set(args["JOBID"], args["SCHEDULE"], after=_timestamp(args["--after"]), needs=args["--needs"],
                           **_policy(args))
         if result == "PENDING":
             print(f"{args['JOBID']} is running; its new schedule applies when the run ends", file=sys.stderr)
         elif result == "KEPT":
             print(f"{args['JOBID']} already has this schedule, whose time has passed; left as it is", file=sys.stderr)
     elif args["unset"]:
-        if bike.unset(args["JOBID"][0]) == 0:
-            raise NoSuchJob(f"no such job: {args['JOBID'][0]}")
+        if bike.unset(args["JOBID"]) == 0:
+            raise NoSuchJob(f"no such job: {args['JOBID']}")
     elif args["retry"]:
-        results = bike.retry(args["JOBID"], status=args["--status"])
+        results = bike.retry(args["JOBIDS"], status=args["--status"])
         for jobid, result in results.items():
             if result != "PLACED":
                 print(f"{jobid}: {result.lower()}; left as it is", file=sys.stderr)
@@ -271,15 +272,15 @@ def _run(args: dict[str, Any]) -> int:
     elif args["schedules"]:
         out.writerows(bike.schedules())
     elif args["tell"]:
-        told = bike.tell(args["JOBID"][0])
+        told = bike.tell(args["JOBID"])
         if told is None:
-            raise NoSuchJob(f"no such job: {args['JOBID'][0]}")
+            raise NoSuchJob(f"no such job: {args['JOBID']}")
         print(json.dumps(told, indent=2))
     elif args["preview"]:
-        schedule = bike.schedule_of(args["JOBID"][0])
+        schedule = bike.schedule_of(args["JOBID"])
         if schedule is None:
             raise NoSuchJob(f"no such job: {args['JOBID']}")
-        return _preview(args, schedule, bike.clock(), jobid=args["JOBID"][0])
+        return _preview(args, schedule, bike.clock(), jobid=args["JOBID"])
     elif args["capacity"]:
         if args["--load"]:
             print(f"{bike.load_capacities(args['--load'])} capacities set", file=sys.stderr)
@@ -316,6 +317,9 @@ def main(argv: list[str] | None = None) -> int:
         return _flushed(0)
     if args["--config"] == ".redbike.conf, if present":
         args["--config"] = None
+    # JOBID is a list (retry takes several); every other command takes one.
+    args["JOBIDS"] = args["JOBID"]
+    args["JOBID"] = args["JOBID"][0] if args["JOBID"] else None
     _setup_logging(args["--verbose"], daemon=bool(args["dispatch"] or args["work"] or args["demo"]))
     try:
         return _flushed(_run(args))
