@@ -13,7 +13,7 @@ from typing import Any
 
 import redis
 
-from . import report
+from . import explain, report
 from .clock import RedisClock
 from .config import connect
 from .csvfile import read_rows
@@ -259,6 +259,10 @@ class Redbike:
 
     def tell(self, jobid: str) -> dict[str, Any] | None:
         return report.tell(self.client, self.keys, jobid, self._queue_of(jobid))
+
+    def explain(self, jobid: str) -> explain.Explanation | None:
+        """The job's trail and why it is not running (None: no such job, and no trail)."""
+        return explain.explain(self.client, self.keys, jobid, self._queue_of(jobid), self.clock())
 
     def statuses(self, before: float | None = None) -> Iterator[tuple[str, str, int]]:
         return report.statuses(self.client, self.keys, before)

@@ -9,6 +9,7 @@ Usage:
   redbike [options] statuses [--before=TS]
   redbike [options] schedules
   redbike [options] tell JOBID
+  redbike [options] explain JOBID [--json]
   redbike [options] capacity RESOURCE CAPACITY
   redbike [options] capacity --load=CSV
   redbike [options] capacities
@@ -35,6 +36,7 @@ Options:
   --retries=N        Runs after the first when a run raises or does not
                      complete, with exponential backoff (config retries).
   --status=DIE       retry: every failed job.
+  --json             explain: one JSON object (events, state, why) for tools.
   --concurrency=N    Worker processes under this supervisor, 1 to 256
                      (each maps 2 MiB of shared memory) [default: 1].
   --resources=AMOUNTS  This pool's worker-local resources: cpu_cores=16,ram_gb=64
@@ -241,6 +243,14 @@ def _run(args: dict[str, Any]) -> int:
         if told is None:
             raise NoSuchJob(f"no such job: {args['JOBID'][0]}")
         print(json.dumps(told, indent=2))
+    elif args["explain"]:
+        explained = bike.explain(args["JOBID"][0])
+        if explained is None:
+            raise NoSuchJob(f"no such job: {args['JOBID'][0]}")
+        if args["--json"]:
+            print(json.dumps(explained.as_json(), indent=2))
+        else:
+            print("\n".join(explained.lines()))
     elif args["capacity"]:
         if args["--load"]:
             print(f"{bike.load_capacities(args['--load'])} capacities set", file=sys.stderr)
