@@ -55,8 +55,14 @@ class Explanation:
         """The trail, one line per event (a run gives two: its claim and its
         end), each with its UTC time and age; then the sentence."""
         now = self.now
-        retries = int((self.state or {}).get("retries", 0))
-        shown = [f"{utc(at)}  ({ago(at, now)})  {text}" for at, text in _timeline(self.events, retries)]
+        state = self.state or {}
+        timeline = _timeline(self.events, int(state.get("retries", 0)))
+        lease = state.get("lease") or {}
+        if "worker" in lease:  # the trail has a run once it ends: this one's claim comes from its lease
+            _insert(timeline, lease["since"], _claimed({
+                "worker": lease["worker"], "due": str(state.get("due", "")), "attempt": str(state.get("attempt", 1)),
+                "token": lease["token"]}) + "; running")
+        shown = [f"{utc(at)}  ({ago(at, now)})  {text}" for at, text in timeline]
         return [*shown, self.why]
 
     def as_json(self) -> dict[str, Any]:
@@ -146,12 +152,17 @@ def _timeline(events: list[TrailEvent | str], retries: int) -> list[tuple[float,
         if event.event == "run":
             since = _number(event.fields["since"])
             if since is not None:
-                where = len(lines)
-                while where and lines[where - 1][0] > since:
-                    where -= 1
-                lines.insert(where, (since, _claimed(event.fields)))
+                _insert(lines, since, _claimed(event.fields))
         lines.append((event.at, _describe(event, retries)))
     return lines
+
+
+def _insert(lines: list[tuple[float, str]], at: float, text: str) -> None:
+    """Add a line at time ``at``, after every line not later than it."""
+    where = len(lines)
+    while where and lines[where - 1][0] > at:
+        where -= 1
+    lines.insert(where, (at, text))
 
 
 def _describe(event: TrailEvent, retries: int) -> str:

@@ -55,6 +55,8 @@ def test_a_job_parked_on_a_full_resource_names_it_and_its_holders(env: Env) -> N
     # a holder runs: explain says so, and names no reason
     running = explained(env, "scan/db-host-17/db1:batch")
     assert running.why.startswith(f"running on w1 since {utc(NOW)} (3 min ago), lease deadline ")
+    token = env.leases()["scan/db-host-17/db1:batch"].split("|")[0]
+    assert texts(running)[-1] == f"claimed by w1 for occurrence {utc(NOW)} (attempt 1), lease token {token}; running"
 
 
 def test_holders_beyond_five_are_counted_and_set_aside_amounts_shown(env: Env) -> None:
