@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from test_jobs import HOURLY, NEXT_HOUR, NOW, Env
+from test_jobs import HOUR, HOURLY, NEXT_HOUR, NOW, Env
 
 from redbike.cli import main
 from redbike.explain import Explanation, ago, span, utc
@@ -207,3 +207,32 @@ def test_cli_explain_text_json_and_errors(env: Env, redis_server, tmp_path: Path
     assert code == 3 and err == "redbike: no such job: nosuch:A\n"
     code, _, err = run("explain", "bad|id")
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_misfire_lines_say_what_was_coalesced_or_skipped_and_why_skp(env: Env) -> None:
+    env.bike.set("m:A", HOURLY, after=NOW - 3 * HOUR)  # 20:00, 21:00 and 22:00 missed
+    assert texts(explained(env, "m:A"))[1:] == [
+        f"misfire policy once: 2 missed occurrence(s) coalesced into one run (occurrence {utc(NEXT_HOUR - HOUR)})",
+        f"enqueued for occurrence {utc(NEXT_HOUR - HOUR)} (attempt 1, 13 min 20 s late)",
+    ]
+    env.bike.set("s:A", HOURLY, after=NOW - 3 * HOUR, misfire="skip", grace=60)
+    found = explained(env, "s:A")
+    assert texts(found)[1] == f"misfire policy skip:60: 3 skipped (occurrence {utc(NEXT_HOUR)})"
+    assert found.why == f"next occurrence at {utc(NEXT_HOUR)} (in 46 min)"
+    env.bike.set("late:A", f"AT:{NOW - 600:.0f}", misfire="skip", grace=60)
+    found = explained(env, "late:A")
+    assert texts(found)[-1] == "misfire policy skip:60: 1 skipped"
+    assert found.why == "skipped (SKP) by its misfire policy skip:60: it was too late to run"
+
+
+def test_a_reaped_run_did_not_complete_and_is_retried(env: Env) -> None:
+    env.bike.set("r:A", "NOW")
+    job = env.claim()
+    assert job is not None
+    d = env.dispatcher()
+    env.at(NOW + 12)
+    assert d.lead(NOW + 12) and d.reap(NOW + 12) == 1
+    found = explained(env, "r:A")
+    reason = "lease expired: worker w1 stopped renewing it (12s after it claimed the job)"
+    assert texts(found)[-1] == f"did not complete after 12.0 s: {reason}; retry 1/2 at {utc(NOW + 12)} (backoff 0.0 s)"
+    assert found.why == f"its last run did not complete ({reason}); retrying: attempt 2 of 3 at {utc(NOW + 12)} (now)"
