@@ -13,7 +13,7 @@ from typing import Any, cast
 
 import redis
 
-from . import report
+from . import explain, report
 from .clock import RedisClock
 from .config import connect
 from .csvfile import read_rows
@@ -263,6 +263,10 @@ class Redbike:
     def schedule_of(self, jobid: str) -> str | None:
         """A job's schedule text, or None if there is no such job."""
         return cast("str | None", self.client.hget(self.keys.schedules, check_jobid(jobid)))
+
+    def explain(self, jobid: str) -> explain.Explanation | None:
+        """The job's trail and why it is not running (None: no such job, and no trail)."""
+        return explain.explain(self.client, self.keys, jobid, self._queue_of(jobid), self.clock())
 
     def statuses(self, before: float | None = None) -> Iterator[tuple[str, str, int]]:
         return report.statuses(self.client, self.keys, before)

@@ -11,6 +11,7 @@ Usage:
   redbike [options] tell JOBID
   redbike [options] preview JOBID [--count=N] [--after=TS] [--json]
   redbike [options] preview --schedule=SCHEDULE [--count=N] [--after=TS] [--json]
+  redbike [options] explain JOBID [--json]
   redbike [options] capacity RESOURCE CAPACITY
   redbike [options] capacity --load=CSV
   redbike [options] capacities
@@ -46,7 +47,8 @@ Options:
   --seconds=S        How long the demo runs [default: 5].
   --schedule=SCHEDULE  Preview this schedule (no Redis needed).
   --count=N          How many occurrences preview shows, 1 to 1000 [default: 10].
-  --json             Preview as a JSON list (notes go to stderr).
+  --json             JSON for tools: preview, a list (notes go to stderr);
+                     explain, one object (events, state, why).
   -v --verbose       Log debug messages.
 
 Exit status: 0 success, 1 runtime failure (e.g. Redis unreachable) or, for
@@ -281,6 +283,14 @@ def _run(args: dict[str, Any]) -> int:
         if schedule is None:
             raise NoSuchJob(f"no such job: {args['JOBID']}")
         return _preview(args, schedule, bike.clock(), jobid=args["JOBID"])
+    elif args["explain"]:
+        explained = bike.explain(args["JOBID"])
+        if explained is None:
+            raise NoSuchJob(f"no such job: {args['JOBID']}")
+        if args["--json"]:
+            print(json.dumps(explained.as_json(), indent=2))
+        else:
+            print("\n".join(explained.lines()))
     elif args["capacity"]:
         if args["--load"]:
             print(f"{bike.load_capacities(args['--load'])} capacities set", file=sys.stderr)

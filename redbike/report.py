@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis
 
@@ -54,12 +54,22 @@ def capacities(client: redis.Redis, keys: Keys) -> Iterator[tuple[str, int | Non
         yield resource, None if limit is None else int(limit), int(usage.get(resource, 0)), waiting
 
 
-def tell(client: redis.Redis, keys: Keys, jobid: str, queue: str) -> dict[str, Any] | None:
-    """Everything known about one job, or None if there is no such job or run.
+class JobState(NamedTuple):
+    """One job's values in the job-state keys, read in one round trip."""
 
-    ``queue`` is the job's queue (from the worker's queue_for), shown when the
-    job waits in it.
-    """
+    status: str | None
+    schedule: str | None
+    next_run: float | None  # its timeline score
+    lease: str | None
+    deadline: float | None
+    error: str | None
+    pending: str | None
+    needs: str | None
+    parking: str | None
+    job: str | None
+
+
+def job_state(client: redis.Redis, keys: Keys, jobid: str) -> JobState:
     with client.pipeline(transaction=False) as pipe:
         pipe.hget(keys.statuses, jobid)
         pipe.hget(keys.schedules, jobid)
@@ -71,7 +81,21 @@ def tell(client: redis.Redis, keys: Keys, jobid: str, queue: str) -> dict[str, A
         pipe.hget(keys.needs, jobid)
         pipe.hget(keys.parking, jobid)
         pipe.hget(keys.jobs, jobid)
-        status, schedule, next_run, lease, deadline, error, pending, needs, parking, job = pipe.execute()
+        return JobState(*pipe.execute())
+
+
+def tell(client: redis.Redis, keys: Keys, jobid: str, queue: str) -> dict[str, Any] | None:
+    """Everything known about one job, or None if there is no such job or run.
+
+    ``queue`` is the job's queue (from the worker's queue_for), shown when the
+    job waits in it.
+    """
+    return told_of(client, keys, job_state(client, keys, jobid), queue)
+
+
+def told_of(client: redis.Redis, keys: Keys, state: JobState, queue: str) -> dict[str, Any] | None:
+    """tell's dict of a job's state (None: no such job or run)."""
+    status, schedule, next_run, lease, deadline, error, pending, needs, parking, job = state
     if status is None and schedule is None and lease is None:
         return None
     told: dict[str, Any] = {"status": status, "next_run": next_run, "schedule": schedule}
