@@ -20,9 +20,9 @@ class Keys:
         self.schedules = f"{p}:schedules"  # hash  jobid -> schedule text
         self.statuses = f"{p}:statuses"  # hash  jobid -> "EVENT:TIMESTAMP"
         self.timeline = f"{p}:timeline"  # zset  jobid scored by next run (epoch s)
-        self.leases = f"{p}:leases"  # hash  jobid -> "token|queue|worker|since|timeout|needs"
+        self.leases = f"{p}:leases"  # hash  jobid -> "token|queue|worker|since|timeout|due|attempt|needs"
         self.deadlines = f"{p}:deadlines"  # zset  jobid scored by lease deadline
-        self.pending = f"{p}:pending"  # hash  jobid -> "kind|at|status" set while it ran
+        self.pending = f"{p}:pending"  # hash  jobid -> a placement (7 values, "|"-joined) set while it ran
         self.errors = f"{p}:errors"  # hash  jobid -> JSON of the last failure
         self.control = f"{p}:control"  # string "HALT:<ts>:<nonce>"; also a channel
         self.dispatcher = f"{p}:dispatcher"  # string leader token, expires (PX)

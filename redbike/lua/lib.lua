@@ -4,9 +4,9 @@
 --   KEYS[1]  schedules   hash  jobid -> schedule text
 --   KEYS[2]  statuses    hash  jobid -> "EVENT:TIMESTAMP"
 --   KEYS[3]  timeline    zset  jobid scored by next run
---   KEYS[4]  leases      hash  jobid -> "token|queue|worker|since|timeout|needs"
+--   KEYS[4]  leases      hash  jobid -> "token|queue|worker|since|timeout|due|attempt|needs"
 --   KEYS[5]  deadlines   zset  jobid scored by lease deadline
---   KEYS[6]  pending     hash  jobid -> "kind|at|status" set while the job ran
+--   KEYS[6]  pending     hash  jobid -> a placement (7 values, "|"-joined) set while the job ran
 --   KEYS[7]  errors      hash  jobid -> JSON of the last failure
 --   KEYS[8]  control     string "HALT:<ts>:<nonce>"
 --   KEYS[9]  dispatcher  string token of the leading dispatcher
