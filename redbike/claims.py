@@ -36,7 +36,7 @@ from .resources import LOCAL_PREFIX
 from .roundrobin import Lease, RoundRobin
 from .scripts import Retention, Scripts
 from .slots import LocalLock, Running, SlotBoard
-from .states import Outcome, place_after_run
+from .states import Outcome, Placement, place_after_run
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,7 @@ class Settled(NamedTuple):
     claimed: Running | None  # the job claimed, if any
     halted: bool = False  # the claim found a HALT this pool had not seen: the pool stops
     freed: bool = False  # the ended run gave back worker-local amounts: idle slots may have room
+    placed: Placement | None = None  # where the ended run's job went (a retry: events.retried)
 
 
 class Claims:
@@ -229,6 +230,7 @@ class SlotClaims:
         keys: list[str] = []
         args: list[Any] = []
         freed: dict[str, int] = {}
+        placement = None
         if job is not None and outcome is not None:
             lease = job.lease
             home = claims.worker.queue_for(lease.jobid)
@@ -256,4 +258,4 @@ class SlotClaims:
             claimed, halted = self._job_from(reply, order, rotation, token, now)
         if job is not None or claimed is not None:
             claims.board.write(self.index, [claimed] if claimed is not None else [])
-        return Settled(done, claimed, halted, bool(freed))
+        return Settled(done, claimed, halted, bool(freed), placement if done == "DONE" else None)

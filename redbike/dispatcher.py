@@ -26,7 +26,7 @@ from typing import Any, cast
 
 import redis
 
-from .events import Events, LogEvents, Subscriber
+from .events import Events, LogEvents, Subscriber, tell_retry
 from .keys import Keys
 from .occurrences import Retry
 from .outage import Outage
@@ -188,7 +188,7 @@ class Dispatcher:
         runs: list[tuple[str, str, str | None, str | None]] = [
             run for run in zip(expired, found[0::3], found[1::3], found[2::3]) if run[1] is not None]
         keys, args, positions = self._queue_args([jobid for jobid, _, _, _ in runs])
-        reasons: dict[str, tuple[Lease, str]] = {}
+        reasons: dict[str, tuple[Lease, str, Placement]] = {}
         for (jobid, lease, schedule, job), position in zip(runs, positions):
             record = self._job(jobid, job)
             try:
@@ -204,10 +204,12 @@ class Dispatcher:
                 place_after_run(schedule, Outcome("expired", error=reason), now, record, self.retry)
             error = error_record(placement.status or "EXP", reason, held.worker, now)
             args += [jobid, held.token, *placement.script_args(), error, position]
-            reasons[jobid] = held, f"lease of worker {held.worker} expired; {_sentence(placement)}"
+            reasons[jobid] = held, f"lease of worker {held.worker} expired; {_sentence(placement)}", placement
         reaped = cast("list[str]", self.scripts.run("reap", now, keys, [self.token, *args]))
         for jobid in reaped:  # not those renewed or ended meanwhile: the script left them alone
-            self.events.expired(*reasons[jobid])
+            held, reason, placement = reasons[jobid]
+            self.events.expired(held, reason)
+            tell_retry(self.events, held, placement)
         self.reaped += len(reaped)
         return len(reaped)
 

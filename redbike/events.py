@@ -13,10 +13,14 @@ Where each hook is called, and in which process:
   supervisor when it killed a run (timeout, forced stop, lease found lost)
   or its child died; in the child when ending a run found its lease gone;
   in the dispatcher when it reaped a lease whose deadline passed.
+- ``retried``: where a run that failed or did not complete was ended with a
+  retry (status RTY or EXP, the same occurrence, a later attempt): in the
+  child, the supervisor or the dispatcher's reaper, after ``failed`` or
+  ``expired``.
 
-Not here yet: ``retried`` (there is no retry policy to call it before the
-next issue), ``parked`` and ``woken`` (the claim script's reply does not say
-which jobs it parked or woke, only that it parked many).
+Not here: ``parked`` and ``woken`` (the claim script's reply does not say
+which jobs it parked or woke, only that it parked many); the job's trail
+in Redis records them.
 
 Hooks get the run's Lease (job id, token, queue, worker, since, timeout):
 what the worker that ran it and the dispatcher that reaped it both know.
@@ -29,9 +33,10 @@ WorkerPool.run() are in every child too (the children are forked).
 from __future__ import annotations
 
 import logging
+import time
 
 from .roundrobin import Lease
-from .states import Outcome
+from .states import EXP, RTY, Outcome, Placement
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +56,9 @@ class Subscriber:
     def expired(self, lease: Lease, reason: str) -> None:
         """The run did not complete: killed, its process died, its lease was lost
         or reaped."""
+
+    def retried(self, lease: Lease, attempt: int, at: float) -> None:
+        """The run's occurrence runs again, as ``attempt``, at ``at`` (a backoff)."""
 
 
 class Events(Subscriber):
@@ -78,6 +86,10 @@ class Events(Subscriber):
         for subscriber in self.subscribers:
             subscriber.expired(lease, reason)
 
+    def retried(self, lease: Lease, attempt: int, at: float) -> None:
+        for subscriber in self.subscribers:
+            subscriber.retried(lease, attempt, at)
+
 
 class LogEvents(Subscriber):
     """The log: one WARNING line per failed or expired run; the start and end
@@ -99,3 +111,14 @@ class LogEvents(Subscriber):
 
     def expired(self, lease: Lease, reason: str) -> None:
         log.warning("job %s: %s", lease.jobid, reason)
+
+    def retried(self, lease: Lease, attempt: int, at: float) -> None:
+        log.info("job %s: runs again (attempt %d) at %s", lease.jobid, attempt,
+                 time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at)))
+
+
+def tell_retry(events: Subscriber, lease: Lease, placement: Placement | None) -> None:
+    """Call ``retried`` if ``placement`` (where an ended run's job went) is a retry."""
+    if placement is not None and placement.kind == "T" and placement.attempt and placement.attempt > 1 \
+            and placement.at is not None and placement.status in (RTY, EXP):
+        events.retried(lease, placement.attempt, placement.at)

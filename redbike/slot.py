@@ -19,7 +19,7 @@ import redis
 
 from .claims import LEASE_LOST, Claims, Rotation, Settled, SlotClaims
 from .config import DEFAULT_SOCKET_TIMEOUT
-from .events import Subscriber
+from .events import Subscriber, tell_retry
 from .outage import Outage
 from .roundrobin import Lease, RoundRobin, StopWork, UnsetJob
 from .slots import Running
@@ -150,6 +150,7 @@ class Slot:
                         finished = None
                         if settled.done == "STALE":
                             self.events.expired(job.lease, LEASE_LOST)
+                        tell_retry(self.events, job.lease, settled.placed)
                     elif self.board.stopping:
                         return
                     else:

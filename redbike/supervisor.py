@@ -26,7 +26,7 @@ from typing import Any, NamedTuple, cast
 import redis
 
 from .claims import GRACE_SECONDS, LEASE_LOST, LEASE_SECONDS, Claims
-from .events import Events, LogEvents
+from .events import Events, LogEvents, tell_retry
 from .keys import Keys
 from .occurrences import Retry
 from .outage import Outage
@@ -186,7 +186,8 @@ class WorkerPool:
             completed = self.outcomes.read(index, run.lease.token)
             outcome, trace = completed or (Outcome("expired", error=reason), "")
             try:
-                done = claims.finish(run, outcome, trace, None).done
+                settled = claims.finish(run, outcome, trace, None)
+                done = settled.done
             except redis.RedisError as exc:
                 if self.forced.is_set():
                     self._leave_to_reaper(index, run, reason if completed is None else "", exc)
@@ -199,12 +200,14 @@ class WorkerPool:
             if completed is not None:  # its child reported the run (events) and counted it
                 if done == "STALE":
                     self.events.expired(run.lease, LEASE_LOST)
+                tell_retry(self.events, run.lease, settled.placed)
                 continue
             if done == "STALE" and ending.token == run.lease.token and ending.cause == LOST_ITS_LEASE:
                 self.events.expired(run.lease, reason)
                 self._note_killed(run)
             else:
                 self.events.expired(run.lease, LEASE_LOST if done == "STALE" else reason)
+            tell_retry(self.events, run.lease, settled.placed)
             self.board.count_run(index)
 
     def _leave_to_reaper(self, index: int, run: Running, killed: str, error: redis.RedisError) -> None:

@@ -769,9 +769,13 @@ class Told(Subscriber):
 
     def __init__(self) -> None:
         self.ends: list[tuple[Lease, str]] = []
+        self.retries: list[tuple[str, int, float]] = []
 
     def expired(self, lease: Lease, reason: str) -> None:
         self.ends.append((lease, reason))
+
+    def retried(self, lease: Lease, attempt: int, at: float) -> None:
+        self.retries.append((lease.jobid, attempt, at))
 
 
 def test_reap_of_an_expired_lease(env: Env) -> None:
@@ -787,6 +791,7 @@ def test_reap_of_an_expired_lease(env: Env) -> None:
     # The reaper tells the job events seam, with the run's lease and why.
     assert [(lease.jobid, lease.token, lease.worker) for lease, _ in told.ends] == [("n:A", job.lease.token, "w1")]
     assert told.ends[0][1] == "lease of worker w1 expired; back in the timeline for 2023-11-14T22:13:32Z (status EXP)"
+    assert told.retries == [("n:A", 2, NOW + 12)]  # the same occurrence runs again: its second attempt
     assert env.status("n:A") == stamp("EXP", NOW + 12)
     assert env.timeline() == {"n:A": NOW + 12}
     assert env.leases() == {} and env.deadlines() == {}
