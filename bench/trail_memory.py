@@ -20,7 +20,7 @@ import time
 
 from redbike.keys import Keys
 from redbike.records import JobRecord, encode_job
-from redbike.scripts import KEEP_FINISHED, TRAIL_LENGTH, sources
+from redbike.scripts import TRAIL_LENGTH, sources
 
 from .server import RedisServer
 
@@ -29,13 +29,13 @@ BATCH = 2000  # jobs per script call
 # One job's typical events: it was set, then ran again and again (a run event
 # each: occurrence, attempt, token, worker, claim time, outcome, next time).
 WRITE = """
-local record = ARGV[7]
-local first = tonumber(ARGV[8])
-for i = first, first + tonumber(ARGV[9]) - 1 do
+local record = ARGV[6]
+local first = tonumber(ARGV[7])
+for i = first, first + tonumber(ARGV[8]) - 1 do
   local jobid = 'job' .. i .. ':A'
   redis.call('HSET', L.JOBS, jobid, record)
   L.trail(jobid, 'set', 'ops@host-17', 'TML', '', 'once', '0', '*/5 * * * *')
-  for run = 1, tonumber(ARGV[10]) - 1 do
+  for run = 1, tonumber(ARGV[9]) - 1 do
     L.trail(jobid, 'run', L.NOW, '1', '9f86d081884c7d65', 'worker-host-42:123456:3', L.NOW, 'TML',
       L.NOW, '')
   end
@@ -53,8 +53,7 @@ def measure(jobs: int, trail_length: int) -> dict[str, float]:
         script = client.register_script(lib + WRITE)
         record = encode_job(JobRecord(time.time(), 1, "once", 0, 1234, 5, 0, 1, time.time()))
         events = trail_length + math.ceil(trail_length / 2) - 1  # the most a trail holds
-        common = [repr(time.time()), "d", keys.queue_channel(""), keys.trail_prefix, trail_length,
-                  int(KEEP_FINISHED * 1000)]
+        common = [repr(time.time()), "d", keys.queue_channel(""), keys.trail_prefix, trail_length]
         before = client.info("memory")["used_memory"]
         started = time.monotonic()
         for first in range(0, jobs, BATCH):

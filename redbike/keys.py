@@ -37,7 +37,7 @@ class Keys:
         self.parkseq = f"{p}:parkseq"  # counter: order of parked jobs
         self.aside = f"{p}:aside"  # zset  (lex) "resource|amount|seq|queue|jobid": needs more than a capacity
         self.jobs = f"{p}:jobs"  # hash  jobid -> job record: occurrence, attempt, policy, ledger (records.JobRecord)
-        self.finished = f"{p}:finished"  # zset  jobid scored by when it ended for good (END, SKP, unset)
+        self.finished = f"{p}:finished"  # list  "time|jobid" of jobs that ended for good (END, SKP, unset)
         self.trail_prefix = f"{p}:trail:"  # + jobid: list of the job's trail events (records.TrailEvent)
 
     def queue(self, name: str) -> str:
@@ -49,7 +49,7 @@ class Keys:
         return f"{self.prefix}:wake-queue:{name}"
 
     def trail(self, jobid: str) -> str:
-        """The job's trail: a capped list of events, expiring keep-finished after the last."""
+        """The job's trail: a capped list of events (removed keep-finished after the job ends for good)."""
         return self.trail_prefix + jobid
 
     def job_state(self) -> list[str]:

@@ -216,6 +216,23 @@ def check_misfire(text: str) -> str:
     raise ValueError(f"bad misfire policy {text!r} (once, skip, all or all:N)")
 
 
+# -- the finished list: "time|jobid" (finished() in lib.lua, retire.lua) -------
+
+def encode_finished(at: float, jobid: str) -> str:
+    """An entry of the list of jobs that ended for good (the time as the trail writes it)."""
+    return f"{at:.0f}{SEP}{jobid}" if at == int(at) else f"{at:.3f}{SEP}{jobid}"
+
+
+def decode_finished(value: str) -> tuple[float, str]:
+    at, sep, jobid = value.partition(SEP)
+    try:
+        if sep:
+            return float(at), jobid
+    except ValueError:
+        pass
+    raise RecordError(f"bad finished entry {value!r}")
+
+
 # -- the trail: a list of events "time|event|field|..." (trail() in lib.lua) ---
 
 # Each event's fields, in order; the last may hold '|' (a schedule, an error).
@@ -379,12 +396,13 @@ def decode_parking(value: str) -> Parked | Woken | SetAside:
 class Claimed(NamedTuple):  # a NamedTuple: made on every job's path, and quicker to make than a dataclass
     """{'JOB', jobid, index, schedule, job record, needs}: ``queue_index`` is
     the 0-based position of the job's queue among the queues the claim
-    tried; ``job`` its record (the run's occurrence and attempt, its policy)."""
+    tried; ``record`` its job record, as stored (decode_job: the run's
+    occurrence and attempt, its policy; decoded only where needed)."""
 
     jobid: str
     queue_index: int
     schedule: str
-    job: JobRecord
+    record: str
     needs: dict[str, int]
 
 
@@ -404,8 +422,8 @@ ClaimReply = Claimed | Halt | str
 def decode_claim(reply: list[object]) -> ClaimReply:
     kind = reply[0]
     if kind == "JOB":
-        _, jobid, index, schedule, job, needs = reply
-        return Claimed(str(jobid), int(str(index)), str(schedule), decode_job(str(job)), decode_needs(str(needs or "")))
+        _, jobid, index, schedule, record, needs = reply
+        return Claimed(str(jobid), int(str(index)), str(schedule), str(record), decode_needs(str(needs or "")))
     if kind == "HALT":
         return Halt(str(reply[1]))
     if kind in (NONE, MORE):

@@ -2,8 +2,8 @@
 
 Each script is lib.lua (shared helpers) followed by its own file in
 redbike/lua; every script takes the job-state keys (Keys.job_state()) and
-six common arguments first (now, two channel prefixes, the trail prefix,
-the trail length, keep-finished in ms).
+five common arguments first (now, two channel prefixes, the trail prefix,
+the trail length).
 """
 
 from __future__ import annotations
@@ -56,8 +56,9 @@ KEEP_FINISHED = 7 * 86400.0  # keep-finished: seconds
 class Retention:
     """How long what a job leaves behind is kept: ``trail_length`` events of
     its trail (the scripts trim it back to that many when it reaches half
-    as many again), and ``keep_finished`` seconds for a one-off that ended, an
-    unset job's record, and a trail after its last event."""
+    as many again), and ``keep_finished`` seconds for what a job that ended
+    for good (a one-off that ran or was skipped, an unset job) leaves: its
+    status, record and trail."""
 
     trail_length: int = TRAIL_LENGTH
     keep_finished: float = KEEP_FINISHED
@@ -66,7 +67,7 @@ class Retention:
 class Scripts:
     """The Lua scripts (see sources()), registered on a client.
 
-    Each script takes the job-state keys and six common arguments first.
+    Each script takes the job-state keys and five common arguments first.
     """
 
     def __init__(self, client: redis.Redis, keys: Keys, retention: Retention | None = None) -> None:
@@ -74,7 +75,7 @@ class Scripts:
         self._scripts = {name: client.register_script(src) for name, src in sources().items()}
         self._keys = keys.job_state()
         self._common = [keys.dispatcher_channel, keys.queue_channel(""), keys.trail_prefix,
-                        str(retention.trail_length), str(int(retention.keep_finished * 1000))]
+                        str(retention.trail_length)]
 
     def run(self, name: str, now: float, keys: list[str], args: list[Any], client: Any = None) -> Any:
         """Run script ``name`` with its own ``keys`` and ``args`` after the common ones.

@@ -10,6 +10,7 @@ are forked by the zygote (see zygote.py).
 from __future__ import annotations
 
 import fcntl
+import functools
 import mmap
 import struct
 import tempfile
@@ -17,7 +18,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from .records import JobRecord, decode_job, encode_job
+from .records import JobRecord, decode_job
 from .roundrobin import Lease
 
 RECORD_BYTES = 1 << 20  # per record buffer; only the pages a record touches take memory
@@ -44,9 +45,15 @@ class Running:
 
     lease: Lease
     schedule: str
-    job: JobRecord  # the job's record as claimed: the run's occurrence and attempt, its policy
+    record: str  # the job's record as claimed (records.encode_job): the run's occurrence and attempt, its policy
     renewed_at: float
     local_needs: dict[str, int]  # worker-local amounts it holds
+
+    @functools.cached_property
+    def job(self) -> JobRecord:
+        """The record, decoded when first needed: a run that ends well needs
+        it only for a recurring schedule, so most jobs' paths never decode it."""
+        return decode_job(self.record)
 
     # On the board a run is ten fields, each ended by NUL (job ids, schedules,
     # queue and resource names hold none): cheaper than JSON on every job's path.
@@ -56,7 +63,7 @@ class Running:
         lease = self.lease
         local = ",".join(f"{name}={amount}" for name, amount in self.local_needs.items())
         return (f"{lease.jobid}\0{lease.token}\0{lease.queue}\0{lease.worker}\0{lease.since!r}\0"
-                f"{lease.timeout!r}\0{self.schedule}\0{encode_job(self.job)}\0{self.renewed_at!r}\0{local}\0")
+                f"{lease.timeout!r}\0{self.schedule}\0{self.record}\0{self.renewed_at!r}\0{local}\0")
 
     @classmethod
     def decode_all(cls, text: str) -> list[Running]:
@@ -67,7 +74,7 @@ class Running:
                 fields[at : at + cls.FIELDS]
             needs = {name: int(amount) for name, _, amount in (pair.partition("=") for pair in local.split(",") if pair)}
             lease = Lease(jobid, token, queue, worker, float(since), float(timeout))
-            runs.append(cls(lease, schedule, decode_job(job), float(renewed_at), needs))
+            runs.append(cls(lease, schedule, job, float(renewed_at), needs))
         return runs
 
 

@@ -97,7 +97,7 @@ class Stage:
 
     def common(self) -> list[str]:
         return [repr(NOW + 20), self.env.keys.dispatcher_channel, self.env.keys.queue_channel(""),
-                self.env.keys.trail_prefix, "10", "604800000"]
+                self.env.keys.trail_prefix, "10"]
 
     def check(self, name: str, args: list[str]) -> bool:
         """Run; a refusal must change nothing. Returns whether it was refused."""

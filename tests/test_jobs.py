@@ -942,6 +942,31 @@ def test_wake_up_messages(real: Env) -> None:
         pubsub.close()
 
 
+def test_retention_removes_what_jobs_that_ended_left_keep_finished_later(env: Env) -> None:
+    keep = 7 * 86400
+    env.bike.set("one:A", "NOW")
+    env.bike.set("again:A", "NOW")
+    env.bike.set("gone:A", HOURLY)
+    env.bike.set("live:A", HOURLY)
+    pool = env.pool()
+    for _ in range(2):  # one:A and again:A run and end
+        pool.finish(env.claim(pool), Outcome("ok"), "", None, "w1")
+    env.bike.unset("gone:A")
+    env.at(NOW + 10)
+    env.bike.set("again:A", HOURLY)  # set again after it ended: not retired
+    d = env.dispatcher()
+    assert d.lead(NOW + keep - 1) and d.retire(NOW + keep - 1) == 0  # not yet
+    assert env.status("one:A") == stamp("END", NOW) and env.c.exists(env.keys.trail("gone:A"))
+    assert d.retire(NOW + keep) == 3  # looked at one:A, again:A and gone:A
+    for jobid in ("one:A", "gone:A"):
+        env.assert_no_trace(jobid, "A")
+        assert env.c.hget(env.keys.jobs, jobid) is None and not env.c.exists(env.keys.trail(jobid))
+    for jobid in ("again:A", "live:A"):
+        assert env.schedule(jobid) == HOURLY and env.c.exists(env.keys.trail(jobid))
+        assert env.c.hget(env.keys.jobs, jobid) is not None
+    assert env.c.llen(env.keys.finished) == 0
+
+
 # ============================================================ 6. report
 
 def test_statuses_and_schedules_csv(client: redis.Redis, prefix: str, workdir: Path, monkeypatch, capsys) -> None:

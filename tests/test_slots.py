@@ -19,7 +19,7 @@ import pytest
 import redis
 from conftest import alive, parent_of
 
-from redbike.records import JobRecord
+from redbike.records import JobRecord, encode_job
 from redbike.roundrobin import Lease
 from redbike.slots import LocalLock, Running, SlotBoard
 from redbike.zygote import Zygote, fork
@@ -27,7 +27,7 @@ from redbike.zygote import Zygote, fork
 
 def run(jobid: str, token: str = "t0", local: dict[str, int] | None = None, schedule: str = "NOW") -> Running:
     lease = Lease(jobid, token, jobid.rsplit(":", 1)[-1], "host:1:0", 1795392299.576707, 30.0)
-    return Running(lease, schedule, JobRecord(1795392290.25, 2, "skip:30", 3, 5, 1, 0, 2, 1795392280.5),
+    return Running(lease, schedule, encode_job(JobRecord(1795392290.25, 2, "skip:30", 3, 5, 1, 0, 2, 1795392280.5)),
                    1795392299.5, local or {})
 
 

@@ -24,12 +24,12 @@
 --                              than the capacity (amount zero-padded: sorts by amount)
 --   KEYS[18] jobs        hash  jobid -> job record "due|attempt|misfire|retries|
 --                              fired|coalesced|skipped|cancelled|last_due"
---   KEYS[19] finished    zset  jobid scored by when it ended for good (END, SKP,
---                              unset): removed keep-finished seconds later
--- and the same first six ARGV: now (epoch seconds), the dispatcher's wake
+--   KEYS[19] finished    list  "time|jobid" of the jobs that ended for good (END,
+--                              SKP, unset), oldest first: retire.lua removes
+--                              what they left keep-finished seconds later
+-- and the same first five ARGV: now (epoch seconds), the dispatcher's wake
 -- channel, the prefix of the queue wake channels (+ queue name), the prefix
--- of the trail keys (+ jobid), the trail's length (events kept per job) and
--- keep-finished (seconds a trail outlives its job's last event).
+-- of the trail keys (+ jobid) and the trail's length (events kept per job).
 -- A script's own KEYS start at KEYS[K + 1], its own ARGV at ARGV[A + 1].
 --
 -- A placement (states.Placement.script_args(), 7 values) says where a job
@@ -48,14 +48,13 @@ L.SCHEDULES, L.STATUSES, L.TIMELINE, L.LEASES, L.DEADLINES, L.PENDING, L.ERRORS,
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
 L.CAPACITIES, L.USAGE, L.NEEDS, L.PARKED, L.READY, L.PARKING, L.PARKSEQ, L.ASIDE, L.JOBS, L.FINISHED =
   KEYS[10], KEYS[11], KEYS[12], KEYS[13], KEYS[14], KEYS[15], KEYS[16], KEYS[17], KEYS[18], KEYS[19]
-L.K, L.A = 19, 6
+L.K, L.A = 19, 5
 L.NOW = ARGV[1]
 L.NOW_N = tonumber(ARGV[1])
 L.DISPATCH_CHANNEL = ARGV[2]
 L.QUEUE_CHANNEL_PREFIX = ARGV[3]
 L.TRAIL_PREFIX = ARGV[4]
 L.TRAIL_LENGTH = tonumber(ARGV[5])
-L.KEEP_MS = tonumber(ARGV[6])
 L.MAX_PARKS = 64 -- jobs one claim may park before it lets other clients in
 L.WAKE_BATCH = 1000 -- jobs one script may wake for a resource without a capacity
 L.LOCAL_PREFIX = 'worker:' -- resources local to a worker pool (resources.LOCAL_PREFIX)
@@ -210,14 +209,17 @@ end
 L.DUE, L.ATTEMPT, L.MISFIRE, L.RETRIES, L.FIRED, L.COALESCED, L.SKIPPED, L.CANCELLED, L.LAST_DUE =
   1, 2, 3, 4, 5, 6, 7, 8, 9
 
+L.NEW_JOB = '|1|once|0|0|0|0|0|' -- the record of a job that has none (records.JobRecord())
+
 -- The record of `jobid` (a new one, with the default policy, if it has none).
 function L.job_of(jobid)
-  local text = redis.call('HGET', L.JOBS, jobid)
+  local text = redis.call('HGET', L.JOBS, jobid) or L.NEW_JOB
   local record = {}
-  if text then
-    for field in string.gmatch(text .. '|', '([^|]*)|') do record[#record + 1] = field end
+  for field in string.gmatch(text .. '|', '([^|]*)|') do record[#record + 1] = field end
+  if #record ~= L.LAST_DUE then
+    record = {}
+    for field in string.gmatch(L.NEW_JOB .. '|', '([^|]*)|') do record[#record + 1] = field end
   end
-  if #record ~= L.LAST_DUE then record = {'', '1', 'once', '0', '0', '0', '0', '0', ''} end
   return record
 end
 
@@ -244,14 +246,19 @@ end
 -- Append an event to the job's trail (records.decode_trail_event): its time,
 -- its name, its fields. The trail is a list, trimmed back to TRAIL_LENGTH
 -- events when it reaches half as many again (one LTRIM per TRAIL_LENGTH / 2
--- events), and expires KEEP_MS after its last event.
+-- events). It needs no expiry: a job that ends for good is listed in
+-- FINISHED, and retire.lua removes its trail with the rest of it.
 function L.trail(jobid, ...)
   local key = L.TRAIL_PREFIX .. jobid
   local length = redis.call('RPUSH', key, table.concat({L.short_time(L.NOW), ...}, '|'))
   if length >= L.TRAIL_LENGTH + math.ceil(L.TRAIL_LENGTH / 2) then
     redis.call('LTRIM', key, -L.TRAIL_LENGTH, -1)
   end
-  redis.call('PEXPIRE', key, L.KEEP_MS)
+end
+
+-- List a job that ended for good (records.encode_finished), for retire.lua.
+function L.finished(jobid)
+  redis.call('RPUSH', L.FINISHED, L.short_time(L.NOW) .. '|' .. jobid)
 end
 
 -- A parked member -> resource, seq, queue, jobid.
@@ -472,7 +479,7 @@ function L.forget(jobid)
   for _, key in ipairs({L.SCHEDULES, L.STATUSES, L.ERRORS, L.PENDING, L.NEEDS}) do
     redis.call('HDEL', key, jobid)
   end
-  redis.call('ZADD', L.FINISHED, L.NOW, jobid)
+  L.finished(jobid)
 end
 
 -- The occurrence a job waits for in the timeline, if any, is cancelled
@@ -489,8 +496,9 @@ end
 -- Place a job (placement `p`; see the header) and write its record: the
 -- occurrence and attempt it is placed for, the ledger counts. A job placed
 -- in its queue fires its occurrence (the ledger's fired count and last due).
--- `record`: the job's record if the caller has read (and changed) it.
-function L.place(jobid, p, queue, channel, record)
+-- `record`: the job's record if the caller has read (and changed) it;
+-- `noted`: the caller wrote the trail event (set.lua), so no 'enqueued'.
+function L.place(jobid, p, queue, channel, record, noted)
   local kind = p.kind
   if kind == 'D' then
     L.forget(jobid)
@@ -515,7 +523,7 @@ function L.place(jobid, p, queue, channel, record)
   end
   if kind == 'Q' then
     L.enqueue(jobid, queue, channel)
-    L.trail(jobid, 'enqueued', L.short_time(record[L.DUE]), record[L.ATTEMPT])
+    if not noted then L.trail(jobid, 'enqueued', L.short_time(record[L.DUE]), record[L.ATTEMPT]) end
   elseif kind == 'T' then
     local head = redis.call('ZRANGE', L.TIMELINE, 0, 0, 'WITHSCORES')
     redis.call('ZADD', L.TIMELINE, p.at, jobid)
@@ -528,7 +536,7 @@ function L.place(jobid, p, queue, channel, record)
     if kind == 'X' then redis.call('HSET', L.SCHEDULES, jobid, 'STOP') end
     redis.call('HSET', L.STATUSES, jobid, L.stamp(p.status))
     -- A one-off that ran or was skipped is kept keep-finished seconds.
-    if p.status == 'END' or p.status == 'SKP' then redis.call('ZADD', L.FINISHED, L.NOW, jobid) end
+    if p.status == 'END' or p.status == 'SKP' then L.finished(jobid) end
   end
 end
 
@@ -687,14 +695,17 @@ function L.consider(token, worker, room, i, queue, base, jobid, seq, ready, held
   for _, one in ipairs(needs) do
     if not L.is_local(one[1]) then redis.call('HINCRBY', L.USAGE, one[1], L.int(one[2])) end
   end
-  local record = L.job_of(jobid)
-  -- A job a foreign client pushed has no occurrence: it is for now.
-  if record[L.DUE] == '' then record[L.DUE] = L.NOW end
+  -- The run's occurrence and attempt, read straight off the record (the
+  -- worker decodes the rest only if it needs it).
+  local record = redis.call('HGET', L.JOBS, jobid) or L.NEW_JOB
+  local due, attempt = string.match(record, '^([^|]*)|([^|]*)|')
+  if not due then record, due, attempt = L.NEW_JOB, '', '1' end
+  if due == '' then due = L.NOW end -- a job a foreign client pushed is for now
   redis.call('HSET', L.LEASES, jobid, table.concat(
-    {token, queue_name, worker, L.NOW, ARGV[base + 1], record[L.DUE], record[L.ATTEMPT], needs_text}, '|'))
+    {token, queue_name, worker, L.NOW, ARGV[base + 1], due, attempt, needs_text}, '|'))
   redis.call('ZADD', L.DEADLINES, L.NOW_N + tonumber(ARGV[base + 2]), jobid)
   redis.call('HSET', L.STATUSES, jobid, L.stamp('WRK'))
-  return {'JOB', jobid, i, schedule, table.concat(record, '|'), needs_text}
+  return {'JOB', jobid, i, schedule, record, needs_text}
 end
 
 -- The trail event of a job parked on `resource`: what holds it then, and its
@@ -806,4 +817,3 @@ end
 
 if not L.time_of(L.NOW) then return L.bad('now', L.NOW) end
 if not L.TRAIL_LENGTH or not L.int_of(ARGV[5], 1, L.MAX_AMOUNT) then return L.bad('trail length', ARGV[5]) end
-if not L.KEEP_MS or not L.int_of(ARGV[6], 1, L.MAX_TIME) then return L.bad('keep-finished ms', ARGV[6]) end

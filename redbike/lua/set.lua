@@ -1,7 +1,7 @@
 -- set.lua: give a job a schedule (needs, misfire policy, retries) and place
 -- it, atomically.
 -- KEYS: the job-state keys (lib.lua), then the job's queue.
--- ARGV: the common six, then jobid, schedule, the placement (7 values), queue
+-- ARGV: the common five, then jobid, schedule, the placement (7 values), queue
 --       channel, only_if ('1': leave an existing job untouched; 'S': leave it
 --       untouched if its schedule is this one; 'R': only if it failed (status
 --       DIE: the retry command); '0': set it), needs ("resource=amount,...",
@@ -39,7 +39,6 @@ end
 local p = L.placement_at(L.A + 3)
 local new = redis.call('HEXISTS', L.SCHEDULES, jobid) == 0 -- (an unset job's record is no policy)
 redis.call('HSET', L.SCHEDULES, jobid, schedule)
-redis.call('ZREM', L.FINISHED, jobid)
 local needs_before = redis.call('HGET', L.NEEDS, jobid) or ''
 if needs == '' then
   needs = needs_before -- none given: the job keeps what it needs
@@ -78,5 +77,5 @@ if due_before and not (p.due ~= '' and tonumber(p.due) == tonumber(due_before)) 
   L.trail(jobid, 'cancelled', L.short_time(record[L.DUE]))
 end
 L.unplace(jobid, queue)
-L.place(jobid, p, queue, channel, record)
+L.place(jobid, p, queue, channel, record, true)
 return 'PLACED'

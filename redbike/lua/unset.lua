@@ -2,7 +2,7 @@
 -- (the resources it holds are released when it ends). An occurrence it
 -- waited for in the timeline is cancelled (the ledger counts it).
 -- KEYS: the job-state keys (lib.lua), then the job's queue.
--- ARGV: the common six, then jobid, who unset it (for the trail).
+-- ARGV: the common five, then jobid, who unset it (for the trail).
 -- Returns 0 (no such job), 1 (removed) or 2 (running: removed when it ends).
 local jobid, by = ARGV[L.A + 1], ARGV[L.A + 2]
 if redis.call('HEXISTS', L.SCHEDULES, jobid) == 0 and redis.call('HEXISTS', L.STATUSES, jobid) == 0 then
