@@ -107,8 +107,8 @@ class LeaseRecord:
 
 
 def encode_lease(lease: LeaseRecord) -> str:
-    return SEP.join([lease.token, lease.queue, lease.worker, _number(lease.since), _number(lease.timeout),
-                     _number(lease.due), str(lease.attempt), lease.needs])
+    return SEP.join([lease.token, lease.queue, lease.worker, encode_time(lease.since), _number(lease.timeout),
+                     encode_time(lease.due), str(lease.attempt), lease.needs])
 
 
 def decode_lease(value: str) -> LeaseRecord:
@@ -131,6 +131,13 @@ def lease_token(value: str) -> str:
 
 def _number(value: float) -> str:
     return repr(float(value))
+
+
+def encode_time(value: float) -> str:
+    """A time or number of seconds as redbike passes it to the scripts, which
+    copy it into records and the trail: to the millisecond, with no trailing
+    zeros ("1700000000", "1700000000.5")."""
+    return f"{value:.3f}".rstrip("0").rstrip(".")
 
 
 # -- the pending placement: its 7 script values joined by "|" (set.lua, finish() in lib.lua)
@@ -186,9 +193,9 @@ def _optional_time(text: str) -> float | None:
 
 def encode_job(job: JobRecord) -> str:
     return SEP.join([
-        "" if job.due is None else _number(job.due), str(job.attempt), job.misfire, str(job.retries),
+        "" if job.due is None else encode_time(job.due), str(job.attempt), job.misfire, str(job.retries),
         str(job.fired), str(job.coalesced), str(job.skipped), str(job.cancelled),
-        "" if job.last_due is None else _number(job.last_due)])
+        "" if job.last_due is None else encode_time(job.last_due)])
 
 
 def decode_job(value: str | None) -> JobRecord:
@@ -220,7 +227,7 @@ def check_misfire(text: str) -> str:
 
 def encode_finished(at: float, jobid: str) -> str:
     """An entry of the list of jobs that ended for good (the time as the trail writes it)."""
-    return f"{at:.0f}{SEP}{jobid}" if at == int(at) else f"{at:.3f}{SEP}{jobid}"
+    return f"{encode_time(at)}{SEP}{jobid}"
 
 
 def decode_finished(value: str) -> tuple[float, str]:
@@ -259,7 +266,7 @@ class TrailEvent:
 
 def encode_trail_event(event: TrailEvent) -> str:
     names = TRAIL_FIELDS[event.event]
-    return SEP.join([_number(event.at), event.event, *(event.fields.get(name, "") for name in names)])
+    return SEP.join([encode_time(event.at), event.event, *(event.fields.get(name, "") for name in names)])
 
 
 def decode_trail_event(value: str) -> TrailEvent:

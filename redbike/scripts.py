@@ -19,6 +19,7 @@ from typing import Any
 import redis
 
 from .keys import Keys
+from .records import encode_time
 
 pack_command: Callable[[tuple[Any, ...]], bytes] | None
 try:  # a redbike dependency; without it, redis-py packs commands itself
@@ -83,7 +84,7 @@ class Scripts:
         made with), or one connection, used directly (see _run_on)."""
         if isinstance(client, redis.connection.AbstractConnection):
             return self._run_on(client, name, now, keys, args)
-        return self._scripts[name](keys=self._keys + keys, args=[repr(now), *self._common, *args], client=client)
+        return self._scripts[name](keys=self._keys + keys, args=[encode_time(now), *self._common, *args], client=client)
 
     def _run_on(self, connection: redis.connection.AbstractConnection, name: str, now: float,
                 keys: list[str], args: list[Any]) -> Any:
@@ -91,7 +92,7 @@ class Scripts:
         redis-py's command layer costs about as much as Redis running the script."""
         script = self._scripts[name]
         all_keys = self._keys + keys
-        command = ("EVALSHA", script.sha, len(all_keys), *all_keys, repr(now), *self._common, *args)
+        command = ("EVALSHA", script.sha, len(all_keys), *all_keys, encode_time(now), *self._common, *args)
         try:
             try:
                 return self._send(connection, command)

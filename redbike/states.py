@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 
 from .occurrences import DEFAULT_RETRY, Firing, Misfire, Retry, fire_late
-from .records import JobRecord, decode_status
+from .records import JobRecord, decode_status, encode_time
 from .schedules import Schedule, ScheduleError, parse_schedule
 
 # The statuses of the original redbike ...
@@ -54,7 +54,7 @@ class Placement:
 
 
 def _time(value: float | None) -> str:
-    return "" if value is None else repr(float(value))
+    return "" if value is None else encode_time(value)
 
 
 QUEUE = Placement("Q", ENQ)

@@ -53,6 +53,7 @@ from redbike.records import (
     encode_parking,
     encode_pending,
     encode_ready,
+    encode_time,
 )
 from redbike.resources import LOCAL_PREFIX, MAX_AMOUNT, MAX_CAPACITY
 from redbike.scripts import SCRIPT_NAMES, Scripts
@@ -217,7 +218,7 @@ def lua(client: redis.Redis, body: str, *args: str) -> Any:
     keys = Keys("contract").job_state()
     names = re.findall(r"^function L\.(\w+)\(", LIB, re.MULTILINE)
     aliases = f"local {', '.join(names)} = {', '.join('L.' + name for name in names)}\n"
-    return client.eval(LIB + "\n" + aliases + body, len(keys), *keys, repr(NOW), "d", "q:", "t:", "10", *args)
+    return client.eval(LIB + "\n" + aliases + body, len(keys), *keys, encode_time(NOW), "d", "q:", "t:", "10", *args)
 
 
 def test_lua_reads_what_python_writes(client: redis.Redis) -> None:
@@ -226,7 +227,7 @@ def test_lua_reads_what_python_writes(client: redis.Redis) -> None:
                "lease_token_matches(ARGV[6], 'to') and 1 or 0, lease_needs(ARGV[6])}", lease) \
         == [1, 0, "db:x=2,host:a=1"]
     assert lua(client, "return {lease_parts(ARGV[6])}", lease) \
-        == ["tok", "A|b", "host:1:0", repr(NOW), "10.0", repr(NOW - 5), "3", "db:x=2,host:a=1"]
+        == ["tok", "A|b", "host:1:0", encode_time(NOW), "10.0", encode_time(NOW - 5), "3", "db:x=2,host:a=1"]
     for placement in (Placement("T", "RTY", NOW, due=NOW - 60, attempt=2, coalesced=3, skipped=4), FORGET):
         values = placement.script_args()
         assert lua(client, "local p = pending_placement(ARGV[6]) "
@@ -318,7 +319,7 @@ def test_python_reads_what_lua_writes(client: redis.Redis, prefix: str) -> None:
     assert [records.decode_finished(entry) for entry in client.lrange(env.keys.finished, 0, -1)] == [(NOW, "run:A")]
     assert lua(client, "finished('a|b:A') return redis.call('LRANGE', L.FINISHED, 0, -1)") \
         == [records.encode_finished(NOW, "a|b:A")]
-    assert records.encode_finished(NOW + 0.5, "x") == f"{NOW + 0.5:.3f}|x"
+    assert records.encode_finished(NOW + 0.5, "x") == "1700000000.5|x"
 
 def test_the_claim_and_finish_replies_decode(client: redis.Redis, prefix: str) -> None:
     env = Env(client, prefix)

@@ -373,9 +373,9 @@ def test_claim_writes_the_lease_and_deadline(c: redis.Redis, prefix: str) -> Non
     assert [j.lease.jobid for j in jobs] == ["a:A", "s:S", "l:L"]
     since = NOW + 4
     assert env.leases() == {
-        "a:A": f"{jobs[0].lease.token}|A|w1|{since!r}|10.0|{NOW!r}|1|",
-        "s:S": f"{jobs[1].lease.token}|S|w1|{since!r}|3.0|{NOW!r}|1|",
-        "l:L": f"{jobs[2].lease.token}|L|w1|{since!r}|60.0|{NOW!r}|1|",
+        "a:A": f"{jobs[0].lease.token}|A|w1|{since:.0f}|10.0|{NOW:.0f}|1|",
+        "s:S": f"{jobs[1].lease.token}|S|w1|{since:.0f}|3.0|{NOW:.0f}|1|",
+        "l:L": f"{jobs[2].lease.token}|L|w1|{since:.0f}|60.0|{NOW:.0f}|1|",
     }
     # deadline = now + min(timeout, lease seconds) + grace
     assert env.deadlines() == {
@@ -588,7 +588,7 @@ def test_set_while_running_applies_the_new_schedule_after_the_run(env: Env) -> N
     assert env.bike.set("p:A", f"AT:{NOW + 300:.0f}") == "PENDING"
     assert env.schedule("p:A") == f"AT:{NOW + 300:.0f}"
     assert env.status("p:A") == stamp("WRK", NOW)  # untouched while it runs
-    assert env.pending() == {"p:A": f"T|{NOW + 300!r}|TML|{NOW + 300!r}|1|0|0"}
+    assert env.pending() == {"p:A": f"T|{NOW + 300:.0f}|TML|{NOW + 300:.0f}|1|0|0"}
     assert env.timeline() == {} and env.queue("A") == []
     env.at(NOW + 5)
     # the run's own placement (NOW, ok: END) gives way to the pending one
@@ -633,7 +633,7 @@ def test_fused_finish_claims_the_next_job(env: Env) -> None:
     assert second.lease.token != first.lease.token
     assert env.status("a:A") == stamp("END", NOW + 2)
     assert env.status("b:B") == stamp("WRK", NOW + 2)
-    assert env.leases() == {"b:B": f"{second.lease.token}|B|w1|{NOW + 2!r}|10.0|{NOW!r}|1|"}
+    assert env.leases() == {"b:B": f"{second.lease.token}|B|w1|{NOW + 2:.0f}|10.0|{NOW:.0f}|1|"}
     assert env.deadlines() == {"b:B": NOW + 2 + 10 + GRACE_SECONDS}
     done, third = pool.finish(second, Outcome("ok"), "", rotation, "w1")
     assert done == "DONE" and third is None
@@ -937,7 +937,7 @@ def test_wake_up_messages(real: Env) -> None:
         real.bike.set("t1:A", f"AT:{NOW + 60:.0f}")
         real.bike.set("t2:A", f"AT:{NOW + 90:.0f}")
         real.bike.set("t3:A", f"AT:{NOW + 30:.0f}")
-        assert messages() == [(keys.dispatcher_channel, f"{NOW + 60!r}"), (keys.dispatcher_channel, f"{NOW + 30!r}")]
+        assert messages() == [(keys.dispatcher_channel, f"{NOW + 60:.0f}"), (keys.dispatcher_channel, f"{NOW + 30:.0f}")]
     finally:
         pubsub.close()
 
@@ -1025,7 +1025,7 @@ def test_tell_through_a_jobs_life(env: Env) -> None:
     }
     assert "after_this_run" not in told and "unset" not in told
     env.bike.set("n:A", f"AT:{NOW + 300:.0f}")
-    assert env.bike.tell("n:A")["after_this_run"] == f"timeline at {NOW + 300!r}"
+    assert env.bike.tell("n:A")["after_this_run"] == f"timeline at {NOW + 300:.0f}"
     env.bike.set("n:A", "NOW")
     assert env.bike.tell("n:A")["after_this_run"] == "enqueue"
     env.bike.set("n:A", "STOP")
@@ -1132,9 +1132,10 @@ def test_parse_status_and_script_args() -> None:
     assert parse_status("ENQ:1700000000") == ("ENQ", 1700000000.0)
     assert parse_status("BAD") == ("BAD", 0.0)
     assert Placement("T", "TML", NOW + 0.5).script_args() == ["T", "1700000000.5", "TML", "", "", "0", "0"]
+    assert Placement("T", "TML", NOW + 0.0004).script_args()[1] == "1700000000"  # to the millisecond
     assert QUEUE.script_args() == ["Q", "", "ENQ", "", "", "0", "0"]
     assert Placement("Q", "ENQ", due=NOW, attempt=2, coalesced=3).script_args() == \
-        ["Q", "", "ENQ", "1700000000.0", "2", "3", "0"]
+        ["Q", "", "ENQ", "1700000000", "2", "3", "0"]
 
 
 def test_read_schedules_csv_good_file(tmp_path: Path, env: Env) -> None:

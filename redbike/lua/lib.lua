@@ -31,6 +31,9 @@
 -- channel, the prefix of the queue wake channels (+ queue name), the prefix
 -- of the trail keys (+ jobid) and the trail's length (events kept per job).
 -- A script's own KEYS start at KEYS[K + 1], its own ARGV at ARGV[A + 1].
+-- Times come from Python written short (records.encode_time: to the
+-- millisecond, whole seconds as integers), so records and the trail copy
+-- them as they are: converting them here cost the finish microseconds.
 --
 -- A placement (states.Placement.script_args(), 7 values) says where a job
 -- goes next: kind Q (its queue), T (the timeline at "at"), S (nowhere, just a
@@ -233,16 +236,6 @@ function L.add(record, field, count)
   end
 end
 
--- A time as the trail writes it (records.decode_trail_event reads it back):
--- whole seconds as an integer, else to the millisecond; '' stays ''. A trail
--- keeps many times per event: this halves its memory.
-function L.short_time(text)
-  local n = tonumber(text)
-  if not n then return text end
-  if n == math.floor(n) then return string.format('%d', n) end
-  return string.format('%.3f', n)
-end
-
 -- Append an event to the job's trail (records.decode_trail_event): its time,
 -- its name, its fields. The trail is a list, trimmed back to TRAIL_LENGTH
 -- events when it reaches half as many again (one LTRIM per TRAIL_LENGTH / 2
@@ -250,7 +243,7 @@ end
 -- FINISHED, and retire.lua removes its trail with the rest of it.
 function L.trail(jobid, ...)
   local key = L.TRAIL_PREFIX .. jobid
-  local length = redis.call('RPUSH', key, table.concat({L.short_time(L.NOW), ...}, '|'))
+  local length = redis.call('RPUSH', key, table.concat({L.NOW, ...}, '|'))
   if length >= L.TRAIL_LENGTH + math.ceil(L.TRAIL_LENGTH / 2) then
     redis.call('LTRIM', key, -L.TRAIL_LENGTH, -1)
   end
@@ -258,7 +251,7 @@ end
 
 -- List a job that ended for good (records.encode_finished), for retire.lua.
 function L.finished(jobid)
-  redis.call('RPUSH', L.FINISHED, L.short_time(L.NOW) .. '|' .. jobid)
+  redis.call('RPUSH', L.FINISHED, L.NOW .. '|' .. jobid)
 end
 
 -- A parked member -> resource, seq, queue, jobid.
@@ -489,7 +482,7 @@ function L.cancel_waiting(jobid)
     local record = L.job_of(jobid)
     L.add(record, L.CANCELLED, 1)
     L.save_job(jobid, record)
-    L.trail(jobid, 'cancelled', L.short_time(record[L.DUE]))
+    L.trail(jobid, 'cancelled', record[L.DUE])
   end
 end
 
@@ -518,12 +511,12 @@ function L.place(jobid, p, queue, channel, record, noted)
     end
     L.save_job(jobid, record)
     if counted then
-      L.trail(jobid, 'misfire', record[L.MISFIRE], p.coalesced, p.skipped, L.short_time(record[L.DUE]))
+      L.trail(jobid, 'misfire', record[L.MISFIRE], p.coalesced, p.skipped, record[L.DUE])
     end
   end
   if kind == 'Q' then
     L.enqueue(jobid, queue, channel)
-    if not noted then L.trail(jobid, 'enqueued', L.short_time(record[L.DUE]), record[L.ATTEMPT]) end
+    if not noted then L.trail(jobid, 'enqueued', record[L.DUE], record[L.ATTEMPT]) end
   elseif kind == 'T' then
     local head = redis.call('ZRANGE', L.TIMELINE, 0, 0, 'WITHSCORES')
     redis.call('ZADD', L.TIMELINE, p.at, jobid)
@@ -560,7 +553,7 @@ function L.finish(jobid, token, p, err, queue, channel)
   end
   if redis.call('HEXISTS', L.SCHEDULES, jobid) == 0 then
     redis.call('HDEL', L.PENDING, jobid)
-    L.trail(jobid, 'run', L.short_time(due), attempt, token, worker, L.short_time(since), 'GONE', '', line)
+    L.trail(jobid, 'run', due, attempt, token, worker, since, 'GONE', '', line)
     return 'GONE'
   end
   if err ~= '' then
@@ -571,8 +564,8 @@ function L.finish(jobid, token, p, err, queue, channel)
     redis.call('HDEL', L.PENDING, jobid)
     p = L.pending_placement(pending)
   end
-  L.trail(jobid, 'run', L.short_time(due), attempt, token, worker, L.short_time(since), p.status,
-    L.short_time(p.at), line)
+  L.trail(jobid, 'run', due, attempt, token, worker, since, p.status,
+    p.at, line)
   L.place(jobid, p, queue, channel)
   return 'DONE'
 end

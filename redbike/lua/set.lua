@@ -74,7 +74,7 @@ local due_before = redis.call('ZSCORE', L.TIMELINE, jobid) and record[L.DUE]
 if due_before and not (p.due ~= '' and tonumber(p.due) == tonumber(due_before)) then
   -- the occurrence it waited for in the timeline will not run
   L.add(record, L.CANCELLED, 1)
-  L.trail(jobid, 'cancelled', L.short_time(record[L.DUE]))
+  L.trail(jobid, 'cancelled', record[L.DUE])
 end
 L.unplace(jobid, queue)
 L.place(jobid, p, queue, channel, record, true)
