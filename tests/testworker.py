@@ -1,6 +1,7 @@
 """The worker the real-process tests run. What a job does depends on its id:
 sleep<S>-...  sleeps S seconds; fail-... raises; stop-... raises StopWork;
 unset-... raises UnsetJob; backoff-... returns 1; hang-... sleeps an hour.
+Queue T has a 2 s timeout, queue T1 a 1 s one.
 Every run appends a JSON record (job, pid, token, start, end) to the list
 TESTLOG_KEY on TESTLOG_URL, so tests can check what ran, when, and where."""
 
@@ -21,7 +22,7 @@ class Recorder(RoundRobin):
         self._log: redis.Redis | None = None
 
     def timeout(self, queue_name: str) -> float | None:
-        return 2 if queue_name == "T" else None
+        return {"T": 2, "T1": 1}.get(queue_name)
 
     def _record(self, **fields: object) -> None:
         url = os.environ.get("TESTLOG_URL")
