@@ -5,6 +5,7 @@ spawn-... starts two `sleep 1000` (one a shell's background job, one the
 shell itself, exec'd), marked with REDBIKE_TEST_MARK=<job id> in their
 environment, then sleeps an hour; detach-... starts one such `sleep 1000`
 and returns.
+Queue T has a 2 s timeout, queue T1 a 1 s one.
 Every run appends a JSON record (job, pid, token, start, end) to the list
 TESTLOG_KEY on TESTLOG_URL, so tests can check what ran, when, and where."""
 
@@ -26,7 +27,7 @@ class Recorder(RoundRobin):
         self._log: redis.Redis | None = None
 
     def timeout(self, queue_name: str) -> float | None:
-        return 2 if queue_name == "T" else None
+        return {"T": 2, "T1": 1}.get(queue_name)
 
     def _record(self, **fields: object) -> None:
         url = os.environ.get("TESTLOG_URL")
