@@ -31,6 +31,7 @@ from .records import (
     decode_finish,
     encode_local_room,
     error_record,
+    occurrence_of,
 )
 from .resources import LOCAL_PREFIX
 from .roundrobin import Lease, RoundRobin
@@ -214,7 +215,8 @@ class SlotClaims:
             return None, False
         position, queue = order[reply.queue_index]
         rotation.served(position)
-        lease = Lease(reply.jobid, token, queue, self.worker_id, now, self.claims.timeouts[queue])
+        due, attempt = occurrence_of(reply.record, now)
+        lease = Lease(reply.jobid, token, queue, self.worker_id, now, self.claims.timeouts[queue], due, attempt)
         capacity = self.claims.local_capacity
         local = {name: amount for name, amount in reply.needs.items() if name in capacity} if capacity else {}
         return Running(lease, reply.schedule, reply.record, now, local), False

@@ -259,12 +259,13 @@ def _run(args: dict[str, Any]) -> int:
             raise NoSuchJob(f"no such job: {args['JOBID']}")
     elif args["retry"]:
         results = bike.retry(args["JOBIDS"], status=args["--status"])
+        unknown = [jobid for jobid, result in results.items() if result == "NO SUCH JOB"]
         for jobid, result in results.items():
-            if result != "PLACED":
-                print(f"{jobid}: {result.lower()}; left as it is", file=sys.stderr)
+            if result == "NOT FAILED":
+                print(f"{jobid} has not failed; left as it is", file=sys.stderr)
+        if unknown:  # the others were put back, as it says
+            raise NoSuchJob(f"no such job: {', '.join(unknown)}")
         print(f"{sum(result == 'PLACED' for result in results.values())} job(s) put back", file=sys.stderr)
-        if any(result == "NO SUCH JOB" for result in results.values()):
-            return 3
     elif args["dispatch"]:
         bike.dispatch(args["--schedules"], after=_timestamp(args["--after"]))
     elif args["work"]:

@@ -193,7 +193,8 @@ class Dispatcher:
             record = self._job(jobid, job)
             try:
                 leased = decode_lease(lease)
-                held = Lease(jobid, leased.token, leased.queue, leased.worker, leased.since, leased.timeout)
+                held = Lease(jobid, leased.token, leased.queue, leased.worker, leased.since, leased.timeout,
+                             leased.due, leased.attempt)
                 record = replace(record, due=leased.due, attempt=leased.attempt)  # the run's occurrence
                 ran = f" ({now - held.since:.0f}s after it claimed the job)"
             except RecordError as exc:  # still reaped: the token is all the script needs

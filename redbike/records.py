@@ -213,6 +213,18 @@ def decode_job(value: str | None) -> JobRecord:
         raise RecordError(f"bad job record {value!r}") from None
 
 
+def occurrence_of(record: str, now: float) -> tuple[float, int]:
+    """The due time and attempt at the head of a job record, as the claim
+    leases them (a record without a due time: ``now``), without decoding
+    the rest: every claimed job's path reads them."""
+    due, _, rest = record.partition(SEP)
+    attempt = rest.partition(SEP)[0]
+    try:
+        return (float(due) if due else now), int(attempt)
+    except ValueError:
+        raise RecordError(f"bad job record {record!r}") from None
+
+
 def check_misfire(text: str) -> str:
     """``once``, ``all``, ``all:N`` (N >= 1) or ``skip:GRACE`` (seconds >= 0),
     as is_misfire() in lib.lua; ValueError with a one-line reason otherwise."""

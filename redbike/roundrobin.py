@@ -17,7 +17,10 @@ class UnsetJob(Exception):
 class Lease:
     """The claim on the job being worked. ``token`` is unique to this run: a
     job can store it beside its side effects to tell a stale run from the
-    current one."""
+    current one. ``due`` is the nominal time of the occurrence the run is for
+    (the time its schedule gave, however late it runs: a nightly report's
+    date), ``attempt`` which run of that occurrence it is (1: the first; more
+    after failures, see retries)."""
 
     jobid: str
     token: str
@@ -25,6 +28,8 @@ class Lease:
     worker: str
     since: float
     timeout: float
+    due: float | None = None
+    attempt: int = 1
 
 
 class RoundRobin:

@@ -18,7 +18,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from .records import JobRecord, decode_job
+from .records import JobRecord, decode_job, occurrence_of
 from .roundrobin import Lease
 
 RECORD_BYTES = 1 << 20  # per record buffer; only the pages a record touches take memory
@@ -73,7 +73,7 @@ class Running:
             jobid, token, queue, worker, since, timeout, schedule, job, renewed_at, local = \
                 fields[at : at + cls.FIELDS]
             needs = {name: int(amount) for name, _, amount in (pair.partition("=") for pair in local.split(",") if pair)}
-            lease = Lease(jobid, token, queue, worker, float(since), float(timeout))
+            lease = Lease(jobid, token, queue, worker, float(since), float(timeout), *occurrence_of(job, float(since)))
             runs.append(cls(lease, schedule, job, float(renewed_at), needs))
         return runs
 

@@ -385,6 +385,7 @@ def test_claim_writes_the_lease_and_deadline(c: redis.Redis, prefix: str) -> Non
     }
     assert all(env.status(j) == stamp("WRK", since) for j in ("a:A", "s:S", "l:L"))
     assert (jobs[0].job.due, jobs[0].job.attempt) == (NOW, 1)  # the occurrence it was enqueued for
+    assert (jobs[0].lease.due, jobs[0].lease.attempt) == (NOW, 1)  # work() sees them on self.lease
     assert jobs[0].schedule == "NOW"
     assert env.queue("A") == env.queue("S") == env.queue("L") == []
     assert len({j.lease.token for j in jobs}) == 3
@@ -550,7 +551,7 @@ def test_finish_expired_on_a_recurring_job_retries_then_waits_for_the_next_occur
     pool, d = env.pool(), env.dispatcher()
     for attempt in (1, 2, 3):
         job = env.claim(pool)
-        assert (job.lease.jobid, job.job.due, job.job.attempt) == ("h:A", NEXT_HOUR - HOUR, attempt)
+        assert (job.lease.jobid, job.lease.due, job.lease.attempt) == ("h:A", NEXT_HOUR - HOUR, attempt)
         env.at(NOW + 12 * attempt)
         assert pool.finish(job, Outcome("expired", error="killed"), "", None, "w1")[0] == "DONE"
         assert env.status("h:A") == stamp("EXP", NOW + 12 * attempt)
