@@ -26,7 +26,7 @@ from redbike.zygote import Zygote, fork
 
 
 def run(jobid: str, token: str = "t0", local: dict[str, int] | None = None, schedule: str = "NOW") -> Running:
-    lease = Lease(jobid, token, jobid.rsplit(":", 1)[-1], "host:1:0", 1795392299.576707, 30.0)
+    lease = Lease(jobid, token, jobid.rsplit(":", 1)[-1], "host:1:0", 1795392299.576707, 30.0, 1795392290.25, 2)
     return Running(lease, schedule, encode_job(JobRecord(1795392290.25, 2, "skip:30", 3, 5, 1, 0, 2, 1795392280.5)),
                    1795392299.5, local or {})
 
