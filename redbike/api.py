@@ -20,8 +20,15 @@ from .csvfile import read_rows
 from .dispatcher import Dispatcher
 from .keys import WAKE_BATCH, Keys
 from .names import BadName, check_jobid, check_queue
-from .occurrences import Retry, misfire_text
-from .records import CLEAR_NEEDS, RecordError, check_misfire, decode_job
+from .occurrences import Retry, count_after, misfire_text
+from .records import (
+    CLEAR_NEEDS,
+    RecordError,
+    check_misfire,
+    decode_job,
+    decode_pending,
+    encode_time,
+)
 from .resources import (
     ResourceError,
     amounts_of,
@@ -114,8 +121,31 @@ class Redbike:
             self.clock(),
             [self.keys.queue(queue)],
             [jobid, schedule, *placement.script_args(), self.keys.queue_channel(queue), only_if_new, needs,
-             policy[0], self.misfire, policy[1], str(self.retries), who()],
+             policy[0], self.misfire, policy[1], str(self.retries), who(), *self._unrun(jobid)],
         )
+
+    def _unrun(self, jobid: str) -> tuple[str, str]:
+        """The occurrence a job is placed for, and how many of its schedule's
+        occurrences fell due after it until now: a set or unset that replaces
+        it cancels them (set.lua, unset.lua check that it is still the job's)."""
+        if isinstance(self.client, redis.client.Pipeline):  # a pipelined set: nothing to read
+            return "", "0"
+        with self.client.pipeline(transaction=False) as pipe:
+            pipe.hget(self.keys.schedules, jobid)
+            pipe.hget(self.keys.jobs, jobid)
+            pipe.hget(self.keys.pending, jobid)
+            schedule, record, pending = pipe.execute()
+        try:
+            due = decode_job(record).due
+            if pending is not None:  # set while it runs: the placement that waits for the run's end
+                placed = decode_pending(pending)[3]
+                due = float(placed) if placed else None
+            parsed = parse_schedule(schedule) if schedule else None
+        except (RecordError, ScheduleError, ValueError):
+            return "", "0"
+        if due is None or parsed is None:
+            return "", "0"
+        return encode_time(due), str(count_after(parsed, due, self.clock()))
 
     def _stored_misfire(self, jobid: str) -> str:
         """The misfire policy a job was set with (the default for a new or unset job)."""
@@ -255,7 +285,7 @@ class Redbike:
         """Remove a job. Returns 0 (unknown), 1 (removed) or 2 (running: it
         completes, then is removed)."""
         queue = self._queue_of(jobid)
-        return self.scripts.run("unset", self.clock(), [self.keys.queue(queue)], [jobid, who()])
+        return self.scripts.run("unset", self.clock(), [self.keys.queue(queue)], [jobid, who(), *self._unrun(jobid)])
 
     def tell(self, jobid: str) -> dict[str, Any] | None:
         return report.tell(self.client, self.keys, jobid, self._queue_of(jobid))

@@ -177,7 +177,9 @@ def _describe(event: TrailEvent, retries: int) -> str:
     if name == "unset":
         return f"unset by {f['by']}"
     if name == "cancelled":
-        return f"occurrence {_when(f['due'])} cancelled: unset or set again before it ran"
+        count = int(f.get("count") or 1)
+        more = f" and {count - 1} more due after it" if count > 1 else ""
+        return f"occurrence {_when(f['due'])}{more} cancelled: unset or set again before it ran"
     if name == "enqueued":
         due = _number(f["due"])
         late = f", {span(event.at - due)} late" if due is not None and event.at - due >= 1 else ""

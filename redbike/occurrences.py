@@ -61,6 +61,19 @@ def misfire_text(policy: str, grace: float | None) -> str:
     return check_misfire(policy)
 
 
+def count_after(schedule: Schedule, due: float, now: float) -> int:
+    """How many occurrences of a recurring ``schedule`` fell due after ``due``
+    up to ``now`` (at most MAX_COUNTED); 0 for other schedules."""
+    if schedule.kind not in ("RRULE", "CRON"):
+        return 0
+    count = 0
+    upcoming = schedule.first_after(due)
+    while upcoming is not None and upcoming <= now and count < MAX_COUNTED:
+        count += 1
+        upcoming = schedule.first_after(upcoming)
+    return count
+
+
 @dataclass(frozen=True)
 class Firing:
     """What to do with a late occurrence: fire ``due`` (None: none is left

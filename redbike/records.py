@@ -259,7 +259,7 @@ TRAIL_FIELDS: dict[str, tuple[str, ...]] = {
     "set": ("by", "status", "needs", "misfire", "retries", "schedule"),
     "retry": ("by",),
     "unset": ("by",),
-    "cancelled": ("due",),
+    "cancelled": ("due", "count"),
     "enqueued": ("due", "attempt"),
     "misfire": ("policy", "coalesced", "skipped", "due"),
     "parked": ("resource", "in_use", "capacity"),

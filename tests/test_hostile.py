@@ -75,8 +75,8 @@ class Stage:
         claim = ["tok2", "w2", "", "", "A", "10", "10"]
         self.calls: dict[str, tuple[list[str], list[str]]] = {
             "set": (queue, ["n:A", "NOW", *Placement("Q", "ENQ", due=NOW, attempt=1).script_args(), channel, "0",
-                            "r=1", "skip:30", "once", "2", "0", "me@here"]),
-            "unset": (queue, ["q2:A", "me@here"]),
+                            "r=1", "skip:30", "once", "2", "0", "me@here", "", "0"]),
+            "unset": (queue, ["q2:A", "me@here", repr(NOW), "2"]),
             "claim": (queue, claim),
             "finish": (queue + queue, ["run:A", token, *Placement("S", "END").script_args(), "", channel, *claim]),
             "move_due": (queue, [str(self.leader.token), "1", channel, "t:A", "1", "1893456000.0",

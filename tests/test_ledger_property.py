@@ -58,7 +58,7 @@ from redbike.scripts import Retention
 from redbike.slots import Running
 from redbike.states import Outcome
 
-STRICT_CLOSE = False  # True: an epoch closed with unprocessed occurrences fails (the known gaps)
+STRICT_CLOSE = True  # True: an epoch closed with unprocessed occurrences fails (the known gaps)
 
 JOBS = ["a:A", "b:B", "c:A"]
 POLICIES = ["once", "skip:0", "skip:60", "skip:1800", "all", "all:2"]
@@ -502,7 +502,6 @@ def _drain(env: Env, dispatcher: Dispatcher, pool: ClaimingPool) -> None:
         pool.finish(run, Outcome("ok"), "", None, "w1")
 
 
-@pytest.mark.xfail(strict=True, reason="KNOWN GAP: unset after downtime cancels only the waited-for occurrence")
 def test_unset_after_downtime_accounts_every_missed_occurrence() -> None:
     """HOURLY set at 22:13:20; the dispatchers are down until 01:13:27; the
     job is unset then. Occurrences 23:00, 00:00 and 01:00 fell due and never
@@ -515,7 +514,6 @@ def test_unset_after_downtime_accounts_every_missed_occurrence() -> None:
     assert ledger_sum(record) == 3, record
 
 
-@pytest.mark.xfail(strict=True, reason="KNOWN GAP: occurrences that fell due while the job waited or ran are lost on unset/set")
 def test_unset_while_queued_accounts_occurrences_that_fell_due_meanwhile() -> None:
     """HOURLY (once): 23:00 fired on time; no worker claims it until 01:13:27,
     when the job is unset. 00:00 and 01:00 fell due while it waited in its
@@ -535,7 +533,6 @@ def test_unset_while_queued_accounts_occurrences_that_fell_due_meanwhile() -> No
     assert ledger_sum(record) == 3, record
 
 
-@pytest.mark.xfail(strict=True, reason="KNOWN GAP: set while queued keeps the queued run and drops the new placement's counts")
 def test_set_while_queued_accounts_the_new_occurrence() -> None:
     """A one-off AT 20:13:20 (2 h ago) is queued (fired 1). It is set again,
     before a worker claims it, to AT 22:12:50 (30 s ago): set.lua keeps the
@@ -550,7 +547,6 @@ def test_set_while_queued_accounts_the_new_occurrence() -> None:
     assert ledger_sum(record) == 2, record
 
 
-@pytest.mark.xfail(strict=True, reason="KNOWN GAP: a retried occurrence is counted fired once per attempt")
 def test_a_retried_occurrence_is_fired_once() -> None:
     """23:00 fires and is claimed; the worker dies, the lease is reaped
     (EXP, attempt 2) and the dispatcher enqueues the same occurrence again:

@@ -475,14 +475,23 @@ function L.forget(jobid)
   L.finished(jobid)
 end
 
--- The occurrence a job waits for in the timeline, if any, is cancelled
--- (it is unset or set again before it ran): the ledger counts it.
-function L.cancel_waiting(jobid)
-  if redis.call('ZSCORE', L.TIMELINE, jobid) then
-    local record = L.job_of(jobid)
-    L.add(record, L.CANCELLED, 1)
-    L.save_job(jobid, record)
-    L.trail(jobid, 'cancelled', record[L.DUE])
+-- A job unset or set again leaves occurrences that will not run: the one
+-- it waits for in the timeline, and those of its schedule that fell due
+-- after the occurrence it waits for or is queued for (`missed`: the caller
+-- counted them, after occurrence `expected`; counted only if that is still
+-- the job's). The ledger counts them cancelled, in `record`. A running job's
+-- are for its run's end to count.
+function L.cancel_waiting(jobid, record, expected, missed, status)
+  local waiting = redis.call('ZSCORE', L.TIMELINE, jobid) and 1 or 0
+  local queued = status and string.sub(status, 1, 4) == 'ENQ:'
+  if waiting == 0 and not queued then return end
+  local count = waiting
+  if expected ~= '' and record[L.DUE] ~= '' and tonumber(record[L.DUE]) == tonumber(expected) then
+    count = count + tonumber(missed)
+  end
+  if count > 0 then
+    L.add(record, L.CANCELLED, count)
+    L.trail(jobid, 'cancelled', record[L.DUE], L.int(count))
   end
 end
 
@@ -506,7 +515,9 @@ function L.place(jobid, p, queue, channel, record, noted)
     L.add(record, L.SKIPPED, p.skipped)
     if kind == 'Q' then
       if record[L.DUE] == '' then record[L.DUE] = L.NOW end
-      L.add(record, L.FIRED, 1)
+      -- An occurrence fires once: a retry of it (a later attempt, or the
+      -- retry command) is not another.
+      if record[L.DUE] ~= record[L.LAST_DUE] then L.add(record, L.FIRED, 1) end
       record[L.LAST_DUE] = record[L.DUE]
     end
     L.save_job(jobid, record)
@@ -551,7 +562,18 @@ function L.finish(jobid, token, p, err, queue, channel)
     local ok, decoded = pcall(cjson.decode, err)
     if ok and type(decoded) == 'table' and type(decoded.error) == 'string' then line = decoded.error end
   end
-  if redis.call('HEXISTS', L.SCHEDULES, jobid) == 0 then
+  local pending = redis.call('HGET', L.PENDING, jobid)
+  local gone = redis.call('HEXISTS', L.SCHEDULES, jobid) == 0
+  if (gone or pending) and (p.coalesced ~= '0' or p.skipped ~= '0') then
+    -- The run's own placement gives way (the job was unset or set again while
+    -- it ran), but what it says of the occurrences that fell due while the
+    -- job waited or ran holds: the ledger counts them.
+    local record = L.job_of(jobid)
+    L.add(record, L.COALESCED, p.coalesced)
+    L.add(record, L.SKIPPED, p.skipped)
+    L.save_job(jobid, record)
+  end
+  if gone then
     redis.call('HDEL', L.PENDING, jobid)
     L.trail(jobid, 'run', due, attempt, token, worker, since, 'GONE', '', line)
     return 'GONE'
@@ -559,7 +581,6 @@ function L.finish(jobid, token, p, err, queue, channel)
   if err ~= '' then
     redis.call('HSET', L.ERRORS, jobid, err)
   end
-  local pending = redis.call('HGET', L.PENDING, jobid)
   if pending then
     redis.call('HDEL', L.PENDING, jobid)
     p = L.pending_placement(pending)

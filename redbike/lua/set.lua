@@ -7,12 +7,16 @@
 --       DIE: the retry command); '0': set it), needs ("resource=amount,...",
 --       '' to keep the stored needs, 'none' to drop them), misfire policy ('' to
 --       keep the job's), the default misfire policy (for a new job), retries
---       ('' to keep the job's), the default retries, who set it (for the trail).
+--       ('' to keep the job's), the default retries, who set it (for the trail),
+--       the occurrence the caller found the job placed for ('' if none), the
+--       count of its schedule's occurrences due after that one until now (see
+--       cancel_waiting() in lib.lua).
 -- Returns 'KEPT', 'PENDING' (the job is running: the placement waits for the
 -- run to end) or 'PLACED'.
 local jobid, schedule, channel, only_if, needs, misfire, default_misfire, retries, default_retries, by =
   ARGV[L.A + 1], ARGV[L.A + 2], ARGV[L.A + 10], ARGV[L.A + 11], ARGV[L.A + 12], ARGV[L.A + 13], ARGV[L.A + 14],
   ARGV[L.A + 15], ARGV[L.A + 16], ARGV[L.A + 17]
+local expected, missed = ARGV[L.A + 18], ARGV[L.A + 19]
 local queue = KEYS[L.K + 1]
 if not L.is_name(jobid) then return L.bad('job id', jobid) end
 local failed = L.placement_error(L.A + 3)
@@ -26,6 +30,8 @@ if not L.is_misfire(default_misfire) then return L.bad('default misfire policy',
 if retries ~= '' and not L.int_of(retries, 0, L.MAX_AMOUNT) then return L.bad('retries', retries) end
 if not L.int_of(default_retries, 0, L.MAX_AMOUNT) then return L.bad('default retries', default_retries) end
 if type(by) ~= 'string' or string.find(by, '[|%c]') then return L.bad('set by', by) end
+if expected ~= '' and not L.time_of(expected) then return L.bad('expected due', expected) end
+if not L.int_of(missed, 0, L.MAX_TIME) then return L.bad('missed count', missed) end
 if (only_if == '1' and redis.call('HEXISTS', L.SCHEDULES, jobid) == 1)
     or (only_if == 'S' and redis.call('HGET', L.SCHEDULES, jobid) == schedule) then
   return 'KEPT'
@@ -59,22 +65,41 @@ else
   L.trail(jobid, 'set', by, p.status, needs, record[L.MISFIRE], record[L.RETRIES], schedule)
 end
 if redis.call('HEXISTS', L.LEASES, jobid) == 1 then
+  local before = redis.call('HGET', L.PENDING, jobid)
+  if before then -- a placement set while it ran, replaced: its occurrences are decided
+    local replaced = L.pending_placement(before)
+    L.add(record, L.COALESCED, replaced.coalesced)
+    L.add(record, L.SKIPPED, replaced.skipped)
+    if (replaced.kind == 'Q' or replaced.kind == 'T') and replaced.due ~= '' and replaced.due ~= p.due then
+      -- its occurrence, and those of its schedule due after it until now
+      local count = 1
+      if tonumber(expected) == tonumber(replaced.due) then count = count + tonumber(missed) end
+      L.add(record, L.CANCELLED, count)
+      L.trail(jobid, 'cancelled', replaced.due, L.int(count))
+    end
+  end
   L.save_job(jobid, record)
   redis.call('HSET', L.PENDING, jobid, L.pending_text(p))
   return 'PENDING'
 end
 local current = redis.call('HGET', L.STATUSES, jobid)
+local same = p.kind == 'T' and p.due ~= '' and record[L.DUE] ~= '' and tonumber(p.due) == tonumber(record[L.DUE])
+if not same then L.cancel_waiting(jobid, record, expected, missed, current) end
 if p.kind == 'Q' and current and string.sub(current, 1, 4) == 'ENQ:'
     and (needs == needs_before or redis.call('HEXISTS', L.PARKING, jobid) == 0) then
+  -- Already queued: it keeps its place in line (a job in line for a resource
+  -- whose needs changed goes to the back of its queue instead), and the run
+  -- it waits for is now for the new occurrence: the one it was queued for
+  -- is coalesced into it.
+  if p.due ~= '' and p.due ~= record[L.DUE] then
+    L.add(record, L.COALESCED, 1)
+    record[L.DUE], record[L.LAST_DUE] = p.due, p.due
+  end
+  if p.attempt ~= '' then record[L.ATTEMPT] = p.attempt end
+  L.add(record, L.COALESCED, p.coalesced)
+  L.add(record, L.SKIPPED, p.skipped)
   L.save_job(jobid, record)
-  return 'PLACED' -- already queued: keep its place in line (a job in line for a
-  -- resource whose needs changed goes to the back of its queue instead)
-end
-local due_before = redis.call('ZSCORE', L.TIMELINE, jobid) and record[L.DUE]
-if due_before and not (p.due ~= '' and tonumber(p.due) == tonumber(due_before)) then
-  -- the occurrence it waited for in the timeline will not run
-  L.add(record, L.CANCELLED, 1)
-  L.trail(jobid, 'cancelled', record[L.DUE])
+  return 'PLACED'
 end
 L.unplace(jobid, queue)
 L.place(jobid, p, queue, channel, record, true)
