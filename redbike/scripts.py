@@ -32,10 +32,36 @@ SCRIPT_NAMES = ("set", "unset", "claim", "finish", "move_due", "reap", "renew", 
 
 @functools.cache
 def sources() -> dict[str, str]:
-    """Each script's source, as it is loaded: lib.lua, a newline, its own file."""
+    """Each script's source, as it is loaded: lib.lua (the functions it uses),
+    a newline, its own file."""
     folder = resources.files("redbike") / "lua"
-    lib = presized((folder / "lib.lua").read_text(encoding="utf-8"))
-    return {name: lib + "\n" + (folder / f"{name}.lua").read_text(encoding="utf-8") for name in SCRIPT_NAMES}
+    lib = (folder / "lib.lua").read_text(encoding="utf-8")
+    scripts = {name: (folder / f"{name}.lua").read_text(encoding="utf-8") for name in SCRIPT_NAMES}
+    return {name: presized(library_for(lib, script)) + "\n" + script for name, script in scripts.items()}
+
+
+# A function of lib.lua: the comment lines right above it, "function L.name(", its
+# body, and the "end" that closes it at the start of a line.
+_FUNCTION = re.compile(r"(?ms)^(?:--[^\n]*\n)*function L\.(\w+)\(.*?^end\n")
+_USE = re.compile(r"\bL\.(\w+)")
+
+
+def library_for(lib: str, script: str) -> str:
+    """lib.lua without the functions ``script`` never calls, directly or
+    through others: each script call defines every function of its library
+    again, and the claim, for one, uses little more than half of them. Only
+    the speed differs: a client in another language may load all of lib.lua."""
+    functions = {match.group(1): match for match in _FUNCTION.finditer(lib)}
+    top_level = _FUNCTION.sub("", lib)  # constants and the checks every script runs
+    wanted = set(_USE.findall(script)) | set(_USE.findall(top_level))
+    todo = list(wanted)
+    while todo:
+        found = functions.get(todo.pop())
+        for name in _USE.findall(found.group(0)) if found else ():
+            if name not in wanted:
+                wanted.add(name)
+                todo.append(name)
+    return _FUNCTION.sub(lambda match: match.group(0) if match.group(1) in wanted else "", lib)
 
 
 def presized(lib: str) -> str:

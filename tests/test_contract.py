@@ -56,7 +56,7 @@ from redbike.records import (
     encode_time,
 )
 from redbike.resources import LOCAL_PREFIX, MAX_AMOUNT, MAX_CAPACITY
-from redbike.scripts import SCRIPT_NAMES, Scripts
+from redbike.scripts import SCRIPT_NAMES, Scripts, sources
 from redbike.states import FORGET, Outcome, Placement
 
 LUA = resources.files("redbike") / "lua"
@@ -335,3 +335,13 @@ def test_the_claim_and_finish_replies_decode(client: redis.Redis, prefix: str) -
     assert decode_finish(env.bike.scripts.run("finish", NOW, [env.keys.queue("B")], finish)) == ("STALE", "NONE")
     env.bike.control()
     assert decode_claim(env.bike.scripts.run("claim", NOW, queues, claim)) == Halt(client.get(env.keys.control))
+
+
+def test_each_script_loads_every_library_function_it_calls_and_no_other() -> None:
+    everything = set(re.findall(r"^function L\.(\w+)\(", LIB, re.MULTILINE))
+    for name, text in sources().items():
+        defined = set(re.findall(r"^function L\.(\w+)\(", text, re.MULTILINE))
+        called = set(re.findall(r"\bL\.(\w+)\(", text)) & everything
+        assert called <= defined, (name, called - defined)
+        assert defined == called, (name, defined - called)  # nothing loaded that no one calls
+    assert len(set(re.findall(r"^function L\.(\w+)\(", sources()["move_due"], re.MULTILINE))) < len(everything) / 2
