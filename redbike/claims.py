@@ -236,7 +236,7 @@ class SlotClaims:
         if job is not None and outcome is not None:
             lease = job.lease
             home = claims.worker.queue_for(lease.jobid)
-            placement = place_after_run(job.schedule, outcome, now, job.job, claims.retry)
+            placement = place_after_run(job.schedule, outcome, now, lambda: job.job, claims.retry)
             error = error_record(placement.status, outcome.error, self.worker_id, now, trace) if outcome.error else ""
             keys.append(claims.keys.queue(home))
             args += [lease.jobid, lease.token, *placement.script_args(), error, claims.keys.queue_channel(home)]

@@ -10,7 +10,9 @@ need no clock.
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .occurrences import DEFAULT_RETRY, Firing, Misfire, Retry, fire_late
@@ -47,10 +49,15 @@ class Placement:
     coalesced: int = 0
     skipped: int = 0
 
+    @functools.cached_property
+    def values(self) -> tuple[str, ...]:
+        return (self.kind, _time(self.at), self.status, _time(self.due),
+                "" if self.attempt is None else str(self.attempt), str(self.coalesced), str(self.skipped))
+
     def script_args(self) -> list[str]:
-        """The 7 values the Lua scripts take (placement_at() in lib.lua)."""
-        return [self.kind, _time(self.at), self.status, _time(self.due),
-                "" if self.attempt is None else str(self.attempt), str(self.coalesced), str(self.skipped)]
+        """The 7 values the Lua scripts take (placement_at() in lib.lua);
+        made once per placement (the constant ones: once)."""
+        return list(self.values)
 
 
 def _time(value: float | None) -> str:
@@ -60,6 +67,9 @@ def _time(value: float | None) -> str:
 QUEUE = Placement("Q", ENQ)
 STOPPED = Placement("X", STP)
 FORGET = Placement("D", "")
+ENDED = Placement("S", END)
+DIED = Placement("S", DIE)
+STOPPED_BY_SCHEDULE = Placement("S", STP)
 
 
 def _fired(firing: Firing, status: str = TML) -> Placement:
@@ -123,10 +133,12 @@ class Outcome:
     error: str = ""  # one line for tell: "ValueError: ..." or why it expired
 
 
-def place_after_run(schedule_text: str, outcome: Outcome, now: float, job: JobRecord,
-                    retry: Retry = DEFAULT_RETRY) -> Placement:
+def place_after_run(schedule_text: str, outcome: Outcome, now: float,
+                    record: JobRecord | Callable[[], JobRecord], retry: Retry = DEFAULT_RETRY) -> Placement:
     """Where a job goes when its run (for occurrence ``job.due``, attempt
-    ``job.attempt``) ends.
+    ``job.attempt`` of its ``record``) ends. ``record`` may be a function
+    that gives it: a one-off that ran well never needs it, so a worker need
+    not decode it on most jobs' paths.
 
     A run that raised, or did not complete (expired), runs again after a
     backoff while it has retries left (``job.retries`` more runs than the
@@ -141,11 +153,14 @@ def place_after_run(schedule_text: str, outcome: Outcome, now: float, job: JobRe
         return STOPPED
     if outcome.kind == "unset":
         return FORGET
+    if outcome.kind == "ok" and schedule_text in ("NOW", "STOP"):  # most jobs: no parse, no record
+        return ENDED if schedule_text == "NOW" else STOPPED_BY_SCHEDULE
+    job = record if isinstance(record, JobRecord) else record()
     if outcome.kind in ("error", "expired") and job.attempt <= retry.limit(job.retries, outcome.kind):
         status = RTY if outcome.kind == "error" else EXP
         return Placement("T", status, now + retry.delay(job.attempt), attempt=job.attempt + 1)
     if outcome.kind == "error":
-        return Placement("S", DIE)
+        return DIED
     try:
         schedule = parse_schedule(schedule_text)
     except ScheduleError:
@@ -157,9 +172,9 @@ def place_after_run(schedule_text: str, outcome: Outcome, now: float, job: JobRe
             return Placement("T", TML, now + outcome.backoff, due=now + outcome.backoff, attempt=1)
         return Placement("Q", ENQ, due=now, attempt=1)
     if schedule.kind in ("NOW", "AT"):
-        return Placement("S", END)
+        return ENDED
     if schedule.kind == "STOP":
-        return Placement("S", STP)
+        return STOPPED_BY_SCHEDULE
     return _next_occurrence(schedule, now, job, TML)
 
 
