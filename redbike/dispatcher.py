@@ -33,7 +33,7 @@ from .outage import Outage
 from .records import JobRecord, RecordError, decode_job, decode_lease, error_record, lease_token
 from .roundrobin import Lease
 from .scripts import Retention, Scripts, subscribe
-from .states import FORGET, Outcome, Placement, fire_due, place_after_run
+from .states import FORGET, QUEUE, Outcome, Placement, fire_due, place_after_run
 from .timefile import write_timefile
 
 log = logging.getLogger(__name__)
@@ -150,16 +150,18 @@ class Dispatcher:
         misfire policy decides: one more round trip, for the late ones only)."""
         late = [jobid for jobid, score in due if now - score >= 1]
         found: list[Any] = []
-        if late:
+        if late:  # two commands per batch, not two per job
             with self.client.pipeline(transaction=False) as pipe:
-                for jobid in late:
-                    pipe.hget(self.keys.schedules, jobid)
-                    pipe.hget(self.keys.jobs, jobid)
+                pipe.hmget(self.keys.schedules, late)
+                pipe.hmget(self.keys.jobs, late)
                 found = pipe.execute()
-        schedules = dict(zip(late, found[0::2]))
-        records = dict(zip(late, found[1::2]))
+        schedules = dict(zip(late, found[0] if found else []))
+        records = dict(zip(late, found[1] if found else []))
         placements = {}
         for jobid, score in due:
+            if now - score < 1:  # on time: into its queue, for the occurrence its record holds
+                placements[jobid] = QUEUE
+                continue
             placement = fire_due(schedules.get(jobid), self._job(jobid, records.get(jobid)), score, now)
             if placement.skipped or placement.coalesced:
                 log.info("job %s fired %.0fs late: %s", jobid, now - score, _misfire_sentence(placement))

@@ -111,6 +111,8 @@ def fire_due(schedule_text: str | None, job: JobRecord, score: float, now: float
     misfire policy. A retry keeps its occurrence and attempt."""
     if now - score < 1 or job.attempt > 1 or schedule_text is None:
         return QUEUE
+    if schedule_text.startswith("AT:") and not job.misfire.startswith("skip"):
+        return QUEUE  # a one-off runs once however late, unless skip finds it too late
     try:
         schedule = parse_schedule(schedule_text)
     except ScheduleError:

@@ -216,12 +216,10 @@ L.NEW_JOB = '|1|once|0|0|0|0|0|' -- the record of a job that has none (records.J
 
 -- The record of `jobid` (a new one, with the default policy, if it has none).
 function L.job_of(jobid)
-  local text = redis.call('HGET', L.JOBS, jobid) or L.NEW_JOB
-  local record = {}
-  for field in string.gmatch(text .. '|', '([^|]*)|') do record[#record + 1] = field end
+  local record = {string.match(redis.call('HGET', L.JOBS, jobid) or '',
+    '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)$')}
   if #record ~= L.LAST_DUE then
-    record = {}
-    for field in string.gmatch(L.NEW_JOB .. '|', '([^|]*)|') do record[#record + 1] = field end
+    record = {string.match(L.NEW_JOB, '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)$')}
   end
   return record
 end
