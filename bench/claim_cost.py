@@ -47,7 +47,7 @@ def set_many(bike: Redbike, jobids: list[str], needs: str) -> None:
             for jobid in jobids[start:start + PIPELINE]:
                 queue = bike.worker.queue_for(jobid)
                 args = [jobid, "NOW", *Placement("Q", "ENQ", due=now, attempt=1).script_args(),
-                        keys.queue_channel(queue), "0", needs, "", "once", "", "0", "bench"]
+                        keys.queue_channel(queue), "0", needs, "", "once", "", "0", "bench", "", "0"]
                 bike.scripts.run("set", now, [keys.queue(queue)], args, client=pipe)
             pipe.execute()
 
