@@ -12,9 +12,18 @@ The model, after occurrences.py's docstring:
 
 - A job's occurrences are counted per *epoch*: from a set (its schedule's
   occurrences after ``after``; a one-off's single time however late) until
-  the next set or unset of the job. An epoch closed by a set or unset owns
-  its occurrences up to then, plus the occurrence the job waited for in the
-  timeline if that one is cancelled (not carried into the new epoch).
+  the next set or unset of the job. An epoch closed by a set or unset of a
+  job that waits (timeline, queue) owns its occurrences up to then, plus the
+  occurrence the job waited for in the timeline if that one is cancelled (not
+  carried into the new epoch): the set or unset cancels the one waited for
+  and those due after the one waited or queued for. A job queued again by the
+  set keeps its place: its queued occurrence is coalesced into the new one.
+- The epoch of a job set or unset while it runs closes when the run ends:
+  the run's own placement (from the old schedule) counts the occurrences due
+  while it waited or ran, though it gives way. A placement pending for the
+  run's end, replaced by another set, has its occurrences cancelled (the one
+  it was for, and those due after it).
+- An occurrence fires once (a retry is not another).
 - At a quiescent point (``settle``: a dispatcher leads, every due occurrence
   is moved, every queued run is claimed and finished, all at the same time)
   every owned occurrence is in exactly one ledger state:
@@ -27,12 +36,14 @@ The model, after occurrences.py's docstring:
   the fired occurrences (``last_due``) never go back, no counter decreases.
 - A fenced-off (former) leader's move_due fails and changes nothing.
 
-KNOWN GAPS (see the xfail tests at the end): a set or unset that closes an
-epoch whose occurrences fell due but were not yet processed (the dispatchers
-were down, or the job waited in its queue or ran past them) leaves those
-occurrences in no ledger state. With STRICT_CLOSE False the machine counts
-them as ``lost`` (computed independently from the situation, so any other
-discrepancy still fails); set it True once they are fixed.
+KNOWN GAPS (see the xfail tests at the end): three ways an occurrence still
+ends in no ledger state: the run's own placement that gives way (the job was
+set or unset while it ran) fires an occurrence (skip, all); an unset drops
+the placement a set made while the job ran; a set with ``after`` before the
+last fired occurrence enqueues that occurrence again, taken for a retry (not
+fired). With STRICT_GAPS False the
+machine counts them as ``lost`` (computed independently from the model, so
+any other discrepancy still fails); set it True once they are fixed.
 """
 
 from __future__ import annotations
@@ -52,13 +63,13 @@ from test_jobs import CRON15, HOUR, HOURLY, NEXT_HOUR, NOW, Env
 
 from redbike.claims import Rotation
 from redbike.dispatcher import Dispatcher
-from redbike.records import JobRecord, decode_job
+from redbike.records import JobRecord, decode_job, decode_pending
 from redbike.schedules import Schedule, parse_schedule
 from redbike.scripts import Retention
 from redbike.slots import Running
 from redbike.states import Outcome
 
-STRICT_CLOSE = True  # True: an epoch closed with unprocessed occurrences fails (the known gaps)
+STRICT_GAPS = False  # True: the known gaps fail the machine (see the xfail tests at the end)
 
 JOBS = ["a:A", "b:B", "c:A"]
 POLICIES = ["once", "skip:0", "skip:60", "skip:1800", "all", "all:2"]
@@ -78,6 +89,12 @@ def occurrences(schedule: Schedule, after: float, upto: float) -> list[float]:
     return found
 
 
+def occurrences_after(schedule: Schedule, due: float, upto: float) -> list[float]:
+    """The occurrences of a recurring schedule in (due, upto] (a one-off's
+    single occurrence is never after its own)."""
+    return [] if schedule.kind == "AT" else occurrences(schedule, due, upto)
+
+
 def ledger_sum(job: JobRecord) -> int:
     return job.fired + job.coalesced + job.skipped + job.cancelled
 
@@ -86,7 +103,6 @@ def ledger_sum(job: JobRecord) -> int:
 class Epoch:
     schedule: Schedule
     after: float
-    lost: set[float] = field(default_factory=set)  # left in no ledger state when it began
 
 
 @dataclass
@@ -94,12 +110,16 @@ class Model:
     """What one job owes the ledger."""
 
     epoch: Epoch | None = None
+    closing: Epoch | None = None  # the epoch of a run set or unset while it runs: it closes at the run's end
     owned: int = 0  # occurrences of the closed epochs
     lost: int = 0  # of those, left in no state (the known gaps)
     dues: set[float] = field(default_factory=set)  # occurrences run (attempt 1) since the last reset
 
     def expected(self, now: float) -> int:
-        open_part = 0 if self.epoch is None else len(occurrences(self.epoch.schedule, self.epoch.after, now))
+        """What the ledger owes at ``now`` (an upper bound while a run whose
+        epoch closes at its end still runs)."""
+        open_part = sum(len(occurrences(epoch.schedule, epoch.after, now))
+                        for epoch in (self.epoch, self.closing) if epoch is not None)
         return self.owned + open_part - self.lost
 
 
@@ -146,10 +166,16 @@ class LedgerMachine(RuleBasedStateMachine):
     def _observed(self, action: Any) -> Any:
         """Run one primitive (one script per job at most) and check what it fired."""
         before = self._records()
+        places = {job: self._situation(job)[0] for job in JOBS}
         result = action()
         after = self._records()
         for job in JOBS:
             old, new = before[job], after[job]
+            if places[job] != "queue" and self._situation(job)[0] == "queue" and new.fired == old.fired:
+                # enqueued anew, not fired: no run here fails or expires, so
+                # not a retry: an earlier occurrence run again (the known gap)
+                assert new.due is not None and new.due == old.last_due, (job, old, new)
+                self._gap(job, 1, "an occurrence run again is taken for a retry")
             for name in ("fired", "coalesced", "skipped", "cancelled"):
                 assert getattr(new, name) >= getattr(old, name), (job, name, old, new)
             fired = new.fired - old.fired
@@ -188,28 +214,44 @@ class LedgerMachine(RuleBasedStateMachine):
             return "queue", record.due
         return "none", None
 
-    def _close(self, job: str) -> tuple[str, float | None]:
-        """Close the job's epoch at now (a set or unset follows): it owns its
-        occurrences up to now; those not yet processed are the known gaps."""
+    def _pending(self, job: str) -> tuple[str, float | None]:
+        """(kind, due) of the placement a set made while the job runs."""
+        text = self.c.hget(self.env.keys.pending, job)
+        assert text is not None, job
+        kind, _, _, due, *_ = decode_pending(text)
+        return kind, float(due) if due else None
+
+    def _gap(self, job: str, count: int, what: str) -> None:
+        """``count`` occurrences a known gap leaves in no ledger state."""
+        if count:
+            event(f"known gap: {what}")
+            assert not STRICT_GAPS, f"{job}: {count} occurrences in no ledger state ({what})"
+            self.models[job].lost += count
+
+    def _close(self, job: str, where: str) -> Epoch | None:
+        """Close the job's live epoch at now (a set or unset follows) and
+        return it: a running job's closes at its run's end; any other owns its
+        occurrences up to now (those a set or unset cancels among them too;
+        the caller counts a cancelled occurrence not yet due)."""
         model = self.models[job]
-        where, due = self._situation(job)
-        if model.epoch is None:
-            return where, due
-        owned = occurrences(model.epoch.schedule, model.epoch.after, self.now)
-        model.owned += len(owned)
-        if where == "pending":  # the set's placement was never applied
-            gap = owned
-        elif where in ("run", "queue", "timeline") and due is not None:
-            # past the one processed (for the timeline: waited for, and cancelled now)
-            gap = [t for t in owned if t > due and t not in model.epoch.lost]
+        epoch, model.epoch = model.epoch, None
+        if epoch is None:
+            return None
+        if where == "run":
+            assert model.closing is None, (job, model)
+            model.closing = epoch
         else:
-            gap = []
-        if gap:
-            event("known gap: closed with unprocessed occurrences")
-            assert not STRICT_CLOSE, f"{job}: occurrences {gap} fell due and are in no ledger state"
-            model.lost += len(gap)
-        model.epoch = None
-        return where, due
+            model.owned += len(occurrences(epoch.schedule, epoch.after, self.now))
+        return epoch
+
+    def _cancels(self, job: str, where: str, due: float | None, epoch: Epoch | None) -> int:
+        """What a set or unset of a job waiting (timeline) or queued for
+        occurrence ``due`` cancels: the occurrence waited for (counted by the
+        caller), those of its schedule due after it until now."""
+        if where not in ("timeline", "queue"):
+            return 0
+        assert epoch is not None and due is not None, (job, where, due)
+        return len(occurrences_after(epoch.schedule, due, self.now))
 
     # -- rules -----------------------------------------------------------------
 
@@ -235,7 +277,10 @@ class LedgerMachine(RuleBasedStateMachine):
         if entered:  # an AT job set again with its schedule, its time passed: KEPT, untouched
             assert self._observed(lambda: self.env.bike.set(job, text, after=after, misfire=policy)) == "KEPT"
             return
-        where, due = self._close(job) if live else self._situation(job)
+        where, due = self._situation(job)
+        event(f"set: {where}")
+        replaced = self._pending(job) if where == "pending" else None
+        old = self._close(job, where)
         if after < self.now or schedule.kind == "AT":  # it may run earlier occurrences (again)
             model.dues.clear()
             self.last_due.pop(job, None)
@@ -243,32 +288,81 @@ class LedgerMachine(RuleBasedStateMachine):
         result = self._observed(lambda: self.env.bike.set(job, text, after=after, misfire=policy))
         assert result == ("PENDING" if where in ("run", "pending") else "PLACED"), (job, where, result)
         record = self._record(job)
-        carried = where == "timeline" and due is not None and due > self.now and \
-            self.c.zscore(keys.timeline, job) is not None and record.due == due
-        if live and where == "timeline" and not carried:
-            model.owned += 1 if due is not None and due > self.now else 0  # the cancelled one
-            assert record.cancelled == before.cancelled + 1, (job, before, record)
-        else:
-            assert record.cancelled == before.cancelled, (job, before, record)
-        first = occurrences(schedule, after, self.now)
         status = self.c.hget(keys.statuses, job) or ""
-        if where == "queue" and first and status.startswith("ENQ:") and record.due == due:
-            # set.lua keeps a queued job's place for a placement in its queue:
-            # the new epoch's late occurrences are not counted (a known gap)
-            assert not STRICT_CLOSE, f"{job}: set while queued, occurrences {first} in no ledger state"
-            model.lost += len(first)
-            model.epoch.lost.update(first)
+        cancelled = self._cancels(job, where, due, old)
+        if where == "timeline":
+            assert due is not None
+            carried = due > self.now and self.c.zscore(keys.timeline, job) is not None and record.due == due
+            if carried:
+                event("set: the occurrence waited for is carried")
+            else:
+                cancelled += 1
+                model.owned += 1 if due > self.now else 0  # a cancelled occurrence not yet due
+        elif where == "queue" and status.startswith("ENQ:"):
+            # it keeps its place in line, for the new occurrence: the queued
+            # one is coalesced into it, which does not fire again
+            event("set while queued: keeps its place")
+            assert record.fired == before.fired, (job, before, record)
+            assert record.due is not None and record.due == record.last_due, (job, record)
+            if record.due == due:  # the same occurrence (both epochs own it)
+                model.owned -= 1
+            else:
+                assert record.coalesced > before.coalesced, (job, before, record)
+        elif where == "pending":
+            assert old is not None and replaced is not None
+            kind1, due1 = replaced
+            _, due2 = self._pending(job)
+            if kind1 in ("Q", "T") and due1 is not None and due1 != due2:
+                event("set while running: the pending placement is replaced")
+                cancelled += 1 + len(occurrences_after(old.schedule, due1, self.now))
+                model.owned += 1 if due1 > self.now else 0
+            elif due1 is not None and due1 == due2 and due1 <= self.now:
+                model.owned -= 1  # the same occurrence (both epochs own it)
+        assert record.cancelled == before.cancelled + cancelled, (job, where, due, cancelled, before, record)
+
+    @rule(
+        pick=st.integers(0, 2),
+        kind=st.sampled_from(["HOURLY", "CRON15", "AT"]),
+        at_offset=st.sampled_from([-7200, -600, -30, 30, 1200]),
+        policy=st.sampled_from(POLICIES),
+        then=st.sampled_from(["set", "unset", "none"]),
+    )
+    def set_busy_job(self, pick: int, kind: str, at_offset: int, policy: str, then: str) -> None:
+        """Set a job that is queued or runs (a queued one claimed first, at
+        times), then set or unset it again: the paths a random job rarely
+        takes (a set while running, replaced or dropped)."""
+        if pick == 0:
+            self._claim()
+        busy = [job for job in JOBS if self._situation(job)[0] in ("queue", "run", "pending")]
+        if busy:
+            job = busy[pick % len(busy)]
+            self.set_job(job, kind, at_offset, policy, 0)
+            if then == "set":
+                self.set_job(job, kind, -at_offset, policy, 0)
+            elif then == "unset":
+                self.unset_job(job)
 
     @rule(job=st.sampled_from(JOBS))
     def unset_job(self, job: str) -> None:
         before = self._record(job)
-        live = self.models[job].epoch is not None
-        where, due = self._close(job)
-        result = self._observed(lambda: self.env.bike.unset(job))
         model = self.models[job]
+        live = model.epoch is not None
+        where, due = self._situation(job)
+        event(f"unset: {where}")
+        old = self._close(job, where)
+        result = self._observed(lambda: self.env.bike.unset(job))
+        cancelled = self._cancels(job, where, due, old)
         if where == "timeline":
-            model.owned += 1 if due is not None and due > self.now else 0
-            assert self._record(job).cancelled == before.cancelled + 1
+            assert due is not None
+            cancelled += 1
+            model.owned += 1 if due > self.now else 0
+        elif where == "pending":
+            # the placement a set made while it ran is dropped: that set's
+            # epoch's occurrences due until now (the known gap)
+            assert old is not None
+            self._gap(job, len(occurrences(old.schedule, old.after, self.now)),
+                      "an unset drops the placement pending for the run's end")
+        assert self._record(job).cancelled == before.cancelled + cancelled, (job, where, due, before)
         if live:
             assert result == (2 if where in ("run", "pending") else 1), (job, where, result)
         else:
@@ -348,9 +442,37 @@ class LedgerMachine(RuleBasedStateMachine):
         if later and not self._can_wait(later):
             later = 0
         self._tick(later)
-        job = self.running.pop(pick % len(self.running))
-        done, _ = self._observed(lambda: self.pool.finish(job, Outcome("ok"), "", None, "w1"))
-        assert done in ("DONE", "GONE"), done
+        self._finish(self.running.pop(pick % len(self.running)))
+
+    def _finish(self, run: Running) -> None:
+        """End a run (ok). A run whose job was set or unset while it ran
+        closes that epoch: its own placement, though it gives way, counts the
+        occurrences due while it waited or ran."""
+        jobid = run.lease.jobid
+        done, _ = self._observed(lambda: self.pool.finish(run, Outcome("ok"), "", None, "w1"))
+        model = self.models[jobid]
+        if model.closing is None:
+            assert done == "DONE", (jobid, done)
+            return
+        assert done in ("DONE", "GONE"), (jobid, done)
+        assert done == ("GONE" if model.epoch is None else "DONE"), (jobid, done, model)
+        epoch, model.closing = model.closing, None
+        model.owned += len(occurrences(epoch.schedule, epoch.after, self.now))
+        self._gap(jobid, self._fired_by_given_way(run), "the run's own placement that gives way fires")
+
+    def _fired_by_given_way(self, run: Running) -> int:
+        """Of the occurrences due after the run's own until its end, those its
+        own placement would fire (now or in later runs): ``once`` coalesces
+        them all into the run; ``skip:G`` fires the latest within G, ``all:N``
+        the N latest."""
+        assert run.job.due is not None
+        missed = occurrences_after(parse_schedule(run.schedule), run.job.due, self.now)
+        name, _, parameter = run.job.misfire.partition(":")
+        if name == "once" or not missed:
+            return 0
+        if name == "skip":
+            return 1 if any(self.now - t <= float(parameter) for t in missed) else 0
+        return len(missed) if not parameter else min(len(missed), int(parameter))
 
     def _can_wait(self, seconds: float) -> bool:
         """No held run's lease runs out (no run here expires)."""
@@ -381,8 +503,7 @@ class LedgerMachine(RuleBasedStateMachine):
         """Bring a dispatcher up (the lease of a dead leader lapses), drain
         everything due now, and check the ledger and the policies."""
         while self.running:
-            job = self.running.pop()
-            self._observed(lambda job=job: self.pool.finish(job, Outcome("ok"), "", None, "w1"))
+            self._finish(self.running.pop())
         if not any(self.alive):
             self.alive[0] = True
         leader = self.c.get(self.env.keys.dispatcher)
@@ -400,8 +521,7 @@ class LedgerMachine(RuleBasedStateMachine):
                 claimed += 1
                 runs[job.lease.jobid] += 1
                 self.running.remove(job)
-                done, _ = self._observed(lambda job=job: self.pool.finish(job, Outcome("ok"), "", None, "w1"))
-                assert done in ("DONE", "GONE")
+                self._finish(job)
             due = self.c.zrangebyscore(self.env.keys.timeline, "-inf", self.now)
             if not claimed and not due:
                 break
@@ -419,8 +539,7 @@ class LedgerMachine(RuleBasedStateMachine):
         where, due = self._situation(job)
         if model.epoch is None or where == "pending" or due is None:
             return None
-        owned = [t for t in occurrences(model.epoch.schedule, model.epoch.after, self.now)
-                 if t not in model.epoch.lost]
+        owned = occurrences(model.epoch.schedule, model.epoch.after, self.now)
         if where == "timeline":
             return False, [t for t in owned if t >= due]
         if where in ("queue", "run"):
@@ -487,9 +606,7 @@ TestLedgerMachine.settings = settings(
 )
 
 
-# ==================================== known gaps: minimal failing examples
-# Each is an occurrence that ends in no ledger state (or in two). They fail on
-# a0693ee; the lead fixes the scripts (then drop the xfail and set STRICT_CLOSE).
+# ==================================== the former gaps, fixed in ac6b7a8
 
 def _env() -> Env:
     return Env(fakeredis.FakeRedis(server=fakeredis.FakeServer(), decode_responses=True), "gap")
@@ -566,3 +683,70 @@ def test_a_retried_occurrence_is_fired_once() -> None:
     assert again is not None and again.job.due == NEXT_HOUR and again.job.attempt == 2
     record = decode_job(env.c.hget(env.keys.jobs, "a:A"))
     assert record.fired == 1, record
+
+
+# ==================================== known gaps: minimal failing examples
+# Each is an occurrence that ends in no ledger state. They fail on ac6b7a8;
+# once the scripts are fixed, drop the xfail and set STRICT_GAPS.
+
+def _running(misfire: str, claim_at: float) -> tuple[Env, ClaimingPool, Running]:
+    """HOURLY (set at 22:13:20), 23:00 fired on time and claimed at ``claim_at``."""
+    env = _env()
+    env.bike.set("a:A", HOURLY, after=NOW, misfire=misfire)
+    dispatcher = env.dispatcher(retention=KEEP)
+    env.at(NEXT_HOUR)
+    assert dispatcher.lead(NEXT_HOUR) and dispatcher.move_due(NEXT_HOUR) == 1
+    env.at(claim_at)
+    pool = env.pool()
+    run = env.claim(pool)
+    assert run is not None and run.job.due == NEXT_HOUR
+    return env, pool, run
+
+
+@pytest.mark.xfail(strict=True, reason="finish() (lib.lua) counts only the coalesced and skipped of a run's own "
+                   "placement that gives way: the occurrences it would fire (skip, all) are in no ledger state")
+@pytest.mark.parametrize("misfire", ["all", "skip:1800"])
+def test_unset_while_running_accounts_the_occurrences_its_run_would_fire(misfire: str) -> None:
+    """23:00 waits in its queue until 01:00:07, when it is claimed and the job
+    unset. 00:00 and 01:00 fell due meanwhile: the run's own placement would
+    run both (all) or skip 00:00 and run 01:00 (skip:1800); the run ends GONE
+    and adds only what it skipped: expected ledger sum 3, actual 1 (all) or 2."""
+    env, pool, run = _running(misfire, NEXT_HOUR + 2 * HOUR + 7)
+    assert env.bike.unset("a:A") == 2
+    assert pool.finish(run, Outcome("ok"), "", None, "w1")[0] == "GONE"
+    record = decode_job(env.c.hget(env.keys.jobs, "a:A"))
+    assert ledger_sum(record) == 3, record
+
+
+@pytest.mark.xfail(strict=True, reason="unset.lua drops the placement a set made while the job ran (L.forget "
+                   "deletes PENDING) without counting its occurrences")
+def test_unset_after_a_set_while_running_accounts_the_pending_occurrence() -> None:
+    """23:00 runs; the job is set to a one-off 10 minutes ago (pending: queued
+    when the run ends), then unset before the run ends. The one-off's
+    occurrence fell due and never runs: expected ledger sum 2 (23:00 fired,
+    the one-off cancelled), actual 1."""
+    env, pool, run = _running("once", NEXT_HOUR + 10)
+    assert env.bike.set("a:A", f"AT:{NEXT_HOUR - 590:.0f}") == "PENDING"
+    assert env.bike.unset("a:A") == 2
+    assert pool.finish(run, Outcome("ok"), "", None, "w1")[0] == "GONE"
+    record = decode_job(env.c.hget(env.keys.jobs, "a:A"))
+    assert ledger_sum(record) == 2, record
+
+
+@pytest.mark.xfail(strict=True, reason="place() (lib.lua) takes an enqueue of the record's last_due for a retry: "
+                   "a set whose after is before it runs that occurrence again, not counted fired")
+def test_an_occurrence_run_again_by_a_set_is_fired() -> None:
+    """23:00 fired and ran; the job is unset at 23:10 and set again with
+    after=22:30 (misfire all): the new schedule's 23:00 is queued and runs
+    again, but last_due is 23:00 so place() does not count it fired:
+    expected fired 2 (the first 23:00, the new one; 00:00 is cancelled by
+    the unset), actual 1."""
+    env, pool, run = _running("once", NEXT_HOUR)
+    assert pool.finish(run, Outcome("ok"), "", None, "w1")[0] == "DONE"
+    env.at(NEXT_HOUR + 600)
+    assert env.bike.unset("a:A") == 1
+    assert env.bike.set("a:A", HOURLY, after=NEXT_HOUR - 1800, misfire="all") == "PLACED"
+    again = env.claim(pool)
+    assert again is not None and again.job.due == NEXT_HOUR and again.job.attempt == 1  # it runs again
+    record = decode_job(env.c.hget(env.keys.jobs, "a:A"))
+    assert (record.fired, record.cancelled) == (2, 1), record
