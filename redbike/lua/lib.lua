@@ -493,12 +493,32 @@ function L.cancel_waiting(jobid, record, expected, missed, status)
   end
 end
 
+-- A running job's placement set while it ran (pending), dropped by another
+-- set (placing occurrence `due`) or an unset: what it decided stands (its
+-- coalesced and skipped counts), and its own occurrence, and those of its
+-- schedule due after it until now (`missed`, counted by the caller for
+-- occurrence `expected`), are cancelled: none of them will run.
+function L.drop_pending(jobid, record, due, expected, missed)
+  local before = redis.call('HGET', L.PENDING, jobid)
+  if not before then return end
+  local dropped = L.pending_placement(before)
+  L.add(record, L.COALESCED, dropped.coalesced)
+  L.add(record, L.SKIPPED, dropped.skipped)
+  if (dropped.kind == 'Q' or dropped.kind == 'T') and dropped.due ~= '' and dropped.due ~= due then
+    local count = 1
+    if tonumber(expected) == tonumber(dropped.due) then count = count + tonumber(missed) end
+    L.add(record, L.CANCELLED, count)
+    L.trail(jobid, 'cancelled', dropped.due, L.int(count))
+  end
+end
+
 -- Place a job (placement `p`; see the header) and write its record: the
 -- occurrence and attempt it is placed for, the ledger counts. A job placed
 -- in its queue fires its occurrence (the ledger's fired count and last due).
 -- `record`: the job's record if the caller has read (and changed) it;
--- `noted`: the caller wrote the trail event (set.lua), so no 'enqueued'.
-function L.place(jobid, p, queue, channel, record, noted)
+-- `noted`: the caller wrote the trail event (set.lua), so no 'enqueued';
+-- `again`: it runs an occurrence that already fired again (the retry command).
+function L.place(jobid, p, queue, channel, record, noted, again)
   local kind = p.kind
   if kind == 'D' then
     L.forget(jobid)
@@ -515,7 +535,7 @@ function L.place(jobid, p, queue, channel, record, noted)
       if record[L.DUE] == '' then record[L.DUE] = L.NOW end
       -- An occurrence fires once: a retry of it (a later attempt, or the
       -- retry command) is not another.
-      if record[L.DUE] ~= record[L.LAST_DUE] then L.add(record, L.FIRED, 1) end
+      if record[L.ATTEMPT] == '1' and not again then L.add(record, L.FIRED, 1) end
       record[L.LAST_DUE] = record[L.DUE]
     end
     L.save_job(jobid, record)

@@ -65,19 +65,7 @@ else
   L.trail(jobid, 'set', by, p.status, needs, record[L.MISFIRE], record[L.RETRIES], schedule)
 end
 if redis.call('HEXISTS', L.LEASES, jobid) == 1 then
-  local before = redis.call('HGET', L.PENDING, jobid)
-  if before then -- a placement set while it ran, replaced: its occurrences are decided
-    local replaced = L.pending_placement(before)
-    L.add(record, L.COALESCED, replaced.coalesced)
-    L.add(record, L.SKIPPED, replaced.skipped)
-    if (replaced.kind == 'Q' or replaced.kind == 'T') and replaced.due ~= '' and replaced.due ~= p.due then
-      -- its occurrence, and those of its schedule due after it until now
-      local count = 1
-      if tonumber(expected) == tonumber(replaced.due) then count = count + tonumber(missed) end
-      L.add(record, L.CANCELLED, count)
-      L.trail(jobid, 'cancelled', replaced.due, L.int(count))
-    end
-  end
+  L.drop_pending(jobid, record, p.due, expected, missed)
   L.save_job(jobid, record)
   redis.call('HSET', L.PENDING, jobid, L.pending_text(p))
   return 'PENDING'
@@ -102,5 +90,5 @@ if p.kind == 'Q' and current and string.sub(current, 1, 4) == 'ENQ:'
   return 'PLACED'
 end
 L.unplace(jobid, queue)
-L.place(jobid, p, queue, channel, record, true)
+L.place(jobid, p, queue, channel, record, true, only_if == 'R')
 return 'PLACED'

@@ -15,12 +15,14 @@ if redis.call('HEXISTS', L.SCHEDULES, jobid) == 0 and not status then
   return 0
 end
 local running = redis.call('HEXISTS', L.LEASES, jobid) == 1
-if not running then
-  local record = L.job_of(jobid)
+local record = L.job_of(jobid)
+if running then
+  L.drop_pending(jobid, record, '', expected, missed)
+else
   L.cancel_waiting(jobid, record, expected, missed, status)
-  L.save_job(jobid, record)
   L.unplace(jobid, KEYS[L.K + 1])
 end
+L.save_job(jobid, record)
 L.forget(jobid)
 L.trail(jobid, 'unset', by)
 if running then return 2 end
