@@ -10,6 +10,7 @@ environment with the job id and found here through /proc."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pty
@@ -17,6 +18,7 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -62,38 +64,38 @@ def last_error(bike: Redbike, jobid: str) -> Any:
     return (bike.tell(jobid) or {}).get("last_error")
 
 
-def start(pool: WorkerPool) -> threading.Thread:
+@contextlib.contextmanager
+def pool_running(client: redis.Redis, prefix: str, jobid: str, queue: str,
+                 **settings: Any) -> Iterator[tuple[Redbike, WorkerPool, threading.Thread]]:
+    """A pool of queue ``queue`` running in a thread, stopped (HALT) at the
+    end, and whatever job ``jobid`` started killed, whatever the test did."""
+    worker = Recorder(queue)
+    bike = Redbike(worker, prefix=prefix, client=client)
+    pool = WorkerPool(client, bike.keys, worker, **settings)
     thread = threading.Thread(target=pool.run)
     thread.start()
-    return thread
+    try:
+        yield bike, pool, thread
+    finally:
+        bike.control()  # HALT
+        thread.join(20)
+        kill_marked(jobid)
 
 
 def test_a_job_killed_for_its_timeout_leaves_no_process_behind(client: redis.Redis, prefix: str) -> None:
-    worker = Recorder("T")  # a 2 s timeout
-    bike = Redbike(worker, prefix=prefix, client=client)
-    pool = WorkerPool(client, bike.keys, worker)
     jobid = f"spawn-{prefix}:T"
-    thread = start(pool)
-    try:
+    with pool_running(client, prefix, jobid, "T") as (bike, _, thread):  # queue T: a 2 s timeout
         bike.set(jobid, "NOW")
         assert all(alive(pid) for pid in started(jobid))
         error = wait_for(lambda: last_error(bike, jobid), timeout=10, what="the job to be killed at its timeout")
         assert error["error"] == "killed: timed out after 2s"
         wait_for(lambda: not marked(jobid), timeout=5, what="the job's sleeps to be killed with it")
-    finally:
-        bike.control()  # HALT
-        thread.join(20)
-        kill_marked(jobid)
     assert not thread.is_alive()
 
 
 def test_a_second_signal_kills_what_the_running_job_started(client: redis.Redis, prefix: str) -> None:
-    worker = Recorder("A")
-    bike = Redbike(worker, prefix=prefix, client=client)
-    pool = WorkerPool(client, bike.keys, worker, default_timeout=60)
     jobid = f"spawn-{prefix}:A"
-    thread = start(pool)
-    try:
+    with pool_running(client, prefix, jobid, "A", default_timeout=60) as (bike, pool, thread):
         bike.set(jobid, "NOW")
         started(jobid)
         pool.stop()  # as the signal handler does: first, finish the running job...
@@ -102,40 +104,24 @@ def test_a_second_signal_kills_what_the_running_job_started(client: redis.Redis,
         assert not thread.is_alive()
         assert last_error(bike, jobid)["error"] == "killed: stopped by force"
         wait_for(lambda: not marked(jobid), timeout=5, what="the job's sleeps to be killed with it")
-    finally:
-        bike.control()
-        thread.join(20)
-        kill_marked(jobid)
 
 
 def test_a_child_killed_from_outside_takes_its_group_with_it(client: redis.Redis, prefix: str) -> None:
     """As the OOM killer would: the child dies, not killed by its supervisor."""
-    worker = Recorder("A")
-    bike = Redbike(worker, prefix=prefix, client=client)
-    pool = WorkerPool(client, bike.keys, worker, default_timeout=60)
     jobid = f"spawn-{prefix}:A"
-    thread = start(pool)
-    try:
+    with pool_running(client, prefix, jobid, "A", default_timeout=60) as (bike, pool, _):
         bike.set(jobid, "NOW")
         started(jobid)
         os.kill(pool.children[0].pid, signal.SIGKILL)
         error = wait_for(lambda: last_error(bike, jobid), what="the run to end")
         assert error["error"] == "worker process died (killed by signal 9: SIGKILL)"
         wait_for(lambda: not marked(jobid), timeout=5, what="the job's sleeps to be killed with it")
-    finally:
-        bike.control()
-        thread.join(20)
-        kill_marked(jobid)
 
 
 def test_a_graceful_stop_leaves_a_finished_jobs_detached_process(client: redis.Redis, prefix: str) -> None:
     """The slot's child exits cleanly: its group is not killed."""
-    worker = Recorder("A")
-    bike = Redbike(worker, prefix=prefix, client=client)
-    pool = WorkerPool(client, bike.keys, worker)
     jobid = f"detach-{prefix}:A"
-    thread = start(pool)
-    try:
+    with pool_running(client, prefix, jobid, "A") as (bike, pool, thread):
         bike.set(jobid, "NOW")
         wait_for(lambda: pool.jobs_done == 1, what="the job to end")
         detached = wait_for(lambda: marked(jobid), what="its sleep")
@@ -143,10 +129,6 @@ def test_a_graceful_stop_leaves_a_finished_jobs_detached_process(client: redis.R
         thread.join(20)
         assert not thread.is_alive()
         assert marked(jobid) == detached
-    finally:
-        bike.control()
-        thread.join(20)
-        kill_marked(jobid)
 
 
 def test_a_worker_killed_by_sigkill_leaves_no_process_behind(workdir: Path, client: redis.Redis, prefix: str,
