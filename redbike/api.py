@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import getpass
 import logging
-import math
 import os
 import socket
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import redis
 
@@ -19,7 +18,7 @@ from .config import connect
 from .csvfile import read_rows
 from .dispatcher import Dispatcher
 from .keys import WAKE_BATCH, Keys
-from .names import BadName, check_jobid, check_queue
+from .names import BadName, check_jobid, check_queue, whole_number
 from .occurrences import Retry, count_after, misfire_text
 from .records import (
     CLEAR_NEEDS,
@@ -51,6 +50,41 @@ TIMEFILE_AHEAD = 5.0  # seconds a timefile may be ahead of the clock before that
 
 
 JobIdError = BadName  # what callers of earlier versions catch
+
+
+class Stored(NamedTuple):
+    """A job's schedule, record and pending placement as stored (None: none)."""
+
+    schedule: str | None
+    record: str | None
+    pending: str | None
+
+    def misfire(self, default: str) -> str:
+        """Its misfire policy (``default`` for a new or unset job)."""
+        try:
+            return decode_job(self.record).misfire if self.schedule is not None else default
+        except RecordError:
+            return default
+
+    def unrun(self, now: float) -> tuple[str, str]:
+        """The occurrence the job is placed for (the one set while it runs,
+        if any), and how many of its schedule's occurrences fell due after it
+        until ``now``: a set or unset that replaces it cancels them (set.lua
+        and unset.lua check that it is still the job's)."""
+        try:
+            due = decode_job(self.record).due
+            if self.pending is not None:
+                placed = decode_pending(self.pending)[3]
+                due = float(placed) if placed else None
+            parsed = parse_schedule(self.schedule) if self.schedule else None
+        except (RecordError, ScheduleError, ValueError):
+            return "", "0"
+        if due is None or parsed is None:
+            return "", "0"
+        return encode_time(due), str(count_after(parsed, due, now))
+
+
+NOTHING_STORED = Stored(None, None, None)
 
 
 class Redbike:
@@ -110,53 +144,32 @@ class Redbike:
         return check_queue(self.worker.queue_for(check_jobid(jobid)))
 
     def _place(self, jobid: str, schedule: str, placement: Placement, only_if_new: str, needs: str = "",
-               policy: tuple[str, str] = ("", "")) -> str:
+               policy: tuple[str, str] = ("", ""), stored: Stored = NOTHING_STORED) -> str:
         """Run set.lua. ``only_if_new``: '1' leaves an existing job as it is,
         'S' one whose schedule is ``schedule``, 'R' one that did not fail
         (status DIE), '0' sets it whatever it has. ``policy``: its misfire
-        policy and retries ('' keeps the job's; a new job gets the defaults)."""
+        policy and retries ('' keeps the job's; a new job gets the defaults).
+        ``stored``: what the job had (_stored), for the occurrences it cancels."""
         queue = self._queue_of(jobid)
+        now = self.clock()
         return self.scripts.run(
             "set",
-            self.clock(),
+            now,
             [self.keys.queue(queue)],
             [jobid, schedule, *placement.script_args(), self.keys.queue_channel(queue), only_if_new, needs,
-             policy[0], self.misfire, policy[1], str(self.retries), who(), *self._unrun(jobid)],
+             policy[0], self.misfire, policy[1], str(self.retries), who(), *stored.unrun(now)],
         )
 
-    def _unrun(self, jobid: str) -> tuple[str, str]:
-        """The occurrence a job is placed for, and how many of its schedule's
-        occurrences fell due after it until now: a set or unset that replaces
-        it cancels them (set.lua, unset.lua check that it is still the job's)."""
-        if isinstance(self.client, redis.client.Pipeline):  # a pipelined set: nothing to read
-            return "", "0"
+    def _stored(self, jobid: str) -> Stored:
+        """What a job has before a set or unset changes it (one round trip;
+        nothing for a pipelined client: then nothing is read)."""
+        if isinstance(self.client, redis.client.Pipeline):
+            return NOTHING_STORED
         with self.client.pipeline(transaction=False) as pipe:
             pipe.hget(self.keys.schedules, jobid)
             pipe.hget(self.keys.jobs, jobid)
             pipe.hget(self.keys.pending, jobid)
-            schedule, record, pending = pipe.execute()
-        try:
-            due = decode_job(record).due
-            if pending is not None:  # set while it runs: the placement that waits for the run's end
-                placed = decode_pending(pending)[3]
-                due = float(placed) if placed else None
-            parsed = parse_schedule(schedule) if schedule else None
-        except (RecordError, ScheduleError, ValueError):
-            return "", "0"
-        if due is None or parsed is None:
-            return "", "0"
-        return encode_time(due), str(count_after(parsed, due, self.clock()))
-
-    def _stored_misfire(self, jobid: str) -> str:
-        """The misfire policy a job was set with (the default for a new or unset job)."""
-        with self.client.pipeline(transaction=False) as pipe:
-            pipe.hget(self.keys.jobs, jobid)
-            pipe.hexists(self.keys.schedules, jobid)
-            record, exists = pipe.execute()
-        try:
-            return decode_job(record).misfire if exists else self.misfire
-        except RecordError:
-            return self.misfire
+            return Stored(*pipe.execute())
 
     def needs_of(self, jobid: str, needs: Needs = None) -> dict[str, int]:
         """What a job needs: the worker's needs(jobid) hook, overridden per
@@ -209,14 +222,11 @@ class Redbike:
         # it has, was entered before (a --schedules file loaded again): it ran or
         # runs once, and is left as it is.
         entered = parsed.kind == "AT" and parsed.first_after(start) is None
-        # The policy matters only when occurrences are already due; only then
-        # is the job's own read (a pipelined set of NOW jobs reads nothing).
-        due = parsed.kind in ("AT", "RRULE", "CRON") and (parsed.first_after(
-            -math.inf if parsed.kind == "AT" else start) or math.inf) <= now
-        policy = misfire or (self._stored_misfire(jobid) if due else self.misfire)
+        stored = self._stored(jobid)
+        policy = misfire or stored.misfire(self.misfire)
         return self._place(jobid, parsed.text, place_on_set(parsed, start, now, policy),
                            only_if_new="S" if entered else "0", needs=wanted,
-                           policy=(misfire or "", "" if retries is None else str(retries)))
+                           policy=(misfire or "", "" if retries is None else str(retries)), stored=stored)
 
     def set_many(self, rows: Iterable[tuple[str, ...]], after: float | None = None) -> list[str]:
         """Set (jobid, schedule[, needs[, misfire[, retries]]]) rows ('' for
@@ -285,7 +295,8 @@ class Redbike:
         """Remove a job. Returns 0 (unknown), 1 (removed) or 2 (running: it
         completes, then is removed)."""
         queue = self._queue_of(jobid)
-        return self.scripts.run("unset", self.clock(), [self.keys.queue(queue)], [jobid, who(), *self._unrun(jobid)])
+        now = self.clock()
+        return self.scripts.run("unset", now, [self.keys.queue(queue)], [jobid, who(), *self._stored(jobid).unrun(now)])
 
     def tell(self, jobid: str) -> dict[str, Any] | None:
         return report.tell(self.client, self.keys, jobid, self._queue_of(jobid))
@@ -363,9 +374,7 @@ def check_retries(retries: int) -> int:
 
 
 def parse_retries(text: str) -> int:
-    if not text.strip().isdigit():
-        raise ValueError(f"retries must be a whole number from 0 to {MAX_RETRIES}, not {text!r}")
-    return check_retries(int(text))
+    return whole_number(text, "retries", 0, MAX_RETRIES)
 
 
 def who() -> str:

@@ -80,7 +80,7 @@ from .api import JobIdError, Redbike, parse_retries
 from .config import Config, ConfigError, check_reachable, connect, load_config
 from .csvfile import CsvError
 from .embedded import EmbeddedError, find_folder, server_status, stop_server
-from .names import check_jobid
+from .names import check_jobid, whole_number
 from .occurrences import misfire_text
 from .preview import parse_count, preview
 from .resources import ResourceError, check_name, parse_capacity
@@ -131,15 +131,7 @@ def _worker(spec: str | None, config: Config, required: bool) -> RoundRobin:
 
 
 def _concurrency(text: str) -> int:
-    try:
-        concurrency = int(text)
-    except ValueError:
-        raise ValueError(f"--concurrency must be a whole number from 1 to {MAX_CONCURRENCY}, not {text!r}") from None
-    if not 1 <= concurrency <= MAX_CONCURRENCY:
-        raise ValueError(
-            f"--concurrency must be from 1 to {MAX_CONCURRENCY} (each slot maps 2 MiB of shared memory), not {text}"
-        )
-    return concurrency
+    return whole_number(text, "--concurrency", 1, MAX_CONCURRENCY, " (each slot maps 2 MiB of shared memory)")
 
 
 def _check_usage(args: dict[str, Any]) -> None:

@@ -1,4 +1,4 @@
-"""The names users give redbike, checked where they enter.
+"""The names (and counts) users give redbike, checked where they enter.
 
 Job ids and queue names go into Redis records whose fields are joined with
 ``|`` (see records.py) and into one-line outputs (CSV, logs), so neither may
@@ -39,3 +39,16 @@ def check_queue(name: str) -> str:
     """``name`` (a queue from queue_names() or queue_for()), if redbike can
     store it; else BadName."""
     return _check(name, "queue name")
+
+
+def whole_number(text: str, what: str, low: int, high: int, why: str = "") -> int:
+    """A count typed by a user (``--count``, ``--retries``, ``--concurrency``):
+    a whole number from ``low`` to ``high``; ValueError with a one-line reason
+    (``why``: what bounds it) otherwise."""
+    try:
+        number = int(text)
+    except ValueError:
+        raise ValueError(f"{what} must be a whole number from {low} to {high}, not {text!r}") from None
+    if not low <= number <= high:
+        raise ValueError(f"{what} must be from {low} to {high}{why}, not {text}")
+    return number

@@ -64,14 +64,10 @@ def misfire_text(policy: str, grace: float | None) -> str:
 def count_after(schedule: Schedule, due: float, now: float) -> int:
     """How many occurrences of a recurring ``schedule`` fell due after ``due``
     up to ``now`` (at most MAX_COUNTED); 0 for other schedules."""
-    if schedule.kind not in ("RRULE", "CRON"):
+    first = schedule.first_after(due) if schedule.kind in ("RRULE", "CRON") else None
+    if first is None or first > now:
         return 0
-    count = 0
-    upcoming = schedule.first_after(due)
-    while upcoming is not None and upcoming <= now and count < MAX_COUNTED:
-        count += 1
-        upcoming = schedule.first_after(upcoming)
-    return count
+    return len(_missed(schedule, first, now)[0])
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from datetime import datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
+from .names import whole_number
 from .schedules import UTC, Schedule
 
 DEFAULT_COUNT = 10
@@ -33,13 +34,7 @@ _CONTROL = {
 
 def parse_count(text: str) -> int:
     """--count: a whole number from 1 to MAX_COUNT; ValueError with a one-line reason."""
-    try:
-        count = int(text)
-    except ValueError:
-        raise ValueError(f"--count must be a whole number from 1 to {MAX_COUNT}, not {text!r}") from None
-    if not 1 <= count <= MAX_COUNT:
-        raise ValueError(f"--count must be from 1 to {MAX_COUNT}, not {text}")
-    return count
+    return whole_number(text, "--count", 1, MAX_COUNT)
 
 
 @dataclass(frozen=True)
