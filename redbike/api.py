@@ -8,11 +8,11 @@ import os
 import socket
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any, NamedTuple, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import redis
 
-from . import explain, report
+from . import explain, nodeview, report
 from .clock import RedisClock
 from .config import connect
 from .csvfile import read_rows
@@ -42,6 +42,10 @@ from .scripts import Retention, Scripts
 from .states import BAD, DIE, ENQ, Placement, place_on_set
 from .supervisor import WorkerPool
 from .timefile import check_timefile, read_timefile
+
+if TYPE_CHECKING:
+    from .nodeconfig import NodeConfig
+    from .reconcile import Pass
 
 log = logging.getLogger(__name__)
 
@@ -314,6 +318,22 @@ class Redbike:
 
     def schedules(self) -> Iterator[tuple[str, str]]:
         return report.schedules(self.client, self.keys)
+
+    def nodes(self, level: str | None = None) -> Iterator[tuple[str, str, str, int, int]]:
+        """(level, name, parent, tasks, running) of every node the reconciler
+        stored (of ``level``); parent '' for a top level's."""
+        return nodeview.nodes(self.client, self.keys, level)
+
+    def node(self, name: str) -> dict[str, Any] | None:
+        """One node: path to the root, capacities, in use, its tasks (None: unknown)."""
+        return nodeview.node(self.client, self.keys, name)
+
+    def reconcile_nodes(self, config: NodeConfig) -> Pass:
+        """Poll every node source of ``config`` once and bring the tasks in
+        step with the nodes (reconcile.Busy if another reconciler runs)."""
+        from .reconcile import reconcile_once  # it builds pipelined Redbikes
+
+        return reconcile_once(self, config)
 
     def control(self, command: str = "HALT") -> str:
         """Tell every running dispatcher and worker to stop after its current

@@ -15,6 +15,9 @@ Usage:
   redbike [options] capacity RESOURCE CAPACITY
   redbike [options] capacity --load=CSV
   redbike [options] capacities
+  redbike [options] nodes [--level=L]
+  redbike [options] nodes --reconcile [NODESCONF] [--loop]
+  redbike [options] node NAME
   redbike [options] control HALT
   redbike [options] demo [--seconds=S]
   redbike [options] embedded (status | stop)
@@ -47,13 +50,19 @@ Options:
   --seconds=S        How long the demo runs [default: 5].
   --schedule=SCHEDULE  Preview this schedule (no Redis needed).
   --count=N          How many occurrences preview shows, 1 to 1000 [default: 10].
+  --level=L          nodes: only the nodes of level L.
+  --reconcile        nodes: poll the node sources of the [redbike-nodes]
+                     section (of NODESCONF, else of the config file) and
+                     bring the tasks in step with the nodes, once.
+  --loop             With --reconcile: go on, polling each source on its
+                     interval, until SIGTERM/SIGINT (one reconciler leads).
   --json             JSON for tools: preview, a list (notes go to stderr);
                      explain, one object (events, state, why).
   -v --verbose       Log debug messages.
 
 Exit status: 0 success, 1 runtime failure (e.g. Redis unreachable) or, for
 `embedded status`, no embedded server running, 2 bad input (usage, schedule,
-config, worker spec, CSV), 3 no such job.
+config, worker spec, CSV), 3 no such job (or node).
 
 With no [redbike-redis] in the config, commands use the embedded Redis server
 of the nearest .redbike/ folder here or above (as git finds .git/), or start
@@ -68,6 +77,7 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 import time
 from importlib.metadata import PackageNotFoundError, version
@@ -77,12 +87,15 @@ import redis
 from docopt import DocoptExit, docopt
 
 from .api import JobIdError, Redbike, parse_retries
-from .config import Config, ConfigError, check_reachable, connect, load_config
+from .config import DEFAULT_PATH, Config, ConfigError, check_reachable, connect, load_config
 from .csvfile import CsvError
 from .embedded import EmbeddedError, find_folder, server_status, stop_server
 from .names import check_jobid, whole_number
+from .nodeconfig import NodeConfig, load_node_config
+from .nodes import check_node_name
 from .occurrences import misfire_text
 from .preview import parse_count, preview
+from .reconcile import Busy, reconcile_loop
 from .resources import ResourceError, check_name, parse_capacity
 from .roundrobin import RoundRobin
 from .schedules import ScheduleError, parse_schedule, parse_timestamp
@@ -151,6 +164,38 @@ def _check_usage(args: dict[str, Any]) -> None:
             parse_schedule(args["--schedule"])
         else:
             check_jobid(args["JOBID"])
+    if args["nodes"] and args["--level"] is not None:
+        check_node_name(args["--level"], "level")
+    if args["node"]:
+        check_node_name(args["NAME"])
+
+
+def _node_config(args: dict[str, Any]) -> NodeConfig:
+    """The [redbike-nodes] section of NODESCONF, else of the config file."""
+    path = args["NODESCONF"] or args["--config"] or DEFAULT_PATH
+    config = load_node_config(path)
+    if config is None:
+        raise ConfigError(f"no [redbike-nodes] section in {path!r}")
+    return config
+
+
+def _reconcile(args: dict[str, Any], bike: Redbike, config: NodeConfig) -> int:
+    """`nodes --reconcile [--loop]`: once (a summary on stderr), or until a signal."""
+    if not args["--loop"]:
+        done = bike.reconcile_nodes(config)
+        print(f"reconciled: {done.summary()}", file=sys.stderr)
+        for error in done.errors:
+            print(f"redbike: {error}", file=sys.stderr)
+        return 1 if done.errors else 0
+    stopping: list[int] = []
+
+    def stop(signum: int, _frame: object) -> None:  # only sets a flag
+        stopping.append(signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    reconcile_loop(bike, config, stop=lambda: bool(stopping))
+    return 0
 
 
 def _policy(args: dict[str, Any]) -> dict[str, Any]:
@@ -237,6 +282,8 @@ def _run(args: dict[str, Any]) -> int:
         return run_demo(config, seconds=float(args["--seconds"]))
     if args["preview"] and args["--schedule"] is not None:
         return _preview(args, args["--schedule"], time.time())
+    # Read before Redis is contacted: a mistake is bad input (exit 2).
+    node_config = _node_config(args) if args["nodes"] and args["--reconcile"] else NodeConfig()
     bike = _bike(args, config, worker_required=bool(args["work"]))
     out = csv.writer(sys.stdout, lineterminator="\n")
     if args["set"]:
@@ -292,6 +339,15 @@ def _run(args: dict[str, Any]) -> int:
     elif args["capacities"]:
         for resource, capacity, in_use, waiting in bike.capacities():
             out.writerow((resource, "" if capacity is None else capacity, in_use, waiting))
+    elif args["nodes"] and args["--reconcile"]:
+        return _reconcile(args, bike, node_config)
+    elif args["nodes"]:
+        out.writerows(bike.nodes(level=args["--level"]))
+    elif args["node"]:
+        shown = bike.node(args["NAME"])
+        if shown is None:
+            raise NoSuchJob(f"no such node: {args['NAME']}")
+        print(json.dumps(shown, indent=2))
     elif args["control"]:
         bike.control("HALT")
     return 0
@@ -323,13 +379,14 @@ def main(argv: list[str] | None = None) -> int:
     # JOBID is a list (retry takes several); every other command takes one.
     args["JOBIDS"] = args["JOBID"]
     args["JOBID"] = args["JOBID"][0] if args["JOBID"] else None
-    _setup_logging(args["--verbose"], daemon=bool(args["dispatch"] or args["work"] or args["demo"]))
+    _setup_logging(args["--verbose"], daemon=bool(args["dispatch"] or args["work"] or args["demo"]
+                                                                 or args["--reconcile"]))
     try:
         return _flushed(_run(args))
     except NoSuchJob as exc:
         print(f"redbike: {exc}", file=sys.stderr)
         return 3
-    except Unreachable as exc:
+    except (Unreachable, Busy) as exc:
         print(f"redbike: {exc}", file=sys.stderr)
         return 1
     except BAD_INPUT as exc:

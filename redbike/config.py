@@ -172,9 +172,13 @@ def _normalize(key: str) -> str:
     return key.strip().replace("-", "_")
 
 
-def _read_parser(path: str) -> configparser.ConfigParser:
+def read_parser(path: str, keep_case: bool = False) -> configparser.ConfigParser:
+    """The config file parsed (ConfigError, one line, if it cannot be).
+    ``keep_case``: keys keep their case (the node names of [redbike-nodes])."""
     # interpolation=None: a '%' in a password must be taken literally.
     parser = configparser.ConfigParser(interpolation=None, default_section=_NO_DEFAULT_SECTION)
+    if keep_case:
+        parser.optionxform = str  # type: ignore[assignment,method-assign]
     try:
         with open(path, encoding="utf-8") as f:
             parser.read_file(f, source=path)
@@ -338,7 +342,7 @@ def load_config(path: str | None) -> Config:
             logger.debug("no %s in %s; using defaults", DEFAULT_PATH, os.getcwd())
             return Config()
         path = DEFAULT_PATH
-    parser = _read_parser(path)
+    parser = read_parser(path)
     config = Config()
     if parser.has_section(MAIN_SECTION):
         _parse_main(parser[MAIN_SECTION], path, config)

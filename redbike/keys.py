@@ -39,6 +39,11 @@ class Keys:
         self.jobs = f"{p}:jobs"  # hash  jobid -> job record: occurrence, attempt, policy, ledger (records.JobRecord)
         self.finished = f"{p}:finished"  # list  "time|jobid" of jobs that ended for good (END, SKP, unset)
         self.trail_prefix = f"{p}:trail:"  # + jobid: list of the job's trail events (records.TrailEvent)
+        # The node model (issue #9; written by the reconciler, reconcile.py):
+        self.nodes = f"{p}:nodes"  # hash  node name -> "level|parent|source|attributes-JSON" (nodes.Node)
+        self.tasks = f"{p}:tasks"  # hash  task id -> "family|node|digest" of the tasks it set
+        self.orphans = f"{p}:orphans"  # hash  task id -> time (epoch s) its node vanished while it ran
+        self.reconciler = f"{p}:nodes:reconciler"  # string token of the one reconciler, expires (PX)
 
     def queue(self, name: str) -> str:
         """A work queue (list; LPUSH in, RPOP out)."""

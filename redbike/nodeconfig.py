@@ -1,0 +1,330 @@
+"""The ``[redbike-nodes]`` section of the config file: levels, capacities per
+level and per node, node sources and job families (issue #9).
+
+::
+
+    [redbike-nodes]
+    levels = host > db                       # chains, root first; "," starts another
+    capacity.host = host_concurrency=2       # every host node gets 2
+    capacity.instance = scans=100            # the one instance node
+    override.db-host-17 = host_concurrency=0 # one node overrides its level's
+    source.fleet = file /etc/redbike/nodes.csv
+    source.fleet.every = 60                  # poll interval, seconds (default 60)
+    family.scan = db                         # a family runs on every node of a level
+    family.scan.schedule = CRON_TZ=UTC 0 3 * * *
+    family.scan.queue = batch
+    family.scan.needs.host = host_concurrency=1
+    family.scan.needs.worker = cpu_cores=2   # the pool's --resources
+    guard-fraction = 0.5
+    kill-orphans-after = 60                  # seconds, or never
+
+``file = PATH`` reads the keys of the ``[redbike-nodes]`` section of another
+file instead (relative to this one). Every mistake gives one line (all of
+them are reported at once, each naming its key).
+"""
+
+from __future__ import annotations
+
+import configparser
+import math
+import os
+from dataclasses import dataclass, field
+
+from .config import ConfigError, read_parser
+from .names import BadName, check_queue
+from .nodes import AT, INSTANCE, WORKER, NodeError, check_node_name
+from .occurrences import misfire_text
+from .resources import LOCAL_PREFIX, ResourceError, amounts_of, check_name, parse_capacity
+from .schedules import ScheduleError, parse_schedule
+from .workerspec import WorkerSpecError, parse_spec
+
+SECTION = "redbike-nodes"
+SOURCE_TYPES = ("file", "script", "http", "python", "time")
+DEFAULT_EVERY = 60.0
+DEFAULT_GUARD = 0.5
+DEFAULT_KILL_AFTER = 60.0
+_KEYS = ("file, levels, capacity.LEVEL, override.NODE, source.NAME[.every], family.NAME[.schedule|.queue|"
+         ".needs.LEVEL|.misfire|.retries], guard-fraction, kill-orphans-after")
+_FAMILY_KEYS = ("schedule", "queue", "misfire", "retries")
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """A node source: its name, type, argument (path, command, URL, spec, or
+    ``LEVEL PERIOD LIFETIME``) and poll interval in seconds."""
+
+    name: str
+    kind: str
+    argument: str
+    every: float = DEFAULT_EVERY
+
+
+@dataclass(frozen=True)
+class Family:
+    """A job family: one task per node of ``level``."""
+
+    name: str
+    level: str
+    schedule: str
+    queue: str
+    needs: dict[str, dict[str, int]] = field(default_factory=dict)  # level -> resource -> amount
+    misfire: str | None = None
+    retries: int | None = None
+
+
+@dataclass
+class NodeConfig:
+    parent_level: dict[str, str] = field(default_factory=dict)  # level -> its parent level (instance: top)
+    capacities: dict[str, dict[str, int | None]] = field(default_factory=dict)  # level -> resource -> capacity
+    overrides: dict[str, dict[str, int | None]] = field(default_factory=dict)  # node -> resource -> capacity
+    sources: list[SourceSpec] = field(default_factory=list)
+    families: dict[str, Family] = field(default_factory=dict)
+    guard_fraction: float = DEFAULT_GUARD
+    kill_orphans_after: float | None = DEFAULT_KILL_AFTER  # None: never
+
+    def levels_up(self, level: str) -> list[str]:
+        """``level`` and its ancestors' levels, up to and with ``instance``."""
+        levels = [level]
+        while levels[-1] != INSTANCE:
+            levels.append(self.parent_level[levels[-1]])
+        return levels
+
+
+class NodeConfigError(ConfigError):
+    """The mistakes of a [redbike-nodes] section, one line each."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def _levels(text: str, problem: list[str]) -> dict[str, str]:
+    parents: dict[str, str] = {}
+    for chain in text.split(","):
+        names = [name.strip() for name in chain.split(">")]
+        if names == [""]:
+            continue
+        if names[0] == INSTANCE:
+            names = names[1:]
+        for i, name in enumerate(names):
+            if not name:
+                problem.append(f"missing level name in {chain.strip()!r} (a parent level missing?)")
+                break
+            if name in (INSTANCE, WORKER):
+                problem.append(f"level {name!r} is implicit: {INSTANCE} is the root, {WORKER} the worker pools")
+                break
+            try:
+                check_node_name(name, "level name")
+            except NodeError as exc:
+                problem.append(str(exc))
+                break
+            parent = names[i - 1] if i else INSTANCE
+            if parents.setdefault(name, parent) != parent:
+                problem.append(f"level {name!r} has two parent levels: {parents[name]!r} and {parent!r}")
+    for level in parents:  # a cycle never reaches the instance
+        seen = [level]
+        while seen[-1] != INSTANCE and seen[-1] in parents:
+            seen.append(parents[seen[-1]])
+            if seen[-1] in seen[:-1]:
+                problem.append(f"levels form a cycle: {' > '.join(reversed(seen))}")
+                return {}
+    return parents
+
+
+def _capacities(text: str, problem: list[str]) -> dict[str, int | None]:
+    amounts: dict[str, int | None] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, has_value, value = (s.strip() for s in part.partition("="))
+        try:
+            amounts[_resource(name)] = parse_capacity(value) if has_value else None
+            if not has_value:
+                raise ResourceError(f"bad capacity in {part!r}: expected NAME=CAPACITY (a whole number or none)")
+        except ResourceError as exc:
+            problem.append(str(exc))
+    return amounts
+
+
+def _resource(name: str) -> str:
+    check_name(name)
+    if AT in name or name.startswith(LOCAL_PREFIX):
+        raise ResourceError(f"bad resource name {name!r}: a level's resource has no '{AT}' and no {LOCAL_PREFIX!r} prefix")
+    return name
+
+
+def _seconds(value: str, where: str, problem: list[str], zero: bool = False) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not (math.isfinite(number) and (number >= 0 if zero else number > 0)):
+        problem.append(f"{where} must be a number of seconds {'from 0' if zero else 'above 0'}, got {value!r}")
+    return number
+
+
+def _source(name: str, value: str, problem: list[str]) -> SourceSpec | None:
+    kind, _, argument = value.strip().partition(" ")
+    argument = argument.strip()
+    if kind not in SOURCE_TYPES:
+        problem.append(f"unknown source type {kind!r} (known: {', '.join(SOURCE_TYPES)})")
+        return None
+    if not argument:
+        problem.append(f"a {kind} source needs an argument (a path, command, URL, module:function or LEVEL PERIOD LIFETIME)")
+        return None
+    if kind == "http" and not argument.startswith(("http://", "https://")):
+        problem.append(f"an http source needs an http:// or https:// URL, got {argument!r}")
+    elif kind == "python":
+        try:
+            parse_spec(argument)
+        except WorkerSpecError as exc:
+            problem.append(str(exc).replace("worker spec", "python source spec"))
+    elif kind == "time" and len(argument.split()) != 3:
+        problem.append(f"a time source takes LEVEL PERIOD LIFETIME (seconds), got {argument!r}")
+    return SourceSpec(name, kind, argument)
+
+
+def _family(name: str, values: dict[str, str], parents: dict[str, str], problem: list[str]) -> Family | None:
+    mistakes = len(problem)
+    level = values.get("", "").strip()
+    if level not in parents:
+        problem.append(f"family {name!r} runs on unknown level {level!r} (levels: {', '.join(parents) or 'none'})")
+        return None
+    schedule = values.get("schedule", "").strip()
+    try:
+        schedule = parse_schedule(schedule).text
+    except ScheduleError as exc:
+        problem.append(f"family {name!r}: {exc}")
+    queue = values.get("queue", "").strip()
+    try:
+        check_queue(queue)
+        if ":" in queue:
+            raise BadName(f"bad queue name {queue!r}: a task's queue has no ':'")
+    except BadName as exc:
+        problem.append(f"family {name!r}: {exc}")
+    path = NodeConfig(parent_level=parents).levels_up(level)
+    needs: dict[str, dict[str, int]] = {}
+    for key, text in values.items():
+        if not key.startswith("needs."):
+            continue
+        on = key[len("needs."):]
+        if on != WORKER and on not in path:
+            problem.append(f"family {name!r} needs resources on level {on!r}, which is not on its path "
+                           f"({' > '.join(reversed(path))}, or {WORKER})")
+            continue
+        try:
+            needs[on] = amounts_of(text)
+            if on != WORKER:
+                for resource in needs[on]:
+                    _resource(resource)
+        except ResourceError as exc:
+            problem.append(f"family {name!r} needs.{on}: {exc}")
+    misfire = values.get("misfire", "").strip().lower() or None
+    retries = values.get("retries", "").strip()
+    try:
+        misfire = misfire_text(misfire, None) if misfire else None
+    except ValueError as exc:
+        problem.append(f"family {name!r}: {exc}")
+    if retries and not (retries.isdigit() and int(retries) <= 1000):
+        problem.append(f"family {name!r}: retries must be a whole number from 0 to 1000, got {retries!r}")
+    if len(problem) > mistakes:
+        return None
+    return Family(name, level, schedule, queue, needs, misfire, int(retries) if retries else None)
+
+
+def parse_section(section: configparser.SectionProxy, path: str) -> NodeConfig:
+    """A NodeConfig from the section's keys; NodeConfigError lists every mistake."""
+    config = NodeConfig()
+    problems: list[str] = []
+    items = {key.strip(): value.strip() for key, value in section.items()}
+    lowered = {key.lower().replace("_", "-"): value for key, value in items.items()}
+
+    def where(key: str) -> list[str]:
+        """The list a key's problems go to: each line names the file, section and key."""
+        collected: list[str] = []
+        pending.append((key, collected))
+        return collected
+
+    pending: list[tuple[str, list[str]]] = []
+    config.parent_level = _levels(lowered.get("levels", ""), where("levels"))
+    known = set(config.parent_level) | {INSTANCE}
+    families: dict[str, dict[str, str]] = {}
+    sources: dict[str, dict[str, str]] = {}
+    for key, value in items.items():
+        kind, _, rest = key.partition(".")
+        kind = kind.lower().replace("_", "-")
+        if kind in ("levels", "file") and not rest:
+            continue
+        if kind == "capacity" and rest:
+            if rest not in known:
+                where(key).append(f"unknown level {rest!r} (levels: {', '.join(sorted(known))})")
+            config.capacities[rest] = _capacities(value, where(key))
+        elif kind == "override" and rest:
+            try:
+                config.overrides[check_node_name(rest)] = _capacities(value, where(key))
+            except NodeError as exc:
+                where(key).append(str(exc))
+        elif kind == "source" and rest:
+            name, _, option = rest.partition(".")
+            sources.setdefault(name, {})[option.lower()] = value
+        elif kind == "family" and rest:
+            name, _, option = rest.partition(".")
+            families.setdefault(name, {})[option if option.startswith("needs.") else option.lower()] = value
+        elif kind == "guard-fraction" and not rest:
+            try:
+                config.guard_fraction = float(value)
+            except ValueError:
+                config.guard_fraction = math.nan
+            if not 0 < config.guard_fraction <= 1:
+                where(key).append(f"must be a fraction above 0 and at most 1 (1: no guard), got {value!r}")
+        elif kind == "kill-orphans-after" and not rest:
+            config.kill_orphans_after = None if value.lower() == "never" else _seconds(value, key, where(key), zero=True)
+        else:
+            where(key).append(f"unknown key (known: {_KEYS})")
+    for name, options in sources.items():
+        key = f"source.{name}"
+        if "" not in options:
+            where(key).append("no source type and argument")
+            continue
+        spec = _source(name, options.pop(""), where(key))
+        every = options.pop("every", None)
+        for option in options:
+            where(f"{key}.{option}").append("unknown key (a source has only .every)")
+        if spec is not None:
+            seconds = DEFAULT_EVERY if every is None else _seconds(every, f"{key}.every", where(f"{key}.every"))
+            config.sources.append(SourceSpec(spec.name, spec.kind, spec.argument, seconds))
+            if spec.kind == "time" and spec.argument.split()[0] not in config.parent_level:
+                where(key).append(f"a time source's level {spec.argument.split()[0]!r} is not declared in levels")
+    for name, options in families.items():
+        key = f"family.{name}"
+        unknown = [o for o in options if o not in ("", *_FAMILY_KEYS) and not o.startswith("needs.")]
+        for option in unknown:
+            where(f"{key}.{option}").append("unknown key (a family has .schedule, .queue, .needs.LEVEL, .misfire, .retries)")
+        try:
+            check_node_name(name, "family name")
+        except NodeError as exc:
+            where(key).append(str(exc))
+            continue
+        family = _family(name, options, config.parent_level, where(key))
+        if family is not None:
+            config.families[name] = family
+    for key, collected in pending:
+        problems.extend(f"{path}: [{SECTION}] {key}: {problem}" for problem in collected)
+    if problems:
+        raise NodeConfigError(problems)
+    return config
+
+
+def load_node_config(path: str) -> NodeConfig | None:
+    """The [redbike-nodes] section of the config file at ``path`` (or of the
+    file its ``file`` key names); None if it has none."""
+    parser = read_parser(path, keep_case=True)
+    if not parser.has_section(SECTION):
+        return None
+    section = parser[SECTION]
+    pointed = next((value.strip() for key, value in section.items() if key.strip().lower() == "file"), None)
+    if pointed:
+        other = os.path.join(os.path.dirname(path), os.path.expanduser(pointed))
+        parser = read_parser(other, keep_case=True)
+        if not parser.has_section(SECTION):
+            raise ConfigError(f"{path}: [{SECTION}] file: {other!r} has no [{SECTION}] section")
+        section, path = parser[SECTION], other
+    return parse_section(section, path)

@@ -1,0 +1,135 @@
+"""The node model's names and shapes: nodes, the forest they form, task ids
+and per-node resource names (issue #9, Bistro's node model).
+
+A node has a level (``host``, ``db``), a name unique across all levels, a
+parent on its level's parent level, and optional attributes. The implicit
+root level ``instance`` has one node, ``instance``, the parent of every node
+of a top level. A task is one job family run on one node; its id is the
+family, the names on the node's path below the instance, and the family's
+queue: ``scan/db-host-17/db3:batch``. A per-node resource is a level's
+resource name and the node's name: ``host_concurrency@db-host-17``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+
+from .names import CONTROL
+
+INSTANCE = "instance"  # the root level, and the name of its one node
+WORKER = "worker"  # the implicit level of worker pools: their `--resources` (worker:NAME)
+AT = "@"  # resource@node
+PATH_SEP = "/"  # family/node/.../leaf
+# Node names go into job ids (split on "/" and the last ":"), resource names
+# (no whitespace, "|", ",", "="; split on "@") and stored records ("|").
+_NODE_NAME = re.compile(r"[^\s|,=/:@]+")
+
+
+class NodeError(ValueError):
+    """A node that cannot be used (one line for the user)."""
+
+
+def check_node_name(name: object, what: str = "node name") -> str:
+    if not isinstance(name, str) or not _NODE_NAME.fullmatch(name) or CONTROL.search(name):
+        raise NodeError(f"bad {what} {name!r}: no spaces, control characters, '|', ',', '=', '/', ':' or '@'")
+    return name
+
+
+@dataclass(frozen=True)
+class Node:
+    """One node: its level, name, parent (``instance`` for a top level's) and attributes."""
+
+    level: str
+    name: str
+    parent: str = INSTANCE
+    attributes: Mapping[str, str] = field(default_factory=dict)
+    source: str = ""  # the source that gave it
+
+    def encode(self) -> str:
+        """The stored record (``P:nodes`` hash value): ``level|parent|source|attributes-JSON``."""
+        return f"{self.level}|{self.parent}|{self.source}|{json.dumps(dict(self.attributes), sort_keys=True)}"
+
+    @classmethod
+    def decode(cls, name: str, record: str) -> Node:
+        level, parent, source, attributes = record.split("|", 3)
+        return cls(level, name, parent, json.loads(attributes), source)
+
+
+def resource_at(resource: str, node: str) -> str:
+    """The per-node resource: ``host_concurrency@db-host-17``."""
+    return f"{resource}{AT}{node}"
+
+
+def task_id(family: str, path: Iterable[str], queue: str) -> str:
+    """A task's stable id: ``family/name/.../leaf:queue`` (``path``: the node's
+    path from below the instance down to it)."""
+    return f"{family}{PATH_SEP}{PATH_SEP.join(path)}:{queue}"
+
+
+def task_parts(taskid: str) -> tuple[str, list[str], str]:
+    """(family, path, queue) of a task id built by :func:`task_id`."""
+    body, _, queue = taskid.rpartition(":")
+    family, *path = body.split(PATH_SEP)
+    return family, path, queue
+
+
+class Forest:
+    """The nodes of all sources, indexed by name, with their paths to the root.
+
+    Built from whole node lists; a node whose parent is missing or on the
+    wrong level, or whose name was already given, is left out (``dropped``
+    says why), so one bad row does not stop the others.
+    """
+
+    def __init__(self, nodes: Iterable[Node], parent_level: Mapping[str, str]) -> None:
+        self.parent_level = parent_level
+        self.nodes: dict[str, Node] = {}
+        self.dropped: list[str] = []
+        for node in nodes:
+            if node.name in self.nodes or node.name == INSTANCE:
+                self.dropped.append(f"{node.level} {node.name}: the name is given twice")
+            elif node.level not in parent_level:
+                self.dropped.append(f"{node.level} {node.name}: unknown level {node.level!r}")
+            else:
+                self.nodes[node.name] = node
+        # A node hangs from the forest only if its whole path does: drop the
+        # others (and, a pass later, their children).
+        changed = True
+        while changed:
+            changed = False
+            for name, node in list(self.nodes.items()):
+                problem = self._parent_problem(node)
+                if problem:
+                    self.dropped.append(f"{node.level} {name}: {problem}")
+                    del self.nodes[name]
+                    changed = True
+
+    def _parent_problem(self, node: Node) -> str:
+        wanted = self.parent_level[node.level]
+        if wanted == INSTANCE:
+            return "" if node.parent == INSTANCE else f"level {node.level} is a top level; its parent must be empty"
+        parent = self.nodes.get(node.parent)
+        if parent is None:
+            return f"its parent {node.parent!r} is not a node"
+        if parent.level != wanted:
+            return f"its parent {node.parent!r} is a {parent.level}, not a {wanted}"
+        return ""
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    def __iter__(self) -> Iterator[Node]:
+        return iter(self.nodes.values())
+
+    def get(self, name: str) -> Node | None:
+        return self.nodes.get(name)
+
+    def path(self, node: Node) -> list[Node]:
+        """The node's path from below the instance down to it (top first)."""
+        path = [node]
+        while path[-1].parent != INSTANCE:
+            path.append(self.nodes[path[-1].parent])
+        return path[::-1]

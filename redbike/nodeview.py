@@ -1,0 +1,99 @@
+"""Read-only views of the node model: ``redbike nodes`` and ``redbike node``.
+
+They read what the reconciler stored (P:nodes, P:tasks, P:orphans) and the
+job-state keys, and stream the tasks with HSCAN, so they need no config.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import redis
+
+from .keys import Keys
+from .nodes import AT, INSTANCE, PATH_SEP, Node
+
+SCAN_COUNT = 1000
+
+
+def _glob(text: str) -> str:
+    """``text`` with Redis' glob characters escaped, for a MATCH pattern."""
+    return re.sub(r"([*?\[\]\\])", r"\\\1", text)
+
+
+def _task_counts(client: redis.Redis, keys: Keys) -> tuple[Counter[str], Counter[str]]:
+    """Tasks and running tasks per node, a batch of tasks at a time."""
+    tasks: Counter[str] = Counter()
+    running: Counter[str] = Counter()
+    batch: list[tuple[str, str]] = []
+
+    def count() -> None:
+        leases = client.hmget(keys.leases, [taskid for taskid, _ in batch])
+        for (_, node), lease in zip(batch, leases, strict=True):
+            tasks[node] += 1
+            running[node] += lease is not None
+        batch.clear()
+
+    for taskid, record in client.hscan_iter(keys.tasks, count=SCAN_COUNT):
+        batch.append((taskid, record.split("|", 2)[1]))
+        if len(batch) >= SCAN_COUNT:
+            count()
+    if batch:
+        count()
+    return tasks, running
+
+
+def nodes(client: redis.Redis, keys: Keys, level: str | None = None) -> Iterator[tuple[str, str, str, int, int]]:
+    """(level, name, parent, tasks, running) of every node (of ``level``), sorted by level and name."""
+    tasks, running = _task_counts(client, keys)
+    found = [Node.decode(name, record) for name, record in client.hscan_iter(keys.nodes, count=SCAN_COUNT)]
+    for node in sorted(found, key=lambda n: (n.level, n.name)):
+        if level is None or node.level == level:
+            parent = "" if node.parent == INSTANCE else node.parent
+            yield node.level, node.name, parent, tasks[node.name], running[node.name]
+
+
+def node(client: redis.Redis, keys: Keys, name: str) -> dict[str, Any] | None:
+    """One node: its path to the root, the capacities and usage of its
+    resources, and its tasks (status, running, orphaned since); None if unknown."""
+    record = client.hget(keys.nodes, name)
+    if record is None:
+        return None
+    found = Node.decode(name, str(record))
+    path = [found]
+    while path[-1].parent != INSTANCE and len(path) < 100:
+        above = client.hget(keys.nodes, path[-1].parent)
+        if above is None:
+            break
+        path.append(Node.decode(path[-1].parent, str(above)))
+    pattern = f"*{AT}{_glob(name)}"
+    capacities = {r: int(c) for r, c in client.hscan_iter(keys.capacities, match=pattern, count=SCAN_COUNT)}
+    in_use = {r: int(u) for r, u in client.hscan_iter(keys.usage, match=pattern, count=SCAN_COUNT)}
+    ids = sorted(taskid for taskid, _ in client.hscan_iter(keys.tasks, match=f"*{PATH_SEP}{_glob(name)}:*",
+                                                           count=SCAN_COUNT))
+    tasks = []
+    if ids:
+        with client.pipeline(transaction=False) as pipe:
+            pipe.hmget(keys.statuses, ids)
+            pipe.hmget(keys.leases, ids)
+            pipe.hmget(keys.orphans, ids)
+            statuses, leases, orphaned = pipe.execute()
+        for taskid, status, lease, since in zip(ids, statuses, leases, orphaned, strict=True):
+            task: dict[str, Any] = {"id": taskid, "status": status, "running": lease is not None}
+            if since is not None:
+                task["orphaned_since"] = float(since)
+            tasks.append(task)
+    return {
+        "name": found.name,
+        "level": found.level,
+        "parent": None if found.parent == INSTANCE else found.parent,
+        "source": found.source,
+        "attributes": dict(found.attributes),
+        "path": [{"level": INSTANCE, "name": INSTANCE}, *({"level": n.level, "name": n.name} for n in reversed(path))],
+        "capacities": capacities,
+        "in_use": in_use,
+        "tasks": tasks,
+    }
