@@ -120,14 +120,14 @@ def _levels(text: str, problem: list[str]) -> dict[str, str]:
                 break
             parent = names[i - 1] if i else INSTANCE
             if parents.setdefault(name, parent) != parent:
-                problem.append(f"level {name!r} has two parent levels: {parents[name]!r} and {parent!r}")
-    for level in parents:  # a cycle never reaches the instance
-        seen = [level]
-        while seen[-1] != INSTANCE and seen[-1] in parents:
-            seen.append(parents[seen[-1]])
-            if seen[-1] in seen[:-1]:
-                problem.append(f"levels form a cycle: {' > '.join(reversed(seen))}")
-                return {}
+                above = [parent]  # the new parent's ancestors: a cycle if they hold the level
+                while above[-1] in parents and above[-1] != name:
+                    above.append(parents[above[-1]])
+                if above[-1] == name:
+                    problem.append(f"levels form a cycle: {' > '.join(reversed([name, *above]))}")
+                else:
+                    problem.append(f"level {name!r} has two parent levels: {parents[name]!r} and {parent!r}")
+                break
     return parents
 
 
@@ -291,7 +291,7 @@ def parse_section(section: configparser.SectionProxy, path: str) -> NodeConfig:
         if spec is not None:
             seconds = DEFAULT_EVERY if every is None else _seconds(every, f"{key}.every", where(f"{key}.every"))
             config.sources.append(SourceSpec(spec.name, spec.kind, spec.argument, seconds))
-            if spec.kind == "time" and spec.argument.split()[0] not in config.parent_level:
+            if spec.kind == "time" and len(spec.argument.split()) == 3 and spec.argument.split()[0] not in config.parent_level:
                 where(key).append(f"a time source's level {spec.argument.split()[0]!r} is not declared in levels")
     for name, options in families.items():
         key = f"family.{name}"
