@@ -1,0 +1,349 @@
+"""The node model on a Redis server (issue #9): reconciliation's diff and
+apply (fakeredis and the real server), then real sources and processes on
+the real server: a script source a test rewrites, an HTTP /items source (and
+one of the wrong kind), the guard, and a real worker pool holding two tasks
+of one host apart under the host's capacity of 1."""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import logging
+import stat
+import sys
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+import redis
+from conftest import Daemons, RedisServer, wait_for, write_config
+from test_jobs import NOW, Env
+
+from redbike.cli import main
+from redbike.nodeconfig import NodeConfig, load_node_config
+from redbike.nodes import Node
+from redbike.reconcile import Busy, Reconciler, reconcile_once
+
+NODES_SECTION = """
+[redbike-nodes]
+levels = host > db
+capacity.host = host_concurrency={host_capacity}
+capacity.db = db_lock=1
+source.fleet = {source}
+family.scan = db
+family.scan.schedule = {schedule}
+family.scan.queue = {queue}
+family.scan.needs.host = host_concurrency=1
+family.scan.needs.db = db_lock=1
+family.report = host
+family.report.schedule = CRON_TZ=UTC 0 4 * * *
+family.report.queue = {queue}
+kill-orphans-after = 30
+"""
+
+
+def section(source: str = "file nodes.csv", schedule: str = "CRON_TZ=UTC 0 3 * * *", queue: str = "A",
+            host_capacity: int = 2) -> str:
+    return NODES_SECTION.format(source=source, schedule=schedule, queue=queue, host_capacity=host_capacity)
+
+
+def node_config(tmp_path: Path, **kwargs: Any) -> NodeConfig:
+    path = tmp_path / "nodes.conf"
+    path.write_text(section(**kwargs))
+    config = load_node_config(str(path))
+    assert config is not None
+    return config
+
+
+def fleet(hosts: dict[str, list[str]]) -> list[Node]:
+    nodes = []
+    for host, dbs in hosts.items():
+        nodes.append(Node("host", host, source="fleet"))
+        nodes.extend(Node("db", db, host, source="fleet") for db in dbs)
+    return nodes
+
+
+def tasks(env: Env) -> dict[str, str]:
+    return env.c.hgetall(env.keys.tasks)
+
+
+# ================================================== 1. the diff and its apply
+
+
+@pytest.fixture
+def env(c: redis.Redis, prefix: str) -> Env:
+    return Env(c, prefix)
+
+
+def test_tasks_follow_the_nodes(env: Env, tmp_path: Path) -> None:
+    reconciler = Reconciler(env.bike, node_config(tmp_path))
+    done = reconciler.reconcile(fleet({"h1": ["d1", "d2"], "h2": ["d3"]}))
+    assert sorted(done.added) == ["report/h1:A", "report/h2:A", "scan/h1/d1:A", "scan/h1/d2:A", "scan/h2/d3:A"]
+    assert sorted(tasks(env)) == sorted(done.added)
+    told = env.bike.tell("scan/h1/d2:A")
+    assert told["status"].startswith("TML:") and told["next_run"] == 1_700_017_200.0  # 03:00Z the next day
+    assert told["needs"] == "db_lock@d2=1,host_concurrency@h1=1"
+    assert {r: (cap, used) for r, cap, used, _ in env.bike.capacities()} == {
+        "host_concurrency@h1": (2, 0), "host_concurrency@h2": (2, 0),
+        "db_lock@d1": (1, 0), "db_lock@d2": (1, 0), "db_lock@d3": (1, 0)}
+    assert list(env.bike.nodes()) == [("db", "d1", "h1", 1, 0), ("db", "d2", "h1", 1, 0), ("db", "d3", "h2", 1, 0),
+                                      ("host", "h1", "", 1, 0), ("host", "h2", "", 1, 0)]
+    assert list(env.bike.nodes(level="host")) == [("host", "h1", "", 1, 0), ("host", "h2", "", 1, 0)]
+
+    # the same nodes again: nothing to do
+    assert reconciler.reconcile(fleet({"h1": ["d1", "d2"], "h2": ["d3"]})).summary() == "nothing changed"
+
+    # d2 moves to h2, d1 goes, d4 comes: tasks follow, each one once
+    done = reconciler.reconcile(fleet({"h1": [], "h2": ["d3", "d2", "d4"]}))
+    assert sorted(done.added) == ["scan/h2/d2:A", "scan/h2/d4:A"]
+    assert sorted(done.removed) == ["scan/h1/d1:A", "scan/h1/d2:A"]
+    assert done.nodes_removed == ["d1"]
+    assert sorted(tasks(env)) == ["report/h1:A", "report/h2:A", "scan/h2/d2:A", "scan/h2/d3:A", "scan/h2/d4:A"]
+    assert env.bike.tell("scan/h1/d1:A") is None and env.schedule("scan/h1/d2:A") is None
+    assert env.bike.tell("scan/h2/d2:A")["needs"] == "db_lock@d2=1,host_concurrency@h2=1"
+    capacities = {r: cap for r, cap, _, _ in env.bike.capacities()}
+    assert "db_lock@d1" not in capacities and capacities["db_lock@d4"] == 1
+
+    # a node left out (its parent is unknown) is said so, and has no task
+    done = reconciler.reconcile([*fleet({"h1": [], "h2": ["d3", "d2", "d4"]}), Node("db", "d9", "h9", source="fleet")])
+    assert done.dropped == ["db d9: its parent 'h9' is not a node"] and "scan/h9/d9:A" not in tasks(env)
+
+
+def test_a_changed_family_or_override_sets_again(env: Env, tmp_path: Path) -> None:
+    Reconciler(env.bike, node_config(tmp_path)).reconcile(fleet({"h1": ["d1"]}))
+    config = node_config(tmp_path, schedule="NOW", host_capacity=1)
+    config.overrides["h1"] = {"host_concurrency": 0}  # paused; the level's 1 elsewhere
+    done = Reconciler(env.bike, config).reconcile(fleet({"h1": ["d1"], "h2": []}))
+    assert done.changed == ["scan/h1/d1:A"] and done.added == ["report/h2:A"]
+    assert env.status("scan/h1/d1:A").startswith("ENQ:")  # NOW: queued at once
+    capacities = {r: cap for r, cap, _, _ in env.bike.capacities()}
+    assert capacities["host_concurrency@h1"] == 0 and capacities["host_concurrency@h2"] == 1
+    # a family removed from the config takes its tasks with it
+    del config.families["report"]
+    done = Reconciler(env.bike, config).reconcile(fleet({"h1": ["d1"], "h2": []}))
+    assert sorted(done.removed) == ["report/h1:A", "report/h2:A"]
+
+
+def test_a_running_task_of_a_vanished_node_is_an_orphan_until_the_grace_ends(env: Env, tmp_path: Path) -> None:
+    config = node_config(tmp_path, schedule="NOW")
+    reconciler = Reconciler(env.bike, config)
+    reconciler.reconcile(fleet({"h1": ["d1", "d2"]}), now=NOW)
+    pool = env.pool("A")
+    running = env.claim(pool)
+    assert running is not None
+    taskid = running.lease.jobid
+    listed = list(env.bike.nodes())  # tasks and running ones counted on each task's own node
+    assert (sum(row[3] for row in listed), sum(row[4] for row in listed)) == (3, 1)
+
+    done = reconciler.reconcile([], now=NOW)  # the host and its dbs are gone
+    assert done.orphaned == [taskid]
+    assert sorted(done.removed) == sorted({"scan/h1/d1:A", "scan/h1/d2:A", "report/h1:A"} - {taskid})
+    assert env.c.hgetall(env.keys.orphans) == {taskid: f"{NOW:.3f}"}
+    assert env.bike.nodes() is not None and list(env.bike.nodes()) == []
+    assert reconciler.reconcile([], now=NOW + 29).summary() == "nothing changed"  # within the grace
+    assert env.schedule(taskid) is not None and taskid in tasks(env)
+
+    done = reconciler.reconcile([], now=NOW + 30)
+    assert done.removed == [taskid]
+    assert tasks(env) == {} and env.c.hgetall(env.keys.orphans) == {}
+    assert env.schedule(taskid) is None and env.leases().keys() == {taskid}  # its run completes
+    assert env.bike.tell(taskid)["unset"] == "running; removed when this run ends"
+
+
+def test_an_orphan_whose_node_comes_back_is_kept(env: Env, tmp_path: Path) -> None:
+    reconciler = Reconciler(env.bike, node_config(tmp_path, schedule="NOW"))
+    nodes = fleet({"h1": ["d1"]})
+    reconciler.reconcile(nodes, now=NOW)
+    taskid = env.claim(env.pool("A")).lease.jobid
+    assert reconciler.reconcile([], now=NOW).orphaned == [taskid]
+    done = reconciler.reconcile(nodes, now=NOW + 60)  # back before its grace was looked at again
+    assert done.adopted == [taskid] and done.removed == [] and done.changed == []
+    assert env.c.hlen(env.keys.orphans) == 0 and sorted(tasks(env)) == ["report/h1:A", "scan/h1/d1:A"]
+    assert env.schedule(taskid) == "NOW"
+
+
+def test_one_reconciler_at_a_time(env: Env, tmp_path: Path) -> None:
+    config = node_config(tmp_path)
+    holder = Reconciler(env.bike, config)
+    assert holder.acquire()
+    with pytest.raises(Busy, match="another reconciler runs"):
+        reconcile_once(env.bike, config)
+    holder.release()
+    reconcile_once(env.bike, config)  # no source file: a source error, nothing removed
+    assert env.c.get(env.keys.reconciler) is None
+
+
+# ============================================ 2. real sources, the command line
+
+
+def config_dir(tmp_path: Path, redis_server: RedisServer, prefix: str, **kwargs: Any) -> Path:
+    folder = write_config(tmp_path / "run", prefix, redis_server.url)
+    with open(folder / ".redbike.conf", "a") as conf:
+        conf.write(section(**kwargs))
+    return folder
+
+
+def cli(folder: Path, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = main(["--config", str(folder / ".redbike.conf"), *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def rows(text: str) -> list[list[str]]:
+    return list(csv.reader(io.StringIO(text)))
+
+
+def write_script(folder: Path, hosts: dict[str, list[str]]) -> None:
+    lines = [f"host,{host}," for host in hosts] + [f"db,{db},{host}" for host, dbs in hosts.items() for db in dbs]
+    path = folder / "fetch-nodes"
+    path.write_text(f"#!{sys.executable}\nprint({chr(10).join(lines)!r})\n")
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+
+
+def test_a_script_source_rewritten(tmp_path: Path, redis_server: RedisServer, prefix: str, client: redis.Redis,
+                                   capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+                                   caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="redbike")
+    folder = config_dir(tmp_path, redis_server, prefix, source="script ./fetch-nodes")
+    monkeypatch.chdir(folder)
+    write_script(folder, {"h1": ["d1", "d2"], "h2": ["d3"], "h3": ["d4"]})
+    code, _, err = cli(folder, capsys, "nodes", "--reconcile")
+    assert code == 0, err
+    assert "reconciled: 7 added, 7 capacities, 7 nodes added" in err
+    assert "task scan/h1/d1:A added (family scan" in caplog.text  # who changed what, in the log
+    code, out, _ = cli(folder, capsys, "statuses")
+    assert sorted(row[0] for row in rows(out)) == ["report/h1:A", "report/h2:A", "report/h3:A", "scan/h1/d1:A",
+                                                   "scan/h1/d2:A", "scan/h2/d3:A", "scan/h3/d4:A"]
+    assert all(row[1] == "TML" for row in rows(out))  # placed by their schedules
+
+    # h3 is gone, h4 comes: h3's idle tasks vanish, h4's appear and are placed
+    write_script(folder, {"h1": ["d1", "d2"], "h2": ["d3"], "h4": ["d5"]})
+    code, _, err = cli(folder, capsys, "nodes", "--reconcile")
+    assert code == 0, err
+    assert "task scan/h3/d4:A removed: its node or family is gone" in caplog.text
+    code, out, _ = cli(folder, capsys, "nodes")
+    assert rows(out) == [["db", "d1", "h1", "1", "0"], ["db", "d2", "h1", "1", "0"], ["db", "d3", "h2", "1", "0"],
+                         ["db", "d5", "h4", "1", "0"], ["host", "h1", "", "1", "0"], ["host", "h2", "", "1", "0"],
+                         ["host", "h4", "", "1", "0"]]
+    keys = client.hkeys(f"{prefix}:schedules")
+    assert "scan/h3/d4:A" not in keys and "report/h3:A" not in keys
+    assert client.hget(f"{prefix}:statuses", "scan/h4/d5:A").startswith("TML:")
+    code, out, _ = cli(folder, capsys, "node", "d5")
+    shown = json.loads(out)
+    assert shown["path"] == [{"level": "instance", "name": "instance"}, {"level": "host", "name": "h4"},
+                             {"level": "db", "name": "d5"}]
+    assert shown["capacities"] == {"db_lock@d5": 1} and shown["in_use"] == {}
+    assert [t["id"] for t in shown["tasks"]] == ["scan/h4/d5:A"]
+    assert cli(folder, capsys, "node", "h3")[:2] == (3, "")
+    assert cli(folder, capsys, "node", "a/b")[0] == 2
+
+    # a script that fails keeps the last good list, says why, exits 1
+    (folder / "fetch-nodes").write_text(f"#!{sys.executable}\nimport sys\nsys.exit('inventory down')\n")
+    code, _, err = cli(folder, capsys, "nodes", "--reconcile")
+    assert code == 1 and "redbike: source fleet: './fetch-nodes' exited with 1: inventory down" in err
+    assert "Traceback" not in err
+    assert len(rows(cli(folder, capsys, "nodes")[1])) == 7
+
+    # the guard: two of seven nodes left is more than 50% fewer
+    write_script(folder, {"h1": ["d1"]})
+    code, _, err = cli(folder, capsys, "nodes", "--reconcile")
+    assert code == 1 and "returned 2 nodes, 7 before: more than 50% fewer (guard-fraction)" in err
+    assert len(rows(cli(folder, capsys, "nodes")[1])) == 7 and len(client.hkeys(f"{prefix}:tasks")) == 7
+
+
+class Items(BaseHTTPRequestHandler):
+    body: ClassVar[dict[str, Any]] = {}
+
+    def do_GET(self) -> None:
+        if self.path != "/items":
+            self.send_error(404)
+            return
+        data = json.dumps(self.body).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def items_server() -> Iterator[ThreadingHTTPServer]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), type("Handler", (Items,), {"body": {}}))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_an_http_items_source(tmp_path: Path, redis_server: RedisServer, prefix: str, client: redis.Redis,
+                              items_server: ThreadingHTTPServer, capsys: pytest.CaptureFixture[str]) -> None:
+    url = f"http://127.0.0.1:{items_server.server_address[1]}/items"
+    folder = config_dir(tmp_path, redis_server, prefix, source=f"http {url}")
+    handler: Any = items_server.RequestHandlerClass
+    handler.body = {"kind": "ItemList", "apiVersion": "v1", "items": [
+        {"level": "host", "name": "h1", "attributes": {"rack": "r7"}}, {"level": "db", "name": "d1", "parent": "h1"}]}
+    code, _, err = cli(folder, capsys, "nodes", "--reconcile")
+    assert code == 0, err
+    assert sorted(client.hkeys(f"{prefix}:tasks")) == ["report/h1:A", "scan/h1/d1:A"]
+    assert json.loads(cli(folder, capsys, "node", "h1")[1])["attributes"] == {"rack": "r7"}
+
+    handler.body = {"kind": "Item", "apiVersion": "v1", "data": {}}
+    code, _, err = cli(folder, capsys, "nodes", "--reconcile")
+    assert code == 1
+    assert f"GET {url}: expected kind 'ItemList', apiVersion 'v1'; got kind 'Item', apiVersion 'v1'" in err
+    assert sorted(client.hkeys(f"{prefix}:tasks")) == ["report/h1:A", "scan/h1/d1:A"]  # the last good list
+    handler.body = {"kind": "ItemList", "apiVersion": "v2", "items": []}
+    assert "got kind 'ItemList', apiVersion 'v2'" in cli(folder, capsys, "nodes", "--reconcile")[2]
+    assert len(client.hkeys(f"{prefix}:tasks")) == 2
+
+
+# ================================= 3. a real worker pool under a node's capacity
+
+
+def test_tasks_of_one_host_never_run_together(tmp_path: Path, redis_server: RedisServer, prefix: str,
+                                              client: redis.Redis, daemons: Daemons, testlog: str,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    folder = config_dir(tmp_path, redis_server, prefix, source="file nodes.csv", schedule="NOW", host_capacity=1)
+    text = (folder / ".redbike.conf").read_text()
+    # testworker sleeps 1 s for a job whose id starts "sleep1-"
+    text = text.replace("family.scan", "family.sleep1-scan").replace("family.report", "# family.report")
+    (folder / ".redbike.conf").write_text(text.replace("source.fleet = file nodes.csv",
+                                                       f"source.fleet = file {folder / 'nodes.csv'}"))
+    (folder / "nodes.csv").write_text("host,h1,\nhost,h2,\ndb,d1,h1\ndb,d2,h1\ndb,d3,h1\ndb,d4,h2\n")
+    daemons.start("work", "testworker:Recorder('A')", "--concurrency", "4", cwd=folder)
+    wait_for(lambda: client.pubsub_numsub(f"{prefix}:wake-queue:A")[0][1] >= 1, what="the pool to listen")
+    code, _, err = cli(folder, capsys, "nodes", "--reconcile")
+    assert code == 0, err
+
+    def runs() -> list[dict[str, Any]]:
+        return [json.loads(r) for r in client.lrange(testlog, 0, -1)]
+
+    wait_for(lambda: sum(r["event"] == "end" for r in runs()) == 4, timeout=20, what="the four tasks to run")
+    spans: dict[str, dict[str, float]] = {}
+    for record in runs():
+        spans.setdefault(record["job"], {})[record["event"]] = record["at"]
+    h1 = sorted((span["start"], span["end"]) for job, span in spans.items() if "/h1/" in job)
+    assert len(h1) == 3
+    assert all(end <= start for (_, end), (start, _) in itertools.pairwise(h1)), f"h1's tasks overlapped: {h1}"
+    # the pool did run tasks side by side: h2's with one of h1's
+    h2 = next(span for job, span in spans.items() if "/h2/" in job)
+    assert any(start < h2["end"] and h2["start"] < end for start, end in h1)
+    assert {r: used for r, _, used, _ in client_capacities(client, prefix)} == dict.fromkeys(
+        ["host_concurrency@h1", "host_concurrency@h2", "db_lock@d1", "db_lock@d2", "db_lock@d3", "db_lock@d4"], 0)
+
+
+def client_capacities(client: redis.Redis, prefix: str) -> list[tuple[str, int | None, int, int]]:
+    from redbike import Redbike
+
+    return list(Redbike(prefix=prefix, client=client).capacities())
