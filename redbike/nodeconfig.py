@@ -291,8 +291,9 @@ def parse_section(section: configparser.SectionProxy, path: str) -> NodeConfig:
         if spec is not None:
             seconds = DEFAULT_EVERY if every is None else _seconds(every, f"{key}.every", where(f"{key}.every"))
             config.sources.append(SourceSpec(spec.name, spec.kind, spec.argument, seconds))
-            if spec.kind == "time" and len(spec.argument.split()) == 3 and spec.argument.split()[0] not in config.parent_level:
-                where(key).append(f"a time source's level {spec.argument.split()[0]!r} is not declared in levels")
+            level = spec.argument.split()[0]
+            if spec.kind == "time" and len(spec.argument.split()) == 3 and config.parent_level.get(level) != INSTANCE:
+                where(key).append(f"a time source's level {level!r} is not a top level declared in levels")
     for name, options in families.items():
         key = f"family.{name}"
         unknown = [o for o in options if o not in ("", *_FAMILY_KEYS) and not o.startswith("needs.")]

@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 
 BATCH = 500  # tasks derived, compared and set per round trip
 LEASE_MS = 30_000  # the reconciler's lease; renewed at each pass
+ORPHAN_PASS = 5.0  # seconds between passes while orphans wait (and no node changed)
 DETAILED = 100  # changes of one kind logged one by one per pass; the rest are counted
 
 
@@ -368,6 +369,7 @@ def reconcile_loop(bike: Redbike, config: NodeConfig, stop: Callable[[], bool], 
     grace to pass."""
     reconciler = Reconciler(bike, config)
     loader: NodeLoader | None = None
+    last = float("-inf")  # monotonic time of the last pass
     try:
         while not stop():
             if not reconciler.acquire():
@@ -381,8 +383,11 @@ def reconcile_loop(bike: Redbike, config: NodeConfig, stop: Callable[[], bool], 
                 log.info("reconciler %s leads", reconciler.token)
                 loader = NodeLoader(config, reconciler.stored_nodes())
             changed = loader.poll(bike.clock())
-            if fresh or changed or reconciler.client.hlen(reconciler.keys.orphans):
+            # Orphans wait for their grace: a pass now and then unsets those past it.
+            orphans = time.monotonic() - last >= ORPHAN_PASS and reconciler.client.hlen(reconciler.keys.orphans)
+            if fresh or changed or orphans:
                 reconciler.reconcile(loader.nodes())
+                last = time.monotonic()
             time.sleep(idle)
     finally:
         reconciler.release()

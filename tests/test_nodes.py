@@ -347,3 +347,33 @@ def client_capacities(client: redis.Redis, prefix: str) -> list[tuple[str, int |
     from redbike import Redbike
 
     return list(Redbike(prefix=prefix, client=client).capacities())
+
+
+def test_the_loop_follows_a_file_and_hands_over(tmp_path: Path, redis_server: RedisServer, prefix: str,
+                                                client: redis.Redis, daemons: Daemons) -> None:
+    folder = config_dir(tmp_path, redis_server, prefix, source="file nodes.csv")
+    conf = folder / ".redbike.conf"
+    conf.write_text(conf.read_text().replace("source.fleet = file nodes.csv",
+                                             "source.fleet = file nodes.csv\nsource.fleet.every = 0.2"))
+    nodes = folder / "nodes.csv"
+    nodes.write_text("host,h1,\nhost,h2,\ndb,d1,h1\ndb,d2,h2\n")
+    first = daemons.start("nodes", "--reconcile", "--loop", cwd=folder)
+    task_keys = f"{prefix}:tasks"
+    wait_for(lambda: client.hlen(task_keys) == 4, what="the loop to set the tasks")
+    second = daemons.start("nodes", "--reconcile", "--loop", cwd=folder)  # stands by
+    nodes.write_text("host,h1,\nhost,h2,\ndb,d1,h1\n")
+    wait_for(lambda: sorted(client.hkeys(task_keys)) == ["report/h1:A", "report/h2:A", "scan/h1/d1:A"],
+             what="d2's task to go")
+    holder = client.get(f"{prefix}:nodes:reconciler")
+    assert holder is not None and holder.split(":")[1] == str(first.pid)
+    first.terminate()
+    assert first.wait(10) == 0
+    wait_for(lambda: (client.get(f"{prefix}:nodes:reconciler") or "").split(":")[1:2] == [str(second.pid)],
+             what="the standby to take over")
+    nodes.write_text("host,h1,\nhost,h2,\ndb,d1,h1\ndb,d3,h2\n")
+    wait_for(lambda: client.hexists(task_keys, "scan/h2/d3:A"), what="the new leader to add d3's task")
+    second.terminate()
+    assert second.wait(10) == 0
+    assert client.get(f"{prefix}:nodes:reconciler") is None
+    assert "task scan/h1/d2:A removed" not in daemons.log(first)  # d2 hung from h2
+    assert "task scan/h2/d2:A removed: its node or family is gone" in daemons.log(first)
