@@ -13,6 +13,7 @@ The file (default ``.redbike.conf`` in the current directory) has two stanzas:
     ``redis.Redis.from_url``.  With no such stanza, redbike runs on the
     embedded Redis server kept in ``./.redbike/`` (see :mod:`redbike.embedded`).
 
+``[redbike-nodes]`` (the node model) is read by :mod:`redbike.nodeconfig`.
 Every other section is ignored, so the file can be shared with other tools.
 Keys may be spelled with ``-`` or ``_`` (``default-timeout`` or
 ``default_timeout``, ``ssl-ca-certs`` or ``ssl_ca_certs``).  Values are checked

@@ -4,19 +4,26 @@ level and per node, node sources and job families (issue #9).
 ::
 
     [redbike-nodes]
-    levels = host > db                       # chains, root first; "," starts another
-    capacity.host = host_concurrency=2       # every host node gets 2
-    capacity.instance = scans=100            # the one instance node
-    override.db-host-17 = host_concurrency=0 # one node overrides its level's
+    # chains of levels, root first; "," starts another
+    levels = host > db
+    # every host node gets 2 (resource host_concurrency@NODE); the instance node 100
+    capacity.host = host_concurrency=2
+    capacity.instance = scans=100
+    # one node overrides its level's
+    override.db-host-17 = host_concurrency=0
+    # a source, polled every 60 s (the default)
     source.fleet = file /etc/redbike/nodes.csv
-    source.fleet.every = 60                  # poll interval, seconds (default 60)
-    family.scan = db                         # a family runs on every node of a level
+    source.fleet.every = 60
+    # a family runs on every node of a level
+    family.scan = db
     family.scan.schedule = CRON_TZ=UTC 0 3 * * *
     family.scan.queue = batch
     family.scan.needs.host = host_concurrency=1
-    family.scan.needs.worker = cpu_cores=2   # the pool's --resources
+    # on the worker level: the pool's --resources
+    family.scan.needs.worker = cpu_cores=2
     guard-fraction = 0.5
-    kill-orphans-after = 60                  # seconds, or never
+    # seconds, or never
+    kill-orphans-after = 60
 
 ``file = PATH`` reads the keys of the ``[redbike-nodes]`` section of another
 file instead (relative to this one). Every mistake gives one line (all of

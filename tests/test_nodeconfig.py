@@ -76,6 +76,12 @@ def test_a_full_section(tmp_path: Path) -> None:
     assert load_config(path).prefix == "p"
 
 
+def test_the_commented_example_is_valid() -> None:
+    config = load_node_config(str(Path(__file__).resolve().parent.parent / "conf" / "nodes.conf"))
+    assert config is not None and sorted(config.families) == ["rollup", "scan"]
+    assert config.parent_level == {"host": INSTANCE, "db": "host", "window": INSTANCE}
+
+
 def test_defaults_and_no_section(tmp_path: Path) -> None:
     assert load_node_config(write(tmp_path, "[redbike]\nprefix = p\n")) is None
     config = load_node_config(write(tmp_path, "[redbike-nodes]\nlevels = host\n"))
