@@ -20,7 +20,8 @@ Given the nodes of every source (nodesources.NodeLoader), one pass
 It streams: the nodes are held (they are few), tasks are derived and
 compared with Redis a batch at a time (HMGET of ``P:tasks``, HSCAN of it).
 Every change is logged. Only one reconciler runs at a time: it holds
-``P:nodes:reconciler`` (SET NX PX, renewed and released with WATCH/MULTI).
+``P:nodes:reconciler`` (SET NX PX, renewed before each batch of writes and
+released with WATCH/MULTI; not a fence: the scripts do not check it).
 """
 
 from __future__ import annotations
@@ -49,6 +50,10 @@ BATCH = 500  # tasks derived, compared and set per round trip
 LEASE_MS = 30_000  # the reconciler's lease; renewed at each pass
 ORPHAN_PASS = 5.0  # seconds between passes while orphans wait (and no node changed)
 DETAILED = 100  # changes of one kind logged one by one per pass; the rest are counted
+
+
+class Busy(Exception):
+    """Another reconciler holds the lease (one line)."""
 
 
 @dataclass
@@ -116,6 +121,12 @@ class Reconciler:
             return True
         return self._if_mine(lambda pipe: pipe.pexpire(self.keys.reconciler, LEASE_MS))
 
+    def keep_lease(self) -> None:
+        """Renew the lease before a batch of writes (a long pass, a slow
+        source); Busy if another reconciler took it meanwhile."""
+        if not self.acquire():
+            raise Busy(f"lost the reconciler lease to {self.holder()}; this pass stops here")
+
     def release(self) -> None:
         self._if_mine(lambda pipe: pipe.delete(self.keys.reconciler))
 
@@ -150,7 +161,10 @@ class Reconciler:
     # ------------------------------------------------------------ a pass
 
     def reconcile(self, nodes: list[Node], now: float | None = None) -> Pass:
-        """One pass: capacities, nodes, tasks (see the module's doc)."""
+        """One pass: capacities, nodes, tasks (see the module's doc). It takes
+        or renews the lease before each batch of writes (Busy if another
+        reconciler holds it) and keeps it; :meth:`release` gives it back."""
+        self.keep_lease()
         now = self.bike.clock() if now is None else now
         done = Pass()
         forest = Forest(nodes, self.config.parent_level)
@@ -235,6 +249,7 @@ class Reconciler:
             self._add_batch(batch, done)
 
     def _add_batch(self, batch: list[tuple[str, Family, Node, dict[str, int]]], done: Pass) -> None:
+        self.keep_lease()
         ids = [taskid for taskid, *_ in batch]
         with self.client.pipeline(transaction=False) as pipe:
             pipe.hmget(self.keys.tasks, ids)
@@ -308,6 +323,7 @@ class Reconciler:
             self._remove_batch(batch, now, done)
 
     def _remove_batch(self, ids: list[str], now: float, done: Pass) -> None:
+        self.keep_lease()
         with self.client.pipeline(transaction=False) as pipe:
             pipe.hmget(self.keys.leases, ids)
             pipe.hmget(self.keys.orphans, ids)
@@ -344,10 +360,6 @@ class Reconciler:
                 pipe.execute()
 
 
-class Busy(Exception):
-    """Another reconciler holds the lease (one line)."""
-
-
 def reconcile_once(bike: Redbike, config: NodeConfig) -> Pass:
     """Poll every source once and reconcile (Busy if another reconciler runs)."""
     reconciler = Reconciler(bike, config)
@@ -366,28 +378,36 @@ def reconcile_once(bike: Redbike, config: NodeConfig) -> Pass:
 def reconcile_loop(bike: Redbike, config: NodeConfig, stop: Callable[[], bool], idle: float = 1.0) -> None:
     """Until ``stop()``: stand by for the lease, then poll each source on its
     interval and reconcile when a node list changed or orphans wait for their
-    grace to pass."""
+    grace to pass. Redis errors are logged and the loop goes on."""
     reconciler = Reconciler(bike, config)
     loader: NodeLoader | None = None
+    dirty = True  # a list changed (or the lease was just taken) since the last whole pass
     last = float("-inf")  # monotonic time of the last pass
     try:
         while not stop():
-            if not reconciler.acquire():
-                if loader is not None:
-                    log.warning("lost the reconciler lease to %s; standing by", reconciler.holder())
-                loader = None
-                time.sleep(idle)
-                continue
-            fresh = loader is None
-            if loader is None:
-                log.info("reconciler %s leads", reconciler.token)
-                loader = NodeLoader(config, reconciler.stored_nodes())
-            changed = loader.poll(bike.clock())
-            # Orphans wait for their grace: a pass now and then unsets those past it.
-            orphans = time.monotonic() - last >= ORPHAN_PASS and reconciler.client.hlen(reconciler.keys.orphans)
-            if fresh or changed or orphans:
-                reconciler.reconcile(loader.nodes())
-                last = time.monotonic()
+            try:
+                if not reconciler.acquire():
+                    if loader is not None:
+                        log.warning("lost the reconciler lease to %s; standing by", reconciler.holder())
+                    loader, dirty = None, True
+                    time.sleep(idle)
+                    continue
+                if loader is None:
+                    log.info("reconciler %s leads", reconciler.token)
+                    loader = NodeLoader(config, reconciler.stored_nodes())
+                dirty = bool(loader.poll(bike.clock())) or dirty
+                # Orphans wait for their grace: a pass now and then unsets those past it.
+                orphans = time.monotonic() - last >= ORPHAN_PASS and reconciler.client.hlen(reconciler.keys.orphans)
+                if dirty or orphans:
+                    reconciler.reconcile(loader.nodes())
+                    dirty, last = False, time.monotonic()
+            except Busy as exc:  # the lease was lost during a slow poll or pass
+                log.warning("%s", exc)
+            except redis.RedisError as exc:
+                log.warning("reconciler: Redis error, trying again: %s", " ".join(str(exc).split()))
             time.sleep(idle)
     finally:
-        reconciler.release()
+        try:
+            reconciler.release()
+        except redis.RedisError:
+            pass  # the lease expires by itself

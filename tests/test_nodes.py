@@ -115,17 +115,20 @@ def test_tasks_follow_the_nodes(env: Env, tmp_path: Path) -> None:
 
 
 def test_a_changed_family_or_override_sets_again(env: Env, tmp_path: Path) -> None:
-    Reconciler(env.bike, node_config(tmp_path)).reconcile(fleet({"h1": ["d1"]}))
+    first = Reconciler(env.bike, node_config(tmp_path))
+    first.reconcile(fleet({"h1": ["d1"]}))
+    first.release()  # else the next reconciler finds the lease taken
     config = node_config(tmp_path, schedule="NOW", host_capacity=1)
     config.overrides["h1"] = {"host_concurrency": 0}  # paused; the level's 1 elsewhere
-    done = Reconciler(env.bike, config).reconcile(fleet({"h1": ["d1"], "h2": []}))
+    reconciler = Reconciler(env.bike, config)
+    done = reconciler.reconcile(fleet({"h1": ["d1"], "h2": []}))
     assert done.changed == ["scan/h1/d1:A"] and done.added == ["report/h2:A"]
     assert env.status("scan/h1/d1:A").startswith("ENQ:")  # NOW: queued at once
     capacities = {r: cap for r, cap, _, _ in env.bike.capacities()}
     assert capacities["host_concurrency@h1"] == 0 and capacities["host_concurrency@h2"] == 1
     # a family removed from the config takes its tasks with it
     del config.families["report"]
-    done = Reconciler(env.bike, config).reconcile(fleet({"h1": ["d1"], "h2": []}))
+    done = reconciler.reconcile(fleet({"h1": ["d1"], "h2": []}))
     assert sorted(done.removed) == ["report/h1:A", "report/h2:A"]
 
 
@@ -173,8 +176,11 @@ def test_one_reconciler_at_a_time(env: Env, tmp_path: Path) -> None:
     assert holder.acquire()
     with pytest.raises(Busy, match="another reconciler runs"):
         reconcile_once(env.bike, config)
+    with pytest.raises(Busy, match="lost the reconciler lease"):  # nor may a pass of a reconciler without it
+        Reconciler(env.bike, config).reconcile([])
     holder.release()
-    reconcile_once(env.bike, config)  # no source file: a source error, nothing removed
+    done = reconcile_once(env.bike, config)
+    assert done.errors == ["source fleet: cannot read nodes.csv: [Errno 2] No such file or directory: 'nodes.csv'"]
     assert env.c.get(env.keys.reconciler) is None
 
 
