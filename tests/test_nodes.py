@@ -12,6 +12,7 @@ import itertools
 import json
 import logging
 import stat
+import subprocess
 import sys
 import threading
 from collections.abc import Iterator
@@ -21,7 +22,7 @@ from typing import Any, ClassVar
 
 import pytest
 import redis
-from conftest import Daemons, RedisServer, wait_for, write_config
+from conftest import ROOT, Daemons, RedisServer, free_port, wait_for, write_config
 from test_jobs import NOW, Env
 
 from redbike.cli import main
@@ -383,3 +384,29 @@ def test_the_loop_follows_a_file_and_hands_over(tmp_path: Path, redis_server: Re
     assert client.get(f"{prefix}:nodes:reconciler") is None
     assert "task scan/h1/d2:A removed" not in daemons.log(first)  # d2 hung from h2
     assert "task scan/h2/d2:A removed: its node or family is gone" in daemons.log(first)
+
+
+def test_the_example_fetcher_and_items_source(tmp_path: Path, redis_server: RedisServer, prefix: str,
+                                              client: redis.Redis, capsys: pytest.CaptureFixture[str]) -> None:
+    fetcher = f"script {sys.executable} {ROOT / 'examples' / 'node_fetcher.py'} 3 2"
+    folder = config_dir(tmp_path, redis_server, prefix, source=fetcher)
+    assert cli(folder, capsys, "nodes", "--reconcile")[0] == 0
+    assert len(rows(cli(folder, capsys, "nodes", "--level=db")[1])) == 6
+    assert client.hexists(f"{prefix}:tasks", "scan/db-host-3/db-host-3-db2:A")
+
+    port = free_port()
+    (folder / "served.csv").write_text("host,h1,\ndb,d1,h1,shard=4\n")
+    server = subprocess.Popen([sys.executable, str(ROOT / "examples" / "items_source.py"), "served.csv", str(port)],
+                              cwd=folder, stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout is not None and "serving" in server.stdout.readline()
+        conf = folder / ".redbike.conf"
+        conf.write_text(conf.read_text().replace(fetcher, f"http http://127.0.0.1:{port}/items")
+                        .replace("[redbike-nodes]", "[redbike-nodes]\nguard-fraction = 1"))
+        code, _, err = cli(folder, capsys, "nodes", "--reconcile")
+        assert code == 0, err
+        assert sorted(client.hkeys(f"{prefix}:tasks")) == ["report/h1:A", "scan/h1/d1:A"]
+        assert json.loads(cli(folder, capsys, "node", "d1")[1])["attributes"] == {"shard": "4"}
+    finally:
+        server.terminate()
+        server.wait(10)
