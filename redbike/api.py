@@ -331,7 +331,7 @@ class Redbike:
     def reconcile_nodes(self, config: NodeConfig) -> Pass:
         """Poll every node source of ``config`` once and bring the tasks in
         step with the nodes (reconcile.Busy if another reconciler runs)."""
-        from .reconcile import reconcile_once  # it builds pipelined Redbikes
+        from .nodeloop import reconcile_once  # it imports api
 
         return reconcile_once(self, config)
 

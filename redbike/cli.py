@@ -92,10 +92,11 @@ from .csvfile import CsvError
 from .embedded import EmbeddedError, find_folder, server_status, stop_server
 from .names import check_jobid, whole_number
 from .nodeconfig import NodeConfig, load_node_config
+from .nodeloop import reconcile_loop
 from .nodes import check_node_name
 from .occurrences import misfire_text
 from .preview import parse_count, preview
-from .reconcile import Busy, reconcile_loop
+from .reconcile import Busy
 from .resources import ResourceError, check_name, parse_capacity
 from .roundrobin import RoundRobin
 from .schedules import ScheduleError, parse_schedule, parse_timestamp

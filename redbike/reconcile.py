@@ -30,7 +30,6 @@ import hashlib
 import logging
 import os
 import socket
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,7 +39,6 @@ import redis
 from .api import Redbike
 from .nodeconfig import Family, NodeConfig
 from .nodes import INSTANCE, WORKER, Forest, Node, resource_at, task_id
-from .nodesources import NodeLoader
 from .resources import LOCAL_PREFIX, format_amounts
 from .roundrobin import RoundRobin
 
@@ -48,7 +46,6 @@ log = logging.getLogger(__name__)
 
 BATCH = 500  # tasks derived, compared and set per round trip
 LEASE_MS = 30_000  # the reconciler's lease; renewed at each pass
-ORPHAN_PASS = 5.0  # seconds between passes while orphans wait (and no node changed)
 DETAILED = 100  # changes of one kind logged one by one per pass; the rest are counted
 
 
@@ -171,19 +168,18 @@ class Reconciler:
         done.dropped = forest.dropped
         for why in forest.dropped:
             log.warning("node left out: %s", why)
-        removed_nodes = self._store_nodes(forest, done)
-        self._capacities(forest, removed_nodes, done)
+        # Capacities before P:nodes: a pass cut short still finds the vanished nodes next time.
+        removed = [Node.decode(name, record) for name, record in self.client.hscan_iter(self.keys.nodes, count=1000)
+                   if name not in forest.nodes]
+        self._capacities(forest, removed, done)
+        self._store_nodes(forest, removed, done)
         self._add_tasks(forest, done)
         self._remove_tasks(forest, now, done)
         log.info("reconciled %d nodes: %s", len(forest), done.summary())
         return done
 
-    def _store_nodes(self, forest: Forest, done: Pass) -> list[Node]:
-        """P:nodes := the forest; the nodes that vanished."""
-        removed = []
-        for name, record in self.client.hscan_iter(self.keys.nodes, count=1000):
-            if name not in forest.nodes:
-                removed.append(Node.decode(name, record))
+    def _store_nodes(self, forest: Forest, removed: list[Node], done: Pass) -> None:
+        """P:nodes := the forest (``removed``: the stored nodes not in it)."""
         names = list(forest.nodes)
         for start in range(0, len(names), self.batch):
             chunk = names[start:start + self.batch]
@@ -201,7 +197,6 @@ class Reconciler:
             log.info("node %s (%s, parent %s) added by source %s", name, node.level, node.parent, node.source)
         for node in removed[:DETAILED]:
             log.info("node %s (%s) is gone from source %s", node.name, node.level, node.source or "?")
-        return removed
 
     def _wanted_capacities(self, node: Node) -> dict[str, int | None]:
         wanted = dict(self.config.capacities.get(node.level, {}))
@@ -358,56 +353,3 @@ class Reconciler:
                 pipe.hdel(self.keys.tasks, *going)
                 pipe.hdel(self.keys.orphans, *going)
                 pipe.execute()
-
-
-def reconcile_once(bike: Redbike, config: NodeConfig) -> Pass:
-    """Poll every source once and reconcile (Busy if another reconciler runs)."""
-    reconciler = Reconciler(bike, config)
-    if not reconciler.acquire():
-        raise Busy(f"another reconciler runs (lease {reconciler.holder()}); try again later")
-    try:
-        loader = NodeLoader(config, reconciler.stored_nodes())
-        loader.poll(bike.clock(), force=True)
-        done = reconciler.reconcile(loader.nodes())
-        done.errors[:0] = [f"source {name}: {error}" for name, error in loader.errors().items()]
-        return done
-    finally:
-        reconciler.release()
-
-
-def reconcile_loop(bike: Redbike, config: NodeConfig, stop: Callable[[], bool], idle: float = 1.0) -> None:
-    """Until ``stop()``: stand by for the lease, then poll each source on its
-    interval and reconcile when a node list changed or orphans wait for their
-    grace to pass. Redis errors are logged and the loop goes on."""
-    reconciler = Reconciler(bike, config)
-    loader: NodeLoader | None = None
-    dirty = True  # a list changed (or the lease was just taken) since the last whole pass
-    last = float("-inf")  # monotonic time of the last pass
-    try:
-        while not stop():
-            try:
-                if not reconciler.acquire():
-                    if loader is not None:
-                        log.warning("lost the reconciler lease to %s; standing by", reconciler.holder())
-                    loader, dirty = None, True
-                    time.sleep(idle)
-                    continue
-                if loader is None:
-                    log.info("reconciler %s leads", reconciler.token)
-                    loader = NodeLoader(config, reconciler.stored_nodes())
-                dirty = bool(loader.poll(bike.clock())) or dirty
-                # Orphans wait for their grace: a pass now and then unsets those past it.
-                orphans = time.monotonic() - last >= ORPHAN_PASS and reconciler.client.hlen(reconciler.keys.orphans)
-                if dirty or orphans:
-                    reconciler.reconcile(loader.nodes())
-                    dirty, last = False, time.monotonic()
-            except Busy as exc:  # the lease was lost during a slow poll or pass
-                log.warning("%s", exc)
-            except redis.RedisError as exc:
-                log.warning("reconciler: Redis error, trying again: %s", " ".join(str(exc).split()))
-            time.sleep(idle)
-    finally:
-        try:
-            reconciler.release()
-        except redis.RedisError:
-            pass  # the lease expires by itself

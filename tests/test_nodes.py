@@ -27,8 +27,9 @@ from test_jobs import NOW, Env
 
 from redbike.cli import main
 from redbike.nodeconfig import NodeConfig, load_node_config
+from redbike.nodeloop import reconcile_once
 from redbike.nodes import Node
-from redbike.reconcile import Busy, Reconciler, reconcile_once
+from redbike.reconcile import Busy, Reconciler
 
 NODES_SECTION = """
 [redbike-nodes]

@@ -1,0 +1,73 @@
+"""Who runs reconciliation: once (``redbike nodes --reconcile``), or in a
+loop (``--reconcile --loop``) that polls each node source on its interval,
+passing when a list changed, with standbys waiting for the lease."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import redis
+
+from .api import Redbike
+from .nodeconfig import NodeConfig
+from .nodesources import NodeLoader
+from .reconcile import Busy, Pass, Reconciler
+
+log = logging.getLogger(__name__)
+
+ORPHAN_PASS = 5.0  # seconds between passes while orphans wait (and no node changed)
+
+
+def reconcile_once(bike: Redbike, config: NodeConfig) -> Pass:
+    """Poll every source once and reconcile (Busy if another reconciler runs)."""
+    reconciler = Reconciler(bike, config)
+    if not reconciler.acquire():
+        raise Busy(f"another reconciler runs (lease {reconciler.holder()}); try again later")
+    try:
+        loader = NodeLoader(config, reconciler.stored_nodes())
+        loader.poll(bike.clock(), force=True)
+        done = reconciler.reconcile(loader.nodes())
+        done.errors[:0] = [f"source {name}: {error}" for name, error in loader.errors().items()]
+        return done
+    finally:
+        reconciler.release()
+
+
+def reconcile_loop(bike: Redbike, config: NodeConfig, stop: Callable[[], bool], idle: float = 1.0) -> None:
+    """Until ``stop()``: stand by for the lease, then poll each source on its
+    interval and reconcile when a node list changed or orphans wait for their
+    grace to pass. Redis errors are logged and the loop goes on."""
+    reconciler = Reconciler(bike, config)
+    loader: NodeLoader | None = None
+    dirty = True  # a list changed (or the lease was just taken) since the last whole pass
+    last = float("-inf")  # monotonic time of the last pass
+    try:
+        while not stop():
+            try:
+                if not reconciler.acquire():
+                    if loader is not None:
+                        log.warning("lost the reconciler lease to %s; standing by", reconciler.holder())
+                    loader, dirty = None, True
+                    time.sleep(idle)
+                    continue
+                if loader is None:
+                    log.info("reconciler %s leads", reconciler.token)
+                    loader = NodeLoader(config, reconciler.stored_nodes())
+                dirty = bool(loader.poll(bike.clock())) or dirty
+                # Orphans wait for their grace: a pass now and then unsets those past it.
+                orphans = time.monotonic() - last >= ORPHAN_PASS and reconciler.client.hlen(reconciler.keys.orphans)
+                if dirty or orphans:
+                    reconciler.reconcile(loader.nodes())
+                    dirty, last = False, time.monotonic()
+            except Busy as exc:  # the lease was lost during a slow poll or pass
+                log.warning("%s", exc)
+            except redis.RedisError as exc:
+                log.warning("reconciler: Redis error, trying again: %s", " ".join(str(exc).split()))
+            time.sleep(idle)
+    finally:
+        try:
+            reconciler.release()
+        except redis.RedisError:
+            pass  # the lease expires by itself
