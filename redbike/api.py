@@ -347,9 +347,11 @@ class Redbike:
             pipe.execute()
         return value
 
-    def dispatch(self, schedules_csv: str | None = None, after: float | None = None) -> None:
+    def dispatch(self, schedules_csv: str | None = None, after: float | None = None,
+                 nodes: NodeConfig | None = None) -> None:
         """Set the schedules of a JOBID,SCHEDULE CSV file, then dispatch until
-        HALT or a signal."""
+        HALT or a signal. ``nodes``: also reconcile the node model, in a
+        thread, while this dispatcher leads."""
         check_timefile(self.timefile)
         if schedules_csv is not None:
             # Each line says what was wrong (schedule, needs, job id).
@@ -360,7 +362,13 @@ class Redbike:
         recorded = read_timefile(self.timefile)
         if recorded is not None:
             log.info("timefile %s: dispatched up to %s", self.timefile, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(recorded)))
+        if nodes is not None:
+            from .nodeloop import reconcile_beside  # it imports api
+
+            beside = reconcile_beside(dispatcher, self, nodes)
         dispatcher.run()
+        if nodes is not None:
+            beside.join(timeout=30)
 
     def work(self, concurrency: int = 1, resources: Needs = None) -> None:
         """Work jobs from the worker's queues until HALT or a signal.

@@ -4,7 +4,7 @@ Usage:
   redbike [options] set JOBID SCHEDULE [--after=TS] [--needs=NEEDS] [--misfire=POLICY] [--grace=S] [--retries=N]
   redbike [options] unset JOBID
   redbike [options] retry (--status=DIE | JOBID...)
-  redbike [options] dispatch [WORKER] [--schedules=CSV [--after=TS]]
+  redbike [options] dispatch [WORKER] [--schedules=CSV [--after=TS]] [--nodes]
   redbike [options] work [WORKER] [--concurrency=N] [--resources=AMOUNTS]
   redbike [options] statuses [--before=TS]
   redbike [options] schedules
@@ -54,6 +54,9 @@ Options:
   --reconcile        nodes: poll the node sources of the [redbike-nodes]
                      section (of NODESCONF, else of the config file) and
                      bring the tasks in step with the nodes, once.
+  --nodes            dispatch: also reconcile the node model of the
+                     [redbike-nodes] section, in a thread, while this
+                     dispatcher leads.
   --loop             With --reconcile: go on, polling each source on its
                      interval, until SIGTERM/SIGINT (one reconciler leads).
   --json             JSON for tools: preview, a list (notes go to stderr);
@@ -284,7 +287,8 @@ def _run(args: dict[str, Any]) -> int:
     if args["preview"] and args["--schedule"] is not None:
         return _preview(args, args["--schedule"], time.time())
     # Read before Redis is contacted: a mistake is bad input (exit 2).
-    node_config = _node_config(args) if args["nodes"] and args["--reconcile"] else NodeConfig()
+    reconciles = (args["nodes"] and args["--reconcile"]) or (args["dispatch"] and args["--nodes"])
+    node_config = _node_config(args) if reconciles else NodeConfig()
     bike = _bike(args, config, worker_required=bool(args["work"]))
     out = csv.writer(sys.stdout, lineterminator="\n")
     if args["set"]:
@@ -307,7 +311,7 @@ def _run(args: dict[str, Any]) -> int:
             raise NoSuchJob(f"no such job: {', '.join(unknown)}")
         print(f"{sum(result == 'PLACED' for result in results.values())} job(s) put back", file=sys.stderr)
     elif args["dispatch"]:
-        bike.dispatch(args["--schedules"], after=_timestamp(args["--after"]))
+        bike.dispatch(args["--schedules"], after=_timestamp(args["--after"]), nodes=node_config if args["--nodes"] else None)
     elif args["work"]:
         bike.work(concurrency=_concurrency(args["--concurrency"]), resources=args["--resources"])
     elif args["statuses"]:

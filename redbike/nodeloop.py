@@ -1,16 +1,19 @@
 """Who runs reconciliation: once (``redbike nodes --reconcile``), or in a
-loop (``--reconcile --loop``) that polls each node source on its interval,
+loop (``--reconcile --loop``, or a thread of the leading dispatcher with
+``redbike dispatch --nodes``) that polls each node source on its interval,
 passing when a list changed, with standbys waiting for the lease."""
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 
 import redis
 
 from .api import Redbike
+from .dispatcher import Dispatcher
 from .nodeconfig import NodeConfig
 from .nodesources import NodeLoader
 from .reconcile import Busy, Pass, Reconciler
@@ -35,10 +38,13 @@ def reconcile_once(bike: Redbike, config: NodeConfig) -> Pass:
         reconciler.release()
 
 
-def reconcile_loop(bike: Redbike, config: NodeConfig, stop: Callable[[], bool], idle: float = 1.0) -> None:
+def reconcile_loop(bike: Redbike, config: NodeConfig, stop: Callable[[], bool], idle: float = 1.0,
+                   leads: Callable[[], bool] = lambda: True) -> None:
     """Until ``stop()``: stand by for the lease, then poll each source on its
     interval and reconcile when a node list changed or orphans wait for their
-    grace to pass. Redis errors are logged and the loop goes on."""
+    grace to pass. Redis errors are logged and the loop goes on. ``leads``:
+    whether this process may reconcile now (a dispatcher's: while it leads);
+    while it may not, the loop stands by and gives the lease back."""
     reconciler = Reconciler(bike, config)
     loader: NodeLoader | None = None
     dirty = True  # a list changed (or the lease was just taken) since the last whole pass
@@ -46,6 +52,13 @@ def reconcile_loop(bike: Redbike, config: NodeConfig, stop: Callable[[], bool], 
     try:
         while not stop():
             try:
+                if not leads():
+                    if loader is not None:
+                        log.info("reconciler %s stands by: its process no longer leads", reconciler.token)
+                        reconciler.release()
+                    loader, dirty = None, True
+                    time.sleep(idle)
+                    continue
                 if not reconciler.acquire():
                     if loader is not None:
                         log.warning("lost the reconciler lease to %s; standing by", reconciler.holder())
@@ -71,3 +84,19 @@ def reconcile_loop(bike: Redbike, config: NodeConfig, stop: Callable[[], bool], 
             reconciler.release()
         except redis.RedisError:
             pass  # the lease expires by itself
+
+
+def reconcile_beside(dispatcher: Dispatcher, bike: Redbike, config: NodeConfig) -> threading.Thread:
+    """A thread running the loop while ``dispatcher`` leads, until it stops
+    (``redbike dispatch --nodes``): a pass shares the dispatcher's process,
+    not its loop, so a slow source does not hold due jobs back."""
+
+    def loop() -> None:
+        try:
+            reconcile_loop(bike, config, stop=dispatcher.stopping.is_set, leads=lambda: dispatcher.token is not None)
+        except Exception:  # a bug must not pass silently: the dispatcher goes on without it
+            log.exception("the node reconciler stopped")
+
+    thread = threading.Thread(target=loop, name="redbike-reconciler", daemon=True)
+    thread.start()
+    return thread

@@ -27,7 +27,7 @@ from test_jobs import NOW, Env
 
 from redbike.cli import main
 from redbike.nodeconfig import NodeConfig, load_node_config
-from redbike.nodeloop import reconcile_once
+from redbike.nodeloop import reconcile_loop, reconcile_once
 from redbike.nodes import Node
 from redbike.reconcile import Busy, Reconciler
 
@@ -411,3 +411,59 @@ def test_the_example_fetcher_and_items_source(tmp_path: Path, redis_server: Redi
     finally:
         server.terminate()
         server.wait(10)
+
+
+def test_the_leading_dispatcher_reconciles(tmp_path: Path, redis_server: RedisServer, prefix: str,
+                                           client: redis.Redis, daemons: Daemons) -> None:
+    folder = config_dir(tmp_path, redis_server, prefix, source="file nodes.csv")
+    conf = folder / ".redbike.conf"
+    conf.write_text(conf.read_text().replace("source.fleet = file nodes.csv",
+                                             "source.fleet = file nodes.csv\nsource.fleet.every = 0.2"))
+    nodes = folder / "nodes.csv"
+    nodes.write_text("host,h1,\ndb,d1,h1\n")
+    task_keys, lease = f"{prefix}:tasks", f"{prefix}:nodes:reconciler"
+
+    def pid_of(key: str) -> str:
+        """The pid in a lease's token (dispatcher: epoch:host:pid:nonce; reconciler: host:pid:nonce)."""
+        return (client.get(key) or "::").split(":")[-2]
+
+    leader = daemons.start("dispatch", "--nodes", cwd=folder)
+    wait_for(lambda: client.hlen(task_keys) == 2, what="the dispatcher's reconciler to set the tasks")
+    standby = daemons.start("dispatch", "--nodes", cwd=folder)
+    wait_for(lambda: "started" in daemons.log(standby), what="the standby to start")
+    assert pid_of(f"{prefix}:dispatcher") == pid_of(lease) == str(leader.pid)
+    leader.terminate()
+    assert leader.wait(10) == 0
+    wait_for(lambda: pid_of(f"{prefix}:dispatcher") == str(standby.pid), what="the standby to lead")
+    nodes.write_text("host,h1,\ndb,d1,h1\ndb,d2,h1\n")
+    wait_for(lambda: client.hexists(task_keys, "scan/h1/d2:A"), what="the new leader to reconcile")
+    assert pid_of(lease) == str(standby.pid)
+    standby.terminate()
+    assert standby.wait(10) == 0
+
+
+def test_the_loop_reconciles_only_while_its_process_leads(env: Env, tmp_path: Path) -> None:
+    nodes = tmp_path / "nodes.csv"
+    nodes.write_text("host,h1,\ndb,d1,h1\n")
+    config = node_config(tmp_path, source=f"file {nodes}")
+    leading, stopping = threading.Event(), threading.Event()
+    asked: list[bool] = []
+
+    def leads() -> bool:
+        asked.append(leading.is_set())
+        return asked[-1]
+
+    thread = threading.Thread(target=reconcile_loop, args=(env.bike, config),
+                              kwargs={"stop": stopping.is_set, "idle": 0.02, "leads": leads})
+    thread.start()
+    try:
+        wait_for(lambda: len(asked) >= 5, what="the loop to ask a few times")
+        assert tasks(env) == {} and env.c.get(env.keys.reconciler) is None
+        leading.set()
+        wait_for(lambda: len(tasks(env)) == 2, what="the tasks, once it leads")
+        assert env.c.get(env.keys.reconciler) is not None
+        leading.clear()
+        wait_for(lambda: env.c.get(env.keys.reconciler) is None, what="the lease given back")
+    finally:
+        stopping.set()
+        thread.join(10)
