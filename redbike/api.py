@@ -5,7 +5,9 @@ from __future__ import annotations
 import getpass
 import logging
 import os
+import signal
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
@@ -363,9 +365,12 @@ class Redbike:
         if recorded is not None:
             log.info("timefile %s: dispatched up to %s", self.timefile, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(recorded)))
         if nodes is not None:
-            from .nodeloop import reconcile_beside  # it imports api
+            from .nodeloop import ConfigWatch, reconcile_beside  # it imports api
 
-            beside = reconcile_beside(dispatcher, self, nodes)
+            watch = ConfigWatch(nodes)  # the config's files changed, or SIGHUP: read again
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGHUP, watch.hup)
+            beside = reconcile_beside(dispatcher, self, nodes, reload=watch)
         dispatcher.run()
         if nodes is not None:
             beside.join(timeout=30)

@@ -95,7 +95,7 @@ from .csvfile import CsvError
 from .embedded import EmbeddedError, find_folder, server_status, stop_server
 from .names import check_jobid, whole_number
 from .nodeconfig import NodeConfig, load_node_config
-from .nodeloop import reconcile_loop
+from .nodeloop import ConfigWatch, reconcile_loop
 from .nodes import check_node_name
 from .occurrences import misfire_text
 from .preview import parse_count, preview
@@ -196,9 +196,11 @@ def _reconcile(args: dict[str, Any], bike: Redbike, config: NodeConfig) -> int:
     def stop(signum: int, _frame: object) -> None:  # only sets a flag
         stopping.append(signum)
 
+    watch = ConfigWatch(config)  # its files changed, or SIGHUP: read again
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    reconcile_loop(bike, config, stop=lambda: bool(stopping))
+    signal.signal(signal.SIGHUP, watch.hup)
+    reconcile_loop(bike, config, stop=lambda: bool(stopping), reload=watch)
     return 0
 
 

@@ -88,6 +88,7 @@ class NodeConfig:
     families: dict[str, Family] = field(default_factory=dict)
     guard_fraction: float = DEFAULT_GUARD
     kill_orphans_after: float | None = DEFAULT_KILL_AFTER  # None: never
+    files: tuple[str, ...] = ()  # the files it was read from (watched by the loop)
 
     def levels_up(self, level: str) -> list[str]:
         """``level`` and its ancestors' levels, up to and with ``instance``."""
@@ -328,11 +329,14 @@ def load_node_config(path: str) -> NodeConfig | None:
     if not parser.has_section(SECTION):
         return None
     section = parser[SECTION]
+    files: tuple[str, ...] = (path,)
     pointed = next((value.strip() for key, value in section.items() if key.strip().lower() == "file"), None)
     if pointed:
         other = os.path.join(os.path.dirname(path), os.path.expanduser(pointed))
         parser = read_parser(other, keep_case=True)
         if not parser.has_section(SECTION):
             raise ConfigError(f"{path}: [{SECTION}] file: {other!r} has no [{SECTION}] section")
-        section, path = parser[SECTION], other
-    return parse_section(section, path)
+        section, path, files = parser[SECTION], other, (path, other)
+    config = parse_section(section, path)
+    config.files = files
+    return config

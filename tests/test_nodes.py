@@ -11,6 +11,8 @@ import io
 import itertools
 import json
 import logging
+import os
+import signal
 import stat
 import subprocess
 import sys
@@ -380,6 +382,18 @@ def test_the_loop_follows_a_file_and_hands_over(tmp_path: Path, redis_server: Re
              what="the standby to take over")
     nodes.write_text("host,h1,\nhost,h2,\ndb,d1,h1\ndb,d3,h2\n")
     wait_for(lambda: client.hexists(task_keys, "scan/h2/d3:A"), what="the new leader to add d3's task")
+    # the config changes: read again (here on SIGHUP, its mtime kept); a broken one is not used
+    stamp = conf.stat().st_mtime_ns
+    conf.write_text(conf.read_text().replace("family.report.queue = A", "family.report.queue = B"))
+    os.utime(conf, ns=(stamp, stamp))
+    second.send_signal(signal.SIGHUP)
+    wait_for(lambda: client.hexists(task_keys, "report/h2:B") and not client.hexists(task_keys, "report/h2:A"),
+             what="the report tasks to move to queue B")
+    conf.write_text(conf.read_text().replace("levels = host > db", "levels = host > > db"))
+    wait_for(lambda: "node config not reloaded: " in daemons.log(second), what="the broken config to be refused")
+    assert "levels: missing level name" in daemons.log(second)
+    nodes.write_text("host,h1,\nhost,h2,\ndb,d1,h1\ndb,d3,h2\ndb,d4,h2\n")
+    wait_for(lambda: client.hexists(task_keys, "scan/h2/d4:A"), what="the old config to go on")
     second.terminate()
     assert second.wait(10) == 0
     assert client.get(f"{prefix}:nodes:reconciler") is None
