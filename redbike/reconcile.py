@@ -265,13 +265,14 @@ class Reconciler:
             try:
                 self.bike.set(taskid, family.schedule, needs=needs, misfire=family.misfire, retries=family.retries)
             except ValueError as exc:
+                del records[taskid]  # not recorded: the next pass tries again
                 done.errors.append(f"{taskid}: {exc}")
                 log.error("task %s: could not be set again: %s", taskid, exc)
                 continue
             done.changed.append(taskid)
             log.info("task %s set again: family %s or its node's path changed", taskid, family.name)
-        if new:
-            self._set_new(new, done)
+        for taskid in self._set_new(new, done) if new else ():
+            del records[taskid]  # not recorded: the next pass tries again
         with self.client.pipeline(transaction=False) as pipe:
             if records:
                 pipe.hset(self.keys.tasks, mapping=records)
@@ -282,21 +283,29 @@ class Reconciler:
             done.adopted.append(taskid)
             log.info("task %s: its node is back; no longer an orphan", taskid)
 
-    def _set_new(self, new: list[tuple[str, Family, dict[str, int]]], done: Pass) -> None:
-        """Set new tasks in one pipelined batch (set.lua, as `redbike set` does)."""
+    def _set_new(self, new: list[tuple[str, Family, dict[str, int]]], done: Pass) -> set[str]:
+        """Set new tasks in one pipelined batch (set_many: set.lua, as `redbike
+        set` does); the ids of those that could not be set."""
+        rows = [(taskid, family.schedule, format_amounts(needs), family.misfire or "",
+                 "" if family.retries is None else str(family.retries)) for taskid, family, needs in new]
         with self.client.pipeline(transaction=False) as pipe:
-            piped = plain(self.bike, pipe)
-            for taskid, family, needs in new:
-                piped.set(taskid, family.schedule, needs=needs, misfire=family.misfire, retries=family.retries)
+            refused = plain(self.bike, pipe).set_many(rows)  # a bad row is not queued
             results = pipe.execute(raise_on_error=False)
-        for (taskid, family, _), result in zip(new, results, strict=True):
+        failed = {taskid for taskid, *_ in new if any(line.startswith(f"{taskid}: ") for line in refused)}
+        done.errors.extend(refused)
+        queued = [(taskid, family) for taskid, family, _ in new if taskid not in failed]
+        for (taskid, family), result in zip(queued, results, strict=True):
             if isinstance(result, Exception):
+                failed.add(taskid)
                 done.errors.append(f"{taskid}: {result}")
                 log.error("task %s: could not be set: %s", taskid, result)
                 continue
             done.added.append(taskid)
             if len(done.added) <= DETAILED:
                 log.info("task %s added (family %s, schedule %r): %s", taskid, family.name, family.schedule, result)
+        for line in refused:
+            log.error("task %s", line)
+        return failed
 
     def _unwanted(self, forest: Forest, taskid: str, record: str) -> bool:
         family_name, node_name, _ = record.split("|", 2)
@@ -341,15 +350,17 @@ class Reconciler:
                          "killing it is not done yet)", taskid, now - float(since))
         if newly:
             self.client.hset(self.keys.orphans, mapping=newly)
+        gone = []
         for taskid in going:
             try:
                 self.bike.unset(taskid)
-            except ValueError as exc:
+            except ValueError as exc:  # kept in P:tasks: the next pass tries again
                 done.errors.append(f"{taskid}: {exc}")
                 continue
-            done.removed.append(taskid)
-        if going:
+            gone.append(taskid)
+        done.removed.extend(gone)
+        if gone:
             with self.client.pipeline(transaction=False) as pipe:
-                pipe.hdel(self.keys.tasks, *going)
-                pipe.hdel(self.keys.orphans, *going)
+                pipe.hdel(self.keys.tasks, *gone)
+                pipe.hdel(self.keys.orphans, *gone)
                 pipe.execute()

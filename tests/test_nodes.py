@@ -27,6 +27,7 @@ import redis
 from conftest import ROOT, Daemons, RedisServer, free_port, wait_for, write_config
 from test_jobs import NOW, Env
 
+from redbike import Redbike
 from redbike.cli import main
 from redbike.nodeconfig import NodeConfig, load_node_config
 from redbike.nodeloop import reconcile_loop, reconcile_once
@@ -172,6 +173,25 @@ def test_an_orphan_whose_node_comes_back_is_kept(env: Env, tmp_path: Path) -> No
     assert done.adopted == [taskid] and done.removed == [] and done.changed == []
     assert env.c.hlen(env.keys.orphans) == 0 and sorted(tasks(env)) == ["report/h1:A", "scan/h1/d1:A"]
     assert env.schedule(taskid) == "NOW"
+
+
+def test_a_task_that_could_not_be_set_is_tried_again(env: Env, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    reconciler = Reconciler(env.bike, node_config(tmp_path))
+    original = Redbike.set
+
+    def refusing(bike: Redbike, jobid: str, *args: Any, **kwargs: Any) -> str:
+        if jobid == "scan/h1/d1:A":
+            raise ValueError("refused by the test")
+        return original(bike, jobid, *args, **kwargs)
+
+    monkeypatch.setattr(Redbike, "set", refusing)
+    done = reconciler.reconcile(fleet({"h1": ["d1", "d2"]}))
+    assert done.errors == ["scan/h1/d1:A: refused by the test"]
+    assert sorted(done.added) == ["report/h1:A", "scan/h1/d2:A"]
+    assert sorted(tasks(env)) == ["report/h1:A", "scan/h1/d2:A"]  # not recorded as set
+    monkeypatch.setattr(Redbike, "set", original)
+    assert reconciler.reconcile(fleet({"h1": ["d1", "d2"]})).added == ["scan/h1/d1:A"]
 
 
 def test_one_reconciler_at_a_time(env: Env, tmp_path: Path) -> None:
