@@ -305,7 +305,13 @@ class Redbike:
         return self.scripts.run("unset", now, [self.keys.queue(queue)], [jobid, who(), *self._stored(jobid).unrun(now)])
 
     def tell(self, jobid: str) -> dict[str, Any] | None:
-        return report.tell(self.client, self.keys, jobid, self._queue_of(jobid))
+        """Everything known about a job (a task of the node model also gets
+        ``task``: its family, node and path); None if there is no such job."""
+        told = report.tell(self.client, self.keys, jobid, self._queue_of(jobid))
+        task = nodeview.task_of(self.client, self.keys, jobid) if told is not None else None
+        if task is not None and told is not None:
+            told["task"] = task
+        return told
 
     def schedule_of(self, jobid: str) -> str | None:
         """A job's schedule text, or None if there is no such job."""

@@ -56,19 +56,42 @@ def nodes(client: redis.Redis, keys: Keys, level: str | None = None) -> Iterator
             yield node.level, node.name, parent, tasks[node.name], running[node.name]
 
 
+def _path(client: redis.Redis, keys: Keys, name: str) -> list[Node]:
+    """The stored node and its ancestors, top first ([] if it is not stored)."""
+    path: list[Node] = []
+    while name != INSTANCE and len(path) < 100:  # bounded: a hand-edited P:nodes may loop
+        record = client.hget(keys.nodes, name)
+        if record is None:
+            break
+        path.append(Node.decode(name, str(record)))
+        name = path[-1].parent
+    return path[::-1]
+
+
+def _shown(path: list[Node]) -> list[dict[str, str]]:
+    return [{"level": INSTANCE, "name": INSTANCE}, *({"level": n.level, "name": n.name} for n in path)]
+
+
+def task_of(client: redis.Redis, keys: Keys, jobid: str) -> dict[str, Any] | None:
+    """A task's family, node and path to the root (what `tell` adds); None for a job set by hand."""
+    record = client.hget(keys.tasks, jobid)
+    if record is None:
+        return None
+    family, node_name, _ = str(record).split("|", 2)
+    told: dict[str, Any] = {"family": family, "node": node_name, "path": _shown(_path(client, keys, node_name))}
+    orphaned = client.hget(keys.orphans, jobid)
+    if orphaned is not None:
+        told["orphaned_since"] = float(str(orphaned))
+    return told
+
+
 def node(client: redis.Redis, keys: Keys, name: str) -> dict[str, Any] | None:
     """One node: its path to the root, the capacities and usage of its
     resources, and its tasks (status, running, orphaned since); None if unknown."""
-    record = client.hget(keys.nodes, name)
-    if record is None:
+    path = _path(client, keys, name)
+    if not path:
         return None
-    found = Node.decode(name, str(record))
-    path = [found]
-    while path[-1].parent != INSTANCE and len(path) < 100:
-        above = client.hget(keys.nodes, path[-1].parent)
-        if above is None:
-            break
-        path.append(Node.decode(path[-1].parent, str(above)))
+    found = path[-1]
     pattern = f"*{AT}{_glob(name)}"
     capacities = {r: int(c) for r, c in client.hscan_iter(keys.capacities, match=pattern, count=SCAN_COUNT)}
     in_use = {r: int(u) for r, u in client.hscan_iter(keys.usage, match=pattern, count=SCAN_COUNT)}
@@ -92,7 +115,7 @@ def node(client: redis.Redis, keys: Keys, name: str) -> dict[str, Any] | None:
         "parent": None if found.parent == INSTANCE else found.parent,
         "source": found.source,
         "attributes": dict(found.attributes),
-        "path": [{"level": INSTANCE, "name": INSTANCE}, *({"level": n.level, "name": n.name} for n in reversed(path))],
+        "path": _shown(path),
         "capacities": capacities,
         "in_use": in_use,
         "tasks": tasks,

@@ -111,6 +111,10 @@ def test_tasks_follow_the_nodes(env: Env, tmp_path: Path) -> None:
     assert sorted(tasks(env)) == ["report/h1:A", "report/h2:A", "scan/h2/d2:A", "scan/h2/d3:A", "scan/h2/d4:A"]
     assert env.bike.tell("scan/h1/d1:A") is None and env.schedule("scan/h1/d2:A") is None
     assert env.bike.tell("scan/h2/d2:A")["needs"] == "db_lock@d2=1,host_concurrency@h2=1"
+    assert env.bike.tell("scan/h2/d2:A")["task"] == {"family": "scan", "node": "d2", "path": [
+        {"level": "instance", "name": "instance"}, {"level": "host", "name": "h2"}, {"level": "db", "name": "d2"}]}
+    env.bike.set("by-hand:A", "NOW")
+    assert "task" not in env.bike.tell("by-hand:A")
     capacities = {r: cap for r, cap, _, _ in env.bike.capacities()}
     assert "db_lock@d1" not in capacities and capacities["db_lock@d4"] == 1
 
@@ -153,6 +157,7 @@ def test_a_running_task_of_a_vanished_node_is_an_orphan_until_the_grace_ends(env
     assert sorted(done.removed) == sorted({"scan/h1/d1:A", "scan/h1/d2:A", "report/h1:A"} - {taskid})
     assert env.c.hgetall(env.keys.orphans) == {taskid: f"{NOW:.3f}"}
     assert env.bike.nodes() is not None and list(env.bike.nodes()) == []
+    assert env.bike.tell(taskid)["task"]["orphaned_since"] == NOW
     assert reconciler.reconcile([], now=NOW + 29).summary() == "nothing changed"  # within the grace
     assert env.schedule(taskid) is not None and taskid in tasks(env)
 
