@@ -289,6 +289,11 @@ def parse_section(section: configparser.SectionProxy, path: str) -> NodeConfig:
             where(key).append(f"unknown key (known: {_KEYS})")
     for name, options in sources.items():
         key = f"source.{name}"
+        try:
+            check_node_name(name, "source name")  # stored with each of its nodes, "|"-joined
+        except NodeError as exc:
+            where(key).append(str(exc))
+            continue
         if "" not in options:
             where(key).append("no source type and argument")
             continue

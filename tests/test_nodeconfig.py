@@ -129,6 +129,7 @@ def test_a_file_the_section_points_to(tmp_path: Path) -> None:
     ("levels = host\nkill-orphans-after = soon\n", "kill-orphans-after: kill-orphans-after must be a number of seconds from 0"),
     ("levels = host\ncolour = blue\n", "colour: unknown key"),
     ("levels = host\noverride.a/b = x=1\n", "override.a/b: bad node name 'a/b'"),
+    ("levels = host\nsource.a|b = file x\n", "source.a|b: bad source name 'a|b'"),
 ])
 def test_one_clear_line_per_mistake(tmp_path: Path, section: str, expected: str) -> None:
     found = problems(tmp_path, section)
