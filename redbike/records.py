@@ -297,7 +297,7 @@ def decode_trail_event(value: str) -> TrailEvent:
     return TrailEvent(when, event, dict(zip(names, parts)))
 
 
-# -- parked and ready members, and the parking value (lib.lua: park, wake) -----
+# -- parked and ready members, and the parking value (waiting.lua: park, wake) -
 
 @dataclass(frozen=True)
 class Parked:
@@ -370,7 +370,7 @@ class SetAside:
     aside: Aside
 
 
-AMOUNT_DIGITS = 10  # MAX_AMOUNT (10**9) written with leading zeros (aside_member() in lib.lua)
+AMOUNT_DIGITS = 10  # MAX_AMOUNT (10**9) written with leading zeros (set_aside() in waiting.lua)
 
 
 def encode_aside(aside: Aside) -> str:

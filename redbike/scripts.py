@@ -32,47 +32,65 @@ SCRIPT_NAMES = ("set", "unset", "claim", "finish", "move_due", "reap", "renew", 
 
 @functools.cache
 def sources() -> dict[str, str]:
-    """Each script's source, as it is loaded: lib.lua (the functions it uses),
-    a newline, its own file."""
+    """Each script's source, as it is loaded: the library (lib.lua and
+    waiting.lua: the functions it uses, see library_for), a newline, its own file."""
     folder = resources.files("redbike") / "lua"
     lib = (folder / "lib.lua").read_text(encoding="utf-8")
+    waiting = (folder / "waiting.lua").read_text(encoding="utf-8")
     scripts = {name: (folder / f"{name}.lua").read_text(encoding="utf-8") for name in SCRIPT_NAMES}
-    return {name: presized(library_for(lib, script)) + "\n" + script for name, script in scripts.items()}
+    return {name: library_for(lib, waiting, script) + "\n" + script for name, script in scripts.items()}
 
 
-# A function of lib.lua: the comment lines right above it, "function L.name(", its
-# body, and the "end" that closes it at the start of a line.
+# A function of the library: the comment lines right above it, "function
+# L.name(", its body, and the "end" that closes it at the start of a line.
 _FUNCTION = re.compile(r"(?ms)^(?:--[^\n]*\n)*function L\.(\w+)\(.*?^end\n")
 _USE = re.compile(r"\bL\.(\w+)")
 
 
-def library_for(lib: str, script: str) -> str:
-    """lib.lua without the functions ``script`` never calls, directly or
-    through others: each script call defines every function of its library
-    again, and the claim, for one, uses little more than half of them. Only
-    the speed differs: a client in another language may load all of lib.lua."""
-    functions = {match.group(1): match for match in _FUNCTION.finditer(lib)}
+def library_for(lib: str, waiting: str, script: str) -> str:
+    """The library as ``script`` loads it: lib.lua without the functions the
+    script never calls, directly or through others, then waiting.lua's
+    functions it calls, defined on the first call of one of them
+    (on_first_use). Each script call defines every function of its library
+    again, and each costs an allocation: the claim, for one, calls little
+    more than half of lib.lua's, and a job that needs no resource none of
+    waiting.lua's. Only the speed differs: a client in another language
+    may load lib.lua and waiting.lua as they are."""
+    functions = {match.group(1): match.group(0) for match in _FUNCTION.finditer(lib)}
+    later = {match.group(1): match.group(0) for match in _FUNCTION.finditer(waiting)}
     top_level = _FUNCTION.sub("", lib)  # constants and the checks every script runs
     wanted = set(_USE.findall(script)) | set(_USE.findall(top_level))
     todo = list(wanted)
     while todo:
-        found = functions.get(todo.pop())
-        for name in _USE.findall(found.group(0)) if found else ():
-            if name not in wanted:
-                wanted.add(name)
-                todo.append(name)
-    return _FUNCTION.sub(lambda match: match.group(0) if match.group(1) in wanted else "", lib)
+        name = todo.pop()
+        for used in _USE.findall(functions.get(name) or later.get(name) or ""):
+            if used not in wanted:
+                wanted.add(used)
+                todo.append(used)
+    eager = _FUNCTION.sub(lambda match: match.group(0) if match.group(1) in wanted else "", lib)
+    return presized(eager, set(later)) + on_first_use([text for name, text in later.items() if name in wanted])
 
 
-def presized(lib: str) -> str:
-    """lib.lua with its table L (every constant and function of the library)
-    made at its full size in one step, ``local L = {AMOUNT_DIGITS = false,
-    ...}``, instead of grown field by field: each script call builds L anew,
-    and its growth (a rehash at each power of two) costs about a fifth of
-    the library's time per call. Only the speed differs: a client in another
-    language may load lib.lua as it is."""
-    fields = sorted(set(re.findall(r"\bL\.(\w+)", lib)))
+def presized(lib: str, later: set[str]) -> str:
+    """lib.lua with its table L (every constant and function of the library
+    but the ``later`` ones, see on_first_use) made at its full size in one
+    step, ``local L = {AMOUNT_DIGITS = false, ...}``, instead of grown field
+    by field: each script call builds L anew, and its growth (a rehash at
+    each power of two) costs about a fifth of the library's time per call.
+    Only the speed differs: a client in another language may load lib.lua
+    as it is."""
+    fields = sorted(set(_USE.findall(lib)) - later)
     return lib.replace("local L = {}", "local L = {" + ", ".join(f"{name} = false" for name in fields) + "}", 1)
+
+
+def on_first_use(functions: list[str]) -> str:
+    """Lua that defines ``functions`` (of table L) when a script first looks
+    one up: L's metatable catches the look-up of a field it lacks (these are
+    the fields presized() leaves out), defines them all and lets go of L."""
+    if not functions:
+        return ""
+    return ("\nsetmetatable(L, {__index = function(lib, name)\n  setmetatable(lib, nil)\n"
+            + "".join(functions) + "  return rawget(lib, name)\nend})\n")
 
 
 TRAIL_LENGTH = 6  # trail-length: events kept per job (up to half as many again before a trim)

@@ -61,6 +61,7 @@ from redbike.states import FORGET, Outcome, Placement
 
 LUA = resources.files("redbike") / "lua"
 LIB = (LUA / "lib.lua").read_text(encoding="utf-8")
+WAITING = (LUA / "waiting.lua").read_text(encoding="utf-8")  # lib.lua's functions defined on first use
 
 
 def source(name: str) -> str:
@@ -93,7 +94,7 @@ def header(text: str, label: str) -> str:
 
 def test_every_script_file_is_loaded_and_has_a_header() -> None:
     files = {path.name[:-4] for path in LUA.iterdir() if path.name.endswith(".lua")}
-    assert files - {"lib"} == set(SCRIPT_NAMES)
+    assert files - {"lib", "waiting"} == set(SCRIPT_NAMES)
     for name in SCRIPT_NAMES:
         text = source(name)
         assert text.startswith(f"-- {name}.lua: "), name
@@ -213,12 +214,13 @@ def test_python_passes_what_each_header_says(client: redis.Redis, prefix: str,
 # -- records written by one side, read by the other, on the real server ---------
 
 def lua(client: redis.Redis, body: str, *args: str) -> Any:
-    """Run ``body`` after lib.lua, as every script runs, with ``args`` after the
-    common five; the library's functions are in scope by their own names."""
+    """Run ``body`` after lib.lua and waiting.lua, loaded as they are (as a
+    client in another language may), with ``args`` after the common five;
+    the library's functions are in scope by their own names."""
     keys = Keys("contract").job_state()
-    names = re.findall(r"^function L\.(\w+)\(", LIB, re.MULTILINE)
+    names = re.findall(r"^function L\.(\w+)\(", LIB + WAITING, re.MULTILINE)
     aliases = f"local {', '.join(names)} = {', '.join('L.' + name for name in names)}\n"
-    return client.eval(LIB + "\n" + aliases + body, len(keys), *keys, encode_time(NOW), "d", "q:", "t:", "10", *args)
+    return client.eval(LIB + "\n" + WAITING + "\n" + aliases + body, len(keys), *keys, encode_time(NOW), "d", "q:", "t:", "10", *args)
 
 
 def test_lua_reads_what_python_writes(client: redis.Redis) -> None:
@@ -339,10 +341,27 @@ def test_the_claim_and_finish_replies_decode(client: redis.Redis, prefix: str) -
 
 
 def test_each_script_loads_every_library_function_it_calls_and_no_other() -> None:
-    everything = set(re.findall(r"^function L\.(\w+)\(", LIB, re.MULTILINE))
+    everything = set(re.findall(r"^function L\.(\w+)\(", LIB + WAITING, re.MULTILINE))
     for name, text in sources().items():
         defined = set(re.findall(r"^function L\.(\w+)\(", text, re.MULTILINE))
         called = set(re.findall(r"\bL\.(\w+)\(", text)) & everything
         assert called <= defined, (name, called - defined)
         assert defined == called, (name, defined - called)  # nothing loaded that no one calls
     assert len(set(re.findall(r"^function L\.(\w+)\(", sources()["move_due"], re.MULTILINE))) < len(everything) / 2
+
+
+def test_waiting_functions_are_defined_on_first_use_only() -> None:
+    """waiting.lua's functions are left out of L's constructor and defined
+    inside the __index handler, so a call that never looks one up never
+    makes them; lib.lua's are made at once."""
+    later = set(re.findall(r"^function L\.(\w+)\(", WAITING, re.MULTILINE))
+    text = sources()["finish"]
+    eager, _, lazy = text.partition("setmetatable(L, {__index = function(lib, name)")
+    assert lazy, "finish calls waiting.lua's functions, so it needs the handler"
+    constructor = re.search(r"local L = \{([^}]*)\}", eager)
+    assert constructor is not None
+    presized = set(re.findall(r"(\w+) = false", constructor.group(1)))
+    assert presized and not presized & later
+    assert not set(re.findall(r"^function L\.(\w+)\(", eager, re.MULTILINE)) & later
+    assert {"park", "wake_if_room", "claim_aside"} <= set(re.findall(r"^function L\.(\w+)\(", lazy, re.MULTILINE))
+    assert "setmetatable" not in sources()["move_due"]  # it calls none of them
