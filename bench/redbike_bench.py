@@ -19,7 +19,7 @@ import redis
 from redbike import Redbike
 from redbike.api import who
 from redbike.keys import Keys
-from redbike.records import JobRecord, TrailEvent, encode_job, encode_time, encode_trail_event
+from redbike.records import TRAIL_SEP, JobRecord, TrailEvent, encode_job, encode_time
 from redbike.schedules import parse_schedule
 from redbike.scripts import sources
 
@@ -161,15 +161,15 @@ def fill_now(server: RedisServer, n: int, queue: str = "A", batch: int = 1000) -
 def load_timeline(server: RedisServer, n: int, due: float, queue: str = "A", batch: int = 10000) -> None:
     """n jobs AT ``due`` in the timeline, written as set.lua writes a job
     whose AT time is still ahead: schedule, status TML, timeline score, job
-    record, the trail's set event."""
+    record with its trail's set event."""
     client = server.client()
     schedule = parse_schedule(f"AT:{due!r}").text
     now = time.time()
     status = f"TML:{int(now)}"
     due = float(encode_time(due))  # as the scripts are given it
-    record = encode_job(JobRecord(due=due))
-    event = encode_trail_event(TrailEvent(float(encode_time(now)), "set", {
-        "by": who(), "status": "TML", "needs": "", "misfire": "once", "retries": "0", "schedule": schedule}))
+    event = TrailEvent(float(encode_time(now)), "set", {
+        "by": who(), "status": "TML", "needs": "", "misfire": "once", "retries": "0", "schedule": schedule})
+    record = encode_job(JobRecord(due=due), [event])
     for start in range(0, n, batch):
         ids = [job_id(i, queue) for i in range(start, min(n, start + batch))]
         with client.pipeline(transaction=False) as pipe:
@@ -177,8 +177,6 @@ def load_timeline(server: RedisServer, n: int, due: float, queue: str = "A", bat
             pipe.hset(KEYS.statuses, mapping={jobid: status for jobid in ids})
             pipe.zadd(KEYS.timeline, {jobid: due for jobid in ids})
             pipe.hset(KEYS.jobs, mapping={jobid: record for jobid in ids})
-            for jobid in ids:
-                pipe.rpush(KEYS.trail(jobid), event)
             pipe.execute()
 
 
@@ -203,17 +201,21 @@ def check_layout(server: RedisServer) -> None:
     due = time.time() + 3600
     Redbike(Noop("A"), prefix=PREFIX, client=client).set("probe:A", f"AT:{due!r}")
     real = (client.hget(KEYS.schedules, "probe:A"), client.hget(KEYS.statuses, "probe:A")[:3],
-            client.zscore(KEYS.timeline, "probe:A"), client.hget(KEYS.jobs, "probe:A"),
-            [e.split("|", 1)[1] for e in client.lrange(KEYS.trail("probe:A"), 0, -1)])
+            client.zscore(KEYS.timeline, "probe:A"), _without_times(client.hget(KEYS.jobs, "probe:A")))
     client.flushall()
     load_timeline(server, 1, due)
     jobid = job_id(0)
     loaded = (client.hget(KEYS.schedules, jobid), client.hget(KEYS.statuses, jobid)[:3],
-              client.zscore(KEYS.timeline, jobid), client.hget(KEYS.jobs, jobid),
-              [e.split("|", 1)[1] for e in client.lrange(KEYS.trail(jobid), 0, -1)])
+              client.zscore(KEYS.timeline, jobid), _without_times(client.hget(KEYS.jobs, jobid)))
     client.flushall()
     if real != loaded:
         raise RuntimeError(f"bench loader writes {loaded}, Redbike.set writes {real}")
+
+
+def _without_times(value: str | None) -> list[str]:
+    """A job's value in P:jobs: its record, and its trail's events without their times."""
+    head, *events = (value or "").split(TRAIL_SEP)
+    return [head, *(event.split("|", 1)[1] for event in events)]
 
 
 def _script_usec(before, after) -> float:

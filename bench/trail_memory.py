@@ -2,9 +2,10 @@
 
 For N jobs (default 1,000,000), each with a full trail (trail-length events
 plus as many more as it holds before its trim (half as many again, less one):
-the most it ever holds) of typical events, written by lib.lua's own trail()
-(a script that runs the library, as every redbike script does), and a job
-record: INFO used_memory before and after, per job and in all.
+the most it ever holds) of typical events, written by lib.lua's own note()
+(a script that runs the library, as every redbike script does) after its
+job record, in the same value: INFO used_memory before and after, per job
+and in all.
 
     python -m bench.trail_memory [--jobs 1000000] [--trail-length 10]
 
@@ -19,7 +20,7 @@ import math
 import time
 
 from redbike.keys import Keys
-from redbike.records import JobRecord, encode_job
+from redbike.records import JobRecord, encode_job, trail_of
 from redbike.scripts import TRAIL_LENGTH, sources
 
 from .server import RedisServer
@@ -29,16 +30,17 @@ BATCH = 2000  # jobs per script call
 # One job's typical events: it was set, then ran again and again (a run event
 # each: occurrence, attempt, token, worker, claim time, outcome, next time).
 WRITE = """
-local record = ARGV[6]
-local first = tonumber(ARGV[7])
-for i = first, first + tonumber(ARGV[8]) - 1 do
+local first = tonumber(ARGV[6])
+for i = first, first + tonumber(ARGV[7]) - 1 do
   local jobid = 'job' .. i .. ':A'
-  redis.call('HSET', L.JOBS, jobid, record)
-  L.trail(jobid, 'set', 'ops@host-17', 'TML', '', 'once', '0', '*/5 * * * *')
-  for run = 1, tonumber(ARGV[9]) - 1 do
-    L.trail(jobid, 'run', L.NOW, '1', '9f86d081884c7d65', 'worker-host-42:123456:3', L.NOW, 'TML',
+  local record = {string.match(ARGV[5], L.RECORD)}
+  record.trail = ''
+  L.note(record, 'set', 'ops@host-17', 'TML', '', 'once', '0', '*/5 * * * *')
+  for run = 1, tonumber(ARGV[8]) - 1 do
+    L.note(record, 'run', L.NOW, '1', '9f86d081884c7d65', 'worker-host-42:123456:3', L.NOW, 'TML',
       L.NOW, '')
   end
+  L.save_job(jobid, record)
 end
 return 1
 """
@@ -53,14 +55,14 @@ def measure(jobs: int, trail_length: int) -> dict[str, float]:
         script = client.register_script(lib + WRITE)
         record = encode_job(JobRecord(time.time(), 1, "once", 0, 1234, 5, 0, 1, time.time()))
         events = trail_length + math.ceil(trail_length / 2) - 1  # the most a trail holds
-        common = [repr(time.time()), "d", keys.queue_channel(""), keys.trail_prefix, trail_length]
+        common = [repr(time.time()), "d", keys.queue_channel(""), trail_length]
         before = client.info("memory")["used_memory"]
         started = time.monotonic()
         for first in range(0, jobs, BATCH):
             script(keys=keys.job_state(), args=[*common, record, first, min(BATCH, jobs - first), events])
         seconds = time.monotonic() - started
         after = client.info("memory")["used_memory"]
-        length = client.llen(keys.trail("job0:A"))
+        length = len(trail_of(client.hget(keys.jobs, "job0:A")))
         return {"jobs": jobs, "trail_length": trail_length, "events_per_job": length,
                 "bytes_per_job": (after - before) / jobs, "megabytes": (after - before) / 2**20,
                 "write_seconds": seconds}

@@ -1,6 +1,6 @@
 """redbike explain: a job's trail, one line per event, and why it is not running.
 
-The trail (Keys.trail, records.TrailEvent) is written by the scripts that
+The trail (in the job's value in P:jobs, records.trail_of) is written by the scripts that
 move the job; this module only reads it, with the job's current state
 (report.job_state, as tell reads it) and, to answer "why isn't it
 running?", the few keys that say what it waits for: the resource's
@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import redis
 
@@ -32,6 +32,7 @@ from .records import (
     decode_status,
     decode_trail_event,
     encode_parked,
+    trail_of,
 )
 from .report import SCAN_COUNT, JobState, job_state, told_of
 
@@ -76,7 +77,7 @@ def explain(client: redis.Redis, keys: Keys, jobid: str, queue: str, now: float)
     has neither a state nor a trail."""
     state = job_state(client, keys, jobid)
     told = told_of(client, keys, state, queue)
-    events = [_decoded(value) for value in cast("list[str]", client.lrange(keys.trail(jobid), 0, -1))]
+    events = [_decoded(value) for value in trail_of(state.job)]
     if told is None and not events:
         return None
     return Explanation(jobid, events, told, _why(client, keys, jobid, queue, state, told, events, now), now)

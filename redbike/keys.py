@@ -36,9 +36,8 @@ class Keys:
         self.parking = f"{p}:parking"  # hash  jobid -> "P"/"R"/"A" + its parked/ready/aside member
         self.parkseq = f"{p}:parkseq"  # counter: order of parked jobs
         self.aside = f"{p}:aside"  # zset  (lex) "resource|amount|seq|queue|jobid": needs more than a capacity
-        self.jobs = f"{p}:jobs"  # hash  jobid -> job record: occurrence, attempt, policy, ledger (records.JobRecord)
+        self.jobs = f"{p}:jobs"  # hash  jobid -> job record (occurrence, attempt, policy, ledger) and trail
         self.finished = f"{p}:finished"  # list  "time|jobid" of jobs that ended for good (END, SKP, unset)
-        self.trail_prefix = f"{p}:trail:"  # + jobid: list of the job's trail events (records.TrailEvent)
         # The node model (issue #9; written by the reconciler, reconcile.py):
         self.nodes = f"{p}:nodes"  # hash  node name -> "level|parent|source|attributes-JSON" (nodes.Node)
         self.tasks = f"{p}:tasks"  # hash  task id -> "family|node|digest" of the tasks it set
@@ -52,10 +51,6 @@ class Keys:
     def queue_channel(self, name: str) -> str:
         """Channel published to when a job enters queue ``name``."""
         return f"{self.prefix}:wake-queue:{name}"
-
-    def trail(self, jobid: str) -> str:
-        """The job's trail: a capped list of events (removed keep-finished after the job ends for good)."""
-        return self.trail_prefix + jobid
 
     def job_state(self) -> list[str]:
         """The keys every script takes first, in the order lib.lua expects."""

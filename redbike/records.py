@@ -12,7 +12,8 @@ stored such a name.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 SEP = "|"
@@ -158,7 +159,7 @@ def decode_pending(value: str) -> list[str]:
     return parts
 
 
-# -- the job record (P:jobs; job_of() in lib.lua) ------------------------------
+# -- the job record and its trail (P:jobs; job_of() in lib.lua) ---------------
 
 MISFIRE_POLICIES = ("once", "skip", "all")
 
@@ -166,7 +167,7 @@ MISFIRE_POLICIES = ("once", "skip", "all")
 @dataclass(frozen=True)
 class JobRecord:
     """A job's occurrence, attempt, failure and misfire policy, and its
-    occurrence ledger: "due|attempt|misfire|retries|fired|coalesced|skipped|cancelled|last_due".
+    occurrence ledger: "due|attempt|misfire|retries|fired|coalesced|skipped|cancelled|last_due|events".
 
     ``due``: the nominal time of the occurrence it is placed for, waits for
     in its queue or runs for (None: none yet). ``attempt``: that
@@ -174,7 +175,8 @@ class JobRecord:
     skip:GRACE. Counts of occurrences ``fired`` (enqueued),
     ``coalesced`` into a later run, ``skipped`` by the misfire policy and
     ``cancelled`` (unset or set again before they fired); ``last_due``: the
-    last occurrence fired."""
+    last occurrence fired. ``events``: how many events the job's trail holds
+    (stored after the record in the same value: see encode_job)."""
 
     due: float | None = None
     attempt: int = 1
@@ -185,32 +187,49 @@ class JobRecord:
     skipped: int = 0
     cancelled: int = 0
     last_due: float | None = None
+    events: int = field(default=0, compare=False)  # the trail's bookkeeping, not the ledger's
+
+
+TRAIL_SEP = "\n"  # before each trail event in a job's value (an event holds none: note() in lib.lua)
 
 
 def _optional_time(text: str) -> float | None:
     return float(text) if text else None
 
 
-def encode_job(job: JobRecord) -> str:
-    return SEP.join([
+def encode_job(job: JobRecord, trail: Sequence[TrailEvent] = ()) -> str:
+    """A job's value in P:jobs: its record, then its trail's events (each
+    after a line break; ``events`` counts them)."""
+    head = SEP.join([
         "" if job.due is None else encode_time(job.due), str(job.attempt), job.misfire, str(job.retries),
         str(job.fired), str(job.coalesced), str(job.skipped), str(job.cancelled),
-        "" if job.last_due is None else encode_time(job.last_due)])
+        "" if job.last_due is None else encode_time(job.last_due), str(len(trail))])
+    return head + "".join(TRAIL_SEP + encode_trail_event(event) for event in trail)
 
 
 def decode_job(value: str | None) -> JobRecord:
-    """A job's record; the defaults for a job that has none (set before the
-    ledger existed, or pushed by a foreign client)."""
+    """A job's record (its value in P:jobs without the trail); the defaults
+    for a job that has none (set before the ledger existed, or pushed by a
+    foreign client)."""
     if value is None:
         return JobRecord()
-    parts = value.split(SEP)
-    if len(parts) != 9:
-        raise RecordError(f"bad job record {value!r}")
+    head = value.partition(TRAIL_SEP)[0]
+    parts = head.split(SEP)
+    if len(parts) != 10:
+        raise RecordError(f"bad job record {head!r}")
     try:
         return JobRecord(_optional_time(parts[0]), int(parts[1]), parts[2], int(parts[3]), int(parts[4]),
-                         int(parts[5]), int(parts[6]), int(parts[7]), _optional_time(parts[8]))
+                         int(parts[5]), int(parts[6]), int(parts[7]), _optional_time(parts[8]), int(parts[9]))
     except ValueError:
-        raise RecordError(f"bad job record {value!r}") from None
+        raise RecordError(f"bad job record {head!r}") from None
+
+
+def trail_of(value: str | None) -> list[str]:
+    """The encoded events of a job's trail (its value in P:jobs after the
+    record), oldest first; decode each with decode_trail_event."""
+    if not value:
+        return []
+    return value.split(TRAIL_SEP)[1:]
 
 
 def occurrence_of(record: str, now: float) -> tuple[float, int]:
@@ -252,7 +271,7 @@ def decode_finished(value: str) -> tuple[float, str]:
     raise RecordError(f"bad finished entry {value!r}")
 
 
-# -- the trail: a list of events "time|event|field|..." (trail() in lib.lua) ---
+# -- a trail event: "time|event|field|..." (note() in lib.lua) ----------------
 
 # Each event's fields, in order; the last may hold '|' (a schedule, an error).
 TRAIL_FIELDS: dict[str, tuple[str, ...]] = {

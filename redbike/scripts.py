@@ -2,8 +2,7 @@
 
 Each script is lib.lua (shared helpers) followed by its own file in
 redbike/lua; every script takes the job-state keys (Keys.job_state()) and
-five common arguments first (now, two channel prefixes, the trail prefix,
-the trail length).
+four common arguments first (now, two channel prefixes, the trail length).
 """
 
 from __future__ import annotations
@@ -112,15 +111,14 @@ class Retention:
 class Scripts:
     """The Lua scripts (see sources()), registered on a client.
 
-    Each script takes the job-state keys and five common arguments first.
+    Each script takes the job-state keys and four common arguments first.
     """
 
     def __init__(self, client: redis.Redis, keys: Keys, retention: Retention | None = None) -> None:
         retention = retention or Retention()
         self._scripts = {name: client.register_script(src) for name, src in sources().items()}
         self._keys = keys.job_state()
-        self._common = [keys.dispatcher_channel, keys.queue_channel(""), keys.trail_prefix,
-                        str(retention.trail_length)]
+        self._common = [keys.dispatcher_channel, keys.queue_channel(""), str(retention.trail_length)]
 
     def run(self, name: str, now: float, keys: list[str], args: list[Any], client: Any = None) -> Any:
         """Run script ``name`` with its own ``keys`` and ``args`` after the common ones.

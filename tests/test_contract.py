@@ -54,6 +54,8 @@ from redbike.records import (
     encode_pending,
     encode_ready,
     encode_time,
+    encode_trail_event,
+    trail_of,
 )
 from redbike.resources import LOCAL_PREFIX, MAX_AMOUNT, MAX_CAPACITY
 from redbike.scripts import SCRIPT_NAMES, Scripts, sources
@@ -99,14 +101,14 @@ def test_every_script_file_is_loaded_and_has_a_header() -> None:
         text = source(name)
         assert text.startswith(f"-- {name}.lua: "), name
         assert header(text, "KEYS").startswith("the job-state keys"), name
-        assert header(text, "ARGV").startswith("the common five"), name
+        assert header(text, "ARGV").startswith("the common four"), name
 
 
 def test_lib_lists_the_job_state_keys_in_the_order_python_passes_them() -> None:
     listed = re.findall(r"^--\s+KEYS\[(\d+)\]\s+(\w+)", LIB, re.MULTILINE)
     assert [int(n) for n, _ in listed] == list(range(1, len(listed) + 1))
     assert tuple(name for _, name in listed) == records.JOB_STATE
-    assert f"L.K, L.A = {len(records.JOB_STATE)}, 5" in LIB
+    assert f"L.K, L.A = {len(records.JOB_STATE)}, 4" in LIB
     keys = Keys("p")
     assert keys.job_state() == [getattr(keys, name) for name, _ in zip(records.JOB_STATE, listed)]
     # the names lib.lua binds KEYS[1..17] to, in the same order
@@ -138,9 +140,9 @@ def test_statuses_and_placement_kinds_match_python() -> None:
 # -- the arguments Python passes, against each script's header -----------------
 
 def own_arguments(name: str) -> tuple[int, str]:
-    """How many fixed arguments script ``name`` takes after the common five,
+    """How many fixed arguments script ``name`` takes after the common four,
     and the header's words on what follows them ("the placement" is its 7 values)."""
-    text = text_of(name).removeprefix("the common five")
+    text = text_of(name).removeprefix("the common four")
     fixed, _, rest = text.removeprefix(", then ").partition(", then ")
     if fixed.startswith(("triples", "pairs")):
         return 0, rest or fixed
@@ -215,61 +217,74 @@ def test_python_passes_what_each_header_says(client: redis.Redis, prefix: str,
 
 def lua(client: redis.Redis, body: str, *args: str) -> Any:
     """Run ``body`` after lib.lua and waiting.lua, loaded as they are (as a
-    client in another language may), with ``args`` after the common five;
+    client in another language may), with ``args`` after the common four;
     the library's functions are in scope by their own names."""
     keys = Keys("contract").job_state()
     names = re.findall(r"^function L\.(\w+)\(", LIB + WAITING, re.MULTILINE)
     aliases = f"local {', '.join(names)} = {', '.join('L.' + name for name in names)}\n"
-    return client.eval(LIB + "\n" + WAITING + "\n" + aliases + body, len(keys), *keys, encode_time(NOW), "d", "q:", "t:", "10", *args)
+    return client.eval(LIB + "\n" + WAITING + "\n" + aliases + body, len(keys), *keys, encode_time(NOW), "d", "q:", "10", *args)
 
 
 def test_lua_reads_what_python_writes(client: redis.Redis) -> None:
     lease = encode_lease(LeaseRecord("tok", "A|b", "host:1:0", NOW, 10.0, NOW - 5, 3, "db:x=2,host:a=1"))
-    assert lua(client, "return {lease_token_matches(ARGV[6], 'tok') and 1 or 0, "
-               "lease_token_matches(ARGV[6], 'to') and 1 or 0, lease_needs(ARGV[6])}", lease) \
+    assert lua(client, "return {lease_token_matches(ARGV[5], 'tok') and 1 or 0, "
+               "lease_token_matches(ARGV[5], 'to') and 1 or 0, lease_needs(ARGV[5])}", lease) \
         == [1, 0, "db:x=2,host:a=1"]
-    assert lua(client, "return {lease_parts(ARGV[6])}", lease) \
+    assert lua(client, "return {lease_parts(ARGV[5])}", lease) \
         == ["tok", "A|b", "host:1:0", encode_time(NOW), "10.0", encode_time(NOW - 5), "3", "db:x=2,host:a=1"]
     for placement in (Placement("T", "RTY", NOW, due=NOW - 60, attempt=2, coalesced=3, skipped=4), FORGET):
         values = placement.script_args()
-        assert lua(client, "local p = pending_placement(ARGV[6]) "
+        assert lua(client, "local p = pending_placement(ARGV[5]) "
                    "return {p.kind, p.at, p.status, p.due, p.attempt, p.coalesced, p.skipped}",
                    encode_pending(values)) == values
         assert decode_pending(encode_pending(values)) == values
-    record = JobRecord(NOW - 60, 2, "skip:30", 5, 7, 8, 9, 10, NOW - 120)
-    assert lua(client, "redis.call('HSET', L.JOBS, 'j', ARGV[6]) return job_of('j')", encode_job(record)) \
-        == encode_job(record).split("|")
+    events = [TrailEvent(NOW - 5, "set", {"by": "me@h", "status": "TML", "needs": "", "misfire": "once",
+                                          "retries": "0", "schedule": "DTSTART:x|RRULE:y"}),
+              TrailEvent(NOW, "woken", {"resource": "db:1"})]
+    record = JobRecord(NOW - 60, 2, "skip:30", 5, 7, 8, 9, 10, NOW - 120, 2)
+    value = encode_job(record, events)
+    assert decode_job(value) == record and [decode_trail_event(e) for e in trail_of(value)] == events
+    assert lua(client, "redis.call('HSET', L.JOBS, 'j', ARGV[5]) local r = job_of('j') return {r.trail, unpack(r)}",
+               value) == ["".join("\n" + encode_trail_event(event) for event in events), *value.split("\n")[0].split("|")]
     assert decode_job(lua(client, "redis.call('DEL', L.JOBS) return table.concat(job_of('new'), '|')")) == JobRecord()
+    # note() writes what decode_trail_event reads (a line break becomes a space), and trims to the trail length
+    value = lua(client, "local r = job_of('new') for i = 1, 14 do note(r, 'woken', 'r' .. i) end "
+                "note(r, 'set', 'me', 'TML', '', 'once', '0', 'a\\nb') save_job('new', r) "
+                "return redis.call('HGET', L.JOBS, 'new')")
+    assert decode_job(value).events == len(trail_of(value)) == 10
+    assert [decode_trail_event(e).fields.get("resource") for e in trail_of(value)][:-1] == \
+        [f"r{i}" for i in range(6, 15)]
+    assert decode_trail_event(trail_of(value)[-1]).fields["schedule"] == "a b"
     for policy in ("once", "all", "all:3", "skip:0", "skip:30", "skip", "all:", "twice", "all:x"):
-        valid = lua(client, "return is_misfire(ARGV[6]) and 1 or 0", policy) == 1
+        valid = lua(client, "return is_misfire(ARGV[5]) and 1 or 0", policy) == 1
         try:
             records.check_misfire(policy)
             assert valid, policy
         except ValueError:
             assert not valid, policy
     needs = {"db:x": 2, "host:a": 1, f"{LOCAL_PREFIX}cpu": MAX_AMOUNT}
-    parsed = lua(client, "local out = {} for _, n in ipairs(parse_needs(ARGV[6])) do "
+    parsed = lua(client, "local out = {} for _, n in ipairs(parse_needs(ARGV[5])) do "
                  "table.insert(out, n[1]) table.insert(out, int(n[2])) end return out", encode_needs(needs))
     assert dict(zip(parsed[0::2], map(int, parsed[1::2]))) == needs
     parked = Parked("host:a", "0000000000000042", "A", "job:with|bar:A")
-    assert lua(client, "return {parked_parts(ARGV[6])}", encode_parked(parked)) == list(vars(parked).values())
+    assert lua(client, "return {parked_parts(ARGV[5])}", encode_parked(parked)) == list(vars(parked).values())
     ready = Ready("A", "0000000000000042", "job|x:A")
-    assert lua(client, "return {ready_parts(ARGV[6])}", encode_ready(ready)) == list(vars(ready).values())
+    assert lua(client, "return {ready_parts(ARGV[5])}", encode_ready(ready)) == list(vars(ready).values())
     woken = encode_parking(Woken("host:a", MAX_AMOUNT, ready))
-    assert lua(client, "local r, a, m = woken_parts(ARGV[6]) return {r, int(a), m}", woken) \
+    assert lua(client, "local r, a, m = woken_parts(ARGV[5]) return {r, int(a), m}", woken) \
         == ["host:a", str(MAX_AMOUNT), encode_ready(ready)]
-    assert lua(client, "return {woken_parts(ARGV[6])}", encode_parking(parked)) == []
+    assert lua(client, "return {woken_parts(ARGV[5])}", encode_parking(parked)) == []
     aside = Aside("worker:slots", MAX_AMOUNT, "0000000000000042", "A", "job|x:A")
-    assert lua(client, "local r, a, s, q, j = aside_parts(ARGV[6]) return {r, int(a), s, q, j}", encode_aside(aside)) \
+    assert lua(client, "local r, a, s, q, j = aside_parts(ARGV[5]) return {r, int(a), s, q, j}", encode_aside(aside)) \
         == ["worker:slots", str(MAX_AMOUNT), aside.seq, "A", "job|x:A"]
-    assert lua(client, "local c, m = set_aside_parts(ARGV[6]) return {int(c), m}",
+    assert lua(client, "local c, m = set_aside_parts(ARGV[5]) return {int(c), m}",
                encode_parking(SetAside(MAX_AMOUNT - 1, aside))) == [str(MAX_AMOUNT - 1), encode_aside(aside)]
-    assert lua(client, "return {woken_parts(ARGV[6])}", encode_parking(SetAside(2, aside))) == []
+    assert lua(client, "return {woken_parts(ARGV[5])}", encode_parking(SetAside(2, aside))) == []
     room = encode_local_room({"worker:b": 0, "worker:a": 3}, {"worker:a": 4, "worker:b": MAX_AMOUNT})
-    assert lua(client, "local r = parse_local_room(ARGV[6]) return {is_local_room(ARGV[6]) and 1 or 0, "
+    assert lua(client, "local r = parse_local_room(ARGV[5]) return {is_local_room(ARGV[5]) and 1 or 0, "
                "r['worker:a'][1], r['worker:a'][2], r['worker:b'][1], r['worker:b'][2]}", room) \
         == [1, 3, 4, 0, MAX_AMOUNT]
-    assert lua(client, "return is_local_room(ARGV[6]) and 1 or 0", encode_local_room({}, {})) == 1
+    assert lua(client, "return is_local_room(ARGV[5]) and 1 or 0", encode_local_room({}, {})) == 1
 
 
 def test_python_reads_what_lua_writes(client: redis.Redis, prefix: str) -> None:
@@ -306,7 +321,7 @@ def test_python_reads_what_lua_writes(client: redis.Redis, prefix: str) -> None:
     assert decode_pending(client.hget(env.keys.pending, "run:A")) \
         == Placement("T", "TML", 1893456000.0, 1893456000.0, 1).script_args()
     env.bike.unset("run:A")
-    trail = [decode_trail_event(event) for event in client.lrange(env.keys.trail("run:A"), 0, -1)]
+    trail = [decode_trail_event(event) for event in trail_of(client.hget(env.keys.jobs, "run:A"))]
     # set's own event says it was enqueued; the unset drops the placement set while it ran
     assert [event.event for event in trail] == ["set", "set", "cancelled", "unset"]
     assert trail[0] == TrailEvent(NOW, "set", {"by": who(), "status": "ENQ", "needs": "s=1", "misfire": "once",
@@ -317,7 +332,7 @@ def test_python_reads_what_lua_writes(client: redis.Redis, prefix: str) -> None:
     env.bike.set("later:A", HOURLY)
     dispatcher = env.dispatcher()
     dispatcher.step(NEXT_HOUR)
-    enqueued = decode_trail_event(client.lrange(env.keys.trail("later:A"), -1, -1)[0])
+    enqueued = decode_trail_event(trail_of(client.hget(env.keys.jobs, "later:A"))[-1])
     assert enqueued == TrailEvent(NEXT_HOUR, "enqueued", {"due": f"{NEXT_HOUR:.0f}", "attempt": "1"})
     assert [records.decode_finished(entry) for entry in client.lrange(env.keys.finished, 0, -1)] == [(NOW, "run:A")]
     assert lua(client, "finished('a|b:A') return redis.call('LRANGE', L.FINISHED, 0, -1)") \
@@ -330,7 +345,10 @@ def test_the_claim_and_finish_replies_decode(client: redis.Redis, prefix: str) -
     claim = ["tok", "w1", "", "", "A", "10", "10", "B", "10", "10"]
     queues = [env.keys.queue("A"), env.keys.queue("B")]
     reply = env.bike.scripts.run("claim", NOW, queues, claim)
-    assert decode_claim(reply) == Claimed("a:B", 1, "NOW", encode_job(JobRecord(NOW, 1, "once", 0, 1, 0, 0, 0, NOW)), {"r": 2})
+    claimed = decode_claim(reply)
+    assert isinstance(claimed, Claimed) and "\n" not in claimed.record  # the record without its trail
+    assert claimed == Claimed("a:B", 1, "NOW", claimed.record, {"r": 2})
+    assert decode_job(claimed.record) == JobRecord(NOW, 1, "once", 0, 1, 0, 0, 0, NOW)
     assert decode_claim(env.bike.scripts.run("claim", NOW, queues, claim)) == records.NONE
     finish = ["a:B", "tok", *Placement("S", "END").script_args(), "", env.keys.queue_channel("B")]
     done = env.bike.scripts.run("finish", NOW, [env.keys.queue("B"), *queues], finish + claim)

@@ -26,7 +26,7 @@ from conftest import wait_for, write_config
 from test_processes import cli, cli_ok, records, runs, starts, status_of
 
 from redbike.keys import Keys
-from redbike.records import TrailEvent, decode_trail_event
+from redbike.records import TrailEvent, decode_trail_event, trail_of
 from redbike.schedules import parse_schedule
 
 SLACK = 1.5  # seconds a retry may start after its backoff: the dispatcher's move, the claim
@@ -53,7 +53,7 @@ def configure(workdir: Path, **settings: object) -> None:
 
 
 def trail(client: redis.Redis, keys: Keys, jobid: str) -> list[TrailEvent]:
-    return [decode_trail_event(value) for value in client.lrange(keys.trail(jobid), 0, -1)]
+    return [decode_trail_event(value) for value in trail_of(client.hget(keys.jobs, jobid))]
 
 
 def run_events(client: redis.Redis, keys: Keys, jobid: str) -> list[TrailEvent]:

@@ -4,7 +4,7 @@
 -- lets running jobs finish and admits no new ones until usage is below it;
 -- jobs in line that need more than the new capacity are set aside.
 -- KEYS: the job-state keys.
--- ARGV: the common five, then resource, capacity.
+-- ARGV: the common four, then resource, capacity.
 -- Returns how many jobs woke, or came back in line if that was a full batch
 -- (call again while it is 1000).
 local resource, capacity = ARGV[L.A + 1], ARGV[L.A + 2]

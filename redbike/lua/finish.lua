@@ -1,7 +1,7 @@
 -- finish.lua: end a run and, in the same round trip, claim the next job.
 -- KEYS: the job-state keys, then the finished job's queue, then the queues
 --       to claim from (none: claim nothing).
--- ARGV: the common five, then jobid, token, the placement (7 values), error
+-- ARGV: the common four, then jobid, token, the placement (7 values), error
 --       JSON (or ''), queue channel of the finished job's queue, then as
 --       claim.lua: next token, worker id, control value seen, worker-local
 --       room, per-queue specs.

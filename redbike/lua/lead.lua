@@ -1,6 +1,6 @@
 -- lead.lua: take, keep or give up the dispatcher lease (one leader at a time).
 -- KEYS: the job-state keys, then the fencing epoch counter.
--- ARGV: the common five, then token held ('' if none), lease ms ('0': give
+-- ARGV: the common four, then token held ('' if none), lease ms ('0': give
 --       it up), identity of this dispatcher.
 -- Returns {token held or false, next due time, next lease deadline, control},
 -- so that renewing the lease also tells the dispatcher when to wake next.

@@ -23,13 +23,14 @@
 --   KEYS[17] aside       zset  (lex) "resource|amount|seq|queue|jobid": needs more
 --                              than the capacity (amount zero-padded: sorts by amount)
 --   KEYS[18] jobs        hash  jobid -> job record "due|attempt|misfire|retries|
---                              fired|coalesced|skipped|cancelled|last_due"
+--                              fired|coalesced|skipped|cancelled|last_due|events",
+--                              then its trail: each event "\n" .. "time|event|..."
 --   KEYS[19] finished    list  "time|jobid" of the jobs that ended for good (END,
 --                              SKP, unset), oldest first: retire.lua removes
 --                              what they left keep-finished seconds later
--- and the same first five ARGV: now (epoch seconds), the dispatcher's wake
--- channel, the prefix of the queue wake channels (+ queue name), the prefix
--- of the trail keys (+ jobid) and the trail's length (events kept per job).
+-- and the same first four ARGV: now (epoch seconds), the dispatcher's wake
+-- channel, the prefix of the queue wake channels (+ queue name) and the
+-- trail's length (events kept per job).
 -- A script's own KEYS start at KEYS[K + 1], its own ARGV at ARGV[A + 1].
 -- Times come from Python written short (records.encode_time: to the
 -- millisecond, whole seconds as integers), so records and the trail copy
@@ -51,13 +52,12 @@ L.SCHEDULES, L.STATUSES, L.TIMELINE, L.LEASES, L.DEADLINES, L.PENDING, L.ERRORS,
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
 L.CAPACITIES, L.USAGE, L.NEEDS, L.PARKED, L.READY, L.PARKING, L.PARKSEQ, L.ASIDE, L.JOBS, L.FINISHED =
   KEYS[10], KEYS[11], KEYS[12], KEYS[13], KEYS[14], KEYS[15], KEYS[16], KEYS[17], KEYS[18], KEYS[19]
-L.K, L.A = 19, 5
+L.K, L.A = 19, 4
 L.NOW = ARGV[1]
 L.NOW_N = tonumber(ARGV[1])
 L.DISPATCH_CHANNEL = ARGV[2]
 L.QUEUE_CHANNEL_PREFIX = ARGV[3]
-L.TRAIL_PREFIX = ARGV[4]
-L.TRAIL_LENGTH = tonumber(ARGV[5])
+L.TRAIL_LENGTH = tonumber(ARGV[4])
 L.MAX_PARKS = 64 -- jobs one claim may park before it lets other clients in
 L.WAKE_BATCH = 1000 -- jobs one script may wake for a resource without a capacity
 L.LOCAL_PREFIX = 'worker:' -- resources local to a worker pool (resources.LOCAL_PREFIX)
@@ -208,24 +208,35 @@ function L.pending_text(p)
   return table.concat({p.kind, p.at, p.status, p.due, p.attempt, p.coalesced, p.skipped}, '|')
 end
 
--- The job record (records.JobRecord), as a list indexed by these fields.
-L.DUE, L.ATTEMPT, L.MISFIRE, L.RETRIES, L.FIRED, L.COALESCED, L.SKIPPED, L.CANCELLED, L.LAST_DUE =
-  1, 2, 3, 4, 5, 6, 7, 8, 9
+-- The job record (records.JobRecord), as a list indexed by these fields
+-- (EVENTS: how many its trail holds), and the job's trail in its field
+-- `trail`: the events, each "\n" .. "time|event|field|..."
+-- (records.decode_trail_event), oldest first. Both are one value of JOBS:
+-- the claim reads it anyway, so the finish that follows finds it in the
+-- cache, where a key of its own per job cost the finish more than all the
+-- rest of the trail.
+L.DUE, L.ATTEMPT, L.MISFIRE, L.RETRIES, L.FIRED, L.COALESCED, L.SKIPPED, L.CANCELLED, L.LAST_DUE, L.EVENTS =
+  1, 2, 3, 4, 5, 6, 7, 8, 9, 10
+L.RECORD = '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|(%d+)$'
+L.NEW_JOB = '|1|once|0|0|0|0|0||0' -- the record of a job that has none (records.JobRecord())
 
-L.NEW_JOB = '|1|once|0|0|0|0|0|' -- the record of a job that has none (records.JobRecord())
-
--- The record of `jobid` (a new one, with the default policy, if it has none).
+-- The record of `jobid` (a new one, with the default policy, if it has none)
+-- and its trail.
 function L.job_of(jobid)
-  local record = {string.match(redis.call('HGET', L.JOBS, jobid) or '',
-    '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)$')}
-  if #record ~= L.LAST_DUE then
-    record = {string.match(L.NEW_JOB, '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)$')}
+  local value = redis.call('HGET', L.JOBS, jobid) or L.NEW_JOB
+  local head, trail = value, ''
+  local cut = string.find(value, '\n', 1, true)
+  if cut then head, trail = string.sub(value, 1, cut - 1), string.sub(value, cut) end
+  local record = {string.match(head, L.RECORD)}
+  if #record ~= L.EVENTS then
+    record, trail = {string.match(L.NEW_JOB, L.RECORD)}, ''
   end
+  record.trail = trail
   return record
 end
 
 function L.save_job(jobid, record)
-  redis.call('HSET', L.JOBS, jobid, table.concat(record, '|'))
+  redis.call('HSET', L.JOBS, jobid, table.concat(record, '|') .. record.trail)
 end
 
 function L.add(record, field, count)
@@ -234,17 +245,28 @@ function L.add(record, field, count)
   end
 end
 
--- Append an event to the job's trail (records.decode_trail_event): its time,
--- its name, its fields. The trail is a list, trimmed back to TRAIL_LENGTH
--- events when it reaches half as many again (one LTRIM per TRAIL_LENGTH / 2
--- events). It needs no expiry: a job that ends for good is listed in
--- FINISHED, and retire.lua removes its trail with the rest of it.
-function L.trail(jobid, ...)
-  local key = L.TRAIL_PREFIX .. jobid
-  local length = redis.call('RPUSH', key, table.concat({L.NOW, ...}, '|'))
-  if length >= L.TRAIL_LENGTH + math.ceil(L.TRAIL_LENGTH / 2) then
-    redis.call('LTRIM', key, -L.TRAIL_LENGTH, -1)
+-- Add an event to the trail of `record` (saved with it: save_job): its time,
+-- its name, its fields (a line break in one, as a schedule may hold, becomes
+-- a space). When the trail reaches half as many again as TRAIL_LENGTH, the
+-- oldest events go, down to TRAIL_LENGTH. It needs no expiry: a job that
+-- ends for good is listed in FINISHED, and retire.lua removes its record.
+function L.note(record, ...)
+  local event = table.concat({L.NOW, ...}, '|')
+  if string.find(event, '\n', 1, true) then event = (string.gsub(event, '\n', ' ')) end
+  local trail, count = record.trail .. '\n' .. event, tonumber(record[L.EVENTS]) + 1
+  if count >= L.TRAIL_LENGTH + math.ceil(L.TRAIL_LENGTH / 2) then
+    local at = 0
+    for _ = 0, count - L.TRAIL_LENGTH do at = string.find(trail, '\n', at + 1, true) end
+    trail, count = string.sub(trail, at), L.TRAIL_LENGTH
   end
+  record.trail, record[L.EVENTS] = trail, L.int(count)
+end
+
+-- Add an event to the trail of a job whose record the caller has not read.
+function L.trail(jobid, ...)
+  local record = L.job_of(jobid)
+  L.note(record, ...)
+  L.save_job(jobid, record)
 end
 
 -- List a job that ended for good (records.encode_finished), for retire.lua.
@@ -331,7 +353,7 @@ function L.cancel_waiting(jobid, record, expected, missed, status)
   end
   if count > 0 then
     L.add(record, L.CANCELLED, count)
-    L.trail(jobid, 'cancelled', record[L.DUE], L.int(count))
+    L.note(record, 'cancelled', record[L.DUE], L.int(count))
   end
 end
 
@@ -350,7 +372,7 @@ function L.drop_pending(jobid, record, due, expected, missed)
     local count = 1
     if tonumber(expected) == tonumber(dropped.due) then count = count + tonumber(missed) end
     L.add(record, L.CANCELLED, count)
-    L.trail(jobid, 'cancelled', dropped.due, L.int(count))
+    L.note(record, 'cancelled', dropped.due, L.int(count))
   end
 end
 
@@ -364,6 +386,7 @@ function L.place(jobid, p, queue, channel, record, noted, again)
   local kind = p.kind
   if kind == 'D' then
     L.forget(jobid)
+    if record then L.save_job(jobid, record) end
     return
   end
   local counted = p.coalesced ~= '0' or p.skipped ~= '0'
@@ -380,14 +403,14 @@ function L.place(jobid, p, queue, channel, record, noted, again)
       if record[L.ATTEMPT] == '1' and not again then L.add(record, L.FIRED, 1) end
       record[L.LAST_DUE] = record[L.DUE]
     end
-    L.save_job(jobid, record)
     if counted then
-      L.trail(jobid, 'misfire', record[L.MISFIRE], p.coalesced, p.skipped, record[L.DUE])
+      L.note(record, 'misfire', record[L.MISFIRE], p.coalesced, p.skipped, record[L.DUE])
     end
+    if kind == 'Q' and not noted then L.note(record, 'enqueued', record[L.DUE], record[L.ATTEMPT]) end
+    L.save_job(jobid, record)
   end
   if kind == 'Q' then
     L.enqueue(jobid, queue, channel)
-    if not noted then L.trail(jobid, 'enqueued', record[L.DUE], record[L.ATTEMPT]) end
   elseif kind == 'T' then
     local head = redis.call('ZRANGE', L.TIMELINE, 0, 0, 'WITHSCORES')
     redis.call('ZADD', L.TIMELINE, p.at, jobid)
@@ -424,18 +447,18 @@ function L.finish(jobid, token, p, err, queue, channel)
   end
   local pending = redis.call('HGET', L.PENDING, jobid)
   local gone = redis.call('HEXISTS', L.SCHEDULES, jobid) == 0
+  local record = L.job_of(jobid)
   if (gone or pending) and (p.coalesced ~= '0' or p.skipped ~= '0') then
     -- The run's own placement gives way (the job was unset or set again while
     -- it ran), but what it says of the occurrences that fell due while the
     -- job waited or ran holds: the ledger counts them.
-    local record = L.job_of(jobid)
     L.add(record, L.COALESCED, p.coalesced)
     L.add(record, L.SKIPPED, p.skipped)
-    L.save_job(jobid, record)
   end
   if gone then
     redis.call('HDEL', L.PENDING, jobid)
-    L.trail(jobid, 'run', due, attempt, token, worker, since, 'GONE', '', line)
+    L.note(record, 'run', due, attempt, token, worker, since, 'GONE', '', line)
+    L.save_job(jobid, record)
     return 'GONE'
   end
   if err ~= '' then
@@ -445,9 +468,8 @@ function L.finish(jobid, token, p, err, queue, channel)
     redis.call('HDEL', L.PENDING, jobid)
     p = L.pending_placement(pending)
   end
-  L.trail(jobid, 'run', due, attempt, token, worker, since, p.status,
-    p.at, line)
-  L.place(jobid, p, queue, channel)
+  L.note(record, 'run', due, attempt, token, worker, since, p.status, p.at, line)
+  L.place(jobid, p, queue, channel, record)
   return 'DONE'
 end
 
@@ -570,8 +592,8 @@ function L.consider(token, worker, room, i, queue, base, jobid, seq, ready, held
     if not L.is_local(one[1]) then redis.call('HINCRBY', L.USAGE, one[1], L.int(one[2])) end
   end
   -- The run's occurrence and attempt, read straight off the record (the
-  -- worker decodes the rest only if it needs it).
-  local record = redis.call('HGET', L.JOBS, jobid) or L.NEW_JOB
+  -- worker decodes the rest only if it needs it; the trail stays here).
+  local record = string.match(redis.call('HGET', L.JOBS, jobid) or L.NEW_JOB, '^[^\n]*')
   local due, attempt = string.match(record, '^([^|]*)|([^|]*)|')
   if not due then record, due, attempt = L.NEW_JOB, '', '1' end
   if due == '' then due = L.NOW end -- a job a foreign client pushed is for now
@@ -645,4 +667,4 @@ function L.finish_error(jobid, token, base, err)
 end
 
 if not L.time_of(L.NOW) then return L.bad('now', L.NOW) end
-if not L.TRAIL_LENGTH or not L.int_of(ARGV[5], 1, L.MAX_AMOUNT) then return L.bad('trail length', ARGV[5]) end
+if not L.TRAIL_LENGTH or not L.int_of(ARGV[4], 1, L.MAX_AMOUNT) then return L.bad('trail length', ARGV[4]) end

@@ -2,7 +2,7 @@
 -- timeline into their queues (or, for a job the misfire policy skipped, back
 -- to the timeline at its next occurrence), writing the ledger as it goes.
 -- KEYS: the job-state keys, then the queues named by this batch.
--- ARGV: the common five, then leader token, queue count n, the n queue
+-- ARGV: the common four, then leader token, queue count n, the n queue
 --       channels, then per job 10 values: jobid, 1-based queue index, the
 --       timeline score the dispatcher read, the placement (7 values).
 -- A job no longer at that score (unset, set again) is skipped: no occurrence

@@ -1,7 +1,7 @@
 -- reap.lua: end the runs whose lease deadline passed (their worker died or
 -- stopped renewing) and put the jobs back (retried, or by their schedules).
 -- KEYS: the job-state keys, then the queues named by this batch.
--- ARGV: the common five, then leader token, queue count n, the n queue
+-- ARGV: the common four, then leader token, queue count n, the n queue
 --       channels, then per lease 11 values: jobid, token, the placement (7
 --       values), error JSON, 1-based queue index.
 -- A lease renewed or ended meanwhile is left alone; a deadline left without

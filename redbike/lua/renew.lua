@@ -1,6 +1,6 @@
 -- renew.lua: heartbeat: push back the deadlines of leases still held.
 -- KEYS: the job-state keys.
--- ARGV: the common five, then triples (jobid, token, new deadline).
+-- ARGV: the common four, then triples (jobid, token, new deadline).
 -- Returns the jobids whose lease was lost (reaped or unset).
 if (#ARGV - L.A) % 3 ~= 0 then return L.bad('count of lease values', #ARGV) end
 for j = L.A + 1, #ARGV, 3 do

@@ -1,10 +1,10 @@
 -- retire.lua: remove what is left of the jobs that ended for good (one-offs
 -- that ran or were skipped, unset jobs) keep-finished seconds ago: their
--- status, schedule, record (the ledger) and trail. A job set again since is
+-- status, schedule, record (the ledger and the trail). A job set again since is
 -- only taken off the list; one still running (unset while it ran) goes back
 -- on it, to wait another keep-finished.
 -- KEYS: the job-state keys.
--- ARGV: the common five, then leader token, cutoff (ended at or before it),
+-- ARGV: the common four, then leader token, cutoff (ended at or before it),
 --       most jobs to look at.
 -- Returns how many it took off the list (call again while that is the most).
 local failed = L.fence(ARGV[L.A + 1])
@@ -27,7 +27,6 @@ while taken < most do
     for _, key in ipairs({L.SCHEDULES, L.STATUSES, L.ERRORS, L.PENDING, L.NEEDS, L.JOBS}) do
       redis.call('HDEL', key, jobid)
     end
-    redis.call('DEL', L.TRAIL_PREFIX .. jobid)
   end
 end
 return taken

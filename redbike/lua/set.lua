@@ -1,7 +1,7 @@
 -- set.lua: give a job a schedule (needs, misfire policy, retries) and place
 -- it, atomically.
 -- KEYS: the job-state keys (lib.lua), then the job's queue.
--- ARGV: the common five, then jobid, schedule, the placement (7 values), queue
+-- ARGV: the common four, then jobid, schedule, the placement (7 values), queue
 --       channel, only_if ('1': leave an existing job untouched; 'S': leave it
 --       untouched if its schedule is this one; 'R': only if it failed (status
 --       DIE: the retry command); '0': set it), needs ("resource=amount,...",
@@ -60,9 +60,9 @@ local record = L.job_of(jobid)
 if misfire ~= '' then record[L.MISFIRE] = misfire elseif new then record[L.MISFIRE] = default_misfire end
 if retries ~= '' then record[L.RETRIES] = retries elseif new then record[L.RETRIES] = default_retries end
 if only_if == 'R' then
-  L.trail(jobid, 'retry', by)
+  L.note(record, 'retry', by)
 else
-  L.trail(jobid, 'set', by, p.status, needs, record[L.MISFIRE], record[L.RETRIES], schedule)
+  L.note(record, 'set', by, p.status, needs, record[L.MISFIRE], record[L.RETRIES], schedule)
 end
 if redis.call('HEXISTS', L.LEASES, jobid) == 1 then
   L.drop_pending(jobid, record, p.due, expected, missed)

@@ -2,7 +2,7 @@
 -- (the resources it holds are released when it ends). The occurrences it
 -- leaves unrun are cancelled (see cancel_waiting() in lib.lua).
 -- KEYS: the job-state keys (lib.lua), then the job's queue.
--- ARGV: the common five, then jobid, who unset it (for the trail), the
+-- ARGV: the common four, then jobid, who unset it (for the trail), the
 --       occurrence the caller found the job placed for ('' if none), the
 --       count of its schedule's occurrences due after that one until now.
 -- Returns 0 (no such job), 1 (removed) or 2 (running: removed when it ends).
@@ -22,8 +22,8 @@ else
   L.cancel_waiting(jobid, record, expected, missed, status)
   L.unplace(jobid, KEYS[L.K + 1])
 end
+L.note(record, 'unset', by)
 L.save_job(jobid, record)
 L.forget(jobid)
-L.trail(jobid, 'unset', by)
 if running then return 2 end
 return 1
