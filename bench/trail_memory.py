@@ -34,7 +34,7 @@ local first = tonumber(ARGV[6])
 for i = first, first + tonumber(ARGV[7]) - 1 do
   local jobid = 'job' .. i .. ':A'
   local record = {string.match(ARGV[5], L.RECORD)}
-  record.trail = ''
+  record.trail = table.remove(record)
   L.note(record, 'set', 'ops@host-17', 'TML', '', 'once', '0', '*/5 * * * *')
   for run = 1, tonumber(ARGV[8]) - 1 do
     L.note(record, 'run', L.NOW, '1', '9f86d081884c7d65', 'worker-host-42:123456:3', L.NOW, 'TML',

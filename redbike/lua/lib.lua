@@ -191,9 +191,11 @@ function L.lease_needs(lease)
 end
 
 -- A lease record -> token, queue, worker, since, timeout, due, attempt, needs
--- (the queue found by counting from both ends).
+-- (the queue found by counting from both ends: the shortest that leaves six
+-- fields after it, which for a queue without '|' is the first try, where a
+-- greedy '.*' would try every position from the end first).
 function L.lease_parts(lease)
-  return string.match(lease, '^([^|]*)|(.*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)$')
+  return string.match(lease, '^([^|]*)|(.-)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)$')
 end
 
 -- A pending record (the 7 values of a placement, joined by '|') -> placement.
@@ -217,21 +219,17 @@ end
 -- rest of the trail.
 L.DUE, L.ATTEMPT, L.MISFIRE, L.RETRIES, L.FIRED, L.COALESCED, L.SKIPPED, L.CANCELLED, L.LAST_DUE, L.EVENTS =
   1, 2, 3, 4, 5, 6, 7, 8, 9, 10
-L.RECORD = '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|(%d+)$'
+L.RECORD = '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|(%d+)(.*)$'
 L.NEW_JOB = '|1|once|0|0|0|0|0||0' -- the record of a job that has none (records.JobRecord())
 
 -- The record of `jobid` (a new one, with the default policy, if it has none)
 -- and its trail.
 function L.job_of(jobid)
-  local value = redis.call('HGET', L.JOBS, jobid) or L.NEW_JOB
-  local head, trail = value, ''
-  local cut = string.find(value, '\n', 1, true)
-  if cut then head, trail = string.sub(value, 1, cut - 1), string.sub(value, cut) end
-  local record = {string.match(head, L.RECORD)}
-  if #record ~= L.EVENTS then
-    record, trail = {string.match(L.NEW_JOB, L.RECORD)}, ''
+  local record = {string.match(redis.call('HGET', L.JOBS, jobid) or L.NEW_JOB, L.RECORD)}
+  if #record ~= L.EVENTS + 1 or (record[L.EVENTS + 1] ~= '' and string.byte(record[L.EVENTS + 1]) ~= 10) then
+    record = {string.match(L.NEW_JOB, L.RECORD)}
   end
-  record.trail = trail
+  record.trail = table.remove(record) -- what follows the record: its events, each after a line break
   return record
 end
 
