@@ -29,19 +29,15 @@ import hashlib
 import logging
 import math
 import os
-import selectors
 import shlex
 import shutil
-import signal
-import subprocess
 import tempfile
 import time
-from dataclasses import dataclass
-from typing import IO, Any
+from typing import Any
 from urllib.parse import quote
 
+from .programs import CannotStart, Ended, Output, run, signal_name
 from .roundrobin import RoundRobin, StopWork, UnsetJob
-from .zygote import in_slot_child
 
 log = logging.getLogger(__name__)
 
@@ -49,227 +45,11 @@ STOP_CODE = 64  # exit code meaning StopWork: the job's schedule becomes STOP
 UNSET_CODE = 65  # exit code meaning UnsetJob: the job is unset
 DEFAULT_GRACE = 5.0  # seconds between SIGTERM and SIGKILL when the executor's timeout hits
 TIMEOUT_MARGIN = 2.0  # the pool's timeout: the executor's, its grace and this, so the executor acts first
-# The end of stderr kept for a failure's message: 3 KiB, so that the whole
-# message, after the traceback's frames, fits in the 4000 characters of it
-# that a slot keeps for tell (slot.run_work).
-STDERR_TAIL_BYTES = 3072
-LINE_BYTES = 4096  # a longer output line is logged in pieces of this size
-POLL_SECONDS = 0.05  # how often a timed-out run's process group is looked at
 
 
 class ExecutorError(Exception):
     """A program could not run, failed, or timed out; the first line says
     which step and how, the rest is the tail of its stderr."""
-
-
-# -- the processes of a run's group -------------------------------------------------
-
-
-def _group_members(group: int) -> list[int]:
-    """The live processes of process group ``group``, but this one."""
-    found = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat", "rb") as stat:
-                state, _, pgrp = stat.read().rsplit(b")", 1)[1].split()[:3]
-        except (OSError, ValueError):  # gone meanwhile
-            continue
-        if int(pgrp) == group and state not in (b"Z", b"X") and int(entry.name) != os.getpid():
-            found.append(int(entry.name))
-    return found
-
-
-def _signal_members(group: int, signum: int) -> int:
-    """Send ``signum`` to each live process of ``group`` but this one; how
-    many were found. Each is opened as a pidfd and its group read again
-    through it, so a pid reused meanwhile by a stranger is never signalled."""
-    members = _group_members(group)
-    for pid in members:
-        try:
-            pidfd = os.pidfd_open(pid)
-        except OSError:
-            continue
-        try:
-            if os.getpgid(pid) == group:
-                signal.pidfd_send_signal(pidfd, signum)
-        except OSError:  # it ended meanwhile, or is not ours to signal
-            pass
-        finally:
-            os.close(pidfd)
-    return len(members)
-
-
-# -- a program's output ----------------------------------------------------------
-
-
-class _Output:
-    """Where one program's stdout and stderr go: to the log, line by line,
-    prefixed with the job id (``path`` None), or to the files ``path``.stdout
-    and ``path``.stderr. The end of stderr is kept either way."""
-
-    def __init__(self, jobid: str, label: str, path: str | None) -> None:
-        self.prefix = f"job {jobid}:" + (f" {label}" if label else "")
-        self.path = path
-        self.files: list[IO[bytes]] = []
-        self.partial = {"stdout": b"", "stderr": b""}
-        self.tail = b""
-
-    def targets(self) -> tuple[IO[bytes] | int, IO[bytes] | int]:
-        """What Popen's stdout and stderr get."""
-        if self.path is None:
-            return subprocess.PIPE, subprocess.PIPE
-        self.files = [open(f"{self.path}.{name}", "wb") for name in ("stdout", "stderr")]  # noqa: SIM115
-        return self.files[0], self.files[1]
-
-    def feed(self, stream: str, data: bytes) -> None:
-        """Log the complete lines of ``data`` (the rest waits for more)."""
-        if stream == "stderr":
-            self.tail = (self.tail + data)[-STDERR_TAIL_BYTES:]
-        lines = (self.partial[stream] + data).split(b"\n")
-        self.partial[stream] = lines.pop()
-        for line in lines:
-            self._log(stream, line)
-        while len(self.partial[stream]) > LINE_BYTES:
-            self._log(stream, self.partial[stream][:LINE_BYTES])
-            self.partial[stream] = self.partial[stream][LINE_BYTES:]
-
-    def _log(self, stream: str, line: bytes) -> None:
-        for start in range(0, max(len(line), 1), LINE_BYTES):
-            text = line[start:start + LINE_BYTES].rstrip(b"\r").decode(errors="replace")
-            log.info("%s %s: %s", self.prefix, stream, text)
-
-    def close(self) -> None:
-        for stream, rest in self.partial.items():
-            if rest:
-                self._log(stream, rest)
-        for file in self.files:
-            file.close()
-        if self.path is not None:
-            with open(f"{self.path}.stderr", "rb") as stderr:
-                stderr.seek(max(0, os.fstat(stderr.fileno()).st_size - STDERR_TAIL_BYTES))
-                self.tail = stderr.read(STDERR_TAIL_BYTES)
-
-    def stderr_tail(self) -> tuple[str, str]:
-        """The last line of stderr, and its last (at most STDERR_TAIL_BYTES) bytes."""
-        text = self.tail.decode(errors="replace").rstrip()
-        lines = text.splitlines()
-        return (lines[-1].strip()[:300] if lines else ""), text
-
-
-# -- one program's run -------------------------------------------------------------
-
-
-@dataclass
-class Ended:
-    """How a program's run ended: its exit code (-N: killed by signal N) and
-    whether the executor's timeout cut it short."""
-
-    code: int
-    timed_out: bool = False
-    killed: bool = False  # by SIGKILL, when SIGTERM had not ended it within the grace
-
-
-class _Run:
-    """One program running: its output read as it comes (a selector, so
-    neither pipe can fill up and block it), its end seen through a pidfd (a
-    background process that keeps the pipes open does not hold the run), its
-    timeout enforced on its process group."""
-
-    def __init__(self, argv: list[str], env: dict[str, str], output: _Output,
-                 targets: tuple[IO[bytes] | int, IO[bytes] | int]) -> None:
-        self.output = output
-        in_slot = in_slot_child()
-        stdout, stderr = targets
-        self.process = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
-                                        start_new_session=not in_slot)
-        # In a slot the program is in the slot's group; else it leads its own,
-        # whose id it pins until it is reaped (after the last kill, below).
-        self.group = os.getpgrp() if in_slot else self.process.pid
-        self.selector = selectors.DefaultSelector()
-        self.pidfd = os.pidfd_open(self.process.pid)
-        self.selector.register(self.pidfd, selectors.EVENT_READ, None)
-        self.exited = False
-        for name, pipe in (("stdout", self.process.stdout), ("stderr", self.process.stderr)):
-            if pipe is not None:
-                os.set_blocking(pipe.fileno(), False)
-                self.selector.register(pipe, selectors.EVENT_READ, name)
-
-    def wait(self, deadline: float | None, grace: float) -> Ended:
-        """Read its output until it ends; past ``deadline`` (monotonic), SIGTERM
-        its group, and SIGKILL what is left of it ``grace`` seconds later."""
-        try:
-            timed_out = killed = False
-            kill_at = math.inf
-            while True:
-                now = time.monotonic()
-                if deadline is not None and now >= deadline and not timed_out:
-                    timed_out, kill_at = True, now + grace
-                    self._signal(signal.SIGTERM)
-                if now >= kill_at:
-                    killed = True
-                    self._kill()
-                    break
-                if self.exited and not (timed_out and _group_members(self.group)):
-                    break
-                wake = kill_at if timed_out else deadline if deadline is not None else math.inf
-                if self.exited:
-                    wake = min(wake, now + POLL_SECONDS)  # the group's stragglers have until kill_at
-                self._read(None if wake == math.inf else max(0.0, wake - now))
-            self._drain()
-            return Ended(self.process.wait(), timed_out, killed)
-        except BaseException:  # interrupted: leave nothing running behind
-            self._kill()
-            self.process.wait()
-            raise
-        finally:
-            self.selector.close()
-            os.close(self.pidfd)
-            for pipe in (self.process.stdout, self.process.stderr):
-                if pipe is not None:
-                    pipe.close()
-            self.output.close()
-
-    def _read(self, timeout: float | None) -> None:
-        for key, _ in self.selector.select(timeout):
-            if key.data is None:  # the pidfd: the program ended (a zombie until wait())
-                self.selector.unregister(key.fileobj)
-                self.exited = True
-                continue
-            try:
-                data = os.read(key.fd, 65536)
-            except BlockingIOError:
-                continue
-            if data:
-                self.output.feed(key.data, data)
-            else:
-                self.selector.unregister(key.fileobj)
-
-    def _drain(self) -> None:
-        """What is already in the pipes once the program ended; a background
-        process that goes on writing is not waited for (its pipe is closed)."""
-        for _ in range(64):
-            if not any(key.data for key in self.selector.get_map().values()):
-                return
-            ready = self.selector.select(0)
-            if not ready:
-                return
-            self._read(0)
-
-    def _signal(self, signum: int) -> None:
-        # Through the pidfd, also if it left the group (setsid). Not
-        # Popen.send_signal: that reaps a zombie first, freeing the group's id.
-        signal.pidfd_send_signal(self.pidfd, signum)
-        _signal_members(self.group, signum)
-
-    def _kill(self) -> None:
-        """SIGKILL the program and its group until none of it is left (a
-        process may fork between a look and its kill)."""
-        for _ in range(100):
-            self._signal(signal.SIGKILL)
-            if not _group_members(self.group):
-                return
 
 
 # -- the workers ---------------------------------------------------------------------
@@ -388,24 +168,19 @@ class Chain(RoundRobin):
                 env.update(WORK_ITEM_FILE=item, WORK_INPUT_FILE=previous, WORK_OUTPUT_FILE=produced,
                            REDBIKE_STEP=str(number))
                 label = "" if len(self.steps) == 1 else f"step {number}"
-                output = _Output(jobid, label, self._output_path(jobid, number))
+                output = Output(jobid, label, self._output_path(jobid, number))
                 self._check(jobid, number, output, self._run(number, argv, env, output, deadline))
                 previous = produced
         return None
 
-    def _run(self, number: int, argv: list[str], env: dict[str, str], output: _Output,
+    def _run(self, number: int, argv: list[str], env: dict[str, str], output: Output,
              deadline: float | None) -> Ended:
-        targets = output.targets()
         try:
-            run = _Run(argv, env, output, targets)
-        except OSError as exc:
-            output.close()
-            reason = {FileNotFoundError: "no such program", PermissionError: "not executable (permission denied)"}
-            why = reason.get(type(exc)) or exc.strerror or str(exc)
-            raise ExecutorError(f"cannot run {self._name(number)}: {why}") from None
-        return run.wait(deadline, self.grace)
+            return run(argv, env, output, deadline, self.grace)
+        except CannotStart as exc:
+            raise ExecutorError(f"cannot run {self._name(number)}: {exc}") from None
 
-    def _check(self, jobid: str, number: int, output: _Output, ended: Ended) -> None:
+    def _check(self, jobid: str, number: int, output: Output, ended: Ended) -> None:
         """Raise what the step's end means (nothing for success)."""
         name = self._name(number)
         if not ended.timed_out:
@@ -421,7 +196,7 @@ class Chain(RoundRobin):
             how = f"timed out after {self.run_timeout:g}s: " + (
                 f"SIGTERM, then SIGKILL {self.grace:g}s later" if ended.killed else "ended by SIGTERM")
         elif ended.code < 0:
-            how = f"was killed by signal {-ended.code} ({signal.Signals(-ended.code).name})"
+            how = f"was killed by signal {signal_name(-ended.code)}"
         else:
             how = f"exited with code {ended.code}"
         last, tail = output.stderr_tail()

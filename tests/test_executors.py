@@ -182,6 +182,22 @@ def test_a_program_killed_for_the_pools_timeout_leaves_no_process_behind(client,
         kill_processes_of(jobid)
 
 
+def test_a_forced_stop_leaves_no_process_behind(client, prefix):
+    """A second signal to the pool kills the running programs, and what they started."""
+    jobid = f"spawn-{prefix}:X"
+    try:
+        with pool_of(client, prefix, Command("X", program("spawn")), default_timeout=60) as (bike, pool):
+            bike.set(jobid, "NOW")
+            started = wait_for(lambda: len(found := processes_of(jobid)) == 2 and found, what="the program and its sleep")
+            pool.stop()  # as the signal handler does: first, finish the running job...
+            pool.stop()  # ...then kill it
+            error = ended(bike, jobid, "EXP")["last_error"]
+            assert error["error"] == "killed: stopped by force"
+            wait_for(lambda: not any(alive(pid) for pid in started), timeout=5, what="the program and its sleep to die")
+    finally:
+        kill_processes_of(jobid)
+
+
 def test_the_executors_timeout_ends_the_program_and_its_children_with_sigterm(client, prefix):
     jobid = f"spawn-{prefix}:X"
     worker = Command("X", program("spawn"), timeout=1, grace=20)
