@@ -337,3 +337,41 @@ def test_an_executor_spec_builds_the_worker():
     assert worker.steps == [["/usr/local/bin/thumbnail", "--size", "256"]]
     assert worker.timeout("A") == 60 + 5 + 2
     assert Command("A", "prog").timeout("A") is None  # the pool's default-timeout
+
+
+# ------------------------------------------------------- the thumbnail example
+
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def flag(width: int, height: int) -> bytes:
+    """A text PPM (P3): its left half red, its right half blue."""
+    pixels = [("255 0 0" if x < width // 2 else "0 0 255") for _ in range(height) for x in range(width)]
+    return f"P3\n# a flag\n{width} {height}\n255\n".encode() + "\n".join(pixels).encode() + b"\n"
+
+
+def test_the_thumbnail_example_run_by_a_command_and_by_a_chain(client, prefix, tmp_path):
+    media, thumbs, published = tmp_path / "media", tmp_path / "thumbs", tmp_path / "published"
+    media.mkdir()
+    (media / "flag.ppm").write_bytes(flag(40, 20))
+    (media / "text.ppm").write_text("not an image\n")
+    thumbnail = shlex.join([sys.executable, str(EXAMPLES / "thumbnail.py"), "--size", "10", "--media", str(media)])
+    command = Command("thumbs", f"{thumbnail} --out {shlex.quote(str(thumbs))}")
+    with pool_of(client, prefix, command) as (bike, _):
+        for name in ("flag", "gone", "text"):
+            bike.set(f"{name}.ppm:thumbs", "NOW")
+        ended(bike, "flag.ppm:thumbs", "END")
+        wait_for(lambda: bike.tell("gone.ppm:thumbs") is None, what="the job of a missing image to be unset")
+        error = ended(bike, "text.ppm:thumbs", "DIE")["last_error"]["error"]
+    assert error.endswith(f"exited with code 1: {media / 'text.ppm'}: truncated header")
+    made = (thumbs / "flag.ppm.thumb.ppm").read_bytes()
+    header, pixels = made[:len(b"P6\n10 5\n255\n")], made[len(b"P6\n10 5\n255\n"):]
+    assert header == b"P6\n10 5\n255\n"
+    rows = [pixels[30 * y:30 * (y + 1)] for y in range(5)]
+    assert all(row == bytes([255, 0, 0]) * 5 + bytes([0, 0, 255]) * 5 for row in rows)
+    publish = shlex.join([sys.executable, str(EXAMPLES / "publish.py"), "--suffix", ".thumb.ppm", str(published)])
+    with pool_of(client, f"{prefix}c", Chain("thumbs", thumbnail, publish)) as (bike, _):
+        bike.set("flag.ppm:thumbs", "NOW")
+        ended(bike, "flag.ppm:thumbs", "END")
+    assert (published / "flag.ppm.thumb.ppm").read_bytes() == made
