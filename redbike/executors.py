@@ -44,6 +44,11 @@ log = logging.getLogger(__name__)
 STOP_CODE = 64  # exit code meaning StopWork: the job's schedule becomes STOP
 UNSET_CODE = 65  # exit code meaning UnsetJob: the job is unset
 DEFAULT_GRACE = 5.0  # seconds between SIGTERM and SIGKILL when the executor's timeout hits
+NAME_CHARACTERS = 80  # a command line longer than this is shortened in errors
+# A failure's message, with as much of the end of stderr as fits: so that all
+# of it, after the traceback's frames, is in the 4000 characters of the
+# traceback that a slot keeps for tell (slot.run_work).
+MESSAGE_CHARACTERS = 3072
 TIMEOUT_MARGIN = 2.0  # the pool's timeout: the executor's, its grace and this, so the executor acts first
 
 
@@ -145,8 +150,12 @@ class Chain(RoundRobin):
         return env
 
     def _name(self, number: int) -> str:
-        program = shlex.quote(self.steps[number - 1][0])
-        return program if len(self.steps) == 1 else f"step {number} of {len(self.steps)} ({program})"
+        """How errors name step ``number``: its command line (shortened), and
+        in a chain its number."""
+        line = shlex.join(self.steps[number - 1])
+        if len(line) > NAME_CHARACTERS:
+            line = line[:NAME_CHARACTERS - 3] + "..."
+        return f"`{line}`" if len(self.steps) == 1 else f"step {number} of {len(self.steps)} `{line}`"
 
     def _output_path(self, jobid: str, number: int) -> str | None:
         if self.output_dir is None:
@@ -203,9 +212,11 @@ class Chain(RoundRobin):
         message = f"{name} {how}" + (f": {last}" if last else "")
         if output.path is not None:
             message += f"\noutput in {output.path}.stdout and {output.path}.stderr"
-        if tail:
-            message += f"\n--- the end of its stderr ---\n{tail}"
-        raise ExecutorError(message)
+        header = "\n--- the end of its stderr ---\n"
+        room = max(0, MESSAGE_CHARACTERS - len(message) - len(header))
+        if len(tail) > room:  # whole lines, as many as fit
+            tail = tail[len(tail) - room:].partition("\n")[2]
+        raise ExecutorError(message + header + tail if tail else message)
 
 
 class Command(Chain):

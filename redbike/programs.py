@@ -26,10 +26,7 @@ from .zygote import in_slot_child
 
 log = logging.getLogger(__name__)
 
-# The end of stderr kept for a failure's message: 3 KiB, so that the whole
-# message, after the traceback's frames, fits in the 4000 characters of it
-# that a slot keeps for tell (slot.run_work).
-STDERR_TAIL_BYTES = 3072
+STDERR_TAIL_BYTES = 3072  # the end of stderr kept for a failure's message (see executors.MESSAGE_CHARACTERS)
 LINE_BYTES = 4096  # a longer output line is logged in pieces of this size
 POLL_SECONDS = 0.05  # how often a timed-out run's process group is looked at
 
