@@ -111,8 +111,6 @@ class Chain(RoundRobin):
             argv = shlex.split(command) if isinstance(command, str) else []
             if not argv:
                 raise ValueError(f"bad command {command!r}: expected a program and its arguments")
-            if shutil.which(argv[0]) is None:  # it may be installed later: runs fail until then
-                log.warning("program %r is not found or not executable (yet)", argv[0])
             self.steps.append(argv)
         self.run_timeout = None if timeout is None else _seconds("timeout", timeout, low=0.001)
         self.grace = _seconds("grace", grace, low=0)
@@ -125,6 +123,9 @@ class Chain(RoundRobin):
         self.output_dir = output_dir
         if output_dir is not None:
             os.makedirs(output_dir, exist_ok=True)
+        for argv in self.steps:
+            if shutil.which(argv[0]) is None:  # it may be installed later: runs fail until then
+                log.warning("program %r is not found or not executable (yet)", argv[0])
 
     def timeout(self, queue_name: str) -> float | None:
         """With a ``timeout`` option, the pool's timeout leaves the executor
@@ -216,7 +217,9 @@ class Chain(RoundRobin):
         room = max(0, MESSAGE_CHARACTERS - len(message) - len(header))
         if len(tail) > room:  # whole lines, as many as fit
             tail = tail[len(tail) - room:].partition("\n")[2]
-        raise ExecutorError(message + header + tail if tail else message)
+        if tail:
+            message += header + tail
+        raise ExecutorError(message)
 
 
 class Command(Chain):
