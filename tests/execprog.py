@@ -5,6 +5,8 @@ item           takes ACTION and ARG from the work item ("exit3-job:Q": exit 3)
 copy DIR       copies WORK_ITEM_FILE to DIR/<token>.item and writes its
                environment and the item file's mode to DIR/<token>.json
 exit N         writes 300 lines to stderr (the last "last words of <item>") and exits N
+flood N        writes 300 KiB to stdout and to stderr, turn about, then
+               "last words of <item>" to stderr, and exits N
 selfkill       kills itself with SIGKILL
 spawn          starts `sleep 1000`, then sleeps an hour
 stubborn       ignores SIGTERM (so does the `sleep 1000` it starts), sleeps an hour
@@ -44,6 +46,14 @@ def main(action: str, arg: str = "") -> int:
     if action == "exit":
         for number in range(300):
             print(f"stderr line {number} of a program about to fail", file=sys.stderr)
+        print(f"last words of {item.read_text()}", file=sys.stderr)
+        return int(arg)
+    if action == "flood":
+        for number in range(300):  # far more than a pipe holds: the reader must take both as they come
+            sys.stdout.write(f"{number:04d} {'o' * 1018}\n")
+            sys.stdout.flush()
+            sys.stderr.write(f"{number:04d} {'e' * 1018}\n")
+            sys.stderr.flush()
         print(f"last words of {item.read_text()}", file=sys.stderr)
         return int(arg)
     if action == "selfkill":

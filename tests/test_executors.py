@@ -127,18 +127,29 @@ def test_exit_codes_map_to_statuses(client, prefix):
         bike.set(jobs[0], "FREQ=HOURLY", after=time.time() - 3601)  # an occurrence due: enqueued at once
         for code in (64, 65, 3):
             bike.set(jobs[code], "NOW")
-        wait_for(lambda: pool.jobs_done == 4, what="the four runs")
-        assert status(bike, jobs[0]) == "TML"  # success: placed by its schedule again
-        assert status(bike, jobs[64]) == "STP"
+        # A run is counted before it is reported to Redis: wait for each job's state.
+        ended(bike, jobs[0], "TML")  # success: placed by its schedule again
+        ended(bike, jobs[64], "STP")
         assert bike.schedule_of(jobs[64]) == "STOP"
-        assert bike.tell(jobs[65]) is None  # unset
+        wait_for(lambda: bike.tell(jobs[65]) is None, what="the job to be unset")
         failed = ended(bike, jobs[3], "DIE")["last_error"]
+        assert pool.jobs_done == 4
+        assert told(bike, jobs[0])["ledger"]["fired"] == 1  # it ran once: TML is its next occurrence
     assert failed["error"] == f"ExecutorError: {named('item')} exited with code 3: last words of {jobs[3]}"
     trace = failed["traceback"]
     assert trace.rstrip().endswith(f"last words of {jobs[3]}")
     assert "stderr line 299 of a program" in trace
     assert "stderr line 200 of a program" not in trace  # bounded: the last 3 KiB only
     assert trace.startswith("Traceback (most recent call last):")  # and all of it fits
+
+
+def test_a_program_that_floods_stdout_and_stderr_is_read_without_blocking(client, prefix):
+    jobid = f"flood3-{prefix}:X"
+    with pool_of(client, prefix, Command("X", program("item"))) as (bike, _):
+        bike.set(jobid, "NOW")
+        error = ended(bike, jobid, "DIE")["last_error"]
+    assert error["error"].endswith(f"exited with code 3: last words of {jobid}")
+    assert f"0299 {'e' * 1018}" in error["traceback"]
 
 
 def test_a_program_killed_by_a_signal_fails_the_run(client, prefix):
