@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import os
 import shlex
 import shutil
@@ -49,15 +48,13 @@ NAME_CHARACTERS = 80  # a command line longer than this is shortened in errors
 # of it, after the traceback's frames, is in the 4000 characters of the
 # traceback that a slot keeps for tell (slot.run_work).
 MESSAGE_CHARACTERS = 3072
+MAX_SECONDS = 366 * 86400  # the longest timeout or grace: a year
 TIMEOUT_MARGIN = 2.0  # the pool's timeout: the executor's, its grace and this, so the executor acts first
 
 
 class ExecutorError(Exception):
     """A program could not run, failed, or timed out; the first line says
     which step and how, the rest is the tail of its stderr."""
-
-
-# -- the workers ---------------------------------------------------------------------
 
 
 def _file_stem(jobid: str) -> str:
@@ -74,10 +71,9 @@ def _write_private(path: str, data: bytes) -> None:
         file.write(data)
 
 
-def _seconds(name: str, value: object, *, low: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or value < low:
-        raise ValueError(f"{name} must be a number of seconds of at least {low:g}, not {value!r}")
+def _seconds(name: str, value: object, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise ValueError(f"{name} must be a number of seconds from {low:g} to {high:.0f}, not {value!r}")
     return float(value)
 
 
@@ -112,8 +108,8 @@ class Chain(RoundRobin):
             if not argv:
                 raise ValueError(f"bad command {command!r}: expected a program and its arguments")
             self.steps.append(argv)
-        self.run_timeout = None if timeout is None else _seconds("timeout", timeout, low=0.001)
-        self.grace = _seconds("grace", grace, low=0)
+        self.run_timeout = None if timeout is None else _seconds("timeout", timeout, 0.001, MAX_SECONDS)
+        self.grace = _seconds("grace", grace, 0, MAX_SECONDS)
         self.stop_code = _exit_code("stop_code", stop_code)
         self.unset_code = _exit_code("unset_code", unset_code)
         if self.stop_code == self.unset_code:

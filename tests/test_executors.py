@@ -333,7 +333,8 @@ def test_redbike_work_runs_a_command_from_its_worker_spec(workdir, client, prefi
 @pytest.mark.parametrize("spec, error", [
     ("Command('X', '')", "bad command ''"),
     ("Command('X', 'prog \"unclosed')", "No closing quotation"),
-    ("Command('X', 'prog', timeout=-1)", "timeout must be a number of seconds of at least 0.001, not -1"),
+    ("Command('X', 'prog', timeout=-1)", "timeout must be a number of seconds from 0.001 to 31622400, not -1"),
+    ("Command('X', 'prog', grace=1e999)", "grace must be a number of seconds from 0 to 31622400, not inf"),
     ("Command('X', 'prog', stop_code=0)", "stop_code must be an exit code from 1 to 255, not 0"),
     ("Command('X', 'prog', colour='red')", "unexpected keyword argument 'colour'"),
     ("Chain('X')", "no command given"),
