@@ -32,6 +32,15 @@ from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
+_slot_child: int | None = None  # in a slot's child: its pid (see in_slot_child)
+
+
+def in_slot_child() -> bool:
+    """Whether this process is a pool slot's child, leading the process group
+    that the zygote kills when the child is killed or dies (a process it
+    forks inherits the variable, not the pid)."""
+    return _slot_child is not None and _slot_child == os.getpid()
+
 
 def die_with_parent() -> None:
     """Ask Linux to kill this process when the thread that forked it ends
@@ -292,6 +301,8 @@ class Zygote:
         # joins it, and dies with it (see kill_group). The terminal's signals
         # no longer reach the job: the supervisor's handler acts for it.
         os.setpgid(0, 0)
+        global _slot_child
+        _slot_child = os.getpid()
         signal.set_wakeup_fd(-1)
         for end in (requests, mine, self._wake_ups, wake_up):
             end.close()
