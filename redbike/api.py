@@ -174,8 +174,12 @@ class Redbike:
         with self.client.pipeline(transaction=False) as pipe:
             pipe.hget(self.keys.schedules, jobid)
             pipe.hget(self.keys.jobs, jobid)
-            pipe.hget(self.keys.pending, jobid)
-            return Stored(*pipe.execute())
+            schedule, record = pipe.execute()
+        try:
+            pending = decode_job(record).pending or None
+        except RecordError:
+            pending = None
+        return Stored(schedule, record, pending)
 
     def needs_of(self, jobid: str, needs: Needs = None) -> dict[str, int]:
         """What a job needs: the worker's needs(jobid) hook, overridden per

@@ -22,7 +22,6 @@ class Keys:
         self.timeline = f"{p}:timeline"  # zset  jobid scored by next run (epoch s)
         self.leases = f"{p}:leases"  # hash  jobid -> "token|queue|worker|since|timeout|due|attempt|needs"
         self.deadlines = f"{p}:deadlines"  # zset  jobid scored by lease deadline
-        self.pending = f"{p}:pending"  # hash  jobid -> a placement (7 values, "|"-joined) set while it ran
         self.errors = f"{p}:errors"  # hash  jobid -> JSON of the last failure
         self.control = f"{p}:control"  # string "HALT:<ts>:<nonce>"; also a channel
         self.dispatcher = f"{p}:dispatcher"  # string leader token, expires (PX)
@@ -30,13 +29,12 @@ class Keys:
         self.dispatcher_channel = f"{p}:wake-dispatcher"  # channel: timeline got earlier
         self.capacities = f"{p}:capacities"  # hash  resource -> capacity
         self.usage = f"{p}:usage"  # hash  resource -> amount held by running jobs
-        self.needs = f"{p}:needs"  # hash  jobid -> "resource=amount,..."
         self.parked = f"{p}:parked"  # zset  (lex) "resource|seq|queue|jobid"
         self.ready = f"{p}:ready"  # zset  (lex) "queue|seq|jobid"
         self.parking = f"{p}:parking"  # hash  jobid -> "P"/"R"/"A" + its parked/ready/aside member
         self.parkseq = f"{p}:parkseq"  # counter: order of parked jobs
         self.aside = f"{p}:aside"  # zset  (lex) "resource|amount|seq|queue|jobid": needs more than a capacity
-        self.jobs = f"{p}:jobs"  # hash  jobid -> job record (occurrence, attempt, policy, ledger) and trail
+        self.jobs = f"{p}:jobs"  # hash  jobid -> job record (occurrence, attempt, policy, ledger, needs, pending) and trail
         self.finished = f"{p}:finished"  # list  "time|jobid" of jobs that ended for good (END, SKP, unset)
         # The node model (issue #9; written by the reconciler, reconcile.py):
         self.nodes = f"{p}:nodes"  # hash  node name -> "level|parent|source|attributes-JSON" (nodes.Node)

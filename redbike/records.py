@@ -21,8 +21,8 @@ SEP = "|"
 # Keys.job_state(): the attribute names of the keys every script takes first,
 # in the order of KEYS[1..17] in lib.lua's header.
 JOB_STATE = (
-    "schedules", "statuses", "timeline", "leases", "deadlines", "pending", "errors", "control",
-    "dispatcher", "capacities", "usage", "needs", "parked", "ready", "parking", "parkseq", "aside", "jobs",
+    "schedules", "statuses", "timeline", "leases", "deadlines", "errors", "control",
+    "dispatcher", "capacities", "usage", "parked", "ready", "parking", "parkseq", "aside", "jobs",
     "finished",
 )
 
@@ -141,19 +141,21 @@ def encode_time(value: float) -> str:
     return f"{value:.3f}".rstrip("0").rstrip(".")
 
 
-# -- the pending placement: its 7 script values joined by "|" (set.lua, finish() in lib.lua)
+# -- the pending placement: its 7 script values joined by "," (the job record's
+# pending field: set.lua, finish() in lib.lua)
 
 PLACEMENT_VALUES = 7  # kind, at, status, due, attempt, coalesced, skipped (states.Placement)
+PENDING_SEP = ","  # inside the record, whose fields "|" separates
 
 
 def encode_pending(values: list[str]) -> str:
     """A placement's script values (states.Placement.script_args())."""
-    return SEP.join(values)
+    return PENDING_SEP.join(values)
 
 
 def decode_pending(value: str) -> list[str]:
     """The placement's 7 script values; at, due and attempt may be ''."""
-    parts = value.split(SEP)
+    parts = value.split(PENDING_SEP)
     if len(parts) != PLACEMENT_VALUES:
         raise RecordError(f"bad pending record {value!r}")
     return parts
@@ -167,7 +169,8 @@ MISFIRE_POLICIES = ("once", "skip", "all")
 @dataclass(frozen=True)
 class JobRecord:
     """A job's occurrence, attempt, failure and misfire policy, and its
-    occurrence ledger: "due|attempt|misfire|retries|fired|coalesced|skipped|cancelled|last_due|events".
+    occurrence ledger, and what it needs and has pending:
+    "due|attempt|misfire|retries|fired|coalesced|skipped|cancelled|last_due|events|needs|pending".
 
     ``due``: the nominal time of the occurrence it is placed for, waits for
     in its queue or runs for (None: none yet). ``attempt``: that
@@ -176,7 +179,10 @@ class JobRecord:
     ``coalesced`` into a later run, ``skipped`` by the misfire policy and
     ``cancelled`` (unset or set again before they fired); ``last_due``: the
     last occurrence fired. ``events``: how many events the job's trail holds
-    (stored after the record in the same value: see encode_job)."""
+    (stored after the record in the same value: see encode_job). ``needs``:
+    the resources it needs (encode_needs); ``pending``: the placement a set
+    made while it ran (encode_pending; '' for none). The last three are state,
+    not the ledger: records compare without them."""
 
     due: float | None = None
     attempt: int = 1
@@ -188,6 +194,8 @@ class JobRecord:
     cancelled: int = 0
     last_due: float | None = None
     events: int = field(default=0, compare=False)  # the trail's bookkeeping, not the ledger's
+    needs: str = field(default="", compare=False)
+    pending: str = field(default="", compare=False)
 
 
 TRAIL_SEP = "\n"  # before each trail event in a job's value (an event holds none: note() in lib.lua)
@@ -203,7 +211,7 @@ def encode_job(job: JobRecord, trail: Sequence[TrailEvent] = ()) -> str:
     head = SEP.join([
         "" if job.due is None else encode_time(job.due), str(job.attempt), job.misfire, str(job.retries),
         str(job.fired), str(job.coalesced), str(job.skipped), str(job.cancelled),
-        "" if job.last_due is None else encode_time(job.last_due), str(len(trail))])
+        "" if job.last_due is None else encode_time(job.last_due), str(len(trail)), job.needs, job.pending])
     return head + "".join(TRAIL_SEP + encode_trail_event(event) for event in trail)
 
 
@@ -215,11 +223,12 @@ def decode_job(value: str | None) -> JobRecord:
         return JobRecord()
     head = value.partition(TRAIL_SEP)[0]
     parts = head.split(SEP)
-    if len(parts) != 10:
+    if len(parts) != 12:
         raise RecordError(f"bad job record {head!r}")
     try:
         return JobRecord(_optional_time(parts[0]), int(parts[1]), parts[2], int(parts[3]), int(parts[4]),
-                         int(parts[5]), int(parts[6]), int(parts[7]), _optional_time(parts[8]), int(parts[9]))
+                         int(parts[5]), int(parts[6]), int(parts[7]), _optional_time(parts[8]), int(parts[9]),
+                         parts[10], parts[11])
     except ValueError:
         raise RecordError(f"bad job record {head!r}") from None
 

@@ -13,6 +13,7 @@ import redis
 
 from .keys import Keys
 from .records import (
+    JobRecord,
     Parked,
     RecordError,
     SetAside,
@@ -77,11 +78,15 @@ def job_state(client: redis.Redis, keys: Keys, jobid: str) -> JobState:
         pipe.hget(keys.leases, jobid)
         pipe.zscore(keys.deadlines, jobid)
         pipe.hget(keys.errors, jobid)
-        pipe.hget(keys.pending, jobid)
-        pipe.hget(keys.needs, jobid)
         pipe.hget(keys.parking, jobid)
         pipe.hget(keys.jobs, jobid)
-        return JobState(*pipe.execute())
+        status, schedule, next_run, lease, deadline, error, parking, job = pipe.execute()
+    try:
+        record = decode_job(job)
+    except RecordError:
+        record = JobRecord()
+    return JobState(status, schedule, next_run, lease, deadline, error, record.pending or None, record.needs or None,
+                    parking, job)
 
 
 def tell(client: redis.Redis, keys: Keys, jobid: str, queue: str) -> dict[str, Any] | None:

@@ -305,7 +305,7 @@ def test_python_reads_what_lua_writes(client: redis.Redis, prefix: str) -> None:
     assert (lease.queue, lease.worker, lease.since, lease.timeout, lease.due, lease.attempt, lease.needs) \
         == ("A", "w1", NOW, 10.0, NOW, 1, "s=1")
     assert decode_job(client.hget(env.keys.jobs, "run:A")) == JobRecord(NOW, 1, "once", 0, 1, 0, 0, 0, NOW)
-    assert decode_needs(client.hget(env.keys.needs, "parked:A")) == {"r": 3, "worker:cpu": 2}
+    assert decode_needs(decode_job(client.hget(env.keys.jobs, "parked:A")).needs) == {"r": 3, "worker:cpu": 2}
     env.bike.set_capacity("small", 2)
     env.bike.set("big:A", "NOW", needs="small=3")
     assert env.claim().lease.jobid == "parked:A"  # woken above
@@ -318,7 +318,7 @@ def test_python_reads_what_lua_writes(client: redis.Redis, prefix: str) -> None:
     assert decode_local_room(slot._claim_part(Rotation(local.queue_names), "t", {})[1][3]) \
         == {"worker:slots": (2, 2)}
     env.bike.set("run:A", "AT:2030-01-01T00:00:00Z")  # while it runs: a pending placement
-    assert decode_pending(client.hget(env.keys.pending, "run:A")) \
+    assert decode_pending(decode_job(client.hget(env.keys.jobs, "run:A")).pending) \
         == Placement("T", "TML", 1893456000.0, 1893456000.0, 1).script_args()
     env.bike.unset("run:A")
     trail = [decode_trail_event(event) for event in trail_of(client.hget(env.keys.jobs, "run:A"))]

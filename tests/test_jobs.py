@@ -25,7 +25,7 @@ from redbike.csvfile import CsvError
 from redbike.dispatcher import RENEW_SECONDS, STANDBY_SECONDS, Dispatcher
 from redbike.events import Subscriber
 from redbike.occurrences import Retry
-from redbike.records import JobRecord, decode_job, trail_of
+from redbike.records import JobRecord, decode_job, decode_pending, trail_of
 from redbike.roundrobin import Lease
 from redbike.schedules import parse_schedule
 from redbike.scripts import subscribe
@@ -114,7 +114,10 @@ class Env:
         return dict(self.c.zrange(self.keys.deadlines, 0, -1, withscores=True))
 
     def pending(self) -> dict[str, str]:
-        return self.c.hgetall(self.keys.pending)
+        """The placements set while jobs ran (the pending field of their
+        records), each as its 7 values joined by '|'."""
+        return {jobid: "|".join(decode_pending(decode_job(value).pending))
+                for jobid, value in self.c.hgetall(self.keys.jobs).items() if decode_job(value).pending}
 
     def errors(self) -> dict[str, dict]:
         return {k: json.loads(v) for k, v in self.c.hgetall(self.keys.errors).items()}

@@ -203,7 +203,7 @@ class LedgerMachine(RuleBasedStateMachine):
         keys = self.env.keys
         record = self._record(job)
         if self.c.hexists(keys.leases, job):
-            return ("pending" if self.c.hexists(keys.pending, job) else "run"), record.due
+            return ("pending" if record.pending else "run"), record.due
         if self.c.zscore(keys.timeline, job) is not None:
             return "timeline", record.due
         status = self.c.hget(keys.statuses, job) or ""
@@ -213,8 +213,8 @@ class LedgerMachine(RuleBasedStateMachine):
 
     def _pending(self, job: str) -> tuple[str, float | None]:
         """(kind, due) of the placement a set made while the job runs."""
-        text = self.c.hget(self.env.keys.pending, job)
-        assert text is not None, job
+        text = decode_job(self.c.hget(self.env.keys.jobs, job)).pending
+        assert text, job
         kind, _, _, due, *_ = decode_pending(text)
         return kind, float(due) if due else None
 

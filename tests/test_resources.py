@@ -35,6 +35,7 @@ from redbike.claims import GRACE_SECONDS, Rotation
 from redbike.cli import main
 from redbike.csvfile import CsvError
 from redbike.keys import WAKE_BATCH, Keys
+from redbike.records import JobRecord, decode_job, encode_job
 from redbike.resources import ResourceError
 from redbike.scripts import subscribe
 from redbike.states import Outcome
@@ -238,7 +239,7 @@ def test_a_free_job_is_found_behind_tens_of_thousands_parked_ones(real: REnv) ->
         for i in range(n):
             jobid = f"p{i}:A"
             pipe.hset(env.keys.schedules, jobid, "NOW")
-            pipe.hset(env.keys.needs, jobid, "db:x=1")
+            pipe.hset(env.keys.jobs, jobid, encode_job(JobRecord(needs="db:x=1")))
             pipe.hset(env.keys.statuses, jobid, stamp("ENQ", NOW))
             pipe.lpush(env.keys.queue("A"), jobid)
         pipe.execute()
@@ -281,7 +282,7 @@ def test_unset_of_a_running_job_releases_when_it_ends(env: REnv) -> None:
     assert env.ready() == ["w:A"]
     assert env.claim(pool).lease.jobid == "w:A"
     env.assert_no_trace("r:A", "A")
-    assert env.c.hget(env.keys.needs, "r:A") is None
+    assert decode_job(env.c.hget(env.keys.jobs, "r:A")).needs == ""  # unset: its record keeps no needs
 
 
 def test_reaped_lease_releases_and_wakes_the_next(env: REnv) -> None:
@@ -597,7 +598,7 @@ def test_needs_hook_is_merged_with_explicit_needs(c: redis.Redis, prefix: str) -
     bike.set("h1:A", "NOW")
     bike.set("h2:A", "NOW", needs="db:x=2,cpu:y")
     bike.set("h3:A", "NOW", needs={"worker:cpu_cores": 2})
-    needs = c.hgetall(bike.keys.needs)
+    needs = {jobid: decode_job(value).needs for jobid, value in c.hgetall(bike.keys.jobs).items()}
     assert needs == {
         "h1:A": "db:x=1,host:h1=1",
         "h2:A": "cpu:y=1,db:x=2,host:h2=1",  # explicit wins per resource
@@ -618,7 +619,8 @@ def test_schedules_csv_third_column_is_needs(env: REnv, tmp_path: Path) -> None:
     assert rows == [("a:A", "NOW", "host:a,db:x=2", "", ""), ("b:A", "NOW", "", "", ""), ("c:A", "NOW", "db:bad=x", "", "")]
     errors = env.bike.set_many(rows)
     assert len(errors) == 1 and errors[0].startswith("c:A: ")
-    assert env.c.hgetall(env.keys.needs) == {"a:A": "db:x=2,host:a=1"}
+    assert {jobid: decode_job(value).needs for jobid, value in env.c.hgetall(env.keys.jobs).items()} \
+        == {"a:A": "db:x=2,host:a=1", "b:A": ""}
     assert env.schedule("c:A") is None
 
 
@@ -1064,7 +1066,8 @@ class ResourceMachine(RuleBasedStateMachine):
         return {
             "usage": {r: int(v) for r, v in self.c.hgetall(k.usage).items()},
             "leases": self.c.hgetall(k.leases),
-            "needs": self.c.hgetall(k.needs),
+            "needs": {jobid: decode_job(value).needs for jobid, value in self.c.hgetall(k.jobs).items()
+                      if decode_job(value).needs},
             "parked": self.c.zrange(k.parked, 0, -1),
             "ready": self.c.zrange(k.ready, 0, -1),
             "parking": self.c.hgetall(k.parking),

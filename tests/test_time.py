@@ -20,6 +20,7 @@ from redbike import Redbike, RoundRobin
 from redbike.clock import RedisClock
 from redbike.dispatcher import Dispatcher
 from redbike.keys import Keys
+from redbike.records import decode_job
 from redbike.timefile import write_timefile
 
 # The real-process fixtures of test_processes.
@@ -167,29 +168,29 @@ def test_set_without_needs_keeps_the_stored_ones(client, prefix, workdir, daemon
     plain = Redbike(RoundRobin(), prefix=prefix, client=client)
     keys = hooked.keys
     hooked.set("db1:A", "FREQ=HOURLY")
-    assert client.hget(keys.needs, "db1:A") == "db:d1=2,host:h1=1"
+    assert decode_job(client.hget(keys.jobs, "db1:A")).needs == "db:d1=2,host:h1=1"
     plain.set("db1:A", "FREQ=DAILY")  # no worker, no needs given: kept
-    assert client.hget(keys.needs, "db1:A") == "db:d1=2,host:h1=1"
+    assert decode_job(client.hget(keys.jobs, "db1:A")).needs == "db:d1=2,host:h1=1"
     plain.set_many([("db1:A", "FREQ=HOURLY", "")])  # an empty needs cell: kept
-    assert client.hget(keys.needs, "db1:A") == "db:d1=2,host:h1=1"
+    assert decode_job(client.hget(keys.jobs, "db1:A")).needs == "db:d1=2,host:h1=1"
     plain.set("db1:A", "FREQ=HOURLY", needs="host:h2=1")  # given: replaced
-    assert client.hget(keys.needs, "db1:A") == "host:h2=1"
+    assert decode_job(client.hget(keys.jobs, "db1:A")).needs == "host:h2=1"
     plain.set("db1:A", "FREQ=HOURLY", needs="none")  # dropped, explicitly
-    assert not client.hexists(keys.needs, "db1:A")
+    assert decode_job(client.hget(keys.jobs, "db1:A")).needs == ""
     # The same from the command line, and `dispatch --schedules` run without the worker.
     cli_ok(workdir, env, "set", "db2:A", "NOW", "--needs=host:h3")
     (workdir / "bare.conf").write_text(
         (workdir / ".redbike.conf").read_text().replace("worker = ", "# worker = "))
     cli_ok(workdir, env, "--config=bare.conf", "set", "db2:A", "FREQ=DAILY")
-    assert client.hget(keys.needs, "db2:A") == "host:h3=1"
+    assert decode_job(client.hget(keys.jobs, "db2:A")).needs == "host:h3=1"
     (workdir / "jobs.csv").write_text("db2:A,FREQ=HOURLY\n")
     loader = daemons.start("--config=bare.conf", "dispatch", "--schedules=jobs.csv", cwd=workdir)
     wait_for(lambda: "started" in daemons.log(loader), what="the CSV to be loaded")
     assert client.hget(keys.schedules, "db2:A") == "FREQ=HOURLY"
-    assert client.hget(keys.needs, "db2:A") == "host:h3=1"
+    assert decode_job(client.hget(keys.jobs, "db2:A")).needs == "host:h3=1"
     halt(workdir, env, loader)
     cli_ok(workdir, env, "set", "db2:A", "FREQ=DAILY", "--needs=none")
-    assert not client.hexists(keys.needs, "db2:A")
+    assert decode_job(client.hget(keys.jobs, "db2:A")).needs == ""
 
 
 # ----------------------------------------------------------- bug 15: Redis' clock

@@ -6,26 +6,27 @@
 --   KEYS[3]  timeline    zset  jobid scored by next run
 --   KEYS[4]  leases      hash  jobid -> "token|queue|worker|since|timeout|due|attempt|needs"
 --   KEYS[5]  deadlines   zset  jobid scored by lease deadline
---   KEYS[6]  pending     hash  jobid -> a placement (7 values, "|"-joined) set while the job ran
---   KEYS[7]  errors      hash  jobid -> JSON of the last failure
---   KEYS[8]  control     string "HALT:<ts>:<nonce>"
---   KEYS[9]  dispatcher  string token of the leading dispatcher
---   KEYS[10] capacities  hash  resource -> capacity (none: unlimited)
---   KEYS[11] usage       hash  resource -> amount held by running jobs, and
+--   KEYS[6]  errors      hash  jobid -> JSON of the last failure
+--   KEYS[7]  control     string "HALT:<ts>:<nonce>"
+--   KEYS[8]  dispatcher  string token of the leading dispatcher
+--   KEYS[9]  capacities  hash  resource -> capacity (none: unlimited)
+--   KEYS[10] usage       hash  resource -> amount held by running jobs, and
 --                              set aside for woken jobs not yet claimed
---   KEYS[12] needs       hash  jobid -> "resource=amount,..."
---   KEYS[13] parked      zset  (lex) "resource|seq|queue|jobid": waits for resource
---   KEYS[14] ready       zset  (lex) "queue|seq|jobid": woken, claimed before the list
---   KEYS[15] parking     hash  jobid -> "P" .. parked member, or for a woken job
+--   KEYS[11] parked      zset  (lex) "resource|seq|queue|jobid": waits for resource
+--   KEYS[12] ready       zset  (lex) "queue|seq|jobid": woken, claimed before the list
+--   KEYS[13] parking     hash  jobid -> "P" .. parked member, or for a woken job
 --                              "R" .. resource .. "=" .. amount set aside .. "|" .. ready member,
 --                              or for a job set aside "A" .. capacity .. "|" .. aside member
---   KEYS[16] parkseq     counter giving parked jobs their order
---   KEYS[17] aside       zset  (lex) "resource|amount|seq|queue|jobid": needs more
+--   KEYS[14] parkseq     counter giving parked jobs their order
+--   KEYS[15] aside       zset  (lex) "resource|amount|seq|queue|jobid": needs more
 --                              than the capacity (amount zero-padded: sorts by amount)
---   KEYS[18] jobs        hash  jobid -> job record "due|attempt|misfire|retries|
---                              fired|coalesced|skipped|cancelled|last_due|events",
---                              then its trail: each event "\n" .. "time|event|..."
---   KEYS[19] finished    list  "time|jobid" of the jobs that ended for good (END,
+--   KEYS[16] jobs        hash  jobid -> job record "due|attempt|misfire|retries|
+--                              fired|coalesced|skipped|cancelled|last_due|events|
+--                              needs|pending" (needs "resource=amount,..."; pending:
+--                              a placement set while the job ran, its 7 values
+--                              ","-joined), then its trail: each event "\n" ..
+--                              "time|event|..."
+--   KEYS[17] finished    list  "time|jobid" of the jobs that ended for good (END,
 --                              SKP, unset), oldest first: retire.lua removes
 --                              what they left keep-finished seconds later
 -- and the same first four ARGV: now (epoch seconds), the dispatcher's wake
@@ -48,11 +49,11 @@
 -- shared locals do) costs several times more to create than one that
 -- captures only this table.
 local L = {}
-L.SCHEDULES, L.STATUSES, L.TIMELINE, L.LEASES, L.DEADLINES, L.PENDING, L.ERRORS, L.CONTROL, L.DISPATCHER =
-  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
-L.CAPACITIES, L.USAGE, L.NEEDS, L.PARKED, L.READY, L.PARKING, L.PARKSEQ, L.ASIDE, L.JOBS, L.FINISHED =
-  KEYS[10], KEYS[11], KEYS[12], KEYS[13], KEYS[14], KEYS[15], KEYS[16], KEYS[17], KEYS[18], KEYS[19]
-L.K, L.A = 19, 4
+L.SCHEDULES, L.STATUSES, L.TIMELINE, L.LEASES, L.DEADLINES, L.ERRORS, L.CONTROL, L.DISPATCHER =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
+L.CAPACITIES, L.USAGE, L.PARKED, L.READY, L.PARKING, L.PARKSEQ, L.ASIDE, L.JOBS, L.FINISHED =
+  KEYS[9], KEYS[10], KEYS[11], KEYS[12], KEYS[13], KEYS[14], KEYS[15], KEYS[16], KEYS[17]
+L.K, L.A = 17, 4
 L.NOW = ARGV[1]
 L.NOW_N = tonumber(ARGV[1])
 L.DISPATCH_CHANNEL = ARGV[2]
@@ -201,32 +202,34 @@ end
 -- A pending record (the 7 values of a placement, joined by '|') -> placement.
 function L.pending_placement(pending)
   local kind, at, status, due, attempt, coalesced, skipped =
-    string.match(pending, '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)$')
+    string.match(pending, '^([^,]*),([^,]*),([^,]*),([^,]*),([^,]*),([^,]*),([^,]*)$')
   return {kind = kind, at = at, status = status, due = due, attempt = attempt, coalesced = coalesced,
     skipped = skipped}
 end
 
 function L.pending_text(p)
-  return table.concat({p.kind, p.at, p.status, p.due, p.attempt, p.coalesced, p.skipped}, '|')
+  return table.concat({p.kind, p.at, p.status, p.due, p.attempt, p.coalesced, p.skipped}, ',')
 end
 
 -- The job record (records.JobRecord), as a list indexed by these fields
--- (EVENTS: how many its trail holds), and the job's trail in its field
--- `trail`: the events, each "\n" .. "time|event|field|..."
--- (records.decode_trail_event), oldest first. Both are one value of JOBS:
--- the claim reads it anyway, so the finish that follows finds it in the
--- cache, where a key of its own per job cost the finish more than all the
--- rest of the trail.
-L.DUE, L.ATTEMPT, L.MISFIRE, L.RETRIES, L.FIRED, L.COALESCED, L.SKIPPED, L.CANCELLED, L.LAST_DUE, L.EVENTS =
-  1, 2, 3, 4, 5, 6, 7, 8, 9, 10
-L.RECORD = '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|(%d+)(.*)$'
-L.NEW_JOB = '|1|once|0|0|0|0|0||0' -- the record of a job that has none (records.JobRecord())
+-- (EVENTS: how many its trail holds; NEEDS: what it needs, "resource=amount,...";
+-- PENDING: a placement set while it ran, pending_text), and the job's trail
+-- in its field `trail`: the events, each "\n" .. "time|event|field|..."
+-- (records.decode_trail_event), oldest first. All of it is one value of
+-- JOBS: the claim reads it anyway (for the run's occurrence and needs), so
+-- the finish that follows finds it in the cache, where keys of their own
+-- per job (a trail list, a needs hash, a pending hash) cost the finish and
+-- the claim a command each.
+L.DUE, L.ATTEMPT, L.MISFIRE, L.RETRIES, L.FIRED, L.COALESCED, L.SKIPPED, L.CANCELLED, L.LAST_DUE, L.EVENTS,
+  L.NEEDS, L.PENDING = 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12
+L.RECORD = '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|(%d+)|([^|\n]*)|([^|\n]*)(.*)$'
+L.NEW_JOB = '|1|once|0|0|0|0|0||0||' -- the record of a job that has none (records.JobRecord())
 
 -- The record of `jobid` (a new one, with the default policy, if it has none)
 -- and its trail.
 function L.job_of(jobid)
   local record = {string.match(redis.call('HGET', L.JOBS, jobid) or L.NEW_JOB, L.RECORD)}
-  if #record ~= L.EVENTS + 1 or (record[L.EVENTS + 1] ~= '' and string.byte(record[L.EVENTS + 1]) ~= 10) then
+  if #record ~= L.PENDING + 1 or (record[L.PENDING + 1] ~= '' and string.byte(record[L.PENDING + 1]) ~= 10) then
     record = {string.match(L.NEW_JOB, L.RECORD)}
   end
   record.trail = table.remove(record) -- what follows the record: its events, each after a line break
@@ -326,12 +329,14 @@ function L.enqueue(jobid, queue, channel)
   redis.call('HSET', L.STATUSES, jobid, L.stamp('ENQ'))
 end
 
--- Forget a job's schedule and state. Its record (the ledger) and trail stay
+-- Forget a job's schedule and state (its needs and pending placement in
+-- `record`, which the caller saves). Its record (the ledger) and trail stay
 -- until keep-finished has passed (retire.lua), so that explain can tell.
-function L.forget(jobid)
-  for _, key in ipairs({L.SCHEDULES, L.STATUSES, L.ERRORS, L.PENDING, L.NEEDS}) do
+function L.forget(jobid, record)
+  for _, key in ipairs({L.SCHEDULES, L.STATUSES, L.ERRORS}) do
     redis.call('HDEL', key, jobid)
   end
+  record[L.NEEDS], record[L.PENDING] = '', ''
   L.finished(jobid)
 end
 
@@ -361,8 +366,9 @@ end
 -- schedule due after it until now (`missed`, counted by the caller for
 -- occurrence `expected`), are cancelled: none of them will run.
 function L.drop_pending(jobid, record, due, expected, missed)
-  local before = redis.call('HGET', L.PENDING, jobid)
-  if not before then return end
+  local before = record[L.PENDING]
+  if before == '' then return end
+  record[L.PENDING] = ''
   local dropped = L.pending_placement(before)
   L.add(record, L.COALESCED, dropped.coalesced)
   L.add(record, L.SKIPPED, dropped.skipped)
@@ -383,8 +389,9 @@ end
 function L.place(jobid, p, queue, channel, record, noted, again)
   local kind = p.kind
   if kind == 'D' then
-    L.forget(jobid)
-    if record then L.save_job(jobid, record) end
+    record = record or L.job_of(jobid)
+    L.forget(jobid, record)
+    L.save_job(jobid, record)
     return
   end
   local counted = p.coalesced ~= '0' or p.skipped ~= '0'
@@ -443,9 +450,10 @@ function L.finish(jobid, token, p, err, queue, channel)
     local ok, decoded = pcall(cjson.decode, err)
     if ok and type(decoded) == 'table' and type(decoded.error) == 'string' then line = decoded.error end
   end
-  local pending = redis.call('HGET', L.PENDING, jobid)
   local gone = redis.call('HEXISTS', L.SCHEDULES, jobid) == 0
   local record = L.job_of(jobid)
+  local pending = record[L.PENDING] ~= '' and record[L.PENDING]
+  record[L.PENDING] = ''
   if (gone or pending) and (p.coalesced ~= '0' or p.skipped ~= '0') then
     -- The run's own placement gives way (the job was unset or set again while
     -- it ran), but what it says of the occurrences that fell due while the
@@ -454,7 +462,6 @@ function L.finish(jobid, token, p, err, queue, channel)
     L.add(record, L.SKIPPED, p.skipped)
   end
   if gone then
-    redis.call('HDEL', L.PENDING, jobid)
     L.note(record, 'run', due, attempt, token, worker, since, 'GONE', '', line)
     L.save_job(jobid, record)
     return 'GONE'
@@ -463,7 +470,6 @@ function L.finish(jobid, token, p, err, queue, channel)
     redis.call('HSET', L.ERRORS, jobid, err)
   end
   if pending then
-    redis.call('HDEL', L.PENDING, jobid)
     p = L.pending_placement(pending)
   end
   L.note(record, 'run', due, attempt, token, worker, since, p.status, p.at, line)
@@ -560,7 +566,11 @@ function L.consider(token, worker, room, i, queue, base, jobid, seq, ready, held
     if held then L.wake_if_room(held) end
     return 'dropped'
   end
-  local needs_text = redis.call('HGET', L.NEEDS, jobid) or ''
+  -- The run's occurrence, attempt and needs, read straight off the record
+  -- (the worker decodes the rest only if it needs it; the trail stays here).
+  local record, due, attempt, needs_text = string.match(redis.call('HGET', L.JOBS, jobid) or L.NEW_JOB,
+    '^(([^|]*)|([^|]*)|[^|]*|[^|]*|[^|]*|[^|]*|[^|]*|[^|]*|[^|]*|[^|]*|([^|\n]*)|[^|\n]*)')
+  if not record then record, due, attempt, needs_text = L.NEW_JOB, '', '1', '' end
   local needs = L.parse_needs(needs_text)
   local lacking, need, capacity = L.too_big_here(needs, room)
   if not lacking then lacking, need, capacity = L.blocker(needs, seq) end
@@ -589,11 +599,6 @@ function L.consider(token, worker, room, i, queue, base, jobid, seq, ready, held
   for _, one in ipairs(needs) do
     if not L.is_local(one[1]) then redis.call('HINCRBY', L.USAGE, one[1], L.int(one[2])) end
   end
-  -- The run's occurrence and attempt, read straight off the record (the
-  -- worker decodes the rest only if it needs it; the trail stays here).
-  local record = string.match(redis.call('HGET', L.JOBS, jobid) or L.NEW_JOB, '^[^\n]*')
-  local due, attempt = string.match(record, '^([^|]*)|([^|]*)|')
-  if not due then record, due, attempt = L.NEW_JOB, '', '1' end
   if due == '' then due = L.NOW end -- a job a foreign client pushed is for now
   redis.call('HSET', L.LEASES, jobid, table.concat(
     {token, queue_name, worker, L.NOW, ARGV[base + 1], due, attempt, needs_text}, '|'))

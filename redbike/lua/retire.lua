@@ -24,7 +24,7 @@ while taken < most do
   if redis.call('HEXISTS', L.LEASES, jobid) == 1 then
     L.finished(jobid)
   elseif not status or kind == 'END:' or kind == 'SKP:' then -- not set again since
-    for _, key in ipairs({L.SCHEDULES, L.STATUSES, L.ERRORS, L.PENDING, L.NEEDS, L.JOBS}) do
+    for _, key in ipairs({L.SCHEDULES, L.STATUSES, L.ERRORS, L.JOBS}) do
       redis.call('HDEL', key, jobid)
     end
   end

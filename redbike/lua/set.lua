@@ -45,18 +45,14 @@ end
 local p = L.placement_at(L.A + 3)
 local new = redis.call('HEXISTS', L.SCHEDULES, jobid) == 0 -- (an unset job's record is no policy)
 redis.call('HSET', L.SCHEDULES, jobid, schedule)
-local needs_before = redis.call('HGET', L.NEEDS, jobid) or ''
+local record = L.job_of(jobid)
+local needs_before = record[L.NEEDS]
 if needs == '' then
   needs = needs_before -- none given: the job keeps what it needs
 elseif needs == L.CLEAR_NEEDS then
   needs = '' -- given as none: it needs nothing
 end
-if needs ~= '' then
-  redis.call('HSET', L.NEEDS, jobid, needs)
-else
-  redis.call('HDEL', L.NEEDS, jobid)
-end
-local record = L.job_of(jobid)
+record[L.NEEDS] = needs
 if misfire ~= '' then record[L.MISFIRE] = misfire elseif new then record[L.MISFIRE] = default_misfire end
 if retries ~= '' then record[L.RETRIES] = retries elseif new then record[L.RETRIES] = default_retries end
 if only_if == 'R' then
@@ -66,8 +62,8 @@ else
 end
 if redis.call('HEXISTS', L.LEASES, jobid) == 1 then
   L.drop_pending(jobid, record, p.due, expected, missed)
+  record[L.PENDING] = L.pending_text(p)
   L.save_job(jobid, record)
-  redis.call('HSET', L.PENDING, jobid, L.pending_text(p))
   return 'PENDING'
 end
 local current = redis.call('HGET', L.STATUSES, jobid)

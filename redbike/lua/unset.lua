@@ -23,7 +23,7 @@ else
   L.unplace(jobid, KEYS[L.K + 1])
 end
 L.note(record, 'unset', by)
+L.forget(jobid, record)
 L.save_job(jobid, record)
-L.forget(jobid)
 if running then return 2 end
 return 1

@@ -39,7 +39,7 @@ end
 
 -- How much of `resource` a job needs (0 if none).
 function L.need_of(jobid, resource)
-  for _, need in ipairs(L.parse_needs(redis.call('HGET', L.NEEDS, jobid))) do
+  for _, need in ipairs(L.parse_needs(L.job_of(jobid)[L.NEEDS])) do
     if need[1] == resource then return need[2] end
   end
   return 0
@@ -200,7 +200,7 @@ function L.claim_aside(token, worker, local_room, room, first, count, spec)
     for _, member in ipairs(redis.call('ZRANGEBYLEX', L.ASIDE, range[1], range[2], 'LIMIT', 0, L.ASIDE_LOOK)) do
       local _, _, seq, queue_name, jobid = L.aside_parts(member)
       local i = index[queue_name]
-      if i and not L.too_big_here(L.parse_needs(redis.call('HGET', L.NEEDS, jobid)), room) then
+      if i and not L.too_big_here(L.parse_needs(L.job_of(jobid)[L.NEEDS]), room) then
         redis.call('ZREM', L.ASIDE, member)
         redis.call('HDEL', L.PARKING, jobid)
         local base = spec + 3 * i
