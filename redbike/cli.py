@@ -91,7 +91,7 @@ from typing import Any
 import redis
 from docopt import DocoptExit, docopt
 
-from . import info, overview
+from . import info
 from .api import JobIdError, Redbike, parse_retries
 from .config import DEFAULT_PATH, Config, ConfigError, check_reachable, connect, load_config
 from .csvfile import CsvError
@@ -195,7 +195,7 @@ def _top(bike: Redbike, interval: float) -> int:
             import rich  # noqa: F401 - only checked for
     except ImportError:
         raise MissingExtra("top needs rich: pip install 'redbike[views]'") from None
-    return run_top(lambda scan: overview.read(bike.client, bike.keys, bike.clock(), scan=scan), interval)
+    return run_top(bike.overview, interval)
 
 
 def _node_config(args: dict[str, Any]) -> NodeConfig:
@@ -380,7 +380,7 @@ def _run(args: dict[str, Any]) -> int:
             raise NoSuchJob(f"no such node: {args['NAME']}")
         print(json.dumps(shown, indent=2))
     elif args["info"]:
-        shown = overview.read(bike.client, bike.keys, bike.clock())
+        shown = bike.overview()
         print(json.dumps(shown, indent=2) if args["--json"] else "\n".join(info.lines(shown)))
     elif args["top"]:
         return _top(bike, _interval(args["--interval"]))
