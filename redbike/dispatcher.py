@@ -258,7 +258,8 @@ class Dispatcher:
         """Title and registry entry: whether it leads (written when that
         changed, else every registry_seconds; see registry.py)."""
         leads = self.token is not None
-        if leads != self.titled_leader:
+        # A dispatcher run in a thread beside other roles (the demo) leaves the title alone.
+        if leads != self.titled_leader and threading.current_thread() is threading.main_thread():
             set_title(f"redbike dispatch ({'leader' if leads else 'standby'})")
             self.titled_leader = leads
         self.registration.refresh(leads=leads)

@@ -399,10 +399,14 @@ class WorkerPool:
 
     def _run(self) -> None:
         # Forked while this is still the process's only thread (see slots.py),
-        # with the title it keeps.
-        set_title("redbike work zygote")
+        # with the title it keeps. A pool run in a thread beside other roles
+        # (the demo, tests) leaves the process's title alone.
+        titled = threading.current_thread() is threading.main_thread()
+        if titled:
+            set_title("redbike work zygote")
         self.zygote = Zygote(self._run_slot, self.board.record_exit)
-        set_title(f"redbike work supervisor {':'.join(self.queue_names)}")
+        if titled:
+            set_title(f"redbike work supervisor {':'.join(self.queue_names)}")
         channels = [self.keys.queue_channel(name) for name in set(self.queue_names)]
         # Subscribed before the first claim, so no wake-up can fall in between.
         try:
