@@ -32,8 +32,9 @@ Reader = Callable[[bool], dict[str, Any]]  # scan or not -> the overview
 
 
 def run_top(read: Reader, interval: float) -> int:
-    """Show the overview until ``q`` (or Ctrl-C); not on a terminal, once as text."""
-    if not (sys.stdout.isatty() and sys.stdin.isatty()):
+    """Show the overview until ``q`` (or Ctrl-C); not on a terminal (or
+    on one that cannot move its cursor: TERM=dumb), once as text."""
+    if not (sys.stdout.isatty() and sys.stdin.isatty()) or os.environ.get("TERM") in ("dumb", "unknown"):
         print("\n".join(info.lines(read(True))))
         return 0
     from rich.console import Console

@@ -229,11 +229,11 @@ def test_info_prints_one_screen_with_ages(workdir, client, prefix, env):
 def test_top_shows_the_queues_switches_view_and_quits_on_q(workdir, client, prefix, env, key, shows):
     prepare(client, prefix)
     child = pexpect.spawn(sys.executable, ["-m", "redbike", "top", "--interval", "0.3"], cwd=str(workdir),
-                          env=env, dimensions=(40, 140), encoding="utf-8", timeout=15)
+                          env=dict(env, TERM="xterm"), dimensions=(40, 140), encoding="utf-8", timeout=15)
     try:
         child.expect("Queues")
         child.expect("oldest waits")
-        child.expect(r"│ A +│ 2 +│ 1 ")
+        child.expect(r"[│|] A +[│|] 2 +[│|] 1 ")
         child.send(key)
         child.expect(shows)
         child.send("q")
