@@ -15,7 +15,7 @@ from typing import Any
 import pexpect
 import pytest
 import redis
-from conftest import ROOT, RedisServer, redbike_command, wait_for
+from conftest import ROOT, RedisServer, redbike_command, server_binary, wait_for
 
 from redbike import Redbike, RoundRobin, overview, registry
 from redbike.keys import Keys
@@ -241,3 +241,22 @@ def test_top_shows_the_queues_switches_view_and_quits_on_q(workdir, client, pref
     finally:
         child.close(force=True)
     assert child.exitstatus == 0
+
+
+def test_info_names_the_embedded_server(tmp_path: Path, process_env: dict[str, str]):
+    from redbike.embedded import stop_server
+
+    folder = tmp_path / "project"
+    folder.mkdir()
+    env = dict(process_env, REDBIKE_REDIS_SERVER=server_binary())
+    try:
+        result = cli(folder, env, "info", "--json")
+        assert result.returncode == 0, result.stderr
+        shown = json.loads(result.stdout)["redis"]
+        data = folder / ".redbike"
+        assert shown["embedded"] == {"pid": int((data / "redis.pid").read_text()), "socket": str(data / "redis.sock"),
+                                     "folder": str(data)}
+        text = cli(folder, env, "info").stdout.splitlines()[1]
+        assert f"embedded: pid {shown['pid']}, socket {data / 'redis.sock'}, folder {data}" in text
+    finally:
+        stop_server(str(folder / ".redbike"))
