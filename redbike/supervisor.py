@@ -331,7 +331,6 @@ class WorkerPool:
         renewed: dict[str, float] = {}  # token -> when this supervisor last renewed it
         outage = Outage(log, "heartbeat")
         while not self.done.wait(min(interval, POLL_SECONDS * 4)):
-            self._register()
             now = self.clock()
             beats: list[Any] = []
             running = self.board.all_runs()
@@ -346,6 +345,7 @@ class WorkerPool:
                     beats += [lease.jobid, lease.token, repr(min(now + self.lease_seconds + GRACE_SECONDS, cap))]
                     renewed[lease.token] = now
             if not beats:
+                self._register()
                 continue
             try:
                 lost = self.scripts.run("renew", now, [], beats)
@@ -355,6 +355,7 @@ class WorkerPool:
             outage.recovered()
             for jobid in lost:
                 self._kill_lost(jobid)
+            self._register()  # after the renewals: they must not wait for it
 
     def _register(self) -> None:
         """Write the pool's registry entry if what its slots run changed, or
