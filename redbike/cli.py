@@ -18,6 +18,8 @@ Usage:
   redbike [options] nodes [--level=L]
   redbike [options] nodes --reconcile [NODESCONF] [--loop]
   redbike [options] node NAME
+  redbike [options] info [--json]
+  redbike [options] top [--interval=S]
   redbike [options] control HALT
   redbike [options] demo [--seconds=S]
   redbike [options] embedded (status | stop)
@@ -60,7 +62,8 @@ Options:
   --loop             With --reconcile: go on, polling each source on its
                      interval, until SIGTERM/SIGINT (one reconciler leads).
   --json             JSON for tools: preview, a list (notes go to stderr);
-                     explain, one object (events, state, why).
+                     explain and info, one object.
+  --interval=S       top: seconds between refreshes [default: 2].
   -v --verbose       Log debug messages.
 
 Exit status: 0 success, 1 runtime failure (e.g. Redis unreachable) or, for
@@ -83,12 +86,12 @@ import os
 import signal
 import sys
 import time
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import redis
 from docopt import DocoptExit, docopt
 
+from . import info
 from .api import JobIdError, Redbike, parse_retries
 from .config import DEFAULT_PATH, Config, ConfigError, check_reachable, connect, load_config
 from .csvfile import CsvError
@@ -100,6 +103,7 @@ from .nodes import check_node_name
 from .occurrences import misfire_text
 from .preview import parse_count, preview
 from .reconcile import Busy
+from .registry import redbike_version
 from .resources import ResourceError, check_name, parse_capacity
 from .roundrobin import RoundRobin
 from .schedules import ScheduleError, parse_schedule, parse_timestamp
@@ -122,11 +126,8 @@ class Unreachable(Exception):
     """Redis cannot be reached: a runtime failure (exit 1), not bad input."""
 
 
-def _version() -> str:
-    try:
-        return version("redbike")
-    except PackageNotFoundError:
-        return "unknown"
+class MissingExtra(Exception):
+    """An optional dependency is not installed (exit 1)."""
 
 
 def _setup_logging(verbose: bool, daemon: bool) -> None:
@@ -172,6 +173,29 @@ def _check_usage(args: dict[str, Any]) -> None:
         check_node_name(args["--level"], "level")
     if args["node"]:
         check_node_name(args["NAME"])
+    if args["top"]:
+        _interval(args["--interval"])
+
+
+def _interval(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not 0.1 <= seconds <= 3600:
+        raise ValueError(f"--interval must be from 0.1 to 3600 seconds, not {text!r}")
+    return seconds
+
+
+def _top(bike: Redbike, interval: float) -> int:
+    """`top`: live on a terminal (rich, the views extra), else `info`'s text."""
+    try:
+        from .top import run_top
+        if sys.stdout.isatty():
+            import rich  # noqa: F401 - only checked for
+    except ImportError:
+        raise MissingExtra("top needs rich: pip install 'redbike[views]'") from None
+    return run_top(bike.overview, interval)
 
 
 def _node_config(args: dict[str, Any]) -> NodeConfig:
@@ -355,6 +379,11 @@ def _run(args: dict[str, Any]) -> int:
         if shown is None:
             raise NoSuchJob(f"no such node: {args['NAME']}")
         print(json.dumps(shown, indent=2))
+    elif args["info"]:
+        shown = bike.overview()
+        print(json.dumps(shown, indent=2) if args["--json"] else "\n".join(info.lines(shown)))
+    elif args["top"]:
+        return _top(bike, _interval(args["--interval"]))
     elif args["control"]:
         bike.control("HALT")
     return 0
@@ -372,7 +401,7 @@ def _flushed(code: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = docopt(__doc__, argv=argv, version=f"redbike {_version()}")
+        args = docopt(__doc__, argv=argv, version=f"redbike {redbike_version()}")
     except BrokenPipeError:
         return _flushed(0)
     except DocoptExit:
@@ -393,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     except NoSuchJob as exc:
         print(f"redbike: {exc}", file=sys.stderr)
         return 3
-    except (Unreachable, Busy) as exc:
+    except (Unreachable, Busy, MissingExtra) as exc:
         print(f"redbike: {exc}", file=sys.stderr)
         return 1
     except BAD_INPUT as exc:

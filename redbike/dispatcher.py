@@ -31,10 +31,12 @@ from .keys import Keys
 from .occurrences import Retry
 from .outage import Outage
 from .records import JobRecord, RecordError, decode_job, decode_lease, error_record, lease_token
+from .registry import REFRESH_SECONDS, Registration
 from .roundrobin import Lease
 from .scripts import Retention, Scripts, subscribe
 from .states import FORGET, QUEUE, Outcome, Placement, fire_due, place_after_run
 from .timefile import write_timefile
+from .titles import set_title
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +68,10 @@ class Dispatcher:
         batch: int = BATCH,
         retry: Retry | None = None,
         retention: Retention | None = None,
+        registry_seconds: float = REFRESH_SECONDS,
     ) -> None:
+        """``registry_seconds``: how often the dispatcher's registry entry is
+        written while nothing changes (it expires after three times that)."""
         self.client = client
         self.keys = keys
         self.retention = retention or Retention()
@@ -89,6 +94,9 @@ class Dispatcher:
         self.moved = 0
         self.reaped = 0
         self.retired_at = -FOREVER
+        self.registration = Registration(client, keys, "dispatcher", self.identity, clock=clock,
+                                         refresh_seconds=registry_seconds)
+        self.titled_leader: bool | None = None
 
     def stop(self, *_: Any) -> None:
         self.stopping.set()
@@ -246,6 +254,16 @@ class Dispatcher:
 
     # -- the loop ----------------------------------------------------------------
 
+    def _register(self) -> None:
+        """Title and registry entry: whether it leads (written when that
+        changed, else every registry_seconds; see registry.py)."""
+        leads = self.token is not None
+        # A dispatcher run in a thread beside other roles (the demo) leaves the title alone.
+        if leads != self.titled_leader and threading.current_thread() is threading.main_thread():
+            set_title(f"redbike dispatch ({'leader' if leads else 'standby'})")
+            self.titled_leader = leads
+        self.registration.refresh(leads=leads)
+
     def _sleep(self, pubsub: redis.client.PubSub, seconds: float) -> None:
         """Sleep up to ``seconds``; a message cuts it short."""
         until = time.monotonic() + max(0.0, seconds)
@@ -297,7 +315,9 @@ class Dispatcher:
         try:
             while not self.stopping.is_set():
                 try:
-                    self._sleep(pubsub, self.step(self.clock()))
+                    wait = self.step(self.clock())
+                    self._register()
+                    self._sleep(pubsub, wait)
                     if retry_in:
                         outage.recovered()
                     retry_in = 0.0
@@ -312,11 +332,12 @@ class Dispatcher:
                     self.stopping.wait(retry_in)
         finally:
             pubsub.close()
-            if self.token:
-                try:
+            try:
+                if self.token:
                     self.lead(self.clock(), milliseconds=0)
-                except redis.RedisError:
-                    pass
+                self.registration.remove()
+            except redis.RedisError:
+                pass
         log.info("dispatcher %s stopped: %d moved, %d reaped", self.identity, self.moved, self.reaped)
 
 

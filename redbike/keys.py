@@ -8,6 +8,8 @@ Redis Cluster hash tag (``{myapp}``) to keep them on one slot.
 
 from __future__ import annotations
 
+import re
+
 from .records import JOB_STATE
 
 
@@ -41,6 +43,20 @@ class Keys:
         self.tasks = f"{p}:tasks"  # hash  task id -> "family|node|digest" of the tasks it set
         self.orphans = f"{p}:orphans"  # hash  task id -> time (epoch s) its node vanished while it ran
         self.reconciler = f"{p}:nodes:reconciler"  # string token of the one reconciler, expires (PX)
+        # The registry of live processes (registry.py): one key per dispatcher and worker pool.
+        self.process_prefix = f"{p}:process:"
+
+    def process(self, identity: str) -> str:
+        """A live process's registry entry (string, JSON, expires: EX)."""
+        return f"{self.process_prefix}{identity}"
+
+    def process_pattern(self) -> str:
+        """SCAN MATCH pattern of every registry entry (the prefix's glob characters escaped)."""
+        return re.sub(r"([\\*?\[\]])", r"\\\1", self.process_prefix) + "*"
+
+    def queue_pattern(self) -> str:
+        """SCAN MATCH pattern of every non-empty work queue."""
+        return re.sub(r"([\\*?\[\]])", r"\\\1", f"{self.prefix}:queue:") + "*"
 
     def queue(self, name: str) -> str:
         """A work queue (list; LPUSH in, RPOP out)."""

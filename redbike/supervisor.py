@@ -30,11 +30,13 @@ from .events import Events, LogEvents, tell_retry
 from .keys import Keys
 from .occurrences import Retry
 from .outage import Outage
+from .registry import REFRESH_SECONDS, Registration, slot_runs
 from .roundrobin import RoundRobin
 from .scripts import Retention, subscribe
 from .slot import MAX_BACKOFF_SECONDS, NOTE_FREED, NOTE_HALT, Outcomes, Slot
 from .slots import LocalLock, Running, SlotBoard
 from .states import Outcome
+from .titles import SlotTitles, set_title, slot_title
 from .zygote import Child, Zygote
 
 log = logging.getLogger(__name__)
@@ -81,9 +83,12 @@ class WorkerPool:
         events: Events | None = None,
         retry: Retry | None = None,
         retention: Retention | None = None,
+        registry_seconds: float = REFRESH_SECONDS,
     ) -> None:
         """``events``: where the pool reports what its jobs do (default: the log);
-        subscribe to ``self.events`` before run()."""
+        subscribe to ``self.events`` before run(). ``registry_seconds``: how
+        often the pool's registry entry is written while nothing changes
+        (it expires after three times that)."""
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         self.client = client
@@ -100,6 +105,9 @@ class WorkerPool:
         self.queue_names = self.claims.queue_names
         self.identity = f"{socket.gethostname()}:{os.getpid()}"
         self.events = events if events is not None else Events(LogEvents())
+        self.events.subscribe(SlotTitles())  # in the children: which job each slot runs
+        self.registration = Registration(client, keys, "worker", self.identity, clock=clock, queues=self.queue_names,
+                                         slots=concurrency, resources=resources, refresh_seconds=registry_seconds)
         self.forced = threading.Event()
         self.done = threading.Event()
         self.children: dict[int, Child] = {}
@@ -169,6 +177,7 @@ class WorkerPool:
 
     def _run_slot(self, index: int, channel: socket.socket) -> None:
         """In slot ``index``'s new child (forked by the zygote)."""
+        set_title(slot_title(self.worker_id(index)))
         Slot(self.claims, self.events, self.outcomes, index, self.worker_id(index), channel).run()
 
     def _end_runs_of_dead_child(self, index: int, ending: Ending) -> None:
@@ -336,6 +345,7 @@ class WorkerPool:
                     beats += [lease.jobid, lease.token, repr(min(now + self.lease_seconds + GRACE_SECONDS, cap))]
                     renewed[lease.token] = now
             if not beats:
+                self._register()
                 continue
             try:
                 lost = self.scripts.run("renew", now, [], beats)
@@ -345,6 +355,16 @@ class WorkerPool:
             outage.recovered()
             for jobid in lost:
                 self._kill_lost(jobid)
+            self._register()  # after the renewals: they must not wait for it
+
+    def _register(self) -> None:
+        """Write the pool's registry entry if what its slots run changed, or
+        it is due (see registry.py); a Redis error waits for the next beat
+        (the heartbeat and the slots say that Redis is down)."""
+        try:
+            self.registration.refresh(running=slot_runs(self.board), stopping=self.board.stopping)
+        except redis.RedisError as exc:
+            log.debug("registry entry not written: %s", exc)
 
     def _kill_lost(self, jobid: str) -> None:
         """A renewal found the lease of ``jobid`` gone (reaped while this
@@ -379,8 +399,15 @@ class WorkerPool:
         log.info("worker %s stopped after %d job(s)", self.identity, self.jobs_done)
 
     def _run(self) -> None:
-        # Forked while this is still the process's only thread (see slots.py).
+        # Forked while this is still the process's only thread (see slots.py),
+        # with the title it keeps. A pool run in a thread beside other roles
+        # (the demo, tests) leaves the process's title alone.
+        titled = threading.current_thread() is threading.main_thread()
+        if titled:
+            set_title("redbike work zygote")
         self.zygote = Zygote(self._run_slot, self.board.record_exit)
+        if titled:
+            set_title(f"redbike work supervisor {':'.join(self.queue_names)}")
         channels = [self.keys.queue_channel(name) for name in set(self.queue_names)]
         # Subscribed before the first claim, so no wake-up can fall in between.
         try:
@@ -394,6 +421,7 @@ class WorkerPool:
         threads = [threading.Thread(target=self._listen, args=(pubsub,), daemon=True, name="redbike-listen")]
         threads.append(threading.Thread(target=self._heartbeat, daemon=True, name="redbike-heartbeat"))
         watchers = [threading.Thread(target=self._watch, args=(i,), name=f"redbike-slot-{i}") for i in range(self.concurrency)]
+        self._register()  # at once, not a heartbeat later (before the heartbeat thread writes it)
         for thread in threads + watchers:
             thread.start()
         log.info("worker %s: %d slot(s) on queues %s", self.identity, self.concurrency, ":".join(self.queue_names))
@@ -407,3 +435,7 @@ class WorkerPool:
                 thread.join()
             pubsub.close()
             self.zygote.close()
+            try:
+                self.registration.remove()
+            except redis.RedisError as exc:
+                log.info("registry entry %s left to expire: %s", self.registration.key, exc)
