@@ -27,7 +27,7 @@ from .states import Outcome
 
 log = logging.getLogger(__name__)
 
-IDLE_RECHECK_SECONDS = 5.0  # an idle slot looks at its queues this often without a wake-up
+IDLE_RECHECK_SECONDS = 6.0  # an idle slot looks at its queues this often without a wake-up (5 commands: with the registry's refresh, under 1 command/s)
 MAX_BACKOFF_SECONDS = 5.0
 MAX_BACKOFF_RETURNED = 366 * 86400  # the longest backoff work() may ask for: a year
 

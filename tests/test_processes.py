@@ -678,7 +678,7 @@ def test_idle_daemons_cost_little_and_wake_at_once(
     assert top_level / window < 3, (calls, in_scripts)
     assert top_level >= scripts >= 1, "the dispatcher must renew its lease"
 
-    # An idle worker is woken at once (well before its 5 s look at the queues).
+    # An idle worker is woken at once (well before its 6 s look at the queues).
     bike.set("idle-now:A", "NOW")
     wait_for(lambda: starts(client, testlog, "idle-now:A"), timeout=4, what="the NOW job to start")
     halt(workdir, env, worker, dispatcher)

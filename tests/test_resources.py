@@ -880,7 +880,7 @@ def test_freed_local_resources_wake_the_pools_idle_children(procs: Procs, client
                                                              prefix: str) -> None:
     """A child that gives back worker-local amounts wakes its idle siblings
     (no pub/sub message says so): here the idle child takes a job that
-    waited behind one needing the cpus, at once, not at its 5 s look."""
+    waited behind one needing the cpus, at once, not at its 6 s look."""
     keys = Keys(prefix)
     testlog = f"{prefix}:testlog"
     bike = Redbike(RoundRobin(), prefix=prefix, client=client)
@@ -913,7 +913,7 @@ def test_freed_local_resources_wake_the_pools_idle_children(procs: Procs, client
 
 def test_a_freed_resource_wakes_an_idle_pool_at_once(procs: Procs, client: redis.Redis, prefix: str) -> None:
     """The waiting job's pool is idle (it parked the job); the resource frees
-    in another pool: pub/sub wakes it, well before its 5 s look at its queues."""
+    in another pool: pub/sub wakes it, well before its 6 s look at its queues."""
     keys = Keys(prefix)
     testlog = f"{prefix}:testlog"
     bike = Redbike(RoundRobin(), prefix=prefix, client=client)
