@@ -633,6 +633,9 @@ def test_idle_daemons_cost_little_and_wake_at_once(
     wait_for(lambda: leads(client, keys), what="the dispatcher to lead")
     wait_for(lambda: subscribed(client, keys.queue_channel("B")), what="the worker to listen")
     wait_for(lambda: workdir.joinpath("timefile").exists(), what="the dispatcher to go round once")
+    # Both have written their registry entries (the writes of a start are not the idle cost).
+    wait_for(lambda: len(list(client.scan_iter(match=keys.process_pattern()))) >= 2,
+             what="both processes to register")
 
     # Watch every command (MONITOR marks the ones scripts run as 'lua'), between
     # two markers sent in the same transactions as the INFO snapshots.
