@@ -285,6 +285,23 @@ class Redbike:
             total += woken
         return total
 
+    def set_capacities(self, capacities: Iterable[tuple[str, int | None]]) -> dict[str, int]:
+        """Set many resources' capacities in one round trip (capacity.lua for
+        each, pipelined; all checked first); returns how many waiting jobs
+        each woke. One that woke a full batch is carried on as set_capacity does."""
+        pairs = [(check_name(resource), check_capacity(capacity)) for resource, capacity in capacities]
+        if not pairs:
+            return {}
+        now = self.clock()
+        with self.client.pipeline(transaction=False) as pipe:
+            for resource, capacity in pairs:
+                self.scripts.run("capacity", now, [], [resource, "" if capacity is None else capacity], client=pipe)
+            results = pipe.execute()
+        woken: dict[str, int] = {}
+        for (resource, capacity), result in zip(pairs, results, strict=True):
+            woken[resource] = result + (self.set_capacity(resource, capacity) if result >= WAKE_BATCH else 0)
+        return woken
+
     def load_capacities(self, path: str) -> int:
         """Set the RESOURCE,CAPACITY rows of a CSV file (all checked first)."""
         rows = read_capacities_csv(path)
@@ -303,6 +320,27 @@ class Redbike:
         queue = self._queue_of(jobid)
         now = self.clock()
         return self.scripts.run("unset", now, [self.keys.queue(queue)], [jobid, who(), *self._stored(jobid).unrun(now)])
+
+    def unset_many(self, jobids: Iterable[str]) -> dict[str, int | Exception]:
+        """unset() many jobs in two round trips (what each has, read in one
+        pipeline; unset.lua for each, in another): each one's result, or the
+        error its script answered. Bad job ids raise before anything is read."""
+        queues = {jobid: self._queue_of(jobid) for jobid in jobids}
+        if not queues:
+            return {}
+        with self.client.pipeline(transaction=False) as pipe:
+            for jobid in queues:
+                pipe.hget(self.keys.schedules, jobid)
+                pipe.hget(self.keys.jobs, jobid)
+                pipe.hget(self.keys.pending, jobid)
+            read = pipe.execute()
+        now, by = self.clock(), who()
+        with self.client.pipeline(transaction=False) as pipe:
+            for i, (jobid, queue) in enumerate(queues.items()):
+                stored = Stored(*read[3 * i:3 * i + 3])
+                self.scripts.run("unset", now, [self.keys.queue(queue)], [jobid, by, *stored.unrun(now)], client=pipe)
+            results = pipe.execute(raise_on_error=False)
+        return dict(zip(queues, results, strict=True))
 
     def tell(self, jobid: str) -> dict[str, Any] | None:
         """Everything known about a job (a task of the node model also gets

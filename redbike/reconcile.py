@@ -30,6 +30,7 @@ import hashlib
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,8 +45,9 @@ from .roundrobin import RoundRobin
 
 log = logging.getLogger(__name__)
 
-BATCH = 500  # tasks derived, compared and set per round trip
+BATCH = 2000  # tasks derived, compared and set per round trip
 LEASE_MS = 30_000  # the reconciler's lease; renewed at each pass
+RENEW_AFTER = 5.0  # seconds: a batch of writes renews the lease if it was renewed longer ago
 DETAILED = 100  # changes of one kind logged one by one per pass; the rest are counted
 
 
@@ -109,22 +111,31 @@ class Reconciler:
         self.client = bike.client
         self.batch = batch
         self.token = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(4).hex()}"
+        self.renewed = float("-inf")  # monotonic time the lease was last taken or renewed
 
     # ------------------------------------------------------------ the lease
 
     def acquire(self) -> bool:
         """Take (or renew) the reconciler's lease; False if another holds it."""
-        if self.client.set(self.keys.reconciler, self.token, nx=True, px=LEASE_MS):
+        started = time.monotonic()
+        if self.client.set(self.keys.reconciler, self.token, nx=True, px=LEASE_MS) or \
+                self._if_mine(lambda pipe: pipe.pexpire(self.keys.reconciler, LEASE_MS)):
+            self.renewed = started
             return True
-        return self._if_mine(lambda pipe: pipe.pexpire(self.keys.reconciler, LEASE_MS))
+        return False
 
     def keep_lease(self) -> None:
         """Renew the lease before a batch of writes (a long pass, a slow
-        source); Busy if another reconciler took it meanwhile."""
+        source) if it was renewed more than RENEW_AFTER seconds ago (it then
+        has 25 s left at least: a batch takes far less); Busy if another
+        reconciler took it meanwhile."""
+        if time.monotonic() - self.renewed < RENEW_AFTER:
+            return
         if not self.acquire():
             raise Busy(f"lost the reconciler lease to {self.holder()}; this pass stops here")
 
     def release(self) -> None:
+        self.renewed = float("-inf")
         self._if_mine(lambda pipe: pipe.delete(self.keys.reconciler))
 
     def holder(self) -> str | None:
@@ -213,10 +224,15 @@ class Reconciler:
         for start in range(0, len(every), self.batch):
             chunk = every[start:start + self.batch]
             stored = self.client.hmget(self.keys.capacities, [name for name, _ in chunk])
-            for (name, capacity), old in zip(chunk, stored, strict=True):
-                if (None if old is None else int(old)) != capacity:
-                    self.bike.set_capacity(name, capacity)
-                    done.capacities.append(name)
+            changed = [(name, capacity, old) for (name, capacity), old in zip(chunk, stored, strict=True)
+                       if (None if old is None else int(old)) != capacity]
+            if not changed:
+                continue
+            self.keep_lease()
+            self.bike.set_capacities((name, capacity) for name, capacity, _ in changed)  # one round trip
+            for name, capacity, old in changed:
+                done.capacities.append(name)
+                if len(done.capacities) <= DETAILED:
                     log.info("capacity of %s: %s -> %s", name, "none" if old is None else old,
                              "none" if capacity is None else capacity)
 
@@ -338,7 +354,8 @@ class Reconciler:
         for taskid, lease, since in zip(ids, leases, orphaned, strict=True):
             if lease is None:
                 going.append(taskid)
-                log.info("task %s removed: its node or family is gone", taskid)
+                if len(done.removed) + len(going) <= DETAILED:
+                    log.info("task %s removed: its node or family is gone", taskid)
             elif since is None:
                 newly[taskid] = f"{now:.3f}"
                 done.orphaned.append(taskid)
@@ -351,11 +368,10 @@ class Reconciler:
         if newly:
             self.client.hset(self.keys.orphans, mapping=newly)
         gone = []
-        for taskid in going:
-            try:
-                self.bike.unset(taskid)
-            except ValueError as exc:  # kept in P:tasks: the next pass tries again
-                done.errors.append(f"{taskid}: {exc}")
+        for taskid, result in self.bike.unset_many(going).items():  # two round trips
+            if isinstance(result, Exception):  # kept in P:tasks: the next pass tries again
+                done.errors.append(f"{taskid}: {result}")
+                log.error("task %s: could not be unset: %s", taskid, result)
                 continue
             gone.append(taskid)
         done.removed.extend(gone)
