@@ -109,7 +109,8 @@ def child(url: str, conf: str) -> None:
     started = time.perf_counter()
     done = reconcile_once(bike, config)
     seconds = time.perf_counter() - started
-    print(json.dumps({"seconds": seconds, **sent, "summary": done.summary(), "errors": done.errors[:5],
+    print(json.dumps({"seconds": seconds, **sent, "summary": done.summary(), "whole": done.whole,
+                      "errors": done.errors[:5],
                       "added": len(done.added), "removed": len(done.removed)}))
 
 
@@ -186,12 +187,12 @@ def claim_path(server: RedisServer, parked: list[int], claims: int) -> list[dict
 def report(results: dict[str, Any]) -> str:
     lines = [(f"{results['dbs']:,} db nodes under {results['hosts']:,} hosts, {len(FAMILIES)} families: "
              f"{results['tasks']:,} tasks; churn: {results['churned_dbs']:,} dbs replaced"), ""]
-    header = ("pass", "changes", "seconds", "round trips (Redis)", "requests sent", "pipelines", "commands",
+    header = ("pass", "changes", "seconds", "Redis read events", "requests sent", "pipelines", "commands",
               "Redis CPU s", "peak RSS MB")
     lines += ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for name in ("full", "churn", "unchanged"):
         p = results[name]
-        lines.append(f"| {name} | {p['summary']} | {p['seconds']:.2f} | {p['round_trips']:,} | "
+        lines.append(f"| {name} ({'whole' if p['whole'] else 'changes only'}) | {p['summary']} | {p['seconds']:.2f} | {p['round_trips']:,} | "
                      f"{p['requests']:,} | {p['pipelines']:,} | {p['commands']:,} | {p['redis_cpu']:.2f} | "
                      f"{p['peak_rss_mb']:.0f} |")
     lines += ["", f"Redis bytes per task (nodes and capacities included): {results['bytes_per_task']:.0f}",

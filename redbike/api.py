@@ -150,20 +150,23 @@ class Redbike:
         return check_queue(self.worker.queue_for(check_jobid(jobid)))
 
     def _place(self, jobid: str, schedule: str, placement: Placement, only_if_new: str, needs: str = "",
-               policy: tuple[str, str] = ("", ""), stored: Stored = NOTHING_STORED) -> str:
+               policy: tuple[str, str] = ("", ""), stored: Stored = NOTHING_STORED, *,
+               now: float | None = None, by: str | None = None, client: Any = None) -> str:
         """Run set.lua. ``only_if_new``: '1' leaves an existing job as it is,
         'S' one whose schedule is ``schedule``, 'R' one that did not fail
         (status DIE), '0' sets it whatever it has. ``policy``: its misfire
         policy and retries ('' keeps the job's; a new job gets the defaults).
-        ``stored``: what the job had (_stored), for the occurrences it cancels."""
+        ``stored``: what the job had (_stored), for the occurrences it cancels.
+        ``now``, ``by`` (who()) and ``client`` (a pipeline): given by set_alike."""
         queue = self._queue_of(jobid)
-        now = self.clock()
+        now = self.clock() if now is None else now
         return self.scripts.run(
             "set",
             now,
             [self.keys.queue(queue)],
             [jobid, schedule, *placement.script_args(), self.keys.queue_channel(queue), only_if_new, needs,
-             policy[0], self.misfire, policy[1], str(self.retries), who(), *stored.unrun(now)],
+             policy[0], self.misfire, policy[1], str(self.retries), by or who(), *stored.unrun(now)],
+            client=client,
         )
 
     def _stored(self, jobid: str) -> Stored:
@@ -248,6 +251,40 @@ class Redbike:
             except (ScheduleError, JobIdError, ResourceError, ValueError) as exc:
                 errors.append(f"{jobid}: {exc}")
         return errors
+
+    def set_alike(self, jobs: Iterable[tuple[str, Needs]], schedule: str, *, misfire: str | None = None,
+                  retries: int | None = None, after: float | None = None) -> dict[str, Any]:
+        """Set new jobs that share a schedule and policy, each with its own
+        needs, in one round trip: set.lua for each, pipelined, as set() runs
+        it for a job with nothing stored (what a job has is not read: set an
+        existing one with set(), whose cancelled occurrences count). The
+        schedule is parsed and the first run placed once for all. Returns
+        each job's result ('PLACED', ...), or the error its script answered
+        or its job id or needs failed (that one is not sent). A bad schedule
+        or policy raises before anything is sent."""
+        parsed = parse_schedule(schedule)
+        if misfire is not None:
+            misfire = misfire_text(misfire.strip().lower(), None)
+        if retries is not None:
+            check_retries(retries)
+        now = self.clock()
+        start = self._after(after, now)
+        placement = place_on_set(parsed, start, now, misfire or self.misfire)
+        only_if_new = "S" if parsed.kind == "AT" and parsed.first_after(start) is None else "0"
+        policy, by = (misfire or "", "" if retries is None else str(retries)), who()
+        results: dict[str, Any] = {}
+        sent = []
+        with self.client.pipeline(transaction=False) as pipe:
+            for jobid, needs in jobs:
+                try:
+                    self._place(jobid, parsed.text, placement, only_if_new, self._needs_arg(jobid, needs), policy,
+                                now=now, by=by, client=pipe)
+                except (JobIdError, ResourceError) as exc:
+                    results[jobid] = exc
+                    continue
+                sent.append(jobid)
+            results.update(zip(sent, pipe.execute(raise_on_error=False), strict=True))
+        return results
 
     def retry(self, jobids: Iterable[str] = (), status: str | None = None) -> dict[str, str]:
         """Put failed jobs (status DIE) back at once, for the occurrence that

@@ -31,7 +31,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,8 +47,25 @@ log = logging.getLogger(__name__)
 
 BATCH = 2000  # tasks derived, compared and set per round trip
 LEASE_MS = 30_000  # the reconciler's lease; renewed at each pass
+WHOLE_EVERY = 600.0  # seconds: a reconciler's passes are whole at least this often (see reconcile())
 RENEW_AFTER = 5.0  # seconds: a batch of writes renews the lease if it was renewed longer ago
 DETAILED = 100  # changes of one kind logged one by one per pass; the rest are counted
+
+
+def under(changed: set[str], names: Iterable[str], parent: Callable[[str], str]) -> set[str]:
+    """The ``names`` that are in ``changed`` or below one (``parent``: a
+    name's parent's, INSTANCE at the top), each path walked once."""
+    flags: dict[str, bool] = {}
+    for name in names:
+        chain = []
+        while name != INSTANCE and name not in flags:
+            chain.append(name)
+            name = parent(name)
+        flag = flags.get(name, False)
+        for below in reversed(chain):
+            flag = flag or below in changed
+            flags[below] = flag
+    return {name for name, flag in flags.items() if flag}
 
 
 class Busy(Exception):
@@ -70,8 +87,10 @@ class Pass:
     dropped: list[str] = field(default_factory=list)  # nodes left out, and why
     errors: list[str] = field(default_factory=list)
 
+    whole: bool = True  # a whole pass, or one that looked at the changed nodes only
+
     def summary(self) -> str:
-        parts = [f"{len(v)} {k.replace('_', ' ')}" for k, v in vars(self).items() if v]
+        parts = [f"{len(v)} {k.replace('_', ' ')}" for k, v in vars(self).items() if v and isinstance(v, list)]
         return ", ".join(parts) or "nothing changed"
 
 
@@ -112,6 +131,7 @@ class Reconciler:
         self.batch = batch
         self.token = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(4).hex()}"
         self.renewed = float("-inf")  # monotonic time the lease was last taken or renewed
+        self.whole_at = time.monotonic()  # of the last whole pass (a new reconciler trusts the mark)
 
     # ------------------------------------------------------------ the lease
 
@@ -168,10 +188,17 @@ class Reconciler:
 
     # ------------------------------------------------------------ a pass
 
-    def reconcile(self, nodes: list[Node], now: float | None = None) -> Pass:
+    def reconcile(self, nodes: list[Node], now: float | None = None, whole: bool = False) -> Pass:
         """One pass: capacities, nodes, tasks (see the module's doc). It takes
         or renews the lease before each batch of writes (Busy if another
-        reconciler holds it) and keeps it; :meth:`release` gives it back."""
+        reconciler holds it) and keeps it; :meth:`release` gives it back.
+
+        A pass looks only at the nodes that changed since the last pass
+        (their records in P:nodes; a node under a changed one changes path),
+        unless ``whole``, or the last pass did not end without errors under
+        this same config (P:nodes:reconciled), or the last whole pass of this
+        reconciler is WHOLE_EVERY seconds old: then it derives and compares
+        every task and every capacity, and scans P:tasks for tasks to remove."""
         self.keep_lease()
         now = self.bike.clock() if now is None else now
         done = Pass()
@@ -179,27 +206,47 @@ class Reconciler:
         done.dropped = forest.dropped
         for why in forest.dropped:
             log.warning("node left out: %s", why)
+        stored: dict[str, str] = dict(self.client.hscan_iter(self.keys.nodes, count=1000))
+        encoded = {name: node.encode() for name, node in forest.nodes.items()}
+        removed = [Node.decode(name, record) for name, record in stored.items() if name not in forest.nodes]
+        mark = self._mark()
+        done.whole = whole = (whole or time.monotonic() - self.whole_at >= WHOLE_EVERY
+                              or self.client.get(self.keys.reconciled) != mark)
+        self.client.delete(self.keys.reconciled)  # a pass cut short leaves none: the next one is whole
+        touched = None
+        if not whole:
+            changed = {name for name, record in encoded.items() if stored.get(name) != record}
+            touched = under(changed, forest.nodes, lambda name: forest.nodes[name].parent)
         # Capacities before P:nodes: a pass cut short still finds the vanished nodes next time.
-        removed = [Node.decode(name, record) for name, record in self.client.hscan_iter(self.keys.nodes, count=1000)
-                   if name not in forest.nodes]
-        self._capacities(forest, removed, done)
-        self._store_nodes(forest, removed, done)
-        self._add_tasks(forest, done)
-        self._remove_tasks(forest, now, done)
-        log.info("reconciled %d nodes: %s", len(forest), done.summary())
+        self._capacities(forest, removed, done, touched)
+        self._store_nodes(forest, stored, encoded, removed, done)
+        self._add_tasks(forest, done, touched)
+        if whole:
+            self._remove_tasks(forest, now, done)
+            self.whole_at = time.monotonic()
+        else:
+            self._remove_moved(forest, stored, encoded, now, done)
+        if not done.errors:
+            self.client.set(self.keys.reconciled, mark)
+        log.info("reconciled %d nodes (%s pass): %s", len(forest), "whole" if whole else "changes only",
+                 done.summary())
         return done
 
-    def _store_nodes(self, forest: Forest, removed: list[Node], done: Pass) -> None:
-        """P:nodes := the forest (``removed``: the stored nodes not in it)."""
-        names = list(forest.nodes)
-        for start in range(0, len(names), self.batch):
-            chunk = names[start:start + self.batch]
-            stored = self.client.hmget(self.keys.nodes, chunk)
-            fresh: dict[Any, str] = {name: forest.nodes[name].encode() for name, old in zip(chunk, stored, strict=True)
-                     if old != forest.nodes[name].encode()}
-            done.nodes_added.extend(name for name, old in zip(chunk, stored, strict=True) if old is None)
-            if fresh:
-                self.client.hset(self.keys.nodes, mapping=fresh)
+    def _mark(self) -> str:
+        """What the tasks and capacities derive from besides the nodes (the config)."""
+        config = self.config
+        text = repr((sorted(config.parent_level.items()), sorted(config.capacities.items()),
+                     sorted(config.overrides.items()), sorted(config.families.items())))
+        return hashlib.sha1(text.encode()).hexdigest()
+
+    def _store_nodes(self, forest: Forest, stored: dict[str, str], encoded: dict[str, str], removed: list[Node],
+                     done: Pass) -> None:
+        """P:nodes := the forest (``stored``: what it holds; ``encoded``: the
+        forest's records; ``removed``: the stored nodes not in it)."""
+        fresh = [(name, record) for name, record in encoded.items() if stored.get(name) != record]
+        for start in range(0, len(fresh), self.batch):
+            self.client.hset(self.keys.nodes, mapping=dict(fresh[start:start + self.batch]))
+        done.nodes_added = [name for name, _ in fresh if name not in stored]
         for start in range(0, len(removed), self.batch):
             self.client.hdel(self.keys.nodes, *[node.name for node in removed[start:start + self.batch]])
         done.nodes_removed = [node.name for node in removed]
@@ -214,10 +261,12 @@ class Reconciler:
         wanted.update(self.config.overrides.get(node.name, {}))
         return {resource_at(resource, node.name): capacity for resource, capacity in wanted.items()}
 
-    def _capacities(self, forest: Forest, removed: list[Node], done: Pass) -> None:
-        """Per-node capacities as configured; those of vanished nodes unlimited."""
+    def _capacities(self, forest: Forest, removed: list[Node], done: Pass, touched: set[str] | None) -> None:
+        """Per-node capacities as configured (of the ``touched`` nodes only,
+        and the instance's, unless None); those of vanished nodes unlimited."""
         every: list[tuple[str, int | None]] = []
-        for node in [Node(INSTANCE, INSTANCE), *forest]:
+        nodes = forest if touched is None else (forest.nodes[name] for name in touched)
+        for node in [Node(INSTANCE, INSTANCE), *nodes]:
             every.extend(self._wanted_capacities(node).items())
         for node in removed:
             every.extend((name, None) for name in self._wanted_capacities(node))
@@ -236,12 +285,17 @@ class Reconciler:
                     log.info("capacity of %s: %s -> %s", name, "none" if old is None else old,
                              "none" if capacity is None else capacity)
 
-    def _wanted(self, forest: Forest) -> Iterator[tuple[str, Family, Node, dict[str, int]]]:
-        """(task id, family, node, needs) of every task the nodes want, one at a time."""
+    def _by_level(self) -> dict[str, list[Family]]:
         by_level: dict[str, list[Family]] = {}
         for family in self.config.families.values():
             by_level.setdefault(family.level, []).append(family)
-        for node in forest:
+        return by_level
+
+    def _wanted(self, forest: Forest, touched: set[str] | None) -> Iterator[tuple[str, Family, Node, dict[str, int]]]:
+        """(task id, family, node, needs) of every task the nodes want (those
+        of the ``touched`` nodes, unless None), one at a time."""
+        by_level = self._by_level()
+        for node in forest if touched is None else (forest.nodes[name] for name in touched):
             families = by_level.get(node.level)
             if not families:
                 continue
@@ -249,9 +303,9 @@ class Reconciler:
             for family in families:
                 yield task_id(family.name, [n.name for n in path], family.queue), family, node, needs_of(family, path)
 
-    def _add_tasks(self, forest: Forest, done: Pass) -> None:
+    def _add_tasks(self, forest: Forest, done: Pass, touched: set[str] | None) -> None:
         batch: list[tuple[str, Family, Node, dict[str, int]]] = []
-        for wanted in self._wanted(forest):
+        for wanted in self._wanted(forest, touched):
             batch.append(wanted)
             if len(batch) >= self.batch:
                 self._add_batch(batch, done)
@@ -300,27 +354,30 @@ class Reconciler:
             log.info("task %s: its node is back; no longer an orphan", taskid)
 
     def _set_new(self, new: list[tuple[str, Family, dict[str, int]]], done: Pass) -> set[str]:
-        """Set new tasks in one pipelined batch (set_many: set.lua, as `redbike
-        set` does); the ids of those that could not be set."""
-        rows = [(taskid, family.schedule, format_amounts(needs), family.misfire or "",
-                 "" if family.retries is None else str(family.retries)) for taskid, family, needs in new]
-        with self.client.pipeline(transaction=False) as pipe:
-            refused = plain(self.bike, pipe).set_many(rows)  # a bad row is not queued
-            results = pipe.execute(raise_on_error=False)
-        failed = {taskid for taskid, *_ in new if any(line.startswith(f"{taskid}: ") for line in refused)}
-        done.errors.extend(refused)
-        queued = [(taskid, family) for taskid, family, _ in new if taskid not in failed]
-        for (taskid, family), result in zip(queued, results, strict=True):
-            if isinstance(result, Exception):
-                failed.add(taskid)
-                done.errors.append(f"{taskid}: {result}")
-                log.error("task %s: could not be set: %s", taskid, result)
-                continue
-            done.added.append(taskid)
-            if len(done.added) <= DETAILED:
-                log.info("task %s added (family %s, schedule %r): %s", taskid, family.name, family.schedule, result)
-        for line in refused:
-            log.error("task %s", line)
+        """Set new tasks, one round trip per family (set_alike: set.lua, as
+        `redbike set` runs it; the schedule parsed and placed once); the ids
+        of those that could not be set."""
+        by_family: dict[str, list[tuple[str, Family, dict[str, int]]]] = {}
+        for task in new:
+            by_family.setdefault(task[1].name, []).append(task)
+        failed: set[str] = set()
+        for tasks in by_family.values():
+            family = tasks[0][1]
+            try:
+                results = self.bike.set_alike([(taskid, needs) for taskid, _, needs in tasks], family.schedule,
+                                              misfire=family.misfire, retries=family.retries)
+            except ValueError as exc:  # the family's schedule or policy (checked with the config)
+                results = {taskid: exc for taskid, *_ in tasks}
+            for taskid, result in results.items():
+                if isinstance(result, Exception):
+                    failed.add(taskid)
+                    done.errors.append(f"{taskid}: {result}")
+                    log.error("task %s: could not be set: %s", taskid, result)
+                    continue
+                done.added.append(taskid)
+                if len(done.added) <= DETAILED:
+                    log.info("task %s added (family %s, schedule %r): %s", taskid, family.name, family.schedule,
+                             result)
         return failed
 
     def _unwanted(self, forest: Forest, taskid: str, record: str) -> bool:
@@ -341,6 +398,36 @@ class Reconciler:
                 batch = []
         if batch:
             self._remove_batch(batch, now, done)
+
+    def _remove_moved(self, forest: Forest, stored: dict[str, str], encoded: dict[str, str], now: float,
+                      done: Pass) -> None:
+        """Remove the tasks no longer wanted among those of the stored nodes
+        that vanished or changed (and of the nodes under them: their paths
+        changed), as they were, and the orphans (their grace may be over)."""
+
+        def parent(name: str) -> str:
+            record = stored.get(name)
+            return record.split("|", 2)[1] if record is not None else INSTANCE
+
+        moved = under({name for name, record in stored.items() if encoded.get(name) != record}, stored, parent)
+        by_level = self._by_level()
+        candidates: dict[str, None] = {}
+        for name in moved & stored.keys():
+            families = by_level.get(stored[name].split("|", 1)[0], ())
+            if families:
+                path = [name]
+                while parent(path[-1]) != INSTANCE:
+                    path.append(parent(path[-1]))
+                candidates.update((task_id(family.name, path[::-1], family.queue), None) for family in families)
+        candidates.update((str(taskid), None) for taskid in self.client.hkeys(self.keys.orphans))
+        ids = list(candidates)
+        for start in range(0, len(ids), self.batch):
+            chunk = ids[start:start + self.batch]
+            records = self.client.hmget(self.keys.tasks, chunk)
+            unwanted = [taskid for taskid, record in zip(chunk, records, strict=True)
+                        if record is not None and self._unwanted(forest, taskid, str(record))]
+            if unwanted:
+                self._remove_batch(unwanted, now, done)
 
     def _remove_batch(self, ids: list[str], now: float, done: Pass) -> None:
         self.keep_lease()

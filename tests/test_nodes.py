@@ -33,6 +33,7 @@ from redbike.nodeconfig import NodeConfig, load_node_config
 from redbike.nodeloop import reconcile_loop, reconcile_once
 from redbike.nodes import Node
 from redbike.reconcile import Busy, Reconciler
+from redbike.resources import ResourceError
 
 NODES_SECTION = """
 [redbike-nodes]
@@ -183,19 +184,20 @@ def test_an_orphan_whose_node_comes_back_is_kept(env: Env, tmp_path: Path) -> No
 def test_a_task_that_could_not_be_set_is_tried_again(env: Env, tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     reconciler = Reconciler(env.bike, node_config(tmp_path))
-    original = Redbike.set
+    original = Redbike._needs_arg
 
     def refusing(bike: Redbike, jobid: str, *args: Any, **kwargs: Any) -> str:
         if jobid == "scan/h1/d1:A":
-            raise ValueError("refused by the test")
+            raise ResourceError("refused by the test")
         return original(bike, jobid, *args, **kwargs)
 
-    monkeypatch.setattr(Redbike, "set", refusing)
+    monkeypatch.setattr(Redbike, "_needs_arg", refusing)
     done = reconciler.reconcile(fleet({"h1": ["d1", "d2"]}))
     assert done.errors == ["scan/h1/d1:A: refused by the test"]
     assert sorted(done.added) == ["report/h1:A", "scan/h1/d2:A"]
     assert sorted(tasks(env)) == ["report/h1:A", "scan/h1/d2:A"]  # not recorded as set
-    monkeypatch.setattr(Redbike, "set", original)
+    assert env.c.hget(env.keys.schedules, "scan/h1/d1:A") is None  # nor sent
+    monkeypatch.setattr(Redbike, "_needs_arg", original)
     assert reconciler.reconcile(fleet({"h1": ["d1", "d2"]})).added == ["scan/h1/d1:A"]
 
 
