@@ -50,12 +50,13 @@ class Node:
 
     def encode(self) -> str:
         """The stored record (``P:nodes`` hash value): ``level|parent|source|attributes-JSON``."""
-        return f"{self.level}|{self.parent}|{self.source}|{json.dumps(dict(self.attributes), sort_keys=True)}"
+        attributes = json.dumps(dict(self.attributes), sort_keys=True) if self.attributes else "{}"  # most have none
+        return f"{self.level}|{self.parent}|{self.source}|{attributes}"
 
     @classmethod
     def decode(cls, name: str, record: str) -> Node:
         level, parent, source, attributes = record.split("|", 3)
-        return cls(level, name, parent, json.loads(attributes), source)
+        return cls(level, name, parent, json.loads(attributes) if attributes != "{}" else {}, source)
 
 
 def resource_at(resource: str, node: str) -> str:

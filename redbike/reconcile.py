@@ -27,13 +27,15 @@ released with WATCH/MULTI; not a fence: the scripts do not check it).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import os
 import socket
 import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 
@@ -44,12 +46,20 @@ from .resources import LOCAL_PREFIX, format_amounts
 from .roundrobin import RoundRobin
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 BATCH = 2000  # tasks derived, compared and set per round trip
 LEASE_MS = 30_000  # the reconciler's lease; renewed at each pass
 WHOLE_EVERY = 600.0  # seconds: a reconciler's passes are whole at least this often (see reconcile())
 RENEW_AFTER = 5.0  # seconds: a batch of writes renews the lease if it was renewed longer ago
 DETAILED = 100  # changes of one kind logged one by one per pass; the rest are counted
+
+
+def chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """``items`` in lists of ``size`` (the last one shorter), one at a time."""
+    iterator = iter(items)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
 
 
 def under(changed: set[str], names: Iterable[str], parent: Callable[[str], str]) -> set[str]:
@@ -304,14 +314,18 @@ class Reconciler:
                 yield task_id(family.name, [n.name for n in path], family.queue), family, node, needs_of(family, path)
 
     def _add_tasks(self, forest: Forest, done: Pass, touched: set[str] | None) -> None:
-        batch: list[tuple[str, Family, Node, dict[str, int]]] = []
-        for wanted in self._wanted(forest, touched):
-            batch.append(wanted)
-            if len(batch) >= self.batch:
-                self._add_batch(batch, done)
-                batch = []
-        if batch:
-            self._add_batch(batch, done)
+        """Compare and set the wanted tasks a batch at a time; a thread sends
+        each batch while the next is derived (Redis runs the scripts of one
+        while Python builds the other: a full load takes the longer of the
+        two, not their sum)."""
+        with ThreadPoolExecutor(1, thread_name_prefix="redbike-reconcile") as writer:
+            sending: Future[None] | None = None
+            for batch in chunks(self._wanted(forest, touched), self.batch):
+                if sending is not None:
+                    sending.result()  # its errors (Busy, Redis) stop the pass here
+                sending = writer.submit(self._add_batch, batch, done)
+            if sending is not None:
+                sending.result()
 
     def _add_batch(self, batch: list[tuple[str, Family, Node, dict[str, int]]], done: Pass) -> None:
         self.keep_lease()

@@ -124,6 +124,44 @@ def test_tasks_follow_the_nodes(env: Env, tmp_path: Path) -> None:
     assert done.dropped == ["db d9: its parent 'h9' is not a node"] and "scan/h9/d9:A" not in tasks(env)
 
 
+def test_a_pass_after_a_clean_one_looks_at_the_changed_nodes_only(env: Env, tmp_path: Path) -> None:
+    reconciler = Reconciler(env.bike, node_config(tmp_path))
+    nodes = fleet({"h1": ["d1"], "h2": ["d2"]})
+    assert reconciler.reconcile(nodes).whole  # no pass before it
+    env.c.hdel(env.keys.tasks, "report/h1:A")  # drift that a pass of the changed nodes cannot see
+    env.bike.set_capacity("db_lock@d1", 5)
+    done = reconciler.reconcile(nodes)
+    assert not done.whole and done.summary() == "nothing changed"
+    done = reconciler.reconcile(fleet({"h1": ["d1", "d2"]}))  # d2 moves, h2 goes
+    assert not done.whole and done.added == ["scan/h1/d2:A"]
+    assert sorted(done.removed) == ["report/h2:A", "scan/h2/d2:A"]
+    done = reconciler.reconcile(fleet({"h1": ["d1", "d2"]}), whole=True)  # sees all as configured again
+    assert done.whole and done.capacities == ["db_lock@d1"] and done.added == ["report/h1:A"]
+    env.c.delete(env.keys.reconciled)  # as a pass cut short leaves it
+    assert reconciler.reconcile(fleet({"h1": ["d1", "d2"]})).whole
+    config = node_config(tmp_path, host_capacity=3)  # another config: a whole pass
+    reconciler.config = config
+    done = reconciler.reconcile(fleet({"h1": ["d1", "d2"]}))
+    assert done.whole and done.capacities == ["host_concurrency@h1"]
+
+
+def test_a_node_moved_moves_the_tasks_under_it(env: Env, tmp_path: Path) -> None:
+    path = tmp_path / "nodes.conf"
+    path.write_text("[redbike-nodes]\nlevels = rack > host > db\nsource.fleet = file nodes.csv\n"
+                    "family.scan = db\nfamily.scan.schedule = NOW\nfamily.scan.queue = A\n")
+    config = load_node_config(str(path))
+    assert config is not None
+    reconciler = Reconciler(env.bike, config)
+    racks = [Node("rack", "r1", source="fleet"), Node("rack", "r2", source="fleet")]
+    reconciler.reconcile([*racks, Node("host", "h1", "r1"), Node("db", "d1", "h1"), Node("db", "d2", "h1")])
+    assert sorted(tasks(env)) == ["scan/r1/h1/d1:A", "scan/r1/h1/d2:A"]
+    done = reconciler.reconcile([*racks, Node("host", "h1", "r2"), Node("db", "d1", "h1"), Node("db", "d2", "h1")])
+    assert not done.whole
+    assert sorted(done.added) == ["scan/r2/h1/d1:A", "scan/r2/h1/d2:A"]
+    assert sorted(done.removed) == ["scan/r1/h1/d1:A", "scan/r1/h1/d2:A"]
+    assert sorted(tasks(env)) == ["scan/r2/h1/d1:A", "scan/r2/h1/d2:A"]
+
+
 def test_a_changed_family_or_override_sets_again(env: Env, tmp_path: Path) -> None:
     first = Reconciler(env.bike, node_config(tmp_path))
     first.reconcile(fleet({"h1": ["d1"]}))
@@ -198,7 +236,8 @@ def test_a_task_that_could_not_be_set_is_tried_again(env: Env, tmp_path: Path,
     assert sorted(tasks(env)) == ["report/h1:A", "scan/h1/d2:A"]  # not recorded as set
     assert env.c.hget(env.keys.schedules, "scan/h1/d1:A") is None  # nor sent
     monkeypatch.setattr(Redbike, "_needs_arg", original)
-    assert reconciler.reconcile(fleet({"h1": ["d1", "d2"]})).added == ["scan/h1/d1:A"]
+    done = reconciler.reconcile(fleet({"h1": ["d1", "d2"]}))
+    assert done.whole and done.added == ["scan/h1/d1:A"]  # a pass after one with errors looks at every node
 
 
 def test_one_reconciler_at_a_time(env: Env, tmp_path: Path) -> None:
