@@ -339,20 +339,25 @@ class Reconciler:
         new: list[tuple[str, Family, dict[str, int]]] = []
         for (taskid, family, node, needs), old in zip(batch, stored, strict=True):
             record = f"{family.name}|{node.name}|{digest(family, needs)}"
-            if old == record:
+            if old == record and taskid not in adopted:
                 continue
             records[taskid] = record
             if old is None:
                 new.append((taskid, family, needs))
                 continue
-            # Changed: set one by one, so that set reads what the task had (the occurrences it cancels).
+            # Changed, or adopted (unset when orphaned): set one by one, so
+            # that set reads what the task had (the occurrences it cancels).
             try:
                 self.bike.set(taskid, family.schedule, needs=needs, misfire=family.misfire, retries=family.retries)
             except ValueError as exc:
                 del records[taskid]  # not recorded: the next pass tries again
+                if taskid in adopted:
+                    adopted.remove(taskid)  # still an orphan
                 done.errors.append(f"{taskid}: {exc}")
                 log.error("task %s: could not be set again: %s", taskid, exc)
                 continue
+            if old == record:
+                continue  # adopted, logged below
             done.changed.append(taskid)
             log.info("task %s set again: family %s or its node's path changed", taskid, family.name)
         for taskid in self._set_new(new, done) if new else ():
@@ -365,7 +370,7 @@ class Reconciler:
             pipe.execute()
         for taskid in adopted:
             done.adopted.append(taskid)
-            log.info("task %s: its node is back; no longer an orphan", taskid)
+            log.info("task %s: its node is back; no longer an orphan, set again", taskid)
 
     def _set_new(self, new: list[tuple[str, Family, dict[str, int]]], done: Pass) -> set[str]:
         """Set new tasks, one round trip per family (set_alike: set.lua, as
@@ -450,8 +455,9 @@ class Reconciler:
             pipe.hmget(self.keys.orphans, ids)
             leases, orphaned = pipe.execute()
         grace = self.config.kill_orphans_after
-        going: list[str] = []
-        newly: dict[Any, str] = {}
+        going: list[str] = []  # unset and forgotten
+        newly: dict[Any, str] = {}  # orphaned: unset now (its run completes; it does not start again)
+        past: list[str] = []  # orphans past their grace: forgotten (unset when orphaned)
         for taskid, lease, since in zip(ids, leases, orphaned, strict=True):
             if lease is None:
                 going.append(taskid)
@@ -459,22 +465,26 @@ class Reconciler:
                     log.info("task %s removed: its node or family is gone", taskid)
             elif since is None:
                 newly[taskid] = f"{now:.3f}"
-                done.orphaned.append(taskid)
-                log.info("task %s is running on a vanished node: orphaned, unset %s", taskid,
-                         "never (kill-orphans-after = never)" if grace is None else f"after {grace:g} s")
             elif grace is not None and now - float(since) >= grace:
-                going.append(taskid)
-                log.info("task %s: orphaned %.0f s ago, past kill-orphans-after: unset (its run completes; "
+                past.append(taskid)
+                log.info("task %s: orphaned %.0f s ago, past kill-orphans-after: forgotten (its run completes; "
                          "killing it is not done yet)", taskid, now - float(since))
-        if newly:
-            self.client.hset(self.keys.orphans, mapping=newly)
         gone = []
-        for taskid, result in self.bike.unset_many(going).items():  # two round trips
+        for taskid, result in self.bike.unset_many([*going, *newly]).items():  # two round trips
             if isinstance(result, Exception):  # kept in P:tasks: the next pass tries again
+                newly.pop(taskid, None)
                 done.errors.append(f"{taskid}: {result}")
                 log.error("task %s: could not be unset: %s", taskid, result)
-                continue
-            gone.append(taskid)
+            elif taskid not in newly:
+                gone.append(taskid)
+        for taskid in newly:
+            done.orphaned.append(taskid)
+            log.info("task %s is running on a vanished node: orphaned and unset (its run completes, and it "
+                     "does not start again); forgotten %s", taskid,
+                     "when its run ends (kill-orphans-after = never)" if grace is None else f"after {grace:g} s")
+        if newly:
+            self.client.hset(self.keys.orphans, mapping=newly)
+        gone.extend(past)
         done.removed.extend(gone)
         if gone:
             with self.client.pipeline(transaction=False) as pipe:

@@ -34,6 +34,7 @@ from redbike.nodeloop import reconcile_loop, reconcile_once
 from redbike.nodes import Node
 from redbike.reconcile import Busy, Reconciler
 from redbike.resources import ResourceError
+from redbike.states import Outcome
 
 NODES_SECTION = """
 [redbike-nodes]
@@ -197,14 +198,15 @@ def test_a_running_task_of_a_vanished_node_is_an_orphan_until_the_grace_ends(env
     assert env.c.hgetall(env.keys.orphans) == {taskid: f"{NOW:.3f}"}
     assert env.bike.nodes() is not None and list(env.bike.nodes()) == []
     assert env.bike.tell(taskid)["task"]["orphaned_since"] == NOW
+    # unset at once: its run completes, and it does not start again (its node is gone)
+    assert env.schedule(taskid) is None and env.bike.tell(taskid)["unset"] == "running; removed when this run ends"
     assert reconciler.reconcile([], now=NOW + 29).summary() == "nothing changed"  # within the grace
-    assert env.schedule(taskid) is not None and taskid in tasks(env)
+    assert taskid in tasks(env) and env.c.hexists(env.keys.orphans, taskid)
 
     done = reconciler.reconcile([], now=NOW + 30)
     assert done.removed == [taskid]
     assert tasks(env) == {} and env.c.hgetall(env.keys.orphans) == {}
-    assert env.schedule(taskid) is None and env.leases().keys() == {taskid}  # its run completes
-    assert env.bike.tell(taskid)["unset"] == "running; removed when this run ends"
+    assert env.leases().keys() == {taskid}  # its run completes
 
 
 def test_an_orphan_whose_node_comes_back_is_kept(env: Env, tmp_path: Path) -> None:
@@ -216,7 +218,19 @@ def test_an_orphan_whose_node_comes_back_is_kept(env: Env, tmp_path: Path) -> No
     done = reconciler.reconcile(nodes, now=NOW + 60)  # back before its grace was looked at again
     assert done.adopted == [taskid] and done.removed == [] and done.changed == []
     assert env.c.hlen(env.keys.orphans) == 0 and sorted(tasks(env)) == ["report/h1:A", "scan/h1/d1:A"]
-    assert env.schedule(taskid) == "NOW"
+    assert env.schedule(taskid) == "NOW"  # set again
+
+
+def test_an_orphan_does_not_start_again(env: Env, tmp_path: Path) -> None:
+    reconciler = Reconciler(env.bike, node_config(tmp_path, schedule="CONTINUE"))
+    reconciler.reconcile(fleet({"h1": ["d1"]}), now=NOW)
+    pool = env.pool("A")
+    running = env.claim(pool)
+    assert running.lease.jobid == "scan/h1/d1:A"
+    assert reconciler.reconcile([], now=NOW).orphaned == ["scan/h1/d1:A"]
+    pool.finish(running, Outcome("ok"), "", None, "w1")  # within its grace: CONTINUE would queue it again
+    assert env.claim(pool) is None and env.schedule("scan/h1/d1:A") is None
+    assert reconciler.reconcile([], now=NOW + 1).removed == ["scan/h1/d1:A"]  # its run is over: forgotten
 
 
 def test_a_task_that_could_not_be_set_is_tried_again(env: Env, tmp_path: Path,
