@@ -142,6 +142,7 @@ class Reconciler:
         self.token = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(4).hex()}"
         self.renewed = float("-inf")  # monotonic time the lease was last taken or renewed
         self.whole_at = time.monotonic()  # of the last whole pass (a new reconciler trusts the mark)
+        self.read_nodes: dict[str, str] | None = None  # P:nodes as stored_nodes() read it, for the next pass
 
     # ------------------------------------------------------------ the lease
 
@@ -189,9 +190,12 @@ class Reconciler:
     # ------------------------------------------------------------ the reads
 
     def stored_nodes(self) -> dict[str, list[Node]]:
-        """The nodes of the last pass, by source (P:nodes)."""
+        """The nodes of the last pass, by source (P:nodes). The next pass
+        uses the records read here instead of reading them again (the lease
+        is held meanwhile: reconcile_once, a loop that just took it)."""
+        self.read_nodes = dict(self.client.hscan_iter(self.keys.nodes, count=1000))
         nodes: dict[str, list[Node]] = {}
-        for name, record in self.client.hscan_iter(self.keys.nodes, count=1000):
+        for name, record in self.read_nodes.items():
             node = Node.decode(name, record)
             nodes.setdefault(node.source, []).append(node)
         return nodes
@@ -216,7 +220,9 @@ class Reconciler:
         done.dropped = forest.dropped
         for why in forest.dropped:
             log.warning("node left out: %s", why)
-        stored: dict[str, str] = dict(self.client.hscan_iter(self.keys.nodes, count=1000))
+        stored = self.read_nodes if self.read_nodes is not None else dict(
+            self.client.hscan_iter(self.keys.nodes, count=1000))
+        self.read_nodes = None
         encoded = {name: node.encode() for name, node in forest.nodes.items()}
         removed = [Node.decode(name, record) for name, record in stored.items() if name not in forest.nodes]
         mark = self._mark()
