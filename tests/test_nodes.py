@@ -117,6 +117,12 @@ def test_tasks_follow_the_nodes(env: Env, tmp_path: Path) -> None:
         {"level": "instance", "name": "instance"}, {"level": "host", "name": "h2"}, {"level": "db", "name": "d2"}]}
     env.bike.set("by-hand:A", "NOW")
     assert "task" not in env.bike.tell("by-hand:A")
+    explained = env.bike.explain("scan/h2/d2:A")  # explain names the node and its path, before the sentence
+    assert explained.lines()[-2] == "task of scan on node d2, path instance > h2 (host) > d2 (db)"
+    assert explained.as_json()["task"] == env.bike.tell("scan/h2/d2:A")["task"]
+    assert explained.lines()[-1].startswith("next occurrence at ")
+    assert env.bike.explain("by-hand:A").as_json()["task"] is None
+    assert not any(line.startswith("task of") for line in env.bike.explain("by-hand:A").lines())
     capacities = {r: cap for r, cap, _, _ in env.bike.capacities()}
     assert "db_lock@d1" not in capacities and capacities["db_lock@d4"] == 1
 
@@ -198,6 +204,10 @@ def test_a_running_task_of_a_vanished_node_is_an_orphan_until_the_grace_ends(env
     assert env.c.hgetall(env.keys.orphans) == {taskid: f"{NOW:.3f}"}
     assert env.bike.nodes() is not None and list(env.bike.nodes()) == []
     assert env.bike.tell(taskid)["task"]["orphaned_since"] == NOW
+    explained = env.bike.explain(taskid)
+    assert explained.lines()[-2] == (f"task of scan on node {taskid.split('/')[2][:-2]}, a node no longer known; "
+                                     "orphaned 2023-11-14 22:13:20Z (now): its node vanished while it ran")
+    assert explained.as_json()["task"]["orphaned_since"] == NOW
     # unset at once: its run completes, and it does not start again (its node is gone)
     assert env.schedule(taskid) is None and env.bike.tell(taskid)["unset"] == "running; removed when this run ends"
     assert reconciler.reconcile([], now=NOW + 29).summary() == "nothing changed"  # within the grace
