@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from .names import CONTROL
@@ -134,3 +134,22 @@ class Forest:
         while path[-1].parent != INSTANCE:
             path.append(self.nodes[path[-1].parent])
         return path[::-1]
+
+
+def under(changed: set[str], names: Iterable[str], parent: Callable[[str], str], leaf: Callable[[str], bool]) -> set[str]:
+    """The ``names`` that are in ``changed`` or below one (``parent``: a
+    name's parent's, INSTANCE at the top), each path walked once; just
+    ``changed`` if each of them is a ``leaf`` (on a level no level hangs from)."""
+    if all(leaf(name) for name in changed):
+        return changed
+    flags: dict[str, bool] = {}
+    for name in names:
+        chain = []
+        while name != INSTANCE and name not in flags:
+            chain.append(name)
+            name = parent(name)
+        flag = flags.get(name, False)
+        for below in reversed(chain):
+            flag = flag or below in changed
+            flags[below] = flag
+    return {name for name, flag in flags.items() if flag}

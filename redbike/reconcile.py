@@ -41,7 +41,7 @@ import redis
 
 from .api import Redbike
 from .nodeconfig import Family, NodeConfig
-from .nodes import INSTANCE, WORKER, Forest, Node, resource_at, task_id
+from .nodes import INSTANCE, WORKER, Forest, Node, resource_at, task_id, under
 from .resources import LOCAL_PREFIX, format_amounts
 from .roundrobin import RoundRobin
 
@@ -60,22 +60,6 @@ def chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
     iterator = iter(items)
     while chunk := list(itertools.islice(iterator, size)):
         yield chunk
-
-
-def under(changed: set[str], names: Iterable[str], parent: Callable[[str], str]) -> set[str]:
-    """The ``names`` that are in ``changed`` or below one (``parent``: a
-    name's parent's, INSTANCE at the top), each path walked once."""
-    flags: dict[str, bool] = {}
-    for name in names:
-        chain = []
-        while name != INSTANCE and name not in flags:
-            chain.append(name)
-            name = parent(name)
-        flag = flags.get(name, False)
-        for below in reversed(chain):
-            flag = flag or below in changed
-            flags[below] = flag
-    return {name for name, flag in flags.items() if flag}
 
 
 class Busy(Exception):
@@ -232,7 +216,9 @@ class Reconciler:
         touched = None
         if not whole:
             changed = {name for name, record in encoded.items() if stored.get(name) != record}
-            touched = under(changed, forest.nodes, lambda name: forest.nodes[name].parent)
+            inner = self.inner
+            touched = under(changed, forest.nodes, lambda name: forest.nodes[name].parent,
+                            lambda name: forest.nodes[name].level not in inner)
         # Capacities before P:nodes: a pass cut short still finds the vanished nodes next time.
         self._capacities(forest, removed, done, touched)
         self._store_nodes(forest, stored, encoded, removed, done)
@@ -247,6 +233,11 @@ class Reconciler:
         log.info("reconciled %d nodes (%s pass): %s", len(forest), "whole" if whole else "changes only",
                  done.summary())
         return done
+
+    @property
+    def inner(self) -> set[str]:
+        """The levels other levels hang from."""
+        return set(self.config.parent_level.values())
 
     def _mark(self) -> str:
         """What the tasks and capacities derive from besides the nodes (the config)."""
@@ -434,7 +425,9 @@ class Reconciler:
             record = stored.get(name)
             return record.split("|", 2)[1] if record is not None else INSTANCE
 
-        moved = under({name for name, record in stored.items() if encoded.get(name) != record}, stored, parent)
+        inner = self.inner
+        moved = under({name for name, record in stored.items() if encoded.get(name) != record}, stored, parent,
+                      lambda name: stored[name].split("|", 1)[0] not in inner)
         by_level = self._by_level()
         candidates: dict[str, None] = {}
         for name in moved & stored.keys():
