@@ -82,7 +82,8 @@ def write_fleet(path: Path, dbs: int, churned: int = 0) -> None:
 
 
 def child(url: str, conf: str) -> None:
-    """One pass, as `redbike nodes --reconcile` runs it, counting what it sends."""
+    """One pass, as `redbike nodes --reconcile` runs it (reconcile_once: the
+    source read and parsed, then Reconciler.reconcile, timed apart), counting what it sends."""
     from redbike import Redbike
     from redbike.nodeconfig import load_node_config
     from redbike.nodeloop import reconcile_once
@@ -99,6 +100,19 @@ def child(url: str, conf: str) -> None:
         sent["pipelines"] += 1
         return execute(self, *args, **kwargs)
 
+    from redbike.reconcile import Reconciler
+
+    timed = {"reconcile": 0.0}
+    reconcile = Reconciler.reconcile
+
+    def timed_reconcile(self: Any, *args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return reconcile(self, *args, **kwargs)
+        finally:
+            timed["reconcile"] += time.perf_counter() - started
+
+    Reconciler.reconcile = timed_reconcile  # type: ignore[method-assign]
     redis.connection.AbstractConnection.send_packed_command = counting_send  # type: ignore[method-assign]
     redis.client.Pipeline.execute = counting_execute  # type: ignore[method-assign]
     config = load_node_config(conf)
@@ -109,7 +123,7 @@ def child(url: str, conf: str) -> None:
     started = time.perf_counter()
     done = reconcile_once(bike, config)
     seconds = time.perf_counter() - started
-    print(json.dumps({"seconds": seconds, **sent, "summary": done.summary(), "whole": done.whole,
+    print(json.dumps({"seconds": seconds, "reconcile_seconds": timed["reconcile"], **sent, "summary": done.summary(), "whole": done.whole,
                       "errors": done.errors[:5],
                       "added": len(done.added), "removed": len(done.removed)}))
 
@@ -187,12 +201,12 @@ def claim_path(server: RedisServer, parked: list[int], claims: int) -> list[dict
 def report(results: dict[str, Any]) -> str:
     lines = [(f"{results['dbs']:,} db nodes under {results['hosts']:,} hosts, {len(FAMILIES)} families: "
              f"{results['tasks']:,} tasks; churn: {results['churned_dbs']:,} dbs replaced"), ""]
-    header = ("pass", "changes", "seconds", "Redis read events", "requests sent", "pipelines", "commands",
+    header = ("pass", "changes", "seconds (of which reconcile())", "Redis read events", "requests sent", "pipelines", "commands",
               "Redis CPU s", "peak RSS MB")
     lines += ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for name in ("full", "churn", "unchanged"):
         p = results[name]
-        lines.append(f"| {name} ({'whole' if p['whole'] else 'changes only'}) | {p['summary']} | {p['seconds']:.2f} | {p['round_trips']:,} | "
+        lines.append(f"| {name} ({'whole' if p['whole'] else 'changes only'}) | {p['summary']} | {p['seconds']:.2f} ({p['reconcile_seconds']:.2f}) | {p['round_trips']:,} | "
                      f"{p['requests']:,} | {p['pipelines']:,} | {p['commands']:,} | {p['redis_cpu']:.2f} | "
                      f"{p['peak_rss_mb']:.0f} |")
     lines += ["", f"Redis bytes per task (nodes and capacities included): {results['bytes_per_task']:.0f}",

@@ -31,7 +31,9 @@ import itertools
 import logging
 import os
 import socket
+import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -49,6 +51,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 BATCH = 2000  # tasks derived, compared and set per round trip
+WRITERS = 2  # batches of tasks sent at once, each by a thread of its own (on a connection of its own)
 LEASE_MS = 30_000  # the reconciler's lease; renewed at each pass
 WHOLE_EVERY = 600.0  # seconds: a reconciler's passes are whole at least this often (see reconcile())
 RENEW_AFTER = 5.0  # seconds: a batch of writes renews the lease if it was renewed longer ago
@@ -125,6 +128,7 @@ class Reconciler:
         self.batch = batch
         self.token = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(4).hex()}"
         self.renewed = float("-inf")  # monotonic time the lease was last taken or renewed
+        self.renewing = threading.Lock()
         self.whole_at = time.monotonic()  # of the last whole pass (a new reconciler trusts the mark)
         self.read_nodes: dict[str, str] | None = None  # P:nodes as stored_nodes() read it, for the next pass
 
@@ -144,9 +148,9 @@ class Reconciler:
         source) if it was renewed more than RENEW_AFTER seconds ago (it then
         has 25 s left at least: a batch takes far less); Busy if another
         reconciler took it meanwhile."""
-        if time.monotonic() - self.renewed < RENEW_AFTER:
-            return
-        if not self.acquire():
+        with self.renewing:  # the writer threads renew it one at a time (WATCH would fail the other)
+            if time.monotonic() - self.renewed < RENEW_AFTER or self.acquire():
+                return
             raise Busy(f"lost the reconciler lease to {self.holder()}; this pass stops here")
 
     def release(self) -> None:
@@ -311,18 +315,18 @@ class Reconciler:
                 yield task_id(family.name, [n.name for n in path], family.queue), family, node, needs_of(family, path)
 
     def _add_tasks(self, forest: Forest, done: Pass, touched: set[str] | None) -> None:
-        """Compare and set the wanted tasks a batch at a time; a thread sends
-        each batch while the next is derived (Redis runs the scripts of one
-        while Python builds the other: a full load takes the longer of the
-        two, not their sum)."""
-        with ThreadPoolExecutor(1, thread_name_prefix="redbike-reconcile") as writer:
-            sending: Future[None] | None = None
+        """Compare and set the wanted tasks a batch at a time; WRITERS threads
+        send batches while the next is derived (Redis runs the scripts of one
+        while Python builds another: a full load takes about the longer of
+        the two, not their sum)."""
+        with ThreadPoolExecutor(WRITERS, thread_name_prefix="redbike-reconcile") as writers:
+            sending: deque[Future[None]] = deque()
             for batch in chunks(self._wanted(forest, touched), self.batch):
-                if sending is not None:
-                    sending.result()  # its errors (Busy, Redis) stop the pass here
-                sending = writer.submit(self._add_batch, batch, done)
-            if sending is not None:
-                sending.result()
+                if len(sending) >= WRITERS:
+                    sending.popleft().result()  # its errors (Busy, Redis) stop the pass here
+                sending.append(writers.submit(self._add_batch, batch, done))
+            while sending:
+                sending.popleft().result()
 
     def _add_batch(self, batch: list[tuple[str, Family, Node, dict[str, int]]], done: Pass) -> None:
         self.keep_lease()
