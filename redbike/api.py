@@ -411,12 +411,14 @@ class Redbike:
         """One node: path to the root, capacities, in use, its tasks (None: unknown)."""
         return nodeview.node(self.client, self.keys, name)
 
-    def reconcile_nodes(self, config: NodeConfig) -> Pass:
+    def reconcile_nodes(self, config: NodeConfig, whole: bool = False) -> Pass:
         """Poll every node source of ``config`` once and bring the tasks in
-        step with the nodes (reconcile.Busy if another reconciler runs)."""
+        step with the nodes (reconcile.Busy if another reconciler runs).
+        ``whole``: compare every task and capacity, not only those of the
+        nodes changed since the last pass."""
         from .nodeloop import reconcile_once  # it imports api
 
-        return reconcile_once(self, config)
+        return reconcile_once(self, config, whole=whole)
 
     def control(self, command: str = "HALT") -> str:
         """Tell every running dispatcher and worker to stop after its current

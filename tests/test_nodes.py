@@ -314,7 +314,7 @@ def test_a_script_source_rewritten(tmp_path: Path, redis_server: RedisServer, pr
     write_script(folder, {"h1": ["d1", "d2"], "h2": ["d3"], "h3": ["d4"]})
     code, _, err = cli(folder, capsys, "nodes", "--reconcile")
     assert code == 0, err
-    assert "reconciled: 7 added, 7 capacities, 7 nodes added" in err
+    assert "reconciled (whole pass): 7 added, 7 capacities, 7 nodes added" in err
     assert "task scan/h1/d1:A added (family scan" in caplog.text  # who changed what, in the log
     code, out, _ = cli(folder, capsys, "statuses")
     assert sorted(row[0] for row in rows(out)) == ["report/h1:A", "report/h2:A", "report/h3:A", "scan/h1/d1:A",
@@ -341,6 +341,12 @@ def test_a_script_source_rewritten(tmp_path: Path, redis_server: RedisServer, pr
     assert [t["id"] for t in shown["tasks"]] == ["scan/h4/d5:A"]
     assert cli(folder, capsys, "node", "h3")[:2] == (3, "")
     assert cli(folder, capsys, "node", "a/b")[0] == 2
+    client.hset(f"{prefix}:capacities", "db_lock@d1", 7)  # by hand: a pass of the changed nodes keeps it ...
+    assert cli(folder, capsys, "nodes", "--reconcile")[2] == "reconciled (changed nodes only): nothing changed\n"
+    code, _, err = cli(folder, capsys, "nodes", "--reconcile", "--whole")  # ... a whole pass puts it back
+    assert (code, err) == (0, "reconciled (whole pass): 1 capacities\n")
+    assert client.hget(f"{prefix}:capacities", "db_lock@d1") == "1"
+    assert cli(folder, capsys, "nodes", "--reconcile", "--whole", "--loop")[0] != 0  # one or the other
 
     # a script that fails keeps the last good list, says why, exits 1
     (folder / "fetch-nodes").write_text(f"#!{sys.executable}\nimport sys\nsys.exit('inventory down')\n")
