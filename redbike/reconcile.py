@@ -12,13 +12,19 @@ Given the nodes of every source (nodesources.NodeLoader), one pass
    schedule, needing the family's per-level amounts on its node and every
    ancestor: ``scan/db-host-17/db3:batch`` needs ``host_concurrency@db-host-17``
    and ``db_lock@db3``. New tasks are set in pipelined batches;
-4. removes the tasks no family and node want any more: unset at once when
-   idle; a running one is recorded in ``P:orphans`` with the time its node
-   vanished and unset once ``kill-orphans-after`` has passed (its run then
-   completes and the task is forgotten: killing the live run is not done yet).
+4. removes the tasks no family and node want any more: unset at once; a
+   running one (its run completes, and it does not start again) is also
+   recorded in ``P:orphans`` with the time its node vanished, and forgotten
+   once its run ended or ``kill-orphans-after`` has passed (killing the
+   live run is not done yet), or set again if its node comes back first.
 
-It streams: the nodes are held (they are few), tasks are derived and
-compared with Redis a batch at a time (HMGET of ``P:tasks``, HSCAN of it).
+A pass after one that ended without errors under the same config (the
+digest in ``P:nodes:reconciled``) looks only at the nodes whose records
+changed and those under them; otherwise it is whole (see reconcile()).
+It streams: the nodes are held, tasks are derived and compared with Redis
+a batch at a time (HMGET of ``P:tasks``; a whole pass also HSCANs it), and
+each batch is written in a few pipelined round trips, by writer threads
+while the next batch is derived.
 Every change is logged. Only one reconciler runs at a time: it holds
 ``P:nodes:reconciler`` (SET NX PX, renewed before each batch of writes and
 released with WATCH/MULTI; not a fence: the scripts do not check it).
