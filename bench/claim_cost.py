@@ -59,26 +59,30 @@ def commandstats(client: redis.Redis) -> dict[str, dict[str, float]]:
 ROUNDS = 5
 
 
-def measure(client: redis.Redis, parked: int, claims: int) -> dict[str, float]:
+def measure(client: redis.Redis, parked: int, claims: int, busy: str = f"{BUSY}=1", free: str = f"{FREE}=1",
+            capacities: dict[str, int] | None = None) -> dict[str, float]:
+    """``busy``: the needs of the holder and the parked jobs, ``free`` those of
+    the jobs claimed; ``capacities``: every resource's (default: BUSY 1 and
+    FREE room for every claim). bench/nodes_scale.py gives needs on a 3-level path."""
     client.flushall()
     bike = Redbike(RoundRobin("W:F"), prefix="bench", client=client)
-    bike.set_capacity(BUSY, 1)
+    for resource, capacity in (capacities or {BUSY: 1, FREE: 10 * claims}).items():
+        bike.set_capacity(resource, capacity)
     pool = WorkerPool(client, bike.keys, RoundRobin("W:F"), concurrency=1)
     rotation = Rotation(pool.queue_names)
     slot = pool.claims.slot(0, "bench")
     # The resource is saturated: one running job holds it ...
-    set_many(bike, ["holder:W"], f"{BUSY}=1")
+    set_many(bike, ["holder:W"], busy)
     holder = slot.claim(rotation).claimed
     assert holder is not None and holder.lease.jobid == "holder:W"
     # ... and `parked` jobs wait for it (a claim parks them, 64 per script call).
-    set_many(bike, [f"wait{i}:W" for i in range(parked)], f"{BUSY}=1")
+    set_many(bike, [f"wait{i}:W" for i in range(parked)], busy)
     started = time.perf_counter()
     assert slot.claim(rotation).claimed is None
     parking = time.perf_counter() - started
     assert client.zcard(bike.keys.parked) == parked and client.llen(bike.keys.queue("W")) == 0
     # Jobs of a resource with room to spare, claimed one by one.
-    bike.set_capacity(FREE, 10 * claims)
-    set_many(bike, [f"free{i}:F" for i in range(claims + 1)], f"{FREE}=1")
+    set_many(bike, [f"free{i}:F" for i in range(claims + 1)], free)
     assert slot.claim(rotation).claimed.lease.jobid.startswith("free")  # warm-up (script cache)
     # In five rounds: the least disturbed round's figures count (this VM's
     # speed drifts by more than the effect looked for).

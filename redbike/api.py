@@ -150,20 +150,23 @@ class Redbike:
         return check_queue(self.worker.queue_for(check_jobid(jobid)))
 
     def _place(self, jobid: str, schedule: str, placement: Placement, only_if_new: str, needs: str = "",
-               policy: tuple[str, str] = ("", ""), stored: Stored = NOTHING_STORED) -> str:
+               policy: tuple[str, str] = ("", ""), stored: Stored = NOTHING_STORED, *,
+               now: float | None = None, by: str | None = None, client: Any = None) -> str:
         """Run set.lua. ``only_if_new``: '1' leaves an existing job as it is,
         'S' one whose schedule is ``schedule``, 'R' one that did not fail
         (status DIE), '0' sets it whatever it has. ``policy``: its misfire
         policy and retries ('' keeps the job's; a new job gets the defaults).
-        ``stored``: what the job had (_stored), for the occurrences it cancels."""
+        ``stored``: what the job had (_stored), for the occurrences it cancels.
+        ``now``, ``by`` (who()) and ``client`` (a pipeline): given by set_alike."""
         queue = self._queue_of(jobid)
-        now = self.clock()
+        now = self.clock() if now is None else now
         return self.scripts.run(
             "set",
             now,
             [self.keys.queue(queue)],
             [jobid, schedule, *placement.script_args(), self.keys.queue_channel(queue), only_if_new, needs,
-             policy[0], self.misfire, policy[1], str(self.retries), who(), *stored.unrun(now)],
+             policy[0], self.misfire, policy[1], str(self.retries), by or who(), *stored.unrun(now)],
+            client=client,
         )
 
     def _stored(self, jobid: str) -> Stored:
@@ -253,6 +256,40 @@ class Redbike:
                 errors.append(f"{jobid}: {exc}")
         return errors
 
+    def set_alike(self, jobs: Iterable[tuple[str, Needs]], schedule: str, *, misfire: str | None = None,
+                  retries: int | None = None, after: float | None = None) -> dict[str, Any]:
+        """Set new jobs that share a schedule and policy, each with its own
+        needs, in one round trip: set.lua for each, pipelined, as set() runs
+        it for a job with nothing stored (what a job has is not read: set an
+        existing one with set(), whose cancelled occurrences count). The
+        schedule is parsed and the first run placed once for all. Returns
+        each job's result ('PLACED', ...), or the error its script answered
+        or its job id or needs failed (that one is not sent). A bad schedule
+        or policy raises before anything is sent."""
+        parsed = parse_schedule(schedule)
+        if misfire is not None:
+            misfire = misfire_text(misfire.strip().lower(), None)
+        if retries is not None:
+            check_retries(retries)
+        now = self.clock()
+        start = self._after(after, now)
+        placement = place_on_set(parsed, start, now, misfire or self.misfire)
+        only_if_new = "S" if parsed.kind == "AT" and parsed.first_after(start) is None else "0"
+        policy, by = (misfire or "", "" if retries is None else str(retries)), who()
+        results: dict[str, Any] = {}
+        sent = []
+        with self.client.pipeline(transaction=False) as pipe:
+            for jobid, needs in jobs:
+                try:
+                    self._place(jobid, parsed.text, placement, only_if_new, self._needs_arg(jobid, needs), policy,
+                                now=now, by=by, client=pipe)
+                except (JobIdError, ResourceError) as exc:
+                    results[jobid] = exc
+                    continue
+                sent.append(jobid)
+            results.update(zip(sent, pipe.execute(raise_on_error=False), strict=True))
+        return results
+
     def retry(self, jobids: Iterable[str] = (), status: str | None = None) -> dict[str, str]:
         """Put failed jobs (status DIE) back at once, for the occurrence that
         failed, with a fresh attempt count; with ``status="DIE"``, all of
@@ -289,6 +326,23 @@ class Redbike:
             total += woken
         return total
 
+    def set_capacities(self, capacities: Iterable[tuple[str, int | None]]) -> dict[str, int]:
+        """Set many resources' capacities in one round trip (capacity.lua for
+        each, pipelined; all checked first); returns how many waiting jobs
+        each woke. One that woke a full batch is carried on as set_capacity does."""
+        pairs = [(check_name(resource), check_capacity(capacity)) for resource, capacity in capacities]
+        if not pairs:
+            return {}
+        now = self.clock()
+        with self.client.pipeline(transaction=False) as pipe:
+            for resource, capacity in pairs:
+                self.scripts.run("capacity", now, [], [resource, "" if capacity is None else capacity], client=pipe)
+            results = pipe.execute()
+        woken: dict[str, int] = {}
+        for (resource, capacity), result in zip(pairs, results, strict=True):
+            woken[resource] = result + (self.set_capacity(resource, capacity) if result >= WAKE_BATCH else 0)
+        return woken
+
     def load_capacities(self, path: str) -> int:
         """Set the RESOURCE,CAPACITY rows of a CSV file (all checked first)."""
         rows = read_capacities_csv(path)
@@ -307,6 +361,27 @@ class Redbike:
         queue = self._queue_of(jobid)
         now = self.clock()
         return self.scripts.run("unset", now, [self.keys.queue(queue)], [jobid, who(), *self._stored(jobid).unrun(now)])
+
+    def unset_many(self, jobids: Iterable[str]) -> dict[str, int | Exception]:
+        """unset() many jobs in two round trips (what each has, read in one
+        pipeline; unset.lua for each, in another): each one's result, or the
+        error its script answered. Bad job ids raise before anything is read."""
+        queues = {jobid: self._queue_of(jobid) for jobid in jobids}
+        if not queues:
+            return {}
+        with self.client.pipeline(transaction=False) as pipe:
+            for jobid in queues:
+                pipe.hget(self.keys.schedules, jobid)
+                pipe.hget(self.keys.jobs, jobid)
+                pipe.hget(self.keys.pending, jobid)
+            read = pipe.execute()
+        now, by = self.clock(), who()
+        with self.client.pipeline(transaction=False) as pipe:
+            for i, (jobid, queue) in enumerate(queues.items()):
+                stored = Stored(*read[3 * i:3 * i + 3])
+                self.scripts.run("unset", now, [self.keys.queue(queue)], [jobid, by, *stored.unrun(now)], client=pipe)
+            results = pipe.execute(raise_on_error=False)
+        return dict(zip(queues, results, strict=True))
 
     def tell(self, jobid: str) -> dict[str, Any] | None:
         """Everything known about a job (a task of the node model also gets
@@ -346,12 +421,14 @@ class Redbike:
         """One node: path to the root, capacities, in use, its tasks (None: unknown)."""
         return nodeview.node(self.client, self.keys, name)
 
-    def reconcile_nodes(self, config: NodeConfig) -> Pass:
+    def reconcile_nodes(self, config: NodeConfig, whole: bool = False) -> Pass:
         """Poll every node source of ``config`` once and bring the tasks in
-        step with the nodes (reconcile.Busy if another reconciler runs)."""
+        step with the nodes (reconcile.Busy if another reconciler runs).
+        ``whole``: compare every task and capacity, not only those of the
+        nodes changed since the last pass."""
         from .nodeloop import reconcile_once  # it imports api
 
-        return reconcile_once(self, config)
+        return reconcile_once(self, config, whole=whole)
 
     def control(self, command: str = "HALT") -> str:
         """Tell every running dispatcher and worker to stop after its current

@@ -16,7 +16,7 @@ Usage:
   redbike [options] capacity --load=CSV
   redbike [options] capacities
   redbike [options] nodes [--level=L]
-  redbike [options] nodes --reconcile [NODESCONF] [--loop]
+  redbike [options] nodes --reconcile [NODESCONF] [--loop | --whole]
   redbike [options] node NAME
   redbike [options] info [--json]
   redbike [options] top [--interval=S]
@@ -61,6 +61,8 @@ Options:
                      dispatcher leads.
   --loop             With --reconcile: go on, polling each source on its
                      interval, until SIGTERM/SIGINT (one reconciler leads).
+  --whole            With --reconcile: compare every task and capacity, not
+                     only those of the nodes changed since the last pass.
   --json             JSON for tools: preview, a list (notes go to stderr);
                      explain and info, one object.
   --interval=S       top: seconds between refreshes [default: 2].
@@ -210,8 +212,9 @@ def _node_config(args: dict[str, Any]) -> NodeConfig:
 def _reconcile(args: dict[str, Any], bike: Redbike, config: NodeConfig) -> int:
     """`nodes --reconcile [--loop]`: once (a summary on stderr), or until a signal."""
     if not args["--loop"]:
-        done = bike.reconcile_nodes(config)
-        print(f"reconciled: {done.summary()}", file=sys.stderr)
+        done = bike.reconcile_nodes(config, whole=bool(args["--whole"]))
+        print(f"reconciled ({'whole pass' if done.whole else 'changed nodes only'}): {done.summary()}",
+              file=sys.stderr)
         for error in done.errors:
             print(f"redbike: {error}", file=sys.stderr)
         return 1 if done.errors else 0

@@ -18,6 +18,8 @@ from typing import Any
 import redis
 
 from .keys import Keys
+from .nodes import INSTANCE
+from .nodeview import task_of
 from .occurrences import Retry
 from .records import (
     LeaseRecord,
@@ -51,6 +53,7 @@ class Explanation:
     state: dict[str, Any] | None
     why: str
     now: float  # when it was read: the ages count from it
+    task: dict[str, Any] | None = None  # a task of the node model: its family, node and path (nodeview.task_of)
 
     def lines(self) -> list[str]:
         """The trail, one line per event (a run gives two: its claim and its
@@ -64,12 +67,24 @@ class Explanation:
                 "worker": lease["worker"], "due": str(state.get("due", "")), "attempt": str(state.get("attempt", 1)),
                 "token": lease["token"]}) + "; running")
         shown = [f"{utc(at)}  ({ago(at, now)})  {text}" for at, text in timeline]
-        return [*shown, self.why]
+        return [*shown, *([task_line(self.task, now)] if self.task else []), self.why]
 
     def as_json(self) -> dict[str, Any]:
         events = [{"at": None, "event": "unreadable", "raw": event} if isinstance(event, str)
                   else {"at": event.at, "event": event.event, **event.fields} for event in self.events]
-        return {"jobid": self.jobid, "events": events, "state": self.state, "why": self.why}
+        return {"jobid": self.jobid, "events": events, "state": self.state, "task": self.task, "why": self.why}
+
+
+def task_line(task: dict[str, Any], now: float) -> str:
+    """``task of scan on node db3, path instance > db-host-17 (host) > db3 (db)``, and since when it is an orphan."""
+    path = " > ".join(step["name"] if step["level"] == INSTANCE else f"{step['name']} ({step['level']})"
+                      for step in task["path"])
+    known = len(task["path"]) > 1  # more than the instance: the node is stored
+    line = f"task of {task['family']} on node {task['node']}, " + (f"path {path}" if known else "a node no longer known")
+    if "orphaned_since" in task:
+        since = task["orphaned_since"]
+        line += f"; orphaned {utc(since)} ({ago(since, now)}): its node vanished while it ran"
+    return line
 
 
 def explain(client: redis.Redis, keys: Keys, jobid: str, queue: str, now: float) -> Explanation | None:
@@ -80,7 +95,8 @@ def explain(client: redis.Redis, keys: Keys, jobid: str, queue: str, now: float)
     events = [_decoded(value) for value in trail_of(state.job)]
     if told is None and not events:
         return None
-    return Explanation(jobid, events, told, _why(client, keys, jobid, queue, state, told, events, now), now)
+    return Explanation(jobid, events, told, _why(client, keys, jobid, queue, state, told, events, now), now,
+                       task_of(client, keys, jobid))
 
 
 def _decoded(value: str) -> TrailEvent | str:

@@ -42,6 +42,7 @@ class Keys:
         self.nodes = f"{p}:nodes"  # hash  node name -> "level|parent|source|attributes-JSON" (nodes.Node)
         self.tasks = f"{p}:tasks"  # hash  task id -> "family|node|digest" of the tasks it set
         self.orphans = f"{p}:orphans"  # hash  task id -> time (epoch s) its node vanished while it ran
+        self.reconciled = f"{p}:nodes:reconciled"  # string  digest of the config of the last pass without errors
         self.reconciler = f"{p}:nodes:reconciler"  # string token of the one reconciler, expires (PX)
         # The registry of live processes (registry.py): one key per dispatcher and worker pool.
         self.process_prefix = f"{p}:process:"

@@ -25,15 +25,16 @@ log = logging.getLogger(__name__)
 ORPHAN_PASS = 5.0  # seconds between passes while orphans wait (and no node changed)
 
 
-def reconcile_once(bike: Redbike, config: NodeConfig) -> Pass:
-    """Poll every source once and reconcile (Busy if another reconciler runs)."""
+def reconcile_once(bike: Redbike, config: NodeConfig, whole: bool = False) -> Pass:
+    """Poll every source once and reconcile (Busy if another reconciler runs;
+    ``whole``: a whole pass, see Reconciler.reconcile)."""
     reconciler = Reconciler(bike, config)
     if not reconciler.acquire():
         raise Busy(f"another reconciler runs (lease {reconciler.holder()}); try again later")
     try:
         loader = NodeLoader(config, reconciler.stored_nodes())
         loader.poll(bike.clock(), force=True)
-        done = reconciler.reconcile(loader.nodes())
+        done = reconciler.reconcile(loader.nodes(), whole=whole)
         done.errors[:0] = [f"source {name}: {error}" for name, error in loader.errors().items()]
         return done
     finally:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from .names import CONTROL
@@ -50,12 +50,13 @@ class Node:
 
     def encode(self) -> str:
         """The stored record (``P:nodes`` hash value): ``level|parent|source|attributes-JSON``."""
-        return f"{self.level}|{self.parent}|{self.source}|{json.dumps(dict(self.attributes), sort_keys=True)}"
+        attributes = json.dumps(dict(self.attributes), sort_keys=True) if self.attributes else "{}"  # most have none
+        return f"{self.level}|{self.parent}|{self.source}|{attributes}"
 
     @classmethod
     def decode(cls, name: str, record: str) -> Node:
         level, parent, source, attributes = record.split("|", 3)
-        return cls(level, name, parent, json.loads(attributes), source)
+        return cls(level, name, parent, json.loads(attributes) if attributes != "{}" else {}, source)
 
 
 def resource_at(resource: str, node: str) -> str:
@@ -133,3 +134,22 @@ class Forest:
         while path[-1].parent != INSTANCE:
             path.append(self.nodes[path[-1].parent])
         return path[::-1]
+
+
+def under(changed: set[str], names: Iterable[str], parent: Callable[[str], str], leaf: Callable[[str], bool]) -> set[str]:
+    """The ``names`` that are in ``changed`` or below one (``parent``: a
+    name's parent's, INSTANCE at the top), each path walked once; just
+    ``changed`` if each of them is a ``leaf`` (on a level no level hangs from)."""
+    if all(leaf(name) for name in changed):
+        return changed
+    flags: dict[str, bool] = {}
+    for name in names:
+        chain = []
+        while name != INSTANCE and name not in flags:
+            chain.append(name)
+            name = parent(name)
+        flag = flags.get(name, False)
+        for below in reversed(chain):
+            flag = flag or below in changed
+            flags[below] = flag
+    return {name for name, flag in flags.items() if flag}

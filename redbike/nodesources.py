@@ -101,18 +101,17 @@ def node_of(level: object, name: object, parent: object, attributes: object, whe
 def parse_csv(text: str, where: str) -> list[Node]:
     """Nodes from ``level,name,parent[,k=v;...]`` rows (blank and ``#`` lines skipped)."""
     nodes = []
-    try:
-        rows = list(csv.reader(io.StringIO(text)))
+    try:  # row by row: a list of all the rows would double the memory a long list takes
+        for number, row in enumerate(csv.reader(io.StringIO(text)), 1):
+            cells = [cell.strip() for cell in row]
+            if not any(cells) or cells[0].startswith("#"):
+                continue
+            if not 2 <= len(cells) <= 4:
+                raise SourceError(f"{where}:{number}: expected level,name,parent[,attributes], got {','.join(row)!r}")
+            cells += [""] * (4 - len(cells))
+            nodes.append(node_of(cells[0], cells[1], cells[2], cells[3], f"{where}:{number}"))
     except csv.Error as exc:
         raise SourceError(f"{where}: not CSV: {exc}") from None
-    for number, row in enumerate(rows, 1):
-        cells = [cell.strip() for cell in row]
-        if not any(cells) or cells[0].startswith("#"):
-            continue
-        if not 2 <= len(cells) <= 4:
-            raise SourceError(f"{where}:{number}: expected level,name,parent[,attributes], got {','.join(row)!r}")
-        cells += [""] * (4 - len(cells))
-        nodes.append(node_of(cells[0], cells[1], cells[2], cells[3], f"{where}:{number}"))
     return nodes
 
 

@@ -89,3 +89,25 @@ def test_a_run_does_not_overwrite_the_committed_results() -> None:
     assert ignored.returncode == 0, "bench/results/latest/ must be git-ignored"
     assert parse_args(["--commit-results"]).out == COMMITTED_OUT
     assert parse_args(["--out", "/tmp/x"]).out == "/tmp/x"
+
+
+def test_nodes_scale_smoke(tmp_path: Path) -> None:
+    """bench/nodes_scale.py (issue #9) at a tiny size: 200 db nodes, 3 families."""
+    from bench import nodes_scale
+
+    out = tmp_path / "nodes.json"
+    assert nodes_scale.main(["--dbs", "200", "--parked", "10", "--claims", "50", "--json", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert results["tasks"] == 600 and results["stored_tasks"] == 600 and results["stored_nodes"] == 220
+    full, churn, same = results["full"], results["churn"], results["unchanged"]
+    assert full["whole"] and full["added"] == 600 and full["removed"] == 0
+    assert not churn["whole"] and churn["added"] == churn["removed"] == 3 * results["churned_dbs"] == 12
+    assert not same["whole"] and same["summary"] == "nothing changed"
+    for done in (full, churn, same):
+        assert done["errors"] == [] and finite_positive(done["peak_rss_mb"]) and finite_positive(done["requests"])
+        assert finite_positive(done["seconds"]) and done["round_trips"] >= 1
+    assert full["commands"] > churn["commands"] > same["commands"]  # a pass sends what changed
+    assert finite_positive(results["bytes_per_task"])
+    [claims] = results["claims"]
+    assert claims["parked"] == 10 and claims["evalsha_per_claim"] == 1.0  # one round trip per claim
+    assert finite_positive(claims["commands_per_claim"]) and finite_positive(claims["server_usec"])

@@ -33,6 +33,8 @@ from redbike.nodeconfig import NodeConfig, load_node_config
 from redbike.nodeloop import reconcile_loop, reconcile_once
 from redbike.nodes import Node
 from redbike.reconcile import Busy, Reconciler
+from redbike.resources import ResourceError
+from redbike.states import Outcome
 
 NODES_SECTION = """
 [redbike-nodes]
@@ -115,12 +117,56 @@ def test_tasks_follow_the_nodes(env: Env, tmp_path: Path) -> None:
         {"level": "instance", "name": "instance"}, {"level": "host", "name": "h2"}, {"level": "db", "name": "d2"}]}
     env.bike.set("by-hand:A", "NOW")
     assert "task" not in env.bike.tell("by-hand:A")
+    explained = env.bike.explain("scan/h2/d2:A")  # explain names the node and its path, before the sentence
+    assert explained.lines()[-2] == "task of scan on node d2, path instance > h2 (host) > d2 (db)"
+    assert explained.as_json()["task"] == env.bike.tell("scan/h2/d2:A")["task"]
+    assert explained.lines()[-1].startswith("next occurrence at ")
+    assert env.bike.explain("by-hand:A").as_json()["task"] is None
+    assert not any(line.startswith("task of") for line in env.bike.explain("by-hand:A").lines())
     capacities = {r: cap for r, cap, _, _ in env.bike.capacities()}
     assert "db_lock@d1" not in capacities and capacities["db_lock@d4"] == 1
 
     # a node left out (its parent is unknown) is said so, and has no task
     done = reconciler.reconcile([*fleet({"h1": [], "h2": ["d3", "d2", "d4"]}), Node("db", "d9", "h9", source="fleet")])
     assert done.dropped == ["db d9: its parent 'h9' is not a node"] and "scan/h9/d9:A" not in tasks(env)
+
+
+def test_a_pass_after_a_clean_one_looks_at_the_changed_nodes_only(env: Env, tmp_path: Path) -> None:
+    reconciler = Reconciler(env.bike, node_config(tmp_path))
+    nodes = fleet({"h1": ["d1"], "h2": ["d2"]})
+    assert reconciler.reconcile(nodes).whole  # no pass before it
+    env.c.hdel(env.keys.tasks, "report/h1:A")  # drift that a pass of the changed nodes cannot see
+    env.bike.set_capacity("db_lock@d1", 5)
+    done = reconciler.reconcile(nodes)
+    assert not done.whole and done.summary() == "nothing changed"
+    done = reconciler.reconcile(fleet({"h1": ["d1", "d2"]}))  # d2 moves, h2 goes
+    assert not done.whole and done.added == ["scan/h1/d2:A"]
+    assert sorted(done.removed) == ["report/h2:A", "scan/h2/d2:A"]
+    done = reconciler.reconcile(fleet({"h1": ["d1", "d2"]}), whole=True)  # sees all as configured again
+    assert done.whole and done.capacities == ["db_lock@d1"] and done.added == ["report/h1:A"]
+    env.c.delete(env.keys.reconciled)  # as a pass cut short leaves it
+    assert reconciler.reconcile(fleet({"h1": ["d1", "d2"]})).whole
+    config = node_config(tmp_path, host_capacity=3)  # another config: a whole pass
+    reconciler.config = config
+    done = reconciler.reconcile(fleet({"h1": ["d1", "d2"]}))
+    assert done.whole and done.capacities == ["host_concurrency@h1"]
+
+
+def test_a_node_moved_moves_the_tasks_under_it(env: Env, tmp_path: Path) -> None:
+    path = tmp_path / "nodes.conf"
+    path.write_text("[redbike-nodes]\nlevels = rack > host > db\nsource.fleet = file nodes.csv\n"
+                    "family.scan = db\nfamily.scan.schedule = NOW\nfamily.scan.queue = A\n")
+    config = load_node_config(str(path))
+    assert config is not None
+    reconciler = Reconciler(env.bike, config)
+    racks = [Node("rack", "r1", source="fleet"), Node("rack", "r2", source="fleet")]
+    reconciler.reconcile([*racks, Node("host", "h1", "r1"), Node("db", "d1", "h1"), Node("db", "d2", "h1")])
+    assert sorted(tasks(env)) == ["scan/r1/h1/d1:A", "scan/r1/h1/d2:A"]
+    done = reconciler.reconcile([*racks, Node("host", "h1", "r2"), Node("db", "d1", "h1"), Node("db", "d2", "h1")])
+    assert not done.whole
+    assert sorted(done.added) == ["scan/r2/h1/d1:A", "scan/r2/h1/d2:A"]
+    assert sorted(done.removed) == ["scan/r1/h1/d1:A", "scan/r1/h1/d2:A"]
+    assert sorted(tasks(env)) == ["scan/r2/h1/d1:A", "scan/r2/h1/d2:A"]
 
 
 def test_a_changed_family_or_override_sets_again(env: Env, tmp_path: Path) -> None:
@@ -158,14 +204,19 @@ def test_a_running_task_of_a_vanished_node_is_an_orphan_until_the_grace_ends(env
     assert env.c.hgetall(env.keys.orphans) == {taskid: f"{NOW:.3f}"}
     assert env.bike.nodes() is not None and list(env.bike.nodes()) == []
     assert env.bike.tell(taskid)["task"]["orphaned_since"] == NOW
+    explained = env.bike.explain(taskid)
+    assert explained.lines()[-2] == (f"task of scan on node {taskid.split('/')[2][:-2]}, a node no longer known; "
+                                     "orphaned 2023-11-14 22:13:20Z (now): its node vanished while it ran")
+    assert explained.as_json()["task"]["orphaned_since"] == NOW
+    # unset at once: its run completes, and it does not start again (its node is gone)
+    assert env.schedule(taskid) is None and env.bike.tell(taskid)["unset"] == "running; removed when this run ends"
     assert reconciler.reconcile([], now=NOW + 29).summary() == "nothing changed"  # within the grace
-    assert env.schedule(taskid) is not None and taskid in tasks(env)
+    assert taskid in tasks(env) and env.c.hexists(env.keys.orphans, taskid)
 
     done = reconciler.reconcile([], now=NOW + 30)
     assert done.removed == [taskid]
     assert tasks(env) == {} and env.c.hgetall(env.keys.orphans) == {}
-    assert env.schedule(taskid) is None and env.leases().keys() == {taskid}  # its run completes
-    assert env.bike.tell(taskid)["unset"] == "running; removed when this run ends"
+    assert env.leases().keys() == {taskid}  # its run completes
 
 
 def test_an_orphan_whose_node_comes_back_is_kept(env: Env, tmp_path: Path) -> None:
@@ -177,26 +228,40 @@ def test_an_orphan_whose_node_comes_back_is_kept(env: Env, tmp_path: Path) -> No
     done = reconciler.reconcile(nodes, now=NOW + 60)  # back before its grace was looked at again
     assert done.adopted == [taskid] and done.removed == [] and done.changed == []
     assert env.c.hlen(env.keys.orphans) == 0 and sorted(tasks(env)) == ["report/h1:A", "scan/h1/d1:A"]
-    assert env.schedule(taskid) == "NOW"
+    assert env.schedule(taskid) == "NOW"  # set again
+
+
+def test_an_orphan_does_not_start_again(env: Env, tmp_path: Path) -> None:
+    reconciler = Reconciler(env.bike, node_config(tmp_path, schedule="CONTINUE"))
+    reconciler.reconcile(fleet({"h1": ["d1"]}), now=NOW)
+    pool = env.pool("A")
+    running = env.claim(pool)
+    assert running.lease.jobid == "scan/h1/d1:A"
+    assert reconciler.reconcile([], now=NOW).orphaned == ["scan/h1/d1:A"]
+    pool.finish(running, Outcome("ok"), "", None, "w1")  # within its grace: CONTINUE would queue it again
+    assert env.claim(pool) is None and env.schedule("scan/h1/d1:A") is None
+    assert reconciler.reconcile([], now=NOW + 1).removed == ["scan/h1/d1:A"]  # its run is over: forgotten
 
 
 def test_a_task_that_could_not_be_set_is_tried_again(env: Env, tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     reconciler = Reconciler(env.bike, node_config(tmp_path))
-    original = Redbike.set
+    original = Redbike._needs_arg
 
     def refusing(bike: Redbike, jobid: str, *args: Any, **kwargs: Any) -> str:
         if jobid == "scan/h1/d1:A":
-            raise ValueError("refused by the test")
+            raise ResourceError("refused by the test")
         return original(bike, jobid, *args, **kwargs)
 
-    monkeypatch.setattr(Redbike, "set", refusing)
+    monkeypatch.setattr(Redbike, "_needs_arg", refusing)
     done = reconciler.reconcile(fleet({"h1": ["d1", "d2"]}))
     assert done.errors == ["scan/h1/d1:A: refused by the test"]
     assert sorted(done.added) == ["report/h1:A", "scan/h1/d2:A"]
     assert sorted(tasks(env)) == ["report/h1:A", "scan/h1/d2:A"]  # not recorded as set
-    monkeypatch.setattr(Redbike, "set", original)
-    assert reconciler.reconcile(fleet({"h1": ["d1", "d2"]})).added == ["scan/h1/d1:A"]
+    assert env.c.hget(env.keys.schedules, "scan/h1/d1:A") is None  # nor sent
+    monkeypatch.setattr(Redbike, "_needs_arg", original)
+    done = reconciler.reconcile(fleet({"h1": ["d1", "d2"]}))
+    assert done.whole and done.added == ["scan/h1/d1:A"]  # a pass after one with errors looks at every node
 
 
 def test_one_reconciler_at_a_time(env: Env, tmp_path: Path) -> None:
@@ -249,7 +314,7 @@ def test_a_script_source_rewritten(tmp_path: Path, redis_server: RedisServer, pr
     write_script(folder, {"h1": ["d1", "d2"], "h2": ["d3"], "h3": ["d4"]})
     code, _, err = cli(folder, capsys, "nodes", "--reconcile")
     assert code == 0, err
-    assert "reconciled: 7 added, 7 capacities, 7 nodes added" in err
+    assert "reconciled (whole pass): 7 added, 7 capacities, 7 nodes added" in err
     assert "task scan/h1/d1:A added (family scan" in caplog.text  # who changed what, in the log
     code, out, _ = cli(folder, capsys, "statuses")
     assert sorted(row[0] for row in rows(out)) == ["report/h1:A", "report/h2:A", "report/h3:A", "scan/h1/d1:A",
@@ -276,6 +341,12 @@ def test_a_script_source_rewritten(tmp_path: Path, redis_server: RedisServer, pr
     assert [t["id"] for t in shown["tasks"]] == ["scan/h4/d5:A"]
     assert cli(folder, capsys, "node", "h3")[:2] == (3, "")
     assert cli(folder, capsys, "node", "a/b")[0] == 2
+    client.hset(f"{prefix}:capacities", "db_lock@d1", 7)  # by hand: a pass of the changed nodes keeps it ...
+    assert cli(folder, capsys, "nodes", "--reconcile")[2] == "reconciled (changed nodes only): nothing changed\n"
+    code, _, err = cli(folder, capsys, "nodes", "--reconcile", "--whole")  # ... a whole pass puts it back
+    assert (code, err) == (0, "reconciled (whole pass): 1 capacities\n")
+    assert client.hget(f"{prefix}:capacities", "db_lock@d1") == "1"
+    assert cli(folder, capsys, "nodes", "--reconcile", "--whole", "--loop")[0] != 0  # one or the other
 
     # a script that fails keeps the last good list, says why, exits 1
     (folder / "fetch-nodes").write_text(f"#!{sys.executable}\nimport sys\nsys.exit('inventory down')\n")
