@@ -65,6 +65,15 @@ class Stored(NamedTuple):
     record: str | None
     pending: str | None
 
+    @classmethod
+    def of(cls, schedule: str | None, record: str | None) -> Stored:
+        """What a job has, from its schedule and its value in P:jobs (which holds its pending placement)."""
+        try:
+            pending = decode_job(record).pending or None
+        except RecordError:
+            pending = None
+        return cls(schedule, record, pending)
+
     def misfire(self, default: str) -> str:
         """Its misfire policy (``default`` for a new or unset job)."""
         try:
@@ -177,12 +186,7 @@ class Redbike:
         with self.client.pipeline(transaction=False) as pipe:
             pipe.hget(self.keys.schedules, jobid)
             pipe.hget(self.keys.jobs, jobid)
-            schedule, record = pipe.execute()
-        try:
-            pending = decode_job(record).pending or None
-        except RecordError:
-            pending = None
-        return Stored(schedule, record, pending)
+            return Stored.of(*pipe.execute())
 
     def needs_of(self, jobid: str, needs: Needs = None) -> dict[str, int]:
         """What a job needs: the worker's needs(jobid) hook, overridden per
@@ -373,12 +377,11 @@ class Redbike:
             for jobid in queues:
                 pipe.hget(self.keys.schedules, jobid)
                 pipe.hget(self.keys.jobs, jobid)
-                pipe.hget(self.keys.pending, jobid)
             read = pipe.execute()
         now, by = self.clock(), who()
         with self.client.pipeline(transaction=False) as pipe:
             for i, (jobid, queue) in enumerate(queues.items()):
-                stored = Stored(*read[3 * i:3 * i + 3])
+                stored = Stored.of(*read[2 * i:2 * i + 2])
                 self.scripts.run("unset", now, [self.keys.queue(queue)], [jobid, by, *stored.unrun(now)], client=pipe)
             results = pipe.execute(raise_on_error=False)
         return dict(zip(queues, results, strict=True))

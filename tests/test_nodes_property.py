@@ -43,6 +43,7 @@ from redbike.claims import Rotation
 from redbike.nodeconfig import load_node_config
 from redbike.nodes import Node
 from redbike.reconcile import Reconciler
+from redbike.records import decode_job
 from redbike.resources import parse_amounts
 from redbike.slots import Running
 from redbike.states import Outcome
@@ -186,7 +187,7 @@ class NodesMachine(RuleBasedStateMachine):
         jobid = run.lease.jobid
         assert jobid not in self.gone, f"{jobid} started after a pass removed its node"
         self.running.append(run)
-        needs = parse_amounts(self.c.hget(self.env.keys.needs, jobid) or "")
+        needs = parse_amounts(decode_job(self.c.hget(self.env.keys.jobs, jobid)).needs)
         capacities = self.c.hgetall(self.env.keys.capacities)
         usage = self.usage()
         for resource in needs:
