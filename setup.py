@@ -25,7 +25,7 @@ setup(
         "views": ["rich>=13"],
         # What .ci/run checks the code with. ruff is held to one minor
         # release: each adds rules to its default set.
-        "lint": ["mypy>=1.10", "ruff>=0.17,<0.18", "types-python-dateutil"],
+        "lint": ["mypy>=1.10", "ruff>=0.17,<0.18", "types-python-dateutil", "rich>=13"],  # rich: mypy checks top.py
         # The peers, bounded to the releases of the committed results (see
         # bench/README.md): unbounded, pip's resolver backtracks through every
         # old kombu, because arq >= 0.26 wants redis-py < 6 and kombu's Redis
