@@ -239,7 +239,8 @@ class SlotClaims:
             placement = place_after_run(job.schedule, outcome, now, lambda: job.job, claims.retry)
             error = error_record(placement.status, outcome.error, self.worker_id, now, trace) if outcome.error else ""
             keys.append(claims.keys.queue(home))
-            args += [lease.jobid, lease.token, *placement.script_args(), error, claims.keys.queue_channel(home)]
+            args += [lease.jobid, lease.token, *placement.script_args(), error, claims.keys.queue_channel(home),
+                     str(placement.fires)]
             freed = job.local_needs
         order: list[tuple[int, str]] = []
         if rotation is not None:

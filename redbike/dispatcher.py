@@ -214,7 +214,7 @@ class Dispatcher:
             placement = FORGET if schedule is None else \
                 place_after_run(schedule, Outcome("expired", error=reason), now, record, self.retry)
             error = error_record(placement.status or "EXP", reason, held.worker, now)
-            args += [jobid, held.token, *placement.script_args(), error, position]
+            args += [jobid, held.token, *placement.script_args(), error, str(placement.fires), position]
             reasons[jobid] = held, f"lease of worker {held.worker} expired; {_sentence(placement)}", placement
         reaped = cast("list[str]", self.scripts.run("reap", now, keys, [self.token, *args]))
         for jobid in reaped:  # not those renewed or ended meanwhile: the script left them alone

@@ -74,12 +74,17 @@ def count_after(schedule: Schedule, due: float, now: float) -> int:
 class Firing:
     """What to do with a late occurrence: fire ``due`` (None: none is left
     to fire; the job waits for ``next_due``, None if the schedule has no
-    more), after coalescing ``coalesced`` and skipping ``skipped`` others."""
+    more), after coalescing ``coalesced`` and skipping ``skipped`` others.
+    ``fires``: how many of the occurrences due by now it fires, now or in
+    the runs that follow (``all`` fires them one by one): if the placement
+    gives way (the job is unset or set again while its run ends), the run's
+    finish counts them cancelled."""
 
     due: float | None
     next_due: float | None
     coalesced: int
     skipped: int
+    fires: int = 0
 
 
 def _missed(schedule: Schedule, first: float, now: float) -> tuple[list[float], float | None, int]:
@@ -110,15 +115,15 @@ def fire_late(schedule: Schedule, first: float, now: float, policy: Misfire, *, 
     if policy.name == "once":
         if ran:
             return Firing(None, upcoming, len(due) + uncounted, 0)
-        return Firing(due[-1], upcoming, len(due) - 1 + uncounted, 0)
+        return Firing(due[-1], upcoming, len(due) - 1 + uncounted, 0, 1)
     if policy.name == "skip":
         stale = [t for t in due if now - t > policy.grace]
         fresh = due[len(stale):]
         if not fresh:
             return Firing(None, upcoming, 0, len(stale) + uncounted)
-        return Firing(fresh[-1], upcoming, len(fresh) - 1 + uncounted, len(stale))
+        return Firing(fresh[-1], upcoming, len(fresh) - 1 + uncounted, len(stale), 1)
     kept = due if policy.most is None else due[-policy.most:]
-    return Firing(kept[0], upcoming, 0, len(due) - len(kept) + uncounted)
+    return Firing(kept[0], upcoming, 0, len(due) - len(kept) + uncounted, len(kept))
 
 
 # A run that did not complete (its worker died, it overran its timeout) runs

@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .occurrences import DEFAULT_RETRY, Firing, Misfire, Retry, fire_late
 from .records import JobRecord, decode_status, encode_time
@@ -39,7 +39,10 @@ class Placement:
     S (nowhere; only ``status`` is recorded), X (schedule becomes STOP) or
     D (the job is forgotten); ``due`` (the occurrence it is placed for) and
     ``attempt`` (None: the job record's stay), and the ledger counts of
-    occurrences ``coalesced`` and ``skipped`` on the way."""
+    occurrences ``coalesced`` and ``skipped`` on the way. ``fires``: the
+    occurrences already due it fires (occurrences.Firing.fires), which a
+    run's finish counts cancelled if the placement gives way; not one of the
+    7 script values (the finish takes it apart), nor compared."""
 
     kind: str
     status: str
@@ -48,6 +51,7 @@ class Placement:
     attempt: int | None = None
     coalesced: int = 0
     skipped: int = 0
+    fires: int = field(default=0, compare=False)
 
     @functools.cached_property
     def values(self) -> tuple[str, ...]:
@@ -74,7 +78,7 @@ STOPPED_BY_SCHEDULE = Placement("S", STP)
 
 def _fired(firing: Firing, status: str = TML) -> Placement:
     """A late occurrence fired (or, none left to fire, the next one waited for)."""
-    counts = {"coalesced": firing.coalesced, "skipped": firing.skipped}
+    counts = {"coalesced": firing.coalesced, "skipped": firing.skipped, "fires": firing.fires}
     if firing.due is not None:
         return Placement("Q", ENQ, due=firing.due, attempt=1, **counts)
     if firing.next_due is None:

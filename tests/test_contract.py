@@ -150,7 +150,7 @@ def own_arguments(name: str) -> tuple[int, str]:
     return sum(records.PLACEMENT_VALUES if word == "the placement" else 1 for word in words), rest or fixed
 
 
-GROUPS = {"pairs": 2, "triples": 3, "per lease 11 values": 11, "per job 10 values": 10}
+GROUPS = {"pairs": 2, "triples": 3, "per lease 12 values": 12, "per job 10 values": 10}
 
 
 def text_of(name: str) -> str:
@@ -350,7 +350,7 @@ def test_the_claim_and_finish_replies_decode(client: redis.Redis, prefix: str) -
     assert claimed == Claimed("a:B", 1, "NOW", claimed.record, {"r": 2})
     assert decode_job(claimed.record) == JobRecord(NOW, 1, "once", 0, 1, 0, 0, 0, NOW)
     assert decode_claim(env.bike.scripts.run("claim", NOW, queues, claim)) == records.NONE
-    finish = ["a:B", "tok", *Placement("S", "END").script_args(), "", env.keys.queue_channel("B")]
+    finish = ["a:B", "tok", *Placement("S", "END").script_args(), "", env.keys.queue_channel("B"), "0"]
     done = env.bike.scripts.run("finish", NOW, [env.keys.queue("B"), *queues], finish + claim)
     assert decode_finish(done) == ("DONE", records.NONE)
     assert decode_finish(env.bike.scripts.run("finish", NOW, [env.keys.queue("B")], finish)) == ("STALE", "NONE")

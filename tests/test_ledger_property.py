@@ -36,12 +36,10 @@ The model, after occurrences.py's docstring:
   the fired occurrences (``last_due``) never go back, no counter decreases.
 - A fenced-off (former) leader's move_due fails and changes nothing.
 
-KNOWN GAP (see the xfail test at the end): one way an occurrence still
-ends in no ledger state: the run's own placement that gives way (the job was
-set or unset while it ran) fires an occurrence (skip, all): only its
-coalesced and skipped counts are kept. With STRICT_GAPS False the machine
-counts those as ``lost`` (computed independently from the model, so any
-other discrepancy still fails); set it True once it is fixed.
+A run's own placement that gives way (the job was set or unset while it
+ran) counts the occurrences it would have fired (skip, all) cancelled, at
+the run's end: the machine checks the count (``_fired_by_given_way``,
+computed from the model).
 """
 
 from __future__ import annotations
@@ -66,8 +64,6 @@ from redbike.schedules import Schedule, parse_schedule
 from redbike.scripts import Retention
 from redbike.slots import Running
 from redbike.states import Outcome
-
-STRICT_GAPS = False  # True: the known gaps fail the machine (see the xfail tests at the end)
 
 JOBS = ["a:A", "b:B", "c:A"]
 POLICIES = ["once", "skip:0", "skip:60", "skip:1800", "all", "all:2"]
@@ -110,7 +106,6 @@ class Model:
     epoch: Epoch | None = None
     closing: Epoch | None = None  # the epoch of a run set or unset while it runs: it closes at the run's end
     owned: int = 0  # occurrences of the closed epochs
-    lost: int = 0  # of those, left in no state (the known gaps)
     dues: set[float] = field(default_factory=set)  # occurrences run (attempt 1) since the last reset
 
     def expected(self, now: float) -> int:
@@ -118,7 +113,7 @@ class Model:
         epoch closes at its end still runs)."""
         open_part = sum(len(occurrences(epoch.schedule, epoch.after, now))
                         for epoch in (self.epoch, self.closing) if epoch is not None)
-        return self.owned + open_part - self.lost
+        return self.owned + open_part
 
 
 class LedgerMachine(RuleBasedStateMachine):
@@ -217,13 +212,6 @@ class LedgerMachine(RuleBasedStateMachine):
         assert text, job
         kind, _, _, due, *_ = decode_pending(text)
         return kind, float(due) if due else None
-
-    def _gap(self, job: str, count: int, what: str) -> None:
-        """``count`` occurrences a known gap leaves in no ledger state."""
-        if count:
-            event(f"known gap: {what}")
-            assert not STRICT_GAPS, f"{job}: {count} occurrences in no ledger state ({what})"
-            self.models[job].lost += count
 
     def _close(self, job: str, where: str) -> Epoch | None:
         """Close the job's live epoch at now (a set or unset follows) and
@@ -450,6 +438,7 @@ class LedgerMachine(RuleBasedStateMachine):
         closes that epoch: its own placement, though it gives way, counts the
         occurrences due while it waited or ran."""
         jobid = run.lease.jobid
+        cancelled = self._record(jobid).cancelled
         done, _ = self._observed(lambda: self.pool.finish(run, Outcome("ok"), "", None, "w1"))
         model = self.models[jobid]
         if model.closing is None:
@@ -459,7 +448,10 @@ class LedgerMachine(RuleBasedStateMachine):
         assert done == ("GONE" if model.epoch is None else "DONE"), (jobid, done, model)
         epoch, model.closing = model.closing, None
         model.owned += len(occurrences(epoch.schedule, epoch.after, self.now))
-        self._gap(jobid, self._fired_by_given_way(run), "the run's own placement that gives way fires")
+        fired = self._fired_by_given_way(run)
+        if fired:
+            event("the run's own placement that gives way would fire: cancelled")
+        assert self._record(jobid).cancelled - cancelled == fired, (jobid, fired, self._record(jobid))
 
     def _fired_by_given_way(self, run: Running) -> int:
         """Of the occurrences due after the run's own until its end, those its
@@ -686,9 +678,8 @@ def test_a_retried_occurrence_is_fired_once() -> None:
     assert record.fired == 1, record
 
 
-# ==================================== known gaps: minimal failing examples
-# Each is an occurrence that ends in no ledger state. They fail on ac6b7a8;
-# once the scripts are fixed, drop the xfail and set STRICT_GAPS.
+# ============================= gaps found (and closed): minimal examples
+# Each was an occurrence that ended in no ledger state (on ac6b7a8).
 
 def _running(misfire: str, claim_at: float) -> tuple[Env, ClaimingPool, Running]:
     """HOURLY (set at 22:13:20), 23:00 fired on time and claimed at ``claim_at``."""
@@ -704,8 +695,6 @@ def _running(misfire: str, claim_at: float) -> tuple[Env, ClaimingPool, Running]
     return env, pool, run
 
 
-@pytest.mark.xfail(strict=True, reason="finish() (lib.lua) counts only the coalesced and skipped of a run's own "
-                   "placement that gives way: the occurrences it would fire (skip, all) are in no ledger state")
 @pytest.mark.parametrize("misfire", ["all", "skip:1800"])
 def test_unset_while_running_accounts_the_occurrences_its_run_would_fire(misfire: str) -> None:
     """23:00 waits in its queue until 01:00:07, when it is claimed and the job

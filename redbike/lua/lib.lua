@@ -436,7 +436,7 @@ end
 -- and place the job. A `set` made while the job ran (the pending placement)
 -- wins over the run's own; a job unset while it ran is just released. A stale
 -- token changes nothing.
-function L.finish(jobid, token, p, err, queue, channel)
+function L.finish(jobid, token, p, err, queue, channel, fires)
   local lease = redis.call('HGET', L.LEASES, jobid)
   if not L.lease_token_matches(lease, token) then
     return 'STALE'
@@ -454,12 +454,17 @@ function L.finish(jobid, token, p, err, queue, channel)
   local record = L.job_of(jobid)
   local pending = record[L.PENDING] ~= '' and record[L.PENDING]
   record[L.PENDING] = ''
-  if (gone or pending) and (p.coalesced ~= '0' or p.skipped ~= '0') then
+  if gone or pending then
     -- The run's own placement gives way (the job was unset or set again while
     -- it ran), but what it says of the occurrences that fell due while the
-    -- job waited or ran holds: the ledger counts them.
+    -- job waited or ran holds: the ledger counts them, and those it would
+    -- have fired (`fires`) never run: cancelled.
     L.add(record, L.COALESCED, p.coalesced)
     L.add(record, L.SKIPPED, p.skipped)
+    if fires ~= '0' then
+      L.add(record, L.CANCELLED, fires)
+      L.note(record, 'cancelled', p.due, fires)
+    end
   end
   if gone then
     L.note(record, 'run', due, attempt, token, worker, since, 'GONE', '', line)
@@ -662,10 +667,11 @@ end
 
 -- What is wrong with the arguments of finish() (see there; its placement
 -- at ARGV[base]), or nil.
-function L.finish_error(jobid, token, base, err)
+function L.finish_error(jobid, token, base, err, fires)
   if type(jobid) ~= 'string' or jobid == '' then return L.bad('job id', jobid) end
   if not L.is_name(token) then return L.bad('token', token) end
   if type(err) ~= 'string' then return L.bad('error record', err) end
+  if not L.int_of(fires, 0, L.MAX_TIME) then return L.bad('fired count', fires) end
   return L.placement_error(base)
 end
 
