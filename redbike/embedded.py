@@ -8,7 +8,9 @@ it: every redbike process started from the same directory (``redbike set``,
 ``redbike dispatch``, ``redbike work`` ...) shares it.  :func:`stop_server`
 stops it.  :func:`find_folder` finds the ``.redbike/`` of the current directory
 or of the nearest folder above it, as git finds ``.git/``, so that a command
-run from a subfolder uses the same server.
+run from a subfolder uses the same server; like git's
+``GIT_CEILING_DIRECTORIES``, ``REDBIKE_CEILING_DIRECTORIES`` (absolute paths,
+``:``-separated) names folders the search does not climb into.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from redis.retry import Retry
 logger = logging.getLogger(__name__)
 
 DEFAULT_FOLDER = ".redbike"
+CEILING_VARIABLE = "REDBIKE_CEILING_DIRECTORIES"
 SOCKET_NAME = "redis.sock"
 START_TIMEOUT = 10.0
 STOP_TIMEOUT = 10.0
@@ -119,14 +122,17 @@ def server_running(folder: str = DEFAULT_FOLDER) -> bool:
 
 def find_folder(start: str | None = None) -> str | None:
     """The absolute path of the nearest ``.redbike/`` folder in ``start``
-    (default: the current directory) or in a folder above it; None if none."""
+    (default: the current directory) or in a folder above it, not climbing into
+    a ceiling folder (:data:`CEILING_VARIABLE`); None if none."""
     here = os.path.abspath(start if start is not None else os.getcwd())
+    ceilings = {os.path.abspath(path) for path in os.environ.get(CEILING_VARIABLE, "").split(os.pathsep)
+                if os.path.isabs(path)}
     while True:
         candidate = os.path.join(here, DEFAULT_FOLDER)
         if os.path.isdir(candidate):
             return candidate
         parent = os.path.dirname(here)
-        if parent == here:
+        if parent == here or parent in ceilings:
             return None
         here = parent
 

@@ -84,6 +84,15 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_embedded_folder_above_the_tests(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """A ``.redbike/`` left in /tmp by somebody's demo must not be found by the
+    redbike processes the tests start: their search stops at pytest's base folder."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(embedded.CEILING_VARIABLE, str(tmp_path_factory.getbasetemp()))
+        yield
+
+
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     server = RedisServer(tmp_path_factory.mktemp("redis"))

@@ -273,6 +273,16 @@ def test_find_folder_looks_upwards(tmp_path):
     assert embedded.find_folder(str(tmp_path / "a" / "b")) == str(tmp_path / "a" / ".redbike")
 
 
+def test_the_search_does_not_climb_into_a_ceiling(tmp_path, monkeypatch):
+    (tmp_path / ".redbike").mkdir()
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    monkeypatch.setenv(embedded.CEILING_VARIABLE, f"relative/ignored{os.pathsep}{tmp_path}")
+    assert embedded.find_folder(str(tmp_path / "a" / "b")) is None
+    assert embedded.find_folder(str(tmp_path)) == str(tmp_path / ".redbike")  # the ceiling itself, when started there
+    monkeypatch.setenv(embedded.CEILING_VARIABLE, str(tmp_path / "a" / "b"))
+    assert embedded.find_folder(str(tmp_path / "a" / "b")) == str(tmp_path / ".redbike")
+
+
 def test_a_new_server_is_announced_and_a_subfolder_uses_it(project):
     first = redbike_cli(project, "set", "top:A", "STOP")
     assert first.returncode == 0, first.stderr
