@@ -102,6 +102,17 @@ class Stored(NamedTuple):
 NOTHING_STORED = Stored(None, None, None)
 
 
+class Alike(NamedTuple):
+    """A schedule and policy shared by new jobs (Redbike.alike): set.lua's arguments but the job's own."""
+
+    schedule: str  # the text parsed
+    placement: Placement  # the first run, placed once for all
+    only_if_new: str
+    policy: tuple[str, str]  # misfire policy and retries ('': the defaults)
+    now: float
+    by: str  # who()
+
+
 class Redbike:
     """One redbike installation: a prefix on a Redis server, and the worker
     class whose queue_for() routes its jobs."""
@@ -270,6 +281,17 @@ class Redbike:
         each job's result ('PLACED', ...), or the error its script answered
         or its job id or needs failed (that one is not sent). A bad schedule
         or policy raises before anything is sent."""
+        alike = self.alike(schedule, misfire=misfire, retries=retries, after=after)
+        with self.client.pipeline(transaction=False) as pipe:
+            sent, results = self.queue_alike(pipe, alike, jobs)
+            results.update(zip(sent, pipe.execute(raise_on_error=False), strict=True))
+        return results
+
+    def alike(self, schedule: str, *, misfire: str | None = None, retries: int | None = None,
+              after: float | None = None) -> Alike:
+        """What set_alike() and queue_alike() give every job: the schedule
+        parsed and its first run placed (now), the policy. A bad schedule or
+        policy raises ScheduleError or ValueError."""
         parsed = parse_schedule(schedule)
         if misfire is not None:
             misfire = misfire_text(misfire.strip().lower(), None)
@@ -277,22 +299,26 @@ class Redbike:
             check_retries(retries)
         now = self.clock()
         start = self._after(after, now)
-        placement = place_on_set(parsed, start, now, misfire or self.misfire)
-        only_if_new = "S" if parsed.kind == "AT" and parsed.first_after(start) is None else "0"
-        policy, by = (misfire or "", "" if retries is None else str(retries)), who()
-        results: dict[str, Any] = {}
+        return Alike(parsed.text, place_on_set(parsed, start, now, misfire or self.misfire),
+                     "S" if parsed.kind == "AT" and parsed.first_after(start) is None else "0",
+                     (misfire or "", "" if retries is None else str(retries)), now, who())
+
+    def queue_alike(self, pipe: Any, alike: Alike, jobs: Iterable[tuple[str, Needs]]
+                    ) -> tuple[list[str], dict[str, Any]]:
+        """Queue set.lua for each new job on ``pipe`` (a pipeline, or a
+        transaction's MULTI: the feeder's batch, feed.py): the job ids sent, in
+        order, and the error of each job whose id or needs failed (not sent)."""
+        errors: dict[str, Any] = {}
         sent = []
-        with self.client.pipeline(transaction=False) as pipe:
-            for jobid, needs in jobs:
-                try:
-                    self._place(jobid, parsed.text, placement, only_if_new, self._needs_arg(jobid, needs), policy,
-                                now=now, by=by, client=pipe)
-                except (JobIdError, ResourceError) as exc:
-                    results[jobid] = exc
-                    continue
-                sent.append(jobid)
-            results.update(zip(sent, pipe.execute(raise_on_error=False), strict=True))
-        return results
+        for jobid, needs in jobs:
+            try:
+                self._place(jobid, alike.schedule, alike.placement, alike.only_if_new, self._needs_arg(jobid, needs),
+                            alike.policy, now=alike.now, by=alike.by, client=pipe)
+            except (JobIdError, ResourceError) as exc:
+                errors[jobid] = exc
+                continue
+            sent.append(jobid)
+        return sent, errors
 
     def retry(self, jobids: Iterable[str] = (), status: str | None = None) -> dict[str, str]:
         """Put failed jobs (status DIE) back at once, for the occurrence that

@@ -18,6 +18,8 @@ Usage:
   redbike [options] nodes [--level=L]
   redbike [options] nodes --reconcile [NODESCONF] [--loop | --whole]
   redbike [options] node NAME
+  redbike [options] feed FUNCTION [ARG...] [--queue=Q] [--high-water=N] [--batch=N] [--name=FEED] [--wait]
+  redbike [options] feeds
   redbike [options] info [--json]
   redbike [options] top [--interval=S]
   redbike [options] control HALT
@@ -66,6 +68,15 @@ Options:
   --json             JSON for tools: preview, a list (notes go to stderr);
                      explain and info, one object.
   --interval=S       top: seconds between refreshes [default: 2].
+  --queue=Q          feed: the queue of its jobs (each job id gets ':Q').
+  --high-water=N     feed: most of its jobs outstanding (queued, running or
+                     waiting for a retry) [default: 10000].
+  --batch=N          feed: items put in per transaction (at most half the
+                     high-water mark) [default: 500].
+  --name=FEED        feed: its name (checkpoint, lease) [default: the
+                     function's module.name].
+  --wait             feed: exit once its jobs have ended too (exit 1 if any
+                     failed).
   -v --verbose       Log debug messages.
 
 Exit status: 0 success, 1 runtime failure (e.g. Redis unreachable) or, for
@@ -98,7 +109,8 @@ from .api import JobIdError, Redbike, parse_retries
 from .config import DEFAULT_PATH, Config, ConfigError, check_reachable, connect, load_config
 from .csvfile import CsvError
 from .embedded import EmbeddedError, find_folder, server_status, stop_server
-from .names import check_jobid, whole_number
+from .feed import FeedBusy, SourceFailed, feeds, parse_arguments, run_feed
+from .names import check_feed_name, check_jobid, check_queue, whole_number
 from .nodeconfig import NodeConfig, load_node_config
 from .nodeloop import ConfigWatch, reconcile_loop
 from .nodes import check_node_name
@@ -109,7 +121,7 @@ from .registry import redbike_version
 from .resources import ResourceError, check_name, parse_capacity
 from .roundrobin import RoundRobin
 from .schedules import ScheduleError, parse_schedule, parse_timestamp
-from .workerspec import WorkerSpecError, load_worker
+from .workerspec import WorkerSpecError, load_worker, parse_spec
 
 log = logging.getLogger("redbike")
 
@@ -177,6 +189,21 @@ def _check_usage(args: dict[str, Any]) -> None:
         check_node_name(args["NAME"])
     if args["top"]:
         _interval(args["--interval"])
+    if args["feed"]:
+        _feed_options(args)
+
+
+def _feed_options(args: dict[str, Any]) -> dict[str, Any]:
+    """feed's options, checked (no Redis needed)."""
+    parse_arguments(args["ARG"])
+    parse_spec(args["FUNCTION"])
+    if args["--name"] is not None:
+        check_feed_name(args["--name"])
+    if args["--queue"] is not None:
+        check_queue(args["--queue"])
+    return {"name": args["--name"], "queue": args["--queue"], "wait": bool(args["--wait"]),
+            "high_water": whole_number(args["--high-water"], "--high-water", 1, 10**9),
+            "batch": whole_number(args["--batch"], "--batch", 1, 100_000)}
 
 
 def _interval(text: str) -> float:
@@ -382,6 +409,10 @@ def _run(args: dict[str, Any]) -> int:
         if shown is None:
             raise NoSuchJob(f"no such node: {args['NAME']}")
         print(json.dumps(shown, indent=2))
+    elif args["feed"]:
+        return run_feed(bike, args["FUNCTION"], args["ARG"], **_feed_options(args))
+    elif args["feeds"]:
+        out.writerows(feeds(bike.client, bike.keys))
     elif args["info"]:
         shown = bike.overview()
         print(json.dumps(shown, indent=2) if args["--json"] else "\n".join(info.lines(shown)))
@@ -419,13 +450,13 @@ def main(argv: list[str] | None = None) -> int:
     args["JOBIDS"] = args["JOBID"]
     args["JOBID"] = args["JOBID"][0] if args["JOBID"] else None
     _setup_logging(args["--verbose"], daemon=bool(args["dispatch"] or args["work"] or args["demo"]
-                                                                 or args["--reconcile"]))
+                                                                 or args["--reconcile"] or args["feed"]))
     try:
         return _flushed(_run(args))
     except NoSuchJob as exc:
         print(f"redbike: {exc}", file=sys.stderr)
         return 3
-    except (Unreachable, Busy, MissingExtra) as exc:
+    except (Unreachable, Busy, MissingExtra, SourceFailed, FeedBusy) as exc:
         print(f"redbike: {exc}", file=sys.stderr)
         return 1
     except BAD_INPUT as exc:

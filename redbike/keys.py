@@ -44,12 +44,26 @@ class Keys:
         self.orphans = f"{p}:orphans"  # hash  task id -> time (epoch s) its node vanished while it ran
         self.reconciled = f"{p}:nodes:reconciled"  # string  digest of the config of the last pass without errors
         self.reconciler = f"{p}:nodes:reconciler"  # string token of the one reconciler, expires (PX)
+        # Feeds (feed.py): the names of every feed, and three keys per feed (feed(), feed_jobs(), feed_lease()).
+        self.feeds = f"{p}:feeds"  # set  feed names
         # The registry of live processes (registry.py): one key per dispatcher and worker pool.
         self.process_prefix = f"{p}:process:"
 
     def process(self, identity: str) -> str:
         """A live process's registry entry (string, JSON, expires: EX)."""
         return f"{self.process_prefix}{identity}"
+
+    def feed(self, name: str) -> str:
+        """A feed's checkpoint and counters (hash: cursor, fed, done, failed, ...; feed.FEED_FIELDS)."""
+        return f"{self.prefix}:feed:{name}"
+
+    def feed_jobs(self, name: str) -> str:
+        """A feed's outstanding jobs (zset: job id scored by when to look at it next)."""
+        return f"{self.prefix}:feed:{name}:jobs"
+
+    def feed_lease(self, name: str) -> str:
+        """The lease of a feed's one feeder (string: its token, expires: PX)."""
+        return f"{self.prefix}:feed:{name}:lease"
 
     def process_pattern(self) -> str:
         """SCAN MATCH pattern of every registry entry (the prefix's glob characters escaped)."""

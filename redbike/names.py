@@ -41,6 +41,15 @@ def check_queue(name: str) -> str:
     return _check(name, "queue name")
 
 
+def check_feed_name(name: str) -> str:
+    """``name`` (a feed's, ``--name``), if redbike can store it: a queue
+    name's rules, and no ':' (it would make one feed's key another's)."""
+    _check(name, "feed name")
+    if ":" in name:
+        raise BadName(f"bad feed name {name!r}: no ':'")
+    return name
+
+
 def whole_number(text: str, what: str, low: int, high: int, why: str = "") -> int:
     """A count typed by a user (``--count``, ``--retries``, ``--concurrency``):
     a whole number from ``low`` to ``high``; ValueError with a one-line reason

@@ -35,12 +35,10 @@ from __future__ import annotations
 import hashlib
 import itertools
 import logging
-import os
-import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -48,6 +46,7 @@ from typing import Any, TypeVar
 import redis
 
 from .api import Redbike
+from .lease import KeyLease
 from .nodeconfig import Family, NodeConfig
 from .nodes import INSTANCE, WORKER, Forest, Node, resource_at, task_id, under
 from .resources import LOCAL_PREFIX, format_amounts
@@ -132,7 +131,8 @@ class Reconciler:
         self.keys = bike.keys
         self.client = bike.client
         self.batch = batch
-        self.token = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(4).hex()}"
+        self.lease = KeyLease(self.client, self.keys.reconciler, LEASE_MS)
+        self.token = self.lease.token
         self.renewed = float("-inf")  # monotonic time the lease was last taken or renewed
         self.renewing = threading.Lock()
         self.whole_at = time.monotonic()  # of the last whole pass (a new reconciler trusts the mark)
@@ -143,8 +143,7 @@ class Reconciler:
     def acquire(self) -> bool:
         """Take (or renew) the reconciler's lease; False if another holds it."""
         started = time.monotonic()
-        if self.client.set(self.keys.reconciler, self.token, nx=True, px=LEASE_MS) or \
-                self._if_mine(lambda pipe: pipe.pexpire(self.keys.reconciler, LEASE_MS)):
+        if self.lease.acquire():
             self.renewed = started
             return True
         return False
@@ -161,25 +160,10 @@ class Reconciler:
 
     def release(self) -> None:
         self.renewed = float("-inf")
-        self._if_mine(lambda pipe: pipe.delete(self.keys.reconciler))
+        self.lease.release()
 
     def holder(self) -> str | None:
-        holder: str | None = self.client.get(self.keys.reconciler)  # type: ignore[assignment]
-        return holder
-
-    def _if_mine(self, act: Callable[[Any], object]) -> bool:
-        """Run ``act(pipe)`` in a transaction if the lease is still this reconciler's."""
-        with self.client.pipeline() as pipe:
-            try:
-                pipe.watch(self.keys.reconciler)
-                if pipe.get(self.keys.reconciler) != self.token:
-                    return False
-                pipe.multi()
-                act(pipe)
-                pipe.execute()
-                return True
-            except redis.WatchError:
-                return False
+        return self.lease.holder()
 
     # ------------------------------------------------------------ the reads
 
