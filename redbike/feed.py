@@ -398,7 +398,7 @@ class Feeder:
             items, total = self.source.open(cursor)
             if self.progress is not None:
                 self.progress.start(self, total)
-            log.info("feed %s: %s from cursor %s", self.name, self.source.spec, json.dumps(cursor))
+            log.debug("feed %s: %s from cursor %s", self.name, self.source.spec, json.dumps(cursor))
             self.loop(items)
         finally:
             if self.progress is not None:
@@ -493,6 +493,7 @@ class Progress:
     def start(self, feeder: Feeder, total: int | None) -> None:
         self.total = total
         self.base = feeder.counts.done + feeder.counts.failed
+        self.logged = time.monotonic()  # the first line after LOG_EVERY: a feed that fails at once says one line
         if self.terminal:
             try:
                 from rich.progress import BarColumn, TextColumn, TimeRemainingColumn

@@ -19,6 +19,7 @@ from redbike import keys as keys_module
 from redbike import records, states
 from redbike.api import who
 from redbike.claims import Rotation
+from redbike.feed import Feeder, Source
 from redbike.keys import Keys
 from redbike.records import (
     Aside,
@@ -208,6 +209,7 @@ def test_python_passes_what_each_header_says(client: redis.Redis, prefix: str,
     assert dispatcher.moved == 1 and dispatcher.reaped == 1
     env.bike.scripts.run("renew", NOW, [], ["a:A", "tok", repr(NOW + 30)])
     dispatcher.lead(NOW, milliseconds=0)
+    Feeder(env.bike, Source("m:f", lambda last: iter(()), [], {}), "f").poll()
     assert {name for name, _, _ in calls} == set(SCRIPT_NAMES)
     for name, keys, args in calls:
         check_call(name, keys, args)

@@ -13,8 +13,8 @@
 -- untouched, and the feeder calls this once per poll, for many jobs.
 -- KEYS: the job-state keys, then the feed's hash, the feed's outstanding jobs.
 -- ARGV: the common four, then most jobs to look at, how many entries at the
---       end of the finished list to look through, rate (items done per
---       second, for `redbike feeds`).
+--       end of the finished list to look through, the rate in items ended
+--       per second (shown by `redbike feeds`).
 -- Returns {outstanding jobs left, done, failed} (the last two: by this call).
 local feed, outstanding = KEYS[L.K + 1], KEYS[L.K + 2]
 local most, window = L.int_of(ARGV[L.A + 1], 1, 100000), L.int_of(ARGV[L.A + 2], 0, 1000000)
