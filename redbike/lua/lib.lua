@@ -340,14 +340,15 @@ end
 -- totals of its queue: its duration bucket (upper bounds in seconds, as
 -- stats.BUCKETS; past the last: bucket #BUCKETS + 1) and its run time.
 function L.count_run(queue_name, outcome, since)
-  local seconds = L.NOW_N - (tonumber(since) or L.NOW_N)
+  -- Bounded: a clock that jumped must not make the count fail half-way.
+  local seconds = math.min(math.max(L.NOW_N - (tonumber(since) or L.NOW_N), 0), L.MAX_AMOUNT)
   local bounds = {0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800}
   local bucket = #bounds + 1
   for i = 1, #bounds do
     if seconds <= bounds[i] then bucket = i break end
   end
   redis.call('HINCRBY', L.TOTALS, queue_name .. '|' .. outcome .. '|' .. bucket, 1)
-  redis.call('HINCRBY', L.TOTALS, queue_name .. '|ms', math.floor(seconds * 1000 + 0.5))
+  redis.call('HINCRBY', L.TOTALS, queue_name .. '|ms', L.int(seconds * 1000 + 0.5))
 end
 
 -- Forget a job's schedule and state (its needs and pending placement in
