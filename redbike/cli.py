@@ -2,6 +2,7 @@
 
 Usage:
   redbike [options] set JOBID SCHEDULE [--after=TS] [--needs=NEEDS] [--misfire=POLICY] [--grace=S] [--retries=N]
+                    [--data=JSON | --data-file=PATH]
   redbike [options] unset JOBID
   redbike [options] retry (--status=DIE | JOBID...)
   redbike [options] dispatch [WORKER] [--schedules=CSV [--after=TS]] [--nodes]
@@ -31,7 +32,7 @@ Options:
   --after=TS         Count runs from this time (epoch seconds or ISO 8601)
                      instead of the timefile's (preview: instead of now).
   --before=TS        Only jobs whose last status is older than this.
-  --schedules=CSV    Set these JOBID,SCHEDULE[,NEEDS[,MISFIRE[,RETRIES]]] rows
+  --schedules=CSV    Set these JOBID,SCHEDULE[,NEEDS[,MISFIRE[,RETRIES[,DATA]]]] rows
                      before dispatching.
   --needs=NEEDS      Resources the job needs: host:db-17,db:db42=2 (amount 1
                      unless given); none: it needs nothing. Without it a job
@@ -44,6 +45,10 @@ Options:
   --grace=S          Seconds late an occurrence may still run under skip.
   --retries=N        Runs after the first when a run raises or does not
                      complete, with exponential backoff (config retries).
+  --data=JSON        The job's payload, a JSON value (work() gets it as
+                     self.data; null drops it). Without it a job keeps its
+                     payload.
+  --data-file=PATH   The payload read from a file of JSON (- : stdin).
   --status=DIE       retry: every failed job.
   --concurrency=N    Worker processes under this supervisor, 1 to 256
                      (each maps 2 MiB of shared memory) [default: 1].
@@ -106,6 +111,7 @@ from .nodes import check_node_name
 from .occurrences import misfire_text
 from .preview import parse_count, preview
 from .reconcile import Busy
+from .records import decode_data, parse_data
 from .registry import redbike_version
 from .resources import ResourceError, check_name, parse_capacity
 from .roundrobin import RoundRobin
@@ -249,6 +255,24 @@ def _policy(args: dict[str, Any]) -> dict[str, Any]:
     return {"misfire": misfire, "grace": grace, "retries": retries}
 
 
+def _data(args: dict[str, Any], config: Config) -> dict[str, Any]:
+    """set's --data or --data-file, checked (JSON, at most max-data-bytes)."""
+    text = args["--data"]
+    if args["--data-file"] is not None:
+        path = args["--data-file"]
+        try:
+            if path == "-":
+                text = sys.stdin.read()
+            else:
+                with open(path, encoding="utf-8") as f:
+                    text = f.read()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"cannot read --data-file {path!r}: {getattr(exc, 'strerror', None) or exc}") from None
+    if text is None:
+        return {}
+    return {"data": decode_data(parse_data(text, config.max_data_bytes))}
+
+
 def _bike(args: dict[str, Any], config: Config, worker_required: bool = False) -> Redbike:
     worker = _worker(args["WORKER"], config, worker_required)
     client = connect(config.redis)
@@ -258,7 +282,7 @@ def _bike(args: dict[str, Any], config: Config, worker_required: bool = False) -
         raise Unreachable(str(exc)) from None
     return Redbike(worker, prefix=config.prefix, timefile=config.timefile, default_timeout=config.default_timeout,
                    client=client, misfire=config.misfire, retries=config.retries, retry=config.retry,
-                   retention=config.retention)
+                   retention=config.retention, max_data_bytes=config.max_data_bytes)
 
 
 def _embedded(stop: bool) -> int:
@@ -319,11 +343,12 @@ def _run(args: dict[str, Any]) -> int:
     # Read before Redis is contacted: a mistake is bad input (exit 2).
     reconciles = (args["nodes"] and args["--reconcile"]) or (args["dispatch"] and args["--nodes"])
     node_config = _node_config(args) if reconciles else NodeConfig()
+    payload = _data(args, config) if args["set"] else {}
     bike = _bike(args, config, worker_required=bool(args["work"]))
     out = csv.writer(sys.stdout, lineterminator="\n")
     if args["set"]:
         result = bike.set(args["JOBID"], args["SCHEDULE"], after=_timestamp(args["--after"]), needs=args["--needs"],
-                          **_policy(args))
+                          **_policy(args), **payload)
         if result == "PENDING":
             print(f"{args['JOBID']} is running; its new schedule applies when the run ends", file=sys.stderr)
         elif result == "KEPT":
