@@ -22,6 +22,7 @@ Usage:
   redbike [options] node NAME
   redbike [options] info [--json]
   redbike [options] top [--interval=S]
+  redbike [options] scale [--target=T] [--window=S] [--json]
   redbike [options] control HALT
   redbike [options] demo [--seconds=S]
   redbike [options] embedded (status | stop)
@@ -70,8 +71,12 @@ Options:
   --whole            With --reconcile: compare every task and capacity, not
                      only those of the nodes changed since the last pass.
   --json             JSON for tools: preview, a list (notes go to stderr);
-                     explain and info, one object.
+                     explain, info and scale, one object.
   --interval=S       top: seconds between refreshes [default: 2].
+  --target=T         scale: the utilisation to size the slots for, above 0
+                     and at most 1 [default: 0.9].
+  --window=S         scale: seconds of history the arrival rates and
+                     service times are taken over, 60 to 86400 [default: 600].
   -v --verbose       Log debug messages.
 
 Exit status: 0 success, 1 runtime failure (e.g. Redis unreachable) or, for
@@ -99,7 +104,7 @@ from typing import Any
 import redis
 from docopt import DocoptExit, docopt
 
-from . import info
+from . import info, scale
 from .api import JobIdError, Redbike, parse_retries
 from .config import DEFAULT_PATH, Config, ConfigError, check_reachable, connect, load_config
 from .csvfile import CsvError
@@ -184,6 +189,19 @@ def _check_usage(args: dict[str, Any]) -> None:
         check_node_name(args["NAME"])
     if args["top"]:
         _interval(args["--interval"])
+    if args["scale"]:
+        _target(args["--target"])
+        whole_number(args["--window"], "--window", 60, 86400)
+
+
+def _target(text: str) -> float:
+    try:
+        target = float(text)
+    except ValueError:
+        target = math.nan
+    if not 0 < target <= 1:
+        raise ValueError(f"--target must be a utilisation above 0 and at most 1, not {text!r}")
+    return target
 
 
 def _interval(text: str) -> float:
@@ -418,6 +436,10 @@ def _run(args: dict[str, Any]) -> int:
         print(json.dumps(shown, indent=2) if args["--json"] else "\n".join(info.lines(shown)))
     elif args["top"]:
         return _top(bike, _interval(args["--interval"]))
+    elif args["scale"]:
+        shown = scale.advice(bike.client, bike.keys, bike.clock(), target=_target(args["--target"]),
+                             window=whole_number(args["--window"], "--window", 60, 86400))
+        print(json.dumps(shown, indent=2) if args["--json"] else "\n".join(scale.lines(shown)))
     elif args["control"]:
         bike.control("HALT")
     return 0
