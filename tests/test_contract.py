@@ -111,7 +111,7 @@ def test_lib_lists_the_job_state_keys_in_the_order_python_passes_them() -> None:
     assert f"L.K, L.A = {len(records.JOB_STATE)}, 4" in LIB
     keys = Keys("p")
     assert keys.job_state() == [getattr(keys, name) for name, _ in zip(records.JOB_STATE, listed)]
-    # the names lib.lua binds KEYS[1..19] to, in the same order
+    # the names lib.lua binds KEYS[1..20] to, in the same order
     bound = re.findall(r"KEYS\[(\d+)\]", LIB.split("L.K, L.A")[0].split("local L = {}")[1])
     assert [int(n) for n in bound] == list(range(1, len(records.JOB_STATE) + 1))
 

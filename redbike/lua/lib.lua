@@ -1,6 +1,6 @@
 -- lib.lua: helpers shared by every redbike script (prepended to each one).
 --
--- Every script takes the same first nineteen KEYS (the job state):
+-- Every script takes the same first twenty KEYS (the job state):
 --   KEYS[1]  schedules   hash  jobid -> schedule text
 --   KEYS[2]  statuses    hash  jobid -> "EVENT:TIMESTAMP"
 --   KEYS[3]  timeline    zset  jobid scored by next run
@@ -34,6 +34,7 @@
 --                              "queue|due" (jobs enqueued), "queue|ms" (run
 --                              time), "queue|outcome|bucket" (runs that ended
 --                              done/failed/retried/expired, by duration bucket)
+--   KEYS[20] data        hash  jobid -> the job's payload (JSON), if it has one
 -- and the same first four ARGV: now (epoch seconds), the dispatcher's wake
 -- channel, the prefix of the queue wake channels (+ queue name) and the
 -- trail's length (events kept per job).
@@ -58,8 +59,8 @@ L.SCHEDULES, L.STATUSES, L.TIMELINE, L.LEASES, L.DEADLINES, L.ERRORS, L.CONTROL,
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 L.CAPACITIES, L.USAGE, L.PARKED, L.READY, L.PARKING, L.PARKSEQ, L.ASIDE, L.JOBS, L.FINISHED =
   KEYS[9], KEYS[10], KEYS[11], KEYS[12], KEYS[13], KEYS[14], KEYS[15], KEYS[16], KEYS[17]
-L.PAUSED, L.TOTALS = KEYS[18], KEYS[19]
-L.K, L.A = 19, 4
+L.PAUSED, L.TOTALS, L.DATA = KEYS[18], KEYS[19], KEYS[20]
+L.K, L.A = 20, 4
 L.NOW = ARGV[1]
 L.NOW_N = tonumber(ARGV[1])
 L.DISPATCH_CHANNEL = ARGV[2]
@@ -355,7 +356,7 @@ end
 -- `record`, which the caller saves). Its record (the ledger) and trail stay
 -- until keep-finished has passed (retire.lua), so that explain can tell.
 function L.forget(jobid, record)
-  for _, key in ipairs({L.SCHEDULES, L.STATUSES, L.ERRORS}) do
+  for _, key in ipairs({L.SCHEDULES, L.STATUSES, L.ERRORS, L.DATA}) do
     redis.call('HDEL', key, jobid)
   end
   record[L.NEEDS], record[L.PENDING] = '', ''
@@ -637,7 +638,7 @@ function L.consider(token, worker, room, i, queue, base, jobid, seq, ready, held
     {token, queue_name, worker, L.NOW, ARGV[base + 1], due, attempt, needs_text}, '|'))
   redis.call('ZADD', L.DEADLINES, L.NOW_N + tonumber(ARGV[base + 2]), jobid)
   redis.call('HSET', L.STATUSES, jobid, L.stamp('WRK'))
-  return {'JOB', jobid, i, schedule, record, needs_text}
+  return {'JOB', jobid, i, schedule, record, needs_text, redis.call('HGET', L.DATA, jobid) or ''}
 end
 
 -- Claim the first job found in the queues KEYS[first .. first+count-1], tried
@@ -648,7 +649,7 @@ end
 -- resource that lacks it; one that needs more than a capacity (global, or
 -- this pool's local one) is set aside; one the pool lacks local room for
 -- now stays first in its queue. A paused queue (KEYS[18]) is passed over.
--- Returns {'JOB', jobid, i, schedule, status-before-claim, needs},
+-- Returns {'JOB', jobid, i, schedule, job record, needs, payload ('' if none)},
 -- {'NONE'}, {'MORE'} (parked many: call again), or {'HALT', control} once the
 -- control key holds a value the worker has not seen.
 function L.claim(token, worker, control_seen, local_room, first, count, spec)
