@@ -6,7 +6,8 @@ The file (default ``.redbike.conf`` in the current directory) has two stanzas:
     ``prefix``, ``worker``, ``timefile``, ``default-timeout``; the defaults
     of a job's policy, ``misfire`` (once, skip:GRACE, all, all:N) and
     ``retries``; ``retry-backoff`` and ``retry-backoff-max`` (seconds);
-    ``keep-finished`` (seconds) and ``trail-length`` (events per job).
+    ``keep-finished`` (seconds) and ``trail-length`` (events per job);
+    ``max-data-bytes`` (the largest payload ``set`` takes).
 ``[redbike-redis]``
     keyword arguments of ``redis.Redis`` (``host``, ``port``, ``password``,
     ``ssl``, ...) or ``url`` plus extra keyword arguments for
@@ -44,7 +45,7 @@ import redis
 
 from . import embedded
 from .occurrences import Retry
-from .records import check_misfire
+from .records import DEFAULT_MAX_DATA_BYTES, check_misfire
 from .scripts import Retention
 
 logger = logging.getLogger(__name__)
@@ -153,6 +154,7 @@ class Config:
     retries: int = 0
     retry: Retry = field(default_factory=Retry)
     retention: Retention = field(default_factory=Retention)
+    max_data_bytes: int = DEFAULT_MAX_DATA_BYTES
     redis: dict[str, object] = field(default_factory=dict)
 
 
@@ -199,7 +201,8 @@ def read_parser(path: str, keep_case: bool = False) -> configparser.ConfigParser
 
 
 _MAIN_KEYS = ("prefix, worker, timefile, default-timeout, misfire, retries, retry-backoff, "
-              "retry-backoff-max, keep-finished, trail-length")
+              "retry-backoff-max, keep-finished, trail-length, max-data-bytes")
+MAX_DATA_BYTES = 16 * 1024 * 1024  # the most max-data-bytes may be: a payload is read with its job on every claim
 YEAR = 365 * DAY
 
 
@@ -236,6 +239,8 @@ def _parse_policy(key: str, value: str, where: str, config: Config) -> bool:
         config.retention = Retention(config.retention.trail_length, _seconds(value, where, 10 * YEAR))
     elif key == "trail_length":
         config.retention = Retention(_count(value, where, 1, 10000), config.retention.keep_finished)
+    elif key == "max_data_bytes":
+        config.max_data_bytes = _count(value, where, 1, MAX_DATA_BYTES)
     else:
         return False
     return True

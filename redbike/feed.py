@@ -4,8 +4,8 @@ A feed function, named like a worker (``module:function``, parsed and never
 evaluated, marked with :func:`feed_source` so that a spec cannot name
 ``os:system``), is called ``function(last=CURSOR, **args)`` and yields items:
 
-- a job id (``"img-1"``), or ``(jobid, data)`` (data: JSON, at most
-  MAX_DATA_BYTES encoded);
+- a job id (``"img-1"``), or ``(jobid, data)`` (data: the job's payload,
+  JSON, at most the config's max-data-bytes encoded);
 - :class:`Item` ``(jobid, data=None, cursor=...)``: the same, with the
   cursor to resume after it (default: the item's job id as yielded);
 - :class:`Total` ``(n)``: how many items follow (for the progress bar's ETA;
@@ -53,6 +53,7 @@ import redis
 from .api import Redbike
 from .lease import KeyLease
 from .names import BadName, check_feed_name, check_jobid
+from .records import DEFAULT_MAX_DATA_BYTES, DataError, encode_data
 from .workerspec import WorkerSpecError, parse_spec
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,6 @@ log = logging.getLogger(__name__)
 MARK = "__redbike_feed_source__"
 HIGH_WATER = 10_000  # --high-water: most of a feed's jobs outstanding
 BATCH = 500  # --batch: items per transaction
-MAX_DATA_BYTES = 64 * 1024  # a payload's JSON, encoded (issue #10's max-data-bytes default)
 LEASE_MS = 10_000  # the feeder's lease; renewed by every batch, and every RENEW_EVERY s while it waits
 RENEW_EVERY = 3.0
 BATCH_SECONDS = 1.0  # a batch goes in when full, or this long after its first item (a slow iterator)
@@ -180,14 +180,15 @@ def one_line(exc: BaseException) -> str:
 
 
 class Fed(NamedTuple):
-    """One item, checked: its job's id, data (JSON text, '' for none) and cursor."""
+    """One item, checked: its job's id, data (None: none) and cursor."""
 
     jobid: str
-    data: str
+    data: Any
     cursor: Any
 
 
-def check_item(item: object, number: int, queue: str | None, queue_of: Callable[[str], str]) -> Fed:
+def check_item(item: object, number: int, queue: str | None, queue_of: Callable[[str], str],
+               max_data_bytes: int = DEFAULT_MAX_DATA_BYTES) -> Fed:
     """An item as the feed puts it in (BadItem: one line naming it)."""
     where = f"item {number}"
     if isinstance(item, Item):
@@ -208,20 +209,16 @@ def check_item(item: object, number: int, queue: str | None, queue_of: Callable[
         raise BadItem(f"{where}: {exc}") from None
     if queue is not None and routed != queue:
         raise BadItem(f"{where}: the worker routes {full!r} to queue {routed!r}, not {queue!r}")
-    encoded = ""
     if data is not None:
         try:
-            encoded = json.dumps(data, allow_nan=False, separators=(",", ":"))
-        except (TypeError, ValueError) as exc:
-            raise BadItem(f"{where} ({jobid}): its data is not JSON: {exc}") from None
-        if len(encoded.encode()) > MAX_DATA_BYTES:
-            raise BadItem(f"{where} ({jobid}): its data takes {len(encoded.encode())} bytes as JSON, "
-                          f"more than {MAX_DATA_BYTES}")
+            encode_data(data, max_data_bytes)
+        except DataError as exc:
+            raise BadItem(f"{where} ({jobid}): {exc}") from None
     try:
         json.dumps(cursor, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise BadItem(f"{where} ({jobid}): its cursor is not JSON: {exc}") from None
-    return Fed(full, encoded, cursor)
+    return Fed(full, data, cursor)
 
 
 def shorten(text: str, most: int = 80) -> str:
@@ -336,19 +333,21 @@ class Feeder:
 
     def commit(self, batch: list[Fed], exhausted: bool) -> None:
         """Put ``batch`` in with the checkpoint after it, in one fenced transaction."""
-        alike = self.bike.alike("NOW")
         first = self.counts.fed
         sent: list[str] = []
+        now = self.bike.clock()
 
         def act(pipe: Any) -> None:
-            # Every id was checked (check_item): none is left out here.
-            # TODO(issue #10, job payloads): pass each item's data once set.lua takes it.
-            sent.extend(self.bike.queue_alike(pipe, alike, ((fed.jobid, None) for fed in batch))[0])
+            queued = self.bike.set_alike(((fed.jobid, None, fed.data) for fed in batch), "NOW", client=pipe)
+            refused = [(jobid, error) for jobid, error in queued.items() if error is not True]
+            if refused:  # every item was checked (check_item): not expected
+                raise SourceFailed(f"feed {self.name}: {refused[0][0]} refused: {refused[0][1]}")
+            sent.extend(queued)
             if batch:
                 pipe.zadd(self.jobs_key, {fed.jobid: first + i for i, fed in enumerate(batch)})
                 pipe.hset(self.key, "cursor", json.dumps(batch[-1].cursor, separators=(",", ":")))
             pipe.hincrby(self.key, "fed", len(batch))
-            pipe.hset(self.key, mapping={"exhausted": int(exhausted), "updated": repr(alike.now)})
+            pipe.hset(self.key, mapping={"exhausted": int(exhausted), "updated": repr(now)})
             pipe.sadd(self.bike.keys.feeds, self.name)
 
         replies = self.fenced(act)
@@ -378,7 +377,7 @@ class Feeder:
                     self.progress.total = self.number + item.remaining
                 continue
             self.number += 1
-            batch.append(check_item(item, self.number, self.queue, self.bike._queue_of))
+            batch.append(check_item(item, self.number, self.queue, self.bike._queue_of, self.bike.max_data_bytes))
             if time.monotonic() - started >= BATCH_SECONDS:
                 break
         return batch, False

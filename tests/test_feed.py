@@ -148,8 +148,8 @@ def test_bad_feeds_get_one_line(feeddir: Path, process_env: dict[str, str], args
 @pytest.mark.parametrize(("what", "says"), [
     ("int", "redbike: item 2: expected a job id or (job id, data), got 42"),
     ("triple", "redbike: item 2: expected a job id or (job id, data), got ('a', 1, 2)"),
-    ("set", "redbike: item 2 (b1): its data is not JSON: Object of type set is not JSON serializable"),
-    ("nan", "redbike: item 2 (b2): its data is not JSON: Out of range float values are not JSON compliant"),
+    ("set", "redbike: item 2 (b1): the job's data must be JSON: Object of type set is not JSON serializable"),
+    ("nan", "redbike: item 2 (b2): the job's data must be JSON: Out of range float values are not JSON compliant"),
 ])
 def test_a_bad_item_stops_the_feed_at_the_last_good_batch(feeddir: Path, client: redis.Redis, keys: Keys,
                                                           process_env: dict[str, str], what: str, says: str) -> None:
@@ -195,6 +195,7 @@ def test_ids_tuples_and_sized_lists_resume_from_their_cursor(client: redis.Redis
     assert counts.fed == 9 and client.llen(keys.queue("F")) == 9
     counts = feeder(client, prefix, "sized", "s", args={"count": 4}).run()  # (id, data) items of a list
     assert counts.fed == 4 and client.hget(keys.feed("s"), "cursor") == '"s3"'
+    assert client.hget(keys.data, "s2") == '{"i":2}'  # the payload, as work() gets it
     assert client.lrange(keys.queue("s0"), 0, -1) == ["s0"]  # no --queue: routed by the worker (its id's suffix)
 
 
@@ -210,13 +211,14 @@ def test_feed_done_counts_ended_jobs_and_removes_what_they_left(client: redis.Re
     for jobid in ("n0:F", "n1:F", "n2:F", "n3:F", "other:F"):
         client.hset(keys.statuses, jobid, "ENQ:1")
     client.hset(keys.statuses, "n0:F", "END:1")
+    client.hset(keys.data, "n0:F", "{}")
     client.rpush(keys.finished, "1|other:F", "1|n0:F", "1|n5:F")
     client.hset(keys.statuses, "n1:F", "DIE:1")
     client.hdel(keys.statuses, "n2:F")
     client.hset(keys.statuses, "n3:F", "RTY:1")
     assert fed.poll() == 3
     assert (fed.counts.done, fed.counts.failed) == (2, 1)
-    assert not client.hexists(keys.jobs, "n0:F") and not client.hexists(keys.schedules, "n0:F")
+    assert not any(client.hexists(key, "n0:F") for key in (keys.jobs, keys.schedules, keys.statuses, keys.data))
     assert client.hexists(keys.jobs, "n1:F")  # a failure is kept for tell and retry
     assert client.lrange(keys.finished, 0, -1) == ["1|other:F", "1|n5:F"]
     assert client.zrange(keys.feed_jobs("n"), 0, -1) == ["n4:F", "n5:F", "n3:F"]  # the retry to the back

@@ -1,8 +1,8 @@
 -- feed_done.lua: the feeder's look at its oldest outstanding jobs (feed.py).
 -- Each that ended is taken off the feed's outstanding jobs and counted, done
 -- or failed; one that ran to its end (END, or STP: StopWork) is removed at
--- once with all it left (status, schedule, record with its trail, error, and
--- its entry among the last of the finished list) rather than keep-finished
+-- once with all it left (status, schedule, record with its trail, error,
+-- payload, and its entry among the last of the finished list) rather than keep-finished
 -- later, so a feed of a billion items leaves only its outstanding jobs behind.
 -- A failed one (DIE) is kept, for tell, explain and retry. One unset (no
 -- status) is counted done; what it left is retired as any unset job's. One
@@ -31,7 +31,7 @@ for _, jobid in ipairs(ids) do
   local status = redis.call('HGET', L.STATUSES, jobid)
   local kind = status and string.sub(status, 1, 4)
   if kind == 'END:' or kind == 'STP:' then
-    for _, key in ipairs({L.SCHEDULES, L.STATUSES, L.ERRORS, L.JOBS}) do
+    for _, key in ipairs({L.SCHEDULES, L.STATUSES, L.ERRORS, L.JOBS, L.DATA}) do
       redis.call('HDEL', key, jobid)
     end
     removed[jobid], any = true, true
