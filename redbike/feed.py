@@ -267,6 +267,7 @@ class Feeder:
         self.rate = Rate()
         self.renewed = 0.0
         self.number = 0  # items taken from the iterator in this run
+        self.full = False  # the last poll found as many ended as it looked at
 
     # -------------------------------------------------------- the lease
 
@@ -327,6 +328,7 @@ class Feeder:
             [most, 2 * most + 200, f"{self.rate.per_second():.3f}"])
         self.counts.done += done
         self.counts.failed += failed
+        self.full = done + failed >= most  # more may have ended than it looked at: look again at once
         self.counts.outstanding = outstanding
         self.rate.add(self.counts.done + self.counts.failed)
         return int(outstanding)
@@ -432,6 +434,8 @@ class Feeder:
             if exhausted and (not self.wait or outstanding == 0):
                 return
             self.keep_lease()
+            if self.full:
+                continue
             # Asleep until about enough jobs ended to feed a batch (or, at the
             # end, all of them), as long as the drain rate seen while the feed
             # last waited says that takes; backing off while nothing ends.
