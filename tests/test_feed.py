@@ -9,9 +9,11 @@ import random
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
+import pexpect
 import pytest
 import redis
 from conftest import ROOT, Daemons, redbike_command, wait_for, write_config
@@ -224,3 +226,28 @@ def test_feed_done_counts_ended_jobs_and_removes_what_they_left(client: redis.Re
     assert client.zrange(keys.feed_jobs("n"), 0, -1) == ["n4:F", "n5:F", "n3:F"]  # the retry to the back
     stored = client.hgetall(keys.feed("n"))
     assert (stored["done"], stored["failed"]) == ("2", "1")
+
+
+def test_wait_exits_1_when_jobs_failed_and_keeps_the_failures(feeddir: Path, client: redis.Redis, keys: Keys,
+                                                                daemons: Daemons, process_env: dict[str, str]) -> None:
+    daemons.start("work", "--concurrency", "2", cwd=feeddir)
+    result = feed_command(feeddir, process_env, "feedsource:numbers", "count=30", "prefix=fail", "--queue=F",
+                          "--name=f", "--wait")
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.splitlines()[-1].startswith("feed f: finished: fed 30, done 0, failed 30, waiting 0;")
+    assert all(status.startswith("DIE:") for status in client.hvals(keys.statuses))
+    assert client.hlen(keys.statuses) == 30  # kept for tell, explain and retry
+
+
+def test_a_terminal_gets_a_progress_bar(feeddir: Path, daemons: Daemons, process_env: dict[str, str]) -> None:
+    daemons.start("work", "--concurrency", "2", cwd=feeddir)
+    child = pexpect.spawn(sys.executable, ["-m", "redbike", "feed", "feedsource:numbers", "count=3000", "--queue=F",
+                                           "--name=t", "--wait", "--batch=100", "--high-water=400"],
+                          cwd=str(feeddir), env=dict(process_env, TERM="xterm", LANG="C.UTF-8"), timeout=60,
+                          dimensions=(24, 160))
+    child.expect(pexpect.EOF)
+    child.close()
+    shown = child.before.decode(errors="replace")
+    assert child.exitstatus == 0, shown
+    assert "━" in shown and "fed 3000, done 3000, failed 0, waiting 0" in shown
+    assert "feed t: finished: fed 3000, done 3000" in shown

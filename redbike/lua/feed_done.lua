@@ -25,7 +25,7 @@ if not rate or rate ~= rate or rate < 0 or rate == math.huge then return L.bad('
 local ids = redis.call('ZRANGE', outstanding, 0, most - 1)
 local last = redis.call('ZRANGE', outstanding, -1, -1, 'WITHSCORES')[2]
 local back = (tonumber(last) or 0) + 1
-local removed, any = {}, false
+local removed, wanted = {}, 0
 local done, failed = 0, 0
 for _, jobid in ipairs(ids) do
   local status = redis.call('HGET', L.STATUSES, jobid)
@@ -34,7 +34,7 @@ for _, jobid in ipairs(ids) do
     for _, key in ipairs({L.SCHEDULES, L.STATUSES, L.ERRORS, L.JOBS, L.DATA}) do
       redis.call('HDEL', key, jobid)
     end
-    removed[jobid], any = true, true
+    if kind == 'END:' then removed[jobid], wanted = true, wanted + 1 end
     done = done + 1
     redis.call('ZREM', outstanding, jobid)
   elseif kind == 'DIE:' then
@@ -48,15 +48,21 @@ for _, jobid in ipairs(ids) do
     back = back + 1
   end
 end
-if any and window > 0 then
-  -- The finished list's entries of the jobs removed: they ended moments ago,
-  -- so their entries are among its last. The list's end is rewritten without
-  -- them (entries further back are retire.lua's, as any job's: it finds
-  -- nothing left of them).
-  local entries = redis.call('LRANGE', L.FINISHED, -window, -1)
-  local kept = {}
-  for _, entry in ipairs(entries) do
-    if not removed[string.match(entry, '^[^|]*|(.*)$') or ''] then kept[#kept + 1] = entry end
+if wanted > 0 and window > 0 then
+  -- The finished list's entries of the jobs removed (END): they ended since
+  -- the feeder last looked, so their entries are among the list's last. Its
+  -- end is rewritten without them, looking further back (up to 64 times the
+  -- window) while some are not found; any found nowhere (a job that ended
+  -- long before a feeder started) is retire.lua's, as any job's: it finds
+  -- nothing left of it.
+  local size, entries, kept = window, nil, nil
+  while true do
+    entries, kept = redis.call('LRANGE', L.FINISHED, -size, -1), {}
+    for _, entry in ipairs(entries) do
+      if not removed[string.match(entry, '^[^|]*|(.*)$') or ''] then kept[#kept + 1] = entry end
+    end
+    if #entries - #kept >= wanted or #entries < size or size >= 64 * window then break end
+    size = size * 4
   end
   if #kept < #entries then
     redis.call('LTRIM', L.FINISHED, 0, -#entries - 1)
