@@ -120,7 +120,8 @@ from .api import JobIdError, Redbike, parse_retries
 from .config import DEFAULT_PATH, Config, ConfigError, check_reachable, connect, load_config
 from .csvfile import CsvError
 from .embedded import EmbeddedError, find_folder, server_status, stop_server
-from .feed import FeedBusy, SourceFailed, feeds, parse_arguments, run_feed
+from .feed import FeedBusy, SourceFailed, feeds, run_feed
+from .feeditems import parse_arguments
 from .names import check_feed_name, check_jobid, check_queue, whole_number
 from .nodeconfig import NodeConfig, load_node_config
 from .nodeloop import ConfigWatch, reconcile_loop

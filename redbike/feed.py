@@ -35,10 +35,8 @@ per batch or per second, whichever is more frequent.
 from __future__ import annotations
 
 import collections
-import importlib
 import json
 import logging
-import math
 import os
 import signal
 import socket
@@ -46,183 +44,41 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, TypeVar
+from typing import Any
 
 import redis
 
 from .api import Redbike
+from .feeditems import (
+    BadItem,
+    Fed,
+    Item,
+    Source,
+    SourceFailed,
+    Total,
+    check_item,
+    feed_source,
+    one_line,
+)
+from .feedview import FEED_FIELDS, Progress, feeds
 from .lease import KeyLease
-from .names import BadName, check_feed_name, check_jobid
-from .records import DEFAULT_MAX_DATA_BYTES, DataError, encode_data
-from .workerspec import WorkerSpecError, parse_spec
+from .names import check_feed_name
+
+__all__ = ["FEED_FIELDS", "BadItem", "FeedBusy", "Feeder", "Item", "Source", "SourceFailed", "Total", "feed_source",
+           "feeds", "run_feed"]
 
 log = logging.getLogger(__name__)
 
-MARK = "__redbike_feed_source__"
 HIGH_WATER = 10_000  # --high-water: most of a feed's jobs outstanding
 BATCH = 500  # --batch: items per transaction
 LEASE_MS = 10_000  # the feeder's lease; renewed by every batch, and every RENEW_EVERY s while it waits
 RENEW_EVERY = 3.0
 BATCH_SECONDS = 1.0  # a batch goes in when full, or this long after its first item (a slow iterator)
 MIN_SLEEP, MAX_SLEEP = 0.05, 1.0  # seconds between polls while the feed is at its high-water mark
-LOG_EVERY = 10.0  # seconds between progress lines when stderr is not a terminal
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def feed_source(function: F) -> F:
-    """Mark ``function`` as one `redbike feed` may call: only marked
-    functions are, so a spec cannot name ``os:system`` or the like."""
-    setattr(function, MARK, True)
-    return function
-
-
-class Item(NamedTuple):
-    """An item with its own cursor: the feed resumes with ``last=cursor``
-    after it (JSON: a string, a number, a list...)."""
-
-    jobid: str
-    data: Any = None
-    cursor: Any = None
-
-
-class Total(NamedTuple):
-    """Yielded by a feed function: ``remaining`` items follow (for the ETA)."""
-
-    remaining: int
-
-
-class BadItem(ValueError):
-    """The function yielded something that is not an item (exit 2)."""
-
-
-class SourceFailed(Exception):
-    """The feed function raised (exit 1)."""
 
 
 class FeedBusy(Exception):
     """Another feeder holds the feed's lease, or took it (exit 1)."""
-
-
-# ------------------------------------------------------------ the function
-
-
-def parse_arguments(words: Iterable[str]) -> dict[str, str]:
-    """``ARG=VALUE`` words as keyword arguments (strings); ValueError for another word."""
-    kwargs: dict[str, str] = {}
-    for word in words:
-        name, has_value, value = word.partition("=")
-        if not has_value or not name.isidentifier():
-            raise ValueError(f"bad feed argument {word!r}: expected NAME=VALUE")
-        if name == "last":
-            raise ValueError("the feed argument 'last' is the cursor, given by the feeder")
-        kwargs[name] = value
-    return kwargs
-
-
-@dataclass
-class Source:
-    """A feed function, imported and checked, with its arguments."""
-
-    spec: str
-    function: Callable[..., Any]
-    args: list[object]
-    kwargs: dict[str, object]
-
-    @classmethod
-    def load(cls, spec: str, words: Iterable[str] = ()) -> Source:
-        """Import ``module:function`` (literal arguments allowed, as in a
-        worker spec) and check it is marked; WorkerSpecError otherwise."""
-        module_name, path, args, kwargs = parse_spec(spec)
-        kwargs.update(parse_arguments(words))
-        if "last" in kwargs:
-            raise ValueError("the feed argument 'last' is the cursor, given by the feeder")
-        if os.getcwd() not in sys.path:  # a module in the current folder is found, as a worker's is
-            sys.path.insert(0, os.getcwd())
-        try:
-            target: object = importlib.import_module(module_name)
-        except Exception as exc:  # noqa: BLE001 - whatever the module raised: one line
-            reason = " ".join(str(exc).split()) if isinstance(exc, ImportError) else f"{type(exc).__name__}: {exc}"
-            raise WorkerSpecError(f"cannot import feed module {module_name!r}: {reason}") from None
-        for i, name in enumerate(path):
-            try:
-                target = getattr(target, name)
-            except AttributeError:
-                raise WorkerSpecError(f"{'.'.join([module_name, *path[:i]])!r} has no attribute {name!r}") from None
-        if not callable(target) or not getattr(target, MARK, False):
-            raise WorkerSpecError(f"feed {spec!r} is not a function marked with @redbike.feed.feed_source")
-        return cls(spec, target, args, kwargs)
-
-    @property
-    def default_name(self) -> str:
-        module_name, path, _, _ = parse_spec(self.spec)
-        return ".".join([module_name, *path])
-
-    def open(self, cursor: Any) -> tuple[Iterator[Any], int | None]:
-        """Call the function from ``cursor``: its items, and how many when it says (len())."""
-        try:
-            returned = self.function(*self.args, last=cursor, **self.kwargs)
-        except Exception as exc:  # noqa: BLE001 - whatever the user's function raised: one line
-            raise SourceFailed(f"feed {self.spec} raised {one_line(exc)}") from None
-        try:
-            items = iter(returned)
-        except TypeError:
-            raise BadItem(f"feed {self.spec} returned {type(returned).__name__}, not an iterable") from None
-        try:
-            total = len(returned)
-        except TypeError:
-            total = None
-        return items, total
-
-
-def one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-class Fed(NamedTuple):
-    """One item, checked: its job's id, data (None: none) and cursor."""
-
-    jobid: str
-    data: Any
-    cursor: Any
-
-
-def check_item(item: object, number: int, queue: str | None, queue_of: Callable[[str], str],
-               max_data_bytes: int = DEFAULT_MAX_DATA_BYTES) -> Fed:
-    """An item as the feed puts it in (BadItem: one line naming it)."""
-    where = f"item {number}"
-    if isinstance(item, Item):
-        jobid, data, cursor = item.jobid, item.data, item.cursor if item.cursor is not None else item.jobid
-    elif isinstance(item, str):
-        jobid, data, cursor = item, None, item
-    elif isinstance(item, tuple) and len(item) == 2:
-        jobid, data, cursor = item[0], item[1], item[0]
-    else:
-        raise BadItem(f"{where}: expected a job id or (job id, data), got {shorten(repr(item))}")
-    if not isinstance(jobid, str):
-        raise BadItem(f"{where}: the job id {shorten(repr(jobid))} is not a string")
-    full = f"{jobid}:{queue}" if queue is not None else jobid
-    try:
-        check_jobid(full)
-        routed = queue_of(full)
-    except BadName as exc:
-        raise BadItem(f"{where}: {exc}") from None
-    if queue is not None and routed != queue:
-        raise BadItem(f"{where}: the worker routes {full!r} to queue {routed!r}, not {queue!r}")
-    if data is not None:
-        try:
-            encode_data(data, max_data_bytes)
-        except DataError as exc:
-            raise BadItem(f"{where} ({jobid}): {exc}") from None
-    try:
-        json.dumps(cursor, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise BadItem(f"{where} ({jobid}): its cursor is not JSON: {exc}") from None
-    return Fed(full, data, cursor)
-
-
-def shorten(text: str, most: int = 80) -> str:
-    return text if len(text) <= most else text[:most - 3] + "..."
 
 
 # ------------------------------------------------------------ the feeder
@@ -281,15 +137,7 @@ class Feeder:
         host, _, rest = holder.partition(":")
         pid = rest.partition(":")[0]
         if host == socket.gethostname() and pid.isdigit() and not pid_alive(int(pid)):
-            with self.bike.client.pipeline() as pipe:
-                try:
-                    pipe.watch(self.lease.key)
-                    if pipe.get(self.lease.key) == holder:
-                        pipe.multi()
-                        pipe.delete(self.lease.key)
-                        pipe.execute()
-                except redis.WatchError:
-                    pass
+            self.lease.break_if(holder)
             log.info("feed %s: its last feeder (%s) is gone; taking over", self.name, holder)
             if self.lease.acquire():
                 self.renewed = time.monotonic()
@@ -478,65 +326,6 @@ class Rate:
         return (c1 - c0) / (t1 - t0) if t1 > t0 else 0.0
 
 
-# ------------------------------------------------------------ progress
-
-
-class Progress:
-    """What a feeder shows as it goes: a rich progress bar on a terminal,
-    else an INFO line every LOG_EVERY seconds."""
-
-    def __init__(self, terminal: bool) -> None:
-        self.terminal = terminal
-        self.total: int | None = None
-        self.base = 0  # ended when this run started
-        self.bar: Any = None
-        self.task: Any = None
-        self.logged = 0.0
-
-    def start(self, feeder: Feeder, total: int | None) -> None:
-        self.total = total
-        self.base = feeder.counts.done + feeder.counts.failed
-        self.logged = time.monotonic()  # the first line after LOG_EVERY: a feed that fails at once says one line
-        if self.terminal:
-            try:
-                from rich.console import Console
-                from rich.progress import BarColumn, TextColumn, TimeRemainingColumn
-                from rich.progress import Progress as Bar
-            except ImportError:  # the views extra is not installed: lines, as off a terminal
-                self.terminal = False
-                return
-            self.bar = Bar(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[counts]}"),
-                           TimeRemainingColumn(), console=Console(stderr=True), transient=False)
-            self.task = self.bar.add_task(feeder.name, total=total, counts="")
-            self.bar.start()
-
-    def show(self, feeder: Feeder) -> None:
-        counts, rate = feeder.counts, feeder.rate.per_second()
-        text = (f"fed {counts.fed}, done {counts.done}, failed {counts.failed}, "
-                f"waiting {counts.outstanding}, {rate:.0f} items/s")
-        ended = counts.done + counts.failed - self.base
-        if self.total is not None and rate > 0:
-            left = max(0, self.total - ended)
-            text += f", ETA {format_seconds(left / rate)}"
-        if self.bar is not None:
-            self.bar.update(self.task, completed=ended, total=self.total, counts=text)
-        elif time.monotonic() - self.logged >= LOG_EVERY:
-            self.logged = time.monotonic()
-            log.info("feed %s: %s", feeder.name, text)
-
-    def stop(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-
-
-def format_seconds(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    minutes, secs = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}"
-
-
 # ------------------------------------------------------------ the commands
 
 
@@ -560,24 +349,3 @@ def run_feed(bike: Redbike, spec: str, words: Iterable[str], *, name: str | None
                f"{seconds:.1f} s")
     print(summary, file=sys.stderr)
     return 1 if wait and counts.failed else 0
-
-
-FEED_FIELDS = ("name", "cursor", "fed", "done", "failed", "waiting", "rate", "state")
-
-
-def feeds(client: redis.Redis, keys: Any) -> Iterator[tuple[Any, ...]]:
-    """Each feed's FEED_FIELDS: state ``feeding`` (a feeder holds its lease),
-    ``finished`` (its iterator ran out and its jobs ended), ``exhausted`` (ran
-    out; jobs outstanding) or ``stopped``; rate: items ended per second
-    (0 when no feeder runs)."""
-    names = sorted(client.smembers(keys.feeds))
-    for name in names:
-        with client.pipeline(transaction=False) as pipe:
-            pipe.hgetall(keys.feed(name))
-            pipe.zcard(keys.feed_jobs(name))
-            pipe.exists(keys.feed_lease(name))
-            stored, waiting, feeding = pipe.execute()
-        exhausted = stored.get("exhausted") == "1"
-        state = "feeding" if feeding else ("finished" if waiting == 0 else "exhausted") if exhausted else "stopped"
-        yield (name, stored.get("cursor", ""), int(stored.get("fed") or 0), int(stored.get("done") or 0),
-               int(stored.get("failed") or 0), waiting, stored.get("rate", "0") if feeding else "0", state)

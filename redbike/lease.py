@@ -41,6 +41,19 @@ class KeyLease:
     def release(self) -> None:
         self.if_mine(lambda pipe: pipe.delete(self.key))
 
+    def break_if(self, holder: str) -> None:
+        """Delete the lease if ``holder`` still holds it (a holder known to be
+        gone: its writes, were it not, would fail their WATCH)."""
+        with self.client.pipeline() as pipe:
+            try:
+                pipe.watch(self.key)
+                if pipe.get(self.key) == holder:
+                    pipe.multi()
+                    pipe.delete(self.key)
+                    pipe.execute()
+            except redis.WatchError:
+                pass
+
     def holder(self) -> str | None:
         holder: str | None = self.client.get(self.key)  # type: ignore[assignment]
         return holder
