@@ -18,8 +18,9 @@ outstanding jobs, the cursor after its last item and the count fed go in
 ONE transaction, fenced by the lease (WATCH, token checked, MULTI ... EXEC).
 So a checkpoint never runs ahead of what was put in, nor behind it by more
 than that batch: killed at any instant, the feeder resumes from the last
-batch that went in, and only that one batch can be fed again (handlers must
-be idempotent).
+batch that went in, and takes again from the iterator only the batch it was
+putting in, which had not gone in (jobs still run at least once, not
+exactly once: handlers must be idempotent).
 
 Backpressure and retention need no change on the workers' path: the feeder
 polls feed_done.lua, which looks at its oldest outstanding jobs, counts

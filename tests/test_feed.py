@@ -98,7 +98,11 @@ def test_killed_at_random_and_restarted_every_item_runs_at_most_one_batch_again_
     assert last.wait(120) == 0, daemons.log(last)
     counted = runs(client, testlog)
     assert set(counted) == {f"n{i}:F" for i in range(count)}
-    assert sum(counted.values()) - count <= kills * batch
+    # The issue allows a batch again per kill; a batch and its checkpoint go
+    # in together or not at all, so none is: each item ran once.
+    again = sum(counted.values()) - count
+    assert again <= kills * batch
+    assert again == 0
     stored = client.hgetall(keys.feed("k"))
     assert stored["cursor"] == str(count - 1) and int(stored["done"]) == int(stored["fed"]) >= count
 
