@@ -459,8 +459,8 @@ end
 -- and place the job. A `set` made while the job ran (the pending placement)
 -- wins over the run's own; a job unset while it ran is just released. A stale
 -- token changes nothing. The run counts in its queue's totals as `expired`
--- (the reaper ends it) or by its end: done, retried (an error with a retry
--- placed) or failed.
+-- (the reaper ends it, or it did not complete in its timeout: status EXP) or
+-- by its end: done, retried (it raised, and runs again) or failed.
 function L.finish(jobid, token, p, err, queue, channel, fires, expired)
   local lease = redis.call('HGET', L.LEASES, jobid)
   if not L.lease_token_matches(lease, token) then
@@ -471,7 +471,7 @@ function L.finish(jobid, token, p, err, queue, channel, fires, expired)
   local _, queue_name, worker, since, _, due, attempt, needs = L.lease_parts(lease)
   L.release(needs)
   local outcome = 'done'
-  if expired then outcome = 'expired'
+  if expired or p.status == 'EXP' then outcome = 'expired' -- reaped, or the worker stopped it at its timeout
   elseif err ~= '' then outcome = p.status == 'RTY' and 'retried' or 'failed' end
   L.count_run(queue_name, outcome, since)
   local line = ''
