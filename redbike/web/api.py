@@ -155,18 +155,20 @@ def routes(context: WebContext) -> list[BaseRoute]:
         return listing.jobs_page(client, keys, wanted, bike.worker.queue_for, query.get("cursor"), _limit(request))
 
     def get_job(request: Request, _: dict[str, Any]) -> Any:
-        """tell's fields, the trail and why it is (not) running (explain), its recent runs, next occurrences."""
+        """tell's fields (null once unset), the trail and why it is (not) running (explain), its recent runs
+        (newest first), last error, next occurrences; 404 when it has neither state nor trail."""
         jobid = _jobid(request)
         explained = bike.explain(jobid)
         if explained is None:
             raise ApiError(404, f"no such job: {jobid}")
-        told: dict[str, Any] = dict(explained.state or {})
-        if explained.task is not None:
-            told["task"] = explained.task
+        told: dict[str, Any] | None = None  # None: the job is gone (unset), its trail kept for a while
+        if explained.state is not None:
+            told = dict(explained.state, **({"task": explained.task} if explained.task is not None else {}))
         trail = explained.as_json()["events"]
         runs = [event for event in trail if event["event"] == "run"][::-1][:RUNS_SHOWN]
         return {"jobid": jobid, "tell": told, "why": explained.why, "trail": trail, "runs": runs,
-                "last_error": told.get("last_error"), "next": _next(told.get("schedule"), explained.now)}
+                "last_error": (told or {}).get("last_error"), "next": _next((told or {}).get("schedule"),
+                                                                            explained.now)}
 
     def get_workers(request: Request, _: dict[str, Any]) -> Any:
         """The registered worker pools, each slot with the job it runs."""
@@ -196,11 +198,11 @@ def routes(context: WebContext) -> list[BaseRoute]:
 
     def get_stats(request: Request, _: dict[str, Any]) -> Any:
         """Per-minute counts per queue over the last ?minutes= (default 60, at most 1440), oldest first."""
+        minutes = whole_number(request.query_params.get("minutes", "60"), "minutes", 1, MAX_MINUTES)
         try:  # the lead's counters (stats.py) may not be in this version yet
             stats: Any = importlib.import_module("redbike.stats")
         except ModuleNotFoundError:
             raise ApiError(501, "counters are not in this version of redbike") from None
-        minutes = whole_number(request.query_params.get("minutes", "60"), "minutes", 1, MAX_MINUTES)
         shown = stats.per_minute(client, keys, context.clock(), minutes)
         return {"minutes": [{"at": at, "queues": {q: _totals(t) for q, t in counts.items()}} for at, counts in shown]}
 
