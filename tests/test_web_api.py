@@ -46,7 +46,7 @@ def test_reads_agree_with_the_cli_while_real_workers_run_and_fail_jobs(workdir, 
                                                                       process_env, redis_server):
     # Connected as the CLI is (its config's URL), so that both name the server alike.
     api = web(redis.Redis.from_url(redis_server.url, decode_responses=True), prefix)
-    daemons.start("dispatch", cwd=workdir)
+    dispatcher = daemons.start("dispatch", cwd=workdir)
     pool = daemons.start("work", "--concurrency", "2", cwd=workdir)
     for jobid, schedule in (("hang-1:A", "NOW"), ("fail-1:B", "NOW"), ("later:A", "0 3 * * *")):
         assert api.post("/api/v1/jobs", json={"jobid": jobid, "schedule": schedule}, headers=AUTH).json() == {
@@ -61,14 +61,14 @@ def test_reads_agree_with_the_cli_while_real_workers_run_and_fail_jobs(workdir, 
     assert worker["pid"] == pool.pid and worker["queues"] == ["A", "B"] and worker["slots"] == 2
     shown = api.get("/api/v1/dispatchers").json()
     assert [d["leads"] for d in shown["dispatchers"]] == [True] and shown["leader"]
-    # The overview is what `redbike info --json` prints (apart from the moment and Redis' own figures).
+    # The overview is what `redbike info --json` prints (apart from what changes from one moment to the next).
     info = json.loads(cli(workdir, process_env, "info", "--json").stdout)
     over = api.get("/api/v1/overview").json()
     for reading in (info, over):
         del reading["at"], reading["redis"]["uptime_seconds"], reading["redis"]["used_memory"]
         del reading["redis"]["used_memory_human"]
-        for q in reading["queues"]:
-            q.pop("oldest_since")
+        for q in reading["queues"]:  # (rates: the dispatcher may take its minute's snapshot in between)
+            del q["oldest_since"], q["per_minute_5m"], q["per_minute_60m"]
         for p in reading["dispatchers"] + reading["workers"]:
             p.pop("refreshed")
     assert over == info and over["statuses"] == {"DIE": 1, "TML": 1, "WRK": 1}
@@ -104,9 +104,16 @@ def test_reads_agree_with_the_cli_while_real_workers_run_and_fail_jobs(workdir, 
     assert api.get("/api/v1/resources").json() == {"resources": []}
     assert api.get("/api/v1/nodes").json() == {"nodes": []}
     assert api.get("/api/v1/nodes/db3").status_code == 404
-    # HALT stops the processes.
+    # Pause and resume a queue.
+    assert api.post("/api/v1/queues/B/pause", headers=AUTH).json() == {"queue": "B", "paused": True, "changed": True}
+    assert [q["paused"] for q in api.get("/api/v1/queues").json()["queues"] if q["queue"] == "B"] == [True]
+    assert api.post("/api/v1/queues/B/pause", headers=AUTH).json()["changed"] is False
+    assert api.post("/api/v1/queues/B/resume", headers=AUTH).json() == {"queue": "B", "paused": False,
+                                                                        "changed": True}
+    assert api.get("/api/v1/queues/B").json()["paused"] is False
+    # HALT stops the processes (the pool once its hanging job ends: not waited for).
     assert api.post("/api/v1/halt", headers=AUTH).json()["control"].startswith("HALT:")
-    assert pool.wait(30) == 0
+    assert dispatcher.wait(30) == 0
 
 
 def test_run_now_sets_an_existing_job_now_and_unset_removes_it(workdir, client, prefix, daemons):

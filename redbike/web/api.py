@@ -13,7 +13,6 @@ openapi.py describes every route listed here.
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 from collections.abc import Callable
@@ -24,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from .. import overview
+from .. import overview, stats
 from ..names import BadName, check_jobid, check_queue, whole_number
 from ..preview import preview
 from ..resources import ResourceError, check_capacity, check_name
@@ -125,7 +124,7 @@ def routes(context: WebContext) -> list[BaseRoute]:
 
     def known_queues() -> list[dict[str, Any]]:
         _, _, workers = overview.processes(client, keys)
-        return overview.queues(client, keys, [q for w in workers for q in w.get("queues", [])])
+        return overview.queues(client, keys, [q for w in workers for q in w.get("queues", [])], context.clock())
 
     def get_queues(request: Request, _: dict[str, Any]) -> Any:
         """Every queue a pool works or that holds jobs: waiting, parked, ready, aside, running, oldest_since."""
@@ -199,10 +198,6 @@ def routes(context: WebContext) -> list[BaseRoute]:
     def get_stats(request: Request, _: dict[str, Any]) -> Any:
         """Per-minute counts per queue over the last ?minutes= (default 60, at most 1440), oldest first."""
         minutes = whole_number(request.query_params.get("minutes", "60"), "minutes", 1, MAX_MINUTES)
-        try:  # the lead's counters (stats.py) may not be in this version yet
-            stats: Any = importlib.import_module("redbike.stats")
-        except ModuleNotFoundError:
-            raise ApiError(501, "counters are not in this version of redbike") from None
         shown = stats.per_minute(client, keys, context.clock(), minutes)
         return {"minutes": [{"at": at, "queues": {q: _totals(t) for q, t in counts.items()}} for at, counts in shown]}
 
@@ -272,10 +267,7 @@ def routes(context: WebContext) -> list[BaseRoute]:
 
     def _pausing(request: Request, verb: str) -> Any:
         name = check_queue(request.path_params["name"])
-        method = getattr(bike, verb, None)
-        if method is None:
-            raise ApiError(501, "pausing queues is not in this version of redbike")
-        changed = method(name)
+        changed = bike.pause(name) if verb == "pause" else bike.resume(name)
         return {"queue": name, "paused": verb == "pause", "changed": changed}
 
     def halt(request: Request, _: dict[str, Any]) -> Any:
@@ -326,6 +318,6 @@ def _next(schedule: str | None, now: float) -> dict[str, Any]:
     return {"occurrences": [o.as_json() for o in shown.occurrences], "notes": shown.notes}
 
 
-def _totals(totals: Any) -> dict[str, Any]:
+def _totals(totals: stats.QueueTotals) -> dict[str, Any]:
     return {"done": totals.done, "failed": totals.failed, "retried": totals.retried, "expired": totals.expired,
             "due": totals.due, "runs": totals.runs, "seconds": totals.seconds}
