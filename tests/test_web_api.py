@@ -48,6 +48,8 @@ def test_reads_agree_with_the_cli_while_real_workers_run_and_fail_jobs(workdir, 
     api = web(redis.Redis.from_url(redis_server.url, decode_responses=True), prefix)
     dispatcher = daemons.start("dispatch", cwd=workdir)
     pool = daemons.start("work", "--concurrency", "2", cwd=workdir)
+    # The leading dispatcher's first snapshot of the counters: the per-minute counts start there.
+    wait_for(lambda: client.keys(f"{prefix}:stats:*"), timeout=20, what="the counters' first snapshot")
     for jobid, schedule in (("hang-1:A", "NOW"), ("fail-1:B", "NOW"), ("later:A", "0 3 * * *")):
         assert api.post("/api/v1/jobs", json={"jobid": jobid, "schedule": schedule}, headers=AUTH).json() == {
             "jobid": jobid, "result": "PLACED"}
@@ -72,6 +74,11 @@ def test_reads_agree_with_the_cli_while_real_workers_run_and_fail_jobs(workdir, 
         for p in reading["dispatchers"] + reading["workers"]:
             p.pop("refreshed")
     assert over == info and over["statuses"] == {"DIE": 1, "TML": 1, "WRK": 1}
+    # Per-minute counts for the charts: the failed run is in one of the last minutes.
+    minutes = api.get("/api/v1/stats", params={"minutes": 5}).json()["minutes"]
+    assert 1 <= len(minutes) <= 5 and all(m["at"] % 60 == 0 for m in minutes)
+    assert sum(m["queues"].get("B", {}).get("failed", 0) for m in minutes) == 1
+    assert minutes[-1]["queues"]["B"].keys() == {"done", "failed", "retried", "expired", "due", "runs", "seconds"}
     queues = {q["queue"]: q for q in api.get("/api/v1/queues").json()["queues"]}
     assert queues["A"]["running"] == 1 and queues["B"]["running"] == 0
     # A failed job: tell's fields, the trail, its run with the error, the traceback.
