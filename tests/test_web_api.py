@@ -393,3 +393,21 @@ def test_serve_bad_bind_and_missing_extra_are_one_line(workdir, process_env):
     assert blocked.returncode == 1, blocked.stderr
     assert blocked.stderr.strip() == ("redbike: serve needs the web extra (starlette is missing): "
                                       "pip install 'redbike[web]'")
+
+
+def test_nodes_and_a_task_s_page(client, prefix, tmp_path):
+    from test_nodes import fleet, node_config
+
+    from redbike.reconcile import Reconciler
+
+    bike = Redbike(RoundRobin("A"), prefix=prefix, client=client)
+    Reconciler(bike, node_config(tmp_path)).reconcile(fleet({"h1": ["d1", "d2"], "h2": ["d3"]}))
+    api = web(client, prefix, queues="A")
+    nodes = api.get("/api/v1/nodes").json()["nodes"]
+    assert [(n["level"], n["name"], n["parent"], n["tasks"], n["running"]) for n in nodes] == list(bike.nodes())
+    assert {n["name"] for n in nodes} == {"h1", "h2", "d1", "d2", "d3"}
+    assert [n["name"] for n in api.get("/api/v1/nodes", params={"level": "host"}).json()["nodes"]] == ["h1", "h2"]
+    assert api.get("/api/v1/nodes/d1").json() == json.loads(json.dumps(bike.node("d1")))
+    task = next(j["jobid"] for j in api.get("/api/v1/jobs", params={"prefix": "scan"}).json()["jobs"])
+    shown = api.get(f"/api/v1/jobs/{path(task)}").json()
+    assert shown["tell"]["task"]["family"] == "scan" and shown["tell"] == json.loads(json.dumps(bike.tell(task)))
