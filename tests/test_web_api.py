@@ -22,6 +22,7 @@ from webtools import AUTH, TOKEN, web
 from redbike import Redbike, RoundRobin
 from redbike.keys import Keys
 from redbike.web.app import WebContext, create_app
+from redbike.web.security import host_of
 
 HTML_ID = "<script>alert(1)</script>/x:A"
 
@@ -354,6 +355,12 @@ def test_redbike_serve_runs_as_a_process_read_only_without_a_token(workdir, clie
     assert wait_for(answers, timeout=20, what="redbike serve to answer").json()["prefix"] == prefix  # type: ignore[union-attr]
     refused = httpx.post(f"{base}/api/v1/jobs", json={"jobid": "x:A", "schedule": "NOW"}, headers=AUTH)
     assert refused.status_code == 403 and "read-only" in refused.json()["error"]
+    # On loopback it answers loopback names only: a rebound DNS name (another site's page) gets nothing.
+    assert httpx.get(f"{base}/api/v1/queues", headers={"Host": f"localhost:{port}"}).status_code == 200
+    rebound = httpx.get(f"{base}/api/v1/queues", headers={"Host": f"evil.example:{port}"})
+    assert rebound.status_code == 400 and "unknown Host 'evil.example'" in rebound.json()["error"]
+    assert [host_of(h) for h in ("[::1]:8787", "LocalHost:1", "127.0.0.1", "::1")] == [
+        "::1", "localhost", "127.0.0.1", "::1"]
     log = daemons.log(served)
     assert "WARNING no API token" in log and "read-only" in log
 
