@@ -75,6 +75,8 @@ def test_reads_agree_with_the_cli_while_real_workers_run_and_fail_jobs(workdir, 
         for p in reading["dispatchers"] + reading["workers"]:
             p.pop("refreshed")
     assert over == info and over["statuses"] == {"DIE": 1, "TML": 1, "WRK": 1}
+    light = api.get("/api/v1/overview", params={"scan": 0}).json()
+    assert light["statuses"] is None and light["failures"] is None and light["queues"]
     # Per-minute counts for the charts: the failed run is in one of the last minutes.
     minutes = api.get("/api/v1/stats", params={"minutes": 5}).json()["minutes"]
     assert 1 <= len(minutes) <= 5 and all(m["at"] % 60 == 0 for m in minutes)
@@ -281,6 +283,7 @@ def test_errors_are_json_with_their_status(client, prefix):
         (api.get("/api/v1/jobs?before=yesterday"), 400, "timestamp"),
         (api.get("/api/v1/queues/A?cursor=-1"), 404, "no such queue"),
         (api.get("/api/v1/stats?minutes=0"), 400, "minutes"),
+        (api.get("/api/v1/overview?scan=no"), 400, "scan"),
         (api.get(f"/api/v1/jobs/{path('nope:A')}"), 404, "no such job"),
         (api.delete(f"/api/v1/jobs/{path('nope:A')}", headers=AUTH), 404, "no such job"),
         (api.post(f"/api/v1/jobs/{path('nope:A')}/retry", headers=AUTH), 404, "no such job"),

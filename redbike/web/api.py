@@ -119,8 +119,12 @@ def routes(context: WebContext) -> list[BaseRoute]:
     bike, client, keys = context.bike, context.client, context.keys
 
     def get_overview(request: Request, _: dict[str, Any]) -> Any:
-        """What `redbike info --json` shows (Redbike.overview)."""
-        return bike.overview()
+        """What `redbike info --json` shows (Redbike.overview); ?scan=0 leaves out what scans every job
+        (statuses, failures: null)."""
+        scan = request.query_params.get("scan", "1")
+        if scan not in ("0", "1"):
+            raise ApiError(400, f"scan must be 0 or 1, not {scan!r}")
+        return bike.overview(scan=scan == "1")
 
     def known_queues() -> list[dict[str, Any]]:
         _, _, workers = overview.processes(client, keys)
