@@ -199,6 +199,17 @@ def test_status_time_filters_and_queue_pages(client, prefix):
     assert jobids("after=2000") == ["mid:A", "new:B"]
     assert jobids("after=1500&before=1970-01-01T00:50:00Z") == ["mid:A"]
     assert jobids("status=DIE&queue=A") == ["mid:A", "old:A"]
+    # A small hash (listpack: HSCAN answers it whole) paged 2 at a time: each job once.
+    client.hset(keys.statuses, mapping={f"s{i}:B": f"END:{4000 + i}" for i in range(17)})
+    seen, cursor, pages = [], None, 0
+    while True:
+        page = api.get("/api/v1/jobs", params={"limit": 2, "after": 4000, **({"cursor": cursor} if cursor else {})})
+        seen += [j["jobid"] for j in page.json()["jobs"]]
+        pages += 1
+        cursor = page.json()["next_cursor"]
+        if cursor is None:
+            break
+    assert sorted(seen) == sorted(f"s{i}:B" for i in range(17)) and len(seen) == 17 and pages == 9
     # A queue's waiting jobs, oldest (next claimed) first, a page at a time.
     bike = Redbike(RoundRobin("A:B"), prefix=prefix, client=client)
     waiting = [f"w{i:03d}:A" for i in range(250)]
