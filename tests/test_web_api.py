@@ -355,6 +355,13 @@ def test_the_redis_password_is_never_shown(redis_server: RedisServer, client, pr
 
 # -- the real process ------------------------------------------------------------------
 
+def answering(base: str) -> bool:
+    try:
+        return httpx.get(f"{base}/api/v1/openapi.json", timeout=5).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
 def test_redbike_serve_runs_as_a_process_read_only_without_a_token(workdir, client, prefix, daemons):
     port = free_port()
     served = daemons.start("serve", "--bind", f"127.0.0.1:{port}", cwd=workdir)
@@ -402,6 +409,13 @@ def test_redbike_serve_with_the_config_token_writes_over_http(workdir, client, p
     assert "no API token" not in daemons.log(served)
     served.terminate()
     assert served.wait(10) == 0
+    # --token wins over the config's.
+    port = free_port()
+    daemons.start("serve", "--bind", f"127.0.0.1:{port}", "--token", "other", cwd=workdir)
+    wait_for(lambda: answering(f"http://127.0.0.1:{port}"), timeout=20, what="the second server")
+    halt = f"http://127.0.0.1:{port}/api/v1/halt"
+    assert httpx.post(halt, headers=AUTH).status_code == 401
+    assert httpx.post(halt, headers={"Authorization": "Bearer other"}).status_code == 200
 
 
 def test_serve_bad_bind_and_missing_extra_are_one_line(workdir, process_env):
