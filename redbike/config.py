@@ -7,7 +7,8 @@ The file (default ``.redbike.conf`` in the current directory) has two stanzas:
     of a job's policy, ``misfire`` (once, skip:GRACE, all, all:N) and
     ``retries``; ``retry-backoff`` and ``retry-backoff-max`` (seconds);
     ``keep-finished`` (seconds) and ``trail-length`` (events per job);
-    ``max-data-bytes`` (the largest payload ``set`` takes).
+    ``max-data-bytes`` (the largest payload ``set`` takes);
+    ``api-token``, the token ``redbike serve``'s write endpoints require.
 ``[redbike-redis]``
     keyword arguments of ``redis.Redis`` (``host``, ``port``, ``password``,
     ``ssl``, ...) or ``url`` plus extra keyword arguments for
@@ -156,6 +157,7 @@ class Config:
     retention: Retention = field(default_factory=Retention)
     max_data_bytes: int = DEFAULT_MAX_DATA_BYTES
     redis: dict[str, object] = field(default_factory=dict)
+    api_token: str | None = None
 
 
 def _one_line(text: object) -> str:
@@ -201,7 +203,7 @@ def read_parser(path: str, keep_case: bool = False) -> configparser.ConfigParser
 
 
 _MAIN_KEYS = ("prefix, worker, timefile, default-timeout, misfire, retries, retry-backoff, "
-              "retry-backoff-max, keep-finished, trail-length, max-data-bytes")
+              "retry-backoff-max, keep-finished, trail-length, max-data-bytes, api-token")
 MAX_DATA_BYTES = 16 * 1024 * 1024  # the most max-data-bytes may be: a payload is read with its job on every claim
 YEAR = 365 * DAY
 
@@ -257,6 +259,8 @@ def _parse_main(section: configparser.SectionProxy, path: str, config: Config) -
             config.prefix = value
         elif key == "worker":
             config.worker = value or None
+        elif key == "api_token":
+            config.api_token = value or None
         elif key == "timefile":
             config.timefile = os.path.expanduser(value) if value else None
         elif key == "default_timeout":
