@@ -9,8 +9,12 @@ The file (default ``.redbike.conf`` in the current directory) has two stanzas:
     ``keep-finished`` (seconds) and ``trail-length`` (events per job).
 ``[redbike-redis]``
     keyword arguments of ``redis.Redis`` (``host``, ``port``, ``password``,
-    ``ssl``, ...) or ``url`` plus extra keyword arguments for
-    ``redis.Redis.from_url``.  With no such stanza, redbike runs on the
+    ``ssl``, ``ssl_ca_certs``, ...) or ``url`` (``rediss://`` for TLS) plus
+    extra keyword arguments for ``redis.Redis.from_url``; or, for a primary
+    found through Redis Sentinel, ``sentinels = host:port,host:port``,
+    ``service = NAME`` (and ``sentinel_username``/``sentinel_password`` for the
+    sentinels themselves) plus the keyword arguments of the primary's
+    connections.  With no such stanza, redbike runs on the
     embedded Redis server kept in ``./.redbike/`` (see :mod:`redbike.embedded`).
 
 ``[redbike-nodes]`` (the node model) is read by :mod:`redbike.nodeconfig`.
@@ -42,7 +46,7 @@ from typing import Any
 
 import redis
 
-from . import embedded
+from . import embedded, sentinel
 from .occurrences import Retry
 from .records import check_misfire
 from .scripts import Retention
@@ -113,6 +117,11 @@ _NOT_CONFIGURABLE = frozenset(
     }
 )
 _URL_SCHEMES = ("redis://", "rediss://", "unix://")
+# Keys of a deployment whose primary is found through Redis Sentinel; the
+# other keys of the stanza are the primary's connection settings (TLS, AUTH).
+_SENTINEL_KEYS = frozenset({"sentinels", "service", "sentinel_username", "sentinel_password"})
+# Where the primary is: given by Sentinel, so these would contradict it.
+_NOT_WITH_SENTINELS = ("url", "host", "port", "unix_socket_path")
 
 # Used when nothing else is configured: a dead connection (e.g. after a
 # NAT/firewall silently dropped it) is noticed before a command is sent on it.
@@ -309,12 +318,37 @@ def _convert(key: str, raw_key: str, value: str, path: str) -> object:
     return value
 
 
+def _check_sentinel(settings: dict[str, object], path: str) -> None:
+    """``sentinels`` and ``service`` go together, and exclude an address of the primary."""
+    if "sentinels" not in settings and "service" not in settings:
+        for key in _SENTINEL_KEYS & settings.keys():
+            raise ConfigError(f"[{REDIS_SECTION}] {key} in {path!r} needs sentinels and service")
+        return
+    for needed in ("sentinels", "service"):
+        if not settings.get(needed):
+            raise ConfigError(f"[{REDIS_SECTION}] in {path!r}: sentinels and service go together; {needed} is missing")
+    for key in _NOT_WITH_SENTINELS:
+        if key in settings:
+            raise ConfigError(
+                f"[{REDIS_SECTION}] in {path!r}: {key} cannot be set with sentinels (Sentinel names the primary)"
+            )
+
+
 def _parse_redis(section: configparser.SectionProxy, path: str) -> dict[str, object]:
     accepted = _redis_parameters()
     settings: dict[str, object] = {}
     for raw_key, raw_value in section.items():
         key = _normalize(raw_key)
         value = raw_value.strip()
+        if key == "sentinels":
+            try:
+                settings[key] = sentinel.addresses(value)
+            except ValueError as exc:
+                raise ConfigError(f"[{REDIS_SECTION}] {raw_key} in {path!r} {exc}") from None
+            continue
+        if key in _SENTINEL_KEYS:
+            settings[key] = value
+            continue
         if key == "url":
             if not value.startswith(_URL_SCHEMES):
                 raise ConfigError(
@@ -333,6 +367,7 @@ def _parse_redis(section: configparser.SectionProxy, path: str) -> dict[str, obj
                 f"key {raw_key!r} in [{REDIS_SECTION}] of {path!r} cannot be set from a config file"
             )
         settings[key] = _convert(key, raw_key, value, path)
+    _check_sentinel(settings, path)
     return settings
 
 
@@ -399,6 +434,8 @@ def connect(settings: dict[str, object], *, embedded_dir: str | None = None) -> 
         kwargs["socket_keepalive_options"] = keepalive_options()
     kwargs["decode_responses"] = True
     try:
+        if "sentinels" in kwargs:
+            return sentinel.master_for(kwargs)
         if url is not None:
             return redis.Redis.from_url(str(url), **kwargs)
         return redis.Redis(**kwargs)
@@ -407,11 +444,11 @@ def connect(settings: dict[str, object], *, embedded_dir: str | None = None) -> 
 
 
 def describe_client(client: redis.Redis) -> str:
-    """Where ``client`` connects to, for messages: ``host:port`` or the socket path."""
-    kwargs = client.connection_pool.connection_kwargs
-    if "path" in kwargs:
-        return f"unix socket {kwargs['path']}"
-    return f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}"
+    """Where ``client`` connects to, for messages: ``host:port``, ``unix socket PATH``
+    or the Sentinel service."""
+    if "path" in client.connection_pool.connection_kwargs:
+        return f"unix socket {sentinel.address(client)}"
+    return sentinel.address(client)
 
 
 def check_reachable(client: redis.Redis) -> None:
