@@ -19,6 +19,7 @@ import redis.sentinel
 # must not hold up the search for the primary, the next one is asked.
 SENTINEL_TIMEOUT = 2.0
 DEFAULT_SENTINEL_PORT = 26379
+NOREPLICAS = "NOREPLICAS"  # the error of a write refused by min-replicas-to-write
 
 
 def addresses(value: str) -> list[tuple[str, int]]:
@@ -31,6 +32,36 @@ def addresses(value: str) -> list[tuple[str, int]]:
             raise ValueError(f"must be host:port[,host:port...], got {value!r}")
         found.append((host, int(port)))
     return found
+
+
+class PrimaryConnection(redis.sentinel.SentinelManagedConnection):
+    """A connection to the primary that asks Sentinel where it is however it
+    connects. redis-py's asks only in connect(), which its pool calls; since
+    redis-py 8, a connection used on its own (a slot's, see slot.py)
+    connects from send_packed_command() through connect_check_health() and
+    would go to localhost:6379."""
+
+    def connect_check_health(self, check_health: bool = True, retry_socket_connect: bool = True) -> None:
+        if not self._sock and self.connection_pool.is_master:
+            self.host, self.port = self.connection_pool.get_master_address()
+        super().connect_check_health(check_health=check_health, retry_socket_connect=retry_socket_connect)
+
+    def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().read_response(*args, **kwargs)
+        except redis.ResponseError as exc:
+            # A primary with min-replicas-to-write that lost its replicas (the
+            # one Sentinel promoted among them) refuses writes: maybe it is no
+            # longer the primary, Sentinel will say. Until Sentinel makes it a
+            # replica (seconds later) it would otherwise keep this connection.
+            if self.connection_pool.is_master and str(exc).startswith(NOREPLICAS):
+                self.disconnect()
+                raise redis.ConnectionError(f"{exc} (asking Sentinel for the primary again)") from exc
+            raise
+
+
+class PrimarySSLConnection(PrimaryConnection, redis.connection.SSLConnection):
+    """PrimaryConnection over TLS."""
 
 
 def master_for(kwargs: dict[str, Any]) -> redis.Redis:
@@ -51,6 +82,7 @@ def master_for(kwargs: dict[str, Any]) -> redis.Redis:
     for key in ("sentinel_username", "sentinel_password"):
         if key in kwargs:
             sentinel_kwargs[key.removeprefix("sentinel_")] = kwargs.pop(key)
+    kwargs["connection_class"] = PrimarySSLConnection if kwargs.pop("ssl", False) else PrimaryConnection
     manager = redis.sentinel.Sentinel(sentinels, sentinel_kwargs=sentinel_kwargs)
     client: redis.Redis = manager.master_for(service, **kwargs)
     return client

@@ -48,21 +48,23 @@ class Server:
     file, a log in ``folder``; ready when ``client_kwargs`` can PING it."""
 
     def __init__(self, folder: Path, args: list[str], *, port: int | None = None,
-                 command: list[str] | None = None, client_kwargs: dict[str, Any] | None = None) -> None:
+                 command: list[str] | None = None, client_kwargs: dict[str, Any] | None = None,
+                 config: str = "") -> None:
         folder.mkdir(parents=True, exist_ok=True)
         self.folder = folder
         self.port = port or free_port()
         self.args = args
         self.command = command or [redis7_binary()]
         self.client_kwargs = {"host": "127.0.0.1", "port": self.port, **(client_kwargs or {})}
+        self.config = config  # lines of its config file, after the defaults
         self.process: subprocess.Popen | None = None
 
     def start(self) -> Server:
-        config = self.folder / "redis.conf"
-        if not config.exists():  # a sentinel rewrites its config: kept across restarts
-            config.write_text(f"dir {self.folder}\nbind 127.0.0.1\nsave \"\"\nappendonly no\n")
+        path = self.folder / "redis.conf"
+        if not path.exists():  # a sentinel rewrites its config: kept across restarts
+            path.write_text(f"port {self.port}\ndir {self.folder}\nbind 127.0.0.1\nsave \"\"\nappendonly no\n{self.config}")
         with open(self.folder / "server.log", "ab") as log:
-            self.process = subprocess.Popen([*self.command, str(config), *self.args],
+            self.process = subprocess.Popen([*self.command, str(path), *self.args],
                                             stdout=log, stderr=subprocess.STDOUT)
         wait_for(lambda: self.process and self.process.poll() is None and pings(self.client()),
                  what=f"{self.command[-1]} on port {self.port}: {self.log()[-500:]}")
