@@ -413,6 +413,18 @@ def _embedded_socket(embedded_dir: str | None) -> str:
     return socket_path
 
 
+# redis-py >= 5 names itself to the server with CLIENT SETINFO on connecting.
+# Redis < 7.2 has no such command, and so an ACL line cannot allow it there
+# (and Redis >= 7.2 logs its refusal): off, so that one least-privilege ACL
+# line (README, "Running at scale") fits every server. driver_info=None
+# turns it off since redis-py 8, lib_name/lib_version=None before.
+_NO_CLIENT_SETINFO: dict[str, None] = (
+    {"driver_info": None} if "driver_info" in _redis_parameters()
+    else {"lib_name": None, "lib_version": None} if "lib_name" in _redis_parameters()
+    else {}
+)
+
+
 def connect(settings: dict[str, object], *, embedded_dir: str | None = None) -> redis.Redis:
     """A client (``decode_responses=True``) for ``settings``; empty: the embedded
     server of ``embedded_dir`` (default: found as :func:`embedded.find_folder` does).
@@ -433,6 +445,7 @@ def connect(settings: dict[str, object], *, embedded_dir: str | None = None) -> 
     if not unix and kwargs.setdefault("socket_keepalive", True):
         kwargs["socket_keepalive_options"] = keepalive_options()
     kwargs["decode_responses"] = True
+    kwargs.update(_NO_CLIENT_SETINFO)
     try:
         if "sentinels" in kwargs:
             return sentinel.master_for(kwargs)
