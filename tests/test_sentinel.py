@@ -124,8 +124,11 @@ def _drain_through_a_failover(tmp_path: Path, group: Group, client: redis.Redis,
     wait_for(lambda: sum(1 for r in records(client, testlog)
                          if r["job"] == "secondly:B" and r["event"] == "start" and r["at"] > switched) >= 3,
              timeout=20, what="the per-second job to run after the failover")
-    # What they did is on the new primary.
+    # What they did is on the new primary, where the daemons loaded their
+    # scripts again (a replica's script cache is empty: Redis 7 replicates a
+    # script's effects, not the script).
     new = group.replica.client()
+    assert "cmdstat_script|load" in new.info("commandstats")
     statuses = new.hmget(keys.statuses, [*one_offs, "after:A"])
     assert all(status.startswith("END:") for status in statuses), statuses
 
