@@ -10,6 +10,7 @@ which no failover touches."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -113,6 +114,8 @@ def _drain_through_a_failover(tmp_path: Path, group: Group, client: redis.Redis,
     switched = time.time()
     assert group.primary_port() == group.replica.port
     cli_ok(home, env, "set", "after:A", "NOW")  # on the new primary
+    address = json.loads(cli_ok(home, env, "info", "--json"))["redis"]["address"]
+    assert address == f"Sentinel service {SERVICE} (sentinels {sentinels})"
     wait_for(lambda: "after:A" in ended(), timeout=20, what="a job set on the new primary to run")
     if old_primary_lives:
         # The daemons came to the new primary on their own: Sentinel has not
