@@ -26,7 +26,8 @@ try:  # a redbike dependency; without it, redis-py packs commands itself
 except ImportError:  # pragma: no cover
     pack_command = None
 
-SCRIPT_NAMES = ("set", "unset", "claim", "finish", "move_due", "reap", "renew", "lead", "capacity", "retire")
+SCRIPT_NAMES = ("set", "unset", "claim", "finish", "move_due", "reap", "renew", "lead", "capacity", "retire",
+                "revoke")
 
 
 @functools.cache
