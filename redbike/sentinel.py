@@ -55,7 +55,7 @@ class PrimaryConnection(redis.sentinel.SentinelManagedConnection):
             # longer the primary, Sentinel will say. Until Sentinel makes it a
             # replica (seconds later) it would otherwise keep this connection.
             if self.connection_pool.is_master and str(exc).startswith(NOREPLICAS):
-                self.disconnect()
+                self.disconnect()  # type: ignore[no-untyped-call]
                 raise redis.ConnectionError(f"{exc} (asking Sentinel for the primary again)") from exc
             raise
 
