@@ -283,7 +283,7 @@ class Redbike:
                          retries=parse_retries(retries) if retries else None,
                          data=decode_data(parse_data(data, self.max_data_bytes)) if data else KEEP)
             except (ScheduleError, JobIdError, ResourceError, ValueError) as exc:
-                errors.append(f"{jobid}: {exc}")
+                errors.append(f"{jobid if jobid.isprintable() else repr(jobid)}: {exc}")  # one line
         return errors
 
     def set_alike(self, jobs: Iterable[tuple[str, Needs] | tuple[str, Needs, Any]], schedule: str, *,
