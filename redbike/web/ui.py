@@ -1,0 +1,164 @@
+"""The web UI: server-rendered pages (Jinja2, autoescaped: job ids, errors
+and worker names are user data) on the read model (overview.py, views.py,
+Redbike.tell/explain, stats.py). Nothing is built at install time and
+nothing comes from elsewhere at run time: the templates, one stylesheet and
+one small script (static/ui.js) ship in the package.
+
+Pages only read. Their buttons call the REST API's write endpoints
+(/api/v1/..., app.py) from the browser with fetch() and the token the user
+typed into the page header (kept in sessionStorage), so the UI adds no
+write path of its own: the API's token and Origin checks guard it. A
+Content-Security-Policy allows scripts and styles from this server only, so
+an id that slipped through escaping still could not run.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import quote, urlencode
+
+import jinja2
+import redis
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, Response
+from starlette.routing import BaseRoute, Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from .. import info
+from ..api import Redbike
+from ..explain import ago, span, utc
+from ..keys import Keys
+from ..names import BadName
+from . import views
+
+HERE = Path(__file__).resolve().parent
+REFRESH_SECONDS = 5  # the live pages reload their content this often
+CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+       "connect-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'")
+
+
+class Context(Protocol):
+    """What the pages need of app.WebContext."""
+
+    @property
+    def client(self) -> redis.Redis: ...
+    @property
+    def keys(self) -> Keys: ...
+    @property
+    def bike(self) -> Redbike: ...
+    @property
+    def token(self) -> str | None: ...
+    @property
+    def clock(self) -> Callable[[], float]: ...
+
+
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True,
+                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env.filters.update(utc=utc, span=span, iso=_iso, path=_path)
+    env.globals.update(ago=ago, api=api_path, page_url=page_url)
+    return env
+
+
+def _iso(at: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at))
+
+
+def _path(text: str) -> str:
+    """A job id, queue or resource name as one URL path segment (``/``, ``?``, ``#`` and ``%`` encoded)."""
+    return quote(text, safe="")
+
+
+def api_path(*parts: str) -> str:
+    """An API endpoint's path: /api/v1/ and the parts, each encoded."""
+    return "/api/v1/" + "/".join(_path(part) for part in parts)
+
+
+def page_url(path: str, **query: str) -> str:
+    """A page's URL with the query parameters that are not empty."""
+    given = {k: v for k, v in query.items() if v}
+    return path + ("?" + urlencode(given) if given else "")
+
+
+class Pages:
+    """The UI's request handlers; each reads what its page shows, renders it."""
+
+    def __init__(self, context: Context) -> None:
+        self.context = context
+        self.env = _environment()
+
+    def render(self, request: Request, template: str, status_code: int = 200, **values: Any) -> Response:
+        context = self.context
+        page = self.env.get_template(template).render(
+            request_path=request.url.path, writable=context.token is not None, now=values.pop("now", None)
+            or context.clock(), refresh=values.pop("refresh", 0), **values)
+        return HTMLResponse(page, status_code=status_code, headers={
+            "Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff",
+            "Referrer-Policy": "same-origin", "Cache-Control": "no-store"})
+
+    def overview(self, request: Request) -> Response:
+        shown = self.context.bike.overview()
+        return self.render(request, "overview.html", now=shown["at"], refresh=REFRESH_SECONDS, shown=shown,
+                           redis_line=info.redis_line(shown), status_line=info.status_line(shown),
+                           busy=sum(1 for w in shown["workers"] for s in w.get("running", []) if s.get("jobid")),
+                           slots=sum(int(w.get("slots") or 0) for w in shown["workers"]))
+
+    def queues(self, request: Request) -> Response:
+        shown = self.context.bike.overview(scan=False)
+        return self.render(request, "queues.html", now=shown["at"], refresh=REFRESH_SECONDS, shown=shown, rates=None)
+
+    def workers(self, request: Request) -> Response:
+        shown = self.context.bike.overview(scan=False)
+        return self.render(request, "workers.html", now=shown["at"], refresh=REFRESH_SECONDS, shown=shown)
+
+    def resources(self, request: Request) -> Response:
+        return self.render(request, "resources.html", refresh=REFRESH_SECONDS,
+                           resources=views.resources(self.context.bike))
+
+    def jobs(self, request: Request) -> Response:
+        query = request.query_params
+        filters = {name: query.get(name, "").strip() for name in ("status", "queue", "prefix")}
+        cursor = query.get("cursor", "")
+        if cursor and not cursor.isdigit():
+            return self.failed(request, 400, "cursor: not a cursor of this list")
+        page = views.jobs_page(self.context.bike, cursor=cursor, status=filters["status"], queue=filters["queue"],
+                               prefix=filters["prefix"])
+        return self.render(request, "jobs.html", page=page, filters=filters, statuses=views.STATUSES,
+                           next_url=page_url("/jobs", cursor=page.cursor, **filters) if page.cursor else "",
+                           first_url=page_url("/jobs", **filters) if cursor else "")
+
+    def job(self, request: Request) -> Response:
+        jobid = request.path_params["jobid"]
+        bike = self.context.bike
+        try:
+            explained = bike.explain(jobid)
+        except BadName as exc:
+            return self.failed(request, 400, f"not a job id: {exc}")
+        if explained is None:
+            return self.render(request, "job.html", status_code=404, jobid=jobid, told=None, explained=None)
+        told = explained.state or {}
+        now = explained.now
+        return self.render(request, "job.html", now=now, jobid=jobid, told=told, explained=explained,
+                           timeline=explained.timeline(), queue=views.queue_of(bike, jobid),
+                           upcoming=views.occurrences(told.get("schedule"), now))
+
+    def failed(self, request: Request, status_code: int, message: str) -> Response:
+        return self.render(request, "error.html", status_code=status_code, message=message)
+
+
+def routes(context: Context) -> list[BaseRoute]:
+    """The UI's pages, at / (app.create_app mounts them beside the API)."""
+    pages = Pages(context)
+    return [
+        Route("/", pages.overview, name="overview"),
+        Route("/queues", pages.queues, name="queues"),
+        Route("/jobs", pages.jobs, name="jobs"),
+        Route("/jobs/{jobid:path}", pages.job, name="job"),
+        Route("/workers", pages.workers, name="workers"),
+        Route("/resources", pages.resources, name="resources"),
+        Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
+    ]
+
