@@ -1,0 +1,282 @@
+"""The web UI in a real browser: headless Chromium driven by Selenium (Debian's
+chromium and chromium-driver; .ci/run installs them; a missing one is a
+failure, never a skip), against a real `redbike serve` and real `redbike
+work` / `redbike dispatch` processes on the test Redis. Every page visited is
+saved as a screenshot in test-artifacts/screenshots/ (git-ignored)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from conftest import ROOT, Daemons, free_port, redbike_command, wait_for
+from selenium import webdriver
+from selenium.common.exceptions import (
+    NoAlertPresentException,
+    StaleElementReferenceException,
+    WebDriverException,
+)
+from selenium.webdriver.common.by import By
+from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver.support.ui import WebDriverWait
+
+from redbike.keys import Keys
+
+TOKEN = "s3cret-token-for-the-ui-tests"
+SCREENSHOTS = ROOT / "test-artifacts" / "screenshots"
+WAIT = 20.0  # seconds a page has to show what a test waits for (CI's machine is shared and slow)
+HOSTILE = "<script>alert(1)</script><img src=x onerror=alert(2)>:A"
+
+
+def _binary(*names: str) -> str:
+    for name in names:
+        found = shutil.which(name) or (Path("/usr/bin") / name).exists() and str(Path("/usr/bin") / name)
+        if found:
+            return str(found)
+    pytest.fail(f"none of {', '.join(names)} found: install Debian's chromium and chromium-driver "
+                "(apt-get install -y chromium chromium-driver; .ci/run does)")
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[WebDriver]:
+    options = webdriver.ChromeOptions()
+    options.binary_location = _binary("chromium", "chromium-browser")
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                     "--window-size=1400,1000", "--lang=en-US"):
+        options.add_argument(argument)
+    service = webdriver.ChromeService(executable_path=_binary("chromedriver"))
+    try:
+        driver = webdriver.Chrome(options=options, service=service)
+    except WebDriverException as exc:
+        pytest.fail(f"headless Chromium did not start: {exc.msg}")
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+class Site:
+    """A running `redbike serve` and the browser looking at it."""
+
+    def __init__(self, driver: WebDriver, base: str, client: redis.Redis, keys: Keys, testlog: str) -> None:
+        self.driver, self.base, self.client, self.keys, self.testlog = driver, base, client, keys, testlog
+
+    def open(self, path: str) -> None:
+        self.driver.get(self.base + path)
+        self.wait(lambda d: d.execute_script("return document.readyState") == "complete", f"{path} to load")
+
+    def wait(self, condition: Callable[[WebDriver], Any], what: str, timeout: float = WAIT) -> Any:
+        return WebDriverWait(self.driver, timeout, ignored_exceptions=[StaleElementReferenceException]).until(
+            condition, f"timed out after {timeout}s waiting for {what}")
+
+    def text(self, css: str = "main") -> str:
+        return self.driver.find_element(By.CSS_SELECTOR, css).text
+
+    def shows(self, words: str, css: str = "main") -> Callable[[WebDriver], bool]:
+        return lambda d: words in d.find_element(By.CSS_SELECTOR, css).text
+
+    def click(self, css: str, label: str) -> None:
+        """Click the button matching ``css`` whose text is ``label`` (the live
+        pages swap their content: found again until the click lands)."""
+        def clicked(d: WebDriver) -> bool:
+            for button in d.find_elements(By.CSS_SELECTOR, css):
+                if button.text == label:
+                    button.click()
+                    return True
+            return False
+        self.wait(clicked, f"button {label!r}")
+
+    def keep_token(self) -> None:
+        self.driver.find_element(By.ID, "token").send_keys(TOKEN)
+        self.driver.find_element(By.ID, "token-save").click()
+        self.wait(self.shows("token kept", "#token-state"), "the token to be kept")
+
+    def screenshot(self, name: str) -> Path:
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        path = SCREENSHOTS / f"{name}.png"
+        assert self.driver.save_screenshot(str(path)), path
+        return path
+
+    def runs(self, jobid: str) -> int:
+        return sum(1 for raw in self.client.lrange(self.testlog, 0, -1)
+                   if (r := json.loads(raw))["job"] == jobid and r["event"] == "start")
+
+    def status(self, jobid: str) -> str:
+        return str(self.client.hget(self.keys.statuses, jobid) or "").partition(":")[0]
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return bool(response.status == 200)
+    except (urllib.error.URLError, ConnectionError):
+        return False
+
+
+def serve(daemons: Daemons, workdir: Path, token: str | None) -> str:
+    port = free_port()
+    daemons.start("serve", f"--bind=127.0.0.1:{port}", *([f"--token={token}"] if token else []), cwd=workdir)
+    base = f"http://127.0.0.1:{port}"
+    wait_for(lambda: _answers(base + "/api/v1/overview"), timeout=30, what="redbike serve to answer")
+    return base
+
+
+@pytest.fixture
+def site(browser: WebDriver, workdir: Path, daemons: Daemons, client: redis.Redis, prefix: str,
+         testlog: str) -> Site:
+    """serve (with a token), a dispatcher and a pool of two slots on queues A and B."""
+    base = serve(daemons, workdir, TOKEN)
+    daemons.start("dispatch", cwd=workdir)
+    daemons.start("work", "--concurrency", "2", cwd=workdir)
+    keys = Keys(prefix)
+    wait_for(lambda: client.get(keys.dispatcher) and len(list(client.scan_iter(keys.process_pattern()))) == 2,
+             timeout=30, what="the dispatcher and the pool to register")
+    browser.delete_all_cookies()
+    browser.get(base + "/static/ui.css")  # a page of this origin, so that its sessionStorage can be cleared
+    browser.execute_script("sessionStorage.clear()")
+    return Site(browser, base, client, keys, testlog)
+
+
+def cli(workdir: Path, daemons: Daemons, *args: str) -> None:
+    result = subprocess.run(redbike_command(*args), cwd=workdir, env=daemons.env, capture_output=True, text=True,
+                            timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+
+
+def test_overview_shows_the_processes_and_refreshes_itself(site, workdir, daemons):
+    site.open("/")
+    site.wait(site.shows("Workers: 1 pool(s), 2 slot(s)"), "the pool on the overview")
+    assert "Dispatchers: 1" in site.text()
+    assert "leader" in site.text("table.dispatchers")
+    assert "no token" not in site.text("header")
+    # Set after the page loaded: the page shows it by refreshing itself.
+    cli(workdir, daemons, "set", "sleep0-ov:B", "NOW")
+    wait_for(lambda: site.runs("sleep0-ov:B"), what="sleep0-ov:B to run")
+    site.wait(site.shows("END 1", "#statuses"), "the overview to refresh and count the ended job")
+    site.screenshot("overview")
+
+
+def test_a_running_job_appears_on_the_workers_page_and_goes_when_it_ends(site, workdir, daemons):
+    site.open("/workers")
+    assert "idle" in site.text("table.slots")
+    cli(workdir, daemons, "set", "block-w1:A", "NOW")
+    row = "table.slots tr.busy"
+    site.wait(site.shows("block-w1:A", row), "the running job on the workers page")
+    busy = site.driver.find_element(By.CSS_SELECTOR, row)
+    cells = [cell.text for cell in busy.find_elements(By.TAG_NAME, "td")]
+    lease = site.client.hget(site.keys.leases, "block-w1:A")
+    assert lease and cells[2] == "A" and cells[5] == lease.split("|")[0]  # its queue and lease token
+    assert "ago" in cells[3]
+    time_title = busy.find_element(By.TAG_NAME, "time").get_attribute("title")
+    assert time_title.startswith("UTC 20") and "local" in time_title
+    site.screenshot("workers")
+    site.driver.find_element(By.CSS_SELECTOR, f"{row} a.jobid").click()
+    site.wait(site.shows("block-w1:A", "#jobid"), "the running job's page")
+    assert "token" in site.text("#lease")
+    site.client.rpush(f"{site.testlog}:release:block-w1:A", "go")
+    site.open("/workers")
+    site.wait(lambda d: not d.find_elements(By.CSS_SELECTOR, row), "the slot to be idle again")
+
+
+def test_a_failed_job_is_retried_with_its_button_and_runs_again(site, workdir, daemons):
+    cli(workdir, daemons, "set", "fail-r1:A", "NOW")
+    wait_for(lambda: site.status("fail-r1:A") == "DIE", timeout=30, what="fail-r1:A to fail")
+    site.open("/jobs?status=DIE")
+    site.wait(site.shows("fail-r1:A", "table.jobs"), "the failed job in the list")
+    site.screenshot("jobs")
+    site.driver.find_element(By.LINK_TEXT, "fail-r1:A").click()
+    site.wait(site.shows("fail-r1:A", "#jobid"), "the job page")
+    traceback = site.text("pre#traceback")
+    assert "Traceback" in traceback and "ValueError: fail-r1:A failed on purpose" in traceback
+    assert site.text("#status").startswith("DIE since")
+    site.screenshot("job")
+    site.keep_token()
+    site.click("button.action", "Retry")
+    site.wait(site.shows("PLACED", "#flash"), "the API's answer")
+    site.wait(site.shows("retry by", "table.trail"), "the retry in the trail")
+    wait_for(lambda: site.runs("fail-r1:A") == 2, timeout=30, what="fail-r1:A to run again")
+    site.screenshot("job-retried")
+
+
+def test_the_buttons_need_the_token(site, workdir, daemons):
+    cli(workdir, daemons, "set", "tok:B", "STOP")
+    site.open("/jobs/tok:B")
+    site.click("button.action", "Run now")  # no token kept yet: the page says so and calls nothing
+    site.wait(site.shows("token", "#flash"), "the page to ask for the token")
+    site.driver.find_element(By.ID, "token").send_keys("wrong")
+    site.driver.find_element(By.ID, "token-save").click()
+    site.click("button.action", "Run now")
+    site.wait(site.shows("refused (401)", "#flash"), "the API to refuse a wrong token")
+    assert site.status("tok:B") == "STP"
+
+
+def test_a_read_only_server_says_so_on_its_buttons(browser, workdir, daemons, client, prefix):
+    base = serve(daemons, workdir, None)
+    client.hset(Keys(prefix).statuses, "ro:A", "DIE:1")
+    client.hset(Keys(prefix).schedules, "ro:A", "NOW")
+    browser.get(base + "/jobs/ro:A")
+    WebDriverWait(browser, WAIT).until(lambda d: d.find_elements(By.CSS_SELECTOR, "button.action"))
+    assert "read-only" in browser.find_element(By.ID, "read-only").text
+    buttons = browser.find_elements(By.CSS_SELECTOR, "button.action")
+    assert [b.text for b in buttons] == ["Retry (read-only)", "Run now (read-only)", "Unset (read-only)"]
+    assert all(not b.is_enabled() for b in buttons)
+    assert not browser.find_elements(By.ID, "token")
+
+
+def test_a_queue_is_paused_and_resumed_with_its_buttons(site, workdir, daemons):
+    cli(workdir, daemons, "set", "sleep0-warm:A", "NOW")  # queue A exists, and the pool works it
+    wait_for(lambda: site.runs("sleep0-warm:A"), what="a job of A to run")
+    site.open("/queues")
+    site.keep_token()
+    site.wait(site.shows("active", "tr[data-queue='A']"), "queue A, active")
+    site.click("tr[data-queue='A'] button.action", "Pause")
+    site.wait(site.shows("paused", "tr[data-queue='A'] td.state"), "queue A shown paused")
+    assert site.client.sismember(site.keys.paused, "A")
+    site.screenshot("queues-paused")
+    cli(workdir, daemons, "set", "sleep0-held:A", "NOW")
+    cli(workdir, daemons, "set", "sleep0-free:B", "NOW")
+    wait_for(lambda: site.runs("sleep0-free:B"), what="B's job to run: the pool works")
+    wait_for(lambda: site.client.llen(site.keys.queue("A")) == 1, what="A's job to wait in its queue")
+    assert site.runs("sleep0-held:A") == 0 and site.status("sleep0-held:A") == "ENQ"
+    site.click("tr[data-queue='A'] button.action", "Resume")
+    site.wait(site.shows("active", "tr[data-queue='A'] td.state"), "queue A shown active again")
+    wait_for(lambda: site.runs("sleep0-held:A"), timeout=30, what="A's job to run once A is resumed")
+
+
+def test_a_job_id_with_html_in_it_is_shown_as_text(site, workdir, daemons):
+    cli(workdir, daemons, "set", HOSTILE, "STOP")
+    site.open("/jobs?prefix=%3Cscript")
+    site.wait(site.shows(HOSTILE, "table.jobs"), "the hostile id in the list, as text")
+    site.driver.find_element(By.PARTIAL_LINK_TEXT, "<script>").click()
+    site.wait(site.shows(HOSTILE, "#jobid"), "the hostile id's own page")
+    assert site.text("#schedule") == "STOP"
+    with pytest.raises(NoAlertPresentException):
+        site.driver.switch_to.alert.text  # noqa: B018 - raises when no alert() ran
+    scripts = site.driver.find_elements(By.TAG_NAME, "script")
+    assert [s.get_attribute("src") for s in scripts] == [site.base + "/static/ui.js"]
+    assert not site.driver.find_elements(By.CSS_SELECTOR, "main img, main script")
+    site.screenshot("hostile-job-id")
+
+
+def test_every_page_renders_and_is_saved(site, workdir, daemons):
+    site.client.hset(site.keys.capacities, "db", 1)
+    cli(workdir, daemons, "set", "block-res:A", "NOW")
+    wait_for(lambda: site.client.hget(site.keys.leases, "block-res:A"), what="block-res:A to run")
+    cli(workdir, daemons, "set", "sleep0-c1:B", "NOW")
+    cli(workdir, daemons, "set", "fail-c2:B", "NOW")
+    wait_for(lambda: site.status("fail-c2:B") == "DIE", timeout=30, what="fail-c2:B to fail")
+    for path, name, heading in [("/", "overview", "Overview"), ("/queues", "queues", "Queues"),
+                                ("/jobs", "jobs", "Jobs"), ("/workers", "workers", "Workers"),
+                                ("/resources", "resources", "Resources"), ("/charts", "charts", "The last hour")]:
+        site.open(path)
+        site.wait(site.shows(heading, "h1"), f"the {name} page")
+        site.screenshot(f"page-{name}")
+    site.client.rpush(f"{site.testlog}:release:block-res:A", "go")
