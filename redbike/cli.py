@@ -20,6 +20,7 @@ Usage:
   redbike [options] node NAME
   redbike [options] info [--json]
   redbike [options] top [--interval=S]
+  redbike [options] serve [WORKER] [--bind=ADDR] [--token=T]
   redbike [options] control HALT
   redbike [options] demo [--seconds=S]
   redbike [options] embedded (status | stop)
@@ -66,6 +67,9 @@ Options:
   --json             JSON for tools: preview, a list (notes go to stderr);
                      explain and info, one object.
   --interval=S       top: seconds between refreshes [default: 2].
+  --bind=ADDR        serve: listen on HOST:PORT [default: 127.0.0.1:8787].
+  --token=T          serve: the token write endpoints require (else the
+                     config's api-token; with neither, read-only).
   -v --verbose       Log debug messages.
 
 Exit status: 0 success, 1 runtime failure (e.g. Redis unreachable) or, for
@@ -177,6 +181,17 @@ def _check_usage(args: dict[str, Any]) -> None:
         check_node_name(args["NAME"])
     if args["top"]:
         _interval(args["--interval"])
+    if args["serve"]:
+        _web().parse_bind(args["--bind"])
+
+
+def _web() -> Any:
+    """redbike.web.serve (the web extra), or MissingExtra."""
+    try:
+        from .web import serve
+    except ImportError as exc:
+        raise MissingExtra(f"serve needs the web extra ({exc.name} is missing): pip install 'redbike[web]'") from None
+    return serve
 
 
 def _interval(text: str) -> float:
@@ -387,6 +402,8 @@ def _run(args: dict[str, Any]) -> int:
         print(json.dumps(shown, indent=2) if args["--json"] else "\n".join(info.lines(shown)))
     elif args["top"]:
         return _top(bike, _interval(args["--interval"]))
+    elif args["serve"]:
+        return int(_web().serve(bike, args["--bind"], args["--token"] or config.api_token))
     elif args["control"]:
         bike.control("HALT")
     return 0
@@ -419,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     args["JOBIDS"] = args["JOBID"]
     args["JOBID"] = args["JOBID"][0] if args["JOBID"] else None
     _setup_logging(args["--verbose"], daemon=bool(args["dispatch"] or args["work"] or args["demo"]
-                                                                 or args["--reconcile"]))
+                                                                 or args["--reconcile"] or args["serve"]))
     try:
         return _flushed(_run(args))
     except NoSuchJob as exc:

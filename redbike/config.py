@@ -6,7 +6,8 @@ The file (default ``.redbike.conf`` in the current directory) has two stanzas:
     ``prefix``, ``worker``, ``timefile``, ``default-timeout``; the defaults
     of a job's policy, ``misfire`` (once, skip:GRACE, all, all:N) and
     ``retries``; ``retry-backoff`` and ``retry-backoff-max`` (seconds);
-    ``keep-finished`` (seconds) and ``trail-length`` (events per job).
+    ``keep-finished`` (seconds) and ``trail-length`` (events per job);
+    ``api-token``, the token ``redbike serve``'s write endpoints require.
 ``[redbike-redis]``
     keyword arguments of ``redis.Redis`` (``host``, ``port``, ``password``,
     ``ssl``, ...) or ``url`` plus extra keyword arguments for
@@ -154,6 +155,7 @@ class Config:
     retry: Retry = field(default_factory=Retry)
     retention: Retention = field(default_factory=Retention)
     redis: dict[str, object] = field(default_factory=dict)
+    api_token: str | None = None
 
 
 def _one_line(text: object) -> str:
@@ -199,7 +201,7 @@ def read_parser(path: str, keep_case: bool = False) -> configparser.ConfigParser
 
 
 _MAIN_KEYS = ("prefix, worker, timefile, default-timeout, misfire, retries, retry-backoff, "
-              "retry-backoff-max, keep-finished, trail-length")
+              "retry-backoff-max, keep-finished, trail-length, api-token")
 YEAR = 365 * DAY
 
 
@@ -252,6 +254,8 @@ def _parse_main(section: configparser.SectionProxy, path: str, config: Config) -
             config.prefix = value
         elif key == "worker":
             config.worker = value or None
+        elif key == "api_token":
+            config.api_token = value or None
         elif key == "timefile":
             config.timefile = os.path.expanduser(value) if value else None
         elif key == "default_timeout":

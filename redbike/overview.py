@@ -31,10 +31,7 @@ NEAR_CAPACITY = 0.8  # a resource this full (or with jobs waiting, or paused) is
 def read(client: redis.Redis, keys: Keys, now: float, *, scan: bool = True) -> dict[str, Any]:
     """The overview at ``now`` (Redis' clock). ``scan=False`` leaves out what
     scans every job (``statuses`` and ``failures`` are then None)."""
-    processes = registry.live(client, keys)
-    leader = registry.leader_of(cast("str | None", client.get(keys.dispatcher)))
-    dispatchers = [dict(p, leads=p.get("identity") == leader) for p in processes if p["role"] == "dispatcher"]
-    workers = [p for p in processes if p["role"] == "worker"]
+    dispatchers, leader, workers = processes(client, keys)
     return {
         "at": now,
         "prefix": keys.prefix,
@@ -47,6 +44,15 @@ def read(client: redis.Redis, keys: Keys, now: float, *, scan: bool = True) -> d
         "resources": busy_resources(client, keys),
         "failures": failures(client, keys, now) if scan else None,
     }
+
+
+def processes(client: redis.Redis, keys: Keys) -> tuple[list[dict[str, Any]], str | None, list[dict[str, Any]]]:
+    """The registered dispatchers (each marked ``leads``), the identity of
+    the one holding the dispatcher lease, and the registered worker pools."""
+    entries = registry.live(client, keys)
+    leader = registry.leader_of(cast("str | None", client.get(keys.dispatcher)))
+    dispatchers = [dict(p, leads=p.get("identity") == leader) for p in entries if p["role"] == "dispatcher"]
+    return dispatchers, leader, [p for p in entries if p["role"] == "worker"]
 
 
 def redis_info(client: redis.Redis) -> dict[str, Any]:
