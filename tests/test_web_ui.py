@@ -156,7 +156,7 @@ def test_overview_shows_the_processes_and_refreshes_itself(site, workdir, daemon
     site.wait(site.shows("Workers: 1 pool(s), 2 slot(s)"), "the pool on the overview")
     assert "Dispatchers: 1" in site.text()
     assert "leader" in site.text("table.dispatchers")
-    assert "no token" not in site.text("header")
+    assert "read-only" not in site.text("header")
     # Set after the page loaded: the page shows it by refreshing itself.
     cli(workdir, daemons, "set", "sleep0-ov:B", "NOW")
     wait_for(lambda: site.runs("sleep0-ov:B"), what="sleep0-ov:B to run")

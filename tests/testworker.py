@@ -42,7 +42,11 @@ class Recorder(RoundRobin):
         """Wait (an hour at most) for the test to release this job."""
         self._record(job=jobid, event="blocked", pid=os.getpid(), at=time.time())
         assert self._log is not None
-        self._log.blpop([f"{os.environ['TESTLOG_KEY']}:release:{jobid}"], timeout=3600)
+        deadline = time.monotonic() + 3600
+        # Short waits: the client's socket times out reads after a few seconds.
+        while not self._log.blpop([f"{os.environ['TESTLOG_KEY']}:release:{jobid}"], timeout=1):
+            if time.monotonic() > deadline:
+                break
 
     def work(self, jobid: str) -> int | None:
         start = time.time()

@@ -32,10 +32,12 @@ from ..api import Redbike
 from ..explain import ago, span, utc
 from ..keys import Keys
 from ..names import BadName
-from . import views
+from . import listing, views
+from .security import ApiError
 
 HERE = Path(__file__).resolve().parent
 REFRESH_SECONDS = 5  # the live pages reload their content this often
+PAGE_SIZE = 50  # jobs per page of the jobs list
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
        "connect-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'")
 
@@ -122,12 +124,20 @@ class Pages:
         query = request.query_params
         filters = {name: query.get(name, "").strip() for name in ("status", "queue", "prefix")}
         cursor = query.get("cursor", "")
-        if cursor and not cursor.isdigit():
-            return self.failed(request, 400, "cursor: not a cursor of this list")
-        page = views.jobs_page(self.context.bike, cursor=cursor, status=filters["status"], queue=filters["queue"],
-                               prefix=filters["prefix"])
-        return self.render(request, "jobs.html", page=page, filters=filters, statuses=views.STATUSES,
-                           next_url=page_url("/jobs", cursor=page.cursor, **filters) if page.cursor else "",
+        if filters["status"] and filters["status"] not in listing.STATUSES:
+            return self.failed(request, 400, f"status: one of {', '.join(listing.STATUSES)}")
+        wanted = listing.JobFilter(frozenset([filters["status"]]) if filters["status"] else None,
+                                   filters["queue"] or None, filters["prefix"] or None)
+        bike = self.context.bike
+        try:
+            page = listing.jobs_page(bike.client, bike.keys, wanted, bike.worker.queue_for, cursor or None, PAGE_SIZE)
+        except ApiError as exc:  # a cursor this server did not answer
+            return self.failed(request, exc.status, exc.message)
+        jobs = sorted(page["jobs"], key=lambda job: job["jobid"])
+        views.next_runs(bike.client, bike.keys, jobs)
+        following = page["next_cursor"]
+        return self.render(request, "jobs.html", jobs=jobs, filters=filters, statuses=listing.STATUSES,
+                           next_url=page_url("/jobs", cursor=following, **filters) if following else "",
                            first_url=page_url("/jobs", **filters) if cursor else "")
 
     def job(self, request: Request) -> Response:
