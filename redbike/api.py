@@ -433,6 +433,23 @@ class Redbike:
 
         return reconcile_once(self, config, whole=whole)
 
+    def pause(self, queue: str) -> bool:
+        """Stop workers claiming from ``queue`` (their other queues go on; jobs
+        still become due into it). True if it was not paused."""
+        return bool(self.client.sadd(self.keys.paused, check_queue(queue)))
+
+    def resume(self, queue: str) -> bool:
+        """Let workers claim from ``queue`` again, waking the idle ones. True if it was paused."""
+        with self.client.pipeline(transaction=True) as pipe:
+            pipe.srem(self.keys.paused, check_queue(queue))
+            pipe.publish(self.keys.queue_channel(queue), "1")
+            removed, _ = pipe.execute()
+        return bool(removed)
+
+    def paused_queues(self) -> list[str]:
+        """The paused queues' names, sorted."""
+        return sorted(cast("set[str]", self.client.smembers(self.keys.paused)))
+
     def control(self, command: str = "HALT") -> str:
         """Tell every running dispatcher and worker to stop after its current
         task. Processes started later are not affected."""

@@ -15,6 +15,7 @@ Usage:
   redbike [options] capacity RESOURCE CAPACITY
   redbike [options] capacity --load=CSV
   redbike [options] capacities
+  redbike [options] (pause | resume) QUEUE
   redbike [options] nodes [--level=L]
   redbike [options] nodes --reconcile [NODESCONF] [--loop | --whole]
   redbike [options] node NAME
@@ -385,6 +386,11 @@ def _run(args: dict[str, Any]) -> int:
             print(f"{bike.load_capacities(args['--load'])} capacities set", file=sys.stderr)
         else:
             bike.set_capacity(check_name(args["RESOURCE"]), parse_capacity(args["CAPACITY"]))
+    elif args["pause"] or args["resume"]:
+        queue = args["QUEUE"]
+        changed = bike.pause(queue) if args["pause"] else bike.resume(queue)
+        if not changed:
+            print(f"{queue} was already {'paused' if args['pause'] else 'not paused'}", file=sys.stderr)
     elif args["capacities"]:
         for resource, capacity, in_use, waiting in bike.capacities():
             out.writerow((resource, "" if capacity is None else capacity, in_use, waiting))

@@ -26,6 +26,7 @@ from typing import Any, cast
 
 import redis
 
+from . import stats
 from .events import Events, LogEvents, Subscriber, tell_retry
 from .keys import Keys
 from .occurrences import Retry
@@ -94,6 +95,7 @@ class Dispatcher:
         self.moved = 0
         self.reaped = 0
         self.retired_at = -FOREVER
+        self.snapshot_minute = -1.0
         self.registration = Registration(client, keys, "dispatcher", self.identity, clock=clock,
                                          refresh_seconds=registry_seconds)
         self.titled_leader: bool | None = None
@@ -286,7 +288,8 @@ class Dispatcher:
             return
 
     def step(self, now: float) -> float:
-        """One pass: renew, move, reap. Returns the seconds to sleep after it."""
+        """One pass: renew, move, reap, retire, snapshot the counters. Returns
+        the seconds to sleep after it."""
         if not self.lead(now):
             return STANDBY_SECONDS
         busy = False
@@ -296,6 +299,9 @@ class Dispatcher:
             busy = self.reap(now) > 0 or busy
         if now - self.retired_at >= RETIRE_SECONDS:
             self.retire(now)
+        if now // 60 != self.snapshot_minute:  # the counters' per-minute snapshot (stats.py)
+            stats.snapshot(self.client, self.keys, now)
+            self.snapshot_minute = now // 60
         self._write_timefile(now, force=not busy)
         if busy:
             return 0.0

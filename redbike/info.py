@@ -32,13 +32,20 @@ def dispatcher_lines(shown: dict[str, Any]) -> list[str]:
     return lines
 
 
-QUEUE_HEADER = ("queue", "waiting", "parked", "ready", "aside", "running", "oldest waits")
+QUEUE_HEADER = ("queue", "waiting", "parked", "ready", "aside", "running", "oldest waits",
+                "done/min 5m 60m", "failed/min 5m 60m")
+
+
+def _per_minute(q: dict[str, Any], what: str) -> str:
+    return " ".join("-" if q.get(window) is None else f"{q[window][what]:g}" for window in ("per_minute_5m", "per_minute_60m"))
 
 
 def queue_rows(shown: dict[str, Any]) -> list[tuple[str, ...]]:
     now = shown["at"]
-    return [(q["queue"], str(q["waiting"]), str(q["parked"]), str(q["ready"]), str(q["aside"]), str(q["running"]),
-             "" if q["oldest_since"] is None else span(now - q["oldest_since"])) for q in shown["queues"]]
+    return [(q["queue"] + (" (paused)" if q.get("paused") else ""), str(q["waiting"]), str(q["parked"]),
+             str(q["ready"]), str(q["aside"]), str(q["running"]),
+             "" if q["oldest_since"] is None else span(now - q["oldest_since"]),
+             _per_minute(q, "done"), _per_minute(q, "failed")) for q in shown["queues"]]
 
 
 WORKER_HEADER = ("worker", "slot", "runs", "for", "queue", "lease token")

@@ -38,6 +38,9 @@ class Keys:
         self.aside = f"{p}:aside"  # zset  (lex) "resource|amount|seq|queue|jobid": needs more than a capacity
         self.jobs = f"{p}:jobs"  # hash  jobid -> job record (occurrence, attempt, policy, ledger, needs, pending) and trail
         self.finished = f"{p}:finished"  # list  "time|jobid" of jobs that ended for good (END, SKP, unset)
+        self.paused = f"{p}:paused"  # set   names of the queues workers do not claim from
+        self.totals = f"{p}:totals"  # hash  "queue|outcome|bucket" -> runs, "queue|ms" -> run time, "queue|due" (stats.py)
+        self.stats_prefix = f"{p}:stats:"
         # The node model (issue #9; written by the reconciler, reconcile.py):
         self.nodes = f"{p}:nodes"  # hash  node name -> "level|parent|source|attributes-JSON" (nodes.Node)
         self.tasks = f"{p}:tasks"  # hash  task id -> "family|node|digest" of the tasks it set
@@ -46,6 +49,15 @@ class Keys:
         self.reconciler = f"{p}:nodes:reconciler"  # string token of the one reconciler, expires (PX)
         # The registry of live processes (registry.py): one key per dispatcher and worker pool.
         self.process_prefix = f"{p}:process:"
+
+    def stats_minute(self, minute: int) -> str:
+        """The counts of ``totals`` without the duration buckets, as they were
+        at the start of minute ``minute`` (epoch s // 60; hash, expires)."""
+        return f"{self.stats_prefix}{minute}"
+
+    def stats_buckets(self, minute: int) -> str:
+        """The duration buckets of ``totals`` at the start of minute ``minute`` (hash, expires sooner)."""
+        return f"{self.stats_prefix}{minute}:buckets"
 
     def process(self, identity: str) -> str:
         """A live process's registry entry (string, JSON, expires: EX)."""

@@ -18,7 +18,7 @@ from typing import Any, cast
 
 import redis
 
-from . import embedded, registry
+from . import embedded, registry, stats
 from .keys import Keys
 from .records import RecordError, decode_aside, decode_lease, decode_parked, decode_status
 from .report import SCAN_COUNT, capacities
@@ -39,7 +39,7 @@ def read(client: redis.Redis, keys: Keys, now: float, *, scan: bool = True) -> d
         "dispatchers": dispatchers,
         "leader": leader,
         "workers": workers,
-        "queues": queues(client, keys, [q for w in workers for q in w.get("queues", [])]),
+        "queues": queues(client, keys, [q for w in workers for q in w.get("queues", [])], now),
         "statuses": status_counts(client, keys) if scan else None,
         "resources": busy_resources(client, keys),
         "failures": failures(client, keys, now) if scan else None,
@@ -73,10 +73,25 @@ def redis_info(client: redis.Redis) -> dict[str, Any]:
     return shown
 
 
-def queues(client: redis.Redis, keys: Keys, known: list[str]) -> list[dict[str, Any]]:
+def rates(client: redis.Redis, keys: Keys, now: float, seconds: int) -> dict[str, dict[str, float]]:
+    """Per queue, runs per minute over (about) the last ``seconds``: done, and
+    failed (failed for good, retried or expired); from the counters of
+    stats.py, over the time their snapshots cover (none: no rates)."""
+    start, counts = stats.since(client, keys, now, seconds)
+    if start is None:
+        return {}
+    minutes = max(now - start, 1.0) / 60
+    return {queue: {"done": round(one.done / minutes, 2),
+                    "failed": round((one.failed + one.retried + one.expired) / minutes, 2)}
+            for queue, one in counts.items()}
+
+
+def queues(client: redis.Redis, keys: Keys, known: list[str], now: float) -> list[dict[str, Any]]:
     """Each queue that the workers name, holds jobs, has jobs parked, ready,
-    set aside or running: waiting (its list), parked, ready, aside, running,
-    and how long its oldest waiting job has waited (its ENQ status's time)."""
+    set aside or running, or is paused: waiting (its list), parked, ready,
+    aside, running, paused, how long its oldest waiting job has waited (its
+    ENQ status's time), and its runs done and failed per minute over the last
+    5 and 60 minutes (None: not known, e.g. no dispatcher kept the counts)."""
     prefix = keys.queue("")
     names = set(known) | {name[len(prefix):] for name in client.scan_iter(match=keys.queue_pattern(), count=1000)}
     parked, aside, running = Counter[str](), Counter[str](), Counter[str]()
@@ -95,7 +110,8 @@ def queues(client: redis.Redis, keys: Keys, known: list[str]) -> list[dict[str, 
             running[decode_lease(lease).queue] += 1
         except RecordError:
             continue
-    names |= set(parked) | set(aside) | set(running)
+    paused = set(client.smembers(keys.paused))
+    names |= set(parked) | set(aside) | set(running) | paused
     ordered = sorted(names)
     with client.pipeline(transaction=False) as pipe:
         for name in ordered:
@@ -105,11 +121,13 @@ def queues(client: redis.Redis, keys: Keys, known: list[str]) -> list[dict[str, 
         found = pipe.execute()
     oldest = list(found[1::3])
     stamps = cast("list[str | None]", client.hmget(keys.statuses, [j or "" for j in oldest])) if oldest else []
+    last_5, last_60 = rates(client, keys, now, 300), rates(client, keys, now, 3600)
     shown = []
     for name, length, jobid, ready, stamp in zip(ordered, found[0::3], oldest, found[2::3], stamps):
         since = decode_status(stamp)[1] if jobid and stamp and stamp.startswith("ENQ:") else None
         shown.append({"queue": name, "waiting": length, "parked": parked[name], "ready": ready,
-                      "aside": aside[name], "running": running[name], "oldest_since": since})
+                      "aside": aside[name], "running": running[name], "oldest_since": since,
+                      "paused": name in paused, "per_minute_5m": last_5.get(name), "per_minute_60m": last_60.get(name)})
     return shown
 
 

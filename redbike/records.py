@@ -19,11 +19,11 @@ from typing import NamedTuple
 SEP = "|"
 
 # Keys.job_state(): the attribute names of the keys every script takes first,
-# in the order of KEYS[1..17] in lib.lua's header.
+# in the order of KEYS[1..19] in lib.lua's header.
 JOB_STATE = (
     "schedules", "statuses", "timeline", "leases", "deadlines", "errors", "control",
     "dispatcher", "capacities", "usage", "parked", "ready", "parking", "parkseq", "aside", "jobs",
-    "finished",
+    "finished", "paused", "totals",
 )
 
 # set.lua's needs argument: the job needs nothing (no needs, "", keeps the stored ones).

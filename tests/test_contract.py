@@ -16,7 +16,7 @@ import redis
 from test_jobs import HOURLY, NEXT_HOUR, NOW, Env
 
 from redbike import keys as keys_module
-from redbike import records, states
+from redbike import records, states, stats
 from redbike.api import who
 from redbike.claims import Rotation
 from redbike.keys import Keys
@@ -111,7 +111,7 @@ def test_lib_lists_the_job_state_keys_in_the_order_python_passes_them() -> None:
     assert f"L.K, L.A = {len(records.JOB_STATE)}, 4" in LIB
     keys = Keys("p")
     assert keys.job_state() == [getattr(keys, name) for name, _ in zip(records.JOB_STATE, listed)]
-    # the names lib.lua binds KEYS[1..17] to, in the same order
+    # the names lib.lua binds KEYS[1..19] to, in the same order
     bound = re.findall(r"KEYS\[(\d+)\]", LIB.split("L.K, L.A")[0].split("local L = {}")[1])
     assert [int(n) for n in bound] == list(range(1, len(records.JOB_STATE) + 1))
 
@@ -124,6 +124,14 @@ def test_lib_constants_match_python() -> None:
     assert lua_constant("LOCAL_PREFIX") == LOCAL_PREFIX
     assert int(lua_constant("AMOUNT_DIGITS")) == records.AMOUNT_DIGITS == len(str(MAX_AMOUNT))
     assert lua_constant("NEW_JOB") == encode_job(JobRecord())
+
+
+def test_the_duration_buckets_and_outcomes_match_python() -> None:
+    bounds = re.search(r"local bounds = \{([^}]*)\}", LIB)
+    assert bounds, "lib.lua's count_run() names no bounds"
+    assert tuple(float(b) for b in bounds.group(1).split(",")) == stats.BUCKETS[:-1]
+    counted = set(re.findall(r"outcome = '(\w+)'|and '(\w+)' or '(\w+)'", LIB))
+    assert {name for found in counted for name in found if name} == set(stats.OUTCOMES)
 
 
 def test_statuses_and_placement_kinds_match_python() -> None:

@@ -189,7 +189,8 @@ def test_the_overview_counts_each_place_and_shows_recent_failures(client, prefix
     queues = {q["queue"]: q for q in shown["queues"]}
     assert set(queues) == {"A", "B", "D"}  # C has no job waiting, parked or running
     assert queues["A"] == {"queue": "A", "waiting": 2, "parked": 1, "ready": 0, "aside": 0, "running": 0,
-                           "oldest_since": int(now - 90)}
+                           "oldest_since": int(now - 90), "paused": False,
+                           "per_minute_5m": None, "per_minute_60m": None}  # no dispatcher took a snapshot
     assert (queues["B"]["waiting"], queues["B"]["parked"], queues["B"]["aside"]) == (1, 1, 1)
     assert queues["D"]["running"] == 1 and queues["D"]["waiting"] == 0
     assert shown["statuses"] == {"ENQ": 3, "TML": 1}

@@ -1,6 +1,6 @@
 -- lib.lua: helpers shared by every redbike script (prepended to each one).
 --
--- Every script takes the same first seventeen KEYS (the job state):
+-- Every script takes the same first nineteen KEYS (the job state):
 --   KEYS[1]  schedules   hash  jobid -> schedule text
 --   KEYS[2]  statuses    hash  jobid -> "EVENT:TIMESTAMP"
 --   KEYS[3]  timeline    zset  jobid scored by next run
@@ -29,6 +29,11 @@
 --   KEYS[17] finished    list  "time|jobid" of the jobs that ended for good (END,
 --                              SKP, unset), oldest first: retire.lua removes
 --                              what they left keep-finished seconds later
+--   KEYS[18] paused      set   names of the queues no claim takes jobs from
+--   KEYS[19] totals      hash  counters since the start (stats.py): per queue
+--                              "queue|due" (jobs enqueued), "queue|ms" (run
+--                              time), "queue|outcome|bucket" (runs that ended
+--                              done/failed/retried/expired, by duration bucket)
 -- and the same first four ARGV: now (epoch seconds), the dispatcher's wake
 -- channel, the prefix of the queue wake channels (+ queue name) and the
 -- trail's length (events kept per job).
@@ -53,7 +58,8 @@ L.SCHEDULES, L.STATUSES, L.TIMELINE, L.LEASES, L.DEADLINES, L.ERRORS, L.CONTROL,
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 L.CAPACITIES, L.USAGE, L.PARKED, L.READY, L.PARKING, L.PARKSEQ, L.ASIDE, L.JOBS, L.FINISHED =
   KEYS[9], KEYS[10], KEYS[11], KEYS[12], KEYS[13], KEYS[14], KEYS[15], KEYS[16], KEYS[17]
-L.K, L.A = 17, 4
+L.PAUSED, L.TOTALS = KEYS[18], KEYS[19]
+L.K, L.A = 19, 4
 L.NOW = ARGV[1]
 L.NOW_N = tonumber(ARGV[1])
 L.DISPATCH_CHANNEL = ARGV[2]
@@ -327,6 +333,21 @@ function L.enqueue(jobid, queue, channel)
     redis.call('PUBLISH', channel, '1')
   end
   redis.call('HSET', L.STATUSES, jobid, L.stamp('ENQ'))
+  redis.call('HINCRBY', L.TOTALS, string.sub(channel, #L.QUEUE_CHANNEL_PREFIX + 1) .. '|due', 1)
+end
+
+-- Count a run that ended (outcome done, failed, retried or expired) in the
+-- totals of its queue: its duration bucket (upper bounds in seconds, as
+-- stats.BUCKETS; past the last: bucket #BUCKETS + 1) and its run time.
+function L.count_run(queue_name, outcome, since)
+  local seconds = L.NOW_N - (tonumber(since) or L.NOW_N)
+  local bounds = {0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800}
+  local bucket = #bounds + 1
+  for i = 1, #bounds do
+    if seconds <= bounds[i] then bucket = i break end
+  end
+  redis.call('HINCRBY', L.TOTALS, queue_name .. '|' .. outcome .. '|' .. bucket, 1)
+  redis.call('HINCRBY', L.TOTALS, queue_name .. '|ms', math.floor(seconds * 1000 + 0.5))
 end
 
 -- Forget a job's schedule and state (its needs and pending placement in
@@ -435,16 +456,22 @@ end
 -- End the run that holds lease `token`: release the lease and what it held,
 -- and place the job. A `set` made while the job ran (the pending placement)
 -- wins over the run's own; a job unset while it ran is just released. A stale
--- token changes nothing.
-function L.finish(jobid, token, p, err, queue, channel, fires)
+-- token changes nothing. The run counts in its queue's totals as `expired`
+-- (the reaper ends it) or by its end: done, retried (an error with a retry
+-- placed) or failed.
+function L.finish(jobid, token, p, err, queue, channel, fires, expired)
   local lease = redis.call('HGET', L.LEASES, jobid)
   if not L.lease_token_matches(lease, token) then
     return 'STALE'
   end
   redis.call('HDEL', L.LEASES, jobid)
   redis.call('ZREM', L.DEADLINES, jobid)
-  local _, _, worker, since, _, due, attempt, needs = L.lease_parts(lease)
+  local _, queue_name, worker, since, _, due, attempt, needs = L.lease_parts(lease)
   L.release(needs)
+  local outcome = 'done'
+  if expired then outcome = 'expired'
+  elseif err ~= '' then outcome = p.status == 'RTY' and 'retried' or 'failed' end
+  L.count_run(queue_name, outcome, since)
   local line = ''
   if err ~= '' then
     local ok, decoded = pcall(cjson.decode, err)
@@ -619,7 +646,7 @@ end
 -- declared) or ''. A job whose global needs have no room is parked on the
 -- resource that lacks it; one that needs more than a capacity (global, or
 -- this pool's local one) is set aside; one the pool lacks local room for
--- now stays first in its queue.
+-- now stays first in its queue. A paused queue (KEYS[18]) is passed over.
 -- Returns {'JOB', jobid, i, schedule, status-before-claim, needs},
 -- {'NONE'}, {'MORE'} (parked many: call again), or {'HALT', control} once the
 -- control key holds a value the worker has not seen.
@@ -629,10 +656,11 @@ function L.claim(token, worker, control_seen, local_room, first, count, spec)
     return {'HALT', control}
   end
   local room = L.parse_local_room(local_room)
+  local paused = L.paused_queues()
   local parks = 0
   for i = 0, count - 1 do
     local queue, base = KEYS[first + i], spec + 3 * i
-    while true do
+    while not (paused and paused[ARGV[base]]) do
       local jobid, seq, ready, held, amount = L.next_candidate(queue, ARGV[base])
       if not jobid then break end
       local claimed = L.consider(token, worker, room, i, queue, base, jobid, seq, ready, held, amount)
@@ -644,7 +672,16 @@ function L.claim(token, worker, control_seen, local_room, first, count, spec)
       end
     end
   end
-  return L.claim_aside(token, worker, local_room, room, first, count, spec)
+  return L.claim_aside(token, worker, local_room, room, first, count, spec, paused)
+end
+
+-- The paused queues' names (name -> true), or nil when none is paused (one
+-- EXISTS: the claim of a deployment that pauses nothing pays no more).
+function L.paused_queues()
+  if redis.call('EXISTS', L.PAUSED) == 0 then return nil end
+  local paused = {}
+  for _, name in ipairs(redis.call('SMEMBERS', L.PAUSED)) do paused[name] = true end
+  return paused
 end
 
 -- What is wrong with the arguments of claim() (see there), or nil.

@@ -24,7 +24,7 @@ for j = L.A + 3 + n, #ARGV, 12 do
   if deadline and tonumber(deadline) <= L.NOW_N then
     local qi = tonumber(ARGV[j + 11])
     local done = L.finish(jobid, ARGV[j + 1], L.placement_at(j + 2), ARGV[j + 9], KEYS[L.K + qi], ARGV[L.A + 2 + qi],
-      ARGV[j + 10])
+      ARGV[j + 10], true)
     if done == 'DONE' or done == 'GONE' then
       table.insert(reaped, jobid)
     elseif redis.call('HEXISTS', L.LEASES, jobid) == 0 then

@@ -185,9 +185,12 @@ end
 -- for a worker-local resource this pool has enough of (any amount, for a
 -- pool that declared none: to it they are unlimited), at most ASIDE_LOOK
 -- per resource, smallest amount first, and takes the first it can.
-function L.claim_aside(token, worker, local_room, room, first, count, spec)
+function L.claim_aside(token, worker, local_room, room, first, count, spec, paused)
   local index = {}
-  for i = 0, count - 1 do index[ARGV[spec + 3 * i]] = i end
+  for i = 0, count - 1 do
+    local name = ARGV[spec + 3 * i]
+    if not (paused and paused[name]) then index[name] = i end
+  end
   local ranges = {}
   if room then
     for name in string.gmatch(local_room, '([^,=]+)=') do

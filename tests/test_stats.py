@@ -1,0 +1,115 @@
+"""The queues' counters (stats.py, lib.lua's count_run and enqueue) and
+pausing a queue (the claim passes it over)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import wait_for
+from test_jobs import NOW, Env
+from test_processes import cli, cli_ok, ends
+
+from redbike import stats
+from redbike.states import Outcome
+
+
+@pytest.fixture
+def env(c, prefix: str) -> Env:
+    return Env(c, prefix, queues="A:B")
+
+
+def run(env: Env, seconds: float, outcome: Outcome, pool=None) -> str | None:
+    """Claim the next job at the clock's time and end it ``seconds`` later."""
+    pool = pool or env.pool()
+    job = env.claim(pool)
+    assert job is not None
+    env.at(env.clock.now + seconds)
+    return pool.finish(job, outcome, "", None, "w1")[0]
+
+
+def test_runs_are_counted_by_queue_outcome_and_duration(env: Env) -> None:
+    for jobid in ("d1:A", "d2:A", "f:A"):
+        env.bike.set(jobid, "NOW")
+    env.bike.set("r:A", "NOW", retries=1)
+    env.bike.set("e:B", "NOW")
+    pool = env.pool()
+    assert run(env, 0.2, Outcome("ok"), pool) == "DONE"  # d1: in the 0.25 s bucket
+    assert run(env, 3, Outcome("ok"), pool) == "DONE"  # d2: the 5 s bucket
+    assert run(env, 0.001, Outcome("error", error="E: x"), pool) == "DONE"  # f: no retries, failed
+    assert run(env, 0.001, Outcome("error", error="E: y"), pool) == "DONE"  # r: retried
+    expiring = env.claim(pool)
+    assert expiring is not None and expiring.lease.jobid == "e:B"
+    dispatcher = env.dispatcher()
+    assert dispatcher.lead(env.clock.now + 60)
+    assert dispatcher.reap(env.clock.now + 60) == 1
+
+    shown = stats.totals(env.c, env.keys)
+    a, b = shown["A"], shown["B"]
+    assert (a.done, a.failed, a.retried, a.expired, a.due) == (2, 1, 1, 0, 4)
+    assert (b.done, b.failed, b.retried, b.expired, b.due) == (0, 0, 0, 1, 1)
+    assert a.runs == 4
+    assert a.seconds == pytest.approx(3.202, abs=0.002)
+    cumulative = dict(a.buckets)
+    assert cumulative[0.005] == 2 and cumulative[0.1] == 2 and cumulative[0.25] == 3
+    assert cumulative[2.5] == 3 and cumulative[5] == 4 and a.buckets[-1] == (float("inf"), 4)
+    assert b.buckets[-1][1] == 0  # an expired run is not in the histogram of runs
+
+
+def test_windows_and_minutes_come_from_the_dispatchers_snapshots(env: Env) -> None:
+    minute = (NOW // 60 + 1) * 60
+    assert stats.per_minute(env.c, env.keys, minute) == []  # no snapshot: nothing known
+    assert stats.since(env.c, env.keys, minute, 300) == (None, {})
+    env.at(minute + 1)
+    dispatcher = env.dispatcher()
+    dispatcher.step(minute + 1)  # takes this minute's snapshot
+    assert stats.snapshot(env.c, env.keys, minute + 30) is False  # once a minute
+    for n in range(3):
+        env.bike.set(f"j{n}:A", "NOW")
+        run(env, 0.01, Outcome("ok") if n else Outcome("error", error="E: x"))
+    dispatcher.step(minute + 61)  # the next minute's
+    env.bike.set("late:A", "NOW")
+    run(env, 0.01, Outcome("ok"))
+
+    minutes = stats.per_minute(env.c, env.keys, minute + 70, minutes=3)
+    assert [start for start, _ in minutes] == [minute, minute + 60]
+    first, second = minutes[0][1]["A"], minutes[1][1]["A"]
+    assert (first.done, first.failed, first.due) == (2, 1, 3)
+    assert (second.done, second.failed, second.due) == (1, 0, 1)
+    start, last = stats.since(env.c, env.keys, minute + 70, 300)
+    assert start == minute and (last["A"].done, last["A"].failed) == (3, 1)
+    assert dict(last["A"].buckets)[0.01] == 4  # within two hours the durations are kept
+    assert stats.window(env.c, env.keys, minute + 70, 30)["A"].done == 1  # since the second snapshot
+
+
+def test_a_paused_queue_is_passed_over_and_resumed(env: Env) -> None:
+    env.bike.set("a:A", "NOW")
+    env.bike.set("b:B", "NOW")
+    assert env.bike.pause("A") is True and env.bike.pause("A") is False
+    assert env.bike.paused_queues() == ["A"]
+    pool = env.pool()
+    job = env.claim(pool)
+    assert job is not None and job.lease.jobid == "b:B"  # A comes first, but is paused
+    assert env.claim(pool) is None
+    assert env.queue("A") == ["a:A"]
+    assert env.bike.resume("A") is True and env.bike.resume("A") is False
+    job = env.claim(pool)
+    assert job is not None and job.lease.jobid == "a:A"
+
+
+def test_a_real_worker_leaves_a_paused_queue_and_takes_it_up_on_resume(workdir, client, prefix, daemons, testlog,
+                                                                         process_env):
+    cli_ok(workdir, process_env, "pause", "A")
+    again = cli(workdir, process_env, "pause", "A")
+    assert again.returncode == 0 and "A was already paused" in again.stderr
+    cli_ok(workdir, process_env, "set", "held:A", "NOW")
+    daemons.start("work", cwd=workdir)
+    cli_ok(workdir, process_env, "set", "other:B", "NOW")
+    # The worker tries A first; it ran B's job, so it passed A over.
+    wait_for(lambda: ends(client, testlog, "other:B"), timeout=20)
+    assert not ends(client, testlog, "held:A") and client.lrange(f"{prefix}:queue:A", 0, -1) == ["held:A"]
+    shown = json.loads(cli_ok(workdir, process_env, "info", "--json"))
+    assert {q["queue"]: q["paused"] for q in shown["queues"]}["A"] is True
+    cli_ok(workdir, process_env, "resume", "A")  # wakes the idle worker: no wait for its recheck
+    wait_for(lambda: ends(client, testlog, "held:A"), timeout=5)
+    assert cli(workdir, process_env, "pause", "bad|name").returncode == 2
