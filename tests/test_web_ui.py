@@ -267,16 +267,39 @@ def test_a_job_id_with_html_in_it_is_shown_as_text(site, workdir, daemons):
 
 
 def test_every_page_renders_and_is_saved(site, workdir, daemons):
-    site.client.hset(site.keys.capacities, "db", 1)
-    cli(workdir, daemons, "set", "block-res:A", "NOW")
+    cli(workdir, daemons, "capacity", "db", "1")
+    cli(workdir, daemons, "set", "block-res:A", "NOW", "--needs", "db=1")
     wait_for(lambda: site.client.hget(site.keys.leases, "block-res:A"), what="block-res:A to run")
+    cli(workdir, daemons, "set", "block-res2:A", "NOW", "--needs", "db=1")  # waits for db
+    wait_for(lambda: site.client.zcard(site.keys.parked), what="block-res2:A to wait for db")
     cli(workdir, daemons, "set", "sleep0-c1:B", "NOW")
     cli(workdir, daemons, "set", "fail-c2:B", "NOW")
     wait_for(lambda: site.status("fail-c2:B") == "DIE", timeout=30, what="fail-c2:B to fail")
     for path, name, heading in [("/", "overview", "Overview"), ("/queues", "queues", "Queues"),
                                 ("/jobs", "jobs", "Jobs"), ("/workers", "workers", "Workers"),
-                                ("/resources", "resources", "Resources"), ("/charts", "charts", "The last hour")]:
+                                ("/resources", "resources", "Resources")]:
         site.open(path)
         site.wait(site.shows(heading, "h1"), f"the {name} page")
         site.screenshot(f"page-{name}")
-    site.client.rpush(f"{site.testlog}:release:block-res:A", "go")
+    held, waiting = (site.text(f"section.resource .cols > div:nth-child({n})") for n in (1, 2))
+    assert "block-res:A (1)" in held and "block-res2:A (queue A)" in waiting
+    assert "1 of 1 in use" in site.text("section.resource")
+    for jobid in ("block-res:A", "block-res2:A"):
+        site.client.rpush(f"{site.testlog}:release:{jobid}", "go")
+
+
+def test_the_charts_show_the_runs_and_failures_of_the_last_minutes(site, workdir, daemons):
+    for n in range(3):
+        cli(workdir, daemons, "set", f"sleep0-ch{n}:B", "NOW")
+    cli(workdir, daemons, "set", "fail-ch:B", "NOW")
+    wait_for(lambda: site.status("fail-ch:B") == "DIE" and all(site.status(f"sleep0-ch{n}:B") == "END"
+                                                                for n in range(3)), timeout=30, what="the runs")
+
+    def counted(d: WebDriver) -> bool:
+        site.open("/charts?queue=B")
+        captions = [c.text for c in d.find_elements(By.CSS_SELECTOR, "figure.chart figcaption")]
+        return len(captions) == 2 and "done 3," in captions[0] and "failed for good 1" in captions[1]
+    site.wait(counted, "the charts to count 3 runs done and 1 failed in queue B")
+    assert site.driver.find_elements(By.CSS_SELECTOR, "svg rect.done")
+    assert site.driver.find_elements(By.CSS_SELECTOR, "svg rect.failed")
+    site.screenshot("charts")

@@ -27,17 +27,19 @@ from starlette.responses import HTMLResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from .. import info
+from .. import info, stats
 from ..api import Redbike
 from ..explain import ago, span, utc
 from ..keys import Keys
 from ..names import BadName
-from . import listing, views
+from . import charts, listing, views
 from .security import ApiError
 
 HERE = Path(__file__).resolve().parent
 REFRESH_SECONDS = 5  # the live pages reload their content this often
 PAGE_SIZE = 50  # jobs per page of the jobs list
+CHART_MINUTES = 60  # the charts show the last hour, a bar a minute
+CHART_REFRESH_SECONDS = 30
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
        "connect-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'")
 
@@ -110,7 +112,7 @@ class Pages:
 
     def queues(self, request: Request) -> Response:
         shown = self.context.bike.overview(scan=False)
-        return self.render(request, "queues.html", now=shown["at"], refresh=REFRESH_SECONDS, shown=shown, rates=None)
+        return self.render(request, "queues.html", now=shown["at"], refresh=REFRESH_SECONDS, shown=shown)
 
     def workers(self, request: Request) -> Response:
         shown = self.context.bike.overview(scan=False)
@@ -119,6 +121,15 @@ class Pages:
     def resources(self, request: Request) -> Response:
         return self.render(request, "resources.html", refresh=REFRESH_SECONDS,
                            resources=views.resources(self.context.bike))
+
+    def charts(self, request: Request) -> Response:
+        context = self.context
+        queue = request.query_params.get("queue", "")
+        now = context.clock()
+        minutes = stats.per_minute(context.client, context.keys, now, CHART_MINUTES)
+        names = sorted({name for _, per_queue in minutes for name in per_queue} | ({queue} if queue else set()))
+        return self.render(request, "charts.html", now=now, refresh=CHART_REFRESH_SECONDS, queue=queue,
+                           queues=names, charts=charts.charts(minutes, queue), minutes=len(minutes))
 
     def jobs(self, request: Request) -> Response:
         query = request.query_params
@@ -169,6 +180,7 @@ def routes(context: Context) -> list[BaseRoute]:
         Route("/jobs/{jobid:path}", pages.job, name="job"),
         Route("/workers", pages.workers, name="workers"),
         Route("/resources", pages.resources, name="resources"),
+        Route("/charts", pages.charts, name="charts"),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]
 
