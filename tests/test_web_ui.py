@@ -12,6 +12,7 @@ import subprocess
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +30,12 @@ from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
 
 from redbike.keys import Keys
+from redbike.records import decode_lease
 
 TOKEN = "s3cret-token-for-the-ui-tests"
 SCREENSHOTS = ROOT / "test-artifacts" / "screenshots"
 WAIT = 20.0  # seconds a page has to show what a test waits for (CI's machine is shared and slow)
+BROWSER_ZONE = "Asia/Kolkata"  # UTC+05:30 all year
 HOSTILE = "<script>alert(1)</script><img src=x onerror=alert(2)>:A"
 
 
@@ -52,7 +55,8 @@ def browser() -> Iterator[WebDriver]:
     for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
                      "--window-size=1400,1000", "--lang=en-US"):
         options.add_argument(argument)
-    service = webdriver.ChromeService(executable_path=_binary("chromedriver"))
+    # A zone other than the machine's UTC, so that the pages' local times differ from UTC.
+    service = webdriver.ChromeService(executable_path=_binary("chromedriver"), env={"TZ": BROWSER_ZONE})
     try:
         driver = webdriver.Chrome(options=options, service=service)
     except WebDriverException as exc:
@@ -173,10 +177,15 @@ def test_a_running_job_appears_on_the_workers_page_and_goes_when_it_ends(site, w
     busy = site.driver.find_element(By.CSS_SELECTOR, row)
     cells = [cell.text for cell in busy.find_elements(By.TAG_NAME, "td")]
     lease = site.client.hget(site.keys.leases, "block-w1:A")
-    assert lease and cells[2] == "A" and cells[5] == lease.split("|")[0]  # its queue and lease token
+    assert lease and cells[2] == "A" and cells[5] == decode_lease(lease).token  # its queue and lease token
     assert "ago" in cells[3]
-    time_title = busy.find_element(By.TAG_NAME, "time").get_attribute("title")
-    assert time_title.startswith("UTC 20") and "local" in time_title
+    # Shown in the browser's zone, UTC in its title (and the age beside it).
+    since = busy.find_element(By.TAG_NAME, "time")
+    started = datetime.fromtimestamp(decode_lease(lease).since, UTC).replace(microsecond=0)
+    local = started.astimezone(timezone(timedelta(hours=5, minutes=30))).replace(tzinfo=None)
+    assert since.text == f"{local:%Y-%m-%d %H:%M:%S}"
+    title = since.get_attribute("title")
+    assert title.startswith(f"UTC {started:%Y-%m-%d %H:%M:%S}Z; local {since.text} (Asia/"), title  # ICU: Calcutta
     site.screenshot("workers")
     site.driver.find_element(By.CSS_SELECTOR, f"{row} a.jobid").click()
     site.wait(site.shows("block-w1:A", "#jobid"), "the running job's page")

@@ -46,6 +46,21 @@
     return active && active.closest("main") && ["INPUT", "SELECT", "TEXTAREA"].includes(active.tagName);
   }
 
+  // One line of what the API answered (api.py's JSON: {"error"}, {"result"}, a queue's, a resource's).
+  function summary(answer) {
+    if (typeof answer === "string") return answer;
+    if (answer.error) return answer.error;
+    if (answer.result) return answer.result;
+    if ("paused" in answer) {
+      return `queue ${answer.queue} ${answer.paused ? "paused" : "resumed"}${answer.changed ? "" : " (it was already)"}`;
+    }
+    if ("capacity" in answer) {
+      const capacity = answer.capacity === null ? "unlimited" : answer.capacity;
+      return `capacity of ${answer.resource}: ${capacity}; ${answer.woken} waiting job(s) woken`;
+    }
+    return JSON.stringify(answer);
+  }
+
   async function call(method, url, body) {
     const token = sessionStorage.getItem(TOKEN);
     if (!token) {
@@ -68,8 +83,7 @@
       flash(`${method} ${url} failed: ${e}`, false);
       return;
     }
-    const said = typeof answer === "string" ? answer : (answer.detail || answer.error || answer.message ||
-      answer.result || JSON.stringify(answer));
+    const said = summary(answer);
     if (response.ok) {
       flash(`${method} ${decodeURIComponent(url)}: ${said}`, true);
     } else {
