@@ -191,7 +191,7 @@ def _web() -> Any:
     try:
         from .web import serve
     except ImportError as exc:
-        raise MissingExtra(f"serve needs the web extra ({exc.name} is missing): pip install 'redbike[web]'") from None
+        raise MissingExtra(f"serve needs the web extra ({(exc.name or '?').split('.')[0]} is missing): pip install 'redbike[web]'") from None
     return serve
 
 

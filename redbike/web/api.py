@@ -13,7 +13,6 @@ openapi.py describes every route listed here.
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 from collections.abc import Callable
@@ -24,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from .. import overview
+from .. import overview, stats
 from ..names import BadName, check_jobid, check_queue, whole_number
 from ..preview import preview
 from ..resources import ResourceError, check_capacity, check_name
@@ -125,7 +124,7 @@ def routes(context: WebContext) -> list[BaseRoute]:
 
     def known_queues() -> list[dict[str, Any]]:
         _, _, workers = overview.processes(client, keys)
-        return overview.queues(client, keys, [q for w in workers for q in w.get("queues", [])])
+        return overview.queues(client, keys, [q for w in workers for q in w.get("queues", [])], context.clock())
 
     def get_queues(request: Request, _: dict[str, Any]) -> Any:
         """Every queue a pool works or that holds jobs: waiting, parked, ready, aside, running, oldest_since."""
@@ -155,18 +154,20 @@ def routes(context: WebContext) -> list[BaseRoute]:
         return listing.jobs_page(client, keys, wanted, bike.worker.queue_for, query.get("cursor"), _limit(request))
 
     def get_job(request: Request, _: dict[str, Any]) -> Any:
-        """tell's fields, the trail and why it is (not) running (explain), its recent runs, next occurrences."""
+        """tell's fields (null once unset), the trail and why it is (not) running (explain), its recent runs
+        (newest first), last error, next occurrences; 404 when it has neither state nor trail."""
         jobid = _jobid(request)
         explained = bike.explain(jobid)
         if explained is None:
             raise ApiError(404, f"no such job: {jobid}")
-        told: dict[str, Any] = dict(explained.state or {})
-        if explained.task is not None:
-            told["task"] = explained.task
+        told: dict[str, Any] | None = None  # None: the job is gone (unset), its trail kept for a while
+        if explained.state is not None:
+            told = dict(explained.state, **({"task": explained.task} if explained.task is not None else {}))
         trail = explained.as_json()["events"]
         runs = [event for event in trail if event["event"] == "run"][::-1][:RUNS_SHOWN]
         return {"jobid": jobid, "tell": told, "why": explained.why, "trail": trail, "runs": runs,
-                "last_error": told.get("last_error"), "next": _next(told.get("schedule"), explained.now)}
+                "last_error": (told or {}).get("last_error"), "next": _next((told or {}).get("schedule"),
+                                                                            explained.now)}
 
     def get_workers(request: Request, _: dict[str, Any]) -> Any:
         """The registered worker pools, each slot with the job it runs."""
@@ -196,10 +197,6 @@ def routes(context: WebContext) -> list[BaseRoute]:
 
     def get_stats(request: Request, _: dict[str, Any]) -> Any:
         """Per-minute counts per queue over the last ?minutes= (default 60, at most 1440), oldest first."""
-        try:  # the lead's counters (stats.py) may not be in this version yet
-            stats: Any = importlib.import_module("redbike.stats")
-        except ModuleNotFoundError:
-            raise ApiError(501, "counters are not in this version of redbike") from None
         minutes = whole_number(request.query_params.get("minutes", "60"), "minutes", 1, MAX_MINUTES)
         shown = stats.per_minute(client, keys, context.clock(), minutes)
         return {"minutes": [{"at": at, "queues": {q: _totals(t) for q, t in counts.items()}} for at, counts in shown]}
@@ -270,10 +267,7 @@ def routes(context: WebContext) -> list[BaseRoute]:
 
     def _pausing(request: Request, verb: str) -> Any:
         name = check_queue(request.path_params["name"])
-        method = getattr(bike, verb, None)
-        if method is None:
-            raise ApiError(501, "pausing queues is not in this version of redbike")
-        changed = method(name)
+        changed = bike.pause(name) if verb == "pause" else bike.resume(name)
         return {"queue": name, "paused": verb == "pause", "changed": changed}
 
     def halt(request: Request, _: dict[str, Any]) -> Any:
@@ -324,6 +318,6 @@ def _next(schedule: str | None, now: float) -> dict[str, Any]:
     return {"occurrences": [o.as_json() for o in shown.occurrences], "notes": shown.notes}
 
 
-def _totals(totals: Any) -> dict[str, Any]:
+def _totals(totals: stats.QueueTotals) -> dict[str, Any]:
     return {"done": totals.done, "failed": totals.failed, "retried": totals.retried, "expired": totals.expired,
             "due": totals.due, "runs": totals.runs, "seconds": totals.seconds}

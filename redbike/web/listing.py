@@ -130,7 +130,7 @@ def jobs_page(client: redis.Redis, keys: Keys, wanted: JobFilter, queue_for: Cal
 
 def waiting_page(client: redis.Redis, keys: Keys, queue: str, cursor: str | None, limit: int) -> dict[str, Any]:
     """A queue's waiting jobs, oldest first (the order claims take them):
-    {"waiting": [{jobid, since}], "length", "next_cursor"}. The cursor
+    {"jobs": [{jobid, since}], "length", "next_cursor"}. The cursor
     counts from the oldest, so a page read while claims take jobs may skip
     some: it is a look at a moving line."""
     if cursor is None:
@@ -149,4 +149,4 @@ def waiting_page(client: redis.Redis, keys: Keys, queue: str, cursor: str | None
     waiting = [{"jobid": jobid, "since": decode_status(stamp)[1] if stamp else None}
                for jobid, stamp in zip(jobids, stamps, strict=True)]
     more = offset + limit < length
-    return {"waiting": waiting, "length": length, "next_cursor": str(offset + limit) if more else None}
+    return {"jobs": waiting, "length": length, "next_cursor": str(offset + limit) if more else None}

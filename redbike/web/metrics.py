@@ -12,10 +12,9 @@ README (Watching redbike, Prometheus metrics).
 
 from __future__ import annotations
 
-import importlib
 import math
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -29,7 +28,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from .. import overview
+from .. import overview, stats
 
 if TYPE_CHECKING:
     from .app import WebContext
@@ -52,8 +51,8 @@ class RedbikeCollector(Collector):
         client, keys = self.context.client, self.context.keys
         yield from self._totals()
         dispatchers, _, workers = overview.processes(client, keys)
-        queues = overview.queues(client, keys, [q for w in workers for q in w.get("queues", [])])
         now = self.context.clock()
+        queues = overview.queues(client, keys, [q for w in workers for q in w.get("queues", [])], now)
         gauges = {name: GaugeMetricFamily(f"redbike_queue_{name}", text, labels=["queue"]) for name, text in (
             ("waiting", "Jobs waiting in the queue's list"), ("parked", "Jobs of the queue parked on a full resource"),
             ("ready", "Jobs of the queue woken from a resource, next to be claimed"),
@@ -67,8 +66,7 @@ class RedbikeCollector(Collector):
                 gauge.add_metric([q["queue"]], q[name])
             if q["oldest_since"] is not None:
                 oldest.add_metric([q["queue"]], max(0.0, now - q["oldest_since"]))
-            if "paused" in q:
-                paused.add_metric([q["queue"]], 1 if q["paused"] else 0)
+            paused.add_metric([q["queue"]], 1 if q["paused"] else 0)
         yield from gauges.values()
         yield oldest
         yield paused
@@ -87,10 +85,6 @@ class RedbikeCollector(Collector):
         yield from (pools, slots, leader)
 
     def _totals(self) -> Iterator[Metric]:
-        try:  # the counters (stats.py) may not be in this version yet
-            stats: Any = importlib.import_module("redbike.stats")
-        except ModuleNotFoundError:
-            return
         totals = stats.totals(self.context.client, self.context.keys)
         for name, text in COUNTERS:
             counter = CounterMetricFamily(f"redbike_jobs_{name}", text + " (since the counters started)",

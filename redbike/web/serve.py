@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import signal
 
 import uvicorn
 
@@ -43,6 +44,9 @@ def serve(bike: Redbike, bind: str, token: str | None) -> int:
     app = create_app(WebContext.of(bike, token))
     shown = f"[{host}]" if ":" in host else host
     log.info("serving the API, UI and metrics on http://%s:%d/ (prefix %s)", shown, port, bike.keys.prefix)
+    # uvicorn stops on SIGTERM, then raises it again with the handler it found:
+    # this one makes that a clean exit (0), as for the other daemons.
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: None)
     # log_config=None: uvicorn's loggers go through redbike's logging setup.
     uvicorn.run(app, host=host, port=port, log_config=None, server_header=False)
     return 0
