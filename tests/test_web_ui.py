@@ -29,6 +29,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
 
+from redbike import Redbike
 from redbike.keys import Keys
 from redbike.records import decode_lease
 
@@ -224,7 +225,38 @@ def test_the_buttons_need_the_token(site, workdir, daemons):
     site.driver.find_element(By.ID, "token-save").click()
     site.click("button.action", "Run now")
     site.wait(site.shows("refused (401)", "#flash"), "the API to refuse a wrong token")
-    assert site.status("tok:B") == "STP"
+    assert site.status("tok:B") == "STP" and site.runs("tok:B") == 0
+    site.driver.find_element(By.ID, "token-forget").click()
+    site.keep_token()
+    site.click("button.action", "Run now")
+    wait_for(lambda: site.status("tok:B") == "END", timeout=30, what="tok:B to run once its button was pressed")
+    assert site.runs("tok:B") == 1
+
+
+def test_the_jobs_list_filters_and_pages_and_a_job_is_unset_with_its_button(site, workdir, daemons):
+    bike = Redbike(client=site.client, prefix=site.keys.prefix)
+    bike.set_many([(f"page-{n:03}:B", "STOP") for n in range(120)] + [("page-other:A", "STOP")])
+    site.open("/jobs?queue=B&prefix=page-")
+    seen: set[str] = set()
+    while True:
+        rows = site.driver.find_elements(By.CSS_SELECTOR, "table.jobs tbody tr")
+        seen |= {row.get_attribute("data-jobid") for row in rows}
+        assert len(rows) <= 50
+        following = site.driver.find_elements(By.ID, "next-page")
+        if not following:
+            break
+        following[0].click()
+        site.wait(lambda d: d.execute_script("return document.readyState") == "complete", "the next page")
+    assert seen == {f"page-{n:03}:B" for n in range(120)}  # every one, and none of queue A
+    site.screenshot("jobs-filtered")
+    site.open("/jobs?prefix=page-007")
+    site.driver.find_element(By.LINK_TEXT, "page-007:B").click()
+    site.wait(site.shows("page-007:B", "#jobid"), "the job page")
+    site.keep_token()
+    site.click("button.action", "Unset")
+    site.wait(lambda d: d.switch_to.alert, "the confirmation").accept()
+    site.wait(site.shows("unset by", "table.trail"), "the unset in the trail")
+    assert site.client.hget(site.keys.schedules, "page-007:B") is None
 
 
 def test_a_read_only_server_says_so_on_its_buttons(browser, workdir, daemons, client, prefix):
