@@ -305,6 +305,15 @@ def test_a_job_id_with_html_in_it_is_shown_as_text(site, workdir, daemons):
     assert [s.get_attribute("src") for s in scripts] == [site.base + "/static/ui.js"]
     assert not site.driver.find_elements(By.CSS_SELECTOR, "main img, main script")
     site.screenshot("hostile-job-id")
+    # URL characters in an id: each link and button path encodes them.
+    odd = "dir/sub?x=1#frag%41 b:B"
+    cli(workdir, daemons, "set", odd, "STOP")
+    site.open("/jobs?prefix=dir%2F")
+    site.driver.find_element(By.LINK_TEXT, odd).click()
+    site.wait(site.shows(odd, "#jobid"), "the page of an id with URL characters")
+    site.keep_token()
+    site.click("button.action", "Run now")
+    wait_for(lambda: site.runs(odd), timeout=30, what="the odd id to run from its button")
 
 
 def test_every_page_renders_and_is_saved(site, workdir, daemons):
