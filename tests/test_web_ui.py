@@ -83,7 +83,13 @@ class Site:
             condition, f"timed out after {timeout}s waiting for {what}")
 
     def text(self, css: str = "main") -> str:
-        return self.driver.find_element(By.CSS_SELECTOR, css).text
+        """The text of the element matching ``css`` (found again if a refresh swapped it meanwhile)."""
+        for _ in range(10):
+            try:
+                return str(self.driver.find_element(By.CSS_SELECTOR, css).text)
+            except StaleElementReferenceException:
+                continue
+        raise AssertionError(f"{css} kept being swapped")
 
     def shows(self, words: str, css: str = "main") -> Callable[[WebDriver], bool]:
         return lambda d: words in d.find_element(By.CSS_SELECTOR, css).text
@@ -192,6 +198,8 @@ def test_a_running_job_appears_on_the_workers_page_and_goes_when_it_ends(site, w
     site.wait(site.shows("block-w1:A", "#jobid"), "the running job's page")
     assert "token" in site.text("#lease")
     site.client.rpush(f"{site.testlog}:release:block-w1:A", "go")
+    site.wait(site.shows("Not running."), "the job's page to refresh itself once its run ended")
+    assert site.text("#status").startswith("END since")
     site.open("/workers")
     site.wait(lambda d: not d.find_elements(By.CSS_SELECTOR, row), "the slot to be idle again")
 

@@ -27,7 +27,7 @@ from starlette.responses import HTMLResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from .. import info, stats
+from .. import info, states, stats
 from ..api import Redbike
 from ..explain import ago, span, utc
 from ..keys import Keys
@@ -40,6 +40,7 @@ REFRESH_SECONDS = 5  # the live pages reload their content this often
 PAGE_SIZE = 50  # jobs per page of the jobs list
 CHART_MINUTES = 60  # the charts show the last hour, a bar a minute
 CHART_REFRESH_SECONDS = 30
+LIVE_STATUSES = (states.ENQ, states.WRK, states.RTY, states.EXP)  # a job page refreshes while its job has one
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
        "connect-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'")
 
@@ -162,7 +163,8 @@ class Pages:
             return self.render(request, "job.html", status_code=404, jobid=jobid, told=None, explained=None)
         told = explained.state or {}
         now = explained.now
-        return self.render(request, "job.html", now=now, jobid=jobid, told=told, explained=explained,
+        live = REFRESH_SECONDS if told.get("event") in LIVE_STATUSES else 0
+        return self.render(request, "job.html", now=now, refresh=live, jobid=jobid, told=told, explained=explained,
                            timeline=explained.timeline(), queue=views.queue_of(bike, jobid),
                            upcoming=views.occurrences(told.get("schedule"), now))
 

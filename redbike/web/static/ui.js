@@ -120,10 +120,18 @@
   document.addEventListener("DOMContentLoaded", () => {
     localize(document);
     tokenState();
-    const main = document.querySelector("main[data-refresh]");
-    if (main) {
-      const seconds = Number(main.dataset.refresh) || 5;
-      setInterval(() => { if (!document.hidden && !busyTyping()) reload().catch(() => {}); }, seconds * 1000);
-    }
+    // A page refreshes while its <main> asks to (data-refresh: seconds); a job page asks while
+    // the job waits or runs, so it may start or stop asking after a reload.
+    const tick = () => {
+      const main = document.querySelector("main[data-refresh]");
+      const seconds = main ? Number(main.dataset.refresh) || 5 : 5;
+      setTimeout(async () => {
+        if (main && document.querySelector("main") === main && !document.hidden && !busyTyping()) {
+          await reload().catch(() => {});
+        }
+        tick();
+      }, seconds * 1000);
+    };
+    tick();
   });
 })();
