@@ -36,7 +36,7 @@ def hostile_state(client, prefix: str) -> None:
 def test_user_values_are_escaped_on_every_page(client, prefix):
     hostile_state(client, prefix)
     pages = web(client, prefix)
-    for path in ["/", "/queues", "/jobs", "/workers", "/resources", "/charts",
+    for path in ["/", "/queues", "/queues/A", "/jobs", "/workers", "/resources", "/charts",
                  "/jobs/%3Cb%3Ex%3C%2Fb%3E%26%22'%3AA"]:
         answer = pages.get(path)
         assert answer.status_code == 200, (path, answer.text)
@@ -59,9 +59,13 @@ def test_pages_say_how_scripts_may_run(client, prefix):
 
 def test_bad_input_is_answered_with_a_page_saying_what(client, prefix):
     pages = web(client, prefix)
+    Redbike(RoundRobin("A:B"), prefix=prefix, client=client).set("waits:A", "NOW")  # queue A holds a job
+    assert "waits:A" in pages.get("/queues/A").text
     missing = pages.get("/jobs/nothing:A")
     assert missing.status_code == 404 and "No such job" in missing.text
+    assert pages.get("/queues/nowhere").status_code == 404
     for path, words in [("/jobs?status=NOPE", "status: one of"), ("/jobs?cursor=zzz", "bad cursor"),
+                        ("/queues/A?cursor=x", "bad cursor"),
                         ("/jobs/a%7Cb:A", "not a job id")]:
         answer = pages.get(path)
         assert answer.status_code == 400 and words in answer.text, (path, answer.text)

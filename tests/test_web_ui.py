@@ -295,6 +295,9 @@ def test_a_queue_is_paused_and_resumed_with_its_buttons(site, workdir, daemons):
     wait_for(lambda: site.runs("sleep0-free:B"), what="B's job to run: the pool works")
     wait_for(lambda: site.client.llen(site.keys.queue("A")) == 1, what="A's job to wait in its queue")
     assert site.runs("sleep0-held:A") == 0 and site.status("sleep0-held:A") == "ENQ"
+    site.driver.find_element(By.CSS_SELECTOR, "tr[data-queue='A'] a.queue").click()
+    site.wait(site.shows("sleep0-held:A", "table.waiting"), "A's page to list its waiting job")
+    site.screenshot("queue-paused")
     site.click("tr[data-queue='A'] button.action", "Resume")
     site.wait(site.shows("active", "tr[data-queue='A'] td.state"), "queue A shown active again")
     wait_for(lambda: site.runs("sleep0-held:A"), timeout=30, what="A's job to run once A is resumed")

@@ -115,6 +115,24 @@ class Pages:
         shown = self.context.bike.overview(scan=False)
         return self.render(request, "queues.html", now=shown["at"], refresh=REFRESH_SECONDS, shown=shown)
 
+    def queue(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        cursor = request.query_params.get("cursor", "")
+        shown = self.context.bike.overview(scan=False)
+        found = [q for q in shown["queues"] if q["queue"] == name]
+        if not found:
+            return self.failed(request, 404, f"no such queue: {name} (no pool works it, and it holds no job)")
+        try:
+            page = listing.waiting_page(self.context.client, self.context.keys, name, cursor or None, PAGE_SIZE)
+        except ApiError as exc:
+            return self.failed(request, exc.status, exc.message)
+        following = page["next_cursor"]
+        here = f"/queues/{quote(name, safe='')}"
+        return self.render(request, "queue.html", now=shown["at"], refresh=REFRESH_SECONDS, name=name,
+                           shown={**shown, "queues": found}, page=page, offset=int(cursor or 0),
+                           next_url=page_url(here, cursor=following) if following else "",
+                           first_url=here if cursor else "")
+
     def workers(self, request: Request) -> Response:
         shown = self.context.bike.overview(scan=False)
         return self.render(request, "workers.html", now=shown["at"], refresh=REFRESH_SECONDS, shown=shown)
@@ -178,6 +196,7 @@ def routes(context: Context) -> list[BaseRoute]:
     return [
         Route("/", pages.overview, name="overview"),
         Route("/queues", pages.queues, name="queues"),
+        Route("/queues/{name:path}", pages.queue, name="queue"),
         Route("/jobs", pages.jobs, name="jobs"),
         Route("/jobs/{jobid:path}", pages.job, name="job"),
         Route("/workers", pages.workers, name="workers"),
