@@ -7,6 +7,7 @@ saved as a screenshot in test-artifacts/screenshots/ (git-ignored)."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import urllib.error
@@ -42,9 +43,9 @@ HOSTILE = "<script>alert(1)</script><img src=x onerror=alert(2)>:A"
 
 def _binary(*names: str) -> str:
     for name in names:
-        found = shutil.which(name) or (Path("/usr/bin") / name).exists() and str(Path("/usr/bin") / name)
+        found = shutil.which(name, path=f"{os.environ.get('PATH', '')}:/usr/bin")
         if found:
-            return str(found)
+            return found
     pytest.fail(f"none of {', '.join(names)} found: install Debian's chromium and chromium-driver "
                 "(apt-get install -y chromium chromium-driver; .ci/run does)")
 
