@@ -22,6 +22,7 @@ from webtools import AUTH, TOKEN, web
 from redbike import Redbike, RoundRobin
 from redbike.keys import Keys
 from redbike.web.app import WebContext, create_app
+from redbike.web.security import host_of
 
 HTML_ID = "<script>alert(1)</script>/x:A"
 
@@ -48,6 +49,8 @@ def test_reads_agree_with_the_cli_while_real_workers_run_and_fail_jobs(workdir, 
     api = web(redis.Redis.from_url(redis_server.url, decode_responses=True), prefix)
     dispatcher = daemons.start("dispatch", cwd=workdir)
     pool = daemons.start("work", "--concurrency", "2", cwd=workdir)
+    # The leading dispatcher's first snapshot of the counters: the per-minute counts start there.
+    wait_for(lambda: client.keys(f"{prefix}:stats:*"), timeout=20, what="the counters' first snapshot")
     for jobid, schedule in (("hang-1:A", "NOW"), ("fail-1:B", "NOW"), ("later:A", "0 3 * * *")):
         assert api.post("/api/v1/jobs", json={"jobid": jobid, "schedule": schedule}, headers=AUTH).json() == {
             "jobid": jobid, "result": "PLACED"}
@@ -72,6 +75,13 @@ def test_reads_agree_with_the_cli_while_real_workers_run_and_fail_jobs(workdir, 
         for p in reading["dispatchers"] + reading["workers"]:
             p.pop("refreshed")
     assert over == info and over["statuses"] == {"DIE": 1, "TML": 1, "WRK": 1}
+    light = api.get("/api/v1/overview", params={"scan": 0}).json()
+    assert light["statuses"] is None and light["failures"] is None and light["queues"]
+    # Per-minute counts for the charts: the failed run is in one of the last minutes.
+    minutes = api.get("/api/v1/stats", params={"minutes": 5}).json()["minutes"]
+    assert 1 <= len(minutes) <= 5 and all(m["at"] % 60 == 0 for m in minutes)
+    assert sum(m["queues"].get("B", {}).get("failed", 0) for m in minutes) == 1
+    assert minutes[-1]["queues"]["B"].keys() == {"done", "failed", "retried", "expired", "due", "runs", "seconds"}
     queues = {q["queue"]: q for q in api.get("/api/v1/queues").json()["queues"]}
     assert queues["A"]["running"] == 1 and queues["B"]["running"] == 0
     # A failed job: tell's fields, the trail, its run with the error, the traceback.
@@ -189,6 +199,17 @@ def test_status_time_filters_and_queue_pages(client, prefix):
     assert jobids("after=2000") == ["mid:A", "new:B"]
     assert jobids("after=1500&before=1970-01-01T00:50:00Z") == ["mid:A"]
     assert jobids("status=DIE&queue=A") == ["mid:A", "old:A"]
+    # A small hash (listpack: HSCAN answers it whole) paged 2 at a time: each job once.
+    client.hset(keys.statuses, mapping={f"s{i}:B": f"END:{4000 + i}" for i in range(17)})
+    seen, cursor, pages = [], None, 0
+    while True:
+        page = api.get("/api/v1/jobs", params={"limit": 2, "after": 4000, **({"cursor": cursor} if cursor else {})})
+        seen += [j["jobid"] for j in page.json()["jobs"]]
+        pages += 1
+        cursor = page.json()["next_cursor"]
+        if cursor is None:
+            break
+    assert sorted(seen) == sorted(f"s{i}:B" for i in range(17)) and len(seen) == 17 and pages == 9
     # A queue's waiting jobs, oldest (next claimed) first, a page at a time.
     bike = Redbike(RoundRobin("A:B"), prefix=prefix, client=client)
     waiting = [f"w{i:03d}:A" for i in range(250)]
@@ -273,6 +294,7 @@ def test_errors_are_json_with_their_status(client, prefix):
         (api.get("/api/v1/jobs?before=yesterday"), 400, "timestamp"),
         (api.get("/api/v1/queues/A?cursor=-1"), 404, "no such queue"),
         (api.get("/api/v1/stats?minutes=0"), 400, "minutes"),
+        (api.get("/api/v1/overview?scan=no"), 400, "scan"),
         (api.get(f"/api/v1/jobs/{path('nope:A')}"), 404, "no such job"),
         (api.delete(f"/api/v1/jobs/{path('nope:A')}", headers=AUTH), 404, "no such job"),
         (api.post(f"/api/v1/jobs/{path('nope:A')}/retry", headers=AUTH), 404, "no such job"),
@@ -333,6 +355,13 @@ def test_the_redis_password_is_never_shown(redis_server: RedisServer, client, pr
 
 # -- the real process ------------------------------------------------------------------
 
+def answering(base: str) -> bool:
+    try:
+        return httpx.get(f"{base}/api/v1/openapi.json", timeout=5).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
 def test_redbike_serve_runs_as_a_process_read_only_without_a_token(workdir, client, prefix, daemons):
     port = free_port()
     served = daemons.start("serve", "--bind", f"127.0.0.1:{port}", cwd=workdir)
@@ -347,6 +376,12 @@ def test_redbike_serve_runs_as_a_process_read_only_without_a_token(workdir, clie
     assert wait_for(answers, timeout=20, what="redbike serve to answer").json()["prefix"] == prefix  # type: ignore[union-attr]
     refused = httpx.post(f"{base}/api/v1/jobs", json={"jobid": "x:A", "schedule": "NOW"}, headers=AUTH)
     assert refused.status_code == 403 and "read-only" in refused.json()["error"]
+    # On loopback it answers loopback names only: a rebound DNS name (another site's page) gets nothing.
+    assert httpx.get(f"{base}/api/v1/queues", headers={"Host": f"localhost:{port}"}).status_code == 200
+    rebound = httpx.get(f"{base}/api/v1/queues", headers={"Host": f"evil.example:{port}"})
+    assert rebound.status_code == 400 and "unknown Host 'evil.example'" in rebound.json()["error"]
+    assert [host_of(h) for h in ("[::1]:8787", "LocalHost:1", "127.0.0.1", "::1")] == [
+        "::1", "localhost", "127.0.0.1", "::1"]
     log = daemons.log(served)
     assert "WARNING no API token" in log and "read-only" in log
 
@@ -374,6 +409,13 @@ def test_redbike_serve_with_the_config_token_writes_over_http(workdir, client, p
     assert "no API token" not in daemons.log(served)
     served.terminate()
     assert served.wait(10) == 0
+    # --token wins over the config's.
+    port = free_port()
+    daemons.start("serve", "--bind", f"127.0.0.1:{port}", "--token", "other", cwd=workdir)
+    wait_for(lambda: answering(f"http://127.0.0.1:{port}"), timeout=20, what="the second server")
+    halt = f"http://127.0.0.1:{port}/api/v1/halt"
+    assert httpx.post(halt, headers=AUTH).status_code == 401
+    assert httpx.post(halt, headers={"Authorization": "Bearer other"}).status_code == 200
 
 
 def test_serve_bad_bind_and_missing_extra_are_one_line(workdir, process_env):
@@ -386,3 +428,21 @@ def test_serve_bad_bind_and_missing_extra_are_one_line(workdir, process_env):
     assert blocked.returncode == 1, blocked.stderr
     assert blocked.stderr.strip() == ("redbike: serve needs the web extra (starlette is missing): "
                                       "pip install 'redbike[web]'")
+
+
+def test_nodes_and_a_task_s_page(client, prefix, tmp_path):
+    from test_nodes import fleet, node_config
+
+    from redbike.reconcile import Reconciler
+
+    bike = Redbike(RoundRobin("A"), prefix=prefix, client=client)
+    Reconciler(bike, node_config(tmp_path)).reconcile(fleet({"h1": ["d1", "d2"], "h2": ["d3"]}))
+    api = web(client, prefix, queues="A")
+    nodes = api.get("/api/v1/nodes").json()["nodes"]
+    assert [(n["level"], n["name"], n["parent"], n["tasks"], n["running"]) for n in nodes] == list(bike.nodes())
+    assert {n["name"] for n in nodes} == {"h1", "h2", "d1", "d2", "d3"}
+    assert [n["name"] for n in api.get("/api/v1/nodes", params={"level": "host"}).json()["nodes"]] == ["h1", "h2"]
+    assert api.get("/api/v1/nodes/d1").json() == json.loads(json.dumps(bike.node("d1")))
+    task = next(j["jobid"] for j in api.get("/api/v1/jobs", params={"prefix": "scan"}).json()["jobs"])
+    shown = api.get(f"/api/v1/jobs/{path(task)}").json()
+    assert shown["tell"]["task"]["family"] == "scan" and shown["tell"] == json.loads(json.dumps(bike.tell(task)))

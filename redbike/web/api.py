@@ -5,7 +5,7 @@ common writes (set, unset, retry, run now, capacity, pause/resume, HALT),
 which need the server's token (security.py).
 
 Each handler is a plain function of the request (and, for writes, the JSON
-body) returning the answer's data (or (status, data)); ``endpoint`` wraps it:
+body) returning the answer's data; ``endpoint`` wraps it:
 the write check, the body read, the call in Starlette's thread pool (redis-py
 blocks), the CLI's input errors (bad job id, schedule, needs...) as 400.
 openapi.py describes every route listed here.
@@ -14,7 +14,6 @@ openapi.py describes every route listed here.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -44,17 +43,6 @@ BAD_INPUT = (BadName, ScheduleError, ResourceError, ValueError)
 Handler = Callable[[Request, dict[str, Any]], Any]
 
 
-def _clean(value: Any) -> Any:
-    """JSON has no infinity (a histogram's last bound): it becomes null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_clean(v) for v in value]
-    return value
-
-
 async def _body(request: Request) -> dict[str, Any]:
     raw = await request.body()
     if len(raw) > MAX_BODY:
@@ -80,8 +68,7 @@ def endpoint(context: WebContext, handler: Handler, write: bool = False) -> Call
             answer = await run_in_threadpool(handler, request, body)
         except BAD_INPUT as exc:
             raise ApiError(400, str(exc)) from None
-        status, data = answer if isinstance(answer, tuple) else (200, answer)
-        return JSONResponse(_clean(data), status_code=status)
+        return JSONResponse(answer)
 
     handle.__doc__ = handler.__doc__
     return handle
@@ -119,8 +106,12 @@ def routes(context: WebContext) -> list[BaseRoute]:
     bike, client, keys = context.bike, context.client, context.keys
 
     def get_overview(request: Request, _: dict[str, Any]) -> Any:
-        """What `redbike info --json` shows (Redbike.overview)."""
-        return bike.overview()
+        """What `redbike info --json` shows (Redbike.overview); ?scan=0 leaves out what scans every job
+        (statuses, failures: null)."""
+        scan = request.query_params.get("scan", "1")
+        if scan not in ("0", "1"):
+            raise ApiError(400, f"scan must be 0 or 1, not {scan!r}")
+        return bike.overview(scan=scan == "1")
 
     def known_queues() -> list[dict[str, Any]]:
         _, _, workers = overview.processes(client, keys)

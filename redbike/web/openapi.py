@@ -19,6 +19,7 @@ QUERY: dict[str, dict[str, str]] = {
                      "before": "status time before this (epoch s or ISO 8601)",
                      "after": "status time at or after this (epoch s or ISO 8601)", **_PAGE},
     "/api/v1/queues/{name}": _PAGE,
+    "/api/v1/overview": {"scan": "0: leave out the counts per status and the failures (they scan every job)"},
     "/api/v1/nodes": {"level": "only the nodes of this level"},
     "/api/v1/stats": {"minutes": "how many minutes back (1 to 1440, default 60)"},
 }

@@ -1,7 +1,11 @@
 """Who may write: the API token and the cross-site check, shared by the API
 and the UI's forms.
 
-Reads are open (the server listens on loopback unless told otherwise).
+Reads are open (the server listens on loopback unless told otherwise). A
+server on loopback answers only requests whose ``Host`` is a loopback name
+(LOOPBACK_HOSTS): a page of another site whose name was made to resolve to
+127.0.0.1 (DNS rebinding) would otherwise read the API as if it were the
+same site.
 Writes need ``Authorization: Bearer TOKEN`` with the token the server was
 given (compared in constant time); a server given none is read-only. A
 write whose ``Origin`` names another host than the request's ``Host`` is
@@ -32,6 +36,17 @@ class ApiError(Exception):
 
 class Refused(ApiError):
     """A write that may not be done (401 or 403)."""
+
+
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+def host_of(header: str) -> str:
+    """The host of a ``Host`` header, without its port: ``[::1]:8787`` -> ``::1``."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:].partition("]")[0]
+    return header.rpartition(":")[0] if header.count(":") == 1 else header
 
 
 def cross_site(request: Request) -> bool:

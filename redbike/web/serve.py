@@ -10,6 +10,7 @@ import uvicorn
 
 from ..api import Redbike
 from .app import WebContext, create_app
+from .security import LOOPBACK_HOSTS
 
 log = logging.getLogger("redbike.serve")
 
@@ -39,9 +40,10 @@ def serve(bike: Redbike, bind: str, token: str | None) -> int:
     host, port = parse_bind(bind)
     if token is None:
         log.warning("no API token (--token, or api-token in [redbike] of the config): the server is read-only")
-    if not loopback(host):
+    local = loopback(host)
+    if not local:
         log.warning("listening on %s, not loopback: anyone who reaches it can read every job", host)
-    app = create_app(WebContext.of(bike, token))
+    app = create_app(WebContext.of(bike, token, LOOPBACK_HOSTS | {host.lower()} if local else None))
     shown = f"[{host}]" if ":" in host else host
     log.info("serving the API, UI and metrics on http://%s:%d/ (prefix %s)", shown, port, bike.keys.prefix)
     # uvicorn stops on SIGTERM, then raises it again with the handler it found:
