@@ -96,10 +96,12 @@ class Pages:
         self.env = _environment()
 
     def render(self, request: Request, template: str, status_code: int = 200, **values: Any) -> Response:
-        context = self.context
+        """``template`` with ``values``, the path, whether writes are possible, ``now`` (default:
+        the clock's) and ``refresh`` (seconds between the page's reloads; 0: none)."""
+        now = values.pop("now", None)
         page = self.env.get_template(template).render(
-            request_path=request.url.path, writable=context.token is not None, now=values.pop("now", None)
-            or context.clock(), refresh=values.pop("refresh", 0), **values)
+            request_path=request.url.path, writable=self.context.token is not None,
+            now=self.context.clock() if now is None else now, refresh=values.pop("refresh", 0), **values)
         return HTMLResponse(page, status_code=status_code, headers={
             "Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff",
             "Referrer-Policy": "same-origin", "Cache-Control": "no-store"})
@@ -127,7 +129,7 @@ class Pages:
         except ApiError as exc:
             return self.failed(request, exc.status, exc.message)
         following = page["next_cursor"]
-        here = f"/queues/{quote(name, safe='')}"
+        here = f"/queues/{_path(name)}"
         return self.render(request, "queue.html", now=shown["at"], refresh=REFRESH_SECONDS, name=name,
                            shown={**shown, "queues": found}, page=page, offset=int(cursor or 0),
                            next_url=page_url(here, cursor=following) if following else "",
