@@ -57,6 +57,7 @@ def browser() -> Iterator[WebDriver]:
     for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
                      "--window-size=1400,1000", "--lang=en-US"):
         options.add_argument(argument)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the console: CSP violations, script errors
     # A zone other than the machine's UTC, so that the pages' local times differ from UTC.
     service = webdriver.ChromeService(executable_path=_binary("chromedriver"), env={"TZ": BROWSER_ZONE})
     try:
@@ -337,12 +338,15 @@ def test_every_page_renders_and_is_saved(site, workdir, daemons):
     cli(workdir, daemons, "set", "sleep0-c1:B", "NOW")
     cli(workdir, daemons, "set", "fail-c2:B", "NOW")
     wait_for(lambda: site.status("fail-c2:B") == "DIE", timeout=30, what="fail-c2:B to fail")
+    site.driver.get_log("browser")  # read: the log starts empty (the fixture's stylesheet visit asked for a favicon)
     for path, name, heading in [("/", "overview", "Overview"), ("/queues", "queues", "Queues"),
                                 ("/jobs", "jobs", "Jobs"), ("/workers", "workers", "Workers"),
                                 ("/resources", "resources", "Resources")]:
         site.open(path)
         site.wait(site.shows(heading, "h1"), f"the {name} page")
         site.screenshot(f"page-{name}")
+        # Nothing refused by the Content-Security-Policy, no script error.
+        assert [e["message"] for e in site.driver.get_log("browser") if e["level"] == "SEVERE"] == [], path
     held, waiting = (site.text(f"section.resource .cols > div:nth-child({n})") for n in (1, 2))
     assert "block-res:A (1)" in held and "block-res2:A (queue A)" in waiting
     assert "1 of 1 in use" in site.text("section.resource")
