@@ -10,6 +10,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import redis
@@ -24,11 +25,18 @@ from .names import BadName, check_jobid, check_queue, whole_number
 from .occurrences import Retry, count_after, misfire_text
 from .records import (
     CLEAR_NEEDS,
+    DEFAULT_MAX_DATA_BYTES,
+    DROP_DATA,
+    KEEP_DATA,
+    DataError,
     RecordError,
     check_misfire,
+    decode_data,
     decode_job,
     decode_pending,
+    encode_data,
     encode_time,
+    parse_data,
 )
 from .resources import (
     ResourceError,
@@ -56,6 +64,7 @@ TIMEFILE_AHEAD = 5.0  # seconds a timefile may be ahead of the clock before that
 
 
 JobIdError = BadName  # what callers of earlier versions catch
+KEEP = object()  # set()'s data when none is given: the job keeps its payload
 
 
 class Stored(NamedTuple):
@@ -120,10 +129,12 @@ class Redbike:
         retries: int = 0,
         retry: Retry | None = None,
         retention: Retention | None = None,
+        max_data_bytes: int = DEFAULT_MAX_DATA_BYTES,
     ) -> None:
         """``misfire`` and ``retries``: the policy of a job set without one
         (the config's ``misfire`` and ``retries``); ``retry``: the backoff of
-        retries; ``retention``: keep-finished and trail-length."""
+        retries; ``retention``: keep-finished and trail-length;
+        ``max_data_bytes``: the largest payload ``set`` takes (JSON, in bytes)."""
         self.worker = worker if worker is not None else RoundRobin()
         self.keys = Keys(prefix)
         self.client = client if client is not None else connect(redis_config or {})
@@ -134,6 +145,7 @@ class Redbike:
         self.default_timeout = default_timeout
         self.misfire = check_misfire(misfire)
         self.retries = check_retries(retries)
+        self.max_data_bytes = max_data_bytes
         # Redis' clock unless one is given: every process and host then agrees on the time.
         self.clock: Callable[[], float] = clock if clock is not None else RedisClock(self.client)
 
@@ -160,21 +172,22 @@ class Redbike:
 
     def _place(self, jobid: str, schedule: str, placement: Placement, only_if_new: str, needs: str = "",
                policy: tuple[str, str] = ("", ""), stored: Stored = NOTHING_STORED, *,
-               now: float | None = None, by: str | None = None, client: Any = None) -> str:
+               now: float | None = None, by: str | None = None, client: Any = None, data: str = KEEP_DATA) -> str:
         """Run set.lua. ``only_if_new``: '1' leaves an existing job as it is,
         'S' one whose schedule is ``schedule``, 'R' one that did not fail
         (status DIE), '0' sets it whatever it has. ``policy``: its misfire
         policy and retries ('' keeps the job's; a new job gets the defaults).
         ``stored``: what the job had (_stored), for the occurrences it cancels.
-        ``now``, ``by`` (who()) and ``client`` (a pipeline): given by set_alike."""
+        ``now``, ``by`` (who()) and ``client`` (a pipeline): given by set_alike.
+        ``data``: the payload as stored (records.encode_data), KEEP_DATA or DROP_DATA."""
         queue = self._queue_of(jobid)
         now = self.clock() if now is None else now
-        return self.scripts.run(
+        return self.scripts.run(  # type: ignore[no-any-return]  # a pipeline's call returns it, not the reply
             "set",
             now,
             [self.keys.queue(queue)],
             [jobid, schedule, *placement.script_args(), self.keys.queue_channel(queue), only_if_new, needs,
-             policy[0], self.misfire, policy[1], str(self.retries), by or who(), *stored.unrun(now)],
+             policy[0], self.misfire, policy[1], str(self.retries), by or who(), *stored.unrun(now), data],
             client=client,
         )
 
@@ -202,8 +215,13 @@ class Redbike:
             return CLEAR_NEEDS
         return format_amounts(self.needs_of(jobid, needs))
 
+    def _data_arg(self, data: object) -> str:
+        """set.lua's payload argument for ``data`` (KEEP: keep the job's; None: drop it)."""
+        return KEEP_DATA if data is KEEP else DROP_DATA if data is None else encode_data(data, self.max_data_bytes)
+
     def set(self, jobid: str, schedule: str, after: float | None = None, needs: Needs = None, *,
-            misfire: str | None = None, grace: float | None = None, retries: int | None = None) -> str:
+            misfire: str | None = None, grace: float | None = None, retries: int | None = None,
+            data: object = KEEP) -> str:
         """Give a job a schedule (and the resources it needs). Returns 'PLACED',
         'PENDING' when the job is running (the new schedule takes effect when
         the run ends), or 'KEPT' for an AT job set again with the schedule it
@@ -218,11 +236,16 @@ class Redbike:
         the first for a run that raised or expired): given, they replace
         the job's; else it keeps its own, and a new job gets the defaults.
 
+        ``data``: the job's payload, any JSON value (never pickled; at most
+        max_data_bytes as JSON, else DataError), which work() finds in
+        ``self.data``; not given, the job keeps its payload; None drops it.
+
         A bad schedule raises ScheduleError; a new job is recorded with status
         BAD, and an existing job keeps its schedule untouched. A bad policy
         raises ValueError before anything is stored."""
         self._queue_of(jobid)
         wanted = self._needs_arg(jobid, needs)
+        payload = self._data_arg(data)
         if misfire is not None or grace is not None:
             misfire = misfire_text((misfire or "skip").strip().lower(), grace)
         if retries is not None:
@@ -243,33 +266,40 @@ class Redbike:
         policy = misfire or stored.misfire(self.misfire)
         return self._place(jobid, parsed.text, place_on_set(parsed, start, now, policy),
                            only_if_new="S" if entered else "0", needs=wanted,
-                           policy=(misfire or "", "" if retries is None else str(retries)), stored=stored)
+                           policy=(misfire or "", "" if retries is None else str(retries)), stored=stored,
+                           data=payload)
 
     def set_many(self, rows: Iterable[tuple[str, ...]], after: float | None = None) -> list[str]:
-        """Set (jobid, schedule[, needs[, misfire[, retries]]]) rows ('' for
-        a value not given); returns one error line per bad row (a new job with
-        a bad schedule is recorded BAD), setting all the others."""
+        """Set (jobid, schedule[, needs[, misfire[, retries[, data]]]]) rows
+        ('' for a value not given; data as JSON text); returns one error line
+        per bad row (a new job with a bad schedule is recorded BAD), setting
+        all the others."""
         start = self._after(after, self.clock())
         errors = []
         for jobid, schedule, *rest in rows:
-            needs, misfire, retries = (list(rest) + ["", "", ""])[:3]
+            needs, misfire, retries, data = (list(rest) + ["", "", "", ""])[:4]
             try:
                 self.set(jobid, schedule, after=start, needs=needs or None, misfire=misfire or None,
-                         retries=parse_retries(retries) if retries else None)
+                         retries=parse_retries(retries) if retries else None,
+                         data=decode_data(parse_data(data, self.max_data_bytes)) if data else KEEP)
             except (ScheduleError, JobIdError, ResourceError, ValueError) as exc:
                 errors.append(f"{jobid}: {exc}")
         return errors
 
-    def set_alike(self, jobs: Iterable[tuple[str, Needs]], schedule: str, *, misfire: str | None = None,
-                  retries: int | None = None, after: float | None = None) -> dict[str, Any]:
+    def set_alike(self, jobs: Iterable[tuple[str, Needs] | tuple[str, Needs, Any]], schedule: str, *,
+                  misfire: str | None = None, retries: int | None = None, after: float | None = None,
+                  client: Any = None) -> dict[str, Any]:
         """Set new jobs that share a schedule and policy, each with its own
-        needs, in one round trip: set.lua for each, pipelined, as set() runs
+        needs and optionally its payload ((jobid, needs, data)), in one round trip: set.lua for each, pipelined, as set() runs
         it for a job with nothing stored (what a job has is not read: set an
         existing one with set(), whose cancelled occurrences count). The
         schedule is parsed and the first run placed once for all. Returns
         each job's result ('PLACED', ...), or the error its script answered
-        or its job id or needs failed (that one is not sent). A bad schedule
-        or policy raises before anything is sent."""
+        or its job id, needs or payload failed (that one is not sent). A bad
+        schedule or policy raises before anything is sent. ``client``: a
+        pipeline (e.g. a MULTI) to queue the scripts on instead; it is not
+        executed here, and the results are then the job ids sent (True) or
+        the errors of those not sent."""
         parsed = parse_schedule(schedule)
         if misfire is not None:
             misfire = misfire_text(misfire.strip().lower(), None)
@@ -282,15 +312,17 @@ class Redbike:
         policy, by = (misfire or "", "" if retries is None else str(retries)), who()
         results: dict[str, Any] = {}
         sent = []
-        with self.client.pipeline(transaction=False) as pipe:
-            for jobid, needs in jobs:
+        with self.client.pipeline(transaction=False) if client is None else nullcontext(client) as pipe:
+            for jobid, needs, *data in jobs:
                 try:
                     self._place(jobid, parsed.text, placement, only_if_new, self._needs_arg(jobid, needs), policy,
-                                now=now, by=by, client=pipe)
-                except (JobIdError, ResourceError) as exc:
+                                now=now, by=by, client=pipe, data=self._data_arg(data[0] if data else KEEP))
+                except (JobIdError, ResourceError, DataError) as exc:
                     results[jobid] = exc
                     continue
                 sent.append(jobid)
+            if client is not None:
+                return {**results, **dict.fromkeys(sent, True)}
             results.update(zip(sent, pipe.execute(raise_on_error=False), strict=True))
         return results
 
@@ -324,9 +356,9 @@ class Redbike:
         check_name(resource)
         check_capacity(capacity)
         args = [resource, "" if capacity is None else capacity]
-        woken = total = self.scripts.run("capacity", self.clock(), [], args)
+        woken = total = int(self.scripts.run("capacity", self.clock(), [], args))
         while woken >= WAKE_BATCH:  # many woke, or came back in line: the rest, a batch at a time
-            woken = self.scripts.run("capacity", self.clock(), [], args)
+            woken = int(self.scripts.run("capacity", self.clock(), [], args))
             total += woken
         return total
 
@@ -364,7 +396,8 @@ class Redbike:
         completes, then is removed)."""
         queue = self._queue_of(jobid)
         now = self.clock()
-        return self.scripts.run("unset", now, [self.keys.queue(queue)], [jobid, who(), *self._stored(jobid).unrun(now)])
+        return int(self.scripts.run("unset", now, [self.keys.queue(queue)],
+                                    [jobid, who(), *self._stored(jobid).unrun(now)]))
 
     def unset_many(self, jobids: Iterable[str]) -> dict[str, int | Exception]:
         """unset() many jobs in two round trips (what each has, read in one
@@ -505,9 +538,9 @@ class Redbike:
 
 
 def read_schedules_csv(path: str) -> list[tuple[str, ...]]:
-    """All (jobid, schedule, needs, misfire, retries) rows of a CSV file
-    (the last three optional), checked before any is set."""
-    return [tuple(row) for _, row in read_rows(path, "JOBID,SCHEDULE,NEEDS,MISFIRE,RETRIES", optional=3)]
+    """All (jobid, schedule, needs, misfire, retries, data) rows of a CSV
+    file (the last four optional; data as JSON text), checked before any is set."""
+    return [tuple(row) for _, row in read_rows(path, "JOBID,SCHEDULE,NEEDS,MISFIRE,RETRIES,DATA", optional=4)]
 
 
 MAX_RETRIES = 1000

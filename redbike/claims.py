@@ -219,7 +219,7 @@ class SlotClaims:
         lease = Lease(reply.jobid, token, queue, self.worker_id, now, self.claims.timeouts[queue], due, attempt)
         capacity = self.claims.local_capacity
         local = {name: amount for name, amount in reply.needs.items() if name in capacity} if capacity else {}
-        return Running(lease, reply.schedule, reply.record, now, local), False
+        return Running(lease, reply.schedule, reply.record, now, local, reply.data), False
 
     def _settle(self, job: Running | None, outcome: Outcome | None, trace: str,
                 rotation: Rotation | None) -> Settled:

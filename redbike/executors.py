@@ -5,7 +5,7 @@ once per job; ``Chain('A', 'step1 ...', 'step2 ...')`` runs several in order
 on the same work item. Both are ``RoundRobin`` workers, so the worker spec
 syntax names them (``redbike work "redbike.executors:Command('A', 'prog')"``).
 
-Per run the work item (``work_item(jobid)``: the job id) is written to a
+Per run the work item (``work_item(jobid)``: the payload, or the job id) is written to a
 private file and each program runs with it in ``WORK_ITEM_FILE`` (see
 ``environment`` for the rest). Its exit code says how the run ended: 0
 success, ``stop_code`` (64) StopWork, ``unset_code`` (65) UnsetJob, anything
@@ -30,12 +30,14 @@ import logging
 import os
 import shlex
 import shutil
+import sys
 import tempfile
 import time
 from typing import Any
 from urllib.parse import quote
 
 from .programs import CannotStart, Ended, Output, run, signal_name
+from .records import encode_data
 from .roundrobin import RoundRobin, StopWork, UnsetJob
 
 log = logging.getLogger(__name__)
@@ -131,8 +133,12 @@ class Chain(RoundRobin):
         return self.run_timeout + self.grace + TIMEOUT_MARGIN
 
     def work_item(self, jobid: str) -> bytes:
-        """The bytes written to WORK_ITEM_FILE: the job id (UTF-8, no newline)."""
-        return jobid.encode()
+        """The bytes written to WORK_ITEM_FILE: the job's payload (JSON, as
+        ``set --data`` stored it; a JSON string as its text, unquoted), or
+        the job id when it has none (UTF-8, no newline)."""
+        if self.data is None:
+            return jobid.encode()
+        return (self.data if isinstance(self.data, str) else encode_data(self.data, sys.maxsize)).encode()
 
     def environment(self, jobid: str) -> dict[str, str]:
         """The programs' environment: this process's, and the run's

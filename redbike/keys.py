@@ -41,6 +41,7 @@ class Keys:
         self.paused = f"{p}:paused"  # set   names of the queues workers do not claim from
         self.totals = f"{p}:totals"  # hash  "queue|outcome|bucket" -> runs, "queue|ms" -> run time, "queue|due" (stats.py)
         self.stats_prefix = f"{p}:stats:"
+        self.data = f"{p}:data"  # hash  jobid -> the job's payload, JSON (records.encode_data)
         # The node model (issue #9; written by the reconciler, reconcile.py):
         self.nodes = f"{p}:nodes"  # hash  node name -> "level|parent|source|attributes-JSON" (nodes.Node)
         self.tasks = f"{p}:tasks"  # hash  task id -> "family|node|digest" of the tasks it set

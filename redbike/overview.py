@@ -22,6 +22,7 @@ from . import embedded, registry, stats
 from .keys import Keys
 from .records import RecordError, decode_aside, decode_lease, decode_parked, decode_status
 from .report import SCAN_COUNT, capacities
+from .sentinel import address
 
 FAILURE_WINDOW = 3600.0  # failures shown: those of the last hour
 FAILURES_SHOWN = 20  # the most recent ones, with a count of all
@@ -68,8 +69,7 @@ def redis_info(client: redis.Redis) -> dict[str, Any]:
     if path and os.path.basename(path) == embedded.SOCKET_NAME:
         shown["embedded"] = {"pid": info.get("process_id"), "socket": path, "folder": os.path.dirname(path)}
     else:
-        kwargs = client.connection_pool.connection_kwargs
-        shown["address"] = path or f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}"
+        shown["address"] = address(client)
     return shown
 
 

@@ -14,16 +14,16 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 SEP = "|"
 
 # Keys.job_state(): the attribute names of the keys every script takes first,
-# in the order of KEYS[1..19] in lib.lua's header.
+# in the order of KEYS[1..20] in lib.lua's header.
 JOB_STATE = (
     "schedules", "statuses", "timeline", "leases", "deadlines", "errors", "control",
     "dispatcher", "capacities", "usage", "parked", "ready", "parking", "parkseq", "aside", "jobs",
-    "finished", "paused", "totals",
+    "finished", "paused", "totals", "data",
 )
 
 # set.lua's needs argument: the job needs nothing (no needs, "", keeps the stored ones).
@@ -438,19 +438,59 @@ def decode_parking(value: str) -> Parked | Woken | SetAside:
     raise RecordError(f"bad parking value {value!r}")
 
 
+# -- a job's payload (P:data) ---------------------------------------------------
+
+DROP_DATA = "null"  # set.lua's payload argument that drops the job's payload (JSON null: no payload)
+KEEP_DATA = ""  # set.lua's payload argument that keeps the job's
+DEFAULT_MAX_DATA_BYTES = 64 * 1024
+
+
+class DataError(ValueError):
+    """A payload that is not JSON, or too large."""
+
+
+def encode_data(value: Any, max_bytes: int = DEFAULT_MAX_DATA_BYTES) -> str:
+    """A payload -> its stored text: compact JSON (JSON only: never pickle),
+    at most ``max_bytes`` bytes in UTF-8; None is no payload (DROP_DATA)."""
+    try:
+        text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"the job's data must be JSON: {exc}") from None
+    size = len(text.encode())
+    if size > max_bytes:
+        raise DataError(f"the job's data is {size} bytes of JSON, more than max-data-bytes ({max_bytes})")
+    return text
+
+
+def parse_data(text: str, max_bytes: int = DEFAULT_MAX_DATA_BYTES) -> str:
+    """A payload typed as JSON text (--data, a CSV column) -> its stored text."""
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise DataError(f"the job's data is not JSON: {exc}") from None
+    return encode_data(value, max_bytes)
+
+
+def decode_data(text: str) -> Any:
+    """A stored payload -> its value ('' : None, no payload)."""
+    return json.loads(text) if text else None
+
+
 # -- the replies of claim.lua and finish.lua ----------------------------------
 
 class Claimed(NamedTuple):  # a NamedTuple: made on every job's path, and quicker to make than a dataclass
-    """{'JOB', jobid, index, schedule, job record, needs}: ``queue_index`` is
-    the 0-based position of the job's queue among the queues the claim
-    tried; ``record`` its job record, as stored (decode_job: the run's
-    occurrence and attempt, its policy; decoded only where needed)."""
+    """{'JOB', jobid, index, schedule, job record, needs, payload}:
+    ``queue_index`` is the 0-based position of the job's queue among the
+    queues the claim tried; ``record`` its job record, as stored (decode_job:
+    the run's occurrence and attempt, its policy; decoded only where needed);
+    ``data`` its payload as stored (decode_data; '' if it has none)."""
 
     jobid: str
     queue_index: int
     schedule: str
     record: str
     needs: dict[str, int]
+    data: str = ""
 
 
 @dataclass(frozen=True)
@@ -469,8 +509,9 @@ ClaimReply = Claimed | Halt | str
 def decode_claim(reply: list[object]) -> ClaimReply:
     kind = reply[0]
     if kind == "JOB":
-        _, jobid, index, schedule, record, needs = reply
-        return Claimed(str(jobid), int(str(index)), str(schedule), str(record), decode_needs(str(needs or "")))
+        _, jobid, index, schedule, record, needs, data = reply
+        return Claimed(str(jobid), int(str(index)), str(schedule), str(record), decode_needs(str(needs or "")),
+                       str(data))
     if kind == "HALT":
         return Halt(str(reply[1]))
     if kind in (NONE, MORE):

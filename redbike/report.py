@@ -68,6 +68,10 @@ class JobState(NamedTuple):
     needs: str | None
     parking: str | None
     job: str | None
+    data: str | None  # its payload, as stored
+
+
+TOLD_DATA_CHARS = 200  # tell shows a payload's JSON up to this long, then "..."
 
 
 def job_state(client: redis.Redis, keys: Keys, jobid: str) -> JobState:
@@ -80,13 +84,14 @@ def job_state(client: redis.Redis, keys: Keys, jobid: str) -> JobState:
         pipe.hget(keys.errors, jobid)
         pipe.hget(keys.parking, jobid)
         pipe.hget(keys.jobs, jobid)
-        status, schedule, next_run, lease, deadline, error, parking, job = pipe.execute()
+        pipe.hget(keys.data, jobid)
+        status, schedule, next_run, lease, deadline, error, parking, job, data = pipe.execute()
     try:
         record = decode_job(job)
     except RecordError:
         record = JobRecord()
     return JobState(status, schedule, next_run, lease, deadline, error, record.pending or None, record.needs or None,
-                    parking, job)
+                    parking, job, data)
 
 
 def tell(client: redis.Redis, keys: Keys, jobid: str, queue: str) -> dict[str, Any] | None:
@@ -100,12 +105,14 @@ def tell(client: redis.Redis, keys: Keys, jobid: str, queue: str) -> dict[str, A
 
 def told_of(client: redis.Redis, keys: Keys, state: JobState, queue: str) -> dict[str, Any] | None:
     """tell's dict of a job's state (None: no such job or run)."""
-    status, schedule, next_run, lease, deadline, error, pending, needs, parking, job = state
+    status, schedule, next_run, lease, deadline, error, pending, needs, parking, job, data = state
     if status is None and schedule is None and lease is None:
         return None
     told: dict[str, Any] = {"status": status, "next_run": next_run, "schedule": schedule}
     if needs:
         told["needs"] = needs
+    if data:
+        told["data"] = data if len(data) <= TOLD_DATA_CHARS else data[:TOLD_DATA_CHARS] + "..."
     told.update(_occurrence(job, status, next_run, schedule))
     if status and status.startswith("ENQ:"):
         told["queue"] = queue

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 class StopWork(Exception):
@@ -37,12 +38,14 @@ class RoundRobin:
 
     ``RoundRobin("A:A:B")`` works queue A twice as often as queue B. A job goes
     to the queue named by the part of its id after the last ``:`` (the whole
-    id if it has none). While work() runs, ``self.lease`` holds its Lease.
+    id if it has none). While work() runs, ``self.lease`` holds its Lease
+    and ``self.data`` the job's payload (None if it has none).
     """
 
     def __init__(self, queues: str = "") -> None:
         self.queues = [name for name in queues.split(":") if name]
         self.lease: Lease | None = None
+        self.data: Any = None
 
     def queue_names(self) -> list[str]:
         """Queues to work, in rotation order; a repeated name gets more turns."""

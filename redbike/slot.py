@@ -21,6 +21,7 @@ from .claims import LEASE_LOST, Claims, Rotation, Settled, SlotClaims
 from .config import DEFAULT_SOCKET_TIMEOUT
 from .events import Subscriber, tell_retry
 from .outage import Outage
+from .records import DataError, decode_data
 from .roundrobin import Lease, RoundRobin, StopWork, UnsetJob
 from .slots import Running
 from .states import Outcome
@@ -90,10 +91,15 @@ def backoff_of(jobid: str, result: object) -> int | None:
     return clamped
 
 
-def run_work(worker: RoundRobin, lease: Lease) -> tuple[Outcome, str]:
-    """Run one job's work(); returns its outcome and the traceback of a failure."""
+def run_work(worker: RoundRobin, lease: Lease, data: str = "") -> tuple[Outcome, str]:
+    """Run one job's work() (its payload, decoded, in ``worker.data``);
+    returns its outcome and the traceback of a failure."""
     worker.lease = lease
     try:
+        try:
+            worker.data = decode_data(data)
+        except ValueError:  # stored by another writer than redbike's set: the run fails, the slot goes on
+            raise DataError(f"the job's stored data is not JSON: {data[:80]!r}") from None
         return Outcome("ok", backoff_of(lease.jobid, worker.work(lease.jobid))), ""
     except StopWork:
         return Outcome("stop"), ""
@@ -104,6 +110,7 @@ def run_work(worker: RoundRobin, lease: Lease) -> tuple[Outcome, str]:
         return Outcome("error", error=error), traceback.format_exc()[-4000:]
     finally:
         worker.lease = None
+        worker.data = None
 
 
 class Slot:
@@ -180,7 +187,7 @@ class Slot:
     def _run(self, job: Running) -> tuple[Outcome, str]:
         self.events.claimed(job.lease)
         started = time.monotonic()
-        outcome, trace = run_work(self.worker, job.lease)
+        outcome, trace = run_work(self.worker, job.lease, job.data)
         seconds = time.monotonic() - started
         self.outcomes.write(self.index, job.lease.token, outcome, trace)  # before Redis is asked anything
         self.board.count_run(self.index)  # counted as ended where its outcome is known (see Outcomes)

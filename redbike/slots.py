@@ -48,6 +48,7 @@ class Running:
     record: str  # the job's record as claimed (records.encode_job): the run's occurrence and attempt, its policy
     renewed_at: float
     local_needs: dict[str, int]  # worker-local amounts it holds
+    data: str = ""  # its payload as stored (records.decode_data); not on the board: only its slot needs it
 
     @functools.cached_property
     def job(self) -> JobRecord:

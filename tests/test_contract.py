@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import re
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 from test_jobs import HOURLY, NEXT_HOUR, NOW, Env
+from test_nodes import node_config
 
 from redbike import keys as keys_module
 from redbike import records, states, stats
 from redbike.api import who
 from redbike.claims import Rotation
 from redbike.keys import Keys
+from redbike.reconcile import Reconciler
 from redbike.records import (
     Aside,
     Claimed,
@@ -111,7 +114,7 @@ def test_lib_lists_the_job_state_keys_in_the_order_python_passes_them() -> None:
     assert f"L.K, L.A = {len(records.JOB_STATE)}, 4" in LIB
     keys = Keys("p")
     assert keys.job_state() == [getattr(keys, name) for name, _ in zip(records.JOB_STATE, listed)]
-    # the names lib.lua binds KEYS[1..19] to, in the same order
+    # the names lib.lua binds KEYS[1..20] to, in the same order
     bound = re.findall(r"KEYS\[(\d+)\]", LIB.split("L.K, L.A")[0].split("local L = {}")[1])
     assert [int(n) for n in bound] == list(range(1, len(records.JOB_STATE) + 1))
 
@@ -158,7 +161,7 @@ def own_arguments(name: str) -> tuple[int, str]:
     return sum(records.PLACEMENT_VALUES if word == "the placement" else 1 for word in words), rest or fixed
 
 
-GROUPS = {"pairs": 2, "triples": 3, "per lease 12 values": 12, "per job 10 values": 10}
+GROUPS = {"pairs": 2, "triples": 3, "per lease 12 values": 12, "per job 10 values": 10, "per run 11 values": 11}
 
 
 def text_of(name: str) -> str:
@@ -177,7 +180,7 @@ def check_call(name: str, keys: list[str], args: list[Any]) -> None:
         assert len(args) == fixed + 3 * len(keys), (name, args)
         return
     if "the n queue channels" in text_of(name):
-        n = int(args[1])
+        n = int(args[text_of(name).removeprefix("the common four, then ").split(", ").index("queue count n")])
         assert n == len(keys)
         fixed += n - 1  # the header counted "the n queue channels" as one
     group = next((size for word, size in GROUPS.items() if word in text_of(name)), 0)
@@ -187,7 +190,7 @@ def check_call(name: str, keys: list[str], args: list[Any]) -> None:
         assert len(args) == fixed, (name, args)
 
 
-def test_python_passes_what_each_header_says(client: redis.Redis, prefix: str,
+def test_python_passes_what_each_header_says(client: redis.Redis, prefix: str, tmp_path: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[tuple[str, list[str], list[Any]]] = []
     run = Scripts.run
@@ -215,6 +218,12 @@ def test_python_passes_what_each_header_says(client: redis.Redis, prefix: str,
     dispatcher.step(NOW + 100)  # moves t:A, reaps b:A
     assert dispatcher.moved == 1 and dispatcher.reaped == 1
     env.bike.scripts.run("renew", NOW, [], ["a:A", "tok", repr(NOW + 30)])
+    env.bike.set("orphan:B", "NOW")
+    orphan = env.pool("B").claim(Rotation(["B"]), "w1")
+    assert orphan is not None and orphan.lease.jobid == "orphan:B"
+    Reconciler(env.bike, node_config(tmp_path)).end_runs({"orphan:B": (client.hget(env.keys.leases, "orphan:B"), 40.0)},
+                                                         NOW)
+    assert not client.hexists(env.keys.leases, "orphan:B")
     dispatcher.lead(NOW, milliseconds=0)
     assert {name for name, _, _ in calls} == set(SCRIPT_NAMES)
     for name, keys, args in calls:

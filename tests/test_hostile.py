@@ -84,7 +84,7 @@ class Stage:
         claim = ["tok2", "w2", "", "", "A", "10", "10"]
         self.calls: dict[str, tuple[list[str], list[str]]] = {
             "set": (queue, ["n:A", "NOW", *Placement("Q", "ENQ", due=NOW, attempt=1).script_args(), channel, "0",
-                            "r=1", "skip:30", "once", "2", "0", "me@here", "", "0"]),
+                            "r=1", "skip:30", "once", "2", "0", "me@here", "", "0", "{\"k\":1}"]),
             "unset": (queue, ["q2:A", "me@here", repr(NOW), "2"]),
             "claim": (queue, claim),
             "finish": (queue + queue, ["run:A", token, *Placement("S", "END").script_args(), "", channel, "0", *claim]),
@@ -93,6 +93,7 @@ class Stage:
             "reap": (queue, [str(self.leader.token), "1", channel, "run:A", token,
                              *Placement("T", "EXP", NOW, attempt=2).script_args(), "{}", "0", "1"]),
             "retire": ([], [str(self.leader.token), repr(NOW), "100"]),
+            "revoke": (queue, ["1", channel, "run:A", token, *Placement("D", "").script_args(), "{}", "1"]),
             "renew": ([], ["run:A", token, repr(NOW + 30)]),
             "lead": ([keys.dispatcher_epoch], [str(self.leader.token), "5000", "me"]),
             "capacity": ([], ["r", "2"]),

@@ -1152,10 +1152,10 @@ def test_read_schedules_csv_good_file(tmp_path: Path, env: Env) -> None:
     )
     rows = read_schedules_csv(str(path))
     assert rows == [
-        ("a:A", "NOW", "", "", ""),
-        ("b:B", "CONTINUE", "", "", ""),
-        ("q:B", "0 9 * * 1,3", "", "", ""),
-        ("c,d:A", "DTSTART:20231114T000000Z\nRRULE:FREQ=HOURLY", "", "", ""),
+        ("a:A", "NOW", "", "", "", ""),
+        ("b:B", "CONTINUE", "", "", "", ""),
+        ("q:B", "0 9 * * 1,3", "", "", "", ""),
+        ("c,d:A", "DTSTART:20231114T000000Z\nRRULE:FREQ=HOURLY", "", "", "", ""),
     ]
     assert env.bike.set_many(rows) == []
     assert env.c.hgetall(env.keys.schedules) == {jobid: schedule for jobid, schedule, *_ in rows}
@@ -1168,15 +1168,15 @@ def test_read_schedules_csv_quoted_fields(tmp_path: Path) -> None:
     path = tmp_path / "schedules.csv"
     path.write_text('b:B,"0 9 * * 1,3"\n"c,d:A","DTSTART:20231114T000000Z\nRRULE:FREQ=HOURLY"\n')
     assert read_schedules_csv(str(path)) == [
-        ("b:B", "0 9 * * 1,3", "", "", ""),
-        ("c,d:A", "DTSTART:20231114T000000Z\nRRULE:FREQ=HOURLY", "", "", ""),
+        ("b:B", "0 9 * * 1,3", "", "", "", ""),
+        ("c,d:A", "DTSTART:20231114T000000Z\nRRULE:FREQ=HOURLY", "", "", "", ""),
     ]
 
 
 @pytest.mark.parametrize(
     "text, line",
     [
-        ("a:A,NOW\nb:A,NOW,host:x,once,0,extra\n", 2),
+        ("a:A,NOW\nb:A,NOW,host:x,once,0,{},extra\n", 2),
         ("a:A,NOW\n\njust-an-id\n", 3),
         ('"m:A","DTSTART:20231114T000000Z\nRRULE:FREQ=HOURLY"\n,NOW\n', 3),
     ],

@@ -4,13 +4,15 @@ pausing a queue (the claim passes it over)."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 from conftest import wait_for
 from test_jobs import NOW, Env
 from test_processes import cli, cli_ok, ends
 
-from redbike import stats
+from redbike import scale, stats
+from redbike.registry import Registration
 from redbike.states import Outcome
 
 
@@ -113,3 +115,78 @@ def test_a_real_worker_leaves_a_paused_queue_and_takes_it_up_on_resume(workdir, 
     cli_ok(workdir, process_env, "resume", "A")  # wakes the idle worker: no wait for its recheck
     wait_for(lambda: ends(client, testlog, "held:A"), timeout=5)
     assert cli(workdir, process_env, "pause", "bad|name").returncode == 2
+
+
+# ------------------------------------------------------------ scaling advice
+
+
+def test_the_quantile_of_a_histogram_interpolates_within_its_bucket() -> None:
+    buckets = ((1.0, 0), (2.0, 10), (4.0, 20), (math.inf, 20))
+    assert scale.quantile(buckets, 0.5) == pytest.approx(2.0)
+    assert scale.quantile(buckets, 0.95) == pytest.approx(2.0 + 2.0 * 0.9)
+    assert scale.quantile(((1.0, 0), (math.inf, 0)), 0.95) is None
+    assert scale.quantile(((1.0, 1), (math.inf, 10)), 0.95) == 1.0  # in the open bucket: its lower bound
+
+
+def test_scale_advises_slots_from_arrivals_and_service_times(env: Env) -> None:
+    minute = (NOW // 60 + 1) * 60
+    env.at(minute)
+    stats.snapshot(env.c, env.keys, minute)
+    Registration(env.c, env.keys, "worker", "h:1", clock=env.clock, queues=["A", "B"], slots=1).refresh(running=[])
+    for n in range(12):  # 12 jobs in 2 minutes, 20 s each: they keep 2 slots busy
+        env.bike.set(f"j{n}:A", "NOW")
+        run(env, 20, Outcome("ok"))
+    env.at(minute + 120)
+    env.bike.set("w1:A", "NOW")  # arrives, waits
+    shown = scale.advice(env.c, env.keys, minute + 120, target=0.9, window=600)
+    assert shown["window_seconds"] == 120
+    a = {q["queue"]: q for q in shown["queues"]}["A"]
+    assert a["arrivals_per_minute"] == pytest.approx(6.5)  # 13 in 2 minutes
+    assert a["service_seconds_mean"] == pytest.approx(20)
+    assert 10 < a["service_seconds_p95"] <= 30  # within the (10, 30] bucket
+    assert (a["slots"], a["busy"], a["waiting"]) == (1, 0, 1)
+    assert a["utilisation"] == round(6.5 / 60 * 20, 3)  # 2.17: one slot cannot keep up
+    assert a["recommended_slots"] == math.ceil(6.5 / 60 * 20 / 0.9) == 3 and a["advice"] == "scale up"
+    text = "\n".join(scale.lines(shown))
+    assert "scale up" in text and "217%" in text
+    assert scale.advice(env.c, env.keys, minute + 120, target=0.5)["queues"][0]["recommended_slots"] == 5
+
+
+def test_scale_says_when_it_knows_nothing_yet(env: Env) -> None:
+    shown = scale.advice(env.c, env.keys, NOW)
+    assert shown["window_seconds"] is None
+    assert "no counts yet" in scale.lines(shown)[0]
+
+
+def test_scale_on_the_command_line(workdir, process_env, daemons, client, testlog) -> None:
+    daemons.start("dispatch", cwd=workdir)
+    daemons.start("work", cwd=workdir)
+    for n in range(5):
+        cli_ok(workdir, process_env, "set", f"s{n}:A", "NOW")
+    wait_for(lambda: len(ends(client, testlog)) == 5, timeout=20)
+    shown = json.loads(cli_ok(workdir, process_env, "scale", "--json", "--window=600"))
+    a = {q["queue"]: q for q in shown["queues"]}["A"]
+    assert a["runs"] == 5 and a["slots"] == 1 and a["recommended_slots"] >= 1
+    assert "recommended" in cli_ok(workdir, process_env, "scale")
+    bad = cli(workdir, process_env, "scale", "--target=1.5")
+    assert bad.returncode == 2 and "--target must be" in bad.stderr
+
+
+def test_a_woken_job_of_a_paused_queue_keeps_its_place_and_its_amount(env: Env) -> None:
+    env.bike.set_capacity("r", 1)
+    env.bike.set("x:A", "NOW", needs="r")
+    env.bike.set("y:A", "NOW", needs="r")
+    pool = env.pool("A")
+    holder = env.claim(pool)
+    assert holder is not None and holder.lease.jobid == "x:A"
+    assert env.claim(pool) is None  # y:A parks on r
+    assert pool.finish(holder, Outcome("ok"), "", None, "w1")[0] == "DONE"  # wakes y:A: ready, r set aside
+    woken = (env.c.zrange(env.keys.ready, 0, -1), env.c.hget(env.keys.usage, "r"), env.c.hgetall(env.keys.parking))
+    assert woken[0] and woken[1] == "1"
+    env.bike.pause("A")
+    assert env.claim(pool) is None
+    assert (env.c.zrange(env.keys.ready, 0, -1), env.c.hget(env.keys.usage, "r"),
+            env.c.hgetall(env.keys.parking)) == woken
+    env.bike.resume("A")
+    job = env.claim(pool)
+    assert job is not None and job.lease.jobid == "y:A" and env.c.hget(env.keys.usage, "r") == "1"

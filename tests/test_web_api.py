@@ -282,6 +282,12 @@ def test_errors_are_json_with_their_status(client, prefix):
          "retries"),
         (api.post("/api/v1/jobs", json={"jobid": "x:A", "schedule": "NOW", "misfire": "twice"}, headers=AUTH),
          400, "misfire"),
+        (api.post("/api/v1/jobs", json={"jobid": "x:A", "schedule": "NOW", "data": "x" * 70000}, headers=AUTH),
+         400, "max-data-bytes"),
+        (api.post("/api/v1/jobs", content=b'{"jobid": "x:A", "schedule": "NOW", "data": NaN}', headers=AUTH),
+         400, "must be JSON"),
+        (api.post("/api/v1/jobs", json={"jobid": "x:A", "schedule": "NOW", "data": "x" * 140000}, headers=AUTH),
+         413, "request body over"),
         (api.post("/api/v1/jobs", content=b"{not json", headers=AUTH), 400, "JSON"),
         (api.post("/api/v1/jobs", json=["x:A", "NOW"], headers=AUTH), 400, "object"),
         (api.put("/api/v1/resources/db:1", json={"capacity": -1}, headers=AUTH), 400, "capacity"),
@@ -309,6 +315,15 @@ def test_errors_are_json_with_their_status(client, prefix):
     # As with `redbike set`, a new job with a bad schedule is recorded BAD.
     assert client.hget(keys.statuses, "bad:A").startswith("BAD:")
     assert not client.hexists(keys.schedules, "x:A")
+
+
+def test_a_job_set_with_data_shows_it(client, prefix):
+    api = web(client, prefix)
+    body = {"jobid": "d:A", "schedule": "NOW", "data": {"url": "https://example.org/x.png"}}
+    assert api.post("/api/v1/jobs", json=body, headers=AUTH).json()["result"] == "PLACED"
+    assert json.loads(api.get(f"/api/v1/jobs/{path('d:A')}").json()["tell"]["data"]) == body["data"]
+    api.post("/api/v1/jobs", json={"jobid": "d:A", "schedule": "NOW", "data": None}, headers=AUTH)
+    assert "data" not in api.get(f"/api/v1/jobs/{path('d:A')}").json()["tell"]
 
 
 def test_a_job_id_with_slashes_colons_and_html_round_trips(client, prefix):

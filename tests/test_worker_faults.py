@@ -61,7 +61,8 @@ def test_a_run_whose_lease_was_lost_is_killed_at_once(tmp_path, redis_server, cl
         assert alive(started["pid"])  # stopped, not dead
     finally:
         resumed = time.monotonic()
-        for group in frozen:
+        # The job's child first: the supervisor, resumed, may kill it at once.
+        for group in reversed(frozen):
             os.killpg(group, signal.SIGCONT)
     # Its heartbeat's wait ran out during the stop: it renews at once, finds
     # the lease gone and kills the child through its pidfd; a second is ample.

@@ -51,7 +51,8 @@ class Recorder(RoundRobin):
     def work(self, jobid: str) -> int | None:
         start = time.time()
         token = self.lease.token if self.lease else None
-        self._record(job=jobid, event="start", pid=os.getpid(), token=token, at=start)
+        payload = {} if self.data is None else {"data": self.data}
+        self._record(job=jobid, event="start", pid=os.getpid(), token=token, at=start, **payload)
         try:
             if jobid.startswith("sleep"):
                 time.sleep(float(jobid[5:].split("-", 1)[0]))

@@ -1,6 +1,6 @@
 -- lib.lua: helpers shared by every redbike script (prepended to each one).
 --
--- Every script takes the same first nineteen KEYS (the job state):
+-- Every script takes the same first twenty KEYS (the job state):
 --   KEYS[1]  schedules   hash  jobid -> schedule text
 --   KEYS[2]  statuses    hash  jobid -> "EVENT:TIMESTAMP"
 --   KEYS[3]  timeline    zset  jobid scored by next run
@@ -34,6 +34,7 @@
 --                              "queue|due" (jobs enqueued), "queue|ms" (run
 --                              time), "queue|outcome|bucket" (runs that ended
 --                              done/failed/retried/expired, by duration bucket)
+--   KEYS[20] data        hash  jobid -> the job's payload (JSON), if it has one
 -- and the same first four ARGV: now (epoch seconds), the dispatcher's wake
 -- channel, the prefix of the queue wake channels (+ queue name) and the
 -- trail's length (events kept per job).
@@ -58,8 +59,8 @@ L.SCHEDULES, L.STATUSES, L.TIMELINE, L.LEASES, L.DEADLINES, L.ERRORS, L.CONTROL,
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 L.CAPACITIES, L.USAGE, L.PARKED, L.READY, L.PARKING, L.PARKSEQ, L.ASIDE, L.JOBS, L.FINISHED =
   KEYS[9], KEYS[10], KEYS[11], KEYS[12], KEYS[13], KEYS[14], KEYS[15], KEYS[16], KEYS[17]
-L.PAUSED, L.TOTALS = KEYS[18], KEYS[19]
-L.K, L.A = 19, 4
+L.PAUSED, L.TOTALS, L.DATA = KEYS[18], KEYS[19], KEYS[20]
+L.K, L.A = 20, 4
 L.NOW = ARGV[1]
 L.NOW_N = tonumber(ARGV[1])
 L.DISPATCH_CHANNEL = ARGV[2]
@@ -340,21 +341,22 @@ end
 -- totals of its queue: its duration bucket (upper bounds in seconds, as
 -- stats.BUCKETS; past the last: bucket #BUCKETS + 1) and its run time.
 function L.count_run(queue_name, outcome, since)
-  local seconds = L.NOW_N - (tonumber(since) or L.NOW_N)
+  -- Bounded: a clock that jumped must not make the count fail half-way.
+  local seconds = math.min(math.max(L.NOW_N - (tonumber(since) or L.NOW_N), 0), L.MAX_AMOUNT)
   local bounds = {0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800}
   local bucket = #bounds + 1
   for i = 1, #bounds do
     if seconds <= bounds[i] then bucket = i break end
   end
   redis.call('HINCRBY', L.TOTALS, queue_name .. '|' .. outcome .. '|' .. bucket, 1)
-  redis.call('HINCRBY', L.TOTALS, queue_name .. '|ms', math.floor(seconds * 1000 + 0.5))
+  redis.call('HINCRBY', L.TOTALS, queue_name .. '|ms', L.int(seconds * 1000 + 0.5))
 end
 
 -- Forget a job's schedule and state (its needs and pending placement in
 -- `record`, which the caller saves). Its record (the ledger) and trail stay
 -- until keep-finished has passed (retire.lua), so that explain can tell.
 function L.forget(jobid, record)
-  for _, key in ipairs({L.SCHEDULES, L.STATUSES, L.ERRORS}) do
+  for _, key in ipairs({L.SCHEDULES, L.STATUSES, L.ERRORS, L.DATA}) do
     redis.call('HDEL', key, jobid)
   end
   record[L.NEEDS], record[L.PENDING] = '', ''
@@ -457,8 +459,8 @@ end
 -- and place the job. A `set` made while the job ran (the pending placement)
 -- wins over the run's own; a job unset while it ran is just released. A stale
 -- token changes nothing. The run counts in its queue's totals as `expired`
--- (the reaper ends it) or by its end: done, retried (an error with a retry
--- placed) or failed.
+-- (the reaper ends it, or it did not complete in its timeout: status EXP) or
+-- by its end: done, retried (it raised, and runs again) or failed.
 function L.finish(jobid, token, p, err, queue, channel, fires, expired)
   local lease = redis.call('HGET', L.LEASES, jobid)
   if not L.lease_token_matches(lease, token) then
@@ -469,7 +471,7 @@ function L.finish(jobid, token, p, err, queue, channel, fires, expired)
   local _, queue_name, worker, since, _, due, attempt, needs = L.lease_parts(lease)
   L.release(needs)
   local outcome = 'done'
-  if expired then outcome = 'expired'
+  if expired or p.status == 'EXP' then outcome = 'expired' -- reaped, or the worker stopped it at its timeout
   elseif err ~= '' then outcome = p.status == 'RTY' and 'retried' or 'failed' end
   L.count_run(queue_name, outcome, since)
   local line = ''
@@ -619,13 +621,7 @@ function L.consider(token, worker, room, i, queue, base, jobid, seq, ready, held
     return 'parked'
   end
   if not L.fits_locally(needs, room) then
-    if ready then -- back where it was, its amount set aside again
-      redis.call('ZADD', L.READY, 0, ready)
-      if held and amount > 0 then redis.call('HINCRBY', L.USAGE, held, L.int(amount)) end
-      redis.call('HSET', L.PARKING, jobid, 'R' .. (held or '') .. '=' .. L.int(amount or 0) .. '|' .. ready)
-    else
-      redis.call('RPUSH', queue, jobid)
-    end
+    L.put_back(queue, jobid, ready, held, amount)
     return 'full'
   end
   for _, one in ipairs(needs) do
@@ -636,7 +632,32 @@ function L.consider(token, worker, room, i, queue, base, jobid, seq, ready, held
     {token, queue_name, worker, L.NOW, ARGV[base + 1], due, attempt, needs_text}, '|'))
   redis.call('ZADD', L.DEADLINES, L.NOW_N + tonumber(ARGV[base + 2]), jobid)
   redis.call('HSET', L.STATUSES, jobid, L.stamp('WRK'))
-  return {'JOB', jobid, i, schedule, record, needs_text}
+  return {'JOB', jobid, i, schedule, record, needs_text, redis.call('HGET', L.DATA, jobid) or ''}
+end
+
+-- Put a candidate of next_candidate() back where it was: first in its
+-- queue, or (a woken job) back in ready with its amount set aside again.
+function L.put_back(queue, jobid, ready, held, amount)
+  if ready then
+    redis.call('ZADD', L.READY, 0, ready)
+    if held and amount > 0 then redis.call('HINCRBY', L.USAGE, held, L.int(amount)) end
+    redis.call('HSET', L.PARKING, jobid, 'R' .. (held or '') .. '=' .. L.int(amount or 0) .. '|' .. ready)
+  else
+    redis.call('RPUSH', queue, jobid)
+  end
+end
+
+-- Whether queue `name` is paused (KEYS[18]). The set is read once per script
+-- call, and only when a claim has a job in hand: an idle worker's claims,
+-- which find none, read nothing more.
+function L.is_paused(name)
+  if not L.paused_names then
+    L.paused_names = {}
+    if redis.call('EXISTS', L.PAUSED) == 1 then
+      for _, paused in ipairs(redis.call('SMEMBERS', L.PAUSED)) do L.paused_names[paused] = true end
+    end
+  end
+  return L.paused_names[name] == true
 end
 
 -- Claim the first job found in the queues KEYS[first .. first+count-1], tried
@@ -647,7 +668,7 @@ end
 -- resource that lacks it; one that needs more than a capacity (global, or
 -- this pool's local one) is set aside; one the pool lacks local room for
 -- now stays first in its queue. A paused queue (KEYS[18]) is passed over.
--- Returns {'JOB', jobid, i, schedule, status-before-claim, needs},
+-- Returns {'JOB', jobid, i, schedule, job record, needs, payload ('' if none)},
 -- {'NONE'}, {'MORE'} (parked many: call again), or {'HALT', control} once the
 -- control key holds a value the worker has not seen.
 function L.claim(token, worker, control_seen, local_room, first, count, spec)
@@ -656,13 +677,16 @@ function L.claim(token, worker, control_seen, local_room, first, count, spec)
     return {'HALT', control}
   end
   local room = L.parse_local_room(local_room)
-  local paused = L.paused_queues()
   local parks = 0
   for i = 0, count - 1 do
     local queue, base = KEYS[first + i], spec + 3 * i
-    while not (paused and paused[ARGV[base]]) do
+    while true do
       local jobid, seq, ready, held, amount = L.next_candidate(queue, ARGV[base])
       if not jobid then break end
+      if L.is_paused(ARGV[base]) then -- passed over: the job stays first in line
+        L.put_back(queue, jobid, ready, held, amount)
+        break
+      end
       local claimed = L.consider(token, worker, room, i, queue, base, jobid, seq, ready, held, amount)
       if type(claimed) == 'table' then return claimed end
       if claimed == 'full' then break end
@@ -672,16 +696,7 @@ function L.claim(token, worker, control_seen, local_room, first, count, spec)
       end
     end
   end
-  return L.claim_aside(token, worker, local_room, room, first, count, spec, paused)
-end
-
--- The paused queues' names (name -> true), or nil when none is paused (one
--- EXISTS: the claim of a deployment that pauses nothing pays no more).
-function L.paused_queues()
-  if redis.call('EXISTS', L.PAUSED) == 0 then return nil end
-  local paused = {}
-  for _, name in ipairs(redis.call('SMEMBERS', L.PAUSED)) do paused[name] = true end
-  return paused
+  return L.claim_aside(token, worker, local_room, room, first, count, spec)
 end
 
 -- What is wrong with the arguments of claim() (see there), or nil.

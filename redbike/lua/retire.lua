@@ -1,6 +1,6 @@
 -- retire.lua: remove what is left of the jobs that ended for good (one-offs
 -- that ran or were skipped, unset jobs) keep-finished seconds ago: their
--- status, schedule, record (the ledger and the trail). A job set again since is
+-- status, schedule, record (the ledger and the trail), payload. A job set again since is
 -- only taken off the list; one still running (unset while it ran) goes back
 -- on it, to wait another keep-finished.
 -- KEYS: the job-state keys.
@@ -24,7 +24,7 @@ while taken < most do
   if redis.call('HEXISTS', L.LEASES, jobid) == 1 then
     L.finished(jobid)
   elseif not status or kind == 'END:' or kind == 'SKP:' then -- not set again since
-    for _, key in ipairs({L.SCHEDULES, L.STATUSES, L.ERRORS, L.JOBS}) do
+    for _, key in ipairs({L.SCHEDULES, L.STATUSES, L.ERRORS, L.JOBS, L.DATA}) do
       redis.call('HDEL', key, jobid)
     end
   end

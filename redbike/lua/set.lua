@@ -10,13 +10,14 @@
 --       ('' to keep the job's), the default retries, who set it (for the trail),
 --       the occurrence the caller found the job placed for ('' if none), the
 --       count of its schedule's occurrences due after that one until now (see
---       cancel_waiting() in lib.lua).
+--       cancel_waiting() in lib.lua), the payload (JSON; '' keeps the job's,
+--       'null' drops it: records.encode_data).
 -- Returns 'KEPT', 'PENDING' (the job is running: the placement waits for the
 -- run to end) or 'PLACED'.
 local jobid, schedule, channel, only_if, needs, misfire, default_misfire, retries, default_retries, by =
   ARGV[L.A + 1], ARGV[L.A + 2], ARGV[L.A + 10], ARGV[L.A + 11], ARGV[L.A + 12], ARGV[L.A + 13], ARGV[L.A + 14],
   ARGV[L.A + 15], ARGV[L.A + 16], ARGV[L.A + 17]
-local expected, missed = ARGV[L.A + 18], ARGV[L.A + 19]
+local expected, missed, data = ARGV[L.A + 18], ARGV[L.A + 19], ARGV[L.A + 20]
 local queue = KEYS[L.K + 1]
 if not L.is_name(jobid) then return L.bad('job id', jobid) end
 local failed = L.placement_error(L.A + 3)
@@ -32,6 +33,7 @@ if not L.int_of(default_retries, 0, L.MAX_AMOUNT) then return L.bad('default ret
 if type(by) ~= 'string' or string.find(by, '[|%c]') then return L.bad('set by', by) end
 if expected ~= '' and not L.time_of(expected) then return L.bad('expected due', expected) end
 if not L.int_of(missed, 0, L.MAX_TIME) then return L.bad('missed count', missed) end
+if type(data) ~= 'string' then return L.bad('payload', data) end
 if (only_if == '1' and redis.call('HEXISTS', L.SCHEDULES, jobid) == 1)
     or (only_if == 'S' and redis.call('HGET', L.SCHEDULES, jobid) == schedule) then
   return 'KEPT'
@@ -43,6 +45,11 @@ if only_if == 'R' then
   end
 end
 local p = L.placement_at(L.A + 3)
+if data == 'null' then
+  redis.call('HDEL', L.DATA, jobid)
+elseif data ~= '' then
+  redis.call('HSET', L.DATA, jobid, data)
+end
 local new = redis.call('HEXISTS', L.SCHEDULES, jobid) == 0 -- (an unset job's record is no policy)
 redis.call('HSET', L.SCHEDULES, jobid, schedule)
 local record = L.job_of(jobid)

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from .app import WebContext
 
 PREFIX = "/api/v1"
-MAX_BODY = 64 * 1024
+MAX_BODY = 64 * 1024  # beside the largest payload the bike takes (max-data-bytes)
 NEXT_SHOWN = 5  # next occurrences a job's page shows
 RUNS_SHOWN = 10
 MAX_MINUTES = 24 * 60
@@ -43,10 +43,10 @@ BAD_INPUT = (BadName, ScheduleError, ResourceError, ValueError)
 Handler = Callable[[Request, dict[str, Any]], Any]
 
 
-async def _body(request: Request) -> dict[str, Any]:
+async def _body(request: Request, most: int) -> dict[str, Any]:
     raw = await request.body()
-    if len(raw) > MAX_BODY:
-        raise ApiError(413, f"request body over {MAX_BODY} bytes")
+    if len(raw) > most:
+        raise ApiError(413, f"request body over {most} bytes")
     if not raw.strip():
         return {}
     try:
@@ -63,7 +63,7 @@ def endpoint(context: WebContext, handler: Handler, write: bool = False) -> Call
         body: dict[str, Any] = {}
         if write:
             check_write(request, context.token)
-            body = await _body(request)
+            body = await _body(request, MAX_BODY + context.bike.max_data_bytes)
         try:
             answer = await run_in_threadpool(handler, request, body)
         except BAD_INPUT as exc:
@@ -199,7 +199,8 @@ def routes(context: WebContext) -> list[BaseRoute]:
     # -- writes ---------------------------------------------------------------
 
     def post_job(request: Request, body: dict[str, Any]) -> Any:
-        """Set a job: {jobid, schedule, needs?, misfire?, grace?, retries?} (as `redbike set`)."""
+        """Set a job: {jobid, schedule, needs?, misfire?, grace?, retries?, data?} (as `redbike set`;
+        data: its payload, any JSON value; null drops it; absent keeps it)."""
         jobid, schedule = check_jobid(_required(body, "jobid")), _required(body, "schedule")
         needs = body.get("needs")
         if needs is not None and not isinstance(needs, str | dict):
@@ -210,8 +211,9 @@ def routes(context: WebContext) -> list[BaseRoute]:
         if grace is not None and (not isinstance(grace, int | float) or isinstance(grace, bool)
                                   or not 0 <= grace <= 10 * 365 * 86400):
             raise ApiError(400, "'grace' must be a number of seconds from 0")
+        payload = {"data": body["data"]} if "data" in body else {}
         result = bike.set(jobid, schedule, needs=needs, misfire=_string(body, "misfire"), grace=grace,
-                          retries=retries)
+                          retries=retries, **payload)
         return {"jobid": jobid, "result": result}
 
     def delete_job(request: Request, _: dict[str, Any]) -> Any:
