@@ -14,7 +14,7 @@ from redbike import Redbike, RoundRobin
 from redbike.keys import Keys
 from redbike.records import error_record
 from redbike.stats import QueueTotals
-from redbike.web import charts
+from redbike.web import charts, views
 
 EVIL = "<b>x</b>&\"'"
 
@@ -90,3 +90,24 @@ def test_charts_stack_each_minutes_counts_in_proportion():
     assert failures.total == {"retried": 2, "failed": 1, "expired": 0}
     only_b = charts.charts(minutes, "B")[0]
     assert only_b.total == {"done": 1, "retried": 0, "failed": 0}
+
+
+def test_the_overview_scans_every_job_again_only_when_its_last_scan_is_old_enough(client, prefix):
+    bike = Redbike(RoundRobin("A:B"), prefix=prefix, client=client)
+    bike.set("one:A", "STOP")
+    scans: list[bool] = []
+    real = bike.overview
+
+    def overview(scan: bool = True) -> dict:
+        scans.append(scan)
+        return real(scan)
+
+    bike.overview = overview  # type: ignore[method-assign]
+    overviews = views.Overviews(min_age=3600)
+    first = overviews.read(bike)
+    bike.set("two:A", "STOP")
+    second = overviews.read(bike)
+    assert scans == [True, False]
+    assert first["statuses"] == second["statuses"] == {"STP": 1}  # the first scan's, not counted again
+    assert second["counted_at"] == first["at"] and "counted_at" not in first
+    assert views.Overviews(min_age=0).read(bike)["statuses"] == {"STP": 2}

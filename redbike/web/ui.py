@@ -94,6 +94,7 @@ class Pages:
     def __init__(self, context: Context) -> None:
         self.context = context
         self.env = _environment()
+        self.overviews = views.Overviews(REFRESH_SECONDS)
 
     def render(self, request: Request, template: str, status_code: int = 200, **values: Any) -> Response:
         """``template`` with ``values``, the path, whether writes are possible, ``now`` (default:
@@ -107,7 +108,7 @@ class Pages:
             "Referrer-Policy": "same-origin", "Cache-Control": "no-store"})
 
     def overview(self, request: Request) -> Response:
-        shown = self.context.bike.overview()
+        shown = self.overviews.read(self.context.bike)
         return self.render(request, "overview.html", now=shown["at"], refresh=REFRESH_SECONDS, shown=shown,
                            redis_line=info.redis_line(shown), status_line=info.status_line(shown),
                            busy=sum(1 for w in shown["workers"] for s in w.get("running", []) if s.get("jobid")),

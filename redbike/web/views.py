@@ -5,6 +5,8 @@ and the next occurrences of a job's schedule. Read-only.
 
 from __future__ import annotations
 
+import threading
+import time
 from collections import defaultdict
 from typing import Any, cast
 
@@ -19,6 +21,37 @@ from ..schedules import ScheduleError, parse_schedule
 
 WAITERS_SHOWN = 20  # jobs in line for a resource listed, with a count of all
 OCCURRENCES_SHOWN = 5
+SCAN_EVERY = 10.0  # as `top`: the scans take at most a tenth of the time between them
+
+
+class Overviews:
+    """The overview for the pages, which any number of browser tabs reload
+    every few seconds: the parts that scan every job (counts per status,
+    failures) are read again only once their last read is ``min_age`` old
+    and at least SCAN_EVERY times its own cost, as `top` does, so tabs open
+    on a million jobs do not keep Redis scanning. In between, those parts
+    are the last read's, with its time as ``counted_at``."""
+
+    def __init__(self, min_age: float) -> None:
+        self.min_age = min_age
+        self.lock = threading.Lock()
+        self.scanned_at, self.cost = float("-inf"), 0.0
+        self.scanned: tuple[Any, Any, float] | None = None
+
+    def read(self, bike: Redbike) -> dict[str, Any]:
+        with self.lock:
+            started = time.monotonic()
+            scan = started - self.scanned_at >= max(self.min_age, SCAN_EVERY * self.cost)
+            if scan:
+                self.scanned_at = started  # a request meanwhile does not scan too
+        shown = bike.overview(scan=scan)
+        with self.lock:
+            if scan:
+                self.cost = time.monotonic() - started
+                self.scanned = (shown["statuses"], shown["failures"], shown["at"])
+            elif self.scanned is not None:  # (None: the first scan is still under way)
+                shown["statuses"], shown["failures"], shown["counted_at"] = self.scanned
+        return shown
 
 
 def queue_of(bike: Redbike, jobid: str) -> str:
