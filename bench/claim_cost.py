@@ -29,7 +29,6 @@ import redis
 
 from redbike import Redbike, RoundRobin
 from redbike.claims import Rotation
-from redbike.states import Placement
 from redbike.supervisor import WorkerPool
 
 from .server import RedisServer
@@ -39,17 +38,11 @@ PIPELINE = 2000
 
 
 def set_many(bike: Redbike, jobids: list[str], needs: str) -> None:
-    """bike.set(jobid, 'NOW', needs=needs) for each job, pipelined (the same set.lua)."""
-    keys = bike.keys
-    now = time.time()
+    """bike.set(jobid, 'NOW', needs=needs) for each job: set_alike, the same set.lua pipelined."""
     for start in range(0, len(jobids), PIPELINE):
-        with bike.client.pipeline(transaction=False) as pipe:
-            for jobid in jobids[start:start + PIPELINE]:
-                queue = bike.worker.queue_for(jobid)
-                args = [jobid, "NOW", *Placement("Q", "ENQ", due=now, attempt=1).script_args(),
-                        keys.queue_channel(queue), "0", needs, "", "once", "", "0", "bench", "", "0"]
-                bike.scripts.run("set", now, [keys.queue(queue)], args, client=pipe)
-            pipe.execute()
+        results = bike.set_alike([(jobid, needs) for jobid in jobids[start:start + PIPELINE]], "NOW")
+        if any(result != "PLACED" for result in results.values()):
+            raise RuntimeError(f"set NOW answered {set(map(str, results.values()))}")
 
 
 def commandstats(client: redis.Redis) -> dict[str, dict[str, float]]:

@@ -182,7 +182,7 @@ class Redbike:
         ``data``: the payload as stored (records.encode_data), KEEP_DATA or DROP_DATA."""
         queue = self._queue_of(jobid)
         now = self.clock() if now is None else now
-        return self.scripts.run(
+        return self.scripts.run(  # type: ignore[no-any-return]  # a pipeline's call returns it, not the reply
             "set",
             now,
             [self.keys.queue(queue)],
@@ -283,7 +283,7 @@ class Redbike:
                          retries=parse_retries(retries) if retries else None,
                          data=decode_data(parse_data(data, self.max_data_bytes)) if data else KEEP)
             except (ScheduleError, JobIdError, ResourceError, ValueError) as exc:
-                errors.append(f"{jobid}: {exc}")
+                errors.append(f"{jobid if jobid.isprintable() else repr(jobid)}: {exc}")  # one line
         return errors
 
     def set_alike(self, jobs: Iterable[tuple[str, Needs] | tuple[str, Needs, Any]], schedule: str, *,
@@ -356,9 +356,9 @@ class Redbike:
         check_name(resource)
         check_capacity(capacity)
         args = [resource, "" if capacity is None else capacity]
-        woken = total = self.scripts.run("capacity", self.clock(), [], args)
+        woken = total = int(self.scripts.run("capacity", self.clock(), [], args))
         while woken >= WAKE_BATCH:  # many woke, or came back in line: the rest, a batch at a time
-            woken = self.scripts.run("capacity", self.clock(), [], args)
+            woken = int(self.scripts.run("capacity", self.clock(), [], args))
             total += woken
         return total
 
@@ -396,7 +396,8 @@ class Redbike:
         completes, then is removed)."""
         queue = self._queue_of(jobid)
         now = self.clock()
-        return self.scripts.run("unset", now, [self.keys.queue(queue)], [jobid, who(), *self._stored(jobid).unrun(now)])
+        return int(self.scripts.run("unset", now, [self.keys.queue(queue)],
+                                    [jobid, who(), *self._stored(jobid).unrun(now)]))
 
     def unset_many(self, jobids: Iterable[str]) -> dict[str, int | Exception]:
         """unset() many jobs in two round trips (what each has, read in one

@@ -25,6 +25,7 @@ Usage:
   redbike [options] info [--json]
   redbike [options] top [--interval=S]
   redbike [options] scale [--target=T] [--window=S] [--json]
+  redbike [options] serve [WORKER] [--bind=ADDR] [--token=T]
   redbike [options] control HALT
   redbike [options] demo [--seconds=S]
   redbike [options] embedded (status | stop)
@@ -88,6 +89,9 @@ Options:
                      and at most 1 [default: 0.9].
   --window=S         scale: seconds of history the arrival rates and
                      service times are taken over, 60 to 86400 [default: 600].
+  --bind=ADDR        serve: listen on HOST:PORT [default: 127.0.0.1:8787].
+  --token=T          serve: the token write endpoints require (else the
+                     config's api-token; with neither, read-only).
   -v --verbose       Log debug messages.
 
 Exit status: 0 success, 1 runtime failure (e.g. Redis unreachable) or, for
@@ -207,6 +211,8 @@ def _check_usage(args: dict[str, Any]) -> None:
     if args["scale"]:
         _target(args["--target"])
         whole_number(args["--window"], "--window", 60, 86400)
+    if args["serve"]:
+        _web().parse_bind(args["--bind"])
 
 
 def _feed_options(args: dict[str, Any]) -> dict[str, Any]:
@@ -230,6 +236,15 @@ def _target(text: str) -> float:
     if not 0 < target <= 1:
         raise ValueError(f"--target must be a utilisation above 0 and at most 1, not {text!r}")
     return target
+
+
+def _web() -> Any:
+    """redbike.web.serve (the web extra), or MissingExtra."""
+    try:
+        from .web import serve
+    except ImportError as exc:
+        raise MissingExtra(f"serve needs the web extra ({(exc.name or '?').split('.')[0]} is missing): pip install 'redbike[web]'") from None
+    return serve
 
 
 def _interval(text: str) -> float:
@@ -472,6 +487,8 @@ def _run(args: dict[str, Any]) -> int:
         shown = scale.advice(bike.client, bike.keys, bike.clock(), target=_target(args["--target"]),
                              window=whole_number(args["--window"], "--window", 60, 86400))
         print(json.dumps(shown, indent=2) if args["--json"] else "\n".join(scale.lines(shown)))
+    elif args["serve"]:
+        return int(_web().serve(bike, args["--bind"], args["--token"] or config.api_token))
     elif args["control"]:
         bike.control("HALT")
     return 0
@@ -504,7 +521,8 @@ def main(argv: list[str] | None = None) -> int:
     args["JOBIDS"] = args["JOBID"]
     args["JOBID"] = args["JOBID"][0] if args["JOBID"] else None
     _setup_logging(args["--verbose"], daemon=bool(args["dispatch"] or args["work"] or args["demo"]
-                                                                 or args["--reconcile"] or args["feed"]))
+                                                                 or args["--reconcile"] or args["serve"]
+                                                                 or args["feed"]))
     try:
         return _flushed(_run(args))
     except NoSuchJob as exc:

@@ -7,11 +7,16 @@ The file (default ``.redbike.conf`` in the current directory) has two stanzas:
     of a job's policy, ``misfire`` (once, skip:GRACE, all, all:N) and
     ``retries``; ``retry-backoff`` and ``retry-backoff-max`` (seconds);
     ``keep-finished`` (seconds) and ``trail-length`` (events per job);
-    ``max-data-bytes`` (the largest payload ``set`` takes).
+    ``max-data-bytes`` (the largest payload ``set`` takes);
+    ``api-token``, the token ``redbike serve``'s write endpoints require.
 ``[redbike-redis]``
     keyword arguments of ``redis.Redis`` (``host``, ``port``, ``password``,
-    ``ssl``, ...) or ``url`` plus extra keyword arguments for
-    ``redis.Redis.from_url``.  With no such stanza, redbike runs on the
+    ``ssl``, ``ssl_ca_certs``, ...) or ``url`` (``rediss://`` for TLS) plus
+    extra keyword arguments for ``redis.Redis.from_url``; or, for a primary
+    found through Redis Sentinel, ``sentinels = host:port,host:port``,
+    ``service = NAME`` (and ``sentinel_username``/``sentinel_password`` for the
+    sentinels themselves) plus the keyword arguments of the primary's
+    connections.  With no such stanza, redbike runs on the
     embedded Redis server kept in ``./.redbike/`` (see :mod:`redbike.embedded`).
 
 ``[redbike-nodes]`` (the node model) is read by :mod:`redbike.nodeconfig`.
@@ -43,7 +48,7 @@ from typing import Any
 
 import redis
 
-from . import embedded
+from . import embedded, sentinel
 from .occurrences import Retry
 from .records import DEFAULT_MAX_DATA_BYTES, check_misfire
 from .scripts import Retention
@@ -114,6 +119,11 @@ _NOT_CONFIGURABLE = frozenset(
     }
 )
 _URL_SCHEMES = ("redis://", "rediss://", "unix://")
+# Keys of a deployment whose primary is found through Redis Sentinel; the
+# other keys of the stanza are the primary's connection settings (TLS, AUTH).
+_SENTINEL_KEYS = frozenset({"sentinels", "service", "sentinel_username", "sentinel_password"})
+# Where the primary is: given by Sentinel, so these would contradict it.
+_NOT_WITH_SENTINELS = ("url", "host", "port", "unix_socket_path")
 
 # Used when nothing else is configured: a dead connection (e.g. after a
 # NAT/firewall silently dropped it) is noticed before a command is sent on it.
@@ -156,6 +166,7 @@ class Config:
     retention: Retention = field(default_factory=Retention)
     max_data_bytes: int = DEFAULT_MAX_DATA_BYTES
     redis: dict[str, object] = field(default_factory=dict)
+    api_token: str | None = None
 
 
 def _one_line(text: object) -> str:
@@ -201,7 +212,7 @@ def read_parser(path: str, keep_case: bool = False) -> configparser.ConfigParser
 
 
 _MAIN_KEYS = ("prefix, worker, timefile, default-timeout, misfire, retries, retry-backoff, "
-              "retry-backoff-max, keep-finished, trail-length, max-data-bytes")
+              "retry-backoff-max, keep-finished, trail-length, max-data-bytes, api-token")
 MAX_DATA_BYTES = 16 * 1024 * 1024  # the most max-data-bytes may be: a payload is read with its job on every claim
 YEAR = 365 * DAY
 
@@ -257,6 +268,8 @@ def _parse_main(section: configparser.SectionProxy, path: str, config: Config) -
             config.prefix = value
         elif key == "worker":
             config.worker = value or None
+        elif key == "api_token":
+            config.api_token = value or None
         elif key == "timefile":
             config.timefile = os.path.expanduser(value) if value else None
         elif key == "default_timeout":
@@ -314,12 +327,37 @@ def _convert(key: str, raw_key: str, value: str, path: str) -> object:
     return value
 
 
+def _check_sentinel(settings: dict[str, object], path: str) -> None:
+    """``sentinels`` and ``service`` go together, and exclude an address of the primary."""
+    if "sentinels" not in settings and "service" not in settings:
+        for key in _SENTINEL_KEYS & settings.keys():
+            raise ConfigError(f"[{REDIS_SECTION}] {key} in {path!r} needs sentinels and service")
+        return
+    for needed in ("sentinels", "service"):
+        if not settings.get(needed):
+            raise ConfigError(f"[{REDIS_SECTION}] in {path!r}: sentinels and service go together; {needed} is missing")
+    for key in _NOT_WITH_SENTINELS:
+        if key in settings:
+            raise ConfigError(
+                f"[{REDIS_SECTION}] in {path!r}: {key} cannot be set with sentinels (Sentinel names the primary)"
+            )
+
+
 def _parse_redis(section: configparser.SectionProxy, path: str) -> dict[str, object]:
     accepted = _redis_parameters()
     settings: dict[str, object] = {}
     for raw_key, raw_value in section.items():
         key = _normalize(raw_key)
         value = raw_value.strip()
+        if key == "sentinels":
+            try:
+                settings[key] = sentinel.addresses(value)
+            except ValueError as exc:
+                raise ConfigError(f"[{REDIS_SECTION}] {raw_key} in {path!r} {exc}") from None
+            continue
+        if key in _SENTINEL_KEYS:
+            settings[key] = value
+            continue
         if key == "url":
             if not value.startswith(_URL_SCHEMES):
                 raise ConfigError(
@@ -338,6 +376,7 @@ def _parse_redis(section: configparser.SectionProxy, path: str) -> dict[str, obj
                 f"key {raw_key!r} in [{REDIS_SECTION}] of {path!r} cannot be set from a config file"
             )
         settings[key] = _convert(key, raw_key, value, path)
+    _check_sentinel(settings, path)
     return settings
 
 
@@ -383,6 +422,18 @@ def _embedded_socket(embedded_dir: str | None) -> str:
     return socket_path
 
 
+# redis-py >= 5 names itself to the server with CLIENT SETINFO on connecting.
+# Redis < 7.2 has no such command, and so an ACL line cannot allow it there
+# (and Redis >= 7.2 logs its refusal): off, so that one least-privilege ACL
+# line (README, "Running at scale") fits every server. driver_info=None
+# turns it off since redis-py 8, lib_name/lib_version=None before.
+_NO_CLIENT_SETINFO: dict[str, None] = (
+    {"driver_info": None} if "driver_info" in _redis_parameters()
+    else {"lib_name": None, "lib_version": None} if "lib_name" in _redis_parameters()
+    else {}
+)
+
+
 def connect(settings: dict[str, object], *, embedded_dir: str | None = None) -> redis.Redis:
     """A client (``decode_responses=True``) for ``settings``; empty: the embedded
     server of ``embedded_dir`` (default: found as :func:`embedded.find_folder` does).
@@ -403,7 +454,10 @@ def connect(settings: dict[str, object], *, embedded_dir: str | None = None) -> 
     if not unix and kwargs.setdefault("socket_keepalive", True):
         kwargs["socket_keepalive_options"] = keepalive_options()
     kwargs["decode_responses"] = True
+    kwargs.update(_NO_CLIENT_SETINFO)
     try:
+        if "sentinels" in kwargs:
+            return sentinel.master_for(kwargs)
         if url is not None:
             return redis.Redis.from_url(str(url), **kwargs)
         return redis.Redis(**kwargs)
@@ -412,11 +466,11 @@ def connect(settings: dict[str, object], *, embedded_dir: str | None = None) -> 
 
 
 def describe_client(client: redis.Redis) -> str:
-    """Where ``client`` connects to, for messages: ``host:port`` or the socket path."""
-    kwargs = client.connection_pool.connection_kwargs
-    if "path" in kwargs:
-        return f"unix socket {kwargs['path']}"
-    return f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}"
+    """Where ``client`` connects to, for messages: ``host:port``, ``unix socket PATH``
+    or the Sentinel service."""
+    if "path" in client.connection_pool.connection_kwargs:
+        return f"unix socket {sentinel.address(client)}"
+    return sentinel.address(client)
 
 
 def check_reachable(client: redis.Redis) -> None:

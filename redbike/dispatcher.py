@@ -230,9 +230,9 @@ class Dispatcher:
         """Remove what the jobs that ended for good keep-finished ago left."""
         self.retired_at = now
         cutoff = repr(now - self.retention.keep_finished)
-        looked = total = self.scripts.run("retire", now, [], [self.token, cutoff, RETIRE_BATCH])
+        looked = total = int(self.scripts.run("retire", now, [], [self.token, cutoff, RETIRE_BATCH]))
         while looked >= RETIRE_BATCH and not self.stopping.is_set():
-            looked = self.scripts.run("retire", now, [], [self.token, cutoff, RETIRE_BATCH])
+            looked = int(self.scripts.run("retire", now, [], [self.token, cutoff, RETIRE_BATCH]))
             total += looked
         return total
 

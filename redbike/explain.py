@@ -55,10 +55,9 @@ class Explanation:
     now: float  # when it was read: the ages count from it
     task: dict[str, Any] | None = None  # a task of the node model: its family, node and path (nodeview.task_of)
 
-    def lines(self) -> list[str]:
-        """The trail, one line per event (a run gives two: its claim and its
-        end), each with its UTC time and age; then the sentence."""
-        now = self.now
+    def timeline(self) -> list[tuple[float, str]]:
+        """(time, text) of each event of the trail, oldest first (a run gives
+        two: its claim and its end; a running job's claim from its lease)."""
         state = self.state or {}
         timeline = _timeline(self.events, int(state.get("retries", 0)))
         lease = state.get("lease") or {}
@@ -66,7 +65,12 @@ class Explanation:
             _insert(timeline, lease["since"], _claimed({
                 "worker": lease["worker"], "due": str(state.get("due", "")), "attempt": str(state.get("attempt", 1)),
                 "token": lease["token"]}) + "; running")
-        shown = [f"{utc(at)}  ({ago(at, now)})  {text}" for at, text in timeline]
+        return timeline
+
+    def lines(self) -> list[str]:
+        """The trail, one line per event, each with its UTC time and age; then the sentence."""
+        now = self.now
+        shown = [f"{utc(at)}  ({ago(at, now)})  {text}" for at, text in self.timeline()]
         return [*shown, *([task_line(self.task, now)] if self.task else []), self.why]
 
     def as_json(self) -> dict[str, Any]:
@@ -328,7 +332,8 @@ def _queued(client: redis.Redis, keys: Keys, jobid: str, queue: str, since: floa
         length, index = pipe.execute()
     place = f"position {length - index} of {length}" if index is not None else f"not in its list, of {length}"
     sentence = f"waiting in queue {queue} since {utc(since)} ({ago(since, now)}), {place}"
-    if now - since >= IDLE_QUEUE_SECONDS and not any(lease.queue == queue for _, lease in _leases(client, keys)):
+    if now - since >= IDLE_QUEUE_SECONDS and not any(lease.queue == queue
+                                                     for _, lease in running_leases(client, keys)):
         sentence += f"; no job of queue {queue} is running: is a worker working queue {queue}?"
     return sentence
 
@@ -344,7 +349,7 @@ def _waiting(client: redis.Redis, keys: Keys, parking: str, needs: str | None) -
                 f"it runs once the capacity is raised to {aside.amount} or its needs lowered")
     if not isinstance(place, Parked):
         return f"woken: {place.resource} has room for it; the next claim of queue {place.ready.queue} takes it"
-    return _parked(client, keys, place, _needs(needs or "").get(place.resource, 1))
+    return _parked(client, keys, place, readable_needs(needs or "").get(place.resource, 1))
 
 
 def _parked(client: redis.Redis, keys: Keys, place: Parked, need: int) -> str:
@@ -363,8 +368,8 @@ def _parked(client: redis.Redis, keys: Keys, place: Parked, need: int) -> str:
     if int(capacity) == 0:
         return f"waiting for {resource}{in_line}, which is paused (capacity 0)"
     used = int(usage or 0)
-    holders = [(jobid, amount) for jobid, lease in _leases(client, keys)
-               if (amount := _needs(lease.needs).get(resource))]
+    holders = [(jobid, amount) for jobid, lease in running_leases(client, keys)
+               if (amount := readable_needs(lease.needs).get(resource))]
     held = _holders(holders)
     free = int(capacity) - used
     if free <= 0:
@@ -395,7 +400,7 @@ def _ordinal(n: int) -> str:
     return f"{n}{suffix}"
 
 
-def _leases(client: redis.Redis, keys: Keys) -> Iterator[tuple[str, LeaseRecord]]:
+def running_leases(client: redis.Redis, keys: Keys) -> Iterator[tuple[str, LeaseRecord]]:
     """(jobid, LeaseRecord) of every running job (those unreadable left out)."""
     for jobid, value in client.hscan_iter(keys.leases, count=SCAN_COUNT):
         try:
@@ -404,7 +409,8 @@ def _leases(client: redis.Redis, keys: Keys) -> Iterator[tuple[str, LeaseRecord]
             continue
 
 
-def _needs(text: str) -> dict[str, int]:
+def readable_needs(text: str) -> dict[str, int]:
+    """A needs record's amounts ({} when it cannot be read)."""
     try:
         return decode_needs(text)
     except RecordError:

@@ -22,6 +22,7 @@ from . import embedded, registry, stats
 from .keys import Keys
 from .records import RecordError, decode_aside, decode_lease, decode_parked, decode_status
 from .report import SCAN_COUNT, capacities
+from .sentinel import address
 
 FAILURE_WINDOW = 3600.0  # failures shown: those of the last hour
 FAILURES_SHOWN = 20  # the most recent ones, with a count of all
@@ -31,10 +32,7 @@ NEAR_CAPACITY = 0.8  # a resource this full (or with jobs waiting, or paused) is
 def read(client: redis.Redis, keys: Keys, now: float, *, scan: bool = True) -> dict[str, Any]:
     """The overview at ``now`` (Redis' clock). ``scan=False`` leaves out what
     scans every job (``statuses`` and ``failures`` are then None)."""
-    processes = registry.live(client, keys)
-    leader = registry.leader_of(cast("str | None", client.get(keys.dispatcher)))
-    dispatchers = [dict(p, leads=p.get("identity") == leader) for p in processes if p["role"] == "dispatcher"]
-    workers = [p for p in processes if p["role"] == "worker"]
+    dispatchers, leader, workers = processes(client, keys)
     return {
         "at": now,
         "prefix": keys.prefix,
@@ -47,6 +45,15 @@ def read(client: redis.Redis, keys: Keys, now: float, *, scan: bool = True) -> d
         "resources": busy_resources(client, keys),
         "failures": failures(client, keys, now) if scan else None,
     }
+
+
+def processes(client: redis.Redis, keys: Keys) -> tuple[list[dict[str, Any]], str | None, list[dict[str, Any]]]:
+    """The registered dispatchers (each marked ``leads``), the identity of
+    the one holding the dispatcher lease, and the registered worker pools."""
+    entries = registry.live(client, keys)
+    leader = registry.leader_of(cast("str | None", client.get(keys.dispatcher)))
+    dispatchers = [dict(p, leads=p.get("identity") == leader) for p in entries if p["role"] == "dispatcher"]
+    return dispatchers, leader, [p for p in entries if p["role"] == "worker"]
 
 
 def redis_info(client: redis.Redis) -> dict[str, Any]:
@@ -62,8 +69,7 @@ def redis_info(client: redis.Redis) -> dict[str, Any]:
     if path and os.path.basename(path) == embedded.SOCKET_NAME:
         shown["embedded"] = {"pid": info.get("process_id"), "socket": path, "folder": os.path.dirname(path)}
     else:
-        kwargs = client.connection_pool.connection_kwargs
-        shown["address"] = path or f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}"
+        shown["address"] = address(client)
     return shown
 
 

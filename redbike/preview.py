@@ -19,7 +19,8 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from .names import whole_number
-from .schedules import UTC, Schedule
+from .schedules import Schedule
+from .walltime import UTC
 
 DEFAULT_COUNT = 10
 MAX_COUNT = 1000

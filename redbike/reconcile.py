@@ -15,8 +15,9 @@ Given the nodes of every source (nodesources.NodeLoader), one pass
 4. removes the tasks no family and node want any more: unset at once; a
    running one (its run completes, and it does not start again) is also
    recorded in ``P:orphans`` with the time its node vanished, and forgotten
-   once its run ended or ``kill-orphans-after`` has passed (killing the
-   live run is not done yet), or set again if its node comes back first.
+   once its run ended or ``kill-orphans-after`` has passed (then its run is
+   ended, revoke.lua, and its worker kills it), or set again if its node
+   comes back first.
 
 A pass after one that ended without errors under the same config (the
 digest in ``P:nodes:reconciled``) looks only at the nodes whose records
@@ -49,8 +50,10 @@ from .api import Redbike
 from .lease import KeyLease
 from .nodeconfig import Family, NodeConfig
 from .nodes import INSTANCE, WORKER, Forest, Node, resource_at, task_id, under
+from .records import RecordError, decode_lease, error_record, lease_token
 from .resources import LOCAL_PREFIX, format_amounts
 from .roundrobin import RoundRobin
+from .states import FORGET
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -441,6 +444,29 @@ class Reconciler:
             if unwanted:
                 self._remove_batch(unwanted, now, done)
 
+    def end_runs(self, orphans: dict[str, tuple[str, float]], now: float) -> None:
+        """End the runs of orphans past kill-orphans-after (revoke.lua): their
+        leases go, what they hold is released, and each worker's heartbeat,
+        finding its lease gone, kills the run."""
+        index: dict[str, int] = {}
+        args: list[Any] = []
+        for taskid, (lease, orphaned) in orphans.items():
+            try:
+                held = decode_lease(lease)
+                token, queue, worker = held.token, held.queue, held.worker
+            except RecordError:  # still ended: the token is all the script needs
+                token, queue, worker = lease_token(lease), self.bike.worker.queue_for(taskid), "?"
+            reason = (f"killed: its node vanished {orphaned:.0f} s ago, more than kill-orphans-after "
+                      f"({self.config.kill_orphans_after:g} s)")
+            args += [taskid, token, *FORGET.script_args(), error_record("EXP", reason, worker, now),
+                     index.setdefault(queue, len(index) + 1)]
+        keys = [self.keys.queue(name) for name in index]
+        channels = [self.keys.queue_channel(name) for name in index]
+        ended = self.bike.scripts.run("revoke", now, keys, [len(index), *channels, *args])
+        for taskid in ended:
+            log.info("task %s: orphaned %.0f s ago, past kill-orphans-after: its run ended (its worker kills it) "
+                     "and it is forgotten", taskid, orphans[taskid][1])
+
     def _remove_batch(self, ids: list[str], now: float, done: Pass) -> None:
         self.keep_lease()
         with self.client.pipeline(transaction=False) as pipe:
@@ -450,7 +476,8 @@ class Reconciler:
         grace = self.config.kill_orphans_after
         going: list[str] = []  # unset and forgotten
         newly: dict[Any, str] = {}  # orphaned: unset now (its run completes; it does not start again)
-        past: list[str] = []  # orphans past their grace: forgotten (unset when orphaned)
+        past: list[str] = []  # orphans past their grace: forgotten (unset when orphaned), their runs ended
+        killing: dict[str, tuple[str, float]] = {}  # those: their lease, and how long they have been orphans
         for taskid, lease, since in zip(ids, leases, orphaned, strict=True):
             if lease is None:
                 going.append(taskid)
@@ -460,8 +487,7 @@ class Reconciler:
                 newly[taskid] = f"{now:.3f}"
             elif grace is not None and now - float(since) >= grace:
                 past.append(taskid)
-                log.info("task %s: orphaned %.0f s ago, past kill-orphans-after: forgotten (its run completes; "
-                         "killing it is not done yet)", taskid, now - float(since))
+                killing[taskid] = (lease, now - float(since))
         gone = []
         for taskid, result in self.bike.unset_many([*going, *newly]).items():  # two round trips
             if isinstance(result, Exception):  # kept in P:tasks: the next pass tries again
@@ -477,6 +503,8 @@ class Reconciler:
                      "when its run ends (kill-orphans-after = never)" if grace is None else f"after {grace:g} s")
         if newly:
             self.client.hset(self.keys.orphans, mapping=newly)
+        if killing:
+            self.end_runs(killing, now)
         gone.extend(past)
         done.removed.extend(gone)
         if gone:

@@ -32,13 +32,12 @@ back.
 
 from __future__ import annotations
 
-import calendar
 import dataclasses
 import math
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta
+from datetime import datetime, timedelta
 from functools import lru_cache
 from itertools import takewhile
 from zoneinfo import ZoneInfo
@@ -46,15 +45,12 @@ from zoneinfo import ZoneInfo
 from dateutil.parser import isoparse
 from dateutil.rrule import rrulestr
 
-UTC = ZoneInfo("UTC")
+from .cron import CRON_WORD, Cron, compile_cron
+from .walltime import UTC, Invalid, earliest_wall, first_instant, zone_named
 
 
 class ScheduleError(ValueError):
     """A schedule or timestamp that cannot be used; the message is one line for a user."""
-
-
-class _Invalid(Exception):
-    """Why part of a schedule is bad; parse_schedule prefixes the whole schedule text."""
 
 
 def _one_line(error: Exception) -> str:
@@ -86,11 +82,11 @@ def _timestamp(text: str) -> float:
             parsed = isoparse(s)
             when = (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
         except (ValueError, OverflowError):
-            raise _Invalid("expected epoch seconds or an ISO-8601 time like "
+            raise Invalid("expected epoch seconds or an ISO-8601 time like "
                            f"2026-11-22T10:00:00Z, got {text.strip()!r}") from None
     problem = timestamp_problem(when)
     if problem:
-        raise _Invalid(f"{s[:40]}{'...' if len(s) > 40 else ''}: {problem}")
+        raise Invalid(f"{s[:40]}{'...' if len(s) > 40 else ''}: {problem}")
     return when
 
 
@@ -99,47 +95,8 @@ def parse_timestamp(text: str) -> float:
     '2026-11-22T10:00:00+01:00'; a naive ISO time means UTC). Raises ScheduleError."""
     try:
         return _timestamp(text)
-    except _Invalid as e:
+    except Invalid as e:
         raise ScheduleError(f"bad timestamp: {e}") from None
-
-
-def _zone(name: str) -> ZoneInfo:
-    try:
-        return ZoneInfo(name)
-    except (LookupError, ValueError, OSError):  # not found, malformed key, a directory...
-        raise _Invalid(f"unknown time zone {name!r}") from None
-
-
-def _earliest_wall(t: float, zone: ZoneInfo) -> datetime:
-    """The earliest wall time whose instant (fold=0) can be later than t.
-
-    Usually the wall time at t. But up to a gap's length after a spring-forward
-    transition, wall times inside the gap map (fold=0) to instants after t although
-    they read earlier than the clock at t; reading t with the offset of a day before
-    covers that, as gaps last at most a day.
-    """
-    now = datetime.fromtimestamp(t, zone)
-    naive = now.replace(tzinfo=None)
-    offset = now.utcoffset() or timedelta()  # aware in a ZoneInfo: never None
-    earlier_offset = datetime.fromtimestamp(t - 86400, zone).utcoffset() or timedelta()
-    return min(naive, naive - offset + earlier_offset)
-
-
-def _first_instant(walls: Iterable[datetime], zone: ZoneInfo, t: float) -> float | None:
-    """Smallest instant later than t among ascending wall times (from _earliest_wall on)."""
-    best = None
-    for wall in walls:
-        instant = wall.replace(tzinfo=zone).timestamp()
-        if instant <= t:
-            continue
-        if best is None or instant < best:
-            best = instant
-        if datetime.fromtimestamp(instant, zone).replace(tzinfo=None) == wall:
-            # This wall time really exists. Later existing wall times map to later
-            # instants, and later gap times map past their transition, which is after
-            # this instant, so nothing further can beat best.
-            break
-    return best
 
 
 @dataclass(frozen=True)
@@ -185,22 +142,22 @@ def _ical_time(value: str, what: str) -> tuple[datetime, bool, bool]:
             return datetime(year, month, day, hour, minute, second), bool(m[7]), m[4] is None
         except ValueError:  # month 13 and the like
             pass
-    raise _Invalid(f"bad {what} {value!r} (expected e.g. 20260101T093000 or 20260101T093000Z)")
+    raise Invalid(f"bad {what} {value!r} (expected e.g. 20260101T093000 or 20260101T093000Z)")
 
 
 def _check_part(key: str, value: str) -> None:
     if key in _NAMED_PARTS:
         pattern = _NAMED_PARTS[key]
         if pattern and not pattern.fullmatch(value.upper()):
-            raise _Invalid(f"bad {key} {value!r}")
+            raise Invalid(f"bad {key} {value!r}")
         return
     lowest, highest, signed = _INT_PARTS[key]
     for item in value.split(",") if key.startswith("BY") else [value]:
         if not re.fullmatch(r"[+-]?\d+" if signed else r"\d+", item):
-            raise _Invalid(f"{key} needs whole numbers, got {value!r}")
+            raise Invalid(f"{key} needs whole numbers, got {value!r}")
         if abs(int(item)) < lowest or (highest is not None and abs(int(item)) > highest):
             bound = f"at least {lowest}" if highest is None else f"{lowest}..{highest}"
-            raise _Invalid(f"{key} {item} is out of range ({'+/-' if signed else ''}{bound})")
+            raise Invalid(f"{key} {item} is out of range ({'+/-' if signed else ''}{bound})")
 
 
 def _advance(start: datetime, since: datetime, freq: str, interval: int) -> datetime:
@@ -253,11 +210,11 @@ class _RRule:
         if self.start is None:
             anchor = datetime.fromtimestamp(math.floor(t), UTC).replace(tzinfo=None)
             return self.walls(anchor, anchor)
-        since = _earliest_wall(t, self.zone)
+        since = earliest_wall(t, self.zone)
         return self.walls(_advance(self.start, since, self.freq, self.interval), since)
 
     def first_after(self, t: float) -> float | None:
-        best = _first_instant(self.walls_after(t), self.zone, t)
+        best = first_instant(self.walls_after(t), self.zone, t)
         return None if best is None or (self.until is not None and best > self.until) else best
 
 
@@ -284,7 +241,7 @@ def _last_occurrence(line: str, start: datetime, freq: str, interval: int, count
     except (OverflowError, ValueError):  # past year 9999
         return None
     if count > _COUNT_ENUMERATED:
-        raise _Invalid(f"COUNT={count} is too large for this rule (at most "
+        raise Invalid(f"COUNT={count} is too large for this rule (at most "
                        f"{_COUNT_ENUMERATED} with BYxxx parts or a DTSTART day after the 28th)")
     last = None
     try:
@@ -293,24 +250,24 @@ def _last_occurrence(line: str, start: datetime, freq: str, interval: int, count
     except ValueError:  # no (more) occurrences
         pass
     if last is None:
-        raise _Invalid("it never fires")
+        raise Invalid("it never fires")
     return last
 
 
 def _dtstart(part: str) -> tuple[ZoneInfo, datetime]:
     m = re.fullmatch(r"DTSTART((?:;[^:;]*)*):(.*)", part, re.IGNORECASE)
     if not m:
-        raise _Invalid(f"bad DTSTART {part!r}")
+        raise Invalid(f"bad DTSTART {part!r}")
     zone = UTC
     for param in filter(None, m[1].split(";")):
         name, _, value = param.partition("=")
         if name.upper() == "TZID":
-            zone = _zone(value.strip('"'))
+            zone = zone_named(value.strip('"'))
         elif param.upper() not in ("VALUE=DATE", "VALUE=DATE-TIME"):
-            raise _Invalid(f"unsupported DTSTART parameter {param!r}")
+            raise Invalid(f"unsupported DTSTART parameter {param!r}")
     start, utc, _ = _ical_time(m[2], "DTSTART")
     if utc and zone is not UTC:
-        raise _Invalid("DTSTART has both a TZID and a Z (UTC) suffix")
+        raise Invalid("DTSTART has both a TZID and a Z (UTC) suffix")
     return zone, start
 
 
@@ -320,11 +277,11 @@ def _rule_parts(body: str) -> dict[str, str]:
         key, eq, value = item.partition("=")
         key = key.upper()
         if not eq or not value:
-            raise _Invalid(f"expected NAME=VALUE, got {item!r}")
+            raise Invalid(f"expected NAME=VALUE, got {item!r}")
         if key not in _INT_PARTS and key not in _NAMED_PARTS:
-            raise _Invalid(f"unknown rule part {key!r}")
+            raise Invalid(f"unknown rule part {key!r}")
         if key in pairs:
-            raise _Invalid(f"{key} given twice")
+            raise Invalid(f"{key} given twice")
         _check_part(key, value)
         pairs[key] = value
     return pairs
@@ -335,35 +292,35 @@ def _compile_rrule(text: str) -> _RRule:
     starts = [p for p in parts if p.upper().startswith("DTSTART")]
     rules = [p for p in parts if not p.upper().startswith("DTSTART")]
     if len(starts) > 1 or len(rules) != 1:
-        raise _Invalid("expected one RRULE, optionally preceded by one DTSTART")
+        raise Invalid("expected one RRULE, optionally preceded by one DTSTART")
     zone, start = _dtstart(starts[0]) if starts else (UTC, None)
     pairs = _rule_parts(rules[0][6:] if rules[0].upper().startswith("RRULE:") else rules[0])
     freq = pairs.get("FREQ", "").upper()
     if freq not in _FREQS:
-        raise _Invalid(f"unknown FREQ {pairs['FREQ']!r}" if "FREQ" in pairs else "missing FREQ")
+        raise Invalid(f"unknown FREQ {pairs['FREQ']!r}" if "FREQ" in pairs else "missing FREQ")
     if "BYSETPOS" in pairs and freq in _PER_DAY:
         # Within an hour, minute or second every period holds the same set of times, so
         # BYSETPOS adds nothing there; and an impossible one makes dateutil step through
         # every period until year 9999, which can take hours.
-        raise _Invalid("BYSETPOS needs FREQ=DAILY or coarser")
+        raise Invalid("BYSETPOS needs FREQ=DAILY or coarser")
     if "COUNT" in pairs and "UNTIL" in pairs:
-        raise _Invalid("COUNT and UNTIL cannot be combined")  # RFC 5545; dateutil would warn
+        raise Invalid("COUNT and UNTIL cannot be combined")  # RFC 5545; dateutil would warn
     if start is None and "COUNT" in pairs:
-        raise _Invalid("COUNT needs a DTSTART to count from")
+        raise Invalid("COUNT needs a DTSTART to count from")
     interval, rank = int(pairs.get("INTERVAL", 1)), _FREQS.index(freq)
     if interval > _MAX_INTERVAL[freq]:
-        raise _Invalid(f"INTERVAL={interval} is too long for FREQ={freq} (at most "
+        raise Invalid(f"INTERVAL={interval} is too long for FREQ={freq} (at most "
                        f"{_MAX_INTERVAL[freq]}: one period must stay within a century)")
     filters = [k for k in pairs if rank >= _BY_UNIT.get(k, len(_FREQS))]
     if start is None and interval > 1 and filters:
         # Which periods INTERVAL skips would depend on when the rule is asked, and for
         # some anchors none would match (FREQ=DAILY;INTERVAL=7;BYDAY=MO on a Tuesday).
-        raise _Invalid(f"INTERVAL with {filters[0]} needs a DTSTART to count intervals from")
+        raise Invalid(f"INTERVAL with {filters[0]} needs a DTSTART to count intervals from")
     clock = [k for k in filters if k in ("BYHOUR", "BYMINUTE", "BYSECOND")]
     if clock and freq in _PER_DAY and _PER_DAY[freq] % interval:
         # Then each day's grid differs and dateutil may crawl through centuries of
         # seconds looking for a day where the grid meets the clock filter.
-        raise _Invalid(f"INTERVAL={interval} does not divide a day, so it cannot go with "
+        raise Invalid(f"INTERVAL={interval} does not divide a day, so it cannot go with "
                        f"{clock[0]}")
     until = None
     if "UNTIL" in pairs:
@@ -384,9 +341,9 @@ def _compile_rrule(text: str) -> _RRule:
     try:
         probe = next(rule.walls(anchor, since), None)
     except (TypeError, LookupError, ArithmeticError) as e:  # dateutil's odd ways to object
-        raise _Invalid(f"invalid rule: {_one_line(e)}") from None
+        raise Invalid(f"invalid rule: {_one_line(e)}") from None
     if probe is None:
-        raise _Invalid("it never fires")
+        raise Invalid("it never fires")
     if start is not None and "COUNT" in pairs:
         fixed = not any(k.startswith("BY") for k in pairs)
         rule = dataclasses.replace(
@@ -394,116 +351,12 @@ def _compile_rrule(text: str) -> _RRule:
     if start is not None and until is not None:
         first = rule.first_after(start.replace(tzinfo=zone).timestamp() - 86400)
         if first is None:
-            raise _Invalid("it never fires (UNTIL is before the first occurrence)")
+            raise Invalid("it never fires (UNTIL is before the first occurrence)")
     return rule
 
 
-_ALIASES = {"@yearly": "0 0 1 1 *", "@annually": "0 0 1 1 *", "@monthly": "0 0 1 * *",
-            "@weekly": "0 0 * * 0", "@daily": "0 0 * * *", "@midnight": "0 0 * * *",
-            "@hourly": "0 * * * *"}
-_MONTH_NAMES = {n.upper(): i for i, n in enumerate(calendar.month_abbr) if n}
-_DAY_NAMES = {n: i for i, n in enumerate(("SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT"))}
-_FIELDS: tuple[tuple[str, int, int, dict[str, int]], ...] = (("minute", 0, 59, {}), ("hour", 0, 23, {}), ("day-of-month", 1, 31, {}),
-           ("month", 1, 12, _MONTH_NAMES), ("day-of-week", 0, 7, _DAY_NAMES))
-_CRON_ITEM = re.compile(r"(\*|([0-9A-Za-z]+)(?:-([0-9A-Za-z]+))?)(?:/(\d+))?")
-_CRON_WORD = re.compile(r"[0-9A-Za-z*,/-]+")
-_LONGEST_MONTH = {m: 29 if m == 2 else calendar.monthrange(2001, m)[1] for m in range(1, 13)}
-# Every accepted pattern fires within this; the sparsest is Feb 29 on one weekday,
-# which can be 40 years apart (around non-leap century years).
-_CRON_HORIZON_MONTHS = 50 * 12
-
-
-def _cron_field(spec: str, name: str, lowest: int, highest: int, names: dict[str, int]) -> set[int]:
-    def number(token: str) -> int:
-        if token.upper() in names:
-            return names[token.upper()]
-        if not token.isdigit():
-            raise _Invalid(f"unknown {name} {token!r}")
-        if not lowest <= int(token) <= highest:
-            raise _Invalid(f"{name} {token} is out of range {lowest}-{highest}")
-        return int(token)
-
-    values: set[int] = set()
-    for item in spec.split(","):
-        m = _CRON_ITEM.fullmatch(item)
-        if not m:
-            raise _Invalid(f"bad {name} field {spec!r}")
-        step = int(m[4] or 1)
-        first = lowest if m[1] == "*" else number(m[2])
-        last = highest if m[1] == "*" or (m[4] and not m[3]) else number(m[3] or m[2])
-        if step == 0 or first > last:
-            raise _Invalid(f"bad {name} range {item!r}")
-        values.update(range(first, last + 1, step))
-    return values
-
-
-@dataclass(frozen=True)
-class _Cron:
-    zone: ZoneInfo
-    minutes: tuple[int, ...]
-    hours: tuple[int, ...]
-    days: frozenset[int]
-    months: frozenset[int]
-    weekdays: frozenset[int]   # 0 = Sunday
-    either_day: bool           # both day fields restricted: a day matching either one fires
-
-    def _day_matches(self, day: date) -> bool:
-        by_date, by_weekday = day.day in self.days, day.isoweekday() % 7 in self.weekdays
-        return (by_date or by_weekday) if self.either_day else (by_date and by_weekday)
-
-    def walls(self, since: datetime) -> Iterator[datetime]:
-        """Matching wall times >= since, ascending; whole months and days are skipped."""
-        year, month = since.year, since.month
-        for _ in range(_CRON_HORIZON_MONTHS):
-            if month in self.months:
-                first_day = since.day if (year, month) == (since.year, since.month) else 1
-                for d in range(first_day, calendar.monthrange(year, month)[1] + 1):
-                    day = date(year, month, d)
-                    if not self._day_matches(day):
-                        continue
-                    for hour in self.hours:
-                        if datetime(year, month, d, hour, 59) < since:
-                            continue
-                        for minute in self.minutes:
-                            wall = datetime(year, month, d, hour, minute)
-                            if wall >= since:
-                                yield wall
-            year, month = (year + 1, 1) if month == 12 else (year, month + 1)
-            if year > 9999:
-                return
-
-    def walls_after(self, t: float) -> Iterator[datetime]:
-        return self.walls(_earliest_wall(t, self.zone))
-
-    def first_after(self, t: float) -> float | None:
-        return _first_instant(self.walls_after(t), self.zone, t)
-
-
-def _compile_cron(text: str) -> _Cron:
-    tokens = text.split()
-    zone = UTC
-    if tokens[0].upper().startswith(("CRON_TZ=", "TZ=")):
-        zone = _zone(tokens.pop(0).partition("=")[2])
-    if len(tokens) == 1 and tokens[0].startswith("@"):
-        if tokens[0].lower() not in _ALIASES:
-            raise _Invalid(f"unknown cron alias {tokens[0]!r}")
-        tokens = _ALIASES[tokens[0].lower()].split()
-    if len(tokens) != 5:
-        raise _Invalid("a cron expression needs 5 fields (minute hour day-of-month month "
-                       f"day-of-week), got {len(tokens)}")
-    minutes, hours, days, months, weekdays = (
-        _cron_field(token, *field) for token, field in zip(tokens, _FIELDS))
-    either_day = not tokens[2].startswith("*") and not tokens[4].startswith("*")
-    # Every month has every weekday, so only a day-of-month that no chosen month has
-    # can make a pattern impossible.
-    if not either_day and not any(d <= _LONGEST_MONTH[m] for m in months for d in days):
-        raise _Invalid("it never fires (no chosen month has that day)")
-    return _Cron(zone, tuple(sorted(minutes)), tuple(sorted(hours)), frozenset(days),
-                 frozenset(months), frozenset(w % 7 for w in weekdays), either_day)
-
-
 @lru_cache(maxsize=4096)  # workers ask about the same few schedule strings constantly
-def _compile(text: str) -> tuple[str, _At | _RRule | _Cron | None]:
+def _compile(text: str) -> tuple[str, _At | _RRule | Cron | None]:
     upper = text.upper()
     if upper in ("NOW", "CONTINUE", "STOP"):
         return upper, None
@@ -511,19 +364,19 @@ def _compile(text: str) -> tuple[str, _At | _RRule | _Cron | None]:
         return "AT", _At(_timestamp(text[3:]))
     words = text.split()
     if text.startswith("@") or upper.startswith(("CRON_TZ=", "TZ=")) or (
-            len(words) > 1 and all(_CRON_WORD.fullmatch(w) for w in words)
+            len(words) > 1 and all(CRON_WORD.fullmatch(w) for w in words)
             and re.search(r"[\d*]", text)):
-        return "CRON", _compile_cron(text)
+        return "CRON", compile_cron(text)
     if re.match(r"(DTSTART|RRULE:|\w+=)", upper):
         return "RRULE", _compile_rrule(text)
-    raise _Invalid("expected NOW, CONTINUE, STOP, AT:<time>, an RRULE (FREQ=...) "
+    raise Invalid("expected NOW, CONTINUE, STOP, AT:<time>, an RRULE (FREQ=...) "
                    "or a cron expression (m h dom mon dow)")
 
 
-def _compiled(text: str) -> tuple[str, _At | _RRule | _Cron | None]:
+def _compiled(text: str) -> tuple[str, _At | _RRule | Cron | None]:
     try:
         return _compile(text)
-    except _Invalid as e:
+    except Invalid as e:
         raise ScheduleError(f"bad schedule {text!r}: {_one_line(e)}") from None
 
 
@@ -547,7 +400,7 @@ class Schedule:
     def zone(self) -> ZoneInfo:
         """The zone of the schedule's wall times: UTC unless a TZID or CRON_TZ names one."""
         rule = _compiled(self.text)[1]
-        return rule.zone if isinstance(rule, (_RRule, _Cron)) else UTC
+        return rule.zone if isinstance(rule, (_RRule, Cron)) else UTC
 
     def walls_at(self, instant: float) -> list[datetime]:
         """The wall times (naive, in :attr:`zone`) that fire at ``instant``, an occurrence
@@ -560,7 +413,7 @@ class Schedule:
         if isinstance(rule, _At) or (isinstance(rule, _RRule) and rule.start is None):
             return [local]
         # A wall time firing at instant is at most the wall time there (a gap time
-        # reads earlier than where it lands), and not before _earliest_wall.
+        # reads earlier than where it lands), and not before earliest_wall.
         walls = takewhile(lambda wall: wall <= local, rule.walls_after(instant - 1))
         return [wall for wall in walls if wall.replace(tzinfo=rule.zone).timestamp() == instant]
 

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import Any, cast
 
 import redis
 
@@ -26,7 +26,8 @@ try:  # a redbike dependency; without it, redis-py packs commands itself
 except ImportError:  # pragma: no cover
     pack_command = None
 
-SCRIPT_NAMES = ("set", "unset", "claim", "finish", "move_due", "reap", "renew", "lead", "capacity", "retire", "feed_done")
+SCRIPT_NAMES = ("set", "unset", "claim", "finish", "move_due", "reap", "renew", "lead", "capacity", "retire",
+                "revoke", "feed_done")
 
 
 @functools.cache
@@ -169,4 +170,4 @@ def subscribe(client: redis.Redis, channels: list[str]) -> redis.client.PubSub:
             raise redis.TimeoutError("Redis did not confirm the subscription")
         if message and message["type"] == "subscribe":
             confirmed += 1
-    return pubsub
+    return cast("redis.client.PubSub", pubsub)

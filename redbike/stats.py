@@ -112,7 +112,7 @@ def totals(client: redis.Redis, keys: Keys) -> dict[str, QueueTotals]:
     return parse(_text(client.hgetall(keys.totals)))
 
 
-def _text(fields: dict) -> dict[str, str]:
+def _text(fields: dict[Any, Any]) -> dict[str, str]:
     return {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
             for k, v in fields.items()}
 

@@ -5,6 +5,7 @@ import textwrap
 import time
 
 import pytest
+import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -14,6 +15,7 @@ from redbike.config import (
     ConfigError,
     check_reachable,
     connect,
+    describe_client,
     keepalive_options,
     load_config,
 )
@@ -419,3 +421,65 @@ def test_shipped_example_config_parses():
         default_timeout=10.0,
         redis={},  # all of [redbike-redis] is commented out: embedded server
     )
+
+
+# --- Sentinel and TLS settings ----------------------------------------------------------
+
+
+def test_sentinel_keys(tmp_path):
+    path = write(tmp_path, """\
+        [redbike-redis]
+        sentinels = 10.0.0.1:26379, [::1]:26380,s3.example:26381
+        service = mymaster
+        sentinel-password = sp
+        password = pw
+        ssl = true
+        ssl_ca_certs = /etc/ca.crt
+        """)
+    assert load_config(path).redis == {
+        "sentinels": [("10.0.0.1", 26379), ("::1", 26380), ("s3.example", 26381)], "service": "mymaster",
+        "sentinel_password": "sp", "password": "pw", "ssl": True, "ssl_ca_certs": "/etc/ca.crt",
+    }
+
+
+@pytest.mark.parametrize("text, error", [
+    ("sentinels = h:26379\n", "sentinels and service go together; service is missing"),
+    ("service = mymaster\n", "sentinels and service go together; sentinels is missing"),
+    ("sentinel_password = x\n", "sentinel_password .* needs sentinels and service"),
+    ("sentinels = h:26379\nservice = m\nurl = redis://h:6379\n", "url cannot be set with sentinels"),
+    ("sentinels = h:26379\nservice = m\nport = 6379\n", "port cannot be set with sentinels"),
+    ("sentinels = h\nservice = m\n", r"sentinels .* must be host:port\[,host:port...\], got 'h'"),
+    ("sentinels = h:0\nservice = m\n", "must be host:port"),
+    ("sentinels = h:1,\nservice = m\n", "must be host:port"),
+])
+def test_bad_sentinel_settings(tmp_path, text, error):
+    path = write(tmp_path, "[redbike-redis]\n" + text)
+    with pytest.raises(ConfigError, match=error):
+        load_config(path)
+
+
+def test_connect_through_sentinel_builds_a_primary_client():
+    from redbike.sentinel import PrimaryConnection, PrimarySSLConnection
+
+    settings = {"sentinels": [("127.0.0.1", 26379)], "service": "mymaster", "sentinel_password": "sp",
+                "password": "pw"}
+    client = connect(settings)
+    pool = client.connection_pool
+    assert pool.service_name == "mymaster" and pool.connection_class is PrimaryConnection
+    assert pool.connection_kwargs["password"] == "pw" and pool.connection_kwargs["socket_timeout"] == 30
+    sentinel = pool.sentinel_manager.sentinels[0].connection_pool.connection_kwargs
+    assert sentinel["password"] == "sp" and sentinel["socket_timeout"] == 2
+    assert "sentinels" in settings  # the settings are not consumed
+    assert describe_client(client) == "Sentinel service mymaster (sentinels 127.0.0.1:26379)"
+    tls = connect({**settings, "ssl": True, "ssl_ca_certs": "/etc/ca.crt"}).connection_pool
+    assert tls.connection_class is PrimarySSLConnection and tls.connection_kwargs["ssl_ca_certs"] == "/etc/ca.crt"
+
+
+def test_connect_tls_settings_reach_the_connections():
+    client = connect({"url": "rediss://h.example:6380/0", "ssl_ca_certs": "/etc/ca.crt",
+                      "ssl_certfile": "/etc/c.crt", "ssl_keyfile": "/etc/c.key", "ssl_cert_reqs": "required"})
+    pool = client.connection_pool
+    assert pool.connection_class is redis.SSLConnection
+    connection = pool.make_connection()  # what a slot's own connection is made of, too
+    assert (connection.ca_certs, connection.certfile, connection.keyfile) == ("/etc/ca.crt", "/etc/c.crt",
+                                                                             "/etc/c.key")

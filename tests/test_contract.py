@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import re
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 from test_jobs import HOURLY, NEXT_HOUR, NOW, Env
+from test_nodes import node_config
 
 from redbike import keys as keys_module
 from redbike import records, states, stats
@@ -21,6 +23,7 @@ from redbike.api import who
 from redbike.claims import Rotation
 from redbike.feed import Feeder, Source
 from redbike.keys import Keys
+from redbike.reconcile import Reconciler
 from redbike.records import (
     Aside,
     Claimed,
@@ -159,7 +162,7 @@ def own_arguments(name: str) -> tuple[int, str]:
     return sum(records.PLACEMENT_VALUES if word == "the placement" else 1 for word in words), rest or fixed
 
 
-GROUPS = {"pairs": 2, "triples": 3, "per lease 12 values": 12, "per job 10 values": 10}
+GROUPS = {"pairs": 2, "triples": 3, "per lease 12 values": 12, "per job 10 values": 10, "per run 11 values": 11}
 
 
 def text_of(name: str) -> str:
@@ -178,7 +181,7 @@ def check_call(name: str, keys: list[str], args: list[Any]) -> None:
         assert len(args) == fixed + 3 * len(keys), (name, args)
         return
     if "the n queue channels" in text_of(name):
-        n = int(args[1])
+        n = int(args[text_of(name).removeprefix("the common four, then ").split(", ").index("queue count n")])
         assert n == len(keys)
         fixed += n - 1  # the header counted "the n queue channels" as one
     group = next((size for word, size in GROUPS.items() if word in text_of(name)), 0)
@@ -188,7 +191,7 @@ def check_call(name: str, keys: list[str], args: list[Any]) -> None:
         assert len(args) == fixed, (name, args)
 
 
-def test_python_passes_what_each_header_says(client: redis.Redis, prefix: str,
+def test_python_passes_what_each_header_says(client: redis.Redis, prefix: str, tmp_path: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[tuple[str, list[str], list[Any]]] = []
     run = Scripts.run
@@ -216,6 +219,12 @@ def test_python_passes_what_each_header_says(client: redis.Redis, prefix: str,
     dispatcher.step(NOW + 100)  # moves t:A, reaps b:A
     assert dispatcher.moved == 1 and dispatcher.reaped == 1
     env.bike.scripts.run("renew", NOW, [], ["a:A", "tok", repr(NOW + 30)])
+    env.bike.set("orphan:B", "NOW")
+    orphan = env.pool("B").claim(Rotation(["B"]), "w1")
+    assert orphan is not None and orphan.lease.jobid == "orphan:B"
+    Reconciler(env.bike, node_config(tmp_path)).end_runs({"orphan:B": (client.hget(env.keys.leases, "orphan:B"), 40.0)},
+                                                         NOW)
+    assert not client.hexists(env.keys.leases, "orphan:B")
     dispatcher.lead(NOW, milliseconds=0)
     Feeder(env.bike, Source("m:f", lambda last: iter(()), [], {}), "f").poll()
     assert {name for name, _, _ in calls} == set(SCRIPT_NAMES)

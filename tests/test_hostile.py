@@ -93,6 +93,7 @@ class Stage:
             "reap": (queue, [str(self.leader.token), "1", channel, "run:A", token,
                              *Placement("T", "EXP", NOW, attempt=2).script_args(), "{}", "0", "1"]),
             "retire": ([], [str(self.leader.token), repr(NOW), "100"]),
+            "revoke": (queue, ["1", channel, "run:A", token, *Placement("D", "").script_args(), "{}", "1"]),
             "renew": ([], ["run:A", token, repr(NOW + 30)]),
             "lead": ([keys.dispatcher_epoch], [str(self.leader.token), "5000", "me"]),
             "capacity": ([], ["r", "2"]),

@@ -17,6 +17,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -213,10 +214,16 @@ def test_a_running_task_of_a_vanished_node_is_an_orphan_until_the_grace_ends(env
     assert reconciler.reconcile([], now=NOW + 29).summary() == "nothing changed"  # within the grace
     assert taskid in tasks(env) and env.c.hexists(env.keys.orphans, taskid)
 
+    assert env.c.hget(env.keys.usage, "db_lock@" + taskid.split("/")[2][:-2]) == "1"
     done = reconciler.reconcile([], now=NOW + 30)
     assert done.removed == [taskid]
     assert tasks(env) == {} and env.c.hgetall(env.keys.orphans) == {}
-    assert env.leases().keys() == {taskid}  # its run completes
+    # its run is ended: the lease gone (its worker's heartbeat kills the run), what it held released
+    assert env.leases() == {} and env.deadlines() == {}
+    assert set(env.c.hvals(env.keys.usage)) <= {"0"}
+    trail = [line.split("|") for line in env.c.hget(env.keys.jobs, taskid).split("\n")[1:]]
+    assert trail[-1][1] == "run" and "killed: its node vanished 30 s ago" in trail[-1][-1]
+    assert pool.finish(running, Outcome("ok"), "", None, "w1")[0] == "STALE"  # the worker's late finish
 
 
 def test_an_orphan_whose_node_comes_back_is_kept(env: Env, tmp_path: Path) -> None:
@@ -447,6 +454,40 @@ def test_tasks_of_one_host_never_run_together(tmp_path: Path, redis_server: Redi
     assert any(start < h2["end"] and h2["start"] < end for start, end in h1)
     assert {r: used for r, _, used, _ in client_capacities(client, prefix)} == dict.fromkeys(
         ["host_concurrency@h1", "host_concurrency@h2", "db_lock@d1", "db_lock@d2", "db_lock@d3", "db_lock@d4"], 0)
+
+
+def test_a_running_task_of_a_removed_host_is_killed_after_the_grace(tmp_path: Path, redis_server: RedisServer,
+                                                                    prefix: str, client: redis.Redis, daemons: Daemons,
+                                                                    testlog: str, capsys: pytest.CaptureFixture[str]
+                                                                    ) -> None:
+    folder = config_dir(tmp_path, redis_server, prefix, source="file nodes.csv", schedule="NOW")
+    text = (folder / ".redbike.conf").read_text()
+    # testworker sleeps an hour on a job whose id starts "hang"
+    text = text.replace("family.scan", "family.hang-scan").replace("family.report", "# family.report")
+    (folder / ".redbike.conf").write_text(text.replace("kill-orphans-after = 30", "kill-orphans-after = 1").replace(
+        "source.fleet = file nodes.csv", f"source.fleet = file {folder / 'nodes.csv'}"))
+    (folder / "nodes.csv").write_text("host,h1,\nhost,h2,\ndb,d1,h1\ndb,d2,h2\n")
+    worker = daemons.start("work", "testworker:Recorder('A')", "--concurrency", "2", cwd=folder)
+    assert cli(folder, capsys, "nodes", "--reconcile")[0] == 0
+    started = wait_for(lambda: {r["job"]: r for r in map(json.loads, client.lrange(testlog, 0, -1))
+                                if r["event"] == "start"} if client.llen(testlog) >= 2 else None,
+                       timeout=20, what="both tasks to start")
+    doomed, kept = started["hang-scan/h2/d2:A"], started["hang-scan/h1/d1:A"]
+
+    (folder / "nodes.csv").write_text("host,h1,\ndb,d1,h1\n")  # h2 and its db are gone
+    code, _, err = cli(folder, capsys, "nodes", "--reconcile")
+    assert code == 0 and "1 orphaned" in err, err
+    assert os.path.exists(f"/proc/{doomed['pid']}")  # within the grace its run goes on
+    wait_for(lambda: time.time() >= float(client.hget(f"{prefix}:orphans", "hang-scan/h2/d2:A")) + 1.5,
+             what="the grace to pass")
+    code, _, err = cli(folder, capsys, "nodes", "--reconcile")
+    assert code == 0 and "1 removed" in err, err
+    # The lease ended and the worker's heartbeat (a third of a lease: 5 s) kills the run.
+    assert not client.hexists(f"{prefix}:leases", "hang-scan/h2/d2:A")
+    wait_for(lambda: not os.path.exists(f"/proc/{doomed['pid']}"), timeout=20, what="the orphan's run to be killed")
+    assert os.path.exists(f"/proc/{kept['pid']}") and worker.poll() is None
+    assert client.hget(f"{prefix}:usage", "db_lock@d2") in (None, "0")
+    assert "killed: its lease was lost" in daemons.log(worker)
 
 
 def client_capacities(client: redis.Redis, prefix: str) -> list[tuple[str, int | None, int, int]]:

@@ -616,7 +616,8 @@ def test_schedules_csv_third_column_is_needs(env: REnv, tmp_path: Path) -> None:
     path = tmp_path / "jobs.csv"
     path.write_text('a:A,NOW,"host:a,db:x=2"\nb:A,NOW\nc:A,NOW,db:bad=x\n')
     rows = read_schedules_csv(str(path))
-    assert rows == [("a:A", "NOW", "host:a,db:x=2", "", ""), ("b:A", "NOW", "", "", ""), ("c:A", "NOW", "db:bad=x", "", "")]
+    assert rows == [("a:A", "NOW", "host:a,db:x=2", "", "", ""), ("b:A", "NOW", "", "", "", ""),
+                    ("c:A", "NOW", "db:bad=x", "", "", "")]
     errors = env.bike.set_many(rows)
     assert len(errors) == 1 and errors[0].startswith("c:A: ")
     assert {jobid: decode_job(value).needs for jobid, value in env.c.hgetall(env.keys.jobs).items()} \

@@ -170,3 +170,23 @@ def test_scale_on_the_command_line(workdir, process_env, daemons, client, testlo
     assert "recommended" in cli_ok(workdir, process_env, "scale")
     bad = cli(workdir, process_env, "scale", "--target=1.5")
     assert bad.returncode == 2 and "--target must be" in bad.stderr
+
+
+def test_a_woken_job_of_a_paused_queue_keeps_its_place_and_its_amount(env: Env) -> None:
+    env.bike.set_capacity("r", 1)
+    env.bike.set("x:A", "NOW", needs="r")
+    env.bike.set("y:A", "NOW", needs="r")
+    pool = env.pool("A")
+    holder = env.claim(pool)
+    assert holder is not None and holder.lease.jobid == "x:A"
+    assert env.claim(pool) is None  # y:A parks on r
+    assert pool.finish(holder, Outcome("ok"), "", None, "w1")[0] == "DONE"  # wakes y:A: ready, r set aside
+    woken = (env.c.zrange(env.keys.ready, 0, -1), env.c.hget(env.keys.usage, "r"), env.c.hgetall(env.keys.parking))
+    assert woken[0] and woken[1] == "1"
+    env.bike.pause("A")
+    assert env.claim(pool) is None
+    assert (env.c.zrange(env.keys.ready, 0, -1), env.c.hget(env.keys.usage, "r"),
+            env.c.hgetall(env.keys.parking)) == woken
+    env.bike.resume("A")
+    job = env.claim(pool)
+    assert job is not None and job.lease.jobid == "y:A" and env.c.hget(env.keys.usage, "r") == "1"

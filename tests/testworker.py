@@ -1,6 +1,7 @@
 """The worker the real-process tests run. What a job does depends on its id:
 sleep<S>-...  sleeps S seconds; fail-... raises; stop-... raises StopWork;
 unset-... raises UnsetJob; backoff-... returns 1; hang-... sleeps an hour;
+block-... waits until the test pushes to the list TESTLOG_KEY:release:<job id>;
 spawn-... starts two `sleep 1000` (one a shell's background job, one the
 shell itself, exec'd), marked with REDBIKE_TEST_MARK=<job id> in their
 environment, then sleeps an hour; detach-... starts one such `sleep 1000`
@@ -37,6 +38,16 @@ class Recorder(RoundRobin):
             self._log = redis.Redis.from_url(url)
         self._log.rpush(os.environ["TESTLOG_KEY"], json.dumps(fields))
 
+    def _release(self, jobid: str) -> None:
+        """Wait (an hour at most) for the test to release this job."""
+        self._record(job=jobid, event="blocked", pid=os.getpid(), at=time.time())
+        assert self._log is not None
+        deadline = time.monotonic() + 3600
+        # Short waits: the client's socket times out reads after a few seconds.
+        while not self._log.blpop([f"{os.environ['TESTLOG_KEY']}:release:{jobid}"], timeout=1):
+            if time.monotonic() > deadline:
+                break
+
     def work(self, jobid: str) -> int | None:
         start = time.time()
         token = self.lease.token if self.lease else None
@@ -51,6 +62,8 @@ class Recorder(RoundRobin):
                 time.sleep(3600)
             elif jobid.startswith("detach"):
                 subprocess.Popen(["sleep", "1000"], env=dict(os.environ, REDBIKE_TEST_MARK=jobid))
+            elif jobid.startswith("block"):
+                self._release(jobid)
             elif jobid.startswith("hang"):
                 time.sleep(3600)
             elif jobid.startswith("fail"):

@@ -459,8 +459,8 @@ end
 -- and place the job. A `set` made while the job ran (the pending placement)
 -- wins over the run's own; a job unset while it ran is just released. A stale
 -- token changes nothing. The run counts in its queue's totals as `expired`
--- (the reaper ends it) or by its end: done, retried (an error with a retry
--- placed) or failed.
+-- (the reaper ends it, or it did not complete in its timeout: status EXP) or
+-- by its end: done, retried (it raised, and runs again) or failed.
 function L.finish(jobid, token, p, err, queue, channel, fires, expired)
   local lease = redis.call('HGET', L.LEASES, jobid)
   if not L.lease_token_matches(lease, token) then
@@ -471,7 +471,7 @@ function L.finish(jobid, token, p, err, queue, channel, fires, expired)
   local _, queue_name, worker, since, _, due, attempt, needs = L.lease_parts(lease)
   L.release(needs)
   local outcome = 'done'
-  if expired then outcome = 'expired'
+  if expired or p.status == 'EXP' then outcome = 'expired' -- reaped, or the worker stopped it at its timeout
   elseif err ~= '' then outcome = p.status == 'RTY' and 'retried' or 'failed' end
   L.count_run(queue_name, outcome, since)
   local line = ''
@@ -621,13 +621,7 @@ function L.consider(token, worker, room, i, queue, base, jobid, seq, ready, held
     return 'parked'
   end
   if not L.fits_locally(needs, room) then
-    if ready then -- back where it was, its amount set aside again
-      redis.call('ZADD', L.READY, 0, ready)
-      if held and amount > 0 then redis.call('HINCRBY', L.USAGE, held, L.int(amount)) end
-      redis.call('HSET', L.PARKING, jobid, 'R' .. (held or '') .. '=' .. L.int(amount or 0) .. '|' .. ready)
-    else
-      redis.call('RPUSH', queue, jobid)
-    end
+    L.put_back(queue, jobid, ready, held, amount)
     return 'full'
   end
   for _, one in ipairs(needs) do
@@ -639,6 +633,31 @@ function L.consider(token, worker, room, i, queue, base, jobid, seq, ready, held
   redis.call('ZADD', L.DEADLINES, L.NOW_N + tonumber(ARGV[base + 2]), jobid)
   redis.call('HSET', L.STATUSES, jobid, L.stamp('WRK'))
   return {'JOB', jobid, i, schedule, record, needs_text, redis.call('HGET', L.DATA, jobid) or ''}
+end
+
+-- Put a candidate of next_candidate() back where it was: first in its
+-- queue, or (a woken job) back in ready with its amount set aside again.
+function L.put_back(queue, jobid, ready, held, amount)
+  if ready then
+    redis.call('ZADD', L.READY, 0, ready)
+    if held and amount > 0 then redis.call('HINCRBY', L.USAGE, held, L.int(amount)) end
+    redis.call('HSET', L.PARKING, jobid, 'R' .. (held or '') .. '=' .. L.int(amount or 0) .. '|' .. ready)
+  else
+    redis.call('RPUSH', queue, jobid)
+  end
+end
+
+-- Whether queue `name` is paused (KEYS[18]). The set is read once per script
+-- call, and only when a claim has a job in hand: an idle worker's claims,
+-- which find none, read nothing more.
+function L.is_paused(name)
+  if not L.paused_names then
+    L.paused_names = {}
+    if redis.call('EXISTS', L.PAUSED) == 1 then
+      for _, paused in ipairs(redis.call('SMEMBERS', L.PAUSED)) do L.paused_names[paused] = true end
+    end
+  end
+  return L.paused_names[name] == true
 end
 
 -- Claim the first job found in the queues KEYS[first .. first+count-1], tried
@@ -658,13 +677,16 @@ function L.claim(token, worker, control_seen, local_room, first, count, spec)
     return {'HALT', control}
   end
   local room = L.parse_local_room(local_room)
-  local paused = L.paused_queues()
   local parks = 0
   for i = 0, count - 1 do
     local queue, base = KEYS[first + i], spec + 3 * i
-    while not (paused and paused[ARGV[base]]) do
+    while true do
       local jobid, seq, ready, held, amount = L.next_candidate(queue, ARGV[base])
       if not jobid then break end
+      if L.is_paused(ARGV[base]) then -- passed over: the job stays first in line
+        L.put_back(queue, jobid, ready, held, amount)
+        break
+      end
       local claimed = L.consider(token, worker, room, i, queue, base, jobid, seq, ready, held, amount)
       if type(claimed) == 'table' then return claimed end
       if claimed == 'full' then break end
@@ -674,16 +696,7 @@ function L.claim(token, worker, control_seen, local_room, first, count, spec)
       end
     end
   end
-  return L.claim_aside(token, worker, local_room, room, first, count, spec, paused)
-end
-
--- The paused queues' names (name -> true), or nil when none is paused (one
--- EXISTS: the claim of a deployment that pauses nothing pays no more).
-function L.paused_queues()
-  if redis.call('EXISTS', L.PAUSED) == 0 then return nil end
-  local paused = {}
-  for _, name in ipairs(redis.call('SMEMBERS', L.PAUSED)) do paused[name] = true end
-  return paused
+  return L.claim_aside(token, worker, local_room, room, first, count, spec)
 end
 
 -- What is wrong with the arguments of claim() (see there), or nil.

@@ -185,12 +185,9 @@ end
 -- for a worker-local resource this pool has enough of (any amount, for a
 -- pool that declared none: to it they are unlimited), at most ASIDE_LOOK
 -- per resource, smallest amount first, and takes the first it can.
-function L.claim_aside(token, worker, local_room, room, first, count, spec, paused)
+function L.claim_aside(token, worker, local_room, room, first, count, spec)
   local index = {}
-  for i = 0, count - 1 do
-    local name = ARGV[spec + 3 * i]
-    if not (paused and paused[name]) then index[name] = i end
-  end
+  for i = 0, count - 1 do index[ARGV[spec + 3 * i]] = i end
   local ranges = {}
   if room then
     for name in string.gmatch(local_room, '([^,=]+)=') do
@@ -203,7 +200,7 @@ function L.claim_aside(token, worker, local_room, room, first, count, spec, paus
     for _, member in ipairs(redis.call('ZRANGEBYLEX', L.ASIDE, range[1], range[2], 'LIMIT', 0, L.ASIDE_LOOK)) do
       local _, _, seq, queue_name, jobid = L.aside_parts(member)
       local i = index[queue_name]
-      if i and not L.too_big_here(L.parse_needs(L.job_of(jobid)[L.NEEDS]), room) then
+      if i and not L.is_paused(queue_name) and not L.too_big_here(L.parse_needs(L.job_of(jobid)[L.NEEDS]), room) then
         redis.call('ZREM', L.ASIDE, member)
         redis.call('HDEL', L.PARKING, jobid)
         local base = spec + 3 * i
