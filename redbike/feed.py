@@ -243,8 +243,8 @@ class Feeder:
                 log.warning("feed %s was fed by %s before; resuming from its cursor with %s",
                             self.name, stored["source"], self.source.spec)
             cursor = json.loads(stored["cursor"]) if "cursor" in stored else None
-            self.fenced(lambda pipe: pipe.hset(self.key, mapping={
-                "source": self.source.spec, "started": repr(self.bike.clock()), "exhausted": 0}))
+            started = {"source": self.source.spec, "started": repr(self.bike.clock()), "exhausted": 0}
+            self.fenced(lambda pipe: (pipe.hset(self.key, mapping=started), pipe.sadd(self.bike.keys.feeds, self.name)))
             items, total = self.source.open(cursor)
             if self.progress is not None:
                 self.progress.start(self, total)
