@@ -40,13 +40,13 @@ class Progress:
         if self.terminal:
             try:
                 from rich.console import Console
-                from rich.progress import BarColumn, TextColumn, TimeRemainingColumn
+                from rich.progress import BarColumn, TextColumn
                 from rich.progress import Progress as Bar
             except ImportError:  # the views extra is not installed: lines, as off a terminal
                 self.terminal = False
                 return
             self.bar = Bar(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[counts]}"),
-                           TimeRemainingColumn(), console=Console(stderr=True), transient=False)
+                           console=Console(stderr=True), transient=False)
             self.task = self.bar.add_task(feeder.name, total=total, counts="")
             self.bar.start()
 
