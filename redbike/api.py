@@ -2,40 +2,34 @@
 
 from __future__ import annotations
 
-import getpass
 import logging
 import os
 import signal
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import nullcontext
-from typing import TYPE_CHECKING, Any, NamedTuple, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import redis
 
 from . import explain, nodeview, overview, report
 from .clock import RedisClock
 from .config import connect
-from .csvfile import read_rows
 from .dispatcher import Dispatcher
 from .keys import WAKE_BATCH, Keys
-from .names import BadName, check_jobid, check_queue, whole_number
-from .occurrences import Retry, count_after, misfire_text
+from .names import BadName, check_jobid, check_queue
+from .occurrences import Retry, misfire_text
 from .records import (
     CLEAR_NEEDS,
     DEFAULT_MAX_DATA_BYTES,
     DROP_DATA,
     KEEP_DATA,
     DataError,
-    RecordError,
     check_misfire,
     decode_data,
     decode_job,
-    decode_pending,
     encode_data,
-    encode_time,
     parse_data,
 )
 from .resources import (
@@ -57,6 +51,16 @@ if TYPE_CHECKING:
     from .nodeconfig import NodeConfig
     from .reconcile import Pass
 
+from .jobinput import (
+    KEEP,
+    NOTHING_STORED,
+    Stored,
+    check_retries,
+    parse_retries,
+    read_schedules_csv,
+    who,
+)
+
 log = logging.getLogger(__name__)
 
 Needs = Mapping[str, int] | str | None
@@ -64,51 +68,6 @@ TIMEFILE_AHEAD = 5.0  # seconds a timefile may be ahead of the clock before that
 
 
 JobIdError = BadName  # what callers of earlier versions catch
-KEEP = object()  # set()'s data when none is given: the job keeps its payload
-
-
-class Stored(NamedTuple):
-    """A job's schedule, record and pending placement as stored (None: none)."""
-
-    schedule: str | None
-    record: str | None
-    pending: str | None
-
-    @classmethod
-    def of(cls, schedule: str | None, record: str | None) -> Stored:
-        """What a job has, from its schedule and its value in P:jobs (which holds its pending placement)."""
-        try:
-            pending = decode_job(record).pending or None
-        except RecordError:
-            pending = None
-        return cls(schedule, record, pending)
-
-    def misfire(self, default: str) -> str:
-        """Its misfire policy (``default`` for a new or unset job)."""
-        try:
-            return decode_job(self.record).misfire if self.schedule is not None else default
-        except RecordError:
-            return default
-
-    def unrun(self, now: float) -> tuple[str, str]:
-        """The occurrence the job is placed for (the one set while it runs,
-        if any), and how many of its schedule's occurrences fell due after it
-        until ``now``: a set or unset that replaces it cancels them (set.lua
-        and unset.lua check that it is still the job's)."""
-        try:
-            due = decode_job(self.record).due
-            if self.pending is not None:
-                placed = decode_pending(self.pending)[3]
-                due = float(placed) if placed else None
-            parsed = parse_schedule(self.schedule) if self.schedule else None
-        except (RecordError, ScheduleError, ValueError):
-            return "", "0"
-        if due is None or parsed is None:
-            return "", "0"
-        return encode_time(due), str(count_after(parsed, due, now))
-
-
-NOTHING_STORED = Stored(None, None, None)
 
 
 class Redbike:
@@ -535,31 +494,3 @@ class Redbike:
             retry=self.retry_backoff,
             retention=self.retention,
         ).run()
-
-
-def read_schedules_csv(path: str) -> list[tuple[str, ...]]:
-    """All (jobid, schedule, needs, misfire, retries, data) rows of a CSV
-    file (the last four optional; data as JSON text), checked before any is set."""
-    return [tuple(row) for _, row in read_rows(path, "JOBID,SCHEDULE,NEEDS,MISFIRE,RETRIES,DATA", optional=4)]
-
-
-MAX_RETRIES = 1000
-
-
-def check_retries(retries: int) -> int:
-    if not 0 <= retries <= MAX_RETRIES:
-        raise ValueError(f"retries must be from 0 to {MAX_RETRIES}, not {retries}")
-    return retries
-
-
-def parse_retries(text: str) -> int:
-    return whole_number(text, "retries", 0, MAX_RETRIES)
-
-
-def who() -> str:
-    """Who sets or unsets a job, for its trail: user@host."""
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):
-        user = str(os.getuid())
-    return f"{user}@{socket.gethostname()}".replace("|", "?")

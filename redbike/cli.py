@@ -119,13 +119,14 @@ from typing import Any
 import redis
 from docopt import DocoptExit, docopt
 
-from . import info, scale
-from .api import JobIdError, Redbike, parse_retries
+from . import cliviews
+from .api import JobIdError, Redbike
 from .config import DEFAULT_PATH, Config, ConfigError, check_reachable, connect, load_config
 from .csvfile import CsvError
 from .embedded import EmbeddedError, find_folder, server_status, stop_server
 from .feed import FeedBusy, SourceFailed, feeds, run_feed
 from .feeditems import parse_arguments
+from .jobinput import parse_retries
 from .names import check_feed_name, check_jobid, check_queue, whole_number
 from .nodeconfig import NodeConfig, load_node_config
 from .nodeloop import ConfigWatch, reconcile_loop
@@ -155,10 +156,6 @@ class NoSuchJob(Exception):
 
 class Unreachable(Exception):
     """Redis cannot be reached: a runtime failure (exit 1), not bad input."""
-
-
-class MissingExtra(Exception):
-    """An optional dependency is not installed (exit 1)."""
 
 
 def _setup_logging(verbose: bool, daemon: bool) -> None:
@@ -204,15 +201,9 @@ def _check_usage(args: dict[str, Any]) -> None:
         check_node_name(args["--level"], "level")
     if args["node"]:
         check_node_name(args["NAME"])
-    if args["top"]:
-        _interval(args["--interval"])
     if args["feed"]:
         _feed_options(args)
-    if args["scale"]:
-        _target(args["--target"])
-        whole_number(args["--window"], "--window", 60, 86400)
-    if args["serve"]:
-        _web().parse_bind(args["--bind"])
+    cliviews.check_usage(args)
 
 
 def _feed_options(args: dict[str, Any]) -> dict[str, Any]:
@@ -226,46 +217,6 @@ def _feed_options(args: dict[str, Any]) -> dict[str, Any]:
     return {"name": args["--name"], "queue": args["--queue"], "wait": bool(args["--wait"]),
             "high_water": whole_number(args["--high-water"], "--high-water", 1, 10**9),
             "batch": whole_number(args["--batch"], "--batch", 1, 100_000)}
-
-
-def _target(text: str) -> float:
-    try:
-        target = float(text)
-    except ValueError:
-        target = math.nan
-    if not 0 < target <= 1:
-        raise ValueError(f"--target must be a utilisation above 0 and at most 1, not {text!r}")
-    return target
-
-
-def _web() -> Any:
-    """redbike.web.serve (the web extra), or MissingExtra."""
-    try:
-        from .web import serve
-    except ImportError as exc:
-        raise MissingExtra(f"serve needs the web extra ({(exc.name or '?').split('.')[0]} is missing): pip install 'redbike[web]'") from None
-    return serve
-
-
-def _interval(text: str) -> float:
-    try:
-        seconds = float(text)
-    except ValueError:
-        seconds = math.nan
-    if not 0.1 <= seconds <= 3600:
-        raise ValueError(f"--interval must be from 0.1 to 3600 seconds, not {text!r}")
-    return seconds
-
-
-def _top(bike: Redbike, interval: float) -> int:
-    """`top`: live on a terminal (rich, the views extra), else `info`'s text."""
-    try:
-        from .top import run_top
-        if sys.stdout.isatty():
-            import rich  # noqa: F401 - only checked for
-    except ImportError:
-        raise MissingExtra("top needs rich: pip install 'redbike[views]'") from None
-    return run_top(bike.overview, interval)
 
 
 def _node_config(args: dict[str, Any]) -> NodeConfig:
@@ -478,17 +429,8 @@ def _run(args: dict[str, Any]) -> int:
         return run_feed(bike, args["FUNCTION"], args["ARG"], **_feed_options(args))
     elif args["feeds"]:
         out.writerows(feeds(bike.client, bike.keys))
-    elif args["info"]:
-        shown = bike.overview()
-        print(json.dumps(shown, indent=2) if args["--json"] else "\n".join(info.lines(shown)))
-    elif args["top"]:
-        return _top(bike, _interval(args["--interval"]))
-    elif args["scale"]:
-        shown = scale.advice(bike.client, bike.keys, bike.clock(), target=_target(args["--target"]),
-                             window=whole_number(args["--window"], "--window", 60, 86400))
-        print(json.dumps(shown, indent=2) if args["--json"] else "\n".join(scale.lines(shown)))
-    elif args["serve"]:
-        return int(_web().serve(bike, args["--bind"], args["--token"] or config.api_token))
+    elif args["info"] or args["top"] or args["scale"] or args["serve"]:
+        return cliviews.run(args, bike, config)
     elif args["control"]:
         bike.control("HALT")
     return 0
@@ -528,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     except NoSuchJob as exc:
         print(f"redbike: {exc}", file=sys.stderr)
         return 3
-    except (Unreachable, Busy, MissingExtra, SourceFailed, FeedBusy) as exc:
+    except (Unreachable, Busy, cliviews.MissingExtra, SourceFailed, FeedBusy) as exc:
         print(f"redbike: {exc}", file=sys.stderr)
         return 1
     except BAD_INPUT as exc:
