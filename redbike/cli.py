@@ -21,6 +21,7 @@ Usage:
   redbike [options] nodes --reconcile [NODESCONF] [--loop | --whole]
   redbike [options] node NAME
   redbike [options] feed FUNCTION [ARG...] [--queue=Q] [--high-water=N] [--batch=N] [--name=FEED] [--wait]
+  redbike [options] feed --source=URL [--queue=Q] [--name=FEED] [--every=S] [--once]
   redbike [options] feeds
   redbike [options] info [--json]
   redbike [options] top [--interval=S]
@@ -83,6 +84,12 @@ Options:
                      high-water mark) [default: 500].
   --name=FEED        feed: its name (checkpoint, lease) [default: the
                      function's module.name].
+  --source=URL       feed: poll this work-queue source (GET URL: an ItemList
+                     v1 of item names; GET URL/NAME: an Item v1 whose data
+                     is the job's payload) instead of calling a function.
+  --every=S          feed --source: seconds between polls, 0.1 to 86400
+                     [default: 10].
+  --once             feed --source: poll once, then exit.
   --wait             feed: exit once its jobs have ended too (exit 1 if any
                      failed).
   --target=T         scale: the utilisation to size the slots for, above 0
@@ -119,15 +126,14 @@ from typing import Any
 import redis
 from docopt import DocoptExit, docopt
 
-from . import cliviews
+from . import clifeed, cliviews
 from .api import JobIdError, Redbike
 from .config import DEFAULT_PATH, Config, ConfigError, check_reachable, connect, load_config
 from .csvfile import CsvError
 from .embedded import EmbeddedError, find_folder, server_status, stop_server
-from .feed import FeedBusy, SourceFailed, feeds, run_feed
-from .feeditems import parse_arguments
+from .feed import FeedBusy, SourceFailed
 from .jobinput import parse_retries
-from .names import check_feed_name, check_jobid, check_queue, whole_number
+from .names import check_jobid, whole_number
 from .nodeconfig import NodeConfig, load_node_config
 from .nodeloop import ConfigWatch, reconcile_loop
 from .nodes import check_node_name
@@ -139,7 +145,7 @@ from .registry import redbike_version
 from .resources import ResourceError, check_name, parse_capacity
 from .roundrobin import RoundRobin
 from .schedules import ScheduleError, parse_schedule, parse_timestamp
-from .workerspec import WorkerSpecError, load_worker, parse_spec
+from .workerspec import WorkerSpecError, load_worker
 
 log = logging.getLogger("redbike")
 
@@ -201,22 +207,8 @@ def _check_usage(args: dict[str, Any]) -> None:
         check_node_name(args["--level"], "level")
     if args["node"]:
         check_node_name(args["NAME"])
-    if args["feed"]:
-        _feed_options(args)
+    clifeed.check_usage(args)
     cliviews.check_usage(args)
-
-
-def _feed_options(args: dict[str, Any]) -> dict[str, Any]:
-    """feed's options, checked (no Redis needed)."""
-    parse_arguments(args["ARG"])
-    parse_spec(args["FUNCTION"])
-    if args["--name"] is not None:
-        check_feed_name(args["--name"])
-    if args["--queue"] is not None:
-        check_queue(args["--queue"])
-    return {"name": args["--name"], "queue": args["--queue"], "wait": bool(args["--wait"]),
-            "high_water": whole_number(args["--high-water"], "--high-water", 1, 10**9),
-            "batch": whole_number(args["--batch"], "--batch", 1, 100_000)}
 
 
 def _node_config(args: dict[str, Any]) -> NodeConfig:
@@ -425,10 +417,8 @@ def _run(args: dict[str, Any]) -> int:
         if shown is None:
             raise NoSuchJob(f"no such node: {args['NAME']}")
         print(json.dumps(shown, indent=2))
-    elif args["feed"]:
-        return run_feed(bike, args["FUNCTION"], args["ARG"], **_feed_options(args))
-    elif args["feeds"]:
-        out.writerows(feeds(bike.client, bike.keys))
+    elif args["feed"] or args["feeds"]:
+        return clifeed.run(args, bike)
     elif args["info"] or args["top"] or args["scale"] or args["serve"]:
         return cliviews.run(args, bike, config)
     elif args["control"]:

@@ -74,6 +74,10 @@ class Keys:
         """A feed's outstanding jobs (zset: job id scored by when to look at it next)."""
         return f"{self.prefix}:feed:{name}:jobs"
 
+    def feed_seen(self, name: str) -> str:
+        """An HTTP source's items put in and still listed (hash: item name -> job id; httpsource.py)."""
+        return f"{self.prefix}:feed:{name}:seen"
+
     def feed_lease(self, name: str) -> str:
         """The lease of a feed's one feeder (string: its token, expires: PX)."""
         return f"{self.prefix}:feed:{name}:lease"

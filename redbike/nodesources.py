@@ -176,22 +176,30 @@ class ScriptFetcher:
         return parse_csv(text, self.command)
 
 
+def get_v1(url: str, kind: str, timeout: float = HTTP_TIMEOUT) -> dict[str, Any]:
+    """GET an object of the work-queue pattern's source interface (``{"kind":
+    KIND, "apiVersion": "v1", ...}``); SourceError (one line) for a failed
+    request, a body that is not JSON, or another kind or version."""
+    request = urllib.request.Request(url, headers={"Accept": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as answer:
+            body = json.loads(answer.read().decode())
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise SourceError(f"GET {url}: {' '.join(str(exc).split())}") from None
+    if not isinstance(body, dict) or body.get("kind") != kind or body.get("apiVersion") != "v1":
+        found, version = (body.get("kind"), body.get("apiVersion")) if isinstance(body, dict) else (None, None)
+        raise SourceError(f"GET {url}: expected kind {kind!r}, apiVersion 'v1'; "
+                          f"got kind {found!r}, apiVersion {version!r}")
+    return body
+
+
 class HttpFetcher:
     def __init__(self, url: str, timeout: float = HTTP_TIMEOUT) -> None:
         self.url = url
         self.timeout = timeout
 
     def fetch(self, now: float) -> list[Node]:
-        request = urllib.request.Request(self.url, headers={"Accept": "application/json"})
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as answer:
-                body = json.loads(answer.read().decode())
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            raise SourceError(f"GET {self.url}: {' '.join(str(exc).split())}") from None
-        if not isinstance(body, dict) or body.get("kind") != "ItemList" or body.get("apiVersion") != "v1":
-            kind, version = (body.get("kind"), body.get("apiVersion")) if isinstance(body, dict) else (None, None)
-            raise SourceError(f"GET {self.url}: expected kind 'ItemList', apiVersion 'v1'; "
-                              f"got kind {kind!r}, apiVersion {version!r}")
+        body = get_v1(self.url, "ItemList", self.timeout)
         return parse_objects(body.get("items"), f"GET {self.url}")
 
 
