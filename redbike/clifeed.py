@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import csv
-import math
 import sys
 from typing import Any
 
@@ -12,7 +11,7 @@ from .api import Redbike
 from .feed import feeds, run_feed
 from .feeditems import parse_arguments
 from .httpsource import run_http_source
-from .names import check_feed_name, check_queue, whole_number
+from .names import check_feed_name, check_queue, seconds_between, whole_number
 from .workerspec import parse_spec
 
 
@@ -42,13 +41,7 @@ def run(args: dict[str, Any], bike: Redbike) -> int:
 
 
 def _every(text: str) -> float:
-    try:
-        seconds = float(text)
-    except ValueError:
-        seconds = math.nan
-    if not 0.1 <= seconds <= 86400:
-        raise ValueError(f"--every must be from 0.1 to 86400 seconds, not {text!r}")
-    return seconds
+    return seconds_between(text, "--every", 0.1, 86400)
 
 
 def _feed_options(args: dict[str, Any]) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from typing import Any
 from . import info, scale
 from .api import Redbike
 from .config import Config
-from .names import whole_number
+from .names import seconds_between, whole_number
 
 
 class MissingExtra(Exception):
@@ -65,13 +65,7 @@ def _web() -> Any:
 
 
 def _interval(text: str) -> float:
-    try:
-        seconds = float(text)
-    except ValueError:
-        seconds = math.nan
-    if not 0.1 <= seconds <= 3600:
-        raise ValueError(f"--interval must be from 0.1 to 3600 seconds, not {text!r}")
-    return seconds
+    return seconds_between(text, "--interval", 0.1, 3600)
 
 
 def _top(bike: Redbike, interval: float) -> int:

@@ -8,6 +8,7 @@ Resource names have stricter rules of their own (resources.check_name).
 
 from __future__ import annotations
 
+import math
 import re
 
 from .records import SEP
@@ -48,6 +49,18 @@ def check_feed_name(name: str) -> str:
     if ":" in name:
         raise BadName(f"bad feed name {name!r}: no ':'")
     return name
+
+
+def seconds_between(text: str, what: str, low: float, high: float) -> float:
+    """A number of seconds typed by a user (``--interval``, ``--every``):
+    from ``low`` to ``high``; ValueError with a one-line reason otherwise."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not low <= seconds <= high:
+        raise ValueError(f"{what} must be from {low:g} to {high:g} seconds, not {text!r}")
+    return seconds
 
 
 def whole_number(text: str, what: str, low: int, high: int, why: str = "") -> int:
