@@ -68,7 +68,7 @@ def advice(client: redis.Redis, keys: Keys, now: float, *, target: float = DEFAU
         slots = sum(int(p.get("slots", 0)) for p in pools if name in p.get("queues", []))
         busy = sum(1 for p in pools for run in p.get("running", []) if run.get("queue") == name)
         ended = one.runs + one.expired
-        service = one.seconds / ended if ended else None
+        service = one.seconds / one.runs if one.runs else None  # expired runs took no service time of their own
         rate = one.due / minutes if minutes else None  # per minute
         load = rate / 60 * service if rate is not None and service is not None else None  # slots kept busy
         backlog = int(waiting.get("waiting", 0)) + int(waiting.get("parked", 0)) + int(waiting.get("ready", 0))

@@ -35,9 +35,10 @@ BUCKET_MINUTES_KEPT = 2 * 60 + 5  # two hours of per-minute duration buckets
 @dataclass(frozen=True)
 class QueueTotals:
     """What one queue did (since the start, or in a window): runs by outcome,
-    jobs that became due into it, run time, and the cumulative histogram of
-    run durations ((upper bound s, runs that took at most that), the last
-    bound infinite; empty when the buckets were not kept)."""
+    jobs that became due into it, the run time and the cumulative histogram
+    of the durations of the runs that ended by themselves (done, failed,
+    retried: ``runs``) ((upper bound s, runs that took at most that), the
+    last bound infinite; empty when the buckets were not kept)."""
 
     done: int = 0
     failed: int = 0

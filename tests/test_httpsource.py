@@ -91,9 +91,9 @@ def test_another_kind_or_version_is_refused_in_one_line(workdir, process_env, so
     items.kind = "PodList"
     result = cli(workdir, process_env, "feed", f"--source={url}", "--queue=A", "--once")
     assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines() == [
-        f"redbike: feed 127.0.0.1: GET {url}: expected kind 'ItemList', apiVersion 'v1'; "
-        "got kind 'PodList', apiVersion 'v1'"]
+    said = (f"redbike: feed 127.0.0.1: GET {url}: expected kind 'ItemList', apiVersion 'v1'; "
+            "got kind 'PodList', apiVersion 'v1'")
+    assert result.stderr.strip().splitlines() == [said]
     items.kind = "ItemList"
     assert cli_ok(workdir, process_env, "feed", f"--source={url}", "--queue=A", "--once") == ""
     for bad in (["--source=ftp://x/items"], [f"--source={url}", "--every=0"], [f"--source={url}", "--queue=a|b"]):

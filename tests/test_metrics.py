@@ -12,7 +12,7 @@ from conftest import wait_for
 from prometheus_client.parser import text_string_to_metric_families
 from webtools import web
 
-from redbike import Redbike, RoundRobin, registry
+from redbike import Redbike, RoundRobin, registry, stats
 from redbike.keys import Keys
 
 
@@ -34,6 +34,7 @@ def test_metrics_count_what_real_workers_did(workdir, client, prefix, daemons):
     daemons.start("dispatch", cwd=workdir)
     daemons.start("work", "--concurrency", "2", cwd=workdir)
     doomed = daemons.start("work", "testworker:Recorder('T1')", cwd=workdir)
+    stats.snapshot(client, keys, bike.clock())  # before any job: the scaling advice's window sees them all
     bike.set_capacity("db:1", 2)
     bike.set("hang-1:A", "NOW", needs="db:1")
     for i in range(5):
@@ -86,6 +87,10 @@ def test_metrics_count_what_real_workers_did(workdir, client, prefix, daemons):
     assert value(samples, "redbike_slots", state="idle") == 1
     leaders = [(dict(labels), v) for (name, labels), v in samples.items() if name == "redbike_dispatcher_leader"]
     assert [v for _, v in leaders] == [1] and leaders[0][0]["identity"] == client.get(keys.dispatcher).partition(":")[2]
+    # The scaling advice.
+    assert (value(samples, "redbike_queue_arrivals_per_minute", queue="A") or 0) > 0
+    assert value(samples, "redbike_queue_recommended_slots", queue="A") >= 1
+    assert value(samples, "redbike_queue_service_seconds_mean", queue="A") is not None
     # Pausing shows.
     bike.pause("C")
     assert value(scrape(api), "redbike_queue_paused", queue="C") == 1

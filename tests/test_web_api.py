@@ -19,7 +19,7 @@ from conftest import RedisServer, free_port, redbike_command, wait_for
 from starlette.routing import Route
 from webtools import AUTH, TOKEN, web
 
-from redbike import Redbike, RoundRobin
+from redbike import Redbike, RoundRobin, stats
 from redbike.keys import Keys
 from redbike.web.app import WebContext, create_app
 from redbike.web.security import host_of
@@ -317,6 +317,25 @@ def test_errors_are_json_with_their_status(client, prefix):
     assert not client.hexists(keys.schedules, "x:A")
 
 
+def test_feeds_and_scaling_advice(client, prefix):
+    api = web(client, prefix)
+    bike = Redbike(RoundRobin("A:B"), prefix=prefix, client=client)
+    keys = Keys(prefix)
+    client.sadd(keys.feeds, "media")
+    client.hset(keys.feed("media"), mapping={"cursor": '"b.mp4"', "fed": 2, "done": 1, "exhausted": 1})
+    client.zadd(keys.feed_jobs("media"), {"b.mp4:A": 1})
+    assert api.get("/api/v1/feeds").json() == {"feeds": [
+        {"name": "media", "cursor": '"b.mp4"', "fed": 2, "done": 1, "failed": 0, "waiting": 1, "rate": "0",
+         "state": "exhausted"}]}
+    assert api.get("/api/v1/scale").json()["window_seconds"] is None  # no snapshot yet
+    stats.snapshot(client, keys, bike.clock() - 120)
+    bike.set("x:A", "NOW")
+    shown = api.get("/api/v1/scale", params={"target": "0.5", "window": "600"}).json()
+    assert shown["target"] == 0.5 and {q["queue"]: q["waiting"] for q in shown["queues"]}["A"] == 1
+    assert api.get("/api/v1/scale", params={"target": "2"}).status_code == 400
+    assert api.get("/api/v1/scale", params={"window": "5"}).status_code == 400
+
+
 def test_a_job_set_with_data_shows_it(client, prefix):
     api = web(client, prefix)
     body = {"jobid": "d:A", "schedule": "NOW", "data": {"url": "https://example.org/x.png"}}
@@ -347,7 +366,7 @@ def test_the_openapi_document_lists_every_endpoint(client, prefix):
               for route in api.app.routes if isinstance(route, Route) and route.path.startswith("/api/v1")  # type: ignore[attr-defined]
               for method in route.methods or () if method != "HEAD"}
     listed = {(p, m) for p, methods in document["paths"].items() for m in methods}
-    assert listed == routes and len(listed) == 20
+    assert listed == routes and len(listed) == 22
     assert document["paths"]["/api/v1/jobs/{jobid}"]["delete"]["security"] == [{"bearer": []}]
     assert "status" in [p["name"] for p in document["paths"]["/api/v1/jobs"]["get"]["parameters"]]
 

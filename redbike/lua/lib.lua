@@ -32,7 +32,8 @@
 --   KEYS[18] paused      set   names of the queues no claim takes jobs from
 --   KEYS[19] totals      hash  counters since the start (stats.py): per queue
 --                              "queue|due" (jobs enqueued), "queue|ms" (run
---                              time), "queue|outcome|bucket" (runs that ended
+--                              time of the runs that ended by themselves),
+--                              "queue|outcome|bucket" (runs that ended
 --                              done/failed/retried/expired, by duration bucket)
 --   KEYS[20] data        hash  jobid -> the job's payload (JSON), if it has one
 -- and the same first four ARGV: now (epoch seconds), the dispatcher's wake
@@ -349,7 +350,9 @@ function L.count_run(queue_name, outcome, since)
     if seconds <= bounds[i] then bucket = i break end
   end
   redis.call('HINCRBY', L.TOTALS, queue_name .. '|' .. outcome .. '|' .. bucket, 1)
-  redis.call('HINCRBY', L.TOTALS, queue_name .. '|ms', L.int(seconds * 1000 + 0.5))
+  if outcome ~= 'expired' then -- a run that did not complete took no service time of its own
+    redis.call('HINCRBY', L.TOTALS, queue_name .. '|ms', L.int(seconds * 1000 + 0.5))
+  end
 end
 
 -- Forget a job's schedule and state (its needs and pending placement in

@@ -14,6 +14,7 @@ openapi.py describes every route listed here.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +23,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from .. import overview, stats
+from .. import overview, scale, stats
+from ..feedview import FEED_FIELDS, feeds
 from ..names import BadName, check_jobid, check_queue, whole_number
 from ..preview import preview
 from ..resources import ResourceError, check_capacity, check_name
@@ -179,6 +181,23 @@ def routes(context: WebContext) -> list[BaseRoute]:
         return {"nodes": [{"level": lv, "name": n, "parent": p, "tasks": t, "running": r}
                           for lv, n, p, t, r in bike.nodes(level=request.query_params.get("level"))]}
 
+    def get_feeds(request: Request, _: dict[str, Any]) -> Any:
+        """Every feed (as `redbike feeds`): name, cursor (JSON), fed, done, failed, waiting, rate, state."""
+        return {"feeds": [dict(zip(FEED_FIELDS, row, strict=True)) for row in feeds(bike.client, bike.keys)]}
+
+    def get_scale(request: Request, _: dict[str, Any]) -> Any:
+        """`redbike scale --json`: per queue, arrivals, service times, slots and the slots recommended
+        (?target=0.9&window=600)."""
+        query = request.query_params
+        try:
+            target = float(query.get("target", scale.DEFAULT_TARGET))
+        except ValueError:
+            target = math.nan
+        if not 0 < target <= 1:
+            raise ApiError(400, "'target' must be a utilisation above 0 and at most 1")
+        window = whole_number(query.get("window", str(scale.DEFAULT_WINDOW)), "window", 60, 86400)
+        return scale.advice(bike.client, bike.keys, bike.clock(), target=target, window=window)
+
     def get_node(request: Request, _: dict[str, Any]) -> Any:
         """One node: its path to the root, capacities, in use, tasks."""
         shown = bike.node(request.path_params["name"])
@@ -295,6 +314,8 @@ def routes(context: WebContext) -> list[BaseRoute]:
         read("/nodes", get_nodes),
         read("/nodes/{name:path}", get_node),
         read("/stats", get_stats),
+        read("/feeds", get_feeds),
+        read("/scale", get_scale),
         write("/halt", "POST", halt),
     ]
     return table
@@ -314,3 +335,4 @@ def _next(schedule: str | None, now: float) -> dict[str, Any]:
 def _totals(totals: stats.QueueTotals) -> dict[str, Any]:
     return {"done": totals.done, "failed": totals.failed, "retried": totals.retried, "expired": totals.expired,
             "due": totals.due, "runs": totals.runs, "seconds": totals.seconds}
+

@@ -28,7 +28,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from .. import overview, stats
+from .. import overview, scale, stats
 
 if TYPE_CHECKING:
     from .app import WebContext
@@ -41,6 +41,14 @@ COUNTERS = (("done", "Runs that succeeded"), ("failed", "Runs that failed for go
 
 def _bound(upper: float) -> str:
     return "+Inf" if math.isinf(upper) else f"{upper:g}"
+
+
+SCALE_GAUGES = (
+    ("arrivals_per_minute", "arrivals_per_minute", "Jobs that became due into the queue per minute (scale's window)"),
+    ("service_seconds_mean", "service_seconds_mean", "Mean run time of the queue's runs (scale's window)"),
+    ("utilisation", "utilisation", "Arrivals x mean run time / the slots working the queue"),
+    ("recommended_slots", "recommended_slots", "Slots redbike scale recommends for the queue (target 0.9)"),
+)
 
 
 class RedbikeCollector(Collector):
@@ -83,6 +91,18 @@ class RedbikeCollector(Collector):
         for d in dispatchers:
             leader.add_metric([str(d.get("identity")), str(d.get("host"))], 1 if d["leads"] else 0)
         yield from (pools, slots, leader)
+        yield from self._scale(now)
+
+    def _scale(self, now: float) -> Iterator[Metric]:
+        """`redbike scale`'s figures (its default target and window)."""
+        advice = scale.advice(self.context.client, self.context.keys, now)
+        gauges = {name: GaugeMetricFamily(f"redbike_queue_{metric}", text, labels=["queue"])
+                  for name, metric, text in SCALE_GAUGES}
+        for q in advice["queues"]:
+            for name, gauge in gauges.items():
+                if q[name] is not None:
+                    gauge.add_metric([q["queue"]], q[name])
+        yield from gauges.values()
 
     def _totals(self) -> Iterator[Metric]:
         totals = stats.totals(self.context.client, self.context.keys)
