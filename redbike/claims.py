@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 
 import redis
 
+from . import stats
 from .keys import Keys
 from .names import check_queue
 from .occurrences import Retry
@@ -168,6 +169,7 @@ class SlotClaims:
         self.index = index
         self.worker_id = worker_id
         self.connection = connection
+        self.tally = stats.Tally()  # the runs this slot ended, sent with a later finish
 
     def claim(self, rotation: Rotation) -> Settled:
         """Claim one job (one round trip)."""
@@ -176,6 +178,13 @@ class SlotClaims:
     def finish(self, job: Running, outcome: Outcome, trace: str, rotation: Rotation | None) -> Settled:
         """End ``job``'s run; with a rotation, claim the next job in the same round trip."""
         return self._locked(job, outcome, trace, rotation)
+
+    def flush_tally(self) -> None:
+        """Send the runs counted and not sent yet (tally.lua): when the slot
+        goes idle, so that they are not held back until its next finish."""
+        text = self.tally.take(self.claims.clock(), force=True)
+        if text:
+            self.claims.scripts.run("tally", self.claims.clock(), [], [text], client=self.connection)
 
     def _locked(self, job: Running | None, outcome: Outcome | None, trace: str,
                 rotation: Rotation | None) -> Settled:
@@ -240,7 +249,7 @@ class SlotClaims:
             error = error_record(placement.status, outcome.error, self.worker_id, now, trace) if outcome.error else ""
             keys.append(claims.keys.queue(home))
             args += [lease.jobid, lease.token, *placement.script_args(), error, claims.keys.queue_channel(home),
-                     str(placement.fires)]
+                     str(placement.fires), self.tally.take(now, force=rotation is None)]
             freed = job.local_needs
         order: list[tuple[int, str]] = []
         if rotation is not None:
@@ -252,6 +261,12 @@ class SlotClaims:
             reply = decode_claim(claims.scripts.run("claim", now, keys, args, client=self.connection))
         else:
             done, reply = decode_finish(claims.scripts.run("finish", now, keys, args, client=self.connection))
+        if job is not None and outcome is not None and placement is not None and done != "STALE":
+            # Counted once ended (a stale run is the reaper's: counted expired there); sent with a later finish.
+            self.tally.add(job.lease.queue, stats.outcome_of(outcome.kind, outcome.error, placement.status),
+                           now - job.lease.since)
+            if rotation is None:  # no claim follows (a stop, the supervisor ending a dead child's run): send now
+                self.flush_tally()
         claimed, halted = None, False
         if rotation is not None:
             while reply == MORE:  # the claim parked many jobs: look again (a loop: there may be thousands)

@@ -12,7 +12,7 @@ stored such a name.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -474,6 +474,13 @@ def parse_data(text: str, max_bytes: int = DEFAULT_MAX_DATA_BYTES) -> str:
 def decode_data(text: str) -> Any:
     """A stored payload -> its value ('' : None, no payload)."""
     return json.loads(text) if text else None
+
+
+# -- a slot's tally of runs that ended (finish.lua and tally.lua: add_tally) ----
+
+def encode_tally(counts: Mapping[str, int]) -> str:
+    """Increments of fields of the totals (stats.py) -> one "field|count" line each."""
+    return "\n".join(f"{field}|{count}" for field, count in counts.items() if count > 0)
 
 
 # -- the replies of claim.lua and finish.lua ----------------------------------

@@ -27,7 +27,7 @@ except ImportError:  # pragma: no cover
     pack_command = None
 
 SCRIPT_NAMES = ("set", "unset", "claim", "finish", "move_due", "reap", "renew", "lead", "capacity", "retire",
-                "revoke", "feed_done")
+                "revoke", "feed_done", "tally")
 
 
 @functools.cache

@@ -164,6 +164,8 @@ class Slot:
                         self._drain_wake_ups()
                         settled = self.claims.claim(self.rotation)
                     job = settled.claimed
+                    if job is None:  # idle now: what it counted goes out, not with a finish hours later
+                        self.claims.flush_tally()
                     self._tell_supervisor(settled)
                     if retry_in:
                         outage.recovered()

@@ -14,13 +14,16 @@ snapshots, so windows and charts have no data for that time.
 
 from __future__ import annotations
 
+import bisect
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 import redis
 
 from .keys import Keys
+from .records import encode_tally
 
 # Upper bounds (seconds) of the run duration buckets: lib.lua's count_run()
 # holds the same (a contract test checks); runs longer than the last fall in
@@ -61,6 +64,46 @@ class QueueTotals:
         return QueueTotals(self.done - earlier.done, self.failed - earlier.failed, self.retried - earlier.retried,
                            self.expired - earlier.expired, self.due - earlier.due, self.seconds - earlier.seconds,
                            buckets)
+
+
+TALLY_SECONDS = 1.0  # a slot sends its tally with a finish at most this often (and when it goes idle)
+
+
+class Tally:
+    """The runs a slot ended, counted in memory and sent to the totals with
+    a later finish (records.encode_tally): a job's finish sends nothing more,
+    and a second's worth of runs costs one increment per field. Lost if the
+    slot's process dies before it sends them (at most a second's counts)."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self.sent_at = -math.inf
+
+    def add(self, queue: str, outcome: str, seconds: float) -> None:
+        """A run of ``queue`` that ended (``outcome``: one of OUTCOMES) after ``seconds``."""
+        seconds = min(max(seconds, 0.0), 1e9)
+        self.counts[f"{queue}|{outcome}|{bisect.bisect_left(BUCKETS, seconds) + 1}"] += 1
+        if outcome != "expired":  # a run that did not complete took no service time of its own
+            self.counts[f"{queue}|ms"] += round(seconds * 1000)
+
+    def take(self, now: float, force: bool = False) -> str:
+        """The tally to send now ('' if none, or sent less than TALLY_SECONDS ago unless ``force``)."""
+        if not self.counts or (not force and now - self.sent_at < TALLY_SECONDS):
+            return ""
+        text = encode_tally(self.counts)
+        self.counts.clear()
+        self.sent_at = now
+        return text
+
+
+def outcome_of(kind: str, error: str, status: str) -> str:
+    """How a run a slot ended counts: expired (did not complete: its timeout,
+    status EXP), retried (it raised and runs again, RTY), failed, or done."""
+    if kind == "expired" or status == "EXP":
+        return "expired"
+    if error:
+        return "retried" if status == "RTY" else "failed"
+    return "done"
 
 
 def _split(name: str) -> tuple[str, str, int | None] | None:

@@ -134,8 +134,26 @@ def test_the_duration_buckets_and_outcomes_match_python() -> None:
     bounds = re.search(r"local bounds = \{([^}]*)\}", LIB)
     assert bounds, "lib.lua's count_run() names no bounds"
     assert tuple(float(b) for b in bounds.group(1).split(",")) == stats.BUCKETS[:-1]
-    counted = set(re.findall(r"outcome = '(\w+)'|and '(\w+)' or '(\w+)'", LIB))
-    assert {name for found in counted for name in found if name} == set(stats.OUTCOMES)
+    assert "'|expired|'" in LIB  # the reaper's count; the slots' tallies count the other outcomes
+
+
+def test_a_tally_reaches_the_totals_as_python_reads_them(client: redis.Redis, prefix: str) -> None:
+    tally = stats.Tally()
+    tally.add("A", "done", 0.004)
+    tally.add("A", "done", 3.0)
+    tally.add("A", "retried", 0.3)
+    tally.add("B", "expired", 12.0)
+    text = tally.take(NOW)
+    assert tally.take(NOW + 10) == ""  # sent: nothing left
+    keys = Keys(prefix)
+    scripts = Scripts(client, keys)
+    assert scripts.run("tally", NOW, [], [text]) == 5
+    totals = stats.totals(client, keys)
+    assert (totals["A"].done, totals["A"].retried, totals["A"].runs) == (2, 1, 3)
+    assert totals["A"].seconds == pytest.approx(3.304) and totals["B"].expired == 1 and totals["B"].seconds == 0
+    assert dict(totals["A"].buckets)[0.005] == 1 and dict(totals["A"].buckets)[0.5] == 2
+    with pytest.raises(redis.ResponseError, match="BADARG"):
+        scripts.run("tally", NOW, [], ["A|done|3|x"])
 
 
 def test_statuses_and_placement_kinds_match_python() -> None:
@@ -219,6 +237,7 @@ def test_python_passes_what_each_header_says(client: redis.Redis, prefix: str, t
     dispatcher.step(NOW + 100)  # moves t:A, reaps b:A
     assert dispatcher.moved == 1 and dispatcher.reaped == 1
     env.bike.scripts.run("renew", NOW, [], ["a:A", "tok", repr(NOW + 30)])
+    env.bike.scripts.run("tally", NOW, [], ["A|done|1|1"])
     env.bike.set("orphan:B", "NOW")
     orphan = env.pool("B").claim(Rotation(["B"]), "w1")
     assert orphan is not None and orphan.lease.jobid == "orphan:B"
@@ -369,7 +388,7 @@ def test_the_claim_and_finish_replies_decode(client: redis.Redis, prefix: str) -
     assert claimed == Claimed("a:B", 1, "NOW", claimed.record, {"r": 2})
     assert decode_job(claimed.record) == JobRecord(NOW, 1, "once", 0, 1, 0, 0, 0, NOW)
     assert decode_claim(env.bike.scripts.run("claim", NOW, queues, claim)) == records.NONE
-    finish = ["a:B", "tok", *Placement("S", "END").script_args(), "", env.keys.queue_channel("B"), "0"]
+    finish = ["a:B", "tok", *Placement("S", "END").script_args(), "", env.keys.queue_channel("B"), "0", ""]
     done = env.bike.scripts.run("finish", NOW, [env.keys.queue("B"), *queues], finish + claim)
     assert decode_finish(done) == ("DONE", records.NONE)
     assert decode_finish(env.bike.scripts.run("finish", NOW, [env.keys.queue("B")], finish)) == ("STALE", "NONE")

@@ -4,19 +4,21 @@
 -- ARGV: the common four, then jobid, token, the placement (7 values), error
 --       JSON (or ''), queue channel of the finished job's queue, how many
 --       occurrences already due the placement fires (cancelled if it gives
---       way: see finish() in lib.lua), then as
---       claim.lua: next token, worker id, control value seen, worker-local
---       room, per-queue specs.
+--       way: see finish() in lib.lua), the slot's tally of runs that ended
+--       (records.encode_tally; '' for none), then as claim.lua: next token,
+--       worker id, control value seen, worker-local room, per-queue specs.
 -- Returns {finish result, claim result}.
 local count = #KEYS - L.K - 1
 local failed = L.finish_error(ARGV[L.A + 1], ARGV[L.A + 2], L.A + 3, ARGV[L.A + 10], ARGV[L.A + 12])
+if not failed and not L.is_tally(ARGV[L.A + 13]) then failed = L.bad('tally', ARGV[L.A + 13]) end
 if not failed and count > 0 then
-  failed = L.claim_error(ARGV[L.A + 13], ARGV[L.A + 14], ARGV[L.A + 16], L.K + 2, count, L.A + 17)
+  failed = L.claim_error(ARGV[L.A + 14], ARGV[L.A + 15], ARGV[L.A + 17], L.K + 2, count, L.A + 18)
 end
 if failed then return failed end
 local done = L.finish(ARGV[L.A + 1], ARGV[L.A + 2], L.placement_at(L.A + 3), ARGV[L.A + 10],
   KEYS[L.K + 1], ARGV[L.A + 11], ARGV[L.A + 12])
+L.add_tally(ARGV[L.A + 13])
 if count == 0 then
   return {done, {'NONE'}}
 end
-return {done, L.claim(ARGV[L.A + 13], ARGV[L.A + 14], ARGV[L.A + 15], ARGV[L.A + 16], L.K + 2, count, L.A + 17)}
+return {done, L.claim(ARGV[L.A + 14], ARGV[L.A + 15], ARGV[L.A + 16], ARGV[L.A + 17], L.K + 2, count, L.A + 18)}

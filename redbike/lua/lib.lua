@@ -33,7 +33,8 @@
 --   KEYS[19] totals      hash  counters since the start (stats.py): per queue
 --                              "queue|due" (jobs enqueued), "queue|ms" (run
 --                              time of the runs that ended by themselves),
---                              "queue|outcome|bucket" (runs that ended
+--                              "queue|outcome|bucket" (runs that ended,
+--                              counted by the slots' tallies and the reaper:
 --                              done/failed/retried/expired, by duration bucket)
 --   KEYS[20] data        hash  jobid -> the job's payload (JSON), if it has one
 -- and the same first four ARGV: now (epoch seconds), the dispatcher's wake
@@ -338,10 +339,11 @@ function L.enqueue(jobid, queue, channel)
   redis.call('HINCRBY', L.TOTALS, string.sub(channel, #L.QUEUE_CHANNEL_PREFIX + 1) .. '|due', 1)
 end
 
--- Count a run that ended (outcome done, failed, retried or expired) in the
--- totals of its queue: its duration bucket (upper bounds in seconds, as
--- stats.BUCKETS; past the last: bucket #BUCKETS + 1) and its run time.
-function L.count_run(queue_name, outcome, since)
+-- Count a run that ended in the totals of its queue as a slot's tally does
+-- (records.encode_tally): the reaper's (and revoke.lua's) expired runs, which
+-- no slot ends. Its duration bucket: upper bounds in seconds as stats.BUCKETS;
+-- past the last, bucket #BUCKETS + 1.
+function L.count_expired(queue_name, since)
   -- Bounded: a clock that jumped must not make the count fail half-way.
   local seconds = math.min(math.max(L.NOW_N - (tonumber(since) or L.NOW_N), 0), L.MAX_AMOUNT)
   local bounds = {0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800}
@@ -349,10 +351,29 @@ function L.count_run(queue_name, outcome, since)
   for i = 1, #bounds do
     if seconds <= bounds[i] then bucket = i break end
   end
-  redis.call('HINCRBY', L.TOTALS, queue_name .. '|' .. outcome .. '|' .. bucket, 1)
-  if outcome ~= 'expired' then -- a run that did not complete took no service time of its own
-    redis.call('HINCRBY', L.TOTALS, queue_name .. '|ms', L.int(seconds * 1000 + 0.5))
+  redis.call('HINCRBY', L.TOTALS, queue_name .. '|expired|' .. bucket, 1)
+end
+
+-- A slot's tally: lines "field|count" (records.encode_tally), each field of
+-- the totals (stats.py) and its increment; '' is none.
+function L.is_tally(text)
+  if type(text) ~= 'string' then return false end
+  for line in string.gmatch(text, '[^\n]+') do
+    if not string.match(line, '^[^|%c]+|[^%c]*|(%d+)$') or #string.match(line, '(%d+)$') > 15 then
+      return false
+    end
   end
+  return true
+end
+
+-- Add a slot's tally to the totals (checked by is_tally); returns its lines' count.
+function L.add_tally(text)
+  local lines = 0
+  for field, count in string.gmatch(text, '([^\n]+)|(%d+)') do
+    redis.call('HINCRBY', L.TOTALS, field, count)
+    lines = lines + 1
+  end
+  return lines
 end
 
 -- Forget a job's schedule and state (its needs and pending placement in
@@ -461,9 +482,9 @@ end
 -- End the run that holds lease `token`: release the lease and what it held,
 -- and place the job. A `set` made while the job ran (the pending placement)
 -- wins over the run's own; a job unset while it ran is just released. A stale
--- token changes nothing. The run counts in its queue's totals as `expired`
--- (the reaper ends it, or it did not complete in its timeout: status EXP) or
--- by its end: done, retried (it raised, and runs again) or failed.
+-- token changes nothing. A run the reaper (or revoke.lua) ends, `expired`,
+-- counts in its queue's totals here; a slot counts the runs it ends itself
+-- and sends them as its tally.
 function L.finish(jobid, token, p, err, queue, channel, fires, expired)
   local lease = redis.call('HGET', L.LEASES, jobid)
   if not L.lease_token_matches(lease, token) then
@@ -473,10 +494,7 @@ function L.finish(jobid, token, p, err, queue, channel, fires, expired)
   redis.call('ZREM', L.DEADLINES, jobid)
   local _, queue_name, worker, since, _, due, attempt, needs = L.lease_parts(lease)
   L.release(needs)
-  local outcome = 'done'
-  if expired or p.status == 'EXP' then outcome = 'expired' -- reaped, or the worker stopped it at its timeout
-  elseif err ~= '' then outcome = p.status == 'RTY' and 'retried' or 'failed' end
-  L.count_run(queue_name, outcome, since)
+  if expired then L.count_expired(queue_name, since) end -- a slot counts its own runs (records.encode_tally)
   local line = ''
   if err ~= '' then
     local ok, decoded = pcall(cjson.decode, err)
