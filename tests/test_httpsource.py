@@ -79,7 +79,8 @@ def test_items_go_in_once_with_their_data_and_leave_when_unlisted(workdir, clien
     assert sorted(record["job"] for record in starts(client, testlog)) == ["a.mp4:A", "b.mp4:A", "sleep5-c.mp4:A"]
     assert client.hgetall(f"{prefix}:feed:media:seen") == {
         "a.mp4": "a.mp4:A", "b.mp4": "b.mp4:A", "sleep5-c.mp4": "sleep5-c.mp4:A"}
-    assert "its item left the list before it ran: d.mp4:A cancelled" in daemons.log(feeder)
+    wait_for(lambda: "its item left the list before it ran: d.mp4:A cancelled" in daemons.log(feeder),
+             what="the feeder to log the cancel")
     assert feeder.poll() is None
     # One feeder per name at a time.
     second = cli(workdir, process_env, "feed", f"--source={url}", "--queue=A", "--name=media", "--once")

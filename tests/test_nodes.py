@@ -487,7 +487,7 @@ def test_a_running_task_of_a_removed_host_is_killed_after_the_grace(tmp_path: Pa
     wait_for(lambda: not os.path.exists(f"/proc/{doomed['pid']}"), timeout=20, what="the orphan's run to be killed")
     assert os.path.exists(f"/proc/{kept['pid']}") and worker.poll() is None
     assert client.hget(f"{prefix}:usage", "db_lock@d2") in (None, "0")
-    assert "killed: its lease was lost" in daemons.log(worker)
+    wait_for(lambda: "killed: its lease was lost" in daemons.log(worker), what="the worker to log the kill")
 
 
 def client_capacities(client: redis.Redis, prefix: str) -> list[tuple[str, int | None, int, int]]:
