@@ -6,6 +6,7 @@ parser expects so that the deep paths are reached too."""
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,10 @@ from redbike.resources import ResourceError, amounts_of, parse_capacity, read_ca
 from redbike.schedules import ScheduleError, parse_schedule
 from redbike.workerspec import WorkerSpecError, parse_spec
 
-FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# The same examples on every run (a CI run must not fail on a new example of
+# an old bug, found by chance); REDBIKE_FUZZ_RANDOM=1 draws new ones, to hunt.
+FIXED = not os.environ.get("REDBIKE_FUZZ_RANDOM")
+FUZZ = settings(max_examples=300, deadline=None, derandomize=FIXED, suppress_health_check=[HealthCheck.too_slow])
 
 
 def pieces(*fragments: str) -> st.SearchStrategy[str]:
@@ -208,7 +212,7 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150, deadline=None, derandomize=FIXED, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(pieces("set", "unset", "tell", "preview", "--schedule=", "capacity", "x:A", "NOW", "--needs=",
                        "--data=", "--retries=", "--count=", "-1", "--misfire=", "scale", "--target=", "pause",
                        "a|b", "\x00", "retry", "--status="), max_size=5))
@@ -245,7 +249,7 @@ def api() -> Any:
     return client
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=200, deadline=None, derandomize=FIXED, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.sampled_from(API_CALLS), JSON_VALUES, st.dictionaries(
     st.sampled_from(["status", "queue", "prefix", "before", "after", "cursor", "limit"]),
     pieces("ENQ", "A", "1", "-", "x", "1e99", "0"), max_size=4))
