@@ -55,19 +55,20 @@ def test_commands_and_daemons_work_over_tls(tmp_path, tls_server, client, prefix
     wait_for(lambda: leads(own, keys), what="the dispatcher to lead over TLS")
 
     for n in range(4):
-        cli_ok(home, env, "set", f"now-{n}:A", "NOW")
+        cli_ok(home, env, "set", f"sleep1-{n}:A", "NOW")
     cli_ok(home, env, "set", "secondly:B", "FREQ=SECONDLY;INTERVAL=1")
-    wait_for(lambda: all(ends(client, testlog, f"now-{n}:A") for n in range(4))
+    wait_for(lambda: all(ends(client, testlog, f"sleep1-{n}:A") for n in range(4))
              and Counter(r["job"] for r in records(client, testlog) if r["event"] == "end")["secondly:B"] >= 2,
              timeout=20, what="the jobs to run over TLS")
-    # Two slots ran them: the zygote's children connected over TLS too.
+    # Two slots ran them (a job takes a second: the other slot takes the next): the zygote's children
+    # connected over TLS too.
     assert len({r["pid"] for r in records(client, testlog)}) == 2
 
     statuses = {row[0]: row[1] for row in csv.reader(io.StringIO(cli_ok(home, env, "statuses")))}
-    assert all(statuses[f"now-{n}:A"] == "END" for n in range(4)), statuses
-    assert json.loads(cli_ok(home, env, "tell", "now-0:A"))["status"].startswith("END:")
+    assert all(statuses[f"sleep1-{n}:A"] == "END" for n in range(4)), statuses
+    assert json.loads(cli_ok(home, env, "tell", "sleep1-0:A"))["status"].startswith("END:")
     assert json.loads(cli_ok(home, env, "info", "--json"))["redis"]["address"] == f"127.0.0.1:{tls_server.port}"
-    assert own.hget(keys.statuses, "now-0:A").startswith("END:")
+    assert own.hget(keys.statuses, "sleep1-0:A").startswith("END:")
 
     # A plain connection to the TLS port fails, and so does TLS without the client certificate.
     with pytest.raises(redis.ConnectionError):
