@@ -48,39 +48,56 @@ _USE = re.compile(r"\bL\.(\w+)")
 
 
 def library_for(lib: str, waiting: str, script: str) -> str:
-    """The library as ``script`` loads it: lib.lua without the functions the
-    script never calls, directly or through others, then waiting.lua's
-    functions it calls, defined on the first call of one of them
-    (on_first_use). Each script call defines every function of its library
-    again, and each costs an allocation: the claim, for one, calls little
-    more than half of lib.lua's, and a job that needs no resource none of
-    waiting.lua's. Only the speed differs: a client in another language
-    may load lib.lua and waiting.lua as they are."""
+    """The library as ``script`` loads it: the functions of lib.lua and
+    waiting.lua that the script calls, directly or through others; of
+    those, the ones on the HOT_PATH defined at once, the others on the first
+    call of one of them (on_first_use). Each script call defines every
+    function of its library again, and each costs an allocation: a plain
+    run's finish and claim call fewer than half of what they may call
+    (a failure, a job that waits for a resource, a job set again while it
+    ran: the rest). Only the speed differs: a client in another language may
+    load lib.lua and waiting.lua as they are."""
     functions = {match.group(1): match.group(0) for match in _FUNCTION.finditer(lib)}
-    later = {match.group(1): match.group(0) for match in _FUNCTION.finditer(waiting)}
+    functions.update({match.group(1): match.group(0) for match in _FUNCTION.finditer(waiting)})
     top_level = _FUNCTION.sub("", lib)  # constants and the checks every script runs
     wanted = set(_USE.findall(script)) | set(_USE.findall(top_level))
     todo = list(wanted)
     while todo:
-        name = todo.pop()
-        for used in _USE.findall(functions.get(name) or later.get(name) or ""):
+        for used in _USE.findall(functions.get(todo.pop(), "")):
             if used not in wanted:
                 wanted.add(used)
                 todo.append(used)
-    eager = _FUNCTION.sub(lambda match: match.group(0) if match.group(1) in wanted else "", lib)
-    return presized(eager, set(later)) + on_first_use([text for name, text in later.items() if name in wanted])
+    eager = _FUNCTION.sub(lambda match: match.group(0) if match.group(1) in wanted & HOT_PATH else "", lib)
+    later = [text for name, text in functions.items() if name in wanted and name not in HOT_PATH]
+    return presized(eager, set(functions) - HOT_PATH, on_first_use(later))
 
 
-def presized(lib: str, later: set[str]) -> str:
+# The library functions a plain run's finish and the claim in the same call
+# make (a run that ended well, of a job without needs and not set again while
+# it ran): defined at once by every script that calls them; the rest of a
+# script's library on first use. tests/test_contract.py checks this list
+# against the calls of a real finish.
+HOT_PATH = frozenset({
+    "add", "add_tally", "blocker", "claim", "claim_error", "consider", "finish", "finish_error", "finished",
+    "fits_locally", "int", "int_of", "is_local_room", "is_name", "is_paused", "is_tally", "job_of",
+    "lease_parts", "lease_token_matches", "next_candidate", "note", "parse_local_room", "parse_needs", "place",
+    "placement_at", "placement_error", "release", "save_job", "stamp", "time_of", "too_big_here",
+})
+
+
+def presized(lib: str, later: set[str], handler: str = "") -> str:
     """lib.lua with its table L (every constant and function of the library
-    but the ``later`` ones, see on_first_use) made at its full size in one
-    step, ``local L = {AMOUNT_DIGITS = false, ...}``, instead of grown field
-    by field: each script call builds L anew, and its growth (a rehash at
-    each power of two) costs about a fifth of the library's time per call.
+    but the ``later`` ones, which ``handler`` defines: on_first_use) made at
+    its full size in one step, ``local L = {AMOUNT_DIGITS = false, ...}``,
+    instead of grown field by field: each script call builds L anew, and its
+    growth (a rehash at each power of two) costs about a fifth of the
+    library's time per call. The handler follows at once, before the
+    library's own checks (which may call a later function, such as bad).
     Only the speed differs: a client in another language may load lib.lua
     as it is."""
     fields = sorted(set(_USE.findall(lib)) - later)
-    return lib.replace("local L = {}", "local L = {" + ", ".join(f"{name} = false" for name in fields) + "}", 1)
+    return lib.replace("local L = {}", "local L = {" + ", ".join(f"{name} = false" for name in fields) + "}"
+                       + handler, 1)
 
 
 def on_first_use(functions: list[str]) -> str:
@@ -90,7 +107,7 @@ def on_first_use(functions: list[str]) -> str:
     if not functions:
         return ""
     return ("\nsetmetatable(L, {__index = function(lib, name)\n  setmetatable(lib, nil)\n"
-            + "".join(functions) + "  return rawget(lib, name)\nend})\n")
+            + "".join(functions) + "  return rawget(lib, name)\nend})")
 
 
 TRAIL_LENGTH = 6  # trail-length: events kept per job (up to half as many again before a trim)

@@ -62,7 +62,8 @@ from redbike.records import (
     trail_of,
 )
 from redbike.resources import LOCAL_PREFIX, MAX_AMOUNT, MAX_CAPACITY
-from redbike.scripts import SCRIPT_NAMES, Scripts, sources
+from redbike import scripts as scripts_module
+from redbike.scripts import HOT_PATH, SCRIPT_NAMES, Scripts, sources
 from redbike.states import FORGET, Outcome, Placement
 
 LUA = resources.files("redbike") / "lua"
@@ -406,18 +407,47 @@ def test_each_script_loads_every_library_function_it_calls_and_no_other() -> Non
     assert len(set(re.findall(r"^function L\.(\w+)\(", sources()["move_due"], re.MULTILINE))) < len(everything) / 2
 
 
-def test_waiting_functions_are_defined_on_first_use_only() -> None:
-    """waiting.lua's functions are left out of L's constructor and defined
-    inside the __index handler, so a call that never looks one up never
-    makes them; lib.lua's are made at once."""
-    later = set(re.findall(r"^function L\.(\w+)\(", WAITING, re.MULTILINE))
+def test_functions_off_the_hot_path_are_defined_on_first_use_only() -> None:
+    """Only HOT_PATH's functions are made at once (and presized in L's
+    constructor); the others are left out of the constructor and defined
+    inside the __index handler, set before the library's own checks, so a
+    call that never looks one up never makes them."""
     text = sources()["finish"]
-    eager, _, lazy = text.partition("setmetatable(L, {__index = function(lib, name)")
-    assert lazy, "finish calls waiting.lua's functions, so it needs the handler"
+    handler = "setmetatable(L, {__index = function(lib, name)"
+    eager, _, lazy = text.partition(handler)
+    assert lazy, "finish may call functions off the hot path, so it needs the handler"
     constructor = re.search(r"local L = \{([^}]*)\}", eager)
-    assert constructor is not None
+    assert constructor is not None and eager.endswith(constructor.group(0) + "\n")  # the handler follows it
     presized = set(re.findall(r"(\w+) = false", constructor.group(1)))
-    assert presized and not presized & later
-    assert not set(re.findall(r"^function L\.(\w+)\(", eager, re.MULTILINE)) & later
-    assert {"park", "wake_if_room", "claim_aside"} <= set(re.findall(r"^function L\.(\w+)\(", lazy, re.MULTILINE))
-    assert "setmetatable" not in sources()["move_due"]  # it calls none of them
+    cold = set(re.findall(r"^function L\.(\w+)\(", LIB + WAITING, re.MULTILINE)) - HOT_PATH
+    assert presized and not presized & cold
+    defined_later = set(re.findall(r"^function L\.(\w+)\(", lazy.split("\nend})", 1)[0], re.MULTILINE))
+    assert {"park", "wake_if_room", "claim_aside", "bad", "count_expired"} <= defined_later
+    assert not defined_later & HOT_PATH
+    assert text.index(handler) < text.index("if not L.time_of(L.NOW) then return L.bad(")  # L.bad is found
+
+
+def test_hot_path_is_what_a_plain_finish_and_claim_call(client: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    """HOT_PATH is exactly the functions that a plain run's finish, with the
+    claim in the same call, calls: one missing would make each such call
+    define the whole rest of the library; one too many is made for nothing."""
+    def counting(name: str, text: str) -> str:
+        return re.sub(r"(?m)^function L\.(\w+)\(.*\)\n",
+                      lambda match: f"{match.group(0)}  redis.call('HINCRBY', 'calls:{name}', '{match.group(1)}', 1)\n",
+                      text)
+
+    counted = {name: counting(name, text) for name, text in sources().items()}
+    monkeypatch.setattr(scripts_module, "sources", lambda: counted)
+    env = Env(client, "hot")
+    for i in range(3):
+        env.bike.set(f"j{i}:A", "NOW")
+    pool = env.pool()
+    rotation = Rotation(pool.queue_names)
+    job = pool.claim(rotation, "w1")
+    assert job is not None and client.hkeys("calls:claim")
+    client.delete("calls:finish")
+    job = pool.finish(job, Outcome("ok"), "", rotation, "w1")[1]
+    assert job is not None and job.lease.jobid == "j1:A"
+    assert set(client.hkeys("calls:finish")) == HOT_PATH
+    pool.finish(job, Outcome("error", error="ValueError: x"), "", None, "w1")  # off the hot path: still works
+    assert "bad" not in client.hkeys("calls:finish") and (env.status("j1:A") or "").startswith("DIE:")
