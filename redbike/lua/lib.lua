@@ -86,7 +86,12 @@ function L.int(n)
 end
 
 -- Argument checks. Redis does not roll back a script that fails half-way, so
--- every script checks all of its arguments before its first write.
+-- every script checks all of its arguments before its first write. A finish
+-- runs about twenty of them, and each call of a C function (type, a string
+-- function) costs about as much as a short pattern: an argument is a string
+-- or missing (nil, or false from a Redis reply), never of another type, so
+-- `not text` stands in for type(text) ~= 'string', and each check is one
+-- pattern where it can be.
 function L.bad(what, value)
   local shown = string.gsub(string.sub(tostring(value), 1, 80), '%c', '?')
   return redis.error_reply('BADARG bad ' .. what .. ': "' .. shown .. '"')
@@ -95,7 +100,7 @@ end
 -- A time or a number of seconds: a decimal (as Python's repr writes one),
 -- finite, within MAX_TIME.
 function L.time_of(text)
-  if type(text) ~= 'string' then return nil end
+  if not text then return nil end
   if not (string.match(text, '^%-?%d+%.?%d*$') or string.match(text, '^%-?%d+%.?%d*[eE][%+%-]?%d+$')) then
     return nil
   end
@@ -106,7 +111,7 @@ end
 
 -- A whole number in [low, high], or nil.
 function L.int_of(text, low, high)
-  if type(text) ~= 'string' or not string.match(text, '^%d+$') or #text > 15 then return nil end
+  if not text or #text > 15 or not string.find(text, '^%d+$') then return nil end
   local n = tonumber(text)
   if n >= low and n <= high then return n end
   return nil
@@ -115,7 +120,7 @@ end
 -- A job id or queue name: not empty, no '|' and no control character
 -- (redbike.names).
 function L.is_name(text)
-  return type(text) == 'string' and string.match(text, '%S') ~= nil and not string.find(text, '[|%c]')
+  return text and string.find(text, '^%s*[^|%c%s][^|%c]*$') ~= nil
 end
 
 function L.is_local(name)
@@ -124,7 +129,7 @@ end
 
 -- A resource name as redbike.resources.check_name allows it.
 function L.is_resource(text)
-  return type(text) == 'string' and string.match(text, '^[^%s|,=%c]+$') ~= nil
+  return text and string.find(text, '^[^%s|,=%c]+$') ~= nil
 end
 
 -- "a=1,b=2" with each amount in [low, high]; '' is none.
@@ -163,7 +168,7 @@ function L.placement_error(base)
     return L.bad('placement kind', kind)
   end
   if kind == 'T' and not L.time_of(at) then return L.bad('placement time', at) end
-  if type(status) ~= 'string' or not string.match(status, '^%u*$') then return L.bad('status', status) end
+  if not status or not string.find(status, '^%u*$') then return L.bad('status', status) end
   if due ~= '' and not L.time_of(due) then return L.bad('due time', due) end
   if attempt ~= '' and not L.int_of(attempt, 1, L.MAX_AMOUNT) then return L.bad('attempt', attempt) end
   if not L.int_of(ARGV[base + 5], 0, L.MAX_TIME) then return L.bad('coalesced count', ARGV[base + 5]) end
@@ -363,7 +368,7 @@ end
 -- A slot's tally: lines "field|count" (records.encode_tally), each field of
 -- the totals (stats.py) and its increment; '' is none.
 function L.is_tally(text)
-  if type(text) ~= 'string' then return false end
+  if not text then return false end
   for line in string.gmatch(text, '[^\n]+') do
     if not string.match(line, '^[^|%c]+|[^%c]*|(%d+)$') or #string.match(line, '(%d+)$') > 15 then
       return false
@@ -747,9 +752,9 @@ end
 -- What is wrong with the arguments of finish() (see there; its placement
 -- at ARGV[base]), or nil.
 function L.finish_error(jobid, token, base, err, fires)
-  if type(jobid) ~= 'string' or jobid == '' then return L.bad('job id', jobid) end
+  if not jobid or jobid == '' then return L.bad('job id', jobid) end
   if not L.is_name(token) then return L.bad('token', token) end
-  if type(err) ~= 'string' then return L.bad('error record', err) end
+  if not err then return L.bad('error record', err) end
   if not L.int_of(fires, 0, L.MAX_TIME) then return L.bad('fired count', fires) end
   return L.placement_error(base)
 end
