@@ -424,7 +424,7 @@ def test_functions_off_the_hot_path_are_defined_on_first_use_only() -> None:
     defined_later = set(re.findall(r"^function L\.(\w+)\(", lazy.split("\nend})", 1)[0], re.MULTILINE))
     assert {"park", "wake_if_room", "claim_aside", "bad", "count_expired"} <= defined_later
     assert not defined_later & HOT_PATH
-    assert text.index(handler) < text.index("if not L.time_of(L.NOW) then return L.bad(")  # L.bad is found
+    assert text.index(handler) < text.index("return L.bad('now', L.NOW)")  # L.bad is found
 
 
 def test_hot_path_is_what_a_plain_finish_and_claim_call(client: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -64,10 +64,8 @@ L.CAPACITIES, L.USAGE, L.PARKED, L.READY, L.PARKING, L.PARKSEQ, L.ASIDE, L.JOBS,
 L.PAUSED, L.TOTALS, L.DATA = KEYS[18], KEYS[19], KEYS[20]
 L.K, L.A = 20, 4
 L.NOW = ARGV[1]
-L.NOW_N = tonumber(ARGV[1])
 L.DISPATCH_CHANNEL = ARGV[2]
 L.QUEUE_CHANNEL_PREFIX = ARGV[3]
-L.TRAIL_LENGTH = tonumber(ARGV[4])
 L.MAX_PARKS = 64 -- jobs one claim may park before it lets other clients in
 L.WAKE_BATCH = 1000 -- jobs one script may wake for a resource without a capacity
 L.LOCAL_PREFIX = 'worker:' -- resources local to a worker pool (resources.LOCAL_PREFIX)
@@ -275,7 +273,7 @@ function L.note(record, ...)
   local event = table.concat({L.NOW, ...}, '|')
   if string.find(event, '\n', 1, true) then event = (string.gsub(event, '\n', ' ')) end
   local trail, count = record.trail .. '\n' .. event, tonumber(record[L.EVENTS]) + 1
-  if count >= L.TRAIL_LENGTH + math.ceil(L.TRAIL_LENGTH / 2) then
+  if count >= L.TRAIL_LENGTH + (L.TRAIL_LENGTH + L.TRAIL_LENGTH % 2) / 2 then -- half as many again, rounded up
     local at = 0
     for _ = 0, count - L.TRAIL_LENGTH do at = string.find(trail, '\n', at + 1, true) end
     trail, count = string.sub(trail, at), L.TRAIL_LENGTH
@@ -759,5 +757,9 @@ function L.finish_error(jobid, token, base, err, fires)
   return L.placement_error(base)
 end
 
-if not L.time_of(L.NOW) then return L.bad('now', L.NOW) end
-if not L.TRAIL_LENGTH or not L.int_of(ARGV[4], 1, L.MAX_AMOUNT) then return L.bad('trail length', ARGV[4]) end
+-- Now as a number, and the trail's length: checked and parsed in one step
+-- (tonumber is a C call: each costs a finish as much as a short pattern).
+L.NOW_N = L.time_of(L.NOW)
+if not L.NOW_N then return L.bad('now', L.NOW) end
+L.TRAIL_LENGTH = L.int_of(ARGV[4], 1, L.MAX_AMOUNT)
+if not L.TRAIL_LENGTH then return L.bad('trail length', ARGV[4]) end
