@@ -19,6 +19,7 @@ from test_nodes import node_config
 
 from redbike import keys as keys_module
 from redbike import records, states, stats
+from redbike import scripts as scripts_module
 from redbike.api import who
 from redbike.claims import Rotation
 from redbike.feed import Feeder, Source
@@ -62,7 +63,6 @@ from redbike.records import (
     trail_of,
 )
 from redbike.resources import LOCAL_PREFIX, MAX_AMOUNT, MAX_CAPACITY
-from redbike import scripts as scripts_module
 from redbike.scripts import HOT_PATH, SCRIPT_NAMES, Scripts, sources
 from redbike.states import FORGET, Outcome, Placement
 
@@ -113,12 +113,12 @@ def test_lib_lists_the_job_state_keys_in_the_order_python_passes_them() -> None:
     listed = re.findall(r"^--\s+KEYS\[(\d+)\]\s+(\w+)", LIB, re.MULTILINE)
     assert [int(n) for n, _ in listed] == list(range(1, len(listed) + 1))
     assert tuple(name for _, name in listed) == records.JOB_STATE
-    assert f"L.K, L.A = {len(records.JOB_STATE)}, 4" in LIB
+    assert lua_constant("K") == str(len(records.JOB_STATE)) and lua_constant("A") == "4"
     keys = Keys("p")
     assert keys.job_state() == [getattr(keys, name) for name, _ in zip(records.JOB_STATE, listed)]
-    # the names lib.lua binds KEYS[1..20] to, in the same order
-    bound = re.findall(r"KEYS\[(\d+)\]", LIB.split("L.K, L.A")[0].split("local L = {}")[1])
-    assert [int(n) for n in bound] == list(range(1, len(records.JOB_STATE) + 1))
+    # lib.lua binds KEYS[1..20] to the names the header lists, in the same order
+    bound = re.findall(r"^L\.(\w+) = KEYS\[(\d+)\]$", LIB, re.MULTILINE)
+    assert [(name.lower(), int(n)) for name, n in bound] == [(name, i + 1) for i, name in enumerate(records.JOB_STATE)]
 
 
 def test_lib_constants_match_python() -> None:
@@ -451,3 +451,13 @@ def test_hot_path_is_what_a_plain_finish_and_claim_call(client: redis.Redis, mon
     assert set(client.hkeys("calls:finish")) == HOT_PATH
     pool.finish(job, Outcome("error", error="ValueError: x"), "", None, "w1")  # off the hot path: still works
     assert "bad" not in client.hkeys("calls:finish") and (env.status("j1:A") or "").startswith("DIE:")
+
+
+def test_lib_constants_are_written_where_they_are_used() -> None:
+    """Each "L.NAME = value" line of lib.lua is left out of the loaded
+    scripts, and every use of it is replaced by its value (scripts.inlined)."""
+    constants = dict(re.findall(r"^L\.([A-Z][A-Z0-9_]*) = (KEYS\[\d+\]|\d[\d.e]*|'[^']*')", LIB, re.MULTILINE))
+    assert {"K", "A", "SCHEDULES", "DATA", "MAX_TIME", "LAST", "PENDING", "RECORD"} <= set(constants)
+    for name, text in sources().items():
+        assert not set(re.findall(r"\bL\.([A-Z][A-Z0-9_]*)\b", text)) & set(constants), name
+    assert "ARGV[4 + 14]" in sources()["finish"] and "KEYS[20 + 1]" in sources()["finish"]

@@ -57,12 +57,28 @@
 -- shared locals do) costs several times more to create than one that
 -- captures only this table.
 local L = {}
-L.SCHEDULES, L.STATUSES, L.TIMELINE, L.LEASES, L.DEADLINES, L.ERRORS, L.CONTROL, L.DISPATCHER =
-  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
-L.CAPACITIES, L.USAGE, L.PARKED, L.READY, L.PARKING, L.PARKSEQ, L.ASIDE, L.JOBS, L.FINISHED =
-  KEYS[9], KEYS[10], KEYS[11], KEYS[12], KEYS[13], KEYS[14], KEYS[15], KEYS[16], KEYS[17]
-L.PAUSED, L.TOTALS, L.DATA = KEYS[18], KEYS[19], KEYS[20]
-L.K, L.A = 20, 4
+L.SCHEDULES = KEYS[1]
+L.STATUSES = KEYS[2]
+L.TIMELINE = KEYS[3]
+L.LEASES = KEYS[4]
+L.DEADLINES = KEYS[5]
+L.ERRORS = KEYS[6]
+L.CONTROL = KEYS[7]
+L.DISPATCHER = KEYS[8]
+L.CAPACITIES = KEYS[9]
+L.USAGE = KEYS[10]
+L.PARKED = KEYS[11]
+L.READY = KEYS[12]
+L.PARKING = KEYS[13]
+L.PARKSEQ = KEYS[14]
+L.ASIDE = KEYS[15]
+L.JOBS = KEYS[16]
+L.FINISHED = KEYS[17]
+L.PAUSED = KEYS[18]
+L.TOTALS = KEYS[19]
+L.DATA = KEYS[20]
+L.K = 20 -- a script's own KEYS start at KEYS[K + 1]
+L.A = 4 -- its own ARGV at ARGV[A + 1]
 L.NOW = ARGV[1]
 L.DISPATCH_CHANNEL = ARGV[2]
 L.QUEUE_CHANNEL_PREFIX = ARGV[3]
@@ -235,8 +251,18 @@ end
 -- the finish that follows finds it in the cache, where keys of their own
 -- per job (a trail list, a needs hash, a pending hash) cost the finish and
 -- the claim a command each.
-L.DUE, L.ATTEMPT, L.MISFIRE, L.RETRIES, L.FIRED, L.COALESCED, L.SKIPPED, L.CANCELLED, L.LAST_DUE, L.EVENTS,
-  L.NEEDS, L.PENDING = 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12
+L.DUE = 1
+L.ATTEMPT = 2
+L.MISFIRE = 3
+L.RETRIES = 4
+L.FIRED = 5
+L.COALESCED = 6
+L.SKIPPED = 7
+L.CANCELLED = 8
+L.LAST_DUE = 9
+L.EVENTS = 10
+L.NEEDS = 11
+L.PENDING = 12
 L.RECORD = '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|(%d+)|([^|]*)|([^|]*)$'
 L.NEW_JOB = '|1|once|0|0|0|0|0||0||' -- the record of a job that has none (records.JobRecord())
 
