@@ -126,7 +126,7 @@ end
 -- A whole number in [low, high], or nil.
 function L.int_of(text, low, high)
   if not text or #text > 15 or not string.find(text, '^%d+$') then return nil end
-  local n = tonumber(text)
+  local n = text == '0' and 0 or tonumber(text) -- most counts a finish checks are 0: no strtod
   if n >= low and n <= high then return n end
   return nil
 end
