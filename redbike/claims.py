@@ -179,6 +179,18 @@ class SlotClaims:
         """End ``job``'s run; with a rotation, claim the next job in the same round trip."""
         return self._locked(job, outcome, trace, rotation)
 
+    def still_set(self, jobid: str) -> bool:
+        """Whether ``jobid`` still has a schedule: one HEXISTS on the slot's
+        connection (RoundRobin.still_set, asked by a run while it runs)."""
+        if self.connection is None:
+            return bool(self.claims.client.hexists(self.claims.keys.schedules, jobid))
+        try:
+            self.connection.send_command("HEXISTS", self.claims.keys.schedules, jobid)
+            return bool(self.connection.read_response())
+        except (redis.ConnectionError, redis.TimeoutError):
+            self.connection.disconnect()  # a reply may be half read: start afresh
+            raise
+
     def flush_tally(self) -> None:
         """Send the runs counted and not sent yet (tally.lua): when the slot
         goes idle, so that they are not held back until its next finish."""

@@ -188,13 +188,17 @@ class Chain(RoundRobin):
     def _run(self, number: int, argv: list[str], env: dict[str, str], output: Output,
              deadline: float | None) -> Ended:
         try:
-            return run(argv, env, output, deadline, self.grace)
+            return run(argv, env, output, deadline, self.grace, self.still_set if self.job_probe else None)
         except CannotStart as exc:
             raise ExecutorError(f"cannot run {self._name(number)}: {exc}") from None
 
     def _check(self, jobid: str, number: int, output: Output, ended: Ended) -> None:
         """Raise what the step's end means (nothing for success)."""
         name = self._name(number)
+        if ended.unset:  # what it did no longer matters: the job is gone
+            how = f"SIGTERM, then SIGKILL {self.grace:g}s later" if ended.killed else "ended by SIGTERM"
+            log.info("job %s: unset while %s ran: %s", jobid, name, how)
+            raise UnsetJob(f"unset while {name} ran: {how}")
         if not ended.timed_out:
             if ended.code == 0:
                 return

@@ -19,6 +19,7 @@ import selectors
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO
 
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 STDERR_TAIL_BYTES = 3072  # the end of stderr kept for a failure's message (see executors.MESSAGE_CHARACTERS)
 LINE_BYTES = 4096  # a longer output line is logged in pieces of this size
 POLL_SECONDS = 0.05  # how often a timed-out run's process group is looked at
+UNSET_POLL_SECONDS = 1.0  # how often a running program's job is looked up (one HEXISTS): unset, it is stopped
 
 
 def signal_name(signum: int) -> str:
@@ -144,15 +146,18 @@ class Ended:
     code: int
     timed_out: bool = False
     killed: bool = False  # by SIGKILL, when SIGTERM had not ended it within the grace
+    unset: bool = False  # its job was unset while it ran: stopped as for a timeout
 
 
 class CannotStart(Exception):
     """The program could not be started; the message says why, in a few words."""
 
 
-def run(argv: list[str], env: dict[str, str], output: Output, deadline: float | None, grace: float) -> Ended:
+def run(argv: list[str], env: dict[str, str], output: Output, deadline: float | None, grace: float,
+        still_set: Callable[[], bool] | None = None) -> Ended:
     """Run ``argv`` to its end, its output to ``output``; past ``deadline``
-    (time.monotonic), SIGTERM its process group, SIGKILL it ``grace`` seconds later."""
+    (time.monotonic), or once ``still_set()`` (asked every UNSET_POLL_SECONDS)
+    is False, SIGTERM its process group, SIGKILL it ``grace`` seconds later."""
     in_slot = in_slot_child()
     stdout, stderr = output.targets()
     try:
@@ -164,7 +169,7 @@ def run(argv: list[str], env: dict[str, str], output: Output, deadline: float | 
         raise CannotStart(reasons.get(type(exc)) or exc.strerror or str(exc)) from None
     # In a slot the program is in the slot's group; else it leads its own,
     # whose id it pins until it is reaped (after the last kill: see _Run).
-    return _Run(process, output, os.getpgrp() if in_slot else process.pid).wait(deadline, grace)
+    return _Run(process, output, os.getpgrp() if in_slot else process.pid).wait(deadline, grace, still_set)
 
 
 class _Run:
@@ -187,27 +192,33 @@ class _Run:
                 os.set_blocking(pipe.fileno(), False)
                 self.selector.register(pipe, selectors.EVENT_READ, name)
 
-    def wait(self, deadline: float | None, grace: float) -> Ended:
+    def wait(self, deadline: float | None, grace: float, still_set: Callable[[], bool] | None = None) -> Ended:
         try:
-            timed_out = killed = False
+            stopping = timed_out = unset = killed = False
             kill_at = math.inf
+            ask_at = time.monotonic() + UNSET_POLL_SECONDS if still_set is not None else math.inf
             while True:
                 now = time.monotonic()
-                if deadline is not None and now >= deadline and not timed_out:
-                    timed_out, kill_at = True, now + grace
+                if now >= ask_at and not stopping:
+                    ask_at = now + UNSET_POLL_SECONDS
+                    unset = still_set is not None and not self._asks_still_set(still_set)
+                if deadline is not None and now >= deadline and not stopping:
+                    timed_out = True
+                if (timed_out or unset) and not stopping:
+                    stopping, kill_at = True, now + grace
                     self._signal(signal.SIGTERM)
                 if now >= kill_at:
                     killed = True
                     self._kill()
                     break
-                if self.exited and not (timed_out and _group_members(self.group)):
+                if self.exited and not (stopping and _group_members(self.group)):
                     break
-                wake = kill_at if timed_out else deadline if deadline is not None else math.inf
+                wake = kill_at if stopping else min(ask_at, deadline if deadline is not None else math.inf)
                 if self.exited:
                     wake = min(wake, now + POLL_SECONDS)  # the group's stragglers have until kill_at
                 self._read(None if wake == math.inf else max(0.0, wake - now))
             self._drain()
-            return Ended(self.process.wait(), timed_out, killed)
+            return Ended(self.process.wait(), timed_out, killed, unset)
         except BaseException:  # interrupted: leave nothing running behind
             self._kill()
             self.process.wait()
@@ -219,6 +230,16 @@ class _Run:
                 if pipe is not None:
                     pipe.close()
             self.output.close()
+
+    @staticmethod
+    def _asks_still_set(still_set: Callable[[], bool]) -> bool:
+        """still_set(); when Redis cannot say (down, slow), the job is taken
+        as still set: an outage stops no program."""
+        try:
+            return still_set()
+        except Exception as exc:  # noqa: BLE001 - any failure to ask is no answer
+            log.debug("could not look the running job up: %s", exc)
+            return True
 
     def _read(self, timeout: float | None) -> None:
         for key, _ in self.selector.select(timeout):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +47,15 @@ class RoundRobin:
         self.queues = [name for name in queues.split(":") if name]
         self.lease: Lease | None = None
         self.data: Any = None
+        # While work() runs in a pool: asks Redis whether the job is still set.
+        self.job_probe: Callable[[], bool] | None = None
+
+    def still_set(self) -> bool:
+        """Whether the job work() runs is still set: False once it was unset
+        while it ran (its run then ends as the unset job's, whatever it
+        returns). One round trip to Redis; a long work() may ask now and then
+        and give up early, as the executors do. Outside a pool: True."""
+        return True if self.job_probe is None else self.job_probe()
 
     def queue_names(self) -> list[str]:
         """Queues to work, in rotation order; a repeated name gets more turns."""

@@ -14,6 +14,7 @@ import socket
 import struct
 import time
 import traceback
+from collections.abc import Callable
 
 import redis
 
@@ -91,10 +92,12 @@ def backoff_of(jobid: str, result: object) -> int | None:
     return clamped
 
 
-def run_work(worker: RoundRobin, lease: Lease, data: str = "") -> tuple[Outcome, str]:
-    """Run one job's work() (its payload, decoded, in ``worker.data``);
-    returns its outcome and the traceback of a failure."""
-    worker.lease = lease
+def run_work(worker: RoundRobin, lease: Lease, data: str = "",
+             job_probe: Callable[[], bool] | None = None) -> tuple[Outcome, str]:
+    """Run one job's work() (its payload, decoded, in ``worker.data``;
+    ``job_probe`` as its still_set()); returns its outcome and the
+    traceback of a failure."""
+    worker.lease, worker.job_probe = lease, job_probe
     try:
         try:
             worker.data = decode_data(data)
@@ -109,7 +112,7 @@ def run_work(worker: RoundRobin, lease: Lease, data: str = "") -> tuple[Outcome,
         error = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
         return Outcome("error", error=error), traceback.format_exc()[-4000:]
     finally:
-        worker.lease = None
+        worker.lease = worker.job_probe = None
         worker.data = None
 
 
@@ -189,7 +192,7 @@ class Slot:
     def _run(self, job: Running) -> tuple[Outcome, str]:
         self.events.claimed(job.lease)
         started = time.monotonic()
-        outcome, trace = run_work(self.worker, job.lease, job.data)
+        outcome, trace = run_work(self.worker, job.lease, job.data, lambda: self.claims.still_set(job.lease.jobid))
         seconds = time.monotonic() - started
         self.outcomes.write(self.index, job.lease.token, outcome, trace)  # before Redis is asked anything
         self.board.count_run(self.index)  # counted as ended where its outcome is known (see Outcomes)

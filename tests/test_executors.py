@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -244,6 +245,57 @@ def test_a_program_that_ignores_sigterm_gets_sigkill_after_the_grace(client, pre
         kill_processes_of(jobid)
 
 
+NO_TRAIL = SimpleNamespace(events=[])
+
+
+def test_unsetting_a_running_job_stops_its_program_with_sigterm(client, prefix):
+    jobid = f"unset-{prefix}:X"
+    worker = Command("X", program("spawn"), grace=20)
+    try:
+        with pool_of(client, prefix, worker) as (bike, _):
+            bike.set(jobid, "NOW")
+            started = wait_for(lambda: len(found := processes_of(jobid)) == 2 and found, what="the program and its sleep")
+            began = time.monotonic()
+            bike.unset(jobid)
+            wait_for(lambda: not any(alive(pid) for pid in started), timeout=10, what="the program to end")
+            assert time.monotonic() - began < 10  # not the 20 s grace: SIGTERM was enough
+            runs = wait_for(lambda: [event for event in (bike.explain(jobid) or NO_TRAIL).events
+                                     if not isinstance(event, str) and event.event == "run"],
+                            what="the run's end in the trail")
+            assert runs[-1].fields["status"] == "GONE"  # the run ended as the unset job's
+    finally:
+        kill_processes_of(jobid)
+
+
+def test_a_program_of_an_unset_job_that_ignores_sigterm_gets_sigkill_after_the_grace(client, prefix):
+    jobid = f"unset-stubborn-{prefix}:X"
+    try:
+        with pool_of(client, prefix, Command("X", program("stubborn"), grace=1)) as (bike, _):
+            bike.set(jobid, "NOW")
+            started = wait_for(lambda: len(found := processes_of(jobid)) == 2 and found, what="the program and its sleep")
+            bike.unset(jobid)
+            wait_for(lambda: not any(alive(pid) for pid in started), timeout=15, what="SIGKILL after the grace")
+    finally:
+        kill_processes_of(jobid)
+
+
+def test_a_job_set_again_while_its_program_runs_is_not_stopped(client, prefix):
+    """Set again (not unset), the job is still set: its program runs on
+    (looked up at least twice meanwhile, through HEXISTS)."""
+    jobid = f"again-{prefix}:X"
+    try:
+        with pool_of(client, prefix, Command("X", program("spawn"), grace=20)) as (bike, _):
+            bike.set(jobid, "NOW")
+            started = wait_for(lambda: len(found := processes_of(jobid)) == 2 and found, what="the program and its sleep")
+            bike.set(jobid, "NOW")
+            looked = client.info("commandstats").get("cmdstat_hexists", {}).get("calls", 0)
+            wait_for(lambda: client.info("commandstats").get("cmdstat_hexists", {}).get("calls", 0) >= looked + 2,
+                     what="two more look-ups of the running job")
+            assert all(alive(pid) for pid in started)
+    finally:
+        kill_processes_of(jobid)
+
+
 def test_outside_a_pool_the_program_leads_a_session_of_its_own(prefix):
     """work() called directly: the executor's timeout kills the program's
     own group, never its caller's (this test process's)."""
@@ -326,6 +378,13 @@ def test_redbike_work_runs_a_command_from_its_worker_spec(workdir, client, prefi
                    what="the program's stderr in the worker's log")
     assert f"job {bad}: stderr: stderr line 0 of a program about to fail" in log  # type: ignore[operator]
     assert f"job {good}: stderr: last words of {good}" in log  # type: ignore[operator]
+    unset = f"spawn-{prefix}:X"  # its program runs an hour: unset, it is stopped, and the worker says so
+    cli_ok(workdir, process_env, "set", unset, "NOW")
+    started = wait_for(lambda: len(found := processes_of(unset)) == 2 and found, what="the program and its sleep")
+    cli_ok(workdir, process_env, "unset", unset)
+    wait_for(lambda: f"job {unset}: unset while {named('item')} ran: ended by SIGTERM" in daemons.log(worker),
+             what="the unset run's line in the worker's log")
+    assert not any(alive(pid) for pid in started)
     cli_ok(workdir, process_env, "control", "HALT")
     assert worker.wait(10) == 0
 

@@ -57,6 +57,25 @@ def test_a_backoff_out_of_range_is_clamped_logged_and_the_job_placed(
         assert env.queue("A") == ["c:A"] and env.status("c:A") == stamp("ENQ", NOW + 2)
 
 
+class AsksTwice(RoundRobin):
+    def work(self, jobid: str) -> int | None:
+        self.answers = (self.still_set(), self.still_set())
+        return None
+
+
+def test_still_set_asks_the_slot_while_work_runs_and_is_true_outside_a_pool(env: Env) -> None:
+    env.bike.set("s:A", "NOW")
+    job = env.claim(env.pool())
+    worker = AsksTwice("A")
+    assert worker.still_set()  # outside a pool
+    slot = WorkerPool(env.c, env.keys, worker).claims.slot(0, "w1")
+    env.bike.unset("s:A")
+    answers = iter([True])
+    assert run_work(worker, job.lease, "", lambda: next(answers, slot.still_set("s:A")))[0].kind == "ok"
+    assert worker.answers == (True, False)  # the second asked Redis: unset
+    assert worker.still_set() and worker.job_probe is None  # the run is over
+
+
 @pytest.mark.parametrize(("settings", "timeout"), [
     ({}, None),  # the default 30 s: a slot's socket blocks (kernel keepalive and TCP_USER_TIMEOUT watch it)
     ({"socket_timeout": 5}, 5),  # one the user set is kept
