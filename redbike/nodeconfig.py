@@ -33,15 +33,23 @@ them are reported at once, each naming its key).
 from __future__ import annotations
 
 import configparser
+import hashlib
 import math
 import os
 from dataclasses import dataclass, field
 
 from .config import ConfigError, read_parser
 from .names import BadName, check_queue
-from .nodes import AT, INSTANCE, WORKER, NodeError, check_node_name
+from .nodes import AT, INSTANCE, WORKER, Node, NodeError, check_node_name, resource_at
 from .occurrences import misfire_text
-from .resources import LOCAL_PREFIX, ResourceError, amounts_of, check_name, parse_capacity
+from .resources import (
+    LOCAL_PREFIX,
+    ResourceError,
+    amounts_of,
+    check_name,
+    format_amounts,
+    parse_capacity,
+)
 from .schedules import ScheduleError, parse_schedule
 from .workerspec import WorkerSpecError, parse_spec
 
@@ -345,3 +353,21 @@ def load_node_config(path: str) -> NodeConfig | None:
     config = parse_section(section, path)
     config.files = files
     return config
+
+
+def needs_of(family: Family, path: list[Node]) -> dict[str, int]:
+    """A task's needs: its family's per-level amounts on its node and every
+    ancestor (``path``, top first; the instance node implied), and on the worker."""
+    needs: dict[str, int] = {}
+    for node in [Node(INSTANCE, INSTANCE), *path]:
+        for resource, amount in family.needs.get(node.level, {}).items():
+            needs[resource_at(resource, node.name)] = amount
+    for resource, amount in family.needs.get(WORKER, {}).items():
+        needs[LOCAL_PREFIX + resource] = amount
+    return needs
+
+
+def digest(family: Family, needs: dict[str, int]) -> str:
+    """What a task was set with, in short: a change re-sets it."""
+    text = "|".join((family.schedule, format_amounts(needs), family.misfire or "", str(family.retries)))
+    return hashlib.sha1(text.encode()).hexdigest()[:12]

@@ -48,10 +48,9 @@ import redis
 
 from .api import Redbike
 from .lease import KeyLease
-from .nodeconfig import Family, NodeConfig
-from .nodes import INSTANCE, WORKER, Forest, Node, resource_at, task_id, under
+from .nodeconfig import Family, NodeConfig, digest, needs_of
+from .nodes import INSTANCE, Forest, Node, resource_at, task_id, under
 from .records import RecordError, decode_lease, error_record, lease_token
-from .resources import LOCAL_PREFIX, format_amounts
 from .roundrobin import RoundRobin
 from .states import FORGET
 
@@ -97,24 +96,6 @@ class Pass:
     def summary(self) -> str:
         parts = [f"{len(v)} {k.replace('_', ' ')}" for k, v in vars(self).items() if v and isinstance(v, list)]
         return ", ".join(parts) or "nothing changed"
-
-
-def needs_of(family: Family, path: list[Node]) -> dict[str, int]:
-    """A task's needs: its family's per-level amounts on its node and every
-    ancestor (``path``, top first; the instance node implied), and on the worker."""
-    needs: dict[str, int] = {}
-    for node in [Node(INSTANCE, INSTANCE), *path]:
-        for resource, amount in family.needs.get(node.level, {}).items():
-            needs[resource_at(resource, node.name)] = amount
-    for resource, amount in family.needs.get(WORKER, {}).items():
-        needs[LOCAL_PREFIX + resource] = amount
-    return needs
-
-
-def digest(family: Family, needs: dict[str, int]) -> str:
-    """What a task was set with, in short: a change re-sets it."""
-    text = "|".join((family.schedule, format_amounts(needs), family.misfire or "", str(family.retries)))
-    return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
 def plain(bike: Redbike, client: redis.Redis) -> Redbike:

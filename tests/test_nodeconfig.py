@@ -9,9 +9,8 @@ import pytest
 
 from redbike.cli import main
 from redbike.config import ConfigError, load_config
-from redbike.nodeconfig import NodeConfigError, load_node_config
+from redbike.nodeconfig import NodeConfigError, digest, load_node_config, needs_of
 from redbike.nodes import INSTANCE, Forest, Node, task_id, task_parts
-from redbike.reconcile import digest, needs_of
 
 GOOD = """
 [redbike]
