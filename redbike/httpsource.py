@@ -115,6 +115,11 @@ class HttpFeeder:
         if gone:
             pipe.hdel(self.seen_key, *gone)
 
+    def keep_lease(self) -> None:
+        """Renew the feed's lease between polls; FeedBusy if another feeder took it."""
+        if not self.lease.acquire():
+            self._lost()
+
     def _lost(self) -> NoReturn:
         raise FeedBusy(f"feed {self.name}: lost its lease to {self.lease.holder()}; stopped")
 
@@ -160,8 +165,7 @@ def run_http_source(bike: Redbike, url: str, *, name: str | None = None, queue: 
             while not stopping and time.monotonic() < deadline:
                 time.sleep(min(0.2, every))
                 if time.monotonic() - renewed >= LEASE_MS / 3000:  # held between polls too
-                    if not feeder.lease.acquire():
-                        feeder._lost()
+                    feeder.keep_lease()
                     renewed = time.monotonic()
             if stopping:
                 return 0
