@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 import redis
-from conftest import Daemons, alive, wait_for
+from conftest import Daemons, alive, processes_with, wait_for
 from test_processes import cli_ok
 
 from redbike import Redbike, RoundRobin
@@ -39,18 +39,7 @@ def program(*args: str) -> str:
 
 def processes_of(jobid: str) -> list[int]:
     """The live processes whose environment has REDBIKE_JOBID=``jobid``."""
-    wanted = f"REDBIKE_JOBID={jobid}".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            environment = (entry / "environ").read_bytes().split(b"\0")
-        except OSError:  # gone meanwhile, or not ours
-            continue
-        if wanted in environment and alive(int(entry.name)):
-            found.append(int(entry.name))
-    return found
+    return processes_with("REDBIKE_JOBID", jobid)
 
 
 def named(*args: str, step: str = "") -> str:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import redis
-from conftest import Daemons, alive, wait_for
+from conftest import Daemons, alive, processes_with, wait_for
 from testworker import Recorder
 
 from redbike import Redbike, RoundRobin
@@ -32,18 +32,7 @@ from redbike.supervisor import WorkerPool
 
 def marked(mark: str) -> list[int]:
     """The live processes whose environment has REDBIKE_TEST_MARK=``mark``."""
-    wanted = f"REDBIKE_TEST_MARK={mark}".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            environment = (entry / "environ").read_bytes().split(b"\0")
-        except OSError:  # gone meanwhile, or not ours
-            continue
-        if wanted in environment and alive(int(entry.name)):
-            found.append(int(entry.name))
-    return found
+    return processes_with("REDBIKE_TEST_MARK", mark)
 
 
 def kill_marked(mark: str) -> None:
