@@ -122,6 +122,7 @@ class Claims:
         # What a claim passes per queue: its key; its name, timeout and the
         # seconds until the lease's first deadline.
         self.queue_keys = {name: keys.queue(name) for name in self.timeouts}
+        self.queue_channels = {name: keys.queue_channel(name) for name in self.timeouts}
         self.queue_specs = {
             name: [name, timeout, min(timeout, lease_seconds) + GRACE_SECONDS]
             for name, timeout in self.timeouts.items()
@@ -170,6 +171,10 @@ class SlotClaims:
         self.worker_id = worker_id
         self.connection = connection
         self.tally = stats.Tally()  # the runs this slot ended, sent with a later finish
+        # The KEYS and per-queue ARGV of a claim, by cursor of the rotation
+        # they were made for: the same at every turn, so made once each.
+        self._turns: dict[int, tuple[list[str], list[Any]]] = {}
+        self._turns_of: Rotation | None = None
 
     def claim(self, rotation: Rotation) -> Settled:
         """Claim one job (one round trip)."""
@@ -200,27 +205,31 @@ class SlotClaims:
         tried. ``freed``: local amounts the same script releases first."""
         claims = self.claims
         order = rotation.order()
-        keys = [claims.queue_keys[name] for _, name in order]
-        held = claims.board.local_held() if claims.local_capacity else {}
-        free = {
-            name: capacity - held.get(name, 0) + freed.get(name, 0)
-            for name, capacity in claims.local_capacity.items()
-        }
-        args: list[Any] = [token, self.worker_id, claims.control_seen, encode_local_room(free, claims.local_capacity)]
-        for _, name in order:
-            args += claims.queue_specs[name]
-        return keys, args, order
+        if rotation is not self._turns_of:
+            self._turns, self._turns_of = {}, rotation
+        turn = self._turns.get(rotation.cursor)
+        if turn is None:
+            turn = self._turns[rotation.cursor] = (
+                [claims.queue_keys[name] for _, name in order],
+                [value for _, name in order for value in claims.queue_specs[name]])
+        room = ""  # a pool that declared no worker-local resource (encode_local_room of none)
+        if claims.local_capacity:
+            held = claims.board.local_held()
+            free = {
+                name: capacity - held.get(name, 0) + freed.get(name, 0)
+                for name, capacity in claims.local_capacity.items()
+            }
+            room = encode_local_room(free, claims.local_capacity)
+        return list(turn[0]), [token, self.worker_id, claims.control_seen, room, *turn[1]], order
 
     def _job_from(self, reply: ClaimReply, order: list[tuple[int, str]], rotation: Rotation, token: str,
                   now: float) -> tuple[Running | None, bool]:
         """The job a claim's reply leased, and whether it found a new HALT."""
-        if isinstance(reply, Halt):
-            if self.claims.halts(reply.control):
+        if not isinstance(reply, Claimed):
+            if isinstance(reply, Halt) and self.claims.halts(reply.control):
                 log.info("HALT found")
                 self.claims.board.stop()
                 return None, True
-            return None, False
-        if not isinstance(reply, Claimed):
             return None, False
         position, queue = order[reply.queue_index]
         rotation.served(position)
@@ -247,8 +256,10 @@ class SlotClaims:
             home = claims.worker.queue_for(lease.jobid)
             placement = place_after_run(job.schedule, outcome, now, lambda: job.job, claims.retry)
             error = error_record(placement.status, outcome.error, self.worker_id, now, trace) if outcome.error else ""
-            keys.append(claims.keys.queue(home))
-            args += [lease.jobid, lease.token, *placement.script_args(), error, claims.keys.queue_channel(home),
+            # A job goes back to one of the worker's queues (their names made once), unless queue_for() says otherwise.
+            keys.append(claims.queue_keys.get(home) or claims.keys.queue(home))
+            args += [lease.jobid, lease.token, *placement.values, error,
+                     claims.queue_channels.get(home) or claims.keys.queue_channel(home),
                      str(placement.fires), self.tally.take(now, force=rotation is None)]
             freed = job.local_needs
         order: list[tuple[int, str]] = []
