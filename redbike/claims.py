@@ -120,11 +120,13 @@ class Claims:
             raise ValueError("the worker names no queues (e.g. RoundRobin('A:B'))")
         self.timeouts = {name: _timeout(worker, name, default_timeout) for name in set(self.queue_names)}
         # What a claim passes per queue: its key; its name, timeout and the
-        # seconds until the lease's first deadline.
+        # seconds until the lease's first deadline (as text: repr() is how
+        # redis-py and hiredis send a float, so the bytes are the same, and
+        # a float would be formatted again at every claim).
         self.queue_keys = {name: keys.queue(name) for name in self.timeouts}
         self.queue_channels = {name: keys.queue_channel(name) for name in self.timeouts}
         self.queue_specs = {
-            name: [name, timeout, min(timeout, lease_seconds) + GRACE_SECONDS]
+            name: [name, repr(timeout), repr(min(timeout, lease_seconds) + GRACE_SECONDS)]
             for name, timeout in self.timeouts.items()
         }
         # Worker-local resources (cpu_cores=16 ...): the pool counts them
