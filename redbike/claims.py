@@ -52,6 +52,36 @@ MAX_TIMEOUT = 366 * 86400.0  # a job may run up to a year
 Connection = redis.connection.AbstractConnection | None
 
 
+class Tokens:
+    """Run tokens, 8 random bytes each in hex, read from the OS 64 at a
+    time: one getrandom() call per 64 runs instead of one per run. Each is
+    handed out once, even to threads taking them at the same time (a list
+    iterator's next() is atomic); a forked child drops what it inherited,
+    or it would hand out the tokens its parent does."""
+
+    BATCH = 64
+    _next: Callable[[], str]  # the next token; StopIteration when none is left
+
+    def __init__(self) -> None:
+        self.drop()
+        os.register_at_fork(after_in_child=self.drop)
+
+    def drop(self) -> None:
+        none: list[str] = []
+        self._next = iter(none).__next__
+
+    def take(self) -> str:
+        try:
+            return self._next()
+        except StopIteration:
+            text = os.urandom(8 * self.BATCH).hex()
+            self._next = iter([text[at : at + 16] for at in range(0, len(text), 16)]).__next__
+            return self._next()
+
+
+_tokens = Tokens()  # one per process: see Tokens
+
+
 class Rotation:
     """The weighted round robin of one slot over the worker's queue names."""
 
@@ -120,10 +150,13 @@ class Claims:
             raise ValueError("the worker names no queues (e.g. RoundRobin('A:B'))")
         self.timeouts = {name: _timeout(worker, name, default_timeout) for name in set(self.queue_names)}
         # What a claim passes per queue: its key; its name, timeout and the
-        # seconds until the lease's first deadline.
+        # seconds until the lease's first deadline (as text: repr() is how
+        # redis-py and hiredis send a float, so the bytes are the same, and
+        # a float would be formatted again at every claim).
         self.queue_keys = {name: keys.queue(name) for name in self.timeouts}
+        self.queue_channels = {name: keys.queue_channel(name) for name in self.timeouts}
         self.queue_specs = {
-            name: [name, timeout, min(timeout, lease_seconds) + GRACE_SECONDS]
+            name: [name, repr(timeout), repr(min(timeout, lease_seconds) + GRACE_SECONDS)]
             for name, timeout in self.timeouts.items()
         }
         # Worker-local resources (cpu_cores=16 ...): the pool counts them
@@ -170,6 +203,10 @@ class SlotClaims:
         self.worker_id = worker_id
         self.connection = connection
         self.tally = stats.Tally()  # the runs this slot ended, sent with a later finish
+        # The KEYS and per-queue ARGV of a claim, by cursor of the rotation
+        # they were made for: the same at every turn, so made once each.
+        self._turns: dict[int, tuple[list[str], list[Any]]] = {}
+        self._turns_of: Rotation | None = None
 
     def claim(self, rotation: Rotation) -> Settled:
         """Claim one job (one round trip)."""
@@ -212,27 +249,31 @@ class SlotClaims:
         tried. ``freed``: local amounts the same script releases first."""
         claims = self.claims
         order = rotation.order()
-        keys = [claims.queue_keys[name] for _, name in order]
-        held = claims.board.local_held() if claims.local_capacity else {}
-        free = {
-            name: capacity - held.get(name, 0) + freed.get(name, 0)
-            for name, capacity in claims.local_capacity.items()
-        }
-        args: list[Any] = [token, self.worker_id, claims.control_seen, encode_local_room(free, claims.local_capacity)]
-        for _, name in order:
-            args += claims.queue_specs[name]
-        return keys, args, order
+        if rotation is not self._turns_of:
+            self._turns, self._turns_of = {}, rotation
+        turn = self._turns.get(rotation.cursor)
+        if turn is None:
+            turn = self._turns[rotation.cursor] = (
+                [claims.queue_keys[name] for _, name in order],
+                [value for _, name in order for value in claims.queue_specs[name]])
+        room = ""  # a pool that declared no worker-local resource (encode_local_room of none)
+        if claims.local_capacity:
+            held = claims.board.local_held()
+            free = {
+                name: capacity - held.get(name, 0) + freed.get(name, 0)
+                for name, capacity in claims.local_capacity.items()
+            }
+            room = encode_local_room(free, claims.local_capacity)
+        return list(turn[0]), [token, self.worker_id, claims.control_seen, room, *turn[1]], order
 
     def _job_from(self, reply: ClaimReply, order: list[tuple[int, str]], rotation: Rotation, token: str,
                   now: float) -> tuple[Running | None, bool]:
         """The job a claim's reply leased, and whether it found a new HALT."""
-        if isinstance(reply, Halt):
-            if self.claims.halts(reply.control):
+        if not isinstance(reply, Claimed):
+            if isinstance(reply, Halt) and self.claims.halts(reply.control):
                 log.info("HALT found")
                 self.claims.board.stop()
                 return None, True
-            return None, False
-        if not isinstance(reply, Claimed):
             return None, False
         position, queue = order[reply.queue_index]
         rotation.served(position)
@@ -249,7 +290,7 @@ class SlotClaims:
         claims = self.claims
         done = None
         now = claims.clock()
-        token = os.urandom(8).hex()
+        token = _tokens.take()
         keys: list[str] = []
         args: list[Any] = []
         freed: dict[str, int] = {}
@@ -259,8 +300,10 @@ class SlotClaims:
             home = claims.worker.queue_for(lease.jobid)
             placement = place_after_run(job.schedule, outcome, now, lambda: job.job, claims.retry)
             error = error_record(placement.status, outcome.error, self.worker_id, now, trace) if outcome.error else ""
-            keys.append(claims.keys.queue(home))
-            args += [lease.jobid, lease.token, *placement.script_args(), error, claims.keys.queue_channel(home),
+            # A job goes back to one of the worker's queues (their names made once), unless queue_for() says otherwise.
+            keys.append(claims.queue_keys.get(home) or claims.keys.queue(home))
+            args += [lease.jobid, lease.token, *placement.values, error,
+                     claims.queue_channels.get(home) or claims.keys.queue_channel(home),
                      str(placement.fires), self.tally.take(now, force=rotation is None)]
             freed = job.local_needs
         order: list[tuple[int, str]] = []

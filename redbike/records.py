@@ -517,8 +517,9 @@ def decode_claim(reply: list[object]) -> ClaimReply:
     kind = reply[0]
     if kind == "JOB":
         _, jobid, index, schedule, record, needs, data = reply
-        return Claimed(str(jobid), int(str(index)), str(schedule), str(record), decode_needs(str(needs or "")),
-                       str(data))
+        # Most jobs need nothing: their needs are '' (or nil), read without a call.
+        return Claimed(str(jobid), int(str(index)), str(schedule), str(record),
+                       decode_needs(str(needs)) if needs else {}, str(data))
     if kind == "HALT":
         return Halt(str(reply[1]))
     if kind in (NONE, MORE):

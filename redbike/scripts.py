@@ -156,6 +156,8 @@ class Scripts:
         self._scripts = {name: client.register_script(src) for name, src in sources().items()}
         self._keys = keys.job_state()
         self._common = [keys.dispatcher_channel, keys.queue_channel(""), str(retention.trail_length)]
+        # _run_on's EVALSHA up to its own keys, packed once per script and key count (see _packed).
+        self._heads: dict[tuple[str, int], bytes] = {}
 
     def run(self, name: str, now: float, keys: list[str], args: list[Any], client: Any = None) -> Any:
         """Run script ``name`` with its own ``keys`` and ``args`` after the common ones.
@@ -170,8 +172,7 @@ class Scripts:
         """EVALSHA straight on a connection: a worker's hot path, where
         redis-py's command layer costs about as much as Redis running the script."""
         script = self._scripts[name]
-        all_keys = self._keys + keys
-        command = ("EVALSHA", script.sha, len(all_keys), *all_keys, encode_time(now), *self._common, *args)
+        command = self._packed(name, now, keys, args)
         try:
             try:
                 return self._send(connection, command)
@@ -183,13 +184,36 @@ class Scripts:
             connection.disconnect()  # a reply may be half read: start afresh
             raise
 
-    @staticmethod
-    def _send(connection: redis.connection.AbstractConnection, command: tuple[Any, ...]) -> Any:
+    def _packed(self, name: str, now: float, keys: list[str], args: list[Any]) -> bytes | tuple[Any, ...]:
+        """The EVALSHA of script ``name``, packed by hiredis (else a tuple
+        for redis-py to pack). Its head, the command, the SHA, the key count
+        and the job-state keys (half its arguments), is the same in every
+        call with as many keys: packed once, the rest per call."""
+        all_keys = len(self._keys) + len(keys)
         if pack_command is None:
+            return ("EVALSHA", self._scripts[name].sha, all_keys, *self._keys, *keys, encode_time(now),
+                    *self._common, *args)
+        head = self._heads.get((name, all_keys))
+        if head is None:
+            head = self._heads[name, all_keys] = _arguments(
+                pack_command(("EVALSHA", self._scripts[name].sha, all_keys, *self._keys)))
+        tail = pack_command((*keys, encode_time(now), *self._common, *args))
+        # A packed command is "*<arguments>\r\n" and then each argument.
+        count = 3 + all_keys + 1 + len(self._common) + len(args)
+        return b"*%d\r\n%b%b" % (count, head, _arguments(tail))
+
+    @staticmethod
+    def _send(connection: redis.connection.AbstractConnection, command: bytes | tuple[Any, ...]) -> Any:
+        if isinstance(command, tuple):
             connection.send_command(*command)
         else:  # skips redis-py's check of every argument's type
-            connection.send_packed_command([pack_command(command)], check_health=False)
+            connection.send_packed_command([command], check_health=False)
         return connection.read_response()
+
+
+def _arguments(packed: bytes) -> bytes:
+    """A packed command's arguments, without the count that leads it."""
+    return packed[packed.index(b"\n") + 1 :]
 
 
 def subscribe(client: redis.Redis, channels: list[str]) -> redis.client.PubSub:

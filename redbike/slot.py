@@ -25,7 +25,7 @@ from .outage import Outage
 from .records import DataError, decode_data
 from .roundrobin import Lease, RoundRobin, StopWork, UnsetJob
 from .slots import Running
-from .states import Outcome
+from .states import OK, Outcome
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,7 @@ NOTE_FREED = b"F"  # a run gave back worker-local amounts: wake the idle slots
 
 OUTCOME_BYTES = 1 << 15  # per slot: a token, an outcome, an error line and a traceback (4000 characters)
 _LENGTH = struct.Struct("<I")
+_ROOM = OUTCOME_BYTES - _LENGTH.size  # the most of a record that fits after its length
 
 
 class Outcomes:
@@ -56,9 +57,10 @@ class Outcomes:
 
     def write(self, slot: int, token: str, outcome: Outcome, trace: str) -> None:
         backoff = "" if outcome.backoff is None else repr(outcome.backoff)
-        error = outcome.error.replace("\0", " ")
+        error = outcome.error.replace("\0", " ") if outcome.error else ""
         data = f"{token}\0{outcome.kind}\0{backoff}\0{error}\0{trace}".encode(errors="replace")
-        data = data[: OUTCOME_BYTES - _LENGTH.size]
+        if len(data) > _ROOM:
+            data = data[:_ROOM]
         base = slot * OUTCOME_BYTES
         # No record while it is written: a child killed meanwhile leaves none.
         _LENGTH.pack_into(self.memory, base, 0)
@@ -100,10 +102,11 @@ def run_work(worker: RoundRobin, lease: Lease, data: str = "",
     worker.lease, worker.job_probe = lease, job_probe
     try:
         try:
-            worker.data = decode_data(data)
+            worker.data = decode_data(data) if data else None
         except ValueError:  # stored by another writer than redbike's set: the run fails, the slot goes on
             raise DataError(f"the job's stored data is not JSON: {data[:80]!r}") from None
-        return Outcome("ok", backoff_of(lease.jobid, worker.work(lease.jobid))), ""
+        result = worker.work(lease.jobid)
+        return (OK if result is None else Outcome("ok", backoff_of(lease.jobid, result))), ""
     except StopWork:
         return Outcome("stop"), ""
     except UnsetJob:
@@ -160,7 +163,8 @@ class Slot:
                         finished = None
                         if settled.done == "STALE":
                             self.events.expired(job.lease, LEASE_LOST)
-                        tell_retry(self.events, job.lease, settled.placed)
+                        if settled.placed is not None:  # most runs place no retry: no call on their path
+                            tell_retry(self.events, job.lease, settled.placed)
                     elif self.board.stopping:
                         return
                     else:
@@ -169,7 +173,8 @@ class Slot:
                     job = settled.claimed
                     if job is None:  # idle now: what it counted goes out, not with a finish hours later
                         self.claims.flush_tally()
-                    self._tell_supervisor(settled)
+                    if settled.halted or settled.freed:
+                        self._tell_supervisor(settled)
                     if retry_in:
                         outage.recovered()
                     retry_in = 0.0

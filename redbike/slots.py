@@ -62,9 +62,13 @@ class Running:
 
     def encode(self) -> str:
         lease = self.lease
-        local = ",".join(f"{name}={amount}" for name, amount in self.local_needs.items())
-        return (f"{lease.jobid}\0{lease.token}\0{lease.queue}\0{lease.worker}\0{lease.since!r}\0"
-                f"{lease.timeout!r}\0{self.schedule}\0{self.record}\0{self.renewed_at!r}\0{local}\0")
+        # A float's repr is most of the cost: a run as claimed was renewed
+        # when it started, so one text serves both times.
+        since = repr(lease.since)
+        renewed_at = since if self.renewed_at == lease.since else repr(self.renewed_at)
+        local = ",".join(f"{name}={amount}" for name, amount in self.local_needs.items()) if self.local_needs else ""
+        return (f"{lease.jobid}\0{lease.token}\0{lease.queue}\0{lease.worker}\0{since}\0"
+                f"{lease.timeout!r}\0{self.schedule}\0{self.record}\0{renewed_at}\0{local}\0")
 
     @classmethod
     def decode_all(cls, text: str) -> list[Running]:
@@ -115,7 +119,7 @@ class SlotBoard:
         self.memory[0] = 1
 
     def write(self, slot: int, runs: list[Running]) -> None:
-        data = "".join(run.encode() for run in runs).encode()
+        data = "".join([run.encode() for run in runs]).encode()
         if _LENGTH.size + len(data) > RECORD_BYTES:
             # Only a schedule or id of about a megabyte gets here; the job
             # then runs unsupervised and the dispatcher reaps it if it hangs.

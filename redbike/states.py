@@ -139,6 +139,9 @@ class Outcome:
     error: str = ""  # one line for tell: "ValueError: ..." or why it expired
 
 
+OK = Outcome("ok")  # most runs' outcome, made once: an Outcome is frozen, so one object serves every run
+
+
 def place_after_run(schedule_text: str, outcome: Outcome, now: float,
                     record: JobRecord | Callable[[], JobRecord], retry: Retry = DEFAULT_RETRY) -> Placement:
     """Where a job goes when its run (for occurrence ``job.due``, attempt

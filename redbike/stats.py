@@ -81,10 +81,14 @@ class Tally:
 
     def add(self, queue: str, outcome: str, seconds: float) -> None:
         """A run of ``queue`` that ended (``outcome``: one of OUTCOMES) after ``seconds``."""
-        seconds = min(max(seconds, 0.0), 1e9)
-        self.counts[f"{queue}|{outcome}|{bisect.bisect_left(BUCKETS, seconds) + 1}"] += 1
+        if seconds < 0.0:  # comparisons, not min(max()): on every job's path
+            seconds = 0.0
+        elif seconds > 1e9:
+            seconds = 1e9
+        counts = self.counts
+        counts[f"{queue}|{outcome}|{bisect.bisect_left(BUCKETS, seconds) + 1}"] += 1
         if outcome != "expired":  # a run that did not complete took no service time of its own
-            self.counts[f"{queue}|ms"] += round(seconds * 1000)
+            counts[f"{queue}|ms"] += round(seconds * 1000)
 
     def take(self, now: float, force: bool = False) -> str:
         """The tally to send now ('' if none, or sent less than TALLY_SECONDS ago unless ``force``)."""

@@ -12,6 +12,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import hiredis
 import pytest
 import redis
 from test_jobs import HOURLY, NEXT_HOUR, NOW, Env
@@ -250,6 +251,30 @@ def test_python_passes_what_each_header_says(client: redis.Redis, prefix: str, t
     assert {name for name, _, _ in calls} == set(SCRIPT_NAMES)
     for name, keys, args in calls:
         check_call(name, keys, args)
+
+
+def test_a_slot_connection_sends_the_command_a_client_would(client: redis.Redis, prefix: str) -> None:
+    """A slot's EVALSHA (Scripts._run_on) is packed in two parts, its head
+    once per script and key count: the bytes must be those of the whole
+    command packed at once, for each key count, and Redis must run it."""
+    keys = Keys(prefix)
+    scripts = Scripts(client, keys)
+    common = [keys.dispatcher_channel, keys.queue_channel(""), "6"]
+    one, two = [keys.queue("A")], [keys.queue("A"), keys.queue("B")]
+    for name, own, args in [("claim", one, ["t", "w", "", "", "A", 10.0, 12.0]),
+                            ("claim", two, ["t", "w", "", "", "A", 10.0, 12.0, "B", 600.0, 17.0]),
+                            ("tally", [], ["A|done|1|1"]), ("claim", one, ["u", "w", "", "", "A", 10.0, 12.0])]:
+        for now in (NOW, NOW + 0.1236):
+            whole = ("EVALSHA", client.script_load(sources()[name]), len(records.JOB_STATE) + len(own), *keys.job_state(),
+                     *own, encode_time(now), *common, *args)
+            assert scripts._packed(name, now, own, args) == hiredis.pack_command(whole)
+    connection = client.connection_pool.get_connection()
+    try:
+        assert scripts.run("tally", NOW, [], ["A|done|1|1\nA|ms|7"], client=connection) == 2
+        assert scripts.run("claim", NOW, one, ["t", "w", "", "", "A", 10.0, 12.0], client=connection) == [records.NONE]
+    finally:
+        client.connection_pool.release(connection)
+    assert stats.totals(client, keys)["A"].done == 1
 
 
 # -- records written by one side, read by the other, on the real server ---------

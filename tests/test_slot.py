@@ -4,7 +4,9 @@ result of work() makes of the job."""
 from __future__ import annotations
 
 import logging
+import os
 import socket
+import threading
 
 import pytest
 import redis
@@ -12,6 +14,7 @@ from conftest import RedisServer
 from test_jobs import NOW, Env, stamp
 
 from redbike import RoundRobin
+from redbike.claims import Tokens
 from redbike.config import DEFAULT_SOCKET_TIMEOUT, connect
 from redbike.keys import Keys
 from redbike.slot import Slot, run_work
@@ -97,3 +100,30 @@ def test_a_slot_reads_its_connection_without_the_default_timeout(
     finally:
         mine.close()
         theirs.close()
+
+
+def test_run_tokens_are_unique_across_batches_threads_and_a_fork() -> None:
+    """Tokens are read from the OS in batches: none is handed out twice, by
+    threads taking them at once or by a forked child and its parent."""
+    tokens = Tokens()
+    taken: list[str] = []
+    threads = [threading.Thread(target=lambda: taken.extend(tokens.take() for _ in range(300))) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(set(taken)) == len(taken) == 1200 > 4 * Tokens.BATCH
+    assert all(len(token) == 16 and int(token, 16) >= 0 for token in taken)
+    tokens.take()  # the parent holds a batch when it forks
+    reader, writer = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next tokens, to the parent
+        os.write(writer, "".join(tokens.take() for _ in range(3)).encode())
+        os._exit(0)
+    os.close(writer)
+    os.waitpid(pid, 0)
+    theirs = os.read(reader, 100).decode()
+    os.close(reader)
+    assert len(theirs) == 48
+    ours = {tokens.take() for _ in range(3)}
+    assert not ours & {theirs[at : at + 16] for at in range(0, 48, 16)}
