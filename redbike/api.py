@@ -371,13 +371,15 @@ class Redbike:
         completes, then is removed)."""
         queue = self._queue_of(jobid)
         now = self.clock()
-        return int(self.scripts.run("unset", now, [self.keys.queue(queue)],
-                                    [jobid, who(), *self._stored(jobid).unrun(now)]))
+        [result] = self.scripts.run("unset", now, [self.keys.queue(queue)],
+                                    [who(), jobid, *self._stored(jobid).unrun(now)])
+        return int(result)
 
     def unset_many(self, jobids: Iterable[str]) -> dict[str, int | Exception]:
         """unset() many jobs in two round trips (what each has, read in one
-        pipeline; unset.lua for each, in another): each one's result, or the
-        error its script answered. Bad job ids raise before anything is read."""
+        pipeline; unset.lua for up to SET_CHUNK jobs of a queue per call, in
+        another): each one's result, or the error its call answered. Bad job
+        ids raise before anything is read."""
         queues = {jobid: self._queue_of(jobid) for jobid in jobids}
         if not queues:
             return {}
@@ -387,12 +389,19 @@ class Redbike:
                 pipe.hget(self.keys.jobs, jobid)
             read = pipe.execute()
         now, by = self.clock(), who()
+        by_queue: dict[str, list[tuple[str, str, str]]] = {}
+        memo: dict[tuple[str, float], str] = {}
+        for i, (jobid, queue) in enumerate(queues.items()):
+            by_queue.setdefault(queue, []).append((jobid, *Stored.of(*read[2 * i:2 * i + 2]).unrun(now, memo)))
+        queued = Queued()
         with self.client.pipeline(transaction=False) as pipe:
-            for i, (jobid, queue) in enumerate(queues.items()):
-                stored = Stored.of(*read[2 * i:2 * i + 2])
-                self.scripts.run("unset", now, [self.keys.queue(queue)], [jobid, by, *stored.unrun(now)], client=pipe)
-            results = pipe.execute(raise_on_error=False)
-        return dict(zip(queues, results, strict=True))
+            for queue, jobs in by_queue.items():
+                for first in range(0, len(jobs), SET_CHUNK):
+                    chunk = jobs[first:first + SET_CHUNK]
+                    self.scripts.run("unset", now, [self.keys.queue(queue)],
+                                     [by, *(value for job in chunk for value in job)], client=pipe)
+                    queued.calls.append([jobid for jobid, *_ in chunk])
+            return queued.results(pipe.execute(raise_on_error=False))
 
     def tell(self, jobid: str) -> dict[str, Any] | None:
         """Everything known about a job (a task of the node model also gets

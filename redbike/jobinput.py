@@ -68,22 +68,28 @@ class Stored(NamedTuple):
         except RecordError:
             return default
 
-    def unrun(self, now: float) -> tuple[str, str]:
+    def unrun(self, now: float, memo: dict[tuple[str, float], str] | None = None) -> tuple[str, str]:
         """The occurrence the job is placed for (the one set while it runs,
         if any), and how many of its schedule's occurrences fell due after it
         until ``now``: a set or unset that replaces it cancels them (set.lua
-        and unset.lua check that it is still the job's)."""
+        and unset.lua check that it is still the job's). ``memo``: the counts
+        of earlier calls with the same ``now``, by schedule and occurrence
+        (the tasks of a family share both)."""
         try:
             due = decode_job(self.record).due
             if self.pending is not None:
                 placed = decode_pending(self.pending)[3]
                 due = float(placed) if placed else None
-            parsed = parse_schedule(self.schedule) if self.schedule else None
+            if due is None or not self.schedule:
+                return "", "0"
+            if memo is not None and (self.schedule, due) in memo:
+                return encode_time(due), memo[self.schedule, due]
+            missed = str(count_after(parse_schedule(self.schedule), due, now))
         except (RecordError, ScheduleError, ValueError):
             return "", "0"
-        if due is None or parsed is None:
-            return "", "0"
-        return encode_time(due), str(count_after(parsed, due, now))
+        if memo is not None:
+            memo[self.schedule, due] = missed
+        return encode_time(due), missed
 
 
 NOTHING_STORED = Stored(None, None, None)

@@ -182,7 +182,7 @@ def own_arguments(name: str) -> tuple[int, str]:
     return sum(records.PLACEMENT_VALUES if word == "the placement" else 1 for word in words), rest or fixed
 
 
-GROUPS = {"per job 5 values": 5, "pairs": 2, "triples": 3, "per lease 12 values": 12, "per job 10 values": 10, "per run 11 values": 11}
+GROUPS = {"per job 5 values": 5, "per job 3 values": 3, "pairs": 2, "triples": 3, "per lease 12 values": 12, "per job 10 values": 10, "per run 11 values": 11}
 
 
 def text_of(name: str) -> str:

@@ -85,7 +85,7 @@ class Stage:
         self.calls: dict[str, tuple[list[str], list[str]]] = {
             "set": (queue, ["NOW", *Placement("Q", "ENQ", due=NOW, attempt=1).script_args(), channel, "0",
                             "skip:30", "once", "2", "0", "me@here", "n:A", "r=1", "", "0", "{\"k\":1}"]),
-            "unset": (queue, ["q2:A", "me@here", repr(NOW), "2"]),
+            "unset": (queue, ["me@here", "q2:A", repr(NOW), "2"]),
             "claim": (queue, claim),
             "finish": (queue + queue, ["run:A", token, *Placement("S", "END").script_args(), "", channel, "0",
                                        "A|done|3|2\nA|ms|40", *claim]),

@@ -1228,3 +1228,23 @@ def test_a_bad_value_of_any_job_refuses_the_whole_set_call(real: Env) -> None:
             real.bike._set_jobs("A", "NOW", Placement("Q", ENQ, due=NOW, attempt=1), "0", ("", ""), [good, bad],
                                 now=NOW, by="me")
     assert real.c.keys(real.keys.prefix + ":*") == []
+
+
+def test_unset_many_unsets_as_unset_does_one_by_one_in_calls_of_many(real: Env, client: redis.Redis,
+                                                                    prefix: str) -> None:
+    """unset_many sends unset.lua calls of up to SET_CHUNK jobs of one queue:
+    what it leaves is what unset() leaves for each job in turn, and each job
+    gets its own result (a running one 2, an unknown one 0)."""
+    alone = Env(client, prefix + "-alone")
+    ids = [f"j{i}:{'AB'[i % 3 == 0]}" for i in range(2 * SET_CHUNK + 7)]
+    for env in (real, alone):
+        env.bike.set("run:A", "NOW")
+        assert env.claim() is not None and list(env.leases()) == ["run:A"]
+        env.bike.set_alike([(jobid, None) for jobid in ids[:SET_CHUNK]], "NOW")
+        env.bike.set_alike([(jobid, None) for jobid in ids[SET_CHUNK:]], "*/5 * * * *")
+    results = real.bike.unset_many([*ids, "run:A", "nothing:A"])
+    assert results == {**dict.fromkeys(ids, 1), "run:A": 2, "nothing:A": 0}
+    assert [alone.bike.unset(jobid) for jobid in [*ids, "run:A", "nothing:A"]] == list(results.values())
+    assert real.leases().keys() == alone.leases().keys() == {"run:A"}  # each with a token of its own
+    assert {**real.snapshot("A", "B"), "leases": {}} == {**alone.snapshot("A", "B"), "leases": {}}
+    assert client.hgetall(real.keys.jobs) == client.hgetall(alone.keys.jobs)  # records and trails
