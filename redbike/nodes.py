@@ -16,6 +16,7 @@ import json
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 from .names import CONTROL
 
@@ -28,6 +29,9 @@ PATH_SEP = "/"  # family/node/.../leaf
 _NODE_NAME = re.compile(r"[^\s|,=/:@]+")
 # A node name with none of names.CONTROL in it either: what check_node_name accepts.
 NODE_NAME_TEXT = r"[^\s|,=/:@\x00-\x1f\x7f-\x9f]+"
+
+
+NO_ATTRIBUTES: Mapping[str, str] = MappingProxyType({})  # most nodes have none: one shared, not a dict each
 
 
 class NodeError(ValueError):
@@ -50,7 +54,7 @@ class Node:
     level: str
     name: str
     parent: str = INSTANCE
-    attributes: Mapping[str, str] = field(default_factory=dict)
+    attributes: Mapping[str, str] = field(default_factory=lambda: NO_ATTRIBUTES)
     source: str = ""  # the source that gave it
 
     def encode(self) -> str:
@@ -61,7 +65,7 @@ class Node:
     @classmethod
     def decode(cls, name: str, record: str) -> Node:
         level, parent, source, attributes = record.split("|", 3)
-        return cls(level, name, parent, json.loads(attributes) if attributes != "{}" else {}, source)
+        return cls(level, name, parent, json.loads(attributes) if attributes != "{}" else NO_ATTRIBUTES, source)
 
 
 def resource_at(resource: str, node: str) -> str:

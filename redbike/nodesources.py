@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from .nodeconfig import NodeConfig, SourceSpec
-from .nodes import INSTANCE, NODE_NAME_TEXT, Node, NodeError, check_node_name
+from .nodes import INSTANCE, NO_ATTRIBUTES, NODE_NAME_TEXT, Node, NodeError, check_node_name
 from .workerspec import WorkerSpecError, parse_spec
 
 log = logging.getLogger(__name__)
@@ -114,7 +114,7 @@ def parse_csv(text: str, where: str) -> list[Node]:
         plain = _PLAIN_ROW.fullmatch(line)
         if plain:
             level, name, parent = plain.groups()
-            nodes.append(Node(level, name, parent or INSTANCE, {}))
+            nodes.append(Node(level, name, parent or INSTANCE, NO_ATTRIBUTES))
         else:
             nodes.extend(_parse_rows(csv.reader([line]), where, number))
     return nodes
