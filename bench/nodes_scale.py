@@ -16,7 +16,8 @@ Three passes, each ``reconcile_once`` in a child process of its own (as
 Per pass: wall time, the round trips Redis counted (INFO stats
 total_reads_processed: one per request a client sends, a pipeline being
 one), the child's own count of requests sent and pipelines executed, the
-commands Redis ran (INFO commandstats, those inside scripts too), and the
+commands Redis ran (INFO commandstats, those inside scripts too), Redis'
+CPU and the child's (user and system, the kernel's rusage), and the
 child's peak RSS (the kernel's ru_maxrss of the process). After the full
 load: Redis bytes per task (INFO used_memory delta over the tasks, their
 nodes and capacities included).
@@ -147,7 +148,7 @@ def run_pass(server: RedisServer, conf: Path) -> dict[str, Any]:
     counted = delta(before, after)
     report.update(process_seconds=wall, round_trips=counted.round_trips, commands=counted.total,
                   by_command=dict(sorted(counted.commands.items(), key=lambda kv: -kv[1])[:8]),
-                  redis_cpu=counted.cpu, peak_rss_mb=usage.ru_maxrss / 1024,
+                  redis_cpu=counted.cpu, child_cpu=usage.ru_utime + usage.ru_stime, peak_rss_mb=usage.ru_maxrss / 1024,
                   used_memory=after.used_memory, memory_delta=after.used_memory - before.used_memory)
     return report
 
@@ -202,12 +203,12 @@ def report(results: dict[str, Any]) -> str:
     lines = [(f"{results['dbs']:,} db nodes under {results['hosts']:,} hosts, {len(FAMILIES)} families: "
              f"{results['tasks']:,} tasks; churn: {results['churned_dbs']:,} dbs replaced"), ""]
     header = ("pass", "changes", "seconds (of which reconcile())", "Redis read events", "requests sent", "pipelines", "commands",
-              "Redis CPU s", "peak RSS MB")
+              "Redis CPU s", "reconciler CPU s", "peak RSS MB")
     lines += ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for name in ("full", "churn", "unchanged"):
         p = results[name]
         lines.append(f"| {name} ({'whole' if p['whole'] else 'changes only'}) | {p['summary']} | {p['seconds']:.2f} ({p['reconcile_seconds']:.2f}) | {p['round_trips']:,} | "
-                     f"{p['requests']:,} | {p['pipelines']:,} | {p['commands']:,} | {p['redis_cpu']:.2f} | "
+                     f"{p['requests']:,} | {p['pipelines']:,} | {p['commands']:,} | {p['redis_cpu']:.2f} | {p['child_cpu']:.2f} | "
                      f"{p['peak_rss_mb']:.0f} |")
     lines += ["", f"Redis bytes per task (nodes and capacities included): {results['bytes_per_task']:.0f}",
               f"stored: {results['stored_tasks']:,} tasks, {results['stored_nodes']:,} nodes"]

@@ -192,14 +192,14 @@ class Reconciler:
                               or self.client.get(self.keys.reconciled) != mark)
         self.client.delete(self.keys.reconciled)  # a pass cut short leaves none: the next one is whole
         touched = None
+        changed = [name for name, record in encoded.items() if stored.get(name) != record]  # new or changed
         if not whole:
-            changed = {name for name, record in encoded.items() if stored.get(name) != record}
             inner = self.inner
-            touched = under(changed, forest.nodes, lambda name: forest.nodes[name].parent,
+            touched = under(set(changed), forest.nodes, lambda name: forest.nodes[name].parent,
                             lambda name: forest.nodes[name].level not in inner)
         # Capacities before P:nodes: a pass cut short still finds the vanished nodes next time.
         self._capacities(forest, removed, done, touched)
-        self._store_nodes(forest, stored, encoded, removed, done)
+        self._store_nodes(forest, stored, [(name, encoded[name]) for name in changed], removed, done)
         self._add_tasks(forest, done, touched)
         if whole:
             self._remove_tasks(forest, now, done)
@@ -224,11 +224,11 @@ class Reconciler:
                      sorted(config.overrides.items()), sorted(config.families.items())))
         return hashlib.sha1(text.encode()).hexdigest()
 
-    def _store_nodes(self, forest: Forest, stored: dict[str, str], encoded: dict[str, str], removed: list[Node],
+    def _store_nodes(self, forest: Forest, stored: dict[str, str], fresh: list[tuple[str, str]], removed: list[Node],
                      done: Pass) -> None:
-        """P:nodes := the forest (``stored``: what it holds; ``encoded``: the
-        forest's records; ``removed``: the stored nodes not in it)."""
-        fresh = [(name, record) for name, record in encoded.items() if stored.get(name) != record]
+        """P:nodes := the forest (``stored``: what it holds; ``fresh``: the
+        records of the forest's nodes that are new or changed; ``removed``:
+        the stored nodes not in it)."""
         for start in range(0, len(fresh), self.batch):
             self.client.hset(self.keys.nodes, mapping=dict(fresh[start:start + self.batch]))
         done.nodes_added = [name for name, _ in fresh if name not in stored]
