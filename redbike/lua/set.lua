@@ -4,7 +4,7 @@
 -- ARGV: the common four, then jobid, schedule, the placement (7 values), queue
 --       channel, only_if ('1': leave an existing job untouched; 'S': leave it
 --       untouched if its schedule is this one; 'R': only if it failed (status
---       DIE: the retry command); '0': set it), needs ("resource=amount,...",
+--       DIE: the retry command); '0': set it), needs ("resource=amount,...", or one such per path joined by " ",
 --       '' to keep the stored needs, 'none' to drop them), misfire policy ('' to
 --       keep the job's), the default misfire policy (for a new job), retries
 --       ('' to keep the job's), the default retries, who set it (for the trail),
@@ -25,7 +25,18 @@ if failed then return failed end
 if only_if ~= '0' and only_if ~= '1' and only_if ~= 'S' and only_if ~= 'R' then
   return L.bad('only_if', only_if)
 end
-if needs ~= L.CLEAR_NEEDS and not L.is_amounts(needs, 1, L.MAX_AMOUNT) then return L.bad('needs', needs) end
+-- Needs: plain, or one needs text per alternative path (replicas:
+-- records.encode_alternatives), none empty, at most MAX_PATHS.
+local function is_needs(text)
+  if not string.find(text, L.ALTERNATIVES_SEP, 1, true) then return L.is_amounts(text, 1, L.MAX_AMOUNT) end
+  local count = 0
+  for path in string.gmatch(text .. L.ALTERNATIVES_SEP, '([^' .. L.ALTERNATIVES_SEP .. ']*)' .. L.ALTERNATIVES_SEP) do
+    if path == '' or not L.is_amounts(path, 1, L.MAX_AMOUNT) then return false end
+    count = count + 1
+  end
+  return count <= L.MAX_PATHS
+end
+if needs ~= L.CLEAR_NEEDS and not is_needs(needs) then return L.bad('needs', needs) end
 if misfire ~= '' and not L.is_misfire(misfire) then return L.bad('misfire policy', misfire) end
 if not L.is_misfire(default_misfire) then return L.bad('default misfire policy', default_misfire) end
 if retries ~= '' and not L.int_of(retries, 0, L.MAX_AMOUNT) then return L.bad('retries', retries) end
