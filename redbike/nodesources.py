@@ -75,7 +75,7 @@ class Fetcher(Protocol):
 def _attributes(text: str, where: str) -> dict[str, str]:
     """``k=v;k2=v2``; after ``replica_of=a``, a part without ``=`` is one more
     alternative parent (``replica_of=a;b``)."""
-    attributes = {}
+    attributes: dict[str, str] = {}
     key = ""
     for part in filter(None, (p.strip() for p in text.split(";"))):
         if "=" not in part and key == REPLICA_OF:
