@@ -172,7 +172,18 @@ def test_host_a_full_runs_on_host_b(env: Env, tmp_path: Path) -> None:
     assert run is not None and run.lease.jobid == D1
     assert fleet.holds(D1) == "dl@d1=1,hc@h2=1"  # the path through h2: h1 is full
     assert fleet.usage() == {"hc@h1": 1, "dl@f1": 1, "hc@h2": 1, "dl@d1": 1}
-    assert env.bike.tell(D1)["lease"]["holds"] == "dl@d1=1,hc@h2=1"
+    told = env.bike.tell(D1)
+    assert told["lease"]["holds"] == "dl@d1=1,hc@h2=1"
+    path = [{"level": "instance", "name": "instance"}, {"level": "host", "name": "h1"}, {"level": "db", "name": "d1"}]
+    other = [path[0], {"level": "host", "name": "h2"}, path[2]]
+    assert told["task"]["path"] == path and told["task"]["paths"] == [path, other]
+    assert told["task"]["path_taken"] == other
+    assert env.bike.explain(D1).lines()[-2] == ("task of scan on node d1, path instance > h1 (host) > d1 (db) "
+                                                "(or instance > h2 (host) > d1 (db)); "
+                                                "runs on path instance > h2 (host) > d1 (db)")
+    node = env.bike.node("d1")
+    assert node["alternative_parents"] == ["h2"] and node["parent"] == "h1"
+    assert env.bike.node("f1")["alternative_parents"] == []
     fleet.stop_all([run, *runs.values()])
     assert fleet.usage() == {}
 
@@ -194,6 +205,12 @@ def test_both_paths_full_parks_and_a_finish_on_either_wakes(env: Env, tmp_path: 
     lines = parked_lines(env.c.hget(env.keys.parking, D1))
     assert [p.resource for p in lines] == ["hc@h1", "hc@h2"]
     assert len({p.seq for p in lines}) == 1
+    assert env.bike.tell(D1)["waiting_for"] == "hc@h1 or hc@h2"
+    assert "path_taken" not in env.bike.tell(D1)["task"]
+    assert env.bike.explain(D1).lines()[-1] == (
+        "no path has room (2 paths; a release on any wakes it): "
+        "path 1 (via h1): waiting for hc@h1 (1st of 1 in line), which is full: 1/1 held by scan/h1/f1:A; "
+        "path 2 (via h2): waiting for hc@h2 (1st of 1 in line), which is full: 1/1 held by scan/h2/f2:A")
     # a finish on either host wakes d1 (in the same script), which takes that host's path
     woken = fleet.finish(runs.pop(FILLERS[ending]), then_claim=True)
     host = "hc@h" + ending[1]
@@ -202,4 +219,41 @@ def test_both_paths_full_parks_and_a_finish_on_either_wakes(env: Env, tmp_path: 
     assert env.c.zcard(env.keys.parked) == 0 and env.c.hget(env.keys.parking, D1) is None
     assert {r: v for r, v in fleet.usage().items() if r.startswith("hc@")} == {"hc@h1": 1, "hc@h2": 1}
     fleet.stop_all([woken, *runs.values()])
+    assert fleet.usage() == {}
+
+
+def test_unset_takes_a_task_out_of_every_line(env: Env, tmp_path: Path) -> None:
+    fleet = Fleet(env, tmp_path)
+    runs = fleet.start()
+    assert fleet.claim_all() == {}
+    assert len(env.c.zrange(env.keys.parked, 0, -1)) == 2
+    env.bike.unset(D1)
+    assert env.c.zrange(env.keys.parked, 0, -1) == [] and env.c.hget(env.keys.parking, D1) is None
+    fleet.stop_all(list(runs.values()))
+    assert fleet.usage() == {}
+
+
+def test_a_pass_of_the_changes_follows_an_alternative_parent(env: Env, tmp_path: Path) -> None:
+    fleet = Fleet(env, tmp_path, fillers=())
+    fleet.start()
+    h1 = Node("host", "h1", source="fleet")
+    d1 = Node("db", "d1", "h1", {"replica_of": "h2"}, source="fleet")
+    done = fleet.reconciler.reconcile([h1, d1])  # h2 vanished: d1 keeps one path
+    assert not done.whole and done.changed == [D1]
+    assert done.dropped == ["db d1: its alternative parent 'h2' is not a node; left out"]
+    assert env.bike.tell(D1)["needs"] == "dl@d1=1,hc@h1=1"
+    done = fleet.reconciler.reconcile([h1, Node("host", "h2", source="fleet"), d1])  # back: two paths again
+    assert not done.whole and done.changed == [D1]
+    assert env.bike.tell(D1)["needs"] == "dl@d1=1,hc@h1=1 dl@d1=1,hc@h2=1"
+
+
+def test_a_capacity_raised_on_one_path_wakes_the_task_out_of_both_lines(env: Env, tmp_path: Path) -> None:
+    fleet = Fleet(env, tmp_path)
+    runs = fleet.start()
+    assert fleet.claim_all() == {}
+    env.bike.set_capacities([("hc@h1", None)])  # h1 unlimited: the task is woken and takes h1
+    run = fleet.claim()
+    assert run is not None and run.lease.jobid == D1 and fleet.holds(D1) == "dl@d1=1,hc@h1=1"
+    assert env.c.zrange(env.keys.parked, 0, -1) == []
+    fleet.stop_all([run, *runs.values()])
     assert fleet.usage() == {}
