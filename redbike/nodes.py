@@ -8,6 +8,8 @@ of a top level. A task is one job family run on one node; its id is the
 family, the names on the node's path below the instance, and the family's
 queue: ``scan/db-host-17/db3:batch``. A per-node resource is a level's
 resource name and the node's name: ``host_concurrency@db-host-17``.
+A node may name alternative parents (replicas: ``replica_of``), giving it
+one path to the root per parent (Forest.paths).
 """
 
 from __future__ import annotations

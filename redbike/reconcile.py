@@ -11,7 +11,10 @@ Given the nodes of every source (nodesources.NodeLoader), one pass
    family changed (schedule, needs on its path, policy), with the family's
    schedule, needing the family's per-level amounts on its node and every
    ancestor: ``scan/db-host-17/db3:batch`` needs ``host_concurrency@db-host-17``
-   and ``db_lock@db3``. New tasks are set in pipelined batches;
+   and ``db_lock@db3``. A node with alternative parents (``replica_of``)
+   gives its tasks one needs set per path to the root, the primary first
+   (records.encode_alternatives: the claim takes the first with room).
+   New tasks are set in pipelined batches;
 4. removes the tasks no family and node want any more: unset at once; a
    running one (its run completes, and it does not start again) is also
    recorded in ``P:orphans`` with the time its node vanished, and forgotten
@@ -181,7 +184,7 @@ class Reconciler:
         forest = Forest(nodes, self.config.parent_level)
         done.dropped = forest.dropped
         for why in forest.dropped:
-            log.warning("node left out: %s", why)
+            log.warning("left out: %s", why)  # a node, or an alternative parent of one
         stored = self.read_nodes if self.read_nodes is not None else dict(
             self.client.hscan_iter(self.keys.nodes, count=1000))
         self.read_nodes = None
