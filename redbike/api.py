@@ -194,7 +194,9 @@ class Redbike:
         ran once, and is left as it is).
 
         Needs given (``needs``, else the worker's needs() hook) replace the stored
-        ones; none given keeps them; ``needs="none"`` drops them.
+        ones; none given keeps them; ``needs="none"`` drops them. A list of
+        needs (at most MAX_PATHS) gives the job alternative paths (replicas):
+        a claim takes the first whose needs all have room.
 
         ``misfire`` (once, skip, all, all:N; ``grace``: seconds late an
         occurrence may still run under skip) and ``retries`` (runs after

@@ -257,3 +257,12 @@ def test_a_capacity_raised_on_one_path_wakes_the_task_out_of_both_lines(env: Env
     assert env.c.zrange(env.keys.parked, 0, -1) == []
     fleet.stop_all([run, *runs.values()])
     assert fleet.usage() == {}
+
+
+def test_set_by_hand_with_alternatives(env: Env) -> None:
+    env.bike.set_capacities([("a", 0), ("b", 1)])
+    env.bike.set("j:A", "NOW", needs=[{"a": 1}, {"b": 1}])
+    run = env.claim()
+    assert run is not None and decode_lease(env.c.hget(env.keys.leases, "j:A")).needs == "b=1"
+    with pytest.raises(ValueError, match="alternative paths"):
+        env.bike.set("k:A", "NOW", needs=[])
