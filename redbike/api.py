@@ -8,7 +8,6 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any, cast
 
 import redis
@@ -56,6 +55,8 @@ if TYPE_CHECKING:
 from .jobinput import (
     KEEP,
     NOTHING_STORED,
+    SET_CHUNK,
+    Queued,
     Stored,
     check_retries,
     parse_retries,
@@ -132,23 +133,32 @@ class Redbike:
         return check_queue(self.worker.queue_for(check_jobid(jobid)))
 
     def _place(self, jobid: str, schedule: str, placement: Placement, only_if_new: str, needs: str = "",
-               policy: tuple[str, str] = ("", ""), stored: Stored = NOTHING_STORED, *,
-               now: float | None = None, by: str | None = None, client: Any = None, data: str = KEEP_DATA) -> str:
-        """Run set.lua. ``only_if_new``: '1' leaves an existing job as it is,
+               policy: tuple[str, str] = ("", ""), stored: Stored = NOTHING_STORED, *, data: str = KEEP_DATA) -> str:
+        """Run set.lua for one job. ``only_if_new``: '1' leaves an existing job as it is,
         'S' one whose schedule is ``schedule``, 'R' one that did not fail
         (status DIE), '0' sets it whatever it has. ``policy``: its misfire
         policy and retries ('' keeps the job's; a new job gets the defaults).
         ``stored``: what the job had (_stored), for the occurrences it cancels.
-        ``now``, ``by`` (who()) and ``client`` (a pipeline): given by set_alike.
         ``data``: the payload as stored (records.encode_data), KEEP_DATA or DROP_DATA."""
-        queue = self._queue_of(jobid)
-        now = self.clock() if now is None else now
-        return self.scripts.run(  # type: ignore[no-any-return]  # a pipeline's call returns it, not the reply
+        now = self.clock()
+        reply = self._set_jobs(self._queue_of(jobid), schedule, placement, only_if_new, policy,
+                               [(jobid, needs, *stored.unrun(now), data)], now=now, by=who())
+        if not isinstance(reply, list):  # queued on the pipeline this Redbike was made with: its reply is [result]
+            return reply  # type: ignore[no-any-return]
+        return reply[0]  # type: ignore[no-any-return]
+
+    def _set_jobs(self, queue: str, schedule: str, placement: Placement, only_if_new: str, policy: tuple[str, str],
+                  jobs: list[tuple[str, str, str, str, str]], *, now: float, by: str, client: Any = None) -> Any:
+        """One set.lua call for ``jobs`` of ``queue`` ((jobid, needs, the
+        occurrence it is placed for, occurrences missed since, payload) each),
+        which share the rest: a list of their results (or, on ``client``, a
+        pipeline, the call queued)."""
+        return self.scripts.run(
             "set",
             now,
             [self.keys.queue(queue)],
-            [jobid, schedule, *placement.script_args(), self.keys.queue_channel(queue), only_if_new, needs,
-             policy[0], self.misfire, policy[1], str(self.retries), by or who(), *stored.unrun(now), data],
+            [schedule, *placement.script_args(), self.keys.queue_channel(queue), only_if_new,
+             policy[0], self.misfire, policy[1], str(self.retries), by, *(value for job in jobs for value in job)],
             client=client,
         )
 
@@ -254,19 +264,26 @@ class Redbike:
         return errors
 
     def set_alike(self, jobs: Iterable[tuple[str, Needs] | tuple[str, Needs, Any]], schedule: str, *,
-                  misfire: str | None = None, retries: int | None = None, after: float | None = None,
-                  client: Any = None) -> dict[str, Any]:
+                  misfire: str | None = None, retries: int | None = None, after: float | None = None) -> dict[str, Any]:
         """Set new jobs that share a schedule and policy, each with its own
-        needs and optionally its payload ((jobid, needs, data)), in one round trip: set.lua for each, pipelined, as set() runs
-        it for a job with nothing stored (what a job has is not read: set an
-        existing one with set(), whose cancelled occurrences count). The
-        schedule is parsed and the first run placed once for all. Returns
-        each job's result ('PLACED', ...), or the error its script answered
-        or its job id, needs or payload failed (that one is not sent). A bad
-        schedule or policy raises before anything is sent. ``client``: a
-        pipeline (e.g. a MULTI) to queue the scripts on instead; it is not
-        executed here, and the results are then the job ids sent (True) or
-        the errors of those not sent."""
+        needs and optionally its payload ((jobid, needs, data)), in one round
+        trip: queue_alike on a pipeline of its own. Returns each job's result
+        ('PLACED', ...), or the error its script answered or its job id, needs
+        or payload failed (that one is not sent)."""
+        with self.client.pipeline(transaction=False) as pipe:
+            queued = self.queue_alike(pipe, jobs, schedule, misfire=misfire, retries=retries, after=after)
+            return {**queued.refused, **queued.results(pipe.execute(raise_on_error=False))}
+
+    def queue_alike(self, pipe: Any, jobs: Iterable[tuple[str, Needs] | tuple[str, Needs, Any]], schedule: str, *,
+                    misfire: str | None = None, retries: int | None = None, after: float | None = None) -> Queued:
+        """Queue on ``pipe`` (a pipeline, e.g. a MULTI; not executed here)
+        what sets new jobs as set_alike says: set.lua, as set() runs it for a
+        job with nothing stored (what a job has is not read: set an existing
+        one with set(), whose cancelled occurrences count), for up to
+        SET_CHUNK jobs of a queue per call. The schedule is parsed and the
+        first run placed once for all. A bad schedule or policy raises before
+        anything is queued. Returns the jobs refused before sending and the
+        calls queued (Queued.results reads their replies)."""
         parsed = parse_schedule(schedule)
         if misfire is not None:
             misfire = misfire_text(misfire.strip().lower(), None)
@@ -276,22 +293,21 @@ class Redbike:
         start = self._after(after, now)
         placement = place_on_set(parsed, start, now, misfire or self.misfire)
         only_if_new = "S" if parsed.kind == "AT" and parsed.first_after(start) is None else "0"
-        policy, by = (misfire or "", "" if retries is None else str(retries)), who()
-        results: dict[str, Any] = {}
-        sent = []
-        with self.client.pipeline(transaction=False) if client is None else nullcontext(client) as pipe:
-            for jobid, needs, *data in jobs:
-                try:
-                    self._place(jobid, parsed.text, placement, only_if_new, self._needs_arg(jobid, needs), policy,
-                                now=now, by=by, client=pipe, data=self._data_arg(data[0] if data else KEEP))
-                except (JobIdError, ResourceError, DataError) as exc:
-                    results[jobid] = exc
-                    continue
-                sent.append(jobid)
-            if client is not None:
-                return {**results, **dict.fromkeys(sent, True)}
-            results.update(zip(sent, pipe.execute(raise_on_error=False), strict=True))
-        return results
+        policy, by, unrun = (misfire or "", "" if retries is None else str(retries)), who(), NOTHING_STORED.unrun(now)
+        queued = Queued()
+        by_queue: dict[str, list[tuple[str, str, str, str, str]]] = {}
+        for jobid, needs, *data in jobs:
+            try:
+                job = (jobid, self._needs_arg(jobid, needs), *unrun, self._data_arg(data[0] if data else KEEP))
+                by_queue.setdefault(self._queue_of(jobid), []).append(job)
+            except (JobIdError, ResourceError, DataError) as exc:
+                queued.refused[jobid] = exc
+        for queue, values in by_queue.items():
+            for first in range(0, len(values), SET_CHUNK):
+                chunk = values[first:first + SET_CHUNK]
+                self._set_jobs(queue, parsed.text, placement, only_if_new, policy, chunk, now=now, by=by, client=pipe)
+                queued.calls.append([jobid for jobid, *_ in chunk])
+        return queued
 
     def retry(self, jobids: Iterable[str] = (), status: str | None = None) -> dict[str, str]:
         """Put failed jobs (status DIE) back at once, for the occurrence that
@@ -363,13 +379,15 @@ class Redbike:
         completes, then is removed)."""
         queue = self._queue_of(jobid)
         now = self.clock()
-        return int(self.scripts.run("unset", now, [self.keys.queue(queue)],
-                                    [jobid, who(), *self._stored(jobid).unrun(now)]))
+        [result] = self.scripts.run("unset", now, [self.keys.queue(queue)],
+                                    [who(), jobid, *self._stored(jobid).unrun(now)])
+        return int(result)
 
     def unset_many(self, jobids: Iterable[str]) -> dict[str, int | Exception]:
         """unset() many jobs in two round trips (what each has, read in one
-        pipeline; unset.lua for each, in another): each one's result, or the
-        error its script answered. Bad job ids raise before anything is read."""
+        pipeline; unset.lua for up to SET_CHUNK jobs of a queue per call, in
+        another): each one's result, or the error its call answered. Bad job
+        ids raise before anything is read."""
         queues = {jobid: self._queue_of(jobid) for jobid in jobids}
         if not queues:
             return {}
@@ -379,12 +397,19 @@ class Redbike:
                 pipe.hget(self.keys.jobs, jobid)
             read = pipe.execute()
         now, by = self.clock(), who()
+        by_queue: dict[str, list[tuple[str, str, str]]] = {}
+        memo: dict[tuple[str, float], str] = {}
+        for i, (jobid, queue) in enumerate(queues.items()):
+            by_queue.setdefault(queue, []).append((jobid, *Stored.of(*read[2 * i:2 * i + 2]).unrun(now, memo)))
+        queued = Queued()
         with self.client.pipeline(transaction=False) as pipe:
-            for i, (jobid, queue) in enumerate(queues.items()):
-                stored = Stored.of(*read[2 * i:2 * i + 2])
-                self.scripts.run("unset", now, [self.keys.queue(queue)], [jobid, by, *stored.unrun(now)], client=pipe)
-            results = pipe.execute(raise_on_error=False)
-        return dict(zip(queues, results, strict=True))
+            for queue, jobs in by_queue.items():
+                for first in range(0, len(jobs), SET_CHUNK):
+                    chunk = jobs[first:first + SET_CHUNK]
+                    self.scripts.run("unset", now, [self.keys.queue(queue)],
+                                     [by, *(value for job in chunk for value in job)], client=pipe)
+                    queued.calls.append([jobid for jobid, *_ in chunk])
+            return queued.results(pipe.execute(raise_on_error=False))
 
     def tell(self, jobid: str) -> dict[str, Any] | None:
         """Everything known about a job (a task of the node model also gets

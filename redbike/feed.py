@@ -62,6 +62,7 @@ from .feeditems import (
     one_line,
 )
 from .feedview import FEED_FIELDS, Progress, feeds
+from .jobinput import Queued
 from .lease import KeyLease
 from .names import check_feed_name
 
@@ -185,15 +186,15 @@ class Feeder:
     def commit(self, batch: list[Fed], exhausted: bool) -> None:
         """Put ``batch`` in with the checkpoint after it, in one fenced transaction."""
         first = self.counts.fed
-        sent: list[str] = []
+        queued = Queued()
         now = self.bike.clock()
 
         def act(pipe: Any) -> None:
-            queued = self.bike.set_alike(((fed.jobid, None, fed.data) for fed in batch), "NOW", client=pipe)
-            refused = [(jobid, error) for jobid, error in queued.items() if error is not True]
-            if refused:  # every item was checked (check_item): not expected
-                raise SourceFailed(f"feed {self.name}: {refused[0][0]} refused: {refused[0][1]}")
-            sent.extend(queued)
+            nonlocal queued
+            queued = self.bike.queue_alike(pipe, ((fed.jobid, None, fed.data) for fed in batch), "NOW")
+            if queued.refused:  # every item was checked (check_item): not expected
+                jobid, error = next(iter(queued.refused.items()))
+                raise SourceFailed(f"feed {self.name}: {jobid} refused: {error}")
             if batch:
                 pipe.zadd(self.jobs_key, {fed.jobid: first + i for i, fed in enumerate(batch)})
                 pipe.hset(self.key, "cursor", json.dumps(batch[-1].cursor, separators=(",", ":")))
@@ -202,7 +203,7 @@ class Feeder:
             pipe.sadd(self.bike.keys.feeds, self.name)
 
         replies = self.fenced(act)
-        errors = [(jobid, reply) for jobid, reply in zip(sent, replies, strict=False) if isinstance(reply, Exception)]
+        errors = [(jobid, reply) for jobid, reply in queued.results(replies).items() if isinstance(reply, Exception)]
         if errors:
             jobid, error = errors[0]
             raise SourceFailed(f"feed {self.name}: {len(errors)} job(s) refused, the first {jobid}: {error}")

@@ -110,7 +110,7 @@ class HttpFeeder:
 
     def _write(self, pipe: Any, new: list[tuple[str, str, Any]], gone: dict[str, str]) -> None:
         if new:
-            self.bike.set_alike([(jobid, None, data) for _, jobid, data in new], "NOW", client=pipe)
+            self.bike.queue_alike(pipe, [(jobid, None, data) for _, jobid, data in new], "NOW")
             pipe.hset(self.seen_key, mapping={name: jobid for name, jobid, _ in new})
         if gone:
             pipe.hdel(self.seen_key, *gone)

@@ -1,13 +1,14 @@
 """What a job is set with, read and checked for api.py: the state a set or
 unset replaces (Stored), a schedules CSV file's rows, retries, and who is
-setting (for the trail)."""
+setting (for the trail), and what set_alike queued (Queued)."""
 
 from __future__ import annotations
 
 import getpass
 import os
 import socket
-from typing import NamedTuple
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 from .csvfile import read_rows
 from .names import whole_number
@@ -16,6 +17,32 @@ from .records import RecordError, decode_job, decode_pending, encode_time
 from .schedules import ScheduleError, parse_schedule
 
 KEEP = object()  # set()'s data when none is given: the job keeps its payload
+# Jobs per set.lua call of set_alike: enough that the call's own cost is
+# spread thin, few enough that Redis, busy with one call, answers others
+# within a few milliseconds.
+SET_CHUNK = 100
+
+
+@dataclass
+class Queued:
+    """What Redbike.queue_alike queued on a pipeline: the jobs refused before
+    sending (their errors), and the ids of each set.lua call's jobs, one
+    list per call, in the order queued."""
+
+    refused: dict[str, Exception] = field(default_factory=dict)
+    calls: list[list[str]] = field(default_factory=list)
+
+    def results(self, replies: list[Any]) -> dict[str, Any]:
+        """Each sent job's result ('PLACED', ... or the error its call or its
+        own values got) from the replies of the pipeline, whose first ones are
+        the calls' (each a list, a result per job; or the call's error)."""
+        results: dict[str, Any] = {}
+        for jobids, reply in zip(self.calls, replies, strict=False):
+            if isinstance(reply, Exception):
+                results.update(dict.fromkeys(jobids, reply))
+            else:
+                results.update(zip(jobids, reply, strict=True))
+        return results
 
 
 class Stored(NamedTuple):
@@ -41,22 +68,28 @@ class Stored(NamedTuple):
         except RecordError:
             return default
 
-    def unrun(self, now: float) -> tuple[str, str]:
+    def unrun(self, now: float, memo: dict[tuple[str, float], str] | None = None) -> tuple[str, str]:
         """The occurrence the job is placed for (the one set while it runs,
         if any), and how many of its schedule's occurrences fell due after it
         until ``now``: a set or unset that replaces it cancels them (set.lua
-        and unset.lua check that it is still the job's)."""
+        and unset.lua check that it is still the job's). ``memo``: the counts
+        of earlier calls with the same ``now``, by schedule and occurrence
+        (the tasks of a family share both)."""
         try:
             due = decode_job(self.record).due
             if self.pending is not None:
                 placed = decode_pending(self.pending)[3]
                 due = float(placed) if placed else None
-            parsed = parse_schedule(self.schedule) if self.schedule else None
+            if due is None or not self.schedule:
+                return "", "0"
+            if memo is not None and (self.schedule, due) in memo:
+                return encode_time(due), memo[self.schedule, due]
+            missed = str(count_after(parse_schedule(self.schedule), due, now))
         except (RecordError, ScheduleError, ValueError):
             return "", "0"
-        if due is None or parsed is None:
-            return "", "0"
-        return encode_time(due), str(count_after(parsed, due, now))
+        if memo is not None:
+            memo[self.schedule, due] = missed
+        return encode_time(due), missed
 
 
 NOTHING_STORED = Stored(None, None, None)

@@ -18,6 +18,7 @@ import json
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 from .names import CONTROL
 from .records import MAX_PATHS
@@ -33,6 +34,11 @@ _REPLICA_SEP = re.compile(r"[;\s]+")
 # Node names go into job ids (split on "/" and the last ":"), resource names
 # (no whitespace, "|", ",", "="; split on "@") and stored records ("|").
 _NODE_NAME = re.compile(r"[^\s|,=/:@]+")
+# A node name with none of names.CONTROL in it either: what check_node_name accepts.
+NODE_NAME_TEXT = r"[^\s|,=/:@\x00-\x1f\x7f-\x9f]+"
+
+
+NO_ATTRIBUTES: Mapping[str, str] = MappingProxyType({})  # most nodes have none: one shared, not a dict each
 
 
 class NodeError(ValueError):
@@ -45,14 +51,17 @@ def check_node_name(name: object, what: str = "node name") -> str:
     return name
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Node:
-    """One node: its level, name, parent (``instance`` for a top level's) and attributes."""
+    """One node: its level, name, parent (``instance`` for a top level's) and
+    attributes. Never changed once made (not frozen only because a frozen
+    dataclass takes four times as long to make, and a pass makes a few for
+    each of 100,000 nodes)."""
 
     level: str
     name: str
     parent: str = INSTANCE
-    attributes: Mapping[str, str] = field(default_factory=dict)
+    attributes: Mapping[str, str] = field(default_factory=lambda: NO_ATTRIBUTES)
     source: str = ""  # the source that gave it
 
     def encode(self) -> str:
@@ -63,7 +72,7 @@ class Node:
     @classmethod
     def decode(cls, name: str, record: str) -> Node:
         level, parent, source, attributes = record.split("|", 3)
-        return cls(level, name, parent, json.loads(attributes) if attributes != "{}" else {}, source)
+        return cls(level, name, parent, json.loads(attributes) if attributes != "{}" else NO_ATTRIBUTES, source)
 
     @property
     def replica_of(self) -> list[str]:

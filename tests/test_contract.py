@@ -182,7 +182,7 @@ def own_arguments(name: str) -> tuple[int, str]:
     return sum(records.PLACEMENT_VALUES if word == "the placement" else 1 for word in words), rest or fixed
 
 
-GROUPS = {"pairs": 2, "triples": 3, "per lease 12 values": 12, "per job 10 values": 10, "per run 11 values": 11}
+GROUPS = {"per job 5 values": 5, "per job 3 values": 3, "pairs": 2, "triples": 3, "per lease 12 values": 12, "per job 10 values": 10, "per run 11 values": 11}
 
 
 def text_of(name: str) -> str:
@@ -422,8 +422,8 @@ def test_alternative_needs_and_lines_are_read_as_written(client: redis.Redis, pr
     for bad in (" ".join(["a=1"] * (records.MAX_PATHS + 1)), "a=1  b=1", "a=1 b=x"):
         with pytest.raises(redis.ResponseError, match="bad needs"):
             env.bike.scripts.run("set", NOW, [env.keys.queue("A")],
-                                 ["alt:A", "STOP", *FORGET.script_args(), env.keys.queue_channel("A"), "0", bad,
-                                  "", "once", "", "0", "me", "", "0", ""])
+                                 ["STOP", *FORGET.script_args(), env.keys.queue_channel("A"), "0",
+                                  "", "once", "", "0", "me", "alt:A", bad, "", "0", ""])
     client.delete(Keys("contract").parked)
     parking = lua(client, "park_lines('j|x:A', {'hc@h1', 'hc@h2'}, 'A', nil) return redis.call('HGET', L.PARKING, 'j|x:A')")
     lines = records.parked_lines(parking)

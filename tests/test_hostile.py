@@ -83,9 +83,9 @@ class Stage:
         queue = [keys.queue("A")]
         claim = ["tok2", "w2", "", "", "A", "10", "10"]
         self.calls: dict[str, tuple[list[str], list[str]]] = {
-            "set": (queue, ["n:A", "NOW", *Placement("Q", "ENQ", due=NOW, attempt=1).script_args(), channel, "0",
-                            "r=1", "skip:30", "once", "2", "0", "me@here", "", "0", "{\"k\":1}"]),
-            "unset": (queue, ["q2:A", "me@here", repr(NOW), "2"]),
+            "set": (queue, ["NOW", *Placement("Q", "ENQ", due=NOW, attempt=1).script_args(), channel, "0",
+                            "skip:30", "once", "2", "0", "me@here", "n:A", "r=1", "", "0", "{\"k\":1}"]),
+            "unset": (queue, ["me@here", "q2:A", repr(NOW), "2"]),
             "claim": (queue, claim),
             "finish": (queue + queue, ["run:A", token, *Placement("S", "END").script_args(), "", channel, "0",
                                        "A|done|3|2\nA|ms|40", *claim]),
@@ -158,7 +158,7 @@ def test_hostile_arguments_that_broke_scripts_half_way_are_refused(stage: Stage)
     # set: needs too large for HINCRBY, or unreadable
     for needs in ("r=100000000000000000", "r=200000000000000", f"r={MAX_AMOUNT + 1}", "r=x", "a|b=1"):
         set_args = stage.calls["set"][1]
-        assert stage.check("set", common + set_args[:11] + [needs] + set_args[12:])
+        assert stage.check("set", common + set_args[:16] + [needs] + set_args[17:])
     assert stage.check("capacity", [*common, "r", str(MAX_CAPACITY + 1)])
     assert stage.check("capacity", [*common, "a|b", "1"])
     # renew: a bad deadline after good ones was applied half-way

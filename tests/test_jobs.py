@@ -24,12 +24,14 @@ from redbike.cli import main
 from redbike.csvfile import CsvError
 from redbike.dispatcher import RENEW_SECONDS, STANDBY_SECONDS, Dispatcher
 from redbike.events import Subscriber
+from redbike.jobinput import SET_CHUNK
 from redbike.occurrences import Retry
 from redbike.records import JobRecord, decode_job, decode_pending, trail_of
 from redbike.roundrobin import Lease
 from redbike.schedules import parse_schedule
 from redbike.scripts import subscribe
 from redbike.states import (
+    ENQ,
     FORGET,
     QUEUE,
     STOPPED,
@@ -1199,3 +1201,50 @@ def test_unreadable_schedules_csv(tmp_path: Path) -> None:
     path.write_bytes(b"a:A,\xff\n")
     with pytest.raises(CsvError, match="cannot read"):
         read_schedules_csv(str(path))
+
+
+def test_set_alike_sets_as_set_does_one_by_one_in_calls_of_many(real: Env, client: redis.Redis, prefix: str) -> None:
+    """set_alike sends set.lua calls of up to SET_CHUNK jobs of one queue;
+    what they store is what set() stores for each job in turn, in the same
+    order in each queue, and each job gets its own result."""
+    alone = Env(client, prefix + "-alone")
+    jobs = [(f"j{i}:{'AB'[i % 3 == 0]}", {"r": 1 + i % 2} if i % 5 == 0 else None, {"i": i} if i % 7 == 0 else None)
+            for i in range(2 * SET_CHUNK + 7)]
+    results = real.bike.set_alike([*jobs, ("bad|id:A", None)], "NOW", retries=2)
+    assert isinstance(results.pop("bad|id:A"), JobIdError)
+    assert results == dict.fromkeys((jobid for jobid, *_ in jobs), "PLACED")
+    for jobid, needs, data in jobs:
+        alone.bike.set(jobid, "NOW", needs=needs, retries=2, **({"data": data} if data is not None else {}))
+    assert real.snapshot("A", "B") == alone.snapshot("A", "B")
+    assert len(real.queue("A")) > SET_CHUNK and real.queue("B")
+    assert client.hgetall(real.keys.jobs) == client.hgetall(alone.keys.jobs)  # records and trails
+    assert client.hgetall(real.keys.data) == client.hgetall(alone.keys.data)
+
+
+def test_a_bad_value_of_any_job_refuses_the_whole_set_call(real: Env) -> None:
+    good = ("g:A", "", "", "0", "")
+    for bad in [("b:A", "r=x", "", "0", ""), ("b|x:A", "", "", "0", ""), ("b:A", "", "soon", "0", "")]:
+        with pytest.raises(redis.ResponseError, match="BADARG"):
+            real.bike._set_jobs("A", "NOW", Placement("Q", ENQ, due=NOW, attempt=1), "0", ("", ""), [good, bad],
+                                now=NOW, by="me")
+    assert real.c.keys(real.keys.prefix + ":*") == []
+
+
+def test_unset_many_unsets_as_unset_does_one_by_one_in_calls_of_many(real: Env, client: redis.Redis,
+                                                                    prefix: str) -> None:
+    """unset_many sends unset.lua calls of up to SET_CHUNK jobs of one queue:
+    what it leaves is what unset() leaves for each job in turn, and each job
+    gets its own result (a running one 2, an unknown one 0)."""
+    alone = Env(client, prefix + "-alone")
+    ids = [f"j{i}:{'AB'[i % 3 == 0]}" for i in range(2 * SET_CHUNK + 7)]
+    for env in (real, alone):
+        env.bike.set("run:A", "NOW")
+        assert env.claim() is not None and list(env.leases()) == ["run:A"]
+        env.bike.set_alike([(jobid, None) for jobid in ids[:SET_CHUNK]], "NOW")
+        env.bike.set_alike([(jobid, None) for jobid in ids[SET_CHUNK:]], "*/5 * * * *")
+    results = real.bike.unset_many([*ids, "run:A", "nothing:A"])
+    assert results == {**dict.fromkeys(ids, 1), "run:A": 2, "nothing:A": 0}
+    assert [alone.bike.unset(jobid) for jobid in [*ids, "run:A", "nothing:A"]] == list(results.values())
+    assert real.leases().keys() == alone.leases().keys() == {"run:A"}  # each with a token of its own
+    assert {**real.snapshot("A", "B"), "leases": {}} == {**alone.snapshot("A", "B"), "leases": {}}
+    assert client.hgetall(real.keys.jobs) == client.hgetall(alone.keys.jobs)  # records and trails

@@ -3,6 +3,8 @@ source, the last good list, the guard, one failing source among others."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import stat
@@ -11,6 +13,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from redbike.nodeconfig import NodeConfig, SourceSpec
 from redbike.nodes import INSTANCE, Node
@@ -21,6 +25,7 @@ from redbike.nodesources import (
     ScriptFetcher,
     SourceError,
     TimeFetcher,
+    _parse_rows,
     node_source,
     parse_csv,
     parse_objects,
@@ -184,3 +189,35 @@ def test_a_source_that_cannot_be_made_is_an_error_not_a_crash(tmp_path: Path) ->
                                SourceSpec("fleet", "file", str(fleet))))
     assert loader.poll(0.0) == ["fleet"]
     assert "not a function marked" in loader.errors()["plugin"]
+
+
+def read_by_csv_module(text: str) -> list[Node] | str:
+    """What parse_csv gives, the way it read every row before its fast path: the nodes, or the error."""
+    try:
+        return _parse_rows(csv.reader(io.StringIO(text)), "f")
+    except SourceError as exc:
+        return str(exc)
+
+
+def read_fast(text: str) -> list[Node] | str:
+    try:
+        return parse_csv(text, "f")
+    except SourceError as exc:
+        return str(exc)
+
+
+ROW_PARTS = st.sampled_from(["db", "host", "d1", "h-1", "#", ",", " ", "\n", "\r", '"', "=", "k=v", ";", "|", "\x01",
+                             "\u2028", "é", "/", "@", ":"])
+
+
+@given(st.lists(ROW_PARTS, max_size=40).map("".join))
+@settings(max_examples=400, deadline=None)
+def test_plain_rows_are_read_as_the_csv_module_reads_them(text: str) -> None:
+    assert read_fast(text) == read_by_csv_module(text)
+
+
+def test_plain_rows_are_read_fast_and_the_others_as_before() -> None:
+    text = "host,h1,\n#db,x,h1\ndb,d1,h1\n\ndb, d2 ,h1,shard=3\nhost,h2\n"
+    assert parse_csv(text, "f") == [Node("host", "h1"), Node("db", "d1", "h1"), Node("db", "d2", "h1", {"shard": "3"}),
+                                    Node("host", "h2")]
+    assert "f:1: bad node name" in read_fast("db,d\u20281,h1")  # a line separator is no line end in a CSV file
