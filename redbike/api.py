@@ -24,10 +24,12 @@ from .records import (
     DEFAULT_MAX_DATA_BYTES,
     DROP_DATA,
     KEEP_DATA,
+    MAX_PATHS,
     DataError,
     check_misfire,
     decode_data,
     decode_job,
+    encode_alternatives,
     encode_data,
     parse_data,
 )
@@ -64,7 +66,7 @@ from .jobinput import (
 
 log = logging.getLogger(__name__)
 
-Needs = Mapping[str, int] | str | None
+Needs = Mapping[str, int] | str | list[dict[str, int]] | None  # a list: one per alternative path
 TIMEFILE_AHEAD = 5.0  # seconds a timefile may be ahead of the clock before that is suspicious
 
 
@@ -170,7 +172,7 @@ class Redbike:
             pipe.hget(self.keys.jobs, jobid)
             return Stored.of(*pipe.execute())
 
-    def needs_of(self, jobid: str, needs: Needs = None) -> dict[str, int]:
+    def needs_of(self, jobid: str, needs: Mapping[str, int] | str | None = None) -> dict[str, int]:
         """What a job needs: the worker's needs(jobid) hook, overridden per
         resource by ``needs`` ({"host:a": 1} or "host:a,db:b=2")."""
         merged = amounts_of(self.worker.needs(jobid))
@@ -182,6 +184,10 @@ class Redbike:
         CLEAR_NEEDS drops them."""
         if isinstance(needs, str) and needs.strip().lower() == CLEAR_NEEDS:
             return CLEAR_NEEDS
+        if isinstance(needs, list):  # alternative paths (replicas): the claim takes the first with room
+            if not 1 <= len(needs) <= MAX_PATHS:
+                raise ResourceError(f"bad needs: {len(needs)} alternative paths (1 to {MAX_PATHS})")
+            return encode_alternatives([self.needs_of(jobid, path) for path in needs])
         return format_amounts(self.needs_of(jobid, needs))
 
     def _data_arg(self, data: object) -> str:
@@ -198,7 +204,9 @@ class Redbike:
         ran once, and is left as it is).
 
         Needs given (``needs``, else the worker's needs() hook) replace the stored
-        ones; none given keeps them; ``needs="none"`` drops them.
+        ones; none given keeps them; ``needs="none"`` drops them. A list of
+        needs (at most MAX_PATHS) gives the job alternative paths (replicas):
+        a claim takes the first whose needs all have room.
 
         ``misfire`` (once, skip, all, all:N; ``grace``: seconds late an
         occurrence may still run under skip) and ``retries`` (runs after
@@ -505,7 +513,7 @@ class Redbike:
         if nodes is not None:
             beside.join(timeout=30)
 
-    def work(self, concurrency: int = 1, resources: Needs = None) -> None:
+    def work(self, concurrency: int = 1, resources: Mapping[str, int] | str | None = None) -> None:
         """Work jobs from the worker's queues until HALT or a signal.
         ``resources``: this pool's worker-local capacities ("cpu_cores=16")."""
         WorkerPool(

@@ -22,18 +22,20 @@ from .nodes import INSTANCE
 from .nodeview import task_of
 from .occurrences import Retry
 from .records import (
+    LINES_SEP,
     LeaseRecord,
     Parked,
     RecordError,
     SetAside,
     TrailEvent,
+    decode_alternatives,
     decode_job,
     decode_lease,
-    decode_needs,
     decode_parking,
     decode_status,
     decode_trail_event,
     encode_parked,
+    parked_lines,
     trail_of,
 )
 from .report import SCAN_COUNT, JobState, job_state, told_of
@@ -81,14 +83,22 @@ class Explanation:
 
 def task_line(task: dict[str, Any], now: float) -> str:
     """``task of scan on node db3, path instance > db-host-17 (host) > db3 (db)``, and since when it is an orphan."""
-    path = " > ".join(step["name"] if step["level"] == INSTANCE else f"{step['name']} ({step['level']})"
-                      for step in task["path"])
+    path = _path_text(task["path"])
     known = len(task["path"]) > 1  # more than the instance: the node is stored
     line = f"task of {task['family']} on node {task['node']}, " + (f"path {path}" if known else "a node no longer known")
+    if "paths" in task:  # replicas
+        line += f" (or {' or '.join(_path_text(other) for other in task['paths'][1:])})"
+    if "path_taken" in task:
+        line += f"; runs on path {_path_text(task['path_taken'])}"
     if "orphaned_since" in task:
         since = task["orphaned_since"]
         line += f"; orphaned {utc(since)} ({ago(since, now)}): its node vanished while it ran"
     return line
+
+
+def _path_text(path: list[dict[str, str]]) -> str:
+    return " > ".join(step["name"] if step["level"] == INSTANCE else f"{step['name']} ({step['level']})"
+                      for step in path)
 
 
 def explain(client: redis.Redis, keys: Keys, jobid: str, queue: str, now: float) -> Explanation | None:
@@ -349,7 +359,30 @@ def _waiting(client: redis.Redis, keys: Keys, parking: str, needs: str | None) -
                 f"it runs once the capacity is raised to {aside.amount} or its needs lowered")
     if not isinstance(place, Parked):
         return f"woken: {place.resource} has room for it; the next claim of queue {place.ready.queue} takes it"
+    if LINES_SEP in parking:
+        return _parked_on_paths(client, keys, parked_lines(parking), needs or "")
     return _parked(client, keys, place, readable_needs(needs or "").get(place.resource, 1))
+
+
+def _parked_on_paths(client: redis.Redis, keys: Keys, lines: list[Parked], needs: str) -> str:
+    """A job with alternative paths (replicas) in line on each: which paths are
+    full, each named by the nodes only it goes through."""
+    try:
+        paths = decode_alternatives(needs)
+    except RecordError:
+        paths = []
+    nodes = [{name.rpartition("@")[2] for name in path} for path in paths]
+    common = set.intersection(*nodes) if nodes else set()
+    parts = []
+    for number, path in enumerate(paths, 1):
+        label = f"path {number}" + (f" (via {', '.join(sorted(nodes[number - 1] - common))})"
+                                    if nodes[number - 1] - common else "")
+        place = next((line for line in lines if line.resource in path), None)
+        if place is None:
+            parts.append(f"{label}: needs more than a capacity, it never has room")
+        else:
+            parts.append(f"{label}: {_parked(client, keys, place, path[place.resource])}")
+    return f"no path has room ({len(paths)} paths; a release on any wakes it): " + "; ".join(parts)
 
 
 def _parked(client: redis.Redis, keys: Keys, place: Parked, need: int) -> str:
@@ -412,6 +445,6 @@ def running_leases(client: redis.Redis, keys: Keys) -> Iterator[tuple[str, Lease
 def readable_needs(text: str) -> dict[str, int]:
     """A needs record's amounts ({} when it cannot be read)."""
     try:
-        return decode_needs(text)
+        return {name: amount for path in decode_alternatives(text) for name, amount in path.items()}
     except RecordError:
         return {}

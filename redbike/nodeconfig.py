@@ -42,6 +42,7 @@ from .config import ConfigError, read_parser
 from .names import BadName, check_queue
 from .nodes import AT, INSTANCE, WORKER, Node, NodeError, check_node_name, resource_at
 from .occurrences import misfire_text
+from .records import encode_alternatives
 from .resources import (
     LOCAL_PREFIX,
     ResourceError,
@@ -367,7 +368,19 @@ def needs_of(family: Family, path: list[Node]) -> dict[str, int]:
     return needs
 
 
-def digest(family: Family, needs: dict[str, int]) -> str:
+TaskNeeds = dict[str, int] | list[dict[str, int]]  # a list: one per path (replicas), the primary first
+
+
+def needs_on_paths(family: Family, paths: list[list[Node]]) -> TaskNeeds:
+    """A task's needs on each of its node's paths (Forest.paths): the
+    needs of the one path, or a list of each path's if they differ (a
+    family with needs on no level above the node needs the same on all)."""
+    each = [needs_of(family, path) for path in paths]
+    return each[0] if all(needs == each[0] for needs in each[1:]) else each
+
+
+def digest(family: Family, needs: TaskNeeds) -> str:
     """What a task was set with, in short: a change re-sets it."""
-    text = "|".join((family.schedule, format_amounts(needs), family.misfire or "", str(family.retries)))
+    text = "|".join((family.schedule, encode_alternatives(needs) if isinstance(needs, list) else format_amounts(needs),
+                     family.misfire or "", str(family.retries)))
     return hashlib.sha1(text.encode()).hexdigest()[:12]

@@ -8,6 +8,8 @@ of a top level. A task is one job family run on one node; its id is the
 family, the names on the node's path below the instance, and the family's
 queue: ``scan/db-host-17/db3:batch``. A per-node resource is a level's
 resource name and the node's name: ``host_concurrency@db-host-17``.
+A node may name alternative parents (replicas: ``replica_of``), giving it
+one path to the root per parent (Forest.paths).
 """
 
 from __future__ import annotations
@@ -19,11 +21,16 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from .names import CONTROL
+from .records import MAX_PATHS
 
 INSTANCE = "instance"  # the root level, and the name of its one node
 WORKER = "worker"  # the implicit level of worker pools: their `--resources` (worker:NAME)
 AT = "@"  # resource@node
 PATH_SEP = "/"  # family/node/.../leaf
+REPLICA_OF = "replica_of"  # the attribute naming a node's alternative parents
+# Between the names of replica_of: ";" (the CSV attribute syntax,
+# ``replica_of=db-host-18;db-host-19``) or whitespace.
+_REPLICA_SEP = re.compile(r"[;\s]+")
 # Node names go into job ids (split on "/" and the last ":"), resource names
 # (no whitespace, "|", ",", "="; split on "@") and stored records ("|").
 _NODE_NAME = re.compile(r"[^\s|,=/:@]+")
@@ -67,6 +74,13 @@ class Node:
         level, parent, source, attributes = record.split("|", 3)
         return cls(level, name, parent, json.loads(attributes) if attributes != "{}" else NO_ATTRIBUTES, source)
 
+    @property
+    def replica_of(self) -> list[str]:
+        """The alternative parents its ``replica_of`` attribute names, in order
+        (unchecked: :class:`Forest` keeps those that are nodes of its parent level)."""
+        text = self.attributes.get(REPLICA_OF, "")
+        return list(dict.fromkeys(filter(None, _REPLICA_SEP.split(text)))) if text else []
+
 
 def resource_at(resource: str, node: str) -> str:
     """The per-node resource: ``host_concurrency@db-host-17``."""
@@ -92,6 +106,14 @@ class Forest:
     Built from whole node lists; a node whose parent is missing or on the
     wrong level, or whose name was already given, is left out (``dropped``
     says why), so one bad row does not stop the others.
+
+    Replicas: a node may name alternative parents (``replica_of``), nodes of
+    its parent level like its parent; one that is not (unknown, on another
+    level, the node's own parent, or a top level's node: it has none) is
+    left out with a line in ``dropped``, the node kept. As every parent is on
+    the level above its child's, the graph they make has no cycle. A node's
+    paths to the root (:meth:`paths`) go through each of its parents in
+    turn, the primary first.
     """
 
     def __init__(self, nodes: Iterable[Node], parent_level: Mapping[str, str]) -> None:
@@ -116,6 +138,31 @@ class Forest:
                     self.dropped.append(f"{node.level} {name}: {problem}")
                     del self.nodes[name]
                     changed = True
+        # Alternative parents, once the forest is settled: a node's parents
+        # are all there (those dropped above are left out here too).
+        self.alternates: dict[str, list[str]] = {}
+        self.replicating = [name for name, node in self.nodes.items() if node.attributes and node.replica_of]
+        for name in self.replicating:
+            node = self.nodes[name]
+            kept = [parent for parent in node.replica_of if self._alternate_ok(node, parent)]
+            if kept:
+                self.alternates[name] = kept
+
+    def _alternate_ok(self, node: Node, parent: str) -> bool:
+        wanted = self.parent_level[node.level]
+        found = self.nodes.get(parent)
+        if parent == node.parent:
+            problem = "is its parent already"
+        elif wanted == INSTANCE:
+            problem = f"cannot be: level {node.level} is a top level"
+        elif found is None:
+            problem = "is not a node"
+        elif found.level != wanted:
+            problem = f"is a {found.level}, not a {wanted}"
+        else:
+            return True
+        self.dropped.append(f"{node.level} {node.name}: its alternative parent {parent!r} {problem}; left out")
+        return False
 
     def _parent_problem(self, node: Node) -> str:
         wanted = self.parent_level[node.level]
@@ -143,6 +190,28 @@ class Forest:
         while path[-1].parent != INSTANCE:
             path.append(self.nodes[path[-1].parent])
         return path[::-1]
+
+    def paths(self, node: Node) -> list[list[Node]]:
+        """Every path from below the instance down to the node, through its
+        parents and their alternatives (replicas), each top first: depth
+        first, a node's primary parent before its alternatives (so the
+        first is :meth:`path`); the first MAX_PATHS of them."""
+        if not self.alternates:
+            return [self.path(node)]
+        if node.parent == INSTANCE:
+            return [[node]]
+        found: list[list[Node]] = []
+        for parent in [node.parent, *self.alternates.get(node.name, ())]:
+            for above in self.paths(self.nodes[parent]):
+                found.append([*above, node])
+                if len(found) == MAX_PATHS:
+                    return found
+        return found
+
+    def replicas_of(self, names: set[str]) -> set[str]:
+        """The nodes whose ``replica_of`` names one of ``names`` (kept or not:
+        a parent that came or went changes their paths)."""
+        return {name for name in self.replicating if not names.isdisjoint(self.nodes[name].replica_of)}
 
 
 def under(changed: set[str], names: Iterable[str], parent: Callable[[str], str], leaf: Callable[[str], bool]) -> set[str]:

@@ -43,7 +43,15 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from .nodeconfig import NodeConfig, SourceSpec
-from .nodes import INSTANCE, NO_ATTRIBUTES, NODE_NAME_TEXT, Node, NodeError, check_node_name
+from .nodes import (
+    INSTANCE,
+    NO_ATTRIBUTES,
+    NODE_NAME_TEXT,
+    REPLICA_OF,
+    Node,
+    NodeError,
+    check_node_name,
+)
 from .workerspec import WorkerSpecError, parse_spec
 
 log = logging.getLogger(__name__)
@@ -74,12 +82,19 @@ class Fetcher(Protocol):
 
 
 def _attributes(text: str, where: str) -> dict[str, str]:
-    attributes = {}
+    """``k=v;k2=v2``; after ``replica_of=a``, a part without ``=`` is one more
+    alternative parent (``replica_of=a;b``)."""
+    attributes: dict[str, str] = {}
+    key = ""
     for part in filter(None, (p.strip() for p in text.split(";"))):
+        if "=" not in part and key == REPLICA_OF:
+            attributes[key] += ";" + part
+            continue
         key, has_value, value = part.partition("=")
-        if not has_value or not key.strip():
+        key = key.strip()
+        if not has_value or not key:
             raise SourceError(f"{where}: bad attribute {part!r} (expected key=value)")
-        attributes[key.strip()] = value.strip()
+        attributes[key] = value.strip()
     return attributes
 
 
@@ -96,7 +111,9 @@ def node_of(level: object, name: object, parent: object, attributes: object, whe
         attributes = _attributes(attributes, where)
     if not isinstance(attributes, Mapping) or not all(isinstance(k, str) for k in attributes):
         raise SourceError(f"{where}: attributes must be an object of strings")
-    return Node(str(level), str(name), str(parent), {k: str(v) for k, v in attributes.items()})
+    # A list (JSON: "replica_of": ["h2", "h3"]) is kept as its items joined by ";", as CSV gives it.
+    return Node(str(level), str(name), str(parent),
+                {k: ";".join(map(str, v)) if isinstance(v, list) else str(v) for k, v in attributes.items()})
 
 
 # A row without quotes, attributes or spaces around its cells, its names

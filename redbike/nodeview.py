@@ -15,6 +15,7 @@ import redis
 
 from .keys import Keys
 from .nodes import AT, INSTANCE, PATH_SEP, Node
+from .records import MAX_PATHS, RecordError, decode_lease, decode_needs
 
 SCAN_COUNT = 1000
 
@@ -72,17 +73,70 @@ def _shown(path: list[Node]) -> list[dict[str, str]]:
     return [{"level": INSTANCE, "name": INSTANCE}, *({"level": n.level, "name": n.name} for n in path)]
 
 
+def _alternative_parents(client: redis.Redis, keys: Keys, node: Node) -> list[Node]:
+    """The stored alternative parents of a node (replica_of): those stored
+    on its parent's level (the reconciler left the others out)."""
+    if not node.replica_of or node.parent == INSTANCE:
+        return []
+    names = [node.parent, *(name for name in node.replica_of if name != node.parent)]
+    found = [Node.decode(name, str(record)) for name, record in zip(names, client.hmget(keys.nodes, names), strict=True)
+             if record is not None]
+    if not found or found[0].name != node.parent:
+        return []
+    return [parent for parent in found[1:] if parent.level == found[0].level]
+
+
+def _paths(client: redis.Redis, keys: Keys, node: Node, depth: int = 0) -> list[list[Node]]:
+    """Every path of a stored node, top first, through its parents and their
+    alternatives, primary first, as nodes.Forest.paths orders them (the
+    first MAX_PATHS)."""
+    if node.parent == INSTANCE or depth >= 100:  # bounded: a hand-edited P:nodes may loop
+        return [[node]]
+    record = client.hget(keys.nodes, node.parent)
+    if record is None:
+        return [[node]]
+    found: list[list[Node]] = []
+    for parent in [Node.decode(node.parent, str(record)), *_alternative_parents(client, keys, node)]:
+        for above in _paths(client, keys, parent, depth + 1):
+            found.append([*above, node])
+            if len(found) == MAX_PATHS:
+                return found
+    return found
+
+
 def task_of(client: redis.Redis, keys: Keys, jobid: str) -> dict[str, Any] | None:
-    """A task's family, node and path to the root (what `tell` adds); None for a job set by hand."""
+    """A task's family, node and path to the root (what `tell` adds); None
+    for a job set by hand. A task of a node with alternative parents
+    (replicas) also gets ``paths`` (each, the primary first) and, while it
+    runs, ``path_taken``: the first of them on which its lease holds what it holds."""
     record = client.hget(keys.tasks, jobid)
     if record is None:
         return None
     family, node_name, _ = str(record).split("|", 2)
-    told: dict[str, Any] = {"family": family, "node": node_name, "path": _shown(_path(client, keys, node_name))}
+    path = _path(client, keys, node_name)
+    told: dict[str, Any] = {"family": family, "node": node_name, "path": _shown(path)}
     orphaned = client.hget(keys.orphans, jobid)
     if orphaned is not None:
         told["orphaned_since"] = float(str(orphaned))
+    if any(step.replica_of for step in path):
+        paths = _paths(client, keys, path[-1])
+        if len(paths) > 1:
+            told["paths"] = [_shown(one) for one in paths]
+            lease = client.hget(keys.leases, jobid)
+            taken = _taken(paths, str(lease)) if lease is not None else None
+            if taken is not None:
+                told["path_taken"] = _shown(taken)
     return told
+
+
+def _taken(paths: list[list[Node]], lease: str) -> list[Node] | None:
+    """The first path with every node the lease holds a per-node resource of."""
+    try:
+        held = decode_lease(lease).needs
+    except RecordError:
+        return None
+    nodes = {name.rpartition(AT)[2] for name in decode_needs(held) if AT in name} - {INSTANCE}
+    return next((one for one in paths if nodes <= {n.name for n in one}), None)
 
 
 def node(client: redis.Redis, keys: Keys, name: str) -> dict[str, Any] | None:
@@ -115,6 +169,7 @@ def node(client: redis.Redis, keys: Keys, name: str) -> dict[str, Any] | None:
         "parent": None if found.parent == INSTANCE else found.parent,
         "source": found.source,
         "attributes": dict(found.attributes),
+        "alternative_parents": [parent.name for parent in _alternative_parents(client, keys, found)],
         "path": _shown(path),
         "capacities": capacities,
         "in_use": in_use,

@@ -11,7 +11,10 @@ Given the nodes of every source (nodesources.NodeLoader), one pass
    family changed (schedule, needs on its path, policy), with the family's
    schedule, needing the family's per-level amounts on its node and every
    ancestor: ``scan/db-host-17/db3:batch`` needs ``host_concurrency@db-host-17``
-   and ``db_lock@db3``. New tasks are set in pipelined batches;
+   and ``db_lock@db3``. A node with alternative parents (``replica_of``)
+   gives its tasks one needs set per path to the root, the primary first
+   (records.encode_alternatives: the claim takes the first with room).
+   New tasks are set in pipelined batches;
 4. removes the tasks no family and node want any more: unset at once; a
    running one (its run completes, and it does not start again) is also
    recorded in ``P:orphans`` with the time its node vanished, and forgotten
@@ -48,7 +51,7 @@ import redis
 
 from .api import Redbike
 from .lease import KeyLease
-from .nodeconfig import Family, NodeConfig, digest, needs_of
+from .nodeconfig import Family, NodeConfig, TaskNeeds, digest, needs_on_paths
 from .nodes import INSTANCE, Forest, Node, resource_at, task_id, under
 from .records import RecordError, decode_lease, error_record, lease_token
 from .roundrobin import RoundRobin
@@ -181,7 +184,7 @@ class Reconciler:
         forest = Forest(nodes, self.config.parent_level)
         done.dropped = forest.dropped
         for why in forest.dropped:
-            log.warning("node left out: %s", why)
+            log.warning("left out: %s", why)  # a node, or an alternative parent of one
         stored = self.read_nodes if self.read_nodes is not None else dict(
             self.client.hscan_iter(self.keys.nodes, count=1000))
         self.read_nodes = None
@@ -197,6 +200,12 @@ class Reconciler:
             inner = self.inner
             touched = under(set(changed), forest.nodes, lambda name: forest.nodes[name].parent,
                             lambda name: forest.nodes[name].level not in inner)
+            # Replicas: a node whose alternative parent came, went or changed
+            # has other paths (and so have the nodes under it), its record unchanged.
+            gone = {node.name for node in removed}
+            while forest.replicating and (more := forest.replicas_of(touched | gone) - touched):
+                touched |= under(more, forest.nodes, lambda name: forest.nodes[name].parent,
+                                 lambda name: forest.nodes[name].level not in inner)
         # Capacities before P:nodes: a pass cut short still finds the vanished nodes next time.
         self._capacities(forest, removed, done, touched)
         self._store_nodes(forest, stored, [(name, encoded[name]) for name in changed], removed, done)
@@ -276,7 +285,7 @@ class Reconciler:
             by_level.setdefault(family.level, []).append(family)
         return by_level
 
-    def _wanted(self, forest: Forest, touched: set[str] | None) -> Iterator[tuple[str, Family, Node, dict[str, int]]]:
+    def _wanted(self, forest: Forest, touched: set[str] | None) -> Iterator[tuple[str, Family, Node, TaskNeeds]]:
         """(task id, family, node, needs) of every task the nodes want (those
         of the ``touched`` nodes, unless None), one at a time."""
         by_level = self._by_level()
@@ -284,9 +293,10 @@ class Reconciler:
             families = by_level.get(node.level)
             if not families:
                 continue
-            path = forest.path(node)
+            paths = forest.paths(node)  # [its path], or one per parent (replicas), the primary first
             for family in families:
-                yield task_id(family.name, [n.name for n in path], family.queue), family, node, needs_of(family, path)
+                yield (task_id(family.name, [n.name for n in paths[0]], family.queue), family, node,
+                       needs_on_paths(family, paths))
 
     def _add_tasks(self, forest: Forest, done: Pass, touched: set[str] | None) -> None:
         """Compare and set the wanted tasks a batch at a time; WRITERS threads
@@ -302,7 +312,7 @@ class Reconciler:
             while sending:
                 sending.popleft().result()
 
-    def _add_batch(self, batch: list[tuple[str, Family, Node, dict[str, int]]], done: Pass) -> None:
+    def _add_batch(self, batch: list[tuple[str, Family, Node, TaskNeeds]], done: Pass) -> None:
         self.keep_lease()
         ids = [taskid for taskid, *_ in batch]
         with self.client.pipeline(transaction=False) as pipe:
@@ -311,7 +321,7 @@ class Reconciler:
             stored, orphaned = pipe.execute()
         records: dict[Any, str] = {}
         adopted = [taskid for taskid, since in zip(ids, orphaned, strict=True) if since is not None]
-        new: list[tuple[str, Family, dict[str, int]]] = []
+        new: list[tuple[str, Family, TaskNeeds]] = []
         for (taskid, family, node, needs), old in zip(batch, stored, strict=True):
             record = f"{family.name}|{node.name}|{digest(family, needs)}"
             if old == record and taskid not in adopted:
@@ -347,11 +357,11 @@ class Reconciler:
             done.adopted.append(taskid)
             log.info("task %s: its node is back; no longer an orphan, set again", taskid)
 
-    def _set_new(self, new: list[tuple[str, Family, dict[str, int]]], done: Pass) -> set[str]:
+    def _set_new(self, new: list[tuple[str, Family, TaskNeeds]], done: Pass) -> set[str]:
         """Set new tasks, one round trip per family (set_alike: set.lua, as
         `redbike set` runs it; the schedule parsed and placed once); the ids
         of those that could not be set."""
-        by_family: dict[str, list[tuple[str, Family, dict[str, int]]]] = {}
+        by_family: dict[str, list[tuple[str, Family, TaskNeeds]]] = {}
         for task in new:
             by_family.setdefault(task[1].name, []).append(task)
         failed: set[str] = set()

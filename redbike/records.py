@@ -12,7 +12,7 @@ stored such a name.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -72,6 +72,31 @@ def decode_needs(text: str | None) -> dict[str, int]:
             raise RecordError(f"bad needs record {text!r}")
         amounts[name] = int(amount)
     return amounts
+
+
+# -- alternative needs: one needs text per path to the root (replicas) ---------
+# A task on a node with alternative parents (``replica_of``) may run on any
+# one of its paths to the root: its job record's needs hold each path's
+# needs text, in the order a claim tries them (the primary path first),
+# joined by ALTERNATIVES_SEP, which no resource name holds (check_name: no
+# whitespace). A text without it is plain needs: the claim of a job without
+# alternatives only looks for it (paths_of() in waiting.lua).
+
+ALTERNATIVES_SEP = " "
+MAX_PATHS = 16  # paths one task may have (nodes.Forest keeps the first ones)
+
+
+def encode_alternatives(paths: Iterable[dict[str, int]]) -> str:
+    """Each path's needs text, in order, joined by ALTERNATIVES_SEP (a path
+    given twice kept once; one path: its plain needs text). A path that
+    needs nothing always has room: then the job needs nothing ('')."""
+    texts = list(dict.fromkeys(encode_needs(path) for path in paths))
+    return "" if "" in texts else ALTERNATIVES_SEP.join(texts)
+
+
+def decode_alternatives(text: str | None) -> list[dict[str, int]]:
+    """The needs of each path of a job record's needs text ([{}]: none)."""
+    return [decode_needs(part) for part in (text or "").split(ALTERNATIVES_SEP)]
 
 
 # -- a claim's worker-local room: "name=free/capacity,..." (claim() in lib.lua) --
@@ -423,9 +448,29 @@ def encode_parking(place: Parked | Woken | SetAside) -> str:
     return f"R{place.resource}={place.amount}{SEP}{encode_ready(place.ready)}"
 
 
+# A job with alternative paths (replicas) that found none with room waits in
+# line for the first full resource of each path: its parking value is "P"
+# and those parked members (one per line, all with the same seq) joined by
+# LINES_SEP, which no job id holds (names: no control character).
+LINES_SEP = "\n"
+
+
+def encode_parked_lines(lines: Sequence[Parked]) -> str:
+    """The parking value of a job in line for several resources (the first, for one)."""
+    return "P" + LINES_SEP.join(encode_parked(parked) for parked in lines)
+
+
+def parked_lines(value: str) -> list[Parked]:
+    """The lines a parked job is in (its parking value: "P" + members)."""
+    if not value.startswith("P"):
+        raise RecordError(f"bad parking value {value!r}")
+    return [decode_parked(member) for member in value[1:].split(LINES_SEP)]
+
+
 def decode_parking(value: str) -> Parked | Woken | SetAside:
+    """What a job's parking value says (a job in several lines: the first)."""
     if value.startswith("P"):
-        return decode_parked(value[1:])
+        return parked_lines(value)[0]
     if value.startswith("A"):
         capacity, sep, aside = value[1:].partition(SEP)
         if sep and capacity.isdigit():

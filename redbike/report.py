@@ -22,6 +22,7 @@ from .records import (
     decode_parking,
     decode_pending,
     decode_status,
+    parked_lines,
 )
 from .schedules import ScheduleError, parse_schedule
 
@@ -180,8 +181,8 @@ def _waiting_for(parking: str) -> str:
         place = decode_parking(parking)
     except RecordError as exc:
         return str(exc)
-    if isinstance(place, Parked):
-        return place.resource
+    if isinstance(place, Parked):  # in line for one resource, or for one per path (replicas): any wakes it
+        return " or ".join(line.resource for line in parked_lines(parking))
     if isinstance(place, SetAside):
         return f"needs {place.aside.amount} of {place.aside.resource}, capacity {place.capacity}"
     return "nothing: a resource freed up; the next claim of its queue takes it"

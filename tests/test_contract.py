@@ -403,6 +403,36 @@ def test_python_reads_what_lua_writes(client: redis.Redis, prefix: str) -> None:
         == [records.encode_finished(NOW, "a|b:A")]
     assert records.encode_finished(NOW + 0.5, "x") == "1700000000.5|x"
 
+def test_alternative_needs_and_lines_are_read_as_written(client: redis.Redis, prefix: str) -> None:
+    """Replicas: the needs of a job with alternative paths (records.encode_alternatives)
+    as paths_of() and set.lua read them, and a job in several lines (park_lines) as
+    records.parked_lines reads it."""
+    assert lua_constant("ALTERNATIVES_SEP") == records.ALTERNATIVES_SEP
+    assert lua_constant("LINES_SEP") == "\\n" and records.LINES_SEP == "\n"
+    assert int(lua_constant("MAX_PATHS")) == records.MAX_PATHS
+    paths = [{"dl@d1": 1, "hc@h1": 2}, {"dl@d1": 1, "hc@h2": 2}, {"dl@d1": 1, "hc@h3": MAX_AMOUNT}]
+    text = records.encode_alternatives(paths)
+    read = lua(client, "local out = {} for _, path in ipairs(paths_of(ARGV[5])) do local one = {} "
+               "for _, n in ipairs(parse_needs(path)) do table.insert(one, n[1] .. '=' .. int(n[2])) end "
+               "table.insert(out, table.concat(one, ',')) end return out", text)
+    assert [decode_needs(path) for path in read] == paths == records.decode_alternatives(text)
+    env = Env(client, prefix)
+    env.bike.set("alt:A", "STOP", needs=paths)
+    assert decode_job(client.hget(env.keys.jobs, "alt:A")).needs == text
+    for bad in (" ".join(["a=1"] * (records.MAX_PATHS + 1)), "a=1  b=1", "a=1 b=x"):
+        with pytest.raises(redis.ResponseError, match="bad needs"):
+            env.bike.scripts.run("set", NOW, [env.keys.queue("A")],
+                                 ["STOP", *FORGET.script_args(), env.keys.queue_channel("A"), "0",
+                                  "", "once", "", "0", "me", "alt:A", bad, "", "0", ""])
+    client.delete(Keys("contract").parked)
+    parking = lua(client, "park_lines('j|x:A', {'hc@h1', 'hc@h2'}, 'A', nil) return redis.call('HGET', L.PARKING, 'j|x:A')")
+    lines = records.parked_lines(parking)
+    assert [(p.resource, p.queue, p.jobid) for p in lines] == [("hc@h1", "A", "j|x:A"), ("hc@h2", "A", "j|x:A")]
+    assert lines[0].seq == lines[1].seq and decode_parking(parking) == lines[0]
+    assert records.encode_parked_lines(lines) == parking
+    assert sorted(client.zrange(Keys("contract").parked, 0, -1)) == sorted(map(encode_parked, lines))
+
+
 def test_the_claim_and_finish_replies_decode(client: redis.Redis, prefix: str) -> None:
     env = Env(client, prefix)
     env.bike.set("a:B", "NOW", needs="r=2")

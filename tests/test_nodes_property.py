@@ -1,7 +1,7 @@
 """The node model under random changes, property-based (issue #9).
 
 A hypothesis state machine adds, removes and moves nodes (hosts, and dbs
-under them), changes per-node capacities (overrides), runs reconciliation
+under them, a db maybe a replica of another host: replica_of), changes per-node capacities (overrides), runs reconciliation
 passes (whole ones and passes of the changed nodes only), claims and
 finishes runs of the tasks, lets runs crash (their leases reaped by the
 dispatcher) and lets time pass, through the real code paths (Reconciler,
@@ -14,7 +14,8 @@ The model holds the nodes. It checks:
 
 - no claim takes a resource over its capacity, on any level of the path
   (instance, host, db): after each claim, what is in use of every resource
-  the claimed task needs is at most its capacity;
+  the claimed task holds is at most its capacity, and what it holds is the
+  needs of one of its paths (a db with an alternative parent has two);
 - no counter goes below zero, and with nothing running and every task gone
   (the nodes removed, the runs ended, the orphans' grace over), every usage
   counter is back to zero and P:tasks, P:orphans, the leases are empty;
@@ -23,6 +24,8 @@ The model holds the nodes. It checks:
 - (run with 200 examples it found, in one run of three, that an orphan
   whose run ended within its grace started again: fixed, and pinned by
   test_nodes.py's test_an_orphan_does_not_start_again);
+- the lines and the parking values agree: a task waits in each line its
+  parking value lists (one per path for a db with a replica), and in no other;
 - after each pass, the tasks recorded are the ones the nodes want, plus
   orphans (tasks of removed nodes whose runs are still live); an orphan is
   unset no earlier than kill-orphans-after after its node vanished.
@@ -43,7 +46,13 @@ from redbike.claims import Rotation
 from redbike.nodeconfig import load_node_config
 from redbike.nodes import Node
 from redbike.reconcile import Reconciler
-from redbike.records import decode_job
+from redbike.records import (
+    decode_alternatives,
+    decode_job,
+    decode_lease,
+    encode_parked,
+    parked_lines,
+)
 from redbike.resources import parse_amounts
 from redbike.slots import Running
 from redbike.states import Outcome
@@ -74,8 +83,11 @@ kill-orphans-after = {GRACE}
 
 
 class NodesMachine(RuleBasedStateMachine):
-    @initialize()
-    def start(self) -> None:
+    @initialize(seeded=st.booleans())
+    def start(self, seeded: bool = False) -> None:
+        """A fresh installation; ``seeded``: with both hosts and each db on one
+        and a replica of the other, reconciled (claims then try both paths
+        from the first step)."""
         folder = Path(self._tmp())
         (folder / "nodes.conf").write_text(SECTION)
         config = load_node_config(str(folder / "nodes.conf"))
@@ -90,10 +102,16 @@ class NodesMachine(RuleBasedStateMachine):
         self.dispatcher = self.env.dispatcher()
         self.hosts: set[str] = set()
         self.dbs: dict[str, str] = {}  # db -> its host
+        self.replicas: dict[str, str] = {}  # db -> its replica_of (a host, maybe gone or its own)
         self.running: list[Running] = []
         self.crashed: list[Running] = []
         self.gone: set[str] = set()  # tasks a pass removed (or orphaned), not wanted since
         self.vanished: dict[str, float] = {}  # task -> when a pass first found its node gone
+        if seeded:
+            self.hosts = set(HOSTS)
+            self.dbs = {db: HOSTS[i % 2] for i, db in enumerate(DBS)}
+            self.replicas = {db: HOSTS[(i + 1) % 2] for i, db in enumerate(DBS)}
+            self.reconcile(whole=True)
 
     @staticmethod
     def _tmp() -> str:
@@ -105,7 +123,8 @@ class NodesMachine(RuleBasedStateMachine):
 
     def nodes(self) -> list[Node]:
         return ([Node("host", h, source="fleet") for h in sorted(self.hosts)]
-                + [Node("db", d, h, source="fleet") for d, h in sorted(self.dbs.items())])
+                + [Node("db", d, h, {"replica_of": self.replicas[d]} if d in self.replicas else {}, source="fleet")
+                   for d, h in sorted(self.dbs.items())])
 
     def wanted(self) -> set[str]:
         return {f"report/{h}:A" for h in self.hosts} | {f"scan/{h}/{d}:A" for d, h in self.dbs.items()}
@@ -128,10 +147,20 @@ class NodesMachine(RuleBasedStateMachine):
         self.hosts.discard(host)
         self.dbs = {d: h for d, h in self.dbs.items() if h != host}
 
-    @rule(db=st.sampled_from(DBS), host=st.sampled_from(HOSTS))
-    def add_or_move_db(self, db: str, host: str) -> None:
+    @rule(db=st.sampled_from(DBS), host=st.sampled_from(HOSTS), replica=st.sampled_from([*HOSTS, "h9", ""]))
+    def add_or_move_db(self, db: str, host: str, replica: str = "") -> None:
         if host in self.hosts:
             self.dbs[db] = host
+            self.replicate(db, replica)
+
+    @rule(db=st.sampled_from(DBS), host=st.sampled_from([*HOSTS, "h9", ""]))
+    def replicate(self, db: str, host: str) -> None:
+        """Give a db an alternative parent (replicas): the other host, its
+        own (left out), one that is not a node (left out), or none."""
+        if host:
+            self.replicas[db] = host
+        else:
+            self.replicas.pop(db, None)
 
     @rule(db=st.sampled_from(DBS))
     def remove_db(self, db: str) -> None:
@@ -187,7 +216,9 @@ class NodesMachine(RuleBasedStateMachine):
         jobid = run.lease.jobid
         assert jobid not in self.gone, f"{jobid} started after a pass removed its node"
         self.running.append(run)
-        needs = parse_amounts(decode_job(self.c.hget(self.env.keys.jobs, jobid)).needs)
+        # What it holds is one of its paths' needs (replicas: any), all of them within capacity.
+        needs = parse_amounts(decode_lease(self.c.hget(self.env.keys.leases, jobid)).needs)
+        assert needs in decode_alternatives(decode_job(self.c.hget(self.env.keys.jobs, jobid)).needs), (jobid, needs)
         capacities = self.c.hgetall(self.env.keys.capacities)
         usage = self.usage()
         for resource in needs:
@@ -227,6 +258,20 @@ class NodesMachine(RuleBasedStateMachine):
     def counters_never_below_zero(self) -> None:
         if hasattr(self, "c"):
             assert all(value >= 0 for value in self.usage().values()), self.usage()
+
+    @invariant()
+    def lines_match_parking(self) -> None:
+        """Every member of a line is listed in its job's parking value, and
+        the reverse (a task with two paths waits in both lines, or in none)."""
+        if not hasattr(self, "c"):
+            return
+        listed = set()
+        for jobid, value in self.c.hgetall(self.env.keys.parking).items():
+            if value.startswith("P"):
+                lines = parked_lines(value)
+                assert {line.jobid for line in lines} == {jobid}
+                listed.update(map(encode_parked, lines))
+        assert set(self.c.zrange(self.env.keys.parked, 0, -1)) == listed
 
     def teardown(self) -> None:
         """Every node removed, every run ended, the grace over: nothing is

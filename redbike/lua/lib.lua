@@ -92,6 +92,9 @@ L.CLEAR_NEEDS = 'none' -- set.lua's needs argument that drops the stored needs (
 L.AMOUNT_DIGITS = 10 -- an amount in an aside member, zero-padded (records.AMOUNT_DIGITS)
 L.ASIDE_LOOK = 16 -- jobs set aside for a local resource one idle claim looks at
 L.MAX_TIME = 1e18 -- bound of a time or a number of seconds: '%d' still writes it
+L.ALTERNATIVES_SEP = ' ' -- between the needs of a job's alternative paths (records.ALTERNATIVES_SEP)
+L.MAX_PATHS = 16 -- alternative paths one job may have (records.MAX_PATHS)
+L.LINES_SEP = '\n' -- between the parked members of a job in several lines (records.LINES_SEP)
 
 -- Numbers written into records and increments: '%d', never Lua's '%.14g'
 -- (2e+14 cannot be read back as an integer).
@@ -353,9 +356,12 @@ function L.unplace(jobid, queue)
         L.give_back(resource, amount)
       elseif aside then -- set aside: it held no line
         redis.call('ZREM', L.ASIDE, aside)
-      else -- parked: the next in line may fit now that it is gone
-        redis.call('ZREM', L.PARKED, string.sub(parking, 2))
-        resource = L.parked_parts(string.sub(parking, 2))
+      else -- parked (in one line, or one per path: LINES_SEP): the next in line may fit now that it is gone
+        for member in string.gmatch(string.sub(parking, 2), '[^' .. L.LINES_SEP .. ']+') do
+          redis.call('ZREM', L.PARKED, member)
+          L.wake_if_room((L.parked_parts(member)))
+        end
+        resource = nil
       end
       if resource and resource ~= '' then L.wake_if_room(resource) end
     else
@@ -661,9 +667,24 @@ function L.consider(token, worker, room, i, queue, base, jobid, seq, ready, held
   local record, due, attempt, needs_text = string.match(redis.call('HGET', L.JOBS, jobid) or L.NEW_JOB,
     '^(([^|]*)|([^|]*)|[^|]*|[^|]*|[^|]*|[^|]*|[^|]*|[^|]*|[^|]*|[^|]*|([^|\n]*)|[^|\n]*)')
   if not record then record, due, attempt, needs_text = L.NEW_JOB, '', '1', '' end
+  -- A job with alternative paths (replicas: their needs joined by
+  -- ALTERNATIVES_SEP) takes the first with room, or waits in line for each
+  -- (take_path); what it takes is what its lease holds. A plain job pays
+  -- this one find.
+  local paths = string.find(needs_text, L.ALTERNATIVES_SEP, 1, true)
+  if paths then
+    needs_text = L.take_path(jobid, needs_text, room, queue_name, seq)
+    if not needs_text then
+      if held then L.wake_if_room(held) end
+      return 'parked'
+    end
+  end
   local needs = L.parse_needs(needs_text)
-  local lacking, need, capacity = L.too_big_here(needs, room)
-  if not lacking then lacking, need, capacity = L.blocker(needs, seq) end
+  local lacking, need, capacity
+  if not paths then
+    lacking, need, capacity = L.too_big_here(needs, room)
+    if not lacking then lacking, need, capacity = L.blocker(needs, seq) end
+  end
   if lacking then
     if capacity then
       L.set_aside(jobid, lacking, need, capacity, queue_name, seq)

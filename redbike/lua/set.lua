@@ -10,7 +10,8 @@
 --       DIE: the retry command); '0': set it), misfire policy ('' to keep the
 --       job's), the default misfire policy (for a new job), retries ('' to
 --       keep the job's), the default retries, who set it (for the trail), then
---       per job 5 values: jobid, needs ("resource=amount,...",
+--       per job 5 values: jobid, needs ("resource=amount,...", or one
+--       such per alternative path joined by " ",
 --       '' to keep the stored needs, 'none' to drop them), the occurrence the
 --       caller found the job placed for ('' if none), the count of its
 --       schedule's occurrences due after that one until now (see
@@ -34,11 +35,22 @@ if not L.is_misfire(default_misfire) then return L.bad('default misfire policy',
 if retries ~= '' and not L.int_of(retries, 0, L.MAX_AMOUNT) then return L.bad('retries', retries) end
 if not L.int_of(default_retries, 0, L.MAX_AMOUNT) then return L.bad('default retries', default_retries) end
 if not by or string.find(by, '[|%c]') then return L.bad('set by', by) end
+-- Needs: plain, or one needs text per alternative path (replicas:
+-- records.encode_alternatives), none empty, at most MAX_PATHS.
+local function is_needs(text)
+  if not string.find(text, L.ALTERNATIVES_SEP, 1, true) then return L.is_amounts(text, 1, L.MAX_AMOUNT) end
+  local count = 0
+  for path in string.gmatch(text .. L.ALTERNATIVES_SEP, '([^' .. L.ALTERNATIVES_SEP .. ']*)' .. L.ALTERNATIVES_SEP) do
+    if path == '' or not L.is_amounts(path, 1, L.MAX_AMOUNT) then return false end
+    count = count + 1
+  end
+  return count <= L.MAX_PATHS
+end
 if (#ARGV - first_job + 1) % job_values ~= 0 then return L.bad('count of job values', #ARGV - first_job + 1) end
 for base = first_job, #ARGV, job_values do
   local jobid, needs, expected, missed = ARGV[base], ARGV[base + 1], ARGV[base + 2], ARGV[base + 3]
   if not L.is_name(jobid) then return L.bad('job id', jobid) end
-  if needs ~= L.CLEAR_NEEDS and not L.is_amounts(needs, 1, L.MAX_AMOUNT) then return L.bad('needs', needs) end
+  if needs ~= L.CLEAR_NEEDS and not is_needs(needs) then return L.bad('needs', needs) end
   if expected ~= '' and not L.time_of(expected) then return L.bad('expected due', expected) end
   if not L.int_of(missed, 0, L.MAX_TIME) then return L.bad('missed count', missed) end
   if not ARGV[base + 4] then return L.bad('payload', ARGV[base + 4]) end

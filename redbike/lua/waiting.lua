@@ -37,12 +37,17 @@ function L.set_aside_parts(parking)
   return tonumber(capacity), member
 end
 
--- How much of `resource` a job needs (0 if none).
+-- How much of `resource` a job needs (0 if none; on any of its paths: a
+-- resource's amount is the same on each), and whether it has alternative
+-- paths (then it may wait in several lines: leave_lines).
 function L.need_of(jobid, resource)
-  for _, need in ipairs(L.parse_needs(L.job_of(jobid)[L.NEEDS])) do
-    if need[1] == resource then return need[2] end
+  local text = L.job_of(jobid)[L.NEEDS]
+  local paths = string.find(text, L.ALTERNATIVES_SEP, 1, true) ~= nil
+  if paths then text = string.gsub(text, L.ALTERNATIVES_SEP, ',') end
+  for _, need in ipairs(L.parse_needs(text)) do
+    if need[1] == resource then return need[2], paths end
   end
-  return 0
+  return 0, paths
 end
 
 function L.give_back(resource, amount)
@@ -116,10 +121,13 @@ function L.wake(resource, room, capacity)
       'LIMIT', 0, limit)
     for _, member in ipairs(heads) do
       local _, seq, queue_name, jobid = L.parked_parts(member)
-      local amount = L.need_of(jobid, resource)
+      local amount, paths = L.need_of(jobid, resource)
       if sized and amount > capacity then
         redis.call('ZREM', L.PARKED, member)
-        L.set_aside(jobid, resource, amount, capacity, queue_name, seq)
+        -- A job with other paths waits on in their lines; one without is set aside.
+        if not (paths and L.leave_lines(jobid, member, true)) then
+          L.set_aside(jobid, resource, amount, capacity, queue_name, seq)
+        end
         moved = true
       elseif want <= 0 or (room and amount > room) then
         moved = false
@@ -129,6 +137,7 @@ function L.wake(resource, room, capacity)
         want = want - 1
         local ready = queue_name .. '|' .. seq .. '|' .. jobid
         redis.call('ZREM', L.PARKED, member)
+        if paths then L.leave_lines(jobid, member, false) end -- woken by one path: out of the others' lines
         redis.call('ZADD', L.READY, 0, ready)
         if amount > 0 then redis.call('HINCRBY', L.USAGE, resource, L.int(amount)) end
         redis.call('HSET', L.PARKING, jobid, 'R' .. resource .. '=' .. L.int(amount) .. '|' .. ready)
@@ -210,4 +219,80 @@ function L.claim_aside(token, worker, local_room, room, first, count, spec)
     end
   end
   return {'NONE'}
+end
+
+-- Replicas: a job whose node has alternative parents has one path to the
+-- root per parent (records.encode_alternatives: the needs of each, joined
+-- by ALTERNATIVES_SEP, the primary path first).
+
+-- The needs text of each path of a job with alternatives, in order.
+function L.paths_of(text)
+  local paths = {}
+  for path in string.gmatch(text, '[^' .. L.ALTERNATIVES_SEP .. ']+') do table.insert(paths, path) end
+  return paths
+end
+
+-- The needs text of the first of a job's paths (`text`) that has room for
+-- it now, tried in order as a plain job's needs are (too_big_here, then
+-- blocker: a resource with older jobs in line has no room for it), or nil.
+-- With none, it waits in line for the first full resource of each path
+-- (park_lines), so that a release on any of its paths wakes it (wake: the
+-- line that wakes it is the only one with room it took; it leaves the
+-- others). A woken job is claimed again from its first path: it takes the
+-- primary one if that has room by then. A path that needs more than a
+-- capacity can never be taken: it waits in no line for it; if every path
+-- does, it is set aside for the first such resource (bring_back puts it
+-- back in line when that capacity is raised).
+function L.take_path(jobid, text, room, queue_name, seq)
+  local lines, seen, too_big = {}, {}, nil
+  for _, path in ipairs(L.paths_of(text)) do
+    local needs = L.parse_needs(path)
+    local lacking, need, capacity = L.too_big_here(needs, room)
+    if not lacking then lacking, need, capacity = L.blocker(needs, seq) end
+    if not lacking then return path end
+    if capacity then
+      too_big = too_big or {lacking, need, capacity}
+    elseif not seen[lacking] then
+      seen[lacking] = true
+      table.insert(lines, lacking)
+    end
+  end
+  if #lines == 0 then
+    L.set_aside(jobid, too_big[1], too_big[2], too_big[3], queue_name, seq)
+    L.trail(jobid, 'aside', too_big[1], too_big[2], too_big[3])
+  else
+    L.park_lines(jobid, lines, queue_name, seq)
+    L.trail_parked(jobid, lines[1], room)
+  end
+  return nil
+end
+
+-- Put a job in line for each of `resources`, all at its place `seq` (kept
+-- from an earlier wait) or at the back; its parking value lists every
+-- member, LINES_SEP between them (records.encode_parked_lines).
+function L.park_lines(jobid, resources, queue_name, seq)
+  seq = L.new_seq(seq)
+  local members = {}
+  for i, resource in ipairs(resources) do
+    members[i] = resource .. '|' .. seq .. '|' .. queue_name .. '|' .. jobid
+    redis.call('ZADD', L.PARKED, 0, members[i])
+  end
+  redis.call('HSET', L.PARKING, jobid, 'P' .. table.concat(members, L.LINES_SEP))
+end
+
+-- A job in several lines left `member`'s (the caller took it out of
+-- PARKED): `stay` keeps it in the others (its parking value lists them
+-- without `member`; returns whether any is left), else it leaves them all.
+function L.leave_lines(jobid, member, stay)
+  local parking = redis.call('HGET', L.PARKING, jobid)
+  if not parking or string.sub(parking, 1, 1) ~= 'P' then return false end
+  local others = {}
+  for other in string.gmatch(string.sub(parking, 2), '[^' .. L.LINES_SEP .. ']+') do
+    if other ~= member then
+      if stay then table.insert(others, other) else redis.call('ZREM', L.PARKED, other) end
+    end
+  end
+  if #others == 0 then return false end
+  redis.call('HSET', L.PARKING, jobid, 'P' .. table.concat(others, L.LINES_SEP))
+  return true
 end
