@@ -21,21 +21,16 @@ from .keys import Keys
 from .nodes import INSTANCE
 from .nodeview import task_of
 from .occurrences import Retry
+from .parking import LINES_SEP, Parked, SetAside, decode_parking, encode_parked, parked_lines
 from .records import (
-    LINES_SEP,
     LeaseRecord,
-    Parked,
     RecordError,
-    SetAside,
     TrailEvent,
     decode_alternatives,
     decode_job,
     decode_lease,
-    decode_parking,
     decode_status,
     decode_trail_event,
-    encode_parked,
-    parked_lines,
     trail_of,
 )
 from .report import SCAN_COUNT, JobState, job_state, told_of

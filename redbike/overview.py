@@ -20,7 +20,8 @@ import redis
 
 from . import embedded, registry, stats
 from .keys import Keys
-from .records import RecordError, decode_aside, decode_lease, decode_parked, decode_status
+from .parking import decode_aside, decode_parked
+from .records import RecordError, decode_lease, decode_status
 from .report import SCAN_COUNT, capacities
 from .sentinel import address
 

@@ -12,18 +12,8 @@ from typing import Any, NamedTuple
 import redis
 
 from .keys import Keys
-from .records import (
-    JobRecord,
-    Parked,
-    RecordError,
-    SetAside,
-    decode_job,
-    decode_lease,
-    decode_parking,
-    decode_pending,
-    decode_status,
-    parked_lines,
-)
+from .parking import Parked, SetAside, decode_parking, parked_lines
+from .records import JobRecord, RecordError, decode_job, decode_lease, decode_pending, decode_status
 from .schedules import ScheduleError, parse_schedule
 
 SCAN_COUNT = 1000

@@ -17,14 +17,8 @@ from conftest import Daemons, redbike_command, wait_for
 from test_resources import REnv, finish
 
 from redbike.keys import Keys
-from redbike.records import (
-    Aside,
-    SetAside,
-    decode_local_room,
-    decode_parking,
-    encode_local_room,
-    encode_parking,
-)
+from redbike.parking import Aside, SetAside, decode_parking, encode_parking
+from redbike.records import decode_local_room, encode_local_room
 
 
 @pytest.fixture

@@ -19,46 +19,48 @@ from test_jobs import HOURLY, NEXT_HOUR, NOW, Env
 from test_nodes import node_config
 
 from redbike import keys as keys_module
-from redbike import records, states, stats
+from redbike import parking, records, states, stats
 from redbike import scripts as scripts_module
 from redbike.api import who
 from redbike.claims import Rotation
 from redbike.feed import Feeder, Source
 from redbike.keys import Keys
+from redbike.parking import (
+    Aside,
+    Parked,
+    Ready,
+    SetAside,
+    Woken,
+    decode_aside,
+    decode_parked,
+    decode_parking,
+    decode_ready,
+    encode_aside,
+    encode_parked,
+    encode_parking,
+    encode_ready,
+)
 from redbike.reconcile import Reconciler
 from redbike.records import (
-    Aside,
     Claimed,
     Halt,
     JobRecord,
     LeaseRecord,
-    Parked,
-    Ready,
-    SetAside,
     TrailEvent,
-    Woken,
-    decode_aside,
     decode_claim,
     decode_finish,
     decode_job,
     decode_lease,
     decode_local_room,
     decode_needs,
-    decode_parked,
-    decode_parking,
     decode_pending,
-    decode_ready,
     decode_status,
     decode_trail_event,
-    encode_aside,
     encode_job,
     encode_lease,
     encode_local_room,
     encode_needs,
-    encode_parked,
-    encode_parking,
     encode_pending,
-    encode_ready,
     encode_time,
     encode_trail_event,
     trail_of,
@@ -128,7 +130,7 @@ def test_lib_constants_match_python() -> None:
     assert lua_constant("CLEAR_NEEDS") == records.CLEAR_NEEDS
     assert int(lua_constant("MAX_CAPACITY")) == MAX_CAPACITY
     assert lua_constant("LOCAL_PREFIX") == LOCAL_PREFIX
-    assert int(lua_constant("AMOUNT_DIGITS")) == records.AMOUNT_DIGITS == len(str(MAX_AMOUNT))
+    assert int(lua_constant("AMOUNT_DIGITS")) == parking.AMOUNT_DIGITS == len(str(MAX_AMOUNT))
     assert lua_constant("NEW_JOB") == encode_job(JobRecord())
 
 
@@ -406,9 +408,9 @@ def test_python_reads_what_lua_writes(client: redis.Redis, prefix: str) -> None:
 def test_alternative_needs_and_lines_are_read_as_written(client: redis.Redis, prefix: str) -> None:
     """Replicas: the needs of a job with alternative paths (records.encode_alternatives)
     as paths_of() and set.lua read them, and a job in several lines (park_lines) as
-    records.parked_lines reads it."""
+    parking.parked_lines reads it."""
     assert lua_constant("ALTERNATIVES_SEP") == records.ALTERNATIVES_SEP
-    assert lua_constant("LINES_SEP") == "\\n" and records.LINES_SEP == "\n"
+    assert lua_constant("LINES_SEP") == "\\n" and parking.LINES_SEP == "\n"
     assert int(lua_constant("MAX_PATHS")) == records.MAX_PATHS
     paths = [{"dl@d1": 1, "hc@h1": 2}, {"dl@d1": 1, "hc@h2": 2}, {"dl@d1": 1, "hc@h3": MAX_AMOUNT}]
     text = records.encode_alternatives(paths)
@@ -425,11 +427,11 @@ def test_alternative_needs_and_lines_are_read_as_written(client: redis.Redis, pr
                                  ["STOP", *FORGET.script_args(), env.keys.queue_channel("A"), "0",
                                   "", "once", "", "0", "me", "alt:A", bad, "", "0", ""])
     client.delete(Keys("contract").parked)
-    parking = lua(client, "park_lines('j|x:A', {'hc@h1', 'hc@h2'}, 'A', nil) return redis.call('HGET', L.PARKING, 'j|x:A')")
-    lines = records.parked_lines(parking)
+    value = lua(client, "park_lines('j|x:A', {'hc@h1', 'hc@h2'}, 'A', nil) return redis.call('HGET', L.PARKING, 'j|x:A')")
+    lines = parking.parked_lines(value)
     assert [(p.resource, p.queue, p.jobid) for p in lines] == [("hc@h1", "A", "j|x:A"), ("hc@h2", "A", "j|x:A")]
-    assert lines[0].seq == lines[1].seq and decode_parking(parking) == lines[0]
-    assert records.encode_parked_lines(lines) == parking
+    assert lines[0].seq == lines[1].seq and decode_parking(value) == lines[0]
+    assert parking.encode_parked_lines(lines) == value
     assert sorted(client.zrange(Keys("contract").parked, 0, -1)) == sorted(map(encode_parked, lines))
 
 

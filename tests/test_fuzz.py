@@ -24,18 +24,15 @@ from redbike.csvfile import CsvError
 from redbike.names import BadName
 from redbike.nodeconfig import NodeConfigError, load_node_config
 from redbike.nodesources import SourceError, parse_csv, parse_objects
+from redbike.parking import decode_aside, decode_parked, decode_parking, decode_ready
 from redbike.records import (
     DataError,
     RecordError,
-    decode_aside,
     decode_finished,
     decode_job,
     decode_lease,
     decode_needs,
-    decode_parked,
-    decode_parking,
     decode_pending,
-    decode_ready,
     decode_status,
     decode_trail_event,
     parse_data,

@@ -45,14 +45,9 @@ from test_jobs import NOW, Env
 from redbike.claims import Rotation
 from redbike.nodeconfig import load_node_config
 from redbike.nodes import Node
+from redbike.parking import encode_parked, parked_lines
 from redbike.reconcile import Reconciler
-from redbike.records import (
-    decode_alternatives,
-    decode_job,
-    decode_lease,
-    encode_parked,
-    parked_lines,
-)
+from redbike.records import decode_alternatives, decode_job, decode_lease
 from redbike.resources import parse_amounts
 from redbike.slots import Running
 from redbike.states import Outcome

@@ -17,14 +17,9 @@ from redbike.claims import Rotation
 from redbike.nodeconfig import load_node_config, needs_on_paths
 from redbike.nodes import Forest, Node
 from redbike.nodesources import parse_csv, parse_objects
+from redbike.parking import parked_lines
 from redbike.reconcile import Reconciler
-from redbike.records import (
-    ALTERNATIVES_SEP,
-    decode_alternatives,
-    decode_lease,
-    encode_alternatives,
-    parked_lines,
-)
+from redbike.records import ALTERNATIVES_SEP, decode_alternatives, decode_lease, encode_alternatives
 from redbike.slots import Running
 from redbike.states import Outcome
 

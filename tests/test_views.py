@@ -20,15 +20,8 @@ from conftest import ROOT, RedisServer, redbike_command, server_binary, wait_for
 
 from redbike import Redbike, RoundRobin, overview, registry
 from redbike.keys import Keys
-from redbike.records import (
-    Aside,
-    LeaseRecord,
-    Parked,
-    encode_aside,
-    encode_lease,
-    encode_parked,
-    error_record,
-)
+from redbike.parking import Aside, Parked, encode_aside, encode_parked
+from redbike.records import LeaseRecord, encode_lease, error_record
 
 
 @pytest.fixture

@@ -89,12 +89,12 @@ L.LAST = '\255' -- sorts after every byte a resource or queue name can hold
 L.MAX_AMOUNT = 1000000000 -- most of a resource one job may need (resources.MAX_AMOUNT)
 L.MAX_CAPACITY = 1000000000000 -- largest capacity (resources.MAX_CAPACITY)
 L.CLEAR_NEEDS = 'none' -- set.lua's needs argument that drops the stored needs (records.CLEAR_NEEDS)
-L.AMOUNT_DIGITS = 10 -- an amount in an aside member, zero-padded (records.AMOUNT_DIGITS)
+L.AMOUNT_DIGITS = 10 -- an amount in an aside member, zero-padded (parking.AMOUNT_DIGITS)
 L.ASIDE_LOOK = 16 -- jobs set aside for a local resource one idle claim looks at
 L.MAX_TIME = 1e18 -- bound of a time or a number of seconds: '%d' still writes it
 L.ALTERNATIVES_SEP = ' ' -- between the needs of a job's alternative paths (records.ALTERNATIVES_SEP)
 L.MAX_PATHS = 16 -- alternative paths one job may have (records.MAX_PATHS)
-L.LINES_SEP = '\n' -- between the parked members of a job in several lines (records.LINES_SEP)
+L.LINES_SEP = '\n' -- between the parked members of a job in several lines (parking.LINES_SEP)
 
 -- Numbers written into records and increments: '%d', never Lua's '%.14g'
 -- (2e+14 cannot be read back as an integer).

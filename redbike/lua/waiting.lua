@@ -269,7 +269,7 @@ end
 
 -- Put a job in line for each of `resources`, all at its place `seq` (kept
 -- from an earlier wait) or at the back; its parking value lists every
--- member, LINES_SEP between them (records.encode_parked_lines).
+-- member, LINES_SEP between them (parking.encode_parked_lines).
 function L.park_lines(jobid, resources, queue_name, seq)
   seq = L.new_seq(seq)
   local members = {}

@@ -15,8 +15,9 @@ import redis
 from ..api import Redbike
 from ..explain import readable_needs, running_leases
 from ..keys import Keys
+from ..parking import decode_aside, decode_parked
 from ..preview import preview
-from ..records import RecordError, decode_aside, decode_parked
+from ..records import RecordError
 from ..schedules import ScheduleError, parse_schedule
 
 WAITERS_SHOWN = 20  # jobs in line for a resource listed, with a count of all
