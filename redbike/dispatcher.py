@@ -30,7 +30,7 @@ from . import stats
 from .events import Events, LogEvents, Subscriber, tell_retry
 from .keys import Keys
 from .occurrences import Retry
-from .outage import Outage
+from .outage import Outage, retried
 from .records import JobRecord, RecordError, decode_job, decode_lease, error_record, lease_token
 from .registry import REFRESH_SECONDS, Registration
 from .roundrobin import Lease
@@ -310,14 +310,20 @@ class Dispatcher:
 
     def run(self) -> None:
         """Dispatch until HALT or a signal."""
-        self.control_seen = cast(str, self.client.get(self.keys.control) or "")
-        pubsub = subscribe(self.client, [self.keys.control, self.keys.dispatcher_channel])
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self.stop)
             signal.signal(signal.SIGINT, self.stop)
+        outage = Outage(log, f"dispatcher {self.identity}")
+        started = retried(lambda: (self.client.get(self.keys.control),
+                                   subscribe(self.client, [self.keys.control, self.keys.dispatcher_channel])),
+                          outage, self.stopping.is_set)
+        if started is None:
+            log.info("dispatcher %s stopped before it started", self.identity)
+            return
+        control, pubsub = started
+        self.control_seen = cast(str, control or "")
         log.info("dispatcher %s started", self.identity)
         retry_in = 0.0  # seconds to wait after a Redis error; 0 while all is well
-        outage = Outage(log, f"dispatcher {self.identity}")
         try:
             while not self.stopping.is_set():
                 try:

@@ -11,6 +11,11 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from typing import TypeVar
+
+import redis
+
+T = TypeVar("T")
 
 REPEAT_SECONDS = 60.0
 
@@ -50,3 +55,26 @@ class Outage:
             self.log.info("%s: Redis reachable again after %.1fs (%d failed tries)",
                           self.what, self.clock() - self.since, self.tries)
             self.since, self.tries = None, 0
+
+
+def retried(step: Callable[[], T], outage: Outage, stopped: Callable[[], bool]) -> T | None:
+    """``step()``, tried again (backing off up to 5 s) while it fails because
+    Redis cannot be reached: a daemon's first commands, which a Redis restart
+    can hit right after the daemon found Redis up. None if ``stopped()``
+    before it succeeded."""
+    retry_in = 0.0
+    while not stopped():
+        try:
+            result = step()
+        except (redis.ConnectionError, redis.TimeoutError) as exc:  # BusyLoadingError too: a restart reading its AOF
+            retry_in = min(retry_in * 2 or 0.1, 5.0)
+            outage.failed(exc, retry_in)
+            waited = 0.0
+            while waited < retry_in and not stopped():  # a signal ends the wait within 0.1 s
+                time.sleep(0.1)
+                waited += 0.1
+            continue
+        if retry_in:
+            outage.recovered()
+        return result
+    return None

@@ -29,7 +29,7 @@ from .claims import GRACE_SECONDS, LEASE_LOST, LEASE_SECONDS, Claims
 from .events import Events, LogEvents, tell_retry
 from .keys import Keys
 from .occurrences import Retry
-from .outage import Outage
+from .outage import Outage, retried
 from .registry import REFRESH_SECONDS, Registration, slot_runs
 from .roundrobin import RoundRobin
 from .scripts import Retention, subscribe
@@ -385,20 +385,28 @@ class WorkerPool:
 
     def run(self) -> None:
         """Work until HALT or a signal."""
-        self.claims.control_seen = cast(str, self.client.get(self.keys.control) or "")
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self.stop)
+            signal.signal(signal.SIGINT, self.stop)
+        outage = Outage(log, f"worker {self.identity}")
+        control = retried(lambda: self.client.get(self.keys.control) or "", outage, lambda: self.stopping)
+        if control is None:
+            log.info("worker %s stopped before it started", self.identity)
+            return
+        self.claims.control_seen = cast(str, control)
         # The lock's file lives exactly as long as run(): a pool that never
         # runs (a test's) makes none.
         if self.claims.local_capacity:
             self.claims.local_lock = LocalLock()
         try:
-            self._run()
+            self._run(outage)
         finally:
             if self.claims.local_lock is not None:
                 self.claims.local_lock.remove()
                 self.claims.local_lock = None
         log.info("worker %s stopped after %d job(s)", self.identity, self.jobs_done)
 
-    def _run(self) -> None:
+    def _run(self, outage: Outage) -> None:
         # Forked while this is still the process's only thread (see slots.py),
         # with the title it keeps. A pool run in a thread beside other roles
         # (the demo, tests) leaves the process's title alone.
@@ -411,13 +419,14 @@ class WorkerPool:
         channels = [self.keys.queue_channel(name) for name in set(self.queue_names)]
         # Subscribed before the first claim, so no wake-up can fall in between.
         try:
-            pubsub = subscribe(self.client, [self.keys.control, *channels])
+            pubsub = retried(lambda: subscribe(self.client, [self.keys.control, *channels]), outage,
+                             lambda: self.stopping)
         except BaseException:
             self.zygote.close()
             raise
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, self.stop)
-            signal.signal(signal.SIGINT, self.stop)
+        if pubsub is None:
+            self.zygote.close()
+            return
         threads = [threading.Thread(target=self._listen, args=(pubsub,), daemon=True, name="redbike-listen")]
         threads.append(threading.Thread(target=self._heartbeat, daemon=True, name="redbike-heartbeat"))
         watchers = [threading.Thread(target=self._watch, args=(i,), name=f"redbike-slot-{i}") for i in range(self.concurrency)]

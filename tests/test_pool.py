@@ -10,7 +10,8 @@ import threading
 import time
 
 import redis
-from conftest import ROOT, wait_for
+from conftest import ROOT, server_binary, wait_for
+from servers import Server
 
 from redbike import Redbike, RoundRobin
 from redbike.dispatcher import Dispatcher
@@ -158,3 +159,35 @@ def test_a_flushed_script_cache_is_reloaded_on_the_hot_path(client: redis.Redis,
         bike.control()
         thread.join(10)
     assert not thread.is_alive()
+
+
+def test_daemons_whose_first_commands_find_redis_down_wait_for_it(tmp_path, prefix: str, caplog) -> None:
+    """A Redis restart right after a daemon found Redis up used to hit its
+    first commands (the control key, the subscription), and the daemon died
+    (the fault campaign, seed 509134): they are now retried as its loops
+    retry, and the daemon goes on once Redis is back."""
+    server = Server(tmp_path / "redis", [], command=[server_binary()])  # not started: its port refuses
+    client = redis.Redis(host="127.0.0.1", port=server.port, decode_responses=True)
+    worker = Noop("A")
+    keys = Redbike(worker, prefix=prefix, client=client).keys
+    pool = WorkerPool(client, keys, worker)
+    dispatcher = Dispatcher(client, keys, worker.queue_for)
+    threads = [start(pool), threading.Thread(target=dispatcher.run)]
+    threads[1].start()
+    try:
+        wait_for(lambda: f"worker {pool.identity}: Redis error" in caplog.text
+                 and f"dispatcher {dispatcher.identity}: Redis error" in caplog.text, what="both to find Redis down")
+        assert all(thread.is_alive() for thread in threads)
+        server.start()
+        bike = Redbike(worker, prefix=prefix, client=server.client())
+        bike.set("after:A", "NOW")
+        wait_for(lambda: pool.jobs_done == 1, timeout=20, what="the worker to run the job set once Redis was up")
+        wait_for(lambda: dispatcher.token is not None, what="the dispatcher to lead")
+        bike.control()
+        for thread in threads:
+            thread.join(15)
+        assert not any(thread.is_alive() for thread in threads)
+    finally:
+        dispatcher.stop()
+        pool.stop()
+        server.kill()
