@@ -29,7 +29,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import redis
 
@@ -263,8 +263,14 @@ class Campaign:
         self.redis.kill()
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        """Bad input: one line on stderr, exit 2."""
+        self.exit(2, f"{self.prog}: {message}\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m redbike.chaos", description=__doc__.split("\n\n")[0])
+    parser = _Parser(prog="python -m redbike.chaos", description=__doc__.split("\n\n")[0])
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--duration", type=float, default=100.0, help="seconds of faults (default 100)")
     parser.add_argument("--workers", type=int, default=3, help="redbike work processes (default 3)")
