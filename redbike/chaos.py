@@ -251,6 +251,7 @@ class Campaign:
             "runs": len(runs),
             "runs_completed": sum(run.end is not None for run in runs),
             "explained": dict(findings.explained),
+            "explained_cases": findings.cases,
             "notes": notes,
         }
         return findings.violations, summary

@@ -65,6 +65,11 @@ class Job:
 class Findings:
     violations: list[str] = field(default_factory=list)
     explained: Counter[str] = field(default_factory=Counter)  # allowed oddities, by why
+    cases: list[str] = field(default_factory=list)  # each of them, one line
+
+    def allow(self, why: str, case: str) -> None:
+        self.explained[why] += 1
+        self.cases.append(f"{case}: {why}")
 
     @property
     def passed(self) -> bool:
@@ -77,15 +82,13 @@ def _key(due: float | None) -> float | None:
 
 def explanation(run: Run, faults: Iterable[Fault], until: float) -> str | None:
     """Why ``run`` may have been cut off between its start and ``until``: the
-    kind of fault that hit its worker (or Redis) then, else None."""
-    for fault in faults:
-        if fault.start > until or fault.end < run.start:
-            continue
+    kind of fault that hit its worker then (first), else a Redis restart
+    then, else None."""
+    during = [fault for fault in faults if fault.start <= until and fault.end >= run.start]
+    for fault in during:
         if fault.kind in (KILL_WORKER, STOP_WORKER) and fault.target == run.worker:
             return fault.kind
-        if fault.kind == RESTART_REDIS:
-            return fault.kind
-    return None
+    return RESTART_REDIS if any(fault.kind == RESTART_REDIS for fault in during) else None
 
 
 def _stopped(run: Run, faults: list[Fault], until: float) -> bool:
@@ -115,7 +118,7 @@ def check_runs(runs: list[Run], faults: list[Fault], findings: Findings) -> None
                     findings.violations.append(f"{jobid}: run {run.token} on {run.worker} did not complete "
                                                "and no fault explains it")
                 else:
-                    findings.explained[f"run cut off ({why})"] += 1
+                    findings.allow(f"run cut off ({why})", f"{jobid}: run {run.token} on {run.worker}")
         completed: dict[float | None, list[Run]] = defaultdict(list)
         for run in job_runs:
             if run.end is not None and run.due is not None:
@@ -129,14 +132,20 @@ def check_runs(runs: list[Run], faults: list[Fault], findings: Findings) -> None
                                            f"({reasons.count(None)} runs with no crash to explain them: "
                                            f"{', '.join(r.token for r, why in zip(done, reasons, strict=True) if why is None)})")
             else:
-                findings.explained[f"completed again ({next(why for why in reasons if why)})"] += len(done) - 1
+                repeated = [(run, why) for run, why in zip(done, reasons, strict=True) if why is not None]
+                if None not in reasons:  # every run was hit: one of them (say the last) is the one that took
+                    repeated.pop()
+                for run, why in repeated:
+                    findings.allow(f"completed again ({why})",
+                                   f"{jobid}: occurrence {due}, run {run.token} on {run.worker}")
         for i, first in enumerate(job_runs):
             end = _end_of(first, faults)
             for later in job_runs[i + 1:]:
                 if later.start >= end:
                     break
                 if _stopped(first, faults, later.start):
-                    findings.explained["overlap (zombie: worker stopped past its lease)"] += 1
+                    findings.allow("overlap (zombie: worker stopped past its lease)",
+                                   f"{jobid}: run {first.token} on {first.worker} and {later.token} on {later.worker}")
                 else:
                     findings.violations.append(
                         f"{jobid}: runs overlap: {first.token} on {first.worker} ({first.start:.3f} to {end:.3f}) "
