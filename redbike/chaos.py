@@ -121,6 +121,9 @@ class Campaign:
                 csv.write(f"{jobid},{schedule},{needs},once,10\n")
                 self.jobs[jobid] = kind
         self.start(self.dispatchers[0], ("--schedules", "jobs.csv"))
+        # No fault before the load is in: a restarted dispatcher does not load it again.
+        if not self.wait(lambda: all(self.status_of(jobid) for jobid in self.jobs), 60):
+            raise RuntimeError("the jobs were not all set within 60 s of `redbike dispatch --schedules`")
         self.start(self.dispatchers[1])
         for worker in self.workers:
             self.start(worker)
