@@ -230,21 +230,25 @@ class Campaign:
         checked_at = time.time()
         live = {jobid: self.status_of(jobid) for jobid in self.jobs}
         in_use = self.in_use()
-        halted = self.redbike("control", "HALT")
-        if halted.returncode:
-            notes.append(f"redbike control HALT failed: {halted.stderr.strip()}")
+        halt = self.redbike("control", "HALT")
+        if halt.returncode:
+            notes.append(f"redbike control HALT failed: {halt.stderr.strip()}")
+        clean_halt = True
         for daemon in self.workers + self.dispatchers:
             if not daemon.wait_exit(60):
+                clean_halt = False
                 notes.append(f"{daemon.name} did not stop within 60 s of HALT: killed")
                 daemon.kill()
                 self.faults.append(Fault(KILL_WORKER if daemon in self.workers else KILL_DISPATCHER,
                                          daemon.name, time.time(), time.time()))
         jobs = []
         for jobid, kind in self.jobs.items():
-            told, ledger = live[jobid], self.status_of(jobid).get("ledger", {})
+            told, halted = live[jobid], self.status_of(jobid)
+            ledger = halted.get("ledger", {})
             status = decode_status(told["status"])[0] if told.get("status") else None
             jobs.append(Job(jobid, kind, status, told.get("next_run"), int(ledger.get("fired", 0)),
-                            ledger.get("last_due")))
+                            ledger.get("last_due"), "lease" in halted if clean_halt else None))
+        in_use.update({f"{resource} (after the halt)": used for resource, used in self.in_use().items()})
         runs = read_runs(str(self.records))
         findings = check(runs, self.faults, jobs, in_use, checked_at)
         summary = {

@@ -51,7 +51,8 @@ class Fault:
 class Job:
     """A job of the campaign: ``kind`` oneoff, recurring or continue; its
     status event and next run once settled (before the halt), its ledger
-    once every process stopped."""
+    and whether it was still leased once every process stopped (None: some
+    process had to be killed, so a lease may be left to a reaper)."""
 
     jobid: str
     kind: str
@@ -59,6 +60,7 @@ class Job:
     next_run: float | None
     fired: int
     last_due: float | None
+    leased_after_halt: bool | None = False
 
 
 @dataclass
@@ -171,6 +173,8 @@ def check_jobs(jobs: list[Job], runs: list[Run], checked_at: float, findings: Fi
                 job.next_run is None or not checked_at - NEXT_RUN_LAG <= job.next_run <= checked_at + NEXT_RUN_AHEAD):
             findings.violations.append(f"{job.jobid}: {job.kind} job out of circulation: status {job.status}, "
                                        f"next run {job.next_run} (checked at {checked_at:.3f})")
+        if job.leased_after_halt:
+            findings.violations.append(f"{job.jobid}: still leased after every process stopped on HALT")
         occurrences = {_key(run.due) for run in job_runs if run.due is not None}
         if job.last_due is not None:
             occurrences.add(_key(job.last_due))

@@ -95,6 +95,14 @@ def test_an_occurrence_fired_twice_or_fired_and_lost_is_reported() -> None:
     assert violations(runs, [recurring("r:a", fired=2, last_due=T + 1)]) == []
 
 
+def test_a_lease_left_after_a_clean_halt_is_reported() -> None:
+    runs = [run("r:a", "t1", T, T + 0.2)]
+    leased = Job("r:a", "recurring", "WRK", None, 1, T, leased_after_halt=True)
+    assert violations(runs, [leased]) == ["r:a: still leased after every process stopped on HALT"]
+    # Not when a process had to be killed at the end: the lease is the reaper's then.
+    assert violations(runs, [Job("r:a", "recurring", "WRK", None, 1, T, leased_after_halt=None)]) == []
+
+
 def test_a_resource_left_in_use_is_reported() -> None:
     assert violations([], [], in_use={"chaos:db": 1, "other": 0}) == ["resource chaos:db: 1 still in use at the end"]
 
