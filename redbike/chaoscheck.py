@@ -24,6 +24,9 @@ from redbike.chaosworker import Run
 
 FINISH_SLACK = 2.0  # seconds after a run's end in which its finish may still be in flight
 LIVE_STATUSES = ("TML", "ENQ", "WRK", "EXP", "RTY")  # a recurring job in circulation
+# A killed worker's slots go on for a moment until its zygote kills them: a
+# run they claimed just before may even start (by a few ms) after the kill.
+DEATH_LAG = 1.0
 NEXT_RUN_LAG = 30.0  # a recurring job's next run may be this late (dispatchers stopped or killed)
 NEXT_RUN_AHEAD = 120.0  # and at most this far ahead (the schedules run each minute at least)
 
@@ -86,10 +89,11 @@ def explanation(run: Run, faults: Iterable[Fault], until: float) -> str | None:
     """Why ``run`` may have been cut off between its start and ``until``: the
     kind of fault that hit its worker then (first), else a Redis restart
     then, else None."""
-    during = [fault for fault in faults if fault.start <= until and fault.end >= run.start]
-    for fault in during:
-        if fault.kind in (KILL_WORKER, STOP_WORKER) and fault.target == run.worker:
+    for fault in faults:
+        if (fault.kind in (KILL_WORKER, STOP_WORKER) and fault.target == run.worker
+                and fault.start <= until and fault.end >= run.start - DEATH_LAG):
             return fault.kind
+    during = [fault for fault in faults if fault.start <= until and fault.end >= run.start]
     return RESTART_REDIS if any(fault.kind == RESTART_REDIS for fault in during) else None
 
 

@@ -75,6 +75,10 @@ def test_overlapping_runs_are_reported_unless_the_first_was_a_zombie() -> None:
     cut = [run("r:a", "t1", T, None, due=T), run("r:a", "t2", T + 0.3, T + 0.4, due=T + 2, worker="w1.0")]
     assert violations(cut, jobs, (Fault(KILL_WORKER, "w0.0", T + 0.2, T + 0.2),)) == []
     assert any("did not complete and no fault explains it" in line for line in violations(cut, jobs))
+    # A slot may start the run it had claimed a moment after its worker was killed (seed 10).
+    late = [run("r:a", "t1", T, None, due=T), run("r:a", "t2", T + 7, T + 7.4, due=T, worker="w1.0")]
+    assert violations(late, [recurring("r:a", 1, T)], (Fault(KILL_WORKER, "w0.0", T - 0.01, T - 0.01),)) == []
+    assert violations(late, [recurring("r:a", 1, T)], (Fault(KILL_WORKER, "w0.0", T - 5, T - 5),))
 
 
 def test_a_recurring_job_out_of_circulation_is_reported() -> None:
