@@ -296,6 +296,9 @@ def main(argv: list[str] | None = None) -> int:
         campaign.setup()
         campaign.run_faults()
         violations, summary = campaign.settle_and_check()
+    except (RuntimeError, OSError, redis.RedisError) as exc:  # the campaign itself failed: no verdict
+        print(f"seed {seed}: the campaign could not run: {exc} (logs in {folder})", file=sys.stderr)
+        return 1
     finally:
         campaign.cleanup()
     report = {"seed": seed, "duration": args.duration, "workers": args.workers, "slots_per_worker": SLOTS,
