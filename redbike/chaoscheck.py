@@ -97,9 +97,11 @@ def explanation(run: Run, faults: Iterable[Fault], until: float) -> str | None:
     return RESTART_REDIS if any(fault.kind == RESTART_REDIS for fault in during) else None
 
 
-def _stopped(run: Run, faults: list[Fault], until: float) -> bool:
-    return any(f.kind == STOP_WORKER and f.target == run.worker and f.start <= until and f.end >= run.start
-               for f in faults)
+def _stop_of(run: Run, faults: list[Fault], until: float) -> Fault | None:
+    """The last SIGSTOP of ``run``'s worker between its start and ``until``."""
+    stops = [f for f in faults if f.kind == STOP_WORKER and f.target == run.worker and f.start <= until
+             and f.end >= run.start]
+    return max(stops, key=lambda f: f.start) if stops else None
 
 
 def _end_of(run: Run, faults: list[Fault]) -> float:
@@ -149,9 +151,12 @@ def check_runs(runs: list[Run], faults: list[Fault], findings: Findings) -> None
             for later in job_runs[i + 1:]:
                 if later.start >= end:
                     break
-                if _stopped(first, faults, later.start):
+                stop = _stop_of(first, faults, later.start)
+                if stop is not None:
+                    # How long the zombie went on once resumed: the README says "a moment at most".
                     findings.allow("overlap (zombie: worker stopped past its lease)",
-                                   f"{jobid}: run {first.token} on {first.worker} and {later.token} on {later.worker}")
+                                   f"{jobid}: run {first.token} on {first.worker} and {later.token} on "
+                                   f"{later.worker}; went on {end - stop.end:.3f} s after SIGCONT")
                 else:
                     findings.violations.append(
                         f"{jobid}: runs overlap: {first.token} on {first.worker} ({first.start:.3f} to {end:.3f}) "
