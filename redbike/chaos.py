@@ -100,6 +100,7 @@ class Campaign:
         self.faults: list[Fault] = []
         self.jobs: dict[str, str] = {}  # jobid -> kind
         self.cli_sets = 0
+        self.exits: list[str] = []  # daemons that exited by themselves, and why
         self.bike: Redbike | None = None
 
     def redbike(self, *args: str) -> subprocess.CompletedProcess[str]:
@@ -129,7 +130,7 @@ class Campaign:
             self.start(worker)
 
     def inject(self, now: float, pending: list[tuple[float, Callable[[], None]]]) -> None:
-        """One fault now; what ends it (SIGCONT, a start again) goes to ``pending``."""
+        """One fault now; its SIGCONT goes to ``pending``, a killed daemon is started again by supervise."""
         kind = self.rng.choices(list(FAULT_WEIGHTS), weights=list(FAULT_WEIGHTS.values()))[0]
         if kind == RESTART_REDIS:
             self.redis.kill()
@@ -157,7 +158,7 @@ class Campaign:
         if kind in (KILL_WORKER, KILL_DISPATCHER):
             daemon.kill()
             self.faults.append(Fault(kind, name, now, now))
-            pending.append((now + self.rng.uniform(0.5, 3.0), lambda: self.start(daemon)))
+            daemon.restart_at = now + self.rng.uniform(0.5, 3.0)
         else:
             daemon.stop()
             length = self.rng.uniform(1.0, 10.0)
@@ -181,13 +182,29 @@ class Campaign:
             time.sleep(1)
         raise RuntimeError(f"redbike set {jobid} {schedule} failed 30 times")
 
+    def supervise(self, now: float) -> None:
+        """Start again what was killed (when due) and what exited by itself
+        (a second later, as a service manager would: a daemon started while
+        Redis was down exits at once)."""
+        for daemon in self.workers + self.dispatchers:
+            if daemon.process is None or daemon.running or daemon.stopped:  # not started yet, or fine
+                continue
+            if daemon.restart_at is None:
+                code = daemon.process.returncode if daemon.process else None
+                self.exits.append(f"{daemon.name} exited by itself (code {code}): {daemon.last_line()[-200:]}")
+                daemon.restart_at = now + 1.0
+            elif now >= daemon.restart_at:
+                daemon.restart_at = None
+                self.start(daemon)
+
     def run_faults(self) -> None:
         end = time.time() + self.duration
         pending: list[tuple[float, Callable[[], None]]] = []
         next_fault = time.time() + self.rng.expovariate(1 / FAULT_GAP)
         next_set = time.time() + 3
-        while time.time() < end or pending:
+        while time.time() < end or pending or any(d.restart_at for d in self.workers + self.dispatchers):
             now = time.time()
+            self.supervise(now)
             for item in [p for p in pending if p[0] <= now]:
                 pending.remove(item)
                 item[1]()
@@ -202,6 +219,7 @@ class Campaign:
     def wait(self, condition: Callable[[], bool], timeout: float) -> bool:
         deadline = time.time() + timeout
         while time.time() < deadline:
+            self.supervise(time.time())
             try:
                 if condition():
                     return True
@@ -260,6 +278,7 @@ class Campaign:
             "explained": dict(findings.explained),
             "explained_cases": findings.cases,
             "notes": notes,
+            "exited_by_themselves": self.exits,
         }
         return findings.violations, summary
 
@@ -309,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"jobs: {json.dumps(summary['jobs'], sort_keys=True)} (+{summary['set_from_cli']} tried with redbike set);"
           f" runs {summary['runs']}, completed {summary['runs_completed']}")
     print(f"allowed by the README: {json.dumps(summary['explained'], sort_keys=True)}")
+    print(f"daemons that exited by themselves (started again): {len(summary['exited_by_themselves'])}")
     for note in summary["notes"]:
         print(f"note: {note}")
     if args.report:

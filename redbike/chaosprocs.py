@@ -88,6 +88,8 @@ class Daemon:
         self.incarnation = -1
         self.process: subprocess.Popen[bytes] | None = None
         self.stopped: list[int] = []  # the pids SIGSTOPped, until SIGCONT
+        self.restart_at: float | None = None  # killed: when to start it again
+        self.log: Path | None = None
 
     @property
     def name(self) -> str:
@@ -99,10 +101,15 @@ class Daemon:
 
     def start(self, folder: Path, env: dict[str, str], extra: tuple[str, ...] = ()) -> None:
         self.incarnation += 1
-        with open(folder / "logs" / f"{self.name}.log", "wb") as log:
+        self.log = folder / "logs" / f"{self.name}.log"
+        with open(self.log, "wb") as log:
             self.process = subprocess.Popen([sys.executable, "-m", "redbike", *self.args, *extra], cwd=folder,
                                             env={**env, WORKER_VARIABLE: self.name}, stdout=log,
                                             stderr=subprocess.STDOUT, start_new_session=True)
+
+    def last_line(self) -> str:
+        lines = self.log.read_text(errors="replace").strip().splitlines() if self.log else []
+        return lines[-1] if lines else ""
 
     def kill(self) -> None:
         if self.running and self.process is not None:
