@@ -153,10 +153,13 @@ def check_runs(runs: list[Run], faults: list[Fault], findings: Findings) -> None
                     break
                 stop = _stop_of(first, faults, later.start)
                 if stop is not None:
-                    # How long the zombie went on once resumed: the README says "a moment at most".
+                    # How long the zombie went on once resumed (the README says "a moment at
+                    # most"): known only if it wrote its end; a cut-off run's end is not recorded.
+                    went_on = (f"went on {first.end - stop.end:.3f} s after SIGCONT" if first.end is not None
+                               else "cut off after SIGCONT (its end not recorded)")
                     findings.allow("overlap (zombie: worker stopped past its lease)",
                                    f"{jobid}: run {first.token} on {first.worker} and {later.token} on "
-                                   f"{later.worker}; went on {end - stop.end:.3f} s after SIGCONT")
+                                   f"{later.worker}; {went_on}")
                 else:
                     findings.violations.append(
                         f"{jobid}: runs overlap: {first.token} on {first.worker} ({first.start:.3f} to {end:.3f}) "
