@@ -1,0 +1,74 @@
+"""A Redis Cluster the cluster tests start themselves: three primaries and
+three replicas of Debian's redis-server 7 (cluster-enabled) on loopback
+ports, joined by ``redis-cli --cluster create``. No binary is a failure,
+never a skip."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import redis
+from conftest import free_port, wait_for
+from servers import Server, redis7_binary
+
+NODES = 6  # three primaries, each with one replica
+
+
+def redis_cli() -> str:
+    """The redis-cli next to the server binary, else on PATH."""
+    beside = os.path.join(os.path.dirname(redis7_binary()), "redis-cli")
+    found = beside if os.access(beside, os.X_OK) else shutil.which("redis-cli")
+    if not found:
+        pytest.fail("no redis-cli to create the test cluster (apt-get install redis-tools)")
+    return found
+
+
+def cluster_ok(server: Server) -> bool:
+    """CLUSTER INFO of ``server`` says the cluster serves every slot."""
+    try:
+        info = server.client().execute_command("CLUSTER INFO")
+    except redis.ConnectionError:
+        return False
+    # redis-py parses the reply into a dict
+    return bool(info.get("cluster_state") == "ok") if isinstance(info, dict) else "cluster_state:ok" in str(info)
+
+
+class Cluster:
+    """NODES cluster-enabled servers in ``folder``, made one cluster by start()."""
+
+    def __init__(self, folder: Path) -> None:
+        self.nodes = [
+            # cluster-port: the bus on a free port of its own (by default the
+            # port + 10000, which may be taken, or above 65535).
+            Server(folder / f"node{n}", [], config=f"cluster-enabled yes\ncluster-port {free_port()}\n"
+                   "cluster-node-timeout 2000\ncluster-config-file nodes.conf\n")
+            for n in range(NODES)
+        ]
+
+    def start(self) -> Cluster:
+        for node in self.nodes:
+            node.start()
+        addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
+        created = subprocess.run([redis_cli(), "--cluster", "create", *addresses, "--cluster-replicas", "1",
+                                  "--cluster-yes"], check=False, capture_output=True, text=True, timeout=60)
+        assert created.returncode == 0, created.stdout[-2000:] + created.stderr[-2000:]
+        for node in self.nodes:
+            wait_for(lambda node=node: cluster_ok(node), timeout=30, what=f"cluster_state:ok on port {node.port}")
+        return self
+
+    @property
+    def url(self) -> str:
+        """A redis+cluster:// URL naming two of the nodes (any one would do)."""
+        return f"redis+cluster://127.0.0.1:{self.nodes[0].port},127.0.0.1:{self.nodes[1].port}"
+
+    def client(self) -> redis.RedisCluster:
+        node = self.nodes[0]
+        return redis.RedisCluster(host="127.0.0.1", port=node.port, decode_responses=True)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.kill()
