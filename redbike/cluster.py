@@ -23,6 +23,8 @@ commands wait (the client's and the slot's backoff) until it completes.
 
 from __future__ import annotations
 
+import copy
+import inspect
 import threading
 from typing import Any
 
@@ -102,7 +104,7 @@ class SlotConnection(redis.connection.Connection):
         except _REDIRECTS as exc:
             self.slot_pool.stale = True
             self.disconnect()  # type: ignore[no-untyped-call]
-            raise redis.ConnectionError(f"{exc} (asking the cluster where the slot is)") from exc
+            raise redis.ConnectionError(f"{type(exc).__name__} {exc} (asking the cluster where the slot is)") from exc
         except (redis.ConnectionError, redis.TimeoutError):
             self.slot_pool.stale = True
             raise
@@ -131,6 +133,9 @@ def client_for(kwargs: dict[str, Any], key: str) -> redis.Redis:
     kwargs = dict(kwargs)
     nodes = kwargs.pop("cluster")
     decode = kwargs.pop("decode_responses", True)
+    # The retries a redis.Redis made from settings gives its connections (not
+    # one made from a pool): a MOVED or a lost primary is retried as there.
+    kwargs.setdefault("retry", copy.deepcopy(inspect.signature(redis.Redis.__init__).parameters["retry"].default))
     pool = SlotPool(nodes, key, decode_responses=decode, **kwargs)
     return redis.Redis(connection_pool=pool, decode_responses=decode)
 

@@ -72,3 +72,24 @@ class Cluster:
     def stop(self) -> None:
         for node in self.nodes:
             node.kill()
+
+
+def node_id(server: Server) -> str:
+    return str(server.client().execute_command("CLUSTER MYID"))
+
+
+def move_slot(slot: int, source: Server, target: Server, other_primaries: list[Server]) -> int:
+    """Move ``slot`` from primary ``source`` to primary ``target`` as
+    ``redis-cli --cluster reshard`` does (IMPORTING, MIGRATING, MIGRATE the
+    keys in batches, then NODE everywhere); returns how many keys moved."""
+    source_id, target_id = node_id(source), node_id(target)
+    to, back = target.client(), source.client()
+    to.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", source_id)
+    back.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", target_id)
+    moved = 0
+    while keys := back.execute_command("CLUSTER GETKEYSINSLOT", slot, 10):
+        back.execute_command("MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", *keys)
+        moved += len(keys)
+    for server in (target, source, *other_primaries):  # the replicas learn it from them
+        server.client().execute_command("CLUSTER SETSLOT", slot, "NODE", target_id)
+    return moved

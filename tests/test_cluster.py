@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import redis
-from cluster import Cluster
+from cluster import Cluster, move_slot
 from conftest import wait_for
 from servers import Server, write_redis_config
 from test_processes import cli, cli_ok, halt, records, runs
@@ -147,3 +147,37 @@ def test_daemons_on_a_cluster(tmp_path, cluster, tagged, client, daemons, testlo
     assert "cmdstat_evalsha" in owner_of(cluster, tagged).client().info("commandstats")
     halt(home, process_env, dispatcher, worker)
     _check_runs(client, testlog, one_offs)
+
+
+def test_daemons_follow_their_slot_to_another_primary(tmp_path, cluster, tagged, client, daemons, testlog,
+                                                      process_env):
+    home = home_for(tmp_path, cluster, tagged)
+    bike = Redbike(RoundRobin(), prefix=tagged, redis_config=load_config(str(home / ".redbike.conf")).redis)
+    dispatcher, worker, one_offs = _drain(home, daemons, process_env, bike)
+
+    def ended() -> set[str]:
+        return {r["job"] for r in records(client, testlog) if r["event"] == "end"}
+
+    wait_for(lambda: len(ended() & set(one_offs)) >= 5, timeout=20, what="some one-offs to run")
+    source = owner_of(cluster, tagged)
+    primaries = [node for node in cluster.nodes if node.client().info("replication")["role"] == "master"]
+    target = next(node for node in primaries if node is not source)
+    slot = cluster.client().keyslot(Keys(tagged).schedules)
+    assert move_slot(slot, source, target, [node for node in primaries if node not in (source, target)]) > 5
+    assert owner_of(cluster, tagged) is target
+    assert not ended() >= set(one_offs), "the jobs all ran before the slot moved: make them longer"
+    later = [f"later-{n}:A" for n in range(10)]
+    for jobid in later:  # through the API's client, which follows the slot too
+        bike.set(jobid, "NOW")
+    wait_for(lambda: {*one_offs, *later} <= ended(), timeout=60, what="every one-off to run")
+    moved_at = sum(1 for r in records(client, testlog) if r["job"] == "secondly:B" and r["event"] == "end")
+    wait_for(lambda: sum(1 for r in records(client, testlog) if r["job"] == "secondly:B" and r["event"] == "end")
+             >= moved_at + 3, timeout=20, what="the per-second job to run on the new primary")
+    # The daemons work on the slot's new primary: their scripts run there, and
+    # the old one has none of the job space's keys.
+    assert "cmdstat_evalsha" in target.client().info("commandstats")
+    assert not list(source.client().scan_iter(match=f"{tagged}*"))
+    statuses = {jobid: status for jobid, status, _ in bike.statuses()}
+    assert all(statuses[jobid].startswith("END") for jobid in [*one_offs, *later]), statuses
+    halt(home, process_env, dispatcher, worker)
+    _check_runs(client, testlog, [*one_offs, *later])
