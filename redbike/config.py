@@ -16,7 +16,9 @@ The file (default ``.redbike.conf`` in the current directory) has two stanzas:
     found through Redis Sentinel, ``sentinels = host:port,host:port``,
     ``service = NAME`` (and ``sentinel_username``/``sentinel_password`` for the
     sentinels themselves) plus the keyword arguments of the primary's
-    connections.  With no such stanza, redbike runs on the
+    connections; or, for a Redis Cluster, ``url = redis+cluster://host:port,...``
+    or ``cluster = true`` with ``host``/``port`` (see :mod:`redbike.cluster`;
+    the prefix must then hold a hash tag).  With no such stanza, redbike runs on the
     embedded Redis server kept in ``./.redbike/`` (see :mod:`redbike.embedded`).
 
 ``[redbike-nodes]`` (the node model) is read by :mod:`redbike.nodeconfig`.
