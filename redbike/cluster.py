@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import os
 import threading
 from typing import Any
 
@@ -52,6 +53,7 @@ class SlotPool(redis.ConnectionPool):
         self.stale = False  # the slot's owner may have changed: ask the cluster again
         self._discovery: redis.cluster.RedisCluster | None = None
         self._owner_lock = threading.Lock()
+        self._owner_pid = os.getpid()
         self._discovery_kwargs = {name: value for name, value in kwargs.items() if name not in _NOT_FOR_DISCOVERY}
         connection_class = SlotSSLConnection if kwargs.pop("ssl", False) else SlotConnection
         super().__init__(connection_class=connection_class, **kwargs)
@@ -59,6 +61,11 @@ class SlotPool(redis.ConnectionPool):
 
     def owner(self) -> tuple[str, int]:
         """The address of the primary that owns the slot (asks the cluster if stale)."""
+        if self._owner_pid != os.getpid():
+            # A forked child (a worker slot): the lock may have been held by
+            # another thread at the fork, and the discovery client's
+            # connections are the parent's. Both anew.
+            self._owner_lock, self._owner_pid, self._discovery = threading.Lock(), os.getpid(), None
         with self._owner_lock:
             try:
                 if self._discovery is None:
@@ -75,6 +82,9 @@ class SlotPool(redis.ConnectionPool):
                 raise
             self.stale = False
             return str(node.host), int(node.port)
+
+    def __repr__(self) -> str:  # not ConnectionPool's: its connection kwargs hold the pool itself
+        return f"<{type(self).__name__} {self.describe()}>"
 
     def describe(self) -> str:
         nodes = ",".join(f"{host}:{port}" for host, port in self.nodes)

@@ -65,6 +65,21 @@ class Cluster:
         """A redis+cluster:// URL naming two of the nodes (any one would do)."""
         return f"redis+cluster://127.0.0.1:{self.nodes[0].port},127.0.0.1:{self.nodes[1].port}"
 
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        return [("127.0.0.1", node.port) for node in self.nodes]
+
+    @property
+    def port(self) -> int:
+        return self.nodes[0].port
+
+    def flushall(self) -> None:
+        """FLUSHALL on every primary (a replica refuses it, and follows)."""
+        for node in self.nodes:
+            client = node.client()
+            if client.info("replication")["role"] == "master":
+                client.flushall()
+
     def client(self) -> redis.RedisCluster:
         node = self.nodes[0]
         return redis.RedisCluster(host="127.0.0.1", port=node.port, decode_responses=True)
