@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import redis
+import redis.cluster
 from conftest import free_port, wait_for
 from servers import Server, redis7_binary
 
@@ -81,8 +82,10 @@ class Cluster:
                 client.flushall()
 
     def client(self) -> redis.RedisCluster:
-        node = self.nodes[0]
-        return redis.RedisCluster(host="127.0.0.1", port=node.port, decode_responses=True)
+        """A cluster client (started from every node still running)."""
+        live = [redis.cluster.ClusterNode("127.0.0.1", node.port) for node in self.nodes
+                if node.process and node.process.poll() is None]
+        return redis.RedisCluster(startup_nodes=live, decode_responses=True)
 
     def stop(self) -> None:
         for node in self.nodes:
