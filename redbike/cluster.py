@@ -146,7 +146,10 @@ def client_for(kwargs: dict[str, Any], key: str) -> redis.Redis:
     # The retries a redis.Redis made from settings gives its connections (not
     # one made from a pool): a MOVED or a lost primary is retried as there.
     kwargs.setdefault("retry", copy.deepcopy(inspect.signature(redis.Redis.__init__).parameters["retry"].default))
+    if not kwargs.get("ssl"):  # as redis.Redis does: TLS settings count only with TLS
+        kwargs = {name: value for name, value in kwargs.items() if not name.startswith("ssl")}
     pool = SlotPool(nodes, key, decode_responses=decode, **kwargs)
+    pool.connection_class(**pool.connection_kwargs)  # a setting it does not take: a TypeError now, not on first use
     return redis.Redis(connection_pool=pool, decode_responses=decode)
 
 

@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -41,20 +42,41 @@ def cluster_ok(server: Server) -> bool:
 class Cluster:
     """NODES cluster-enabled servers in ``folder``, made one cluster by start()."""
 
-    def __init__(self, folder: Path) -> None:
-        self.nodes = [
-            # cluster-port: the bus on a free port of its own (by default the
-            # port + 10000, which may be taken, or above 65535).
-            Server(folder / f"node{n}", [], config=f"cluster-enabled yes\ncluster-port {free_port()}\n"
-                   "cluster-node-timeout 2000\ncluster-config-file nodes.conf\n")
-            for n in range(NODES)
-        ]
+    def __init__(self, folder: Path, *, certs: dict[str, Path] | None = None, password: str | None = None) -> None:
+        """``certs`` (servers.make_certs): TLS only, between the nodes too, with
+        client certificates; ``password``: AUTH on every node."""
+        self.certs, self.password = certs, password
+        self.client_kwargs: dict[str, Any] = {}
+        # cluster-port: the bus on a free port of its own (by default the
+        # port + 10000, which may be taken, or above 65535).
+        config = "cluster-enabled yes\ncluster-node-timeout 2000\ncluster-config-file nodes.conf\n"
+        self.cli_options: list[str] = []
+        if password:
+            config += f"requirepass {password}\nmasterauth {password}\n"
+            self.client_kwargs["password"] = password
+            self.cli_options += ["-a", password, "--no-auth-warning"]
+        if certs:
+            config += (f"tls-cluster yes\ntls-replication yes\ntls-cert-file {certs['server.crt']}\n"
+                       f"tls-key-file {certs['server.key']}\ntls-ca-cert-file {certs['ca.crt']}\n"
+                       # the nodes' own connections to each other (cluster bus, replication)
+                       f"tls-client-cert-file {certs['client.crt']}\ntls-client-key-file {certs['client.key']}\n")
+            self.client_kwargs.update(ssl=True, ssl_ca_certs=str(certs["ca.crt"]), ssl_certfile=str(certs["client.crt"]),
+                                      ssl_keyfile=str(certs["client.key"]))
+            self.cli_options += ["--tls", "--cacert", str(certs["ca.crt"]), "--cert", str(certs["client.crt"]),
+                                 "--key", str(certs["client.key"])]
+        self.nodes = []
+        for n in range(NODES):
+            node = Server(folder / f"node{n}", [], config=config + f"cluster-port {free_port()}\n",
+                          client_kwargs=self.client_kwargs)
+            if certs:  # no plain port: whatever reaches a node speaks TLS
+                node.config += f"port 0\ntls-port {node.port}\n"
+            self.nodes.append(node)
 
     def start(self) -> Cluster:
         for node in self.nodes:
             node.start()
         addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
-        created = subprocess.run([redis_cli(), "--cluster", "create", *addresses, "--cluster-replicas", "1",
+        created = subprocess.run([redis_cli(), *self.cli_options, "--cluster", "create", *addresses, "--cluster-replicas", "1",
                                   "--cluster-yes"], check=False, capture_output=True, text=True, timeout=60)
         assert created.returncode == 0, created.stdout[-2000:] + created.stderr[-2000:]
         for node in self.nodes:
@@ -85,7 +107,7 @@ class Cluster:
         """A cluster client (started from every node still running)."""
         live = [redis.cluster.ClusterNode("127.0.0.1", node.port) for node in self.nodes
                 if node.process and node.process.poll() is None]
-        return redis.RedisCluster(startup_nodes=live, decode_responses=True)
+        return redis.RedisCluster(startup_nodes=live, decode_responses=True, **self.client_kwargs)
 
     def stop(self) -> None:
         for node in self.nodes:

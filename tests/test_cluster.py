@@ -18,7 +18,7 @@ import pytest
 import redis
 from cluster import Cluster, move_slot
 from conftest import wait_for
-from servers import Server, write_redis_config
+from servers import Server, make_certs, write_redis_config
 from test_processes import cli, cli_ok, halt, records, runs
 
 from redbike import Redbike, RoundRobin
@@ -70,7 +70,7 @@ def test_config_forms(tmp_path, cluster, tagged):
         f"port = {cluster.nodes[2].port}\nsocket-timeout = 5\n")
     settings = load_config(str(home / ".redbike.conf")).redis
     assert settings == {"cluster": [("127.0.0.1", cluster.nodes[2].port)], "socket_timeout": 5.0}
-    client = connect(settings, prefix=tagged)
+    client = connect({**settings, "ssl_ca_certs": "/nonexistent"}, prefix=tagged)  # without ssl: not used
     client.set(Keys(tagged).control, "x")  # through the slot's primary
     assert owner_of(cluster, tagged).client().get(Keys(tagged).control) == "x"
     for lines, error in [("url = redis+cluster://127.0.0.1\n", "must be host:port"),
@@ -181,6 +181,33 @@ def test_daemons_follow_their_slot_to_another_primary(tmp_path, cluster, tagged,
     assert all(statuses[jobid].startswith("END") for jobid in [*one_offs, *later]), statuses
     halt(home, process_env, dispatcher, worker)
     _check_runs(client, testlog, [*one_offs, *later])
+
+
+
+def test_a_cluster_over_tls_with_auth(tmp_path, tagged, client, daemons, testlog, process_env):
+    """rediss+cluster:// with client certificates and a password, on a cluster
+    of its own that speaks only TLS and wants AUTH: the CLI and the daemons."""
+    certs = make_certs(tmp_path / "certs")
+    secure = Cluster(tmp_path / "tls-cluster", certs=certs, password="s3cret")
+    try:
+        secure.start()
+        nodes = ",".join(f"127.0.0.1:{node.port}" for node in secure.nodes[:2])
+        home = write_redis_config(
+            tmp_path / "home", tagged,
+            f"url = rediss+cluster://{nodes}\npassword = s3cret\nssl_ca_certs = {certs['ca.crt']}\n"
+            f"ssl_certfile = {certs['client.crt']}\nssl_keyfile = {certs['client.key']}\n")
+        dispatcher = daemons.start("dispatch", cwd=home)
+        worker = daemons.start("work", "--concurrency", "2", cwd=home)
+        jobs = [f"tls-{n}:A" for n in range(5)]
+        for jobid in jobs:
+            cli_ok(home, process_env, "set", jobid, "NOW")
+        wait_for(lambda: set(jobs) <= {r["job"] for r in records(client, testlog) if r["event"] == "end"},
+                 timeout=30, what="the jobs to run over TLS")
+        owner = owner_of(secure, tagged)
+        assert owner.client().hget(Keys(tagged).statuses, jobs[0]).startswith("END")
+        halt(home, process_env, dispatcher, worker)
+    finally:
+        secure.stop()
 
 
 def test_daemons_follow_their_slot_when_its_primary_is_killed(tmp_path, cluster, tagged, client, daemons, testlog,
