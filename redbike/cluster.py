@@ -34,13 +34,15 @@ import redis.cluster
 import redis.connection
 import redis.exceptions
 
+from .sentinel import addresses  # host:port lists are parsed one way
+
 SCHEMES = ("redis+cluster://", "rediss+cluster://")
 DEFAULT_PORT = 6379
 # Replies that say the slot is not (or not only) served here: the command did not run.
 _REDIRECTS = (redis.exceptions.MovedError, redis.exceptions.AskError, redis.exceptions.TryAgainError,
               redis.exceptions.ClusterDownError)
 # Settings of a node connection that RedisCluster (the discovery client) does not take.
-_NOT_FOR_DISCOVERY = ("db", "single_connection_client", "health_check_interval", "connection_class")
+_NOT_FOR_DISCOVERY = ("db", "health_check_interval")
 
 
 class SlotPool(redis.ConnectionPool):
@@ -76,7 +78,7 @@ class SlotPool(redis.ConnectionPool):
                 node = self._discovery.get_node_from_key(self.key)
             except redis.exceptions.RedisClusterException as exc:  # not a RedisError: made one
                 self.stale = True
-                raise redis.ConnectionError(f"Redis Cluster: {exc}") from exc
+                raise redis.ConnectionError(str(exc)) from exc
             except redis.RedisError:
                 self.stale = True
                 raise
@@ -126,8 +128,6 @@ class SlotSSLConnection(SlotConnection, redis.connection.SSLConnection):
 
 def parse_url(url: str) -> tuple[list[tuple[str, int]], bool]:
     """The nodes of ``redis+cluster://host:port,...`` and whether it is TLS (rediss+cluster)."""
-    from .sentinel import addresses  # host:port lists are parsed one way
-
     scheme = next(s for s in SCHEMES if url.startswith(s))
     rest = url.removeprefix(scheme).rstrip("/")
     if "@" in rest or "/" in rest or "?" in rest:
@@ -143,6 +143,7 @@ def client_for(kwargs: dict[str, Any], key: str) -> redis.Redis:
     kwargs = dict(kwargs)
     nodes = kwargs.pop("cluster")
     decode = kwargs.pop("decode_responses", True)
+    single = kwargs.pop("single_connection_client", False)  # the client's, not its connections'
     # The retries a redis.Redis made from settings gives its connections (not
     # one made from a pool): a MOVED or a lost primary is retried as there.
     kwargs.setdefault("retry", copy.deepcopy(inspect.signature(redis.Redis.__init__).parameters["retry"].default))
@@ -150,7 +151,7 @@ def client_for(kwargs: dict[str, Any], key: str) -> redis.Redis:
         kwargs = {name: value for name, value in kwargs.items() if not name.startswith("ssl")}
     pool = SlotPool(nodes, key, decode_responses=decode, **kwargs)
     pool.connection_class(**pool.connection_kwargs)  # a setting it does not take: a TypeError now, not on first use
-    return redis.Redis(connection_pool=pool, decode_responses=decode)
+    return redis.Redis(connection_pool=pool, decode_responses=decode, single_connection_client=single)
 
 
 def describe(client: redis.Redis) -> str | None:

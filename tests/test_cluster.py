@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import redis
 from cluster import Cluster, move_slot
-from conftest import wait_for
+from conftest import free_port, wait_for
 from servers import Server, make_certs, write_redis_config
 from test_processes import cli, cli_ok, halt, records, runs
 
@@ -91,6 +91,14 @@ def test_a_prefix_without_a_hash_tag_is_refused(tmp_path, cluster, prefix, proce
     with pytest.raises(ConfigError, match="hash tag"):
         Redbike(RoundRobin(), prefix=prefix, redis_config=load_config(str(home / ".redbike.conf")).redis)
 
+
+
+def test_an_unreachable_cluster_is_one_line(tmp_path, tagged, process_env):
+    home = write_redis_config(tmp_path / "home", tagged, f"url = redis+cluster://127.0.0.1:{free_port()}\n")
+    result = cli(home, process_env, "statuses")
+    assert result.returncode == 1 and result.stderr.strip().count("\n") == 0, result.stderr
+    assert "cannot reach Redis at Redis Cluster 127.0.0.1:" in result.stderr
+    assert "Please provide at least one reachable node" in result.stderr
 
 def test_cli_and_api_on_a_cluster(tmp_path, cluster, tagged, process_env):
     home = home_for(tmp_path, cluster, tagged)
