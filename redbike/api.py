@@ -99,7 +99,7 @@ class Redbike:
         ``max_data_bytes``: the largest payload ``set`` takes (JSON, in bytes)."""
         self.worker = worker if worker is not None else RoundRobin()
         self.keys = Keys(prefix)
-        self.client = client if client is not None else connect(redis_config or {})
+        self.client = client if client is not None else connect(redis_config or {}, prefix=prefix)
         self.retention = retention or Retention()
         self.retry_backoff = retry or Retry()
         self.scripts = Scripts(self.client, self.keys, self.retention)

@@ -279,7 +279,7 @@ def _data(args: dict[str, Any], config: Config) -> dict[str, Any]:
 
 def _bike(args: dict[str, Any], config: Config, worker_required: bool = False) -> Redbike:
     worker = _worker(args["WORKER"], config, worker_required)
-    client = connect(config.redis)
+    client = connect(config.redis, prefix=config.prefix)
     try:
         check_reachable(client)
     except ConfigError as exc:

@@ -16,7 +16,9 @@ The file (default ``.redbike.conf`` in the current directory) has two stanzas:
     found through Redis Sentinel, ``sentinels = host:port,host:port``,
     ``service = NAME`` (and ``sentinel_username``/``sentinel_password`` for the
     sentinels themselves) plus the keyword arguments of the primary's
-    connections.  With no such stanza, redbike runs on the
+    connections; or, for a Redis Cluster, ``url = redis+cluster://host:port,...``
+    or ``cluster = true`` with ``host``/``port`` (see :mod:`redbike.cluster`;
+    the prefix must then hold a hash tag).  With no such stanza, redbike runs on the
     embedded Redis server kept in ``./.redbike/`` (see :mod:`redbike.embedded`).
 
 ``[redbike-nodes]`` (the node model) is read by :mod:`redbike.nodeconfig`.
@@ -48,7 +50,8 @@ from typing import Any
 
 import redis
 
-from . import embedded, sentinel
+from . import cluster, embedded, sentinel
+from .keys import slot_key
 from .occurrences import Retry
 from .records import DEFAULT_MAX_DATA_BYTES, check_misfire
 from .scripts import Retention
@@ -92,6 +95,7 @@ _BOOL_KEYS = frozenset(
         "retry_on_timeout",
         "single_connection_client",
         "legacy_responses",
+        "cluster",
     }
 )
 # redis.Redis arguments that take Python objects (or that redbike must control
@@ -118,7 +122,9 @@ _NOT_CONFIGURABLE = frozenset(
         "oss_cluster_maint_notifications_handler",
     }
 )
-_URL_SCHEMES = ("redis://", "rediss://", "unix://")
+_URL_SCHEMES = ("redis://", "rediss://", "unix://", *cluster.SCHEMES)
+# What a cluster's nodes cannot have, or what contradicts them.
+_NOT_WITH_CLUSTER = ("db", "unix_socket_path", "sentinels", "service")
 # Keys of a deployment whose primary is found through Redis Sentinel; the
 # other keys of the stanza are the primary's connection settings (TLS, AUTH).
 _SENTINEL_KEYS = frozenset({"sentinels", "service", "sentinel_username", "sentinel_password"})
@@ -362,9 +368,12 @@ def _parse_redis(section: configparser.SectionProxy, path: str) -> dict[str, obj
             if not value.startswith(_URL_SCHEMES):
                 raise ConfigError(
                     f"[{REDIS_SECTION}] url in {path!r} must start with "
-                    f"redis://, rediss:// or unix://, got {value!r}"
+                    f"redis://, rediss://, unix:// or redis+cluster://, got {value!r}"
                 )
             settings["url"] = value
+            continue
+        if key == "cluster":
+            settings[key] = _convert(key, raw_key, value, path)
             continue
         if key not in accepted:
             raise ConfigError(
@@ -377,7 +386,37 @@ def _parse_redis(section: configparser.SectionProxy, path: str) -> dict[str, obj
             )
         settings[key] = _convert(key, raw_key, value, path)
     _check_sentinel(settings, path)
+    _check_cluster(settings, path)
     return settings
+
+
+def _check_cluster(settings: dict[str, object], path: str) -> None:
+    """A cluster (a redis+cluster:// url, or cluster = true with host and
+    port) becomes ``settings['cluster']``: the list of its nodes given."""
+    url = settings.get("url")
+    if isinstance(url, str) and url.startswith(cluster.SCHEMES):
+        if "cluster" in settings:
+            raise ConfigError(f"[{REDIS_SECTION}] in {path!r}: cluster cannot be set with a redis+cluster:// url")
+        try:
+            nodes, tls = cluster.parse_url(settings.pop("url"))  # type: ignore[arg-type]
+        except ValueError as exc:
+            raise ConfigError(f"[{REDIS_SECTION}] url in {path!r} {exc}") from None
+        settings["cluster"] = nodes
+        if tls:
+            settings["ssl"] = True
+        if "host" in settings or "port" in settings:
+            raise ConfigError(f"[{REDIS_SECTION}] in {path!r}: host and port cannot be set with a redis+cluster:// url")
+    elif settings.pop("cluster", False) is True:
+        if "url" in settings:
+            raise ConfigError(f"[{REDIS_SECTION}] in {path!r}: cluster = true takes host and port, not a url "
+                              "(or use url = redis+cluster://host:port,...)")
+        settings["cluster"] = [(str(settings.pop("host", "localhost")),
+                                int(settings.pop("port", cluster.DEFAULT_PORT)))]  # type: ignore[call-overload]
+    else:
+        return
+    for key in _NOT_WITH_CLUSTER:
+        if key in settings:
+            raise ConfigError(f"[{REDIS_SECTION}] in {path!r}: {key} cannot be set with a Redis Cluster")
 
 
 def load_config(path: str | None) -> Config:
@@ -434,9 +473,11 @@ _NO_CLIENT_SETINFO: dict[str, None] = (
 )
 
 
-def connect(settings: dict[str, object], *, embedded_dir: str | None = None) -> redis.Redis:
+def connect(settings: dict[str, object], *, embedded_dir: str | None = None, prefix: str = "redbike") -> redis.Redis:
     """A client (``decode_responses=True``) for ``settings``; empty: the embedded
     server of ``embedded_dir`` (default: found as :func:`embedded.find_folder` does).
+    On a Redis Cluster, a client of the primary that owns the slot of
+    ``prefix``'s keys (ConfigError if the prefix has no hash tag).
 
     Does not contact the server (except to start the embedded one); use
     :func:`check_reachable` for that.
@@ -455,9 +496,16 @@ def connect(settings: dict[str, object], *, embedded_dir: str | None = None) -> 
         kwargs["socket_keepalive_options"] = keepalive_options()
     kwargs["decode_responses"] = True
     kwargs.update(_NO_CLIENT_SETINFO)
+    if "cluster" in kwargs:
+        try:
+            key = slot_key(prefix)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     try:
         if "sentinels" in kwargs:
             return sentinel.master_for(kwargs)
+        if "cluster" in kwargs:
+            return cluster.client_for(kwargs, key)
         if url is not None:
             return redis.Redis.from_url(str(url), **kwargs)
         return redis.Redis(**kwargs)
@@ -468,6 +516,9 @@ def connect(settings: dict[str, object], *, embedded_dir: str | None = None) -> 
 def describe_client(client: redis.Redis) -> str:
     """Where ``client`` connects to, for messages: ``host:port``, ``unix socket PATH``
     or the Sentinel service."""
+    described = cluster.describe(client)
+    if described is not None:
+        return described
     if "path" in client.connection_pool.connection_kwargs:
         return f"unix socket {sentinel.address(client)}"
     return sentinel.address(client)

@@ -38,7 +38,7 @@ class DemoWorker(RoundRobin):
 
 def run_demo(config: Config, seconds: float = 5.0) -> int:
     seconds = max(seconds, 3.0)  # time for the AT job (2 s) and the countdown to end
-    client = connect(config.redis)
+    client = connect(config.redis, prefix=config.prefix)
     check_reachable(client)
     try:
         return _demo(client, config, seconds)

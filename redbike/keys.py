@@ -108,4 +108,22 @@ class Keys:
         return f"[{resource}|".encode(), f"({resource}|".encode() + b"\xff"
 
 
+def hash_tag(prefix: str) -> str | None:
+    """The Redis Cluster hash tag of ``prefix`` as Redis reads it (the text
+    between the first ``{`` and the first ``}`` after it, if not empty), or
+    None: every key of an installation has it, so all are on one slot."""
+    start = prefix.find("{")
+    end = prefix.find("}", start + 1) if start >= 0 else -1
+    return prefix[start + 1 : end] if end > start + 1 else None
+
+
+def slot_key(prefix: str) -> str:
+    """A key of ``prefix``'s installation, to find its slot with (ValueError,
+    one line, if the prefix has no hash tag: its keys would be all over the cluster)."""
+    if hash_tag(prefix) is None:
+        raise ValueError(f"on Redis Cluster the prefix must hold a hash tag (e.g. {{{prefix}}}), "
+                         f"so that all of its keys are on one slot; got {prefix!r}")
+    return Keys(prefix).schedules
+
+
 WAKE_BATCH = 1000  # lib.lua's WAKE_BATCH: jobs one script wakes for an unlimited resource

@@ -18,7 +18,7 @@ from typing import Any, cast
 
 import redis
 
-from . import embedded, registry, stats
+from . import cluster, embedded, registry, stats
 from .keys import Keys
 from .parking import decode_aside, decode_parked
 from .records import RecordError, decode_lease, decode_status
@@ -70,7 +70,7 @@ def redis_info(client: redis.Redis) -> dict[str, Any]:
     if path and os.path.basename(path) == embedded.SOCKET_NAME:
         shown["embedded"] = {"pid": info.get("process_id"), "socket": path, "folder": os.path.dirname(path)}
     else:
-        shown["address"] = address(client)
+        shown["address"] = cluster.describe(client) or address(client)
     return shown
 
 

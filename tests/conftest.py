@@ -19,6 +19,9 @@ import redis
 from redbike import embedded
 
 ROOT = Path(__file__).resolve().parent.parent
+# REDBIKE_TEST_CLUSTER=1: the tests' server is a Redis Cluster (tests/cluster.py)
+# and every test's prefix holds a hash tag, so that its keys are on one slot.
+CLUSTER = os.environ.get("REDBIKE_TEST_CLUSTER") == "1"
 
 
 def server_binary() -> str:
@@ -95,6 +98,15 @@ def no_embedded_folder_above_the_tests(tmp_path_factory: pytest.TempPathFactory)
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    if CLUSTER:
+        from cluster import Cluster  # imports this module
+
+        started = Cluster(tmp_path_factory.mktemp("cluster"))
+        try:
+            yield started.start()  # type: ignore[misc]
+        finally:
+            started.stop()
+        return
     server = RedisServer(tmp_path_factory.mktemp("redis"))
     server.start()
     yield server
@@ -102,7 +114,12 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 
 
 @pytest.fixture
-def client(redis_server: RedisServer) -> redis.Redis:
+def client(redis_server: RedisServer, prefix: str) -> redis.Redis:
+    if CLUSTER:  # a client of the primary that owns the slot of the test's prefix
+        from redbike.config import connect
+
+        redis_server.flushall()  # type: ignore[attr-defined]
+        return connect({"cluster": redis_server.addresses}, prefix=prefix)  # type: ignore[attr-defined]
     conn = redis_server.client()
     conn.flushall()
     return conn
@@ -123,7 +140,7 @@ def fake() -> redis.Redis:
 
 @pytest.fixture
 def prefix() -> str:
-    return f"t{uuid.uuid4().hex[:8]}"
+    return f"{{t{uuid.uuid4().hex[:8]}}}" if CLUSTER else f"t{uuid.uuid4().hex[:8]}"
 
 
 def write_config(folder: Path, prefix: str, url: str, *, worker: str = "testworker:Recorder('A:B')",

@@ -35,7 +35,11 @@ class Recorder(RoundRobin):
         if not url:
             return
         if self._log is None:
-            self._log = redis.Redis.from_url(url)
+            if url.startswith("redis+cluster://"):  # REDBIKE_TEST_CLUSTER=1: the tests' cluster
+                host, _, port = url.removeprefix("redis+cluster://").split(",")[0].rpartition(":")
+                self._log = redis.RedisCluster(host=host, port=int(port))  # type: ignore[assignment]
+            else:
+                self._log = redis.Redis.from_url(url)
         self._log.rpush(os.environ["TESTLOG_KEY"], json.dumps(fields))
 
     def _release(self, jobid: str) -> None:
