@@ -54,7 +54,8 @@ def check_node_name(name: object, what: str = "node name") -> str:
 @dataclass(slots=True)
 class Node:
     """One node: its level, name, parent (``instance`` for a top level's) and
-    attributes. Never changed once made (not frozen only because a frozen
+    attributes. Never changed once made, but for its source, set once by
+    the loader on the nodes a fetch made (not frozen only because a frozen
     dataclass takes four times as long to make, and a pass makes a few for
     each of 100,000 nodes)."""
 

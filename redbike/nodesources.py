@@ -365,7 +365,8 @@ class NodeLoader:
                 polled.error = problem
                 log.error("node source %s: %s; keeping its last good list", name, problem)
                 continue
-            nodes = [Node(n.level, n.name, n.parent, n.attributes, name) for n in nodes]
+            for node in nodes:  # made by this fetch (every fetcher makes its own): labelled, not copied
+                node.source = name
             polled.error = ""
             if nodes != polled.good:
                 polled.good = nodes
