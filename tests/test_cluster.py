@@ -131,6 +131,30 @@ def _drain(home: Path, daemons: Any, process_env: dict[str, str], bike: Redbike)
     return dispatcher, worker, one_offs
 
 
+def ended_jobs(client: redis.Redis, testlog: str) -> set[str]:
+    """The jobs whose runs wrote their end to the test log."""
+    return {r["job"] for r in records(client, testlog) if r["event"] == "end"}
+
+
+def _draining(tmp_path: Path, cluster: Any, tagged: str, client: redis.Redis, daemons: Any, testlog: str,
+              process_env: dict[str, str]) -> tuple[Path, Redbike, Any, Any, list[str]]:
+    """A dispatcher and a worker on the cluster, one-offs and a per-second job
+    set, five of the one-offs run: (home, API, dispatcher, worker, one-offs)."""
+    home = home_for(tmp_path, cluster, tagged)
+    bike = Redbike(RoundRobin(), prefix=tagged, redis_config=load_config(str(home / ".redbike.conf")).redis)
+    dispatcher, worker, one_offs = _drain(home, daemons, process_env, bike)
+    wait_for(lambda: len(ended_jobs(client, testlog) & set(one_offs)) >= 5, timeout=20, what="some one-offs to run")
+    return home, bike, dispatcher, worker, one_offs
+
+
+def _three_more_secondly_runs(client: redis.Redis, testlog: str) -> None:
+    def secondly() -> int:
+        return sum(1 for r in records(client, testlog) if r["job"] == "secondly:B" and r["event"] == "end")
+
+    before = secondly()
+    wait_for(lambda: secondly() >= before + 3, timeout=30, what="the per-second job to run on the new primary")
+
+
 def _check_runs(client: redis.Redis, testlog: str, one_offs: list[str]) -> None:
     done = runs(records(client, testlog)).values()
     counts = Counter(run["job"] for run in done if run["job"] in one_offs)
@@ -143,10 +167,7 @@ def test_daemons_on_a_cluster(tmp_path, cluster, tagged, client, daemons, testlo
     bike = Redbike(RoundRobin(), prefix=tagged, redis_config=load_config(str(home / ".redbike.conf")).redis)
     dispatcher, worker, one_offs = _drain(home, daemons, process_env, bike)
 
-    def ended() -> set[str]:
-        return {r["job"] for r in records(client, testlog) if r["event"] == "end"}
-
-    wait_for(lambda: set(one_offs) <= ended(), timeout=30, what="every one-off to run")
+    wait_for(lambda: set(one_offs) <= ended_jobs(client, testlog), timeout=30, what="every one-off to run")
     wait_for(lambda: sum(1 for r in records(client, testlog) if r["job"] == "secondly:B" and r["event"] == "end")
              >= 3, timeout=20, what="the per-second job to run three times")
     statuses = {jobid: status for jobid, status, _ in bike.statuses()}
@@ -159,28 +180,21 @@ def test_daemons_on_a_cluster(tmp_path, cluster, tagged, client, daemons, testlo
 
 def test_daemons_follow_their_slot_to_another_primary(tmp_path, cluster, tagged, client, daemons, testlog,
                                                       process_env):
-    home = home_for(tmp_path, cluster, tagged)
-    bike = Redbike(RoundRobin(), prefix=tagged, redis_config=load_config(str(home / ".redbike.conf")).redis)
-    dispatcher, worker, one_offs = _drain(home, daemons, process_env, bike)
+    home, bike, dispatcher, worker, one_offs = _draining(tmp_path, cluster, tagged, client, daemons, testlog,
+                                                         process_env)
 
-    def ended() -> set[str]:
-        return {r["job"] for r in records(client, testlog) if r["event"] == "end"}
-
-    wait_for(lambda: len(ended() & set(one_offs)) >= 5, timeout=20, what="some one-offs to run")
     source = owner_of(cluster, tagged)
     primaries = [node for node in cluster.nodes if node.client().info("replication")["role"] == "master"]
     target = next(node for node in primaries if node is not source)
     slot = cluster.client().keyslot(Keys(tagged).schedules)
     assert move_slot(slot, source, target, [node for node in primaries if node not in (source, target)]) > 5
     assert owner_of(cluster, tagged) is target
-    assert not ended() >= set(one_offs), "the jobs all ran before the slot moved: make them longer"
+    assert not ended_jobs(client, testlog) >= set(one_offs), "the jobs all ran before the slot moved: make them longer"
     later = [f"later-{n}:A" for n in range(10)]
     for jobid in later:  # through the API's client, which follows the slot too
         bike.set(jobid, "NOW")
-    wait_for(lambda: {*one_offs, *later} <= ended(), timeout=60, what="every one-off to run")
-    moved_at = sum(1 for r in records(client, testlog) if r["job"] == "secondly:B" and r["event"] == "end")
-    wait_for(lambda: sum(1 for r in records(client, testlog) if r["job"] == "secondly:B" and r["event"] == "end")
-             >= moved_at + 3, timeout=20, what="the per-second job to run on the new primary")
+    wait_for(lambda: {*one_offs, *later} <= ended_jobs(client, testlog), timeout=60, what="every one-off to run")
+    _three_more_secondly_runs(client, testlog)
     # The daemons work on the slot's new primary: their scripts run there, and
     # the old one has none of the job space's keys.
     assert "cmdstat_evalsha" in target.client().info("commandstats")
@@ -221,14 +235,9 @@ def test_a_cluster_over_tls_with_auth(tmp_path, tagged, client, daemons, testlog
 def test_daemons_follow_their_slot_when_its_primary_is_killed(tmp_path, cluster, tagged, client, daemons, testlog,
                                                               process_env):
     """The last test of the module: it leaves a primary dead."""
-    home = home_for(tmp_path, cluster, tagged)
-    bike = Redbike(RoundRobin(), prefix=tagged, redis_config=load_config(str(home / ".redbike.conf")).redis)
-    dispatcher, worker, one_offs = _drain(home, daemons, process_env, bike)
+    home, bike, dispatcher, worker, one_offs = _draining(tmp_path, cluster, tagged, client, daemons, testlog,
+                                                         process_env)
 
-    def ended() -> set[str]:
-        return {r["job"] for r in records(client, testlog) if r["event"] == "end"}
-
-    wait_for(lambda: len(ended() & set(one_offs)) >= 5, timeout=20, what="some one-offs to run")
     old = owner_of(cluster, tagged)
     old.kill()
     wait_for(lambda: owner_of(cluster, tagged) is not old, timeout=30, what="a replica to take over the slot")
@@ -238,10 +247,8 @@ def test_daemons_follow_their_slot_when_its_primary_is_killed(tmp_path, cluster,
         bike.set(jobid, "NOW")
     # A run whose end was acknowledged by the old primary but not yet
     # replicated may run again (README: what a failover can lose): each at least once.
-    wait_for(lambda: {*one_offs, *later} <= ended(), timeout=60, what="every one-off to run")
-    moved_at = sum(1 for r in records(client, testlog) if r["job"] == "secondly:B" and r["event"] == "end")
-    wait_for(lambda: sum(1 for r in records(client, testlog) if r["job"] == "secondly:B" and r["event"] == "end")
-             >= moved_at + 3, timeout=30, what="the per-second job to run on the new primary")
+    wait_for(lambda: {*one_offs, *later} <= ended_jobs(client, testlog), timeout=60, what="every one-off to run")
+    _three_more_secondly_runs(client, testlog)
     assert "cmdstat_evalsha" in new.client().info("commandstats")
     done = runs(records(client, testlog)).values()
     counts = Counter(run["job"] for run in done if run["job"] in later)
