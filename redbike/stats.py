@@ -225,13 +225,18 @@ def per_minute(client: redis.Redis, keys: Keys, now: float,
                minutes: int = 60) -> list[tuple[int, dict[str, QueueTotals]]]:
     """The last ``minutes`` minutes, oldest first: (minute start, per queue
     counts of that minute), the current minute so far last. A minute whose
-    snapshot (or the next one) is missing is left out."""
+    snapshot (or the next one) is missing is left out, but for the latest
+    snapshot's minute: it runs to now, as the current one does (a dispatcher
+    takes the new minute's snapshot a moment after the minute begins, and
+    until then the minute before is still going on)."""
     current = int(now // 60)
     starts = list(range(current - minutes + 1, current + 1))
     found = _snapshots(client, keys, [*starts, current + 1], with_buckets=False)
     found[-1] = parse(_text(client.hgetall(keys.totals)), with_buckets=False)
+    latest = max((i for i, snap in enumerate(found[:-1]) if snap is not None), default=None)
     shown = []
-    for start, begin, end in zip(starts, found, found[1:]):
+    for i, (start, begin) in enumerate(zip(starts, found)):
+        end = found[-1] if i == latest else found[i + 1]
         if begin is not None and end is not None:
             shown.append((start * 60, {queue: one.minus(begin.get(queue, QueueTotals())) for queue, one in end.items()}))
     return shown

@@ -82,6 +82,11 @@ def test_windows_and_minutes_come_from_the_dispatchers_snapshots(env: Env) -> No
     assert start == minute and (last["A"].done, last["A"].failed) == (3, 1)
     assert dict(last["A"].buckets)[0.01] == 4  # within two hours the durations are kept
     assert stats.window(env.c, env.keys, minute + 70, 30)["A"].done == 1  # since the second snapshot
+    # Three seconds into the next minute, before the dispatcher snapshots it:
+    # the latest snapshot's minute runs to now (it was left out).
+    early = stats.per_minute(env.c, env.keys, minute + 123, minutes=3)
+    assert [start for start, _ in early] == [minute, minute + 60]
+    assert (early[1][1]["A"].done, early[1][1]["A"].due) == (1, 1)
 
 
 def test_a_paused_queue_is_passed_over_and_resumed(env: Env) -> None:
