@@ -169,8 +169,14 @@ def test_scale_on_the_command_line(workdir, process_env, daemons, client, testlo
     for n in range(5):
         cli_ok(workdir, process_env, "set", f"s{n}:A", "NOW")
     wait_for(lambda: len(ends(client, testlog)) == 5, timeout=20)
-    shown = json.loads(cli_ok(workdir, process_env, "scale", "--json", "--window=600"))
-    a = {q["queue"]: q for q in shown["queues"]}["A"]
+
+    def queue_a() -> dict:
+        shown = json.loads(cli_ok(workdir, process_env, "scale", "--json", "--window=600"))
+        return {q["queue"]: q for q in shown["queues"]}.get("A", {})
+
+    # a slot sends its tally of runs after the jobs' ends (with a later finish or when it goes idle)
+    wait_for(lambda: queue_a().get("runs") == 5, timeout=20)
+    a = queue_a()
     assert a["runs"] == 5 and a["slots"] == 1 and a["recommended_slots"] >= 1
     assert "recommended" in cli_ok(workdir, process_env, "scale")
     bad = cli(workdir, process_env, "scale", "--target=1.5")
