@@ -55,6 +55,7 @@ from .keys import slot_key
 from .occurrences import Retry
 from .records import DEFAULT_MAX_DATA_BYTES, check_misfire
 from .scripts import Retention
+from .shards import MAX_SHARDS, check_prefix
 
 logger = logging.getLogger(__name__)
 
@@ -173,6 +174,7 @@ class Config:
     max_data_bytes: int = DEFAULT_MAX_DATA_BYTES
     redis: dict[str, object] = field(default_factory=dict)
     api_token: str | None = None
+    shards: int = 1
 
 
 def _one_line(text: object) -> str:
@@ -218,7 +220,7 @@ def read_parser(path: str, keep_case: bool = False) -> configparser.ConfigParser
 
 
 _MAIN_KEYS = ("prefix, worker, timefile, default-timeout, misfire, retries, retry-backoff, "
-              "retry-backoff-max, keep-finished, trail-length, max-data-bytes, api-token")
+              "retry-backoff-max, keep-finished, trail-length, max-data-bytes, api-token, shards")
 MAX_DATA_BYTES = 16 * 1024 * 1024  # the most max-data-bytes may be: a payload is read with its job on every claim
 YEAR = 365 * DAY
 
@@ -274,6 +276,8 @@ def _parse_main(section: configparser.SectionProxy, path: str, config: Config) -
             config.prefix = value
         elif key == "worker":
             config.worker = value or None
+        elif key == "shards":
+            config.shards = _count(value, where, 1, MAX_SHARDS)
         elif key == "api_token":
             config.api_token = value or None
         elif key == "timefile":
@@ -432,6 +436,10 @@ def load_config(path: str | None) -> Config:
         _parse_main(parser[MAIN_SECTION], path, config)
     if parser.has_section(REDIS_SECTION):
         config.redis = _parse_redis(parser[REDIS_SECTION], path)
+    try:
+        check_prefix(config.prefix, config.shards)
+    except ValueError as exc:
+        raise ConfigError(f"{exc} (in {path!r})") from None
     return config
 
 
