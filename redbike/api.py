@@ -44,6 +44,7 @@ from .resources import (
 from .roundrobin import RoundRobin
 from .schedules import ScheduleError, parse_schedule, timestamp_problem
 from .scripts import Retention, Scripts
+from .shards import check_needs_shard
 from .states import BAD, DIE, ENQ, Placement, place_on_set
 from .supervisor import WorkerPool
 from .timefile import check_timefile, read_timefile
@@ -108,6 +109,7 @@ class Redbike:
         self.misfire = check_misfire(misfire)
         self.retries = check_retries(retries)
         self.max_data_bytes = max_data_bytes
+        self.shard_count = 1  # of the installation this is a shard of (sharded.py): a job's needs are on its shard
         # Redis' clock unless one is given: every process and host then agrees on the time.
         self.clock: Callable[[], float] = clock if clock is not None else RedisClock(self.client)
 
@@ -187,8 +189,12 @@ class Redbike:
         if isinstance(needs, list):  # alternative paths (replicas): the claim takes the first with room
             if not 1 <= len(needs) <= MAX_PATHS:
                 raise ResourceError(f"bad needs: {len(needs)} alternative paths (1 to {MAX_PATHS})")
-            return encode_alternatives([self.needs_of(jobid, path) for path in needs])
-        return format_amounts(self.needs_of(jobid, needs))
+            paths = [self.needs_of(jobid, path) for path in needs]
+            check_needs_shard(jobid, (name for path in paths for name in path), self.shard_count)
+            return encode_alternatives(paths)
+        amounts = self.needs_of(jobid, needs)
+        check_needs_shard(jobid, amounts, self.shard_count)
+        return format_amounts(amounts)
 
     def _data_arg(self, data: object) -> str:
         """set.lua's payload argument for ``data`` (KEEP: keep the job's; None: drop it)."""

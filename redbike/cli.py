@@ -128,7 +128,7 @@ from docopt import DocoptExit, docopt
 
 from . import clifeed, cliviews
 from .api import JobIdError, Redbike
-from .config import DEFAULT_PATH, Config, ConfigError, check_reachable, connect, load_config
+from .config import DEFAULT_PATH, Config, ConfigError, check_reachable, load_config
 from .csvfile import CsvError
 from .embedded import EmbeddedError, find_folder, server_status, stop_server
 from .feed import FeedBusy, SourceFailed
@@ -145,6 +145,8 @@ from .registry import redbike_version
 from .resources import ResourceError, check_name, parse_capacity
 from .roundrobin import RoundRobin
 from .schedules import ScheduleError, parse_schedule, parse_timestamp
+from .sharded import NotOverShards, ShardedRedbike
+from .shards import Shards
 from .workerspec import WorkerSpecError, load_worker
 
 log = logging.getLogger("redbike")
@@ -277,16 +279,20 @@ def _data(args: dict[str, Any], config: Config) -> dict[str, Any]:
     return {"data": decode_data(parse_data(text, config.max_data_bytes))}
 
 
-def _bike(args: dict[str, Any], config: Config, worker_required: bool = False) -> Redbike:
+def _bike(args: dict[str, Any], config: Config, worker_required: bool = False) -> Redbike | ShardedRedbike:
     worker = _worker(args["WORKER"], config, worker_required)
-    client = connect(config.redis, prefix=config.prefix)
+    shards = Shards.connect(config.redis, config.prefix, config.shards)
     try:
-        check_reachable(client)
+        for client in dict.fromkeys(shards.clients):  # each distinct client once
+            check_reachable(client)
     except ConfigError as exc:
         raise Unreachable(str(exc)) from None
-    return Redbike(worker, prefix=config.prefix, timefile=config.timefile, default_timeout=config.default_timeout,
-                   client=client, misfire=config.misfire, retries=config.retries, retry=config.retry,
-                   retention=config.retention, max_data_bytes=config.max_data_bytes)
+    options: dict[str, Any] = {"default_timeout": config.default_timeout, "misfire": config.misfire,
+                               "retries": config.retries, "retry": config.retry, "retention": config.retention,
+                               "max_data_bytes": config.max_data_bytes}
+    if shards.count > 1:
+        return ShardedRedbike(worker, shards, timefile=config.timefile, **options)
+    return Redbike(worker, prefix=config.prefix, timefile=config.timefile, client=shards.clients[0], **options)
 
 
 def _embedded(stop: bool) -> int:
@@ -409,6 +415,8 @@ def _run(args: dict[str, Any]) -> int:
         for resource, capacity, in_use, waiting in bike.capacities():
             out.writerow((resource, "" if capacity is None else capacity, in_use, waiting))
     elif args["nodes"] and args["--reconcile"]:
+        if isinstance(bike, ShardedRedbike):
+            raise NotOverShards("the node model is not yet supported with shards > 1")
         return _reconcile(args, bike, node_config)
     elif args["nodes"]:
         out.writerows(bike.nodes(level=args["--level"]))
@@ -417,9 +425,11 @@ def _run(args: dict[str, Any]) -> int:
         if shown is None:
             raise NoSuchJob(f"no such node: {args['NAME']}")
         print(json.dumps(shown, indent=2))
-    elif args["feed"] or args["feeds"]:
-        return clifeed.run(args, bike)
-    elif args["info"] or args["top"] or args["scale"] or args["serve"]:
+    elif args["feed"] or args["feeds"] or args["info"] or args["top"] or args["scale"] or args["serve"]:
+        if isinstance(bike, ShardedRedbike):
+            raise NotOverShards("feeds and the views (info, top, scale, serve) are not yet supported with shards > 1")
+        if args["feed"] or args["feeds"]:
+            return clifeed.run(args, bike)
         return cliviews.run(args, bike, config)
     elif args["control"]:
         bike.control("HALT")

@@ -28,13 +28,13 @@ from typing import TypeVar
 import redis
 
 from .keys import Keys, hash_tag
-from .resources import LOCAL_PREFIX
+from .resources import LOCAL_PREFIX, ResourceError
 
 MAX_SHARDS = 1024
 T = TypeVar("T")
 
 
-class NeedsSpanShards(ValueError):
+class NeedsSpanShards(ResourceError):
     """A job needs a resource that lives on another shard (one line for the user)."""
 
 
