@@ -2,10 +2,11 @@
 
 Every Lua script takes keys of one job space, so a job space lives on one
 Redis Cluster hash slot. To go past one primary, an installation declares N
-shards: shard k is a whole job space of its own, with prefix ``{P:k}`` (its
-own hash tag, so the shards' slots, and with them their primaries, differ),
-and each job lives on one shard, chosen by a stable hash of its **routing
-key**. With ``shards = 1`` (the default) the one shard's prefix is ``P``
+shards: shard k is a whole job space of its own, whose prefix is a hash tag
+of its own, ``{P:k}`` or ``{P:k.s}``, on the k-th of N equal ranges of the
+cluster's slots (shard_prefix), so the shards spread evenly over primaries
+that own equal ranges; each job lives on one shard, chosen by a stable hash
+of its **routing key**. With ``shards = 1`` (the default) the one shard's prefix is ``P``
 itself: the key layout of an installation without shards.
 
 The routing key of a name (a job id, a resource) is, as for Redis Cluster
@@ -21,6 +22,8 @@ resources (``worker:...``) are counted by the pool and go anywhere.
 
 from __future__ import annotations
 
+import binascii
+import functools
 import zlib
 from collections.abc import Callable, Iterable, Mapping
 from typing import TypeVar
@@ -31,6 +34,7 @@ from .keys import Keys, hash_tag
 from .resources import LOCAL_PREFIX, ResourceError
 
 MAX_SHARDS = 1024
+CLUSTER_SLOTS = 16384  # a Redis Cluster's hash slots: a key's is CRC16 (XMODEM, binascii.crc_hqx) of its tag, modulo this
 T = TypeVar("T")
 
 
@@ -55,9 +59,25 @@ def check_prefix(prefix: str, count: int) -> str:
     return prefix
 
 
+@functools.lru_cache(maxsize=4096)
 def shard_prefix(prefix: str, index: int, count: int) -> str:
-    """The prefix of shard ``index`` of ``count``: ``prefix`` itself for one shard."""
-    return prefix if count == 1 else f"{{{prefix}:{index}}}"
+    """The prefix of shard ``index`` of ``count``: ``prefix`` itself for one
+    shard, else the hash tag ``{prefix:index}``, or ``{prefix:index.s}`` for
+    the first s = 1, 2, ... that puts it in the index-th of ``count`` equal
+    ranges of the cluster's slots. Tags that differ in their last character
+    alone fall on slots that CRC16's linearity keeps lumped (``{P:0}`` to
+    ``{P:5}`` can never split 3/3 over two primaries), while shards on evenly
+    spaced slots spread evenly over primaries that own equal ranges, as
+    ``redis-cli --cluster create`` makes them."""
+    if count == 1:
+        return prefix
+    low, high = CLUSTER_SLOTS * index // count, CLUSTER_SLOTS * (index + 1) // count
+    salt = 0
+    while True:
+        tag = f"{prefix}:{index}" if salt == 0 else f"{prefix}:{index}.{salt}"
+        if low <= binascii.crc_hqx(tag.encode("utf-8", "surrogatepass"), 0) % CLUSTER_SLOTS < high:
+            return f"{{{tag}}}"
+        salt += 1
 
 
 def routing_key(name: str) -> str:

@@ -14,11 +14,19 @@ from pathlib import Path
 import pytest
 import redis
 from conftest import RedisServer, wait_for, write_config
+from redis.crc import key_slot
 from test_processes import cli, cli_ok
 
 from redbike.config import ConfigError, load_config
 from redbike.keys import Keys, hash_tag
-from redbike.shards import NeedsSpanShards, Shards, check_prefix, shard_of, shard_prefix
+from redbike.shards import (
+    CLUSTER_SLOTS,
+    NeedsSpanShards,
+    Shards,
+    check_prefix,
+    shard_of,
+    shard_prefix,
+)
 
 COUNT = 4
 
@@ -34,9 +42,13 @@ def test_a_jobs_shard_is_its_routing_keys_crc32_and_shared_by_its_hash_tag() -> 
 
 def test_each_shard_has_a_prefix_and_a_slot_of_its_own() -> None:
     assert shard_prefix("app", 0, 1) == "app"  # one shard: the layout of an installation without shards
-    prefixes = [shard_prefix("app", k, COUNT) for k in range(COUNT)]
-    assert prefixes == ["{app:0}", "{app:1}", "{app:2}", "{app:3}"]
-    assert [hash_tag(p) for p in prefixes] == ["app:0", "app:1", "app:2", "app:3"]
+    for count in (2, 4, 6, 8, 1024):  # each on the k-th of count equal ranges of the slots
+        prefixes = [shard_prefix("app", k, count) for k in range(count)]
+        assert all(p.startswith(f"{{app:{k}") and hash_tag(p) == p[1:-1] for k, p in enumerate(prefixes))
+        assert [key_slot(p.encode()) * count // CLUSTER_SLOTS for p in prefixes] == list(range(count))
+    # So they spread evenly over primaries with equal ranges (plain {app:k} tags cannot split 6 as 3/3 over 2).
+    assert sorted(key_slot(shard_prefix("app", k, 6).encode()) < CLUSTER_SLOTS // 2 for k in range(6)) == [
+        False] * 3 + [True] * 3
     with pytest.raises(ValueError, match="must not hold"):
         check_prefix("{app}", 2)
     assert check_prefix("{app}", 1) == "{app}"
