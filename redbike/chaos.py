@@ -1,5 +1,5 @@
 """The fault campaign: ``python -m redbike.chaos [--seed N] [--duration S]
-[--workers N] [--report PATH]``.
+[--workers N] [--shards N] [--report PATH]``.
 
 It starts a real redis-server of its own on a loopback port (append-only,
 ``appendfsync always``), two ``redbike dispatch`` and several ``redbike
@@ -11,7 +11,9 @@ dispatchers (killed ones are started again), Redis killed and started again
 on its append-only file, and its clients' connections dropped. Then it lets
 everything settle, halts, and checks from what the jobs recorded
 (``chaosworker``) and redbike's state what ``chaoscheck`` says. Exit 0 when
-every check passes, 1 with one line per violation otherwise.
+every check passes, 1 with one line per violation otherwise. With
+``--shards N`` the installation has N shards (the jobs that need the
+resource share its tag, so its shard).
 """
 
 from __future__ import annotations
@@ -48,9 +50,11 @@ from redbike.chaoscheck import (
 from redbike.chaosprocs import Daemon, RedisProcess, kill_marked
 from redbike.chaosworker import CONTINUE_PREFIX, RECORDS_VARIABLE, Recorder, read_runs
 from redbike.records import decode_status
+from redbike.sharded import ShardedRedbike
+from redbike.shards import Shards
 
 PREFIX = "chaos"
-RESOURCE = "chaos:db"
+RESOURCE = "chaos:db{db}"  # its tag: the shard of the jobs that need it (they carry the tag too)
 CAPACITY = 2
 SLOTS = 3  # --concurrency of each worker
 FAULT_GAP = 2.5  # mean seconds between faults
@@ -61,8 +65,8 @@ RECURRING = ["FREQ=SECONDLY;INTERVAL=1", "FREQ=SECONDLY;INTERVAL=2", "FREQ=SECON
 SETTLE_TIMEOUT = 180.0
 
 
-def config_text(folder: Path, port: int) -> str:
-    return (f"[redbike]\nprefix = {PREFIX}\nworker = redbike.chaosworker:Recorder('a:b')\n"
+def config_text(folder: Path, port: int, shards: int) -> str:
+    return (f"[redbike]\nprefix = {PREFIX}\nshards = {shards}\nworker = redbike.chaosworker:Recorder('a:b')\n"
             f"timefile = {folder / 'timefile'}\ndefault-timeout = 4\n"
             "retry-backoff = 0.5\nretry-backoff-max = 2\n\n"
             f"[redbike-redis]\nurl = redis://127.0.0.1:{port}/0\nsocket_timeout = 5\n")
@@ -75,7 +79,7 @@ def load(rng: random.Random, now: float, duration: float) -> list[tuple[str, str
     for i in range(max(20, int(duration * 2))):
         at = now - rng.uniform(1, 3600) if rng.random() < 0.25 else now + rng.uniform(0, duration * 0.9)
         needs = RESOURCE if rng.random() < 0.35 else ""
-        jobs.append((f"at-{i}:{rng.choice('ab')}", f"AT:{at:.3f}", needs, "oneoff"))
+        jobs.append((f"at-{i}{'{db}' if needs else ''}:{rng.choice('ab')}", f"AT:{at:.3f}", needs, "oneoff"))
     for i in range(3):
         jobs.append((f"{CONTINUE_PREFIX}{i}:{'ab'[i % 2]}", "CONTINUE", "", "continue"))
     for i, schedule in enumerate(RECURRING):
@@ -84,14 +88,14 @@ def load(rng: random.Random, now: float, duration: float) -> list[tuple[str, str
 
 
 class Campaign:
-    def __init__(self, seed: int, duration: float, workers: int, folder: Path) -> None:
-        self.seed, self.duration, self.folder = seed, duration, folder
+    def __init__(self, seed: int, duration: float, workers: int, folder: Path, shards: int = 1) -> None:
+        self.seed, self.duration, self.folder, self.shards = seed, duration, folder, shards
         self.rng = random.Random(seed)
         self.records = folder / "records"
         self.records.mkdir()
         (folder / "logs").mkdir()
         self.redis = RedisProcess(folder / "redis")
-        (folder / ".redbike.conf").write_text(config_text(folder, self.redis.port))
+        (folder / ".redbike.conf").write_text(config_text(folder, self.redis.port, shards))
         self.marker = f"{os.getpid()}-{seed}"
         self.env = dict(os.environ, PYTHONUNBUFFERED="1", **{RECORDS_VARIABLE: str(self.records),
                                                                "CHAOS_CAMPAIGN": self.marker})
@@ -101,7 +105,7 @@ class Campaign:
         self.jobs: dict[str, str] = {}  # jobid -> kind
         self.cli_sets = 0
         self.exits: list[str] = []  # daemons that exited by themselves, and why
-        self.bike: Redbike | None = None
+        self.bike: Redbike | ShardedRedbike | None = None
 
     def redbike(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "redbike", *args], cwd=self.folder, env=self.env,
@@ -112,7 +116,9 @@ class Campaign:
 
     def setup(self) -> None:
         self.redis.start()
-        self.bike = Redbike(Recorder("a:b"), prefix=PREFIX, client=self.redis.client())
+        client = self.redis.client()
+        self.bike = (ShardedRedbike(Recorder("a:b"), Shards.on(client, PREFIX, self.shards)) if self.shards > 1
+                     else Redbike(Recorder("a:b"), prefix=PREFIX, client=client))
         done = self.redbike("capacity", RESOURCE, str(CAPACITY))
         if done.returncode:
             raise RuntimeError(f"redbike capacity failed: {done.stderr.strip()}")
@@ -301,15 +307,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--duration", type=float, default=100.0, help="seconds of faults (default 100)")
     parser.add_argument("--workers", type=int, default=3, help="redbike work processes (default 3)")
+    parser.add_argument("--shards", type=int, default=1, help="the installation's shards (default 1)")
     parser.add_argument("--report", help="write the report (JSON) here")
     parser.add_argument("--keep", action="store_true", help="keep the campaign's folder (logs, records, AOF)")
     args = parser.parse_args(argv)
-    if args.duration <= 0 or args.workers < 1:
-        parser.error("--duration must be above 0 and --workers at least 1")
+    if args.duration <= 0 or args.workers < 1 or not 1 <= args.shards <= 64:
+        parser.error("--duration must be above 0, --workers at least 1 and --shards from 1 to 64")
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1, 10**6)
     print(f"seed {seed}: replay with --seed {seed}", flush=True)
     folder = Path(tempfile.mkdtemp(prefix=f"redbike-chaos-{seed}-"))
-    campaign = Campaign(seed, args.duration, args.workers, folder)
+    campaign = Campaign(seed, args.duration, args.workers, folder, args.shards)
     started = time.time()
     try:
         campaign.setup()
@@ -320,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         campaign.cleanup()
-    report = {"seed": seed, "duration": args.duration, "workers": args.workers, "slots_per_worker": SLOTS,
+    report = {"seed": seed, "duration": args.duration, "workers": args.workers, "shards": args.shards,
+              "slots_per_worker": SLOTS,
               "elapsed": round(time.time() - started, 1), "folder": str(folder), **summary,
               "violations": violations, "passed": not violations,
               "fault_log": [asdict(fault) for fault in campaign.faults]}
