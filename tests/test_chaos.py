@@ -137,7 +137,9 @@ def test_a_short_campaign_passes(tmp_path: Path) -> None:
 
 
 def test_bad_arguments_are_one_line() -> None:
-    done = subprocess.run([sys.executable, "-m", "redbike.chaos", "--duration", "0"], capture_output=True, text=True,
-                          timeout=60, check=False)
-    assert done.returncode == 2
-    assert done.stderr == "python -m redbike.chaos: --duration must be above 0 and --workers at least 1\n"
+    for bad in (["--duration", "0"], ["--shards", "0"], ["--workers", "0"]):
+        done = subprocess.run([sys.executable, "-m", "redbike.chaos", *bad], capture_output=True, text=True,
+                              timeout=60, check=False)
+        assert done.returncode == 2
+        assert done.stderr == ("python -m redbike.chaos: --duration must be above 0, --workers at least 1 "
+                               "and --shards from 1 to 64\n")
