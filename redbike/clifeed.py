@@ -8,10 +8,13 @@ import sys
 from typing import Any
 
 from .api import Redbike
-from .feed import feeds, run_feed
+from .feed import run_feed
 from .feeditems import parse_arguments
+from .feedshards import feed_parts
+from .feedview import feeds_over
 from .httpsource import run_http_source
 from .names import check_feed_name, check_queue, seconds_between, whole_number
+from .sharded import NotOverShards, ShardedRedbike
 from .workerspec import parse_spec
 
 
@@ -29,12 +32,15 @@ def check_usage(args: dict[str, Any]) -> None:
         _feed_options(args)
 
 
-def run(args: dict[str, Any], bike: Redbike) -> int:
+def run(args: dict[str, Any], bike: Redbike | ShardedRedbike) -> int:
     """`feed` or `feeds`; the exit status."""
     if args["feeds"]:
-        csv.writer(sys.stdout, lineterminator="\n").writerows(feeds(bike.client, bike.keys))
+        parts = [(part.client, part.keys) for part in feed_parts(bike)]
+        csv.writer(sys.stdout, lineterminator="\n").writerows(feeds_over(parts))
         return 0
     if args["--source"]:
+        if isinstance(bike, ShardedRedbike):
+            raise NotOverShards("feed --source is not yet supported with shards > 1 (feed FUNCTION is)")
         return run_http_source(bike, args["--source"], name=args["--name"], queue=args["--queue"],
                                every=_every(args["--every"]), once=bool(args["--once"]))
     return run_feed(bike, args["FUNCTION"], args["ARG"], **_feed_options(args))

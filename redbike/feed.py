@@ -22,6 +22,37 @@ batch that went in, and takes again from the iterator only the batch it was
 putting in, which had not gone in (jobs still run at least once, not
 exactly once: handlers must be idempotent).
 
+Over ``shards = N`` (feedshards.py) each item's job lives on its own shard
+(``shards.of(jobid)``), and nothing crosses shards inside Redis, so a batch
+cannot go in in one transaction. Every shard holds the feed's keys of its
+own: its counters and ``through`` (the number of the last item of the last
+batch it got, counting every item the feed took), its outstanding jobs and a
+copy of the lease. Shard 0's hash is the feed's (cursor, source, state).
+
+- The lease: the feeder takes it on every shard in shard order, all or none
+  (one held by a live feeder: it gives back those it took, FeedBusy), and
+  fences each shard's writes by that shard's copy. A feeder that takes over
+  has written its token on every shard before it reads or writes anything,
+  so an old feeder's transaction on any shard fails from then on.
+- A batch goes in shard by shard, shard 0 first: on every shard (also one
+  that got no item of it) one fenced transaction with that shard's items,
+  their ids among its outstanding jobs, its count fed and ``through``; shard
+  0's also holds the cursor and a record of the batch's items on the other
+  shards (``feed_batch``: ids, payloads, numbers). Killed before shard 0's
+  EXEC, nothing of the batch went in anywhere; after it, the batch is
+  decided: the next feeder finds the shards whose ``through`` is behind
+  shard 0's and puts their items of the record in first (resume), then goes
+  on from shard 0's cursor. So no item is lost or put in twice, whatever the
+  iterator yields when it is called again (a scheme that skipped on each
+  shard the items numbered at or below its ``through`` would need the
+  iterator to yield the same items in the same order after a cursor: one
+  inserted meanwhile would shift the numbers and be skipped). The cost: a
+  batch's items of the other shards are written twice on shard 0, and held
+  there until the next batch (memory: one batch).
+- Backpressure and the counts: feed_done.lua on every shard, summed.
+- With one shard, this is one transaction per batch, as above: no
+  ``through``, no record, today's keys.
+
 Backpressure and retention need no change on the workers' path: the feeder
 polls feed_done.lua, which looks at its oldest outstanding jobs, counts
 those that ended and removes at once those that ran to their end. It feeds
@@ -38,16 +69,12 @@ from __future__ import annotations
 import collections
 import json
 import logging
-import os
 import signal
-import socket
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
-
-import redis
 
 from .api import Redbike
 from .feeditems import (
@@ -61,46 +88,27 @@ from .feeditems import (
     feed_source,
     one_line,
 )
+from .feedshards import LEASE_MS, Counts, FeedBusy, FeedShards, feed_parts
 from .feedview import FEED_FIELDS, Progress, feeds
-from .jobinput import Queued
-from .lease import KeyLease
 from .names import check_feed_name
+from .sharded import ShardedRedbike
 
-__all__ = ["FEED_FIELDS", "BadItem", "FeedBusy", "Feeder", "Item", "Source", "SourceFailed", "Total", "feed_source",
-           "feeds", "run_feed"]
+__all__ = ["FEED_FIELDS", "LEASE_MS", "BadItem", "Counts", "FeedBusy", "Feeder", "Item", "Source", "SourceFailed",
+           "Total", "feed_source", "feeds", "run_feed"]
 
 log = logging.getLogger(__name__)
 
 HIGH_WATER = 10_000  # --high-water: most of a feed's jobs outstanding
 BATCH = 500  # --batch: items per transaction
-LEASE_MS = 10_000  # the feeder's lease; renewed by every batch, and every RENEW_EVERY s while it waits
-RENEW_EVERY = 3.0
 BATCH_SECONDS = 1.0  # a batch goes in when full, or this long after its first item (a slow iterator)
 MIN_SLEEP, MAX_SLEEP = 0.05, 1.0  # seconds between polls while the feed is at its high-water mark
-
-
-class FeedBusy(Exception):
-    """Another feeder holds the feed's lease, or took it (exit 1)."""
-
-
-# ------------------------------------------------------------ the feeder
-
-
-@dataclass
-class Counts:
-    """A feed's counters as stored (its hash) and its outstanding jobs."""
-
-    fed: int = 0
-    done: int = 0
-    failed: int = 0
-    outstanding: int = 0
 
 
 @dataclass
 class Feeder:
     """One feed's feeder: see the module's doc."""
 
-    bike: Redbike
+    bike: Redbike | ShardedRedbike
     source: Source
     name: str
     queue: str | None = None
@@ -112,103 +120,33 @@ class Feeder:
 
     def __post_init__(self) -> None:
         check_feed_name(self.name)
+        self.queue_of = feed_parts(self.bike)[0]._queue_of  # every shard's Redbike has the one worker
         if self.queue is not None:
-            self.bike._queue_of(f"x:{self.queue}")  # a bad --queue fails before anything is fed
+            self.queue_of(f"x:{self.queue}")  # a bad --queue fails before anything is fed
         # A batch is at most half the high-water mark, so that the feed goes on
         # while the workers drain the other half.
         self.batch = max(1, min(self.batch, self.high_water // 2))
         self.low_water = self.high_water - self.batch
-        keys = self.bike.keys
-        self.key, self.jobs_key = keys.feed(self.name), keys.feed_jobs(self.name)
-        self.lease = KeyLease(self.bike.client, keys.feed_lease(self.name), LEASE_MS)
-        self.counts = Counts()
+        self.shards = FeedShards(self.bike, self.name)
         self.rate = Rate()
-        self.renewed = 0.0
         self.number = 0  # items taken from the iterator in this run
         self.full = False  # the last poll found as many ended as it looked at
 
-    # -------------------------------------------------------- the lease
-
-    def take_lease(self) -> None:
-        """Hold the feed's lease (FeedBusy if another live feeder does). A
-        holder on this host whose process is gone (killed) gives it up at once."""
-        if self.lease.acquire():
-            self.renewed = time.monotonic()
-            return
-        holder = self.lease.holder() or ""
-        host, _, rest = holder.partition(":")
-        pid = rest.partition(":")[0]
-        if host == socket.gethostname() and pid.isdigit() and not pid_alive(int(pid)):
-            self.lease.break_if(holder)
-            log.info("feed %s: its last feeder (%s) is gone; taking over", self.name, holder)
-            if self.lease.acquire():
-                self.renewed = time.monotonic()
-                return
-            holder = self.lease.holder() or holder
-        raise FeedBusy(f"feed {self.name} is being fed by {holder} (its lease expires within "
-                       f"{self.lease.expires_in():.0f} s unless renewed)")
-
-    def keep_lease(self) -> None:
-        if time.monotonic() - self.renewed >= RENEW_EVERY:
-            self.fenced(lambda pipe: None)
-
-    def fenced(self, act: Callable[[Any], object]) -> list[Any]:
-        replies = self.lease.if_mine(act)
-        if replies is False:
-            raise FeedBusy(f"feed {self.name}: lost its lease to {self.lease.holder()}; stopped")
-        self.renewed = time.monotonic()
-        return list(replies)
-
-    # -------------------------------------------------------- Redis
-
-    def read(self) -> dict[str, str]:
-        with self.bike.client.pipeline(transaction=False) as pipe:
-            pipe.hgetall(self.key)
-            pipe.zcard(self.jobs_key)
-            stored, outstanding = pipe.execute()
-        fed, done, failed = (int(stored.get(name) or 0) for name in ("fed", "done", "failed"))
-        self.counts = Counts(fed, done, failed, outstanding)
-        return dict(stored)
+    @property
+    def counts(self) -> Counts:
+        """The feed's counts (over shards, summed)."""
+        return self.shards.counts
 
     def poll(self) -> int:
         """feed_done.lua: count (and remove) the feed's jobs that ended; how many are outstanding."""
         most = min(5000, max(2 * self.batch, 100))
-        outstanding, done, failed = self.bike.scripts.run(
-            "feed_done", self.bike.clock(), [self.key, self.jobs_key],
-            [most, 2 * most + 200, f"{self.rate.per_second():.3f}"])
-        self.counts.done += done
-        self.counts.failed += failed
-        self.full = done + failed >= most  # more may have ended than it looked at: look again at once
-        self.counts.outstanding = outstanding
+        outstanding, _, _, self.full = self.shards.poll(self.bike.clock(), most, self.rate.per_second())
         self.rate.add(self.counts.done + self.counts.failed)
-        return int(outstanding)
+        return outstanding
 
     def commit(self, batch: list[Fed], exhausted: bool) -> None:
-        """Put ``batch`` in with the checkpoint after it, in one fenced transaction."""
-        first = self.counts.fed
-        queued = Queued()
-        now = self.bike.clock()
-
-        def act(pipe: Any) -> None:
-            nonlocal queued
-            queued = self.bike.queue_alike(pipe, ((fed.jobid, None, fed.data) for fed in batch), "NOW")
-            if queued.refused:  # every item was checked (check_item): not expected
-                jobid, error = next(iter(queued.refused.items()))
-                raise SourceFailed(f"feed {self.name}: {jobid} refused: {error}")
-            if batch:
-                pipe.zadd(self.jobs_key, {fed.jobid: first + i for i, fed in enumerate(batch)})
-                pipe.hset(self.key, "cursor", json.dumps(batch[-1].cursor, separators=(",", ":")))
-            pipe.hincrby(self.key, "fed", len(batch))
-            pipe.hset(self.key, mapping={"exhausted": int(exhausted), "updated": repr(now)})
-            pipe.sadd(self.bike.keys.feeds, self.name)
-
-        replies = self.fenced(act)
-        errors = [(jobid, reply) for jobid, reply in queued.results(replies).items() if isinstance(reply, Exception)]
-        if errors:
-            jobid, error = errors[0]
-            raise SourceFailed(f"feed {self.name}: {len(errors)} job(s) refused, the first {jobid}: {error}")
-        self.counts.fed += len(batch)
-        self.counts.outstanding += len(batch)
+        """Put ``batch`` in with the checkpoint after it (fenced transactions: feedshards.py)."""
+        self.shards.commit(batch, exhausted, self.bike.clock())
 
     # -------------------------------------------------------- the loop
 
@@ -229,7 +167,7 @@ class Feeder:
                     self.progress.total = self.number + item.remaining
                 continue
             self.number += 1
-            batch.append(check_item(item, self.number, self.queue, self.bike._queue_of, self.bike.max_data_bytes))
+            batch.append(check_item(item, self.number, self.queue, self.queue_of, self.bike.max_data_bytes))
             if time.monotonic() - started >= BATCH_SECONDS:
                 break
         return batch, False
@@ -237,15 +175,15 @@ class Feeder:
     def run(self) -> Counts:
         """Feed until the iterator ends (and, with ``wait``, until its jobs
         have ended), or a signal; the feed's counts at the end."""
-        self.take_lease()
+        self.shards.take_lease()
         try:
-            stored = self.read()
+            stored = self.shards.resume(self.bike.clock())
             if stored.get("source") not in (None, self.source.spec):
                 log.warning("feed %s was fed by %s before; resuming from its cursor with %s",
                             self.name, stored["source"], self.source.spec)
             cursor = json.loads(stored["cursor"]) if "cursor" in stored else None
             started = {"source": self.source.spec, "started": repr(self.bike.clock()), "exhausted": 0}
-            self.fenced(lambda pipe: (pipe.hset(self.key, mapping=started), pipe.sadd(self.bike.keys.feeds, self.name)))
+            self.shards.start(started)
             items, total = self.source.open(cursor)
             if self.progress is not None:
                 self.progress.start(self, total)
@@ -254,10 +192,7 @@ class Feeder:
         finally:
             if self.progress is not None:
                 self.progress.stop()
-            try:
-                self.lease.release()
-            except redis.RedisError:
-                pass  # it expires
+            self.shards.release()
         return self.counts
 
     def loop(self, items: Iterator[Any]) -> None:
@@ -283,7 +218,7 @@ class Feeder:
                 continue
             if exhausted and (not self.wait or outstanding == 0):
                 return
-            self.keep_lease()
+            self.shards.keep_lease()
             if self.full:
                 continue
             # Asleep until about enough jobs ended to feed a batch (or, at the
@@ -296,16 +231,6 @@ class Feeder:
 
     def stop(self, signum: int, _frame: object) -> None:  # a signal handler: only sets a flag
         self.stopping.append(signum)
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class Rate:
@@ -331,7 +256,7 @@ class Rate:
 # ------------------------------------------------------------ the commands
 
 
-def run_feed(bike: Redbike, spec: str, words: Iterable[str], *, name: str | None = None, queue: str | None = None,
+def run_feed(bike: Redbike | ShardedRedbike, spec: str, words: Iterable[str], *, name: str | None = None, queue: str | None = None,
              high_water: int = HIGH_WATER, batch: int = BATCH, wait: bool = False) -> int:
     """`redbike feed`: the exit status (1 if, waiting, some of its jobs failed)."""
     source = Source.load(spec, words)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import redis
@@ -85,14 +85,28 @@ def feeds(client: redis.Redis, keys: Keys) -> Iterator[tuple[Any, ...]]:
     ``finished`` (its iterator ran out and its jobs ended), ``exhausted`` (ran
     out; jobs outstanding) or ``stopped``; rate: items ended per second
     (0 when no feeder runs)."""
-    names = sorted(str(name) for name in client.smembers(keys.feeds))
-    for name in names:
+    return feeds_over([(client, keys)])
+
+
+def feeds_over(shards: Sequence[tuple[redis.Redis, Keys]]) -> Iterator[tuple[Any, ...]]:
+    """feeds() over shards (each one's client and keys): the counts summed,
+    the cursor, state and rate those of shard 0's hash (feed.py)."""
+    names = sorted({str(name) for client, keys in shards for name in client.smembers(keys.feeds)})
+    read = []
+    for client, keys in shards:  # a round trip per shard for all the feeds
         with client.pipeline(transaction=False) as pipe:
-            pipe.hgetall(keys.feed(name))
-            pipe.zcard(keys.feed_jobs(name))
-            pipe.exists(keys.feed_lease(name))
-            stored, waiting, feeding = pipe.execute()
+            for name in names:
+                pipe.hgetall(keys.feed(name))
+                pipe.zcard(keys.feed_jobs(name))
+                pipe.exists(keys.feed_lease(name))
+            replies = pipe.execute()
+        read.append([replies[i:i + 3] for i in range(0, len(replies), 3)])
+    for at, name in enumerate(names):
+        each = [shard[at] for shard in read]
+        stored, _, feeding = each[0]
+        fed, done, failed = (sum(int(hash_.get(field) or 0) for hash_, _, _ in each) for field in ("fed", "done", "failed"))
+        waiting = sum(zcard for _, zcard, _ in each)
         exhausted = stored.get("exhausted") == "1"
         state = "feeding" if feeding else ("finished" if waiting == 0 else "exhausted") if exhausted else "stopped"
-        yield (name, stored.get("cursor", ""), int(stored.get("fed") or 0), int(stored.get("done") or 0),
-               int(stored.get("failed") or 0), waiting, stored.get("rate", "0") if feeding else "0", state)
+        yield (name, stored.get("cursor", ""), fed, done, failed, waiting, stored.get("rate", "0") if feeding else "0",
+               state)

@@ -48,7 +48,7 @@ class Keys:
         self.orphans = f"{p}:orphans"  # hash  task id -> time (epoch s) its node vanished while it ran
         self.reconciled = f"{p}:nodes:reconciled"  # string  digest of the config of the last pass without errors
         self.reconciler = f"{p}:nodes:reconciler"  # string token of the one reconciler, expires (PX)
-        # Feeds (feed.py): the names of every feed, and three keys per feed (feed(), feed_jobs(), feed_lease()).
+        # Feeds (feed.py): the names of every feed, and its keys per feed (feed(), feed_jobs(), feed_lease(), feed_batch()).
         self.feeds = f"{p}:feeds"  # set  feed names
         # The registry of live processes (registry.py): one key per dispatcher and worker pool.
         self.process_prefix = f"{p}:process:"
@@ -81,6 +81,12 @@ class Keys:
     def feed_lease(self, name: str) -> str:
         """The lease of a feed's one feeder (string: its token, expires: PX)."""
         return f"{self.prefix}:feed:{name}:lease"
+
+    def feed_batch(self, name: str) -> str:
+        """With shards, shard 0's record of a feed's last batch: its items on
+        the other shards (string, JSON; feedshards.py), put in again on a
+        shard its feeder was stopped before."""
+        return f"{self.prefix}:feed:{name}:batch"
 
     def process_pattern(self) -> str:
         """SCAN MATCH pattern of every registry entry (the prefix's glob characters escaped)."""

@@ -7,8 +7,9 @@ the resource's shard, and the listings merge every shard's. Each shard is
 served by a ``Redbike`` of its own (its prefix, its client), so what one
 shard does is exactly what an installation without shards does.
 
-Not over shards (refused with one line): the node model and feeds, whose
-scripts take keys of the whole installation.
+Not over shards (refused with one line): the node model, whose scripts
+take keys of the whole installation, and `feed --source`. A feed of a
+function goes over shards with a transaction per shard (feedshards.py).
 """
 
 from __future__ import annotations
@@ -106,7 +107,10 @@ class ShardedRedbike:
         return results
 
     def queue_alike(self, pipe: Any, jobs: Iterable[Any], schedule: str, **options: Any) -> Queued:
-        raise NotOverShards("feeds are not yet supported with shards > 1 (their batches are fenced on one job space)")
+        """Not over shards: a pipeline (a MULTI) is one shard's. Group the
+        jobs by shard (``shards.group``) and use each part's queue_alike, as
+        the feeder does (feedshards.py)."""
+        raise NotOverShards("queue_alike queues on one pipeline, which is one shard's: use parts[k].queue_alike")
 
     def unset_many(self, jobids: Iterable[str]) -> dict[str, int | Exception]:
         results: dict[str, int | Exception] = {}
