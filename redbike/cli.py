@@ -425,11 +425,11 @@ def _run(args: dict[str, Any]) -> int:
         if shown is None:
             raise NoSuchJob(f"no such node: {args['NAME']}")
         print(json.dumps(shown, indent=2))
-    elif args["feed"] or args["feeds"] or args["info"] or args["top"] or args["scale"] or args["serve"]:
+    elif args["feed"] or args["feeds"]:
         if isinstance(bike, ShardedRedbike):
-            raise NotOverShards("feeds and the views (info, top, scale, serve) are not yet supported with shards > 1")
-        if args["feed"] or args["feeds"]:
-            return clifeed.run(args, bike)
+            raise NotOverShards("feeds are not yet supported with shards > 1")
+        return clifeed.run(args, bike)
+    elif args["info"] or args["top"] or args["scale"] or args["serve"]:
         return cliviews.run(args, bike, config)
     elif args["control"]:
         bike.control("HALT")
