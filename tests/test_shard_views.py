@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import pytest
 import redis
-from conftest import wait_for
+from conftest import CLUSTER, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
 from test_jobs import Env
@@ -23,6 +24,7 @@ from test_shards import COUNT, ids_on_every_shard, sharded  # noqa: F401 - shard
 from webtools import AUTH, TOKEN
 
 from redbike import overviews, scale, stats
+from redbike.config import load_config
 from redbike.keys import Keys
 from redbike.records import decode_status
 from redbike.roundrobin import RoundRobin
@@ -38,8 +40,10 @@ def shard_keys(prefix: str) -> list[Keys]:
     return [Keys(shard_prefix(prefix, k, COUNT)) for k in range(COUNT)]
 
 
-def bike_of(reader: redis.Redis, prefix: str, **options: Any) -> ShardedRedbike:
-    return ShardedRedbike(RoundRobin("A:B"), Shards.on(reader, prefix, COUNT), **options)
+def bike_of(folder: Path, **options: Any) -> ShardedRedbike:
+    """The installation of ``folder``'s config, connected as the CLI connects (on a cluster: a client per shard)."""
+    config = load_config(str(folder / ".redbike.conf"))
+    return ShardedRedbike(RoundRobin("A:B"), Shards.connect(config.redis, config.prefix, config.shards), **options)
 
 
 def on_shard(k: int, name: str = "db") -> str:
@@ -103,7 +107,11 @@ def test_info_sums_the_statuses_and_merges_the_queues_of_every_shard(sharded, pr
     assert [f["jobid"] for f in shown["failures"]["recent"]] == placed["failed"][::-1]  # newest first
     assert [r["resource"] for r in shown["resources"]] == sorted(on_shard(k) for k in range(COUNT))
     assert shown["dispatchers"] == [] and shown["leaders"] == [None] * COUNT and shown["leader"] is None
-    assert shown["redis"]["version"] and "servers" not in shown  # one server: once
+    assert shown["redis"]["version"]
+    if CLUSTER:  # the shards' slots are on several primaries: each one's shards
+        assert sorted(k for server in shown["servers"] for k in server["shards"]) == list(range(COUNT))
+    else:
+        assert "servers" not in shown  # one server: once
     text = cli_ok(folder, process_env, "info")
     assert f"(prefix {prefix}, {COUNT} shards)" in text and "shard 3: no leading dispatcher" in text
     assert f"({sum(counted.values())} jobs)" in text
@@ -137,7 +145,7 @@ def test_a_dispatcher_process_leads_every_shard_and_info_shows_one_leader_per_sh
 
 
 def test_scale_sums_arrivals_and_weights_service_times_over_shards(sharded) -> None:  # noqa: F811
-    _, prefix, client = sharded
+    folder, prefix, client = sharded
     minute = (float(client.time()[0]) // 60 + 1) * 60
     envs = [Env(client, shard_prefix(prefix, k, COUNT)).at(minute) for k in range(COUNT)]
     ids = ids_on_every_shard(2)
@@ -152,24 +160,25 @@ def test_scale_sums_arrivals_and_weights_service_times_over_shards(sharded) -> N
         assert run is not None
         env.at(minute + seconds)
         pool.finish(run, Outcome("ok"), "", None, "w1")
-    bike = bike_of(client, prefix, clock=lambda: minute + 120)
+    bike = bike_of(folder, clock=lambda: minute + 120)
     shown = scale.advice_over(bike.parts, minute + 120)
     [a] = [q for q in shown["queues"] if q["queue"] == "A"]
     assert a["arrivals_per_minute"] == pytest.approx(2 * COUNT / 2)  # 8 in 2 minutes
     assert a["service_seconds_mean"] == pytest.approx(20)  # 60 s over 3 runs, not the mean of the shards' means
     assert a["runs"] == 3 and a["waiting"] == 2 * COUNT - 3 and shown["window_seconds"] == 120
     # One part: what scale.advice says.
-    assert scale.advice_over(bike.parts[:1], minute + 120) == scale.advice(client, bike.parts[0].keys, minute + 120)
+    assert scale.advice_over(bike.parts[:1], minute + 120) == scale.advice(bike.parts[0].client, bike.parts[0].keys,
+                                                                           minute + 120)
 
 
-def api_of(reader: redis.Redis, prefix: str) -> tuple[ShardedRedbike, TestClient]:
-    bike = bike_of(reader, prefix)
+def api_of(folder: Path) -> tuple[ShardedRedbike, TestClient]:
+    bike = bike_of(folder)
     return bike, TestClient(create_app(WebContext.of(bike, TOKEN)))
 
 
 def test_the_api_pages_through_a_thousand_jobs_on_every_shard_each_once(sharded) -> None:  # noqa: F811
-    _, prefix, reader = sharded
-    bike, api = api_of(reader, prefix)
+    folder, _, _ = sharded
+    bike, api = api_of(folder)
     jobids = [f"job{n}:A" for n in range(1000)]
     stopped = set(jobids[::20])
     assert bike.set_many([(jobid, "STOP" if jobid in stopped else "0 3 * * *") for jobid in jobids]) == []
@@ -213,9 +222,9 @@ def test_the_api_pages_through_a_thousand_jobs_on_every_shard_each_once(sharded)
 
 
 def test_a_jobs_detail_and_the_writes_go_to_its_shard(sharded) -> None:  # noqa: F811
-    _, prefix, reader = sharded
+    folder, prefix, reader = sharded
     keys = shard_keys(prefix)
-    _, api = api_of(reader, prefix)
+    _, api = api_of(folder)
     jobids = ids_on_every_shard(1)
     for jobid in jobids:
         assert api.post("/api/v1/jobs", json={"jobid": jobid, "schedule": "0 3 * * *"}, headers=AUTH).status_code == 200
@@ -256,10 +265,10 @@ def scrape(api: TestClient) -> dict[tuple[str, tuple[tuple[str, str], ...]], flo
 
 
 def test_metrics_sum_every_shard(sharded) -> None:  # noqa: F811
-    _, prefix, reader = sharded
+    folder, prefix, reader = sharded
     place(reader, prefix)
     keys = shard_keys(prefix)
-    _, api = api_of(reader, prefix)
+    _, api = api_of(folder)
     samples = scrape(api)
     per_shard = [stats.totals(reader, k) for k in keys]
     for queue in ("A", "B"):
@@ -277,9 +286,9 @@ def test_metrics_sum_every_shard(sharded) -> None:  # noqa: F811
 
 
 def test_the_pages_render_over_shards(sharded) -> None:  # noqa: F811
-    _, prefix, reader = sharded
+    folder, prefix, reader = sharded
     placed = place(reader, prefix)
-    _, api = api_of(reader, prefix)
+    _, api = api_of(folder)
     overview = api.get("/")
     assert overview.status_code == 200 and f"{COUNT} shards" in overview.text
     assert "No leading dispatcher on shard 3" in overview.text
