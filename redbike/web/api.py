@@ -9,6 +9,10 @@ body) returning the answer's data; ``endpoint`` wraps it:
 the write check, the body read, the call in Starlette's thread pool (redis-py
 blocks), the CLI's input errors (bad job id, schedule, needs...) as 400.
 openapi.py describes every route listed here.
+
+Over shards (``shards = N``) the reads merge every shard's (overviews.py;
+the listings page shard after shard, listing.py) and the writes go through
+ShardedRedbike to the job's or resource's shard; feeds and nodes answer 400.
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ Each scrape reads the counters kept by the Lua scripts (stats.totals: no
 scan), the queues (overview.queues: SCAN of the queue keys, ZSCAN of the
 parked and aside jobs, HSCAN of the leases: the running jobs, never every
 job), the resources and the registry. The metrics are documented in the
-README (Watching redbike, Prometheus metrics).
+README (Watching redbike, Prometheus metrics). Over shards each shard is
+read and the values summed (overviews.py); the leader gauge has a ``shard``.
 """
 
 from __future__ import annotations
