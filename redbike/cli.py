@@ -428,8 +428,6 @@ def _run(args: dict[str, Any]) -> int:
     elif args["feed"] or args["feeds"]:
         return clifeed.run(args, bike)
     elif args["info"] or args["top"] or args["scale"] or args["serve"]:
-        if isinstance(bike, ShardedRedbike):
-            raise NotOverShards("the views (info, top, scale, serve) are not yet supported with shards > 1")
         return cliviews.run(args, bike, config)
     elif args["control"]:
         bike.control("HALT")

@@ -6,12 +6,15 @@ from __future__ import annotations
 import json
 import math
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from . import info, scale
+from . import info, overviews, scale
 from .api import Redbike
 from .config import Config
 from .names import seconds_between, whole_number
+
+if TYPE_CHECKING:
+    from .sharded import ShardedRedbike
 
 
 class MissingExtra(Exception):
@@ -29,15 +32,15 @@ def check_usage(args: dict[str, Any]) -> None:
         _web().parse_bind(args["--bind"])
 
 
-def run(args: dict[str, Any], bike: Redbike, config: Config) -> int:
-    """`info`, `top`, `scale` or `serve`; the exit status."""
+def run(args: dict[str, Any], bike: Redbike | ShardedRedbike, config: Config) -> int:
+    """`info`, `top`, `scale` or `serve` (over every shard); the exit status."""
     if args["top"]:
         return _top(bike, _interval(args["--interval"]))
     if args["serve"]:
         return int(_web().serve(bike, args["--bind"], args["--token"] or config.api_token))
     if args["scale"]:
-        shown = scale.advice(bike.client, bike.keys, bike.clock(), target=_target(args["--target"]),
-                             window=whole_number(args["--window"], "--window", 60, 86400))
+        shown = scale.advice_over(overviews.parts_of(bike), bike.clock(), target=_target(args["--target"]),
+                                  window=whole_number(args["--window"], "--window", 60, 86400))
         print(json.dumps(shown, indent=2) if args["--json"] else "\n".join(scale.lines(shown)))
         return 0
     shown = bike.overview()
@@ -68,7 +71,7 @@ def _interval(text: str) -> float:
     return seconds_between(text, "--interval", 0.1, 3600)
 
 
-def _top(bike: Redbike, interval: float) -> int:
+def _top(bike: Redbike | ShardedRedbike, interval: float) -> int:
     """`top`: live on a terminal (rich, the views extra), else `info`'s text."""
     try:
         from .top import run_top

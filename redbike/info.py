@@ -12,8 +12,19 @@ from .explain import ago, span, utc
 SECTIONS = ("queues", "workers", "failures", "resources")
 
 
+def where(shown: dict[str, Any]) -> str:
+    """The prefix, and over shards how many."""
+    return f"prefix {shown['prefix']}" + (f", {shown['shards']} shards" if "shards" in shown else "")
+
+
 def redis_line(shown: dict[str, Any]) -> str:
-    r = shown["redis"]
+    """The Redis server; over shards on several, each with its shards."""
+    if "servers" in shown:
+        return "; ".join(f"{_server_line(r)} (shards {','.join(map(str, r['shards']))})" for r in shown["servers"])
+    return _server_line(shown["redis"])
+
+
+def _server_line(r: dict[str, Any]) -> str:
     up = "" if r.get("uptime_seconds") is None else f", up {span(float(r['uptime_seconds']))}"
     line = f"Redis {r.get('version')}, {r.get('used_memory_human')} used{up}"
     if "embedded" in r:
@@ -23,12 +34,20 @@ def redis_line(shown: dict[str, Any]) -> str:
 
 
 def dispatcher_lines(shown: dict[str, Any]) -> list[str]:
-    now = shown["at"]
-    lines = [f"  {'leader ' if d['leads'] else 'standby'}  {d['identity']}  (v{d.get('version')}, "
-             f"started {ago(d['started'], now)})" for d in sorted(shown["dispatchers"], key=lambda d: not d["leads"])]
-    if not any(d["leads"] for d in shown["dispatchers"]):
-        held = f" (the lease is held by {shown['leader']}, not registered)" if shown["leader"] else ""
-        lines.insert(0, f"  no leading dispatcher{held}")
+    """The leader and standbys; over shards, those of each shard (its own lease)."""
+    if "shards" not in shown:
+        return _leader_lines(shown["dispatchers"], shown["leader"], shown["at"], "")
+    return [line for shard, leader in enumerate(shown["leaders"])
+            for line in _leader_lines([d for d in shown["dispatchers"] if d["shard"] == shard], leader, shown["at"],
+                                      f"shard {shard}: ")]
+
+
+def _leader_lines(dispatchers: list[dict[str, Any]], leader: str | None, now: float, label: str) -> list[str]:
+    lines = [f"  {label}{'leader ' if d['leads'] else 'standby'}  {d['identity']}  (v{d.get('version')}, "
+             f"started {ago(d['started'], now)})" for d in sorted(dispatchers, key=lambda d: not d["leads"])]
+    if not any(d["leads"] for d in dispatchers):
+        held = f" (the lease is held by {leader}, not registered)" if leader else ""
+        lines.insert(0, f"  {label}no leading dispatcher{held}")
     return lines
 
 
@@ -120,7 +139,7 @@ def lines(shown: dict[str, Any]) -> list[str]:
     """The whole overview, for `redbike info`."""
     busy = sum(1 for w in shown["workers"] for s in w.get("running", []) if s.get("jobid") is not None)
     slots = sum(int(w.get("slots") or 0) for w in shown["workers"])
-    out = [f"redbike (prefix {shown['prefix']}) at {utc(shown['at'])}", redis_line(shown),
+    out = [f"redbike ({where(shown)}) at {utc(shown['at'])}", redis_line(shown),
            f"Dispatchers: {len(shown['dispatchers'])}", *dispatcher_lines(shown),
            f"Workers: {len(shown['workers'])} pool(s), {slots} slot(s), {busy} busy"]
     for row in worker_rows(shown):

@@ -17,12 +17,15 @@ per-queue counts.
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import redis
 
-from . import overview, registry, stats
+from . import overview, overviews, registry, stats
+from .api import Redbike
 from .explain import span
 from .keys import Keys
 
@@ -56,20 +59,42 @@ def advice(client: redis.Redis, keys: Keys, now: float, *, target: float = DEFAU
     of live pools that work it and how many of them run one of its jobs now,
     utilisation, waiting jobs and the oldest one's age, and the slots
     recommended; with the window the figures cover (None: no snapshot yet)."""
-    start, counts = stats.since(client, keys, now, window)
+    counted = stats.since(client, keys, now, window)
     pools = [p for p in registry.live(client, keys) if p["role"] == "worker"]
-    shown_queues = {q["queue"]: q for q in overview.queues(client, keys, [q for p in pools for q in p.get("queues", [])],
-                                                           now)}
-    minutes = (now - start) / 60 if start is not None else None
+    shown_queues = overview.queues(client, keys, [q for p in pools for q in p.get("queues", [])], now)
+    return advise(now, [counted], pools, shown_queues, target)
+
+
+def advice_over(parts: Sequence[Redbike], now: float, *, target: float = DEFAULT_TARGET,
+                window: int = DEFAULT_WINDOW) -> dict[str, Any]:
+    """:func:`advice` over every part of an installation (overviews.py):
+    each shard's counters over its own window, arrivals and runs summed, the
+    service times weighted by the runs, the pools and queues merged."""
+    if len(parts) == 1:
+        return advice(parts[0].client, parts[0].keys, now, target=target, window=window)
+    counted = [stats.since(part.client, part.keys, now, window) for part in parts]
+    pools = overviews.processes(parts)[2]
+    return advise(now, counted, pools, overviews.queues(parts, now, pools), target)
+
+
+def advise(now: float, counted: list[tuple[float | None, dict[str, stats.QueueTotals]]],
+           pools: list[dict[str, Any]], queues: list[dict[str, Any]], target: float) -> dict[str, Any]:
+    """The advice from what each shard counted (stats.since: the start of
+    its window, or None, and its counts per queue), the live pools and the
+    queues' rows (overview.queues)."""
+    shown_queues = {q["queue"]: q for q in queues}
+    windows = [(start, counts) for start, counts in counted if start is not None]
     rows = []
-    for name in sorted(set(shown_queues) | set(counts)):
-        one = counts.get(name, stats.QueueTotals())
+    for name in sorted(set(shown_queues).union(*(counts for _, counts in counted))):
+        per_shard = [(counts.get(name, stats.QueueTotals()), (now - start) / 60) for start, counts in windows]
+        one = functools.reduce(stats.QueueTotals.plus, (totals for totals, _ in per_shard), stats.QueueTotals())
         waiting = shown_queues.get(name, {})
         slots = sum(int(p.get("slots", 0)) for p in pools if name in p.get("queues", []))
         busy = sum(1 for p in pools for run in p.get("running", []) if run.get("queue") == name)
         ended = one.runs + one.expired
         service = one.seconds / one.runs if one.runs else None  # expired runs took no service time of their own
-        rate = one.due / minutes if minutes else None  # per minute
+        timed = [(totals, minutes) for totals, minutes in per_shard if minutes]
+        rate = sum(totals.due / minutes for totals, minutes in timed) if timed else None  # per minute
         load = rate / 60 * service if rate is not None and service is not None else None  # slots kept busy
         backlog = int(waiting.get("waiting", 0)) + int(waiting.get("parked", 0)) + int(waiting.get("ready", 0))
         recommended = None
@@ -86,7 +111,8 @@ def advice(client: redis.Redis, keys: Keys, now: float, *, target: float = DEFAU
             "recommended_slots": recommended,
             "advice": _verdict(recommended, slots),
         })
-    return {"at": now, "target": target, "window_seconds": None if start is None else round(now - start, 1),
+    latest = max((start for start, _ in windows), default=None)  # the shortest window of all
+    return {"at": now, "target": target, "window_seconds": None if latest is None else round(now - latest, 1),
             "queues": rows}
 
 

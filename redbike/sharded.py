@@ -19,6 +19,7 @@ import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
+from . import overviews
 from .api import Needs, Redbike
 from .clock import RedisClock
 from .jobinput import Queued, read_schedules_csv
@@ -173,6 +174,11 @@ class ShardedRedbike:
         """HALT on every shard (each shard's processes read their own control key)."""
         values = [part.control(command) for part in self.parts]
         return values[0]
+
+    def overview(self, scan: bool = True) -> dict[str, Any]:
+        """Every shard's overview merged into one (overviews.py): what
+        Redbike.overview shows, over the whole installation."""
+        return overviews.read(self.parts, self.clock(), scan=scan, prefix=self.shards.prefix)
 
     # -- not over shards -------------------------------------------------------------
 

@@ -56,6 +56,15 @@ class QueueTotals:
         """Runs that ended by themselves (done, failed or retried)."""
         return self.done + self.failed + self.retried
 
+    def plus(self, other: QueueTotals) -> QueueTotals:
+        """Both counted together (another shard's, say): buckets summed if both have them, else whichever has."""
+        buckets = self.buckets or other.buckets
+        if self.buckets and other.buckets:
+            buckets = tuple((bound, count + more) for (bound, count), (_, more) in zip(self.buckets, other.buckets))
+        return QueueTotals(self.done + other.done, self.failed + other.failed, self.retried + other.retried,
+                           self.expired + other.expired, self.due + other.due, self.seconds + other.seconds,
+                           buckets)
+
     def minus(self, earlier: QueueTotals) -> QueueTotals:
         """What happened between ``earlier`` and this (buckets only if both have them)."""
         buckets: tuple[tuple[float, int], ...] = ()

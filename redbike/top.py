@@ -100,7 +100,7 @@ def _render(shown: dict[str, Any] | None, view: str, error: str, interval: float
     else:
         busy = sum(1 for w in shown["workers"] for s in w.get("running", []) if s.get("jobid") is not None)
         slots = sum(int(w.get("slots") or 0) for w in shown["workers"])
-        parts.append(Text(f"redbike top (prefix {shown['prefix']}) at {utc(shown['at'])}", style="bold"))
+        parts.append(Text(f"redbike top ({info.where(shown)}) at {utc(shown['at'])}", style="bold"))
         parts.append(Text(info.redis_line(shown)))
         parts.append(Text(f"Dispatchers: {len(shown['dispatchers'])}"))
         parts += [Text(line) for line in info.dispatcher_lines(shown)]

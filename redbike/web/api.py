@@ -9,6 +9,10 @@ body) returning the answer's data; ``endpoint`` wraps it:
 the write check, the body read, the call in Starlette's thread pool (redis-py
 blocks), the CLI's input errors (bad job id, schedule, needs...) as 400.
 openapi.py describes every route listed here.
+
+Over shards (``shards = N``) the reads merge every shard's (overviews.py;
+the listings page shard after shard, listing.py) and the writes go through
+ShardedRedbike to the job's or resource's shard; feeds and nodes answer 400.
 """
 
 from __future__ import annotations
@@ -23,12 +27,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from .. import overview, scale, stats
+from .. import overviews, scale
 from ..feedview import FEED_FIELDS, feeds
 from ..names import BadName, check_jobid, check_queue, whole_number
 from ..preview import preview
 from ..resources import ResourceError, check_capacity, check_name
 from ..schedules import ScheduleError, parse_schedule, parse_timestamp
+from ..sharded import ShardedRedbike
+from ..stats import QueueTotals
 from . import listing, openapi
 from .security import ApiError, check_write
 
@@ -105,7 +111,7 @@ def _required(body: dict[str, Any], name: str) -> str:
 
 
 def routes(context: WebContext) -> list[BaseRoute]:
-    bike, client, keys = context.bike, context.client, context.keys
+    bike, parts = context.bike, context.parts
 
     def get_overview(request: Request, _: dict[str, Any]) -> Any:
         """What `redbike info --json` shows (Redbike.overview); ?scan=0 leaves out what scans every job
@@ -115,21 +121,17 @@ def routes(context: WebContext) -> list[BaseRoute]:
             raise ApiError(400, f"scan must be 0 or 1, not {scan!r}")
         return bike.overview(scan=scan == "1")
 
-    def known_queues() -> list[dict[str, Any]]:
-        _, _, workers = overview.processes(client, keys)
-        return overview.queues(client, keys, [q for w in workers for q in w.get("queues", [])], context.clock())
-
     def get_queues(request: Request, _: dict[str, Any]) -> Any:
         """Every queue a pool works or that holds jobs: waiting, parked, ready, aside, running, oldest_since."""
-        return {"queues": known_queues()}
+        return {"queues": overviews.queues(parts, context.clock())}
 
     def get_queue(request: Request, _: dict[str, Any]) -> Any:
         """A queue's counts and its waiting jobs, oldest first (?cursor=&limit=)."""
         name = check_queue(request.path_params["name"])
-        shown = [q for q in known_queues() if q["queue"] == name]
+        shown = [q for q in overviews.queues(parts, context.clock()) if q["queue"] == name]
         if not shown:
             raise ApiError(404, f"no such queue: {name}")
-        page = listing.waiting_page(client, keys, name, request.query_params.get("cursor"), _limit(request))
+        page = listing.waiting_over(parts, name, request.query_params.get("cursor"), _limit(request))
         return {**shown[0], **page}
 
     def get_jobs(request: Request, _: dict[str, Any]) -> Any:
@@ -144,7 +146,7 @@ def routes(context: WebContext) -> list[BaseRoute]:
         queue = query.get("queue")
         wanted = listing.JobFilter(statuses, check_queue(queue) if queue is not None else None, query.get("prefix"),
                                    _time(request, "before"), _time(request, "after"))
-        return listing.jobs_page(client, keys, wanted, bike.worker.queue_for, query.get("cursor"), _limit(request))
+        return listing.jobs_over(parts, wanted, bike.worker.queue_for, query.get("cursor"), _limit(request))
 
     def get_job(request: Request, _: dict[str, Any]) -> Any:
         """tell's fields (null once unset), the trail and why it is (not) running (explain), its recent runs
@@ -158,17 +160,24 @@ def routes(context: WebContext) -> list[BaseRoute]:
             told = dict(explained.state, **({"task": explained.task} if explained.task is not None else {}))
         trail = explained.as_json()["events"]
         runs = [event for event in trail if event["event"] == "run"][::-1][:RUNS_SHOWN]
-        return {"jobid": jobid, "tell": told, "why": explained.why, "trail": trail, "runs": runs,
-                "last_error": (told or {}).get("last_error"), "next": _next((told or {}).get("schedule"),
-                                                                            explained.now)}
+        shown = {"jobid": jobid, "tell": told, "why": explained.why, "trail": trail, "runs": runs,
+                 "last_error": (told or {}).get("last_error"), "next": _next((told or {}).get("schedule"),
+                                                                             explained.now)}
+        if isinstance(bike, ShardedRedbike):
+            shown["shard"] = bike.shards.of(jobid)
+        return shown
 
     def get_workers(request: Request, _: dict[str, Any]) -> Any:
         """The registered worker pools, each slot with the job it runs."""
-        return {"workers": overview.processes(client, keys)[2]}
+        return {"workers": overviews.processes(parts)[2]}
 
     def get_dispatchers(request: Request, _: dict[str, Any]) -> Any:
-        """The registered dispatchers (the leader marked ``leads``) and the lease holder's identity."""
-        dispatchers, leader, _workers = overview.processes(client, keys)
+        """The registered dispatchers (the leader marked ``leads``) and the lease holder's identity; over
+        shards, each dispatcher's ``shard`` and each shard's leader (``leaders``)."""
+        if context.sharded:
+            dispatchers, leader, leaders = overviews.dispatchers(parts)
+            return {"dispatchers": dispatchers, "leader": leader, "leaders": leaders}
+        dispatchers, leader, _workers = overviews.processes(parts)
         return {"dispatchers": dispatchers, "leader": leader}
 
     def get_resources(request: Request, _: dict[str, Any]) -> Any:
@@ -182,8 +191,12 @@ def routes(context: WebContext) -> list[BaseRoute]:
                           for lv, n, p, t, r in bike.nodes(level=request.query_params.get("level"))]}
 
     def get_feeds(request: Request, _: dict[str, Any]) -> Any:
-        """Every feed (as `redbike feeds`): name, cursor (JSON), fed, done, failed, waiting, rate, state."""
-        return {"feeds": [dict(zip(FEED_FIELDS, row, strict=True)) for row in feeds(bike.client, bike.keys)]}
+        """Every feed (as `redbike feeds`): name, cursor (JSON), fed, done, failed, waiting, rate, state;
+        400 with shards > 1 (feeds are not over shards yet)."""
+        if context.sharded:
+            raise ApiError(400, "feeds are not yet supported with shards > 1")
+        part = parts[0]
+        return {"feeds": [dict(zip(FEED_FIELDS, row, strict=True)) for row in feeds(part.client, part.keys)]}
 
     def get_scale(request: Request, _: dict[str, Any]) -> Any:
         """`redbike scale --json`: per queue, arrivals, service times, slots and the slots recommended
@@ -196,7 +209,7 @@ def routes(context: WebContext) -> list[BaseRoute]:
         if not 0 < target <= 1:
             raise ApiError(400, "'target' must be a utilisation above 0 and at most 1")
         window = whole_number(query.get("window", str(scale.DEFAULT_WINDOW)), "window", 60, 86400)
-        return scale.advice(bike.client, bike.keys, bike.clock(), target=target, window=window)
+        return scale.advice_over(parts, bike.clock(), target=target, window=window)
 
     def get_node(request: Request, _: dict[str, Any]) -> Any:
         """One node: its path to the root, capacities, in use, tasks."""
@@ -208,7 +221,7 @@ def routes(context: WebContext) -> list[BaseRoute]:
     def get_stats(request: Request, _: dict[str, Any]) -> Any:
         """Per-minute counts per queue over the last ?minutes= (default 60, at most 1440), oldest first."""
         minutes = whole_number(request.query_params.get("minutes", "60"), "minutes", 1, MAX_MINUTES)
-        shown = stats.per_minute(client, keys, context.clock(), minutes)
+        shown = overviews.per_minute(parts, context.clock(), minutes)
         return {"minutes": [{"at": at, "queues": {q: _totals(t) for q, t in counts.items()}} for at, counts in shown]}
 
     def get_openapi(request: Request, _: dict[str, Any]) -> Any:
@@ -332,7 +345,7 @@ def _next(schedule: str | None, now: float) -> dict[str, Any]:
     return {"occurrences": [o.as_json() for o in shown.occurrences], "notes": shown.notes}
 
 
-def _totals(totals: stats.QueueTotals) -> dict[str, Any]:
+def _totals(totals: QueueTotals) -> dict[str, Any]:
     return {"done": totals.done, "failed": totals.failed, "retried": totals.retried, "expired": totals.expired,
             "due": totals.due, "runs": totals.runs, "seconds": totals.seconds}
 

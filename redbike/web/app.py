@@ -22,7 +22,8 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..api import Redbike
-from ..keys import Keys
+from ..overviews import parts_of
+from ..sharded import ShardedRedbike
 from . import metrics, ui
 from .api import routes as api_routes
 from .security import ApiError, host_of
@@ -32,22 +33,27 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class WebContext:
-    """What every handler reads and writes through: the Redis client and
-    keys, the Redbike (its worker routes jobs to queues), the write token
+    """What every handler reads and writes through: the installation's job
+    spaces (``parts``: the Redbike itself, or a Redbike per shard, read and
+    merged by overviews.py), the Redbike or ShardedRedbike (its worker routes
+    jobs to queues, its writes go to each job's shard), the write token
     (None: read-only) and the clock (Redis'); ``hosts``: the only ``Host``
     names answered (None: any; serve gives the loopback names when it
     listens on loopback)."""
 
-    client: redis.Redis
-    keys: Keys
-    bike: Redbike
+    parts: list[Redbike]
+    bike: Redbike | ShardedRedbike
     token: str | None
     clock: Callable[[], float]
     hosts: frozenset[str] | None = None
 
     @classmethod
-    def of(cls, bike: Redbike, token: str | None, hosts: frozenset[str] | None = None) -> WebContext:
-        return cls(bike.client, bike.keys, bike, token or None, bike.clock, hosts)
+    def of(cls, bike: Redbike | ShardedRedbike, token: str | None, hosts: frozenset[str] | None = None) -> WebContext:
+        return cls(parts_of(bike), bike, token or None, bike.clock, hosts)
+
+    @property
+    def sharded(self) -> bool:
+        return len(self.parts) > 1
 
 
 def error(request: Request, status: int, message: str) -> Response:

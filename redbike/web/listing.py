@@ -14,6 +14,10 @@ batch (a batch can hold more matches than ``limit``: the next page goes on
 after that id). As with SCAN itself, a job present during the whole listing
 is answered at least once; one set or unset meanwhile may be answered twice
 or not at all.
+
+Over shards (``jobs_over``, ``waiting_over``) the shards are listed one
+after the other, each job with its ``shard``; the cursor also holds the
+shard the listing is on.
 """
 
 from __future__ import annotations
@@ -22,13 +26,14 @@ import base64
 import binascii
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
 import redis
 
 from .. import states
+from ..api import Redbike
 from ..keys import Keys
 from ..records import decode_status
 from .security import ApiError
@@ -150,3 +155,60 @@ def waiting_page(client: redis.Redis, keys: Keys, queue: str, cursor: str | None
                for jobid, stamp in zip(jobids, stamps, strict=True)]
     more = offset + limit < length
     return {"jobs": waiting, "length": length, "next_cursor": str(offset + limit) if more else None}
+
+
+def _bad_cursor(cursor: str) -> ApiError:
+    return ApiError(400, f"bad cursor {cursor!r}: pass back a next_cursor this server answered")
+
+
+def jobs_over(parts: Sequence[Redbike], wanted: JobFilter, queue_for: Callable[[str], str], cursor: str | None,
+              limit: int) -> dict[str, Any]:
+    """jobs_page over every part (shard), one after the other: a request
+    goes on to the next shard while its page is not full and the shard's
+    scan is done. The cursor: the shard, and its own cursor."""
+    if len(parts) == 1:
+        return jobs_page(parts[0].client, parts[0].keys, wanted, queue_for, cursor, limit)
+    shard, inner = decode_cursor(cursor)  # the same shape: a whole number and a text or None
+    if shard >= len(parts):
+        raise _bad_cursor(cursor or "")
+    found: list[dict[str, Any]] = []
+    while True:
+        part = parts[shard]
+        page = jobs_page(part.client, part.keys, wanted, queue_for, inner, limit - len(found))
+        found += [dict(job, shard=shard) for job in page["jobs"]]
+        inner = page["next_cursor"]
+        if inner is None:
+            shard += 1
+        if inner is not None or shard == len(parts) or len(found) >= limit:
+            break
+    return {"jobs": found, "next_cursor": None if shard == len(parts) else encode_cursor(shard, inner)}
+
+
+def waiting_over(parts: Sequence[Redbike], queue: str, cursor: str | None, limit: int) -> dict[str, Any]:
+    """waiting_page over every part (shard), one after the other (each
+    shard's line oldest first), each job with its ``shard``; ``length``
+    summed, ``offset`` the place of the page's first job in the lines. The
+    cursor: ``SHARD.OFFSET``."""
+    if len(parts) == 1:
+        return waiting_page(parts[0].client, parts[0].keys, queue, cursor, limit)
+    found = re.fullmatch(r"(\d+)\.(\d+)", cursor or "0.0")
+    if found is None or int(found[1]) >= len(parts):
+        raise _bad_cursor(cursor or "")
+    shard, offset = int(found[1]), int(found[2])
+    jobs: list[dict[str, Any]] = []
+    length, before, following = 0, 0, None
+    for index, part in enumerate(parts):
+        if index < shard or len(jobs) >= limit or following is not None:
+            counted = int(part.client.llen(part.keys.queue(queue)))
+            length += counted
+            before += counted if index < shard else 0
+            if following is None and index > shard and len(jobs) >= limit:
+                following = f"{index}.0"
+            continue
+        page = waiting_page(part.client, part.keys, queue, str(offset), limit - len(jobs))
+        length += page["length"]
+        jobs += [dict(job, shard=index) for job in page["jobs"]]
+        offset = 0  # the next shard's line from its start
+        if page["next_cursor"] is not None:
+            following = f"{index}.{page['next_cursor']}"
+    return {"jobs": jobs, "length": length, "next_cursor": following, "offset": before + int(found[2])}

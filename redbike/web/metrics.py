@@ -7,7 +7,8 @@ Each scrape reads the counters kept by the Lua scripts (stats.totals: no
 scan), the queues (overview.queues: SCAN of the queue keys, ZSCAN of the
 parked and aside jobs, HSCAN of the leases: the running jobs, never every
 job), the resources and the registry. The metrics are documented in the
-README (Watching redbike, Prometheus metrics).
+README (Watching redbike, Prometheus metrics). Over shards each shard is
+read and the values summed (overviews.py); the leader gauge has a ``shard``.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from .. import overview, scale, stats
+from .. import overviews, scale
 
 if TYPE_CHECKING:
     from .app import WebContext
@@ -56,11 +57,11 @@ class RedbikeCollector(Collector):
         self.context = context
 
     def collect(self) -> Iterator[Metric]:
-        client, keys = self.context.client, self.context.keys
+        parts = self.context.parts
         yield from self._totals()
-        dispatchers, _, workers = overview.processes(client, keys)
+        dispatchers, _, workers = overviews.processes(parts)
         now = self.context.clock()
-        queues = overview.queues(client, keys, [q for w in workers for q in w.get("queues", [])], now)
+        queues = overviews.queues(parts, now, workers)
         gauges = {name: GaugeMetricFamily(f"redbike_queue_{name}", text, labels=["queue"]) for name, text in (
             ("waiting", "Jobs waiting in the queue's list"), ("parked", "Jobs of the queue parked on a full resource"),
             ("ready", "Jobs of the queue woken from a resource, next to be claimed"),
@@ -86,16 +87,18 @@ class RedbikeCollector(Collector):
         busy = sum(1 for w in workers for s in w.get("running", []) if s.get("jobid") is not None)
         slots.add_metric(["busy"], busy)
         slots.add_metric(["idle"], max(0, total - busy))
-        leader = GaugeMetricFamily("redbike_dispatcher_leader", "1 for the leading dispatcher, 0 for a standby",
-                                   labels=["identity", "host"])
+        leader = GaugeMetricFamily("redbike_dispatcher_leader", "1 for the leading dispatcher, 0 for a standby"
+                                   + (" (of its shard)" if self.context.sharded else ""),
+                                   labels=["identity", "host", *(["shard"] if self.context.sharded else [])])
         for d in dispatchers:
-            leader.add_metric([str(d.get("identity")), str(d.get("host"))], 1 if d["leads"] else 0)
+            shard = [str(d["shard"])] if self.context.sharded else []
+            leader.add_metric([str(d.get("identity")), str(d.get("host")), *shard], 1 if d["leads"] else 0)
         yield from (pools, slots, leader)
         yield from self._scale(now)
 
     def _scale(self, now: float) -> Iterator[Metric]:
         """`redbike scale`'s figures (its default target and window)."""
-        advice = scale.advice(self.context.client, self.context.keys, now)
+        advice = scale.advice_over(self.context.parts, now)
         gauges = {name: GaugeMetricFamily(f"redbike_queue_{metric}", text, labels=["queue"])
                   for name, metric, text in SCALE_GAUGES}
         for q in advice["queues"]:
@@ -105,7 +108,7 @@ class RedbikeCollector(Collector):
         yield from gauges.values()
 
     def _totals(self) -> Iterator[Metric]:
-        totals = stats.totals(self.context.client, self.context.keys)
+        totals = overviews.totals(self.context.parts)
         for name, text in COUNTERS:
             counter = CounterMetricFamily(f"redbike_jobs_{name}", text + " (since the counters started)",
                                           labels=["queue"])

@@ -9,6 +9,8 @@ import signal
 import uvicorn
 
 from ..api import Redbike
+from ..overviews import parts_of
+from ..sharded import ShardedRedbike
 from .app import WebContext, create_app
 from .security import LOOPBACK_HOSTS
 
@@ -35,7 +37,7 @@ def loopback(host: str) -> bool:
         return False
 
 
-def serve(bike: Redbike, bind: str, token: str | None) -> int:
+def serve(bike: Redbike | ShardedRedbike, bind: str, token: str | None) -> int:
     """Serve until SIGINT/SIGTERM."""
     host, port = parse_bind(bind)
     if token is None:
@@ -45,7 +47,8 @@ def serve(bike: Redbike, bind: str, token: str | None) -> int:
         log.warning("listening on %s, not loopback: anyone who reaches it can read every job", host)
     app = create_app(WebContext.of(bike, token, LOOPBACK_HOSTS | {host.lower()} if local else None))
     shown = f"[{host}]" if ":" in host else host
-    log.info("serving the API, UI and metrics on http://%s:%d/ (prefix %s)", shown, port, bike.keys.prefix)
+    log.info("serving the API, UI and metrics on http://%s:%d/ (prefix %s)", shown, port,
+             ", ".join(part.keys.prefix for part in parts_of(bike)))
     # uvicorn stops on SIGTERM, then raises it again with the handler it found:
     # this one makes that a clean exit (0), as for the other daemons.
     signal.signal(signal.SIGTERM, lambda _signum, _frame: None)

@@ -21,17 +21,16 @@ from typing import Any, Protocol
 from urllib.parse import quote, urlencode
 
 import jinja2
-import redis
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from .. import info, states, stats
+from .. import info, overviews, states
 from ..api import Redbike
 from ..explain import ago, span, utc
-from ..keys import Keys
 from ..names import BadName
+from ..sharded import ShardedRedbike
 from . import charts, listing, views
 from .security import ApiError
 
@@ -49,11 +48,9 @@ class Context(Protocol):
     """What the pages need of app.WebContext."""
 
     @property
-    def client(self) -> redis.Redis: ...
+    def parts(self) -> list[Redbike]: ...
     @property
-    def keys(self) -> Keys: ...
-    @property
-    def bike(self) -> Redbike: ...
+    def bike(self) -> Redbike | ShardedRedbike: ...
     @property
     def token(self) -> str | None: ...
     @property
@@ -126,13 +123,14 @@ class Pages:
         if not found:
             return self.failed(request, 404, f"no such queue: {name} (no pool works it, and it holds no job)")
         try:
-            page = listing.waiting_page(self.context.client, self.context.keys, name, cursor or None, PAGE_SIZE)
+            page = listing.waiting_over(self.context.parts, name, cursor or None, PAGE_SIZE)
         except ApiError as exc:
             return self.failed(request, exc.status, exc.message)
         following = page["next_cursor"]
         here = f"/queues/{_path(name)}"
         return self.render(request, "queue.html", now=shown["at"], refresh=REFRESH_SECONDS, name=name,
-                           shown={**shown, "queues": found}, page=page, offset=int(cursor or 0),
+                           shown={**shown, "queues": found}, page=page,
+                           offset=page["offset"] if "offset" in page else int(cursor or 0),
                            next_url=page_url(here, cursor=following) if following else "",
                            first_url=here if cursor else "")
 
@@ -142,13 +140,13 @@ class Pages:
 
     def resources(self, request: Request) -> Response:
         return self.render(request, "resources.html", refresh=REFRESH_SECONDS,
-                           resources=views.resources(self.context.bike))
+                           resources=views.resources(self.context.parts))
 
     def charts(self, request: Request) -> Response:
         context = self.context
         queue = request.query_params.get("queue", "")
         now = context.clock()
-        minutes = stats.per_minute(context.client, context.keys, now, CHART_MINUTES)
+        minutes = overviews.per_minute(context.parts, now, CHART_MINUTES)
         names = sorted({name for _, per_queue in minutes for name in per_queue} | ({queue} if queue else set()))
         return self.render(request, "charts.html", now=now, refresh=CHART_REFRESH_SECONDS, queue=queue,
                            queues=names, charts=charts.charts(minutes, queue), minutes=len(minutes))
@@ -163,11 +161,11 @@ class Pages:
                                    filters["queue"] or None, filters["prefix"] or None)
         bike = self.context.bike
         try:
-            page = listing.jobs_page(bike.client, bike.keys, wanted, bike.worker.queue_for, cursor or None, PAGE_SIZE)
+            page = listing.jobs_over(self.context.parts, wanted, bike.worker.queue_for, cursor or None, PAGE_SIZE)
         except ApiError as exc:  # a cursor this server did not answer
             return self.failed(request, exc.status, exc.message)
         jobs = sorted(page["jobs"], key=lambda job: job["jobid"])
-        views.next_runs(bike.client, bike.keys, jobs)
+        views.next_runs(self.context.parts, jobs)
         following = page["next_cursor"]
         return self.render(request, "jobs.html", jobs=jobs, filters=filters, statuses=listing.STATUSES,
                            next_url=page_url("/jobs", cursor=following, **filters) if following else "",

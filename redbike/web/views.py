@@ -10,15 +10,13 @@ import time
 from collections import defaultdict
 from typing import Any, cast
 
-import redis
-
 from ..api import Redbike
 from ..explain import readable_needs, running_leases
-from ..keys import Keys
 from ..parking import decode_aside, decode_parked
 from ..preview import preview
 from ..records import RecordError
 from ..schedules import ScheduleError, parse_schedule
+from ..sharded import ShardedRedbike
 
 WAITERS_SHOWN = 20  # jobs in line for a resource listed, with a count of all
 OCCURRENCES_SHOWN = 5
@@ -39,7 +37,7 @@ class Overviews:
         self.scanned_at, self.cost = float("-inf"), 0.0
         self.scanned: tuple[Any, Any, float] | None = None
 
-    def read(self, bike: Redbike) -> dict[str, Any]:
+    def read(self, bike: Redbike | ShardedRedbike) -> dict[str, Any]:
         with self.lock:
             started = time.monotonic()
             scan = started - self.scanned_at >= max(self.min_age, SCAN_EVERY * self.cost)
@@ -55,7 +53,7 @@ class Overviews:
         return shown
 
 
-def queue_of(bike: Redbike, jobid: str) -> str:
+def queue_of(bike: Redbike | ShardedRedbike, jobid: str) -> str:
     """The job's queue by the worker's routing ("" if it refuses the id)."""
     try:
         return bike.worker.queue_for(jobid)
@@ -63,20 +61,29 @@ def queue_of(bike: Redbike, jobid: str) -> str:
         return ""
 
 
-def next_runs(client: redis.Redis, keys: Keys, jobs: list[dict[str, Any]]) -> None:
-    """Add each listed job's next run (its timeline score, or None), in one round trip."""
-    with client.pipeline(transaction=False) as pipe:
-        for job in jobs:
-            pipe.zscore(keys.timeline, job["jobid"])
-        for job, score in zip(jobs, pipe.execute(), strict=True):
-            job["next_run"] = score
+def next_runs(parts: list[Redbike], jobs: list[dict[str, Any]]) -> None:
+    """Add each listed job's next run (its timeline score, or None), in one
+    round trip per shard (a job listed over shards says its ``shard``)."""
+    for index, part in enumerate(parts):
+        mine = [job for job in jobs if job.get("shard", 0) == index]
+        if not mine:
+            continue
+        with part.client.pipeline(transaction=False) as pipe:
+            for job in mine:
+                pipe.zscore(part.keys.timeline, job["jobid"])
+            for job, score in zip(mine, pipe.execute(), strict=True):
+                job["next_run"] = score
 
 
-def resources(bike: Redbike) -> list[dict[str, Any]]:
+def resources(parts: list[Redbike]) -> list[dict[str, Any]]:
     """Every resource with a capacity or in use: capacity, in use, and the
     jobs holding it (from the leases, one HSCAN) and waiting for it (in
     line, or set aside as they need more than its capacity; the first
-    WAITERS_SHOWN)."""
+    WAITERS_SHOWN). Over shards, each shard's (a resource lives on one)."""
+    return [shown for part in parts for shown in _resources(part)]
+
+
+def _resources(bike: Redbike) -> list[dict[str, Any]]:
     client, keys = bike.client, bike.keys
     holders: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for jobid, lease in running_leases(client, keys):
