@@ -12,7 +12,8 @@ openapi.py describes every route listed here.
 
 Over shards (``shards = N``) the reads merge every shard's (overviews.py;
 the listings page shard after shard, listing.py) and the writes go through
-ShardedRedbike to the job's or resource's shard; feeds and nodes answer 400.
+ShardedRedbike to the job's or resource's shard; feeds are summed over the
+shards; nodes answer 400.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from .. import overviews, scale
-from ..feedview import FEED_FIELDS, feeds
+from ..feedview import FEED_FIELDS, feeds_over
 from ..names import BadName, check_jobid, check_queue, whole_number
 from ..preview import preview
 from ..resources import ResourceError, check_capacity, check_name
@@ -191,12 +192,10 @@ def routes(context: WebContext) -> list[BaseRoute]:
                           for lv, n, p, t, r in bike.nodes(level=request.query_params.get("level"))]}
 
     def get_feeds(request: Request, _: dict[str, Any]) -> Any:
-        """Every feed (as `redbike feeds`): name, cursor (JSON), fed, done, failed, waiting, rate, state;
-        400 with shards > 1 (feeds are not over shards yet)."""
-        if context.sharded:
-            raise ApiError(400, "feeds are not yet supported with shards > 1")
-        part = parts[0]
-        return {"feeds": [dict(zip(FEED_FIELDS, row, strict=True)) for row in feeds(part.client, part.keys)]}
+        """Every feed (as `redbike feeds`): name, cursor (JSON), fed, done, failed, waiting, rate, state
+        (over shards: the counts summed)."""
+        rows = feeds_over([(part.client, part.keys) for part in parts])
+        return {"feeds": [dict(zip(FEED_FIELDS, row, strict=True)) for row in rows]}
 
     def get_scale(request: Request, _: dict[str, Any]) -> Any:
         """`redbike scale --json`: per queue, arrivals, service times, slots and the slots recommended
