@@ -1,0 +1,114 @@
+"""A slot's claims over every shard of its pool (shards.py): one SlotClaims
+per shard, and the order the slot tries the shards in.
+
+A run lives on one shard: its finish goes there, and claims the next job
+there in the same round trip (as with one shard: one round trip per job
+while that shard has jobs waiting). Only when that finds nothing does the
+slot try the other shards, one claim (one round trip) each, from the next
+one on. A slot that was idle starts from the shard after the one it started
+from last time (slots start on different shards), so idle slots spread
+over the shards rather than all asking shard 0 first. With one shard every
+call is exactly SlotClaims': the same commands and round trips.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import cast
+
+import redis
+
+from .claims import Claims, Connection, Rotation, Settled, SlotClaims
+from .config import DEFAULT_SOCKET_TIMEOUT
+from .slots import Running
+from .states import Outcome
+
+log = logging.getLogger(__name__)
+
+
+def slot_connections(claims: Claims) -> list[redis.connection.AbstractConnection]:
+    """A connection of its own for a slot's child on each shard, made like
+    the client's own but used directly (see Slot); shards on one client (one
+    server) share one: the slot sends one command at a time anyway."""
+    made: dict[int, redis.connection.AbstractConnection] = {}
+    connections = []
+    for space in claims.spaces:
+        connection = made.get(id(space.client))
+        if connection is None:
+            connection = made[id(space.client)] = _connection_of(space.client)
+        connections.append(connection)
+    return connections
+
+
+def _connection_of(client: redis.Redis) -> redis.connection.AbstractConnection:
+    pool = client.connection_pool
+    settings = dict(pool.connection_kwargs)
+    if settings.get("socket_timeout") == DEFAULT_SOCKET_TIMEOUT:
+        # Without a timeout a socket read is one recv(), with one a poll()
+        # before each send and recv: a tenth of a job's CPU. A dead peer is
+        # still found: over TCP by keepalive and TCP_USER_TIMEOUT (see
+        # config.py); a unix socket cannot be silently dropped.
+        settings["socket_timeout"] = None
+    return cast("redis.connection.AbstractConnection", pool.connection_class(**settings))
+
+
+class SlotShards:
+    """One slot's claim/finish clients, one per shard (``connections[k]``
+    for shard k), each with its own rotation over the worker's queues."""
+
+    def __init__(self, claims: Claims, index: int, worker_id: str, connections: list[Connection]) -> None:
+        self.index = index
+        self.shards: list[SlotClaims] = [claims.slot(index, worker_id, connection, shard)
+                                         for shard, connection in enumerate(connections)]
+        self.rotations = [Rotation(claims.queue_names) for _ in self.shards]
+        self.count = len(self.shards)
+        self.start = index % self.count  # the shard the next claim from idle starts with
+
+    def claim(self) -> Settled:
+        """Claim one job: from every shard in turn until one has a job or a
+        HALT (one round trip per shard asked), from a shard that moves on by
+        one at each call."""
+        first = self.start
+        if self.count > 1:
+            self.start = (first + 1) % self.count
+        return self._claim_from(first, self.count)
+
+    def finish(self, job: Running, outcome: Outcome, trace: str, then_claim: bool) -> Settled:
+        """End ``job``'s run on its shard; with ``then_claim``, claim the next
+        job there in the same round trip, and if that finds none, on the
+        other shards (one round trip each)."""
+        shard = job.shard
+        mine = self.shards[shard]
+        settled = mine.finish(job, outcome, trace, self.rotations[shard] if then_claim else None)
+        if not then_claim or self.count == 1 or settled.claimed is not None or settled.halted:
+            return settled
+        try:
+            # Leaving this shard: what the slot counted on it goes out now,
+            # not with a finish there that may be long in coming.
+            mine.flush_tally()
+            other = self._claim_from(shard + 1, self.count - 1)
+        except redis.RedisError as exc:
+            # The run is ended: never report it as unfinished. Idle now, the
+            # slot asks again soon (a wake-up, or its idle look), and an
+            # outage shows then, on its usual path.
+            log.info("slot %d: no claim after a finish on shard %d (%s)", self.index, shard, exc)
+            return settled
+        return settled._replace(claimed=other.claimed, halted=other.halted)
+
+    def _claim_from(self, first: int, count: int) -> Settled:
+        settled = Settled(None, None)
+        for step in range(count):
+            shard = (first + step) % self.count
+            settled = self.shards[shard].claim(self.rotations[shard])
+            if settled.claimed is not None or settled.halted:
+                break
+        return settled
+
+    def still_set(self, job: Running) -> bool:
+        """Whether ``job`` still has a schedule (asked on its shard)."""
+        return self.shards[job.shard].still_set(job.lease.jobid)
+
+    def flush_tally(self) -> None:
+        """Send what the slot counted on each shard and did not send yet."""
+        for shard in self.shards:
+            shard.flush_tally()
