@@ -7,13 +7,24 @@ while that shard has jobs waiting). Only when that finds nothing does the
 slot try the other shards, one claim (one round trip) each, from the next
 one on. A slot that was idle starts from the shard after the one it started
 from last time (slots start on different shards), so idle slots spread
-over the shards rather than all asking shard 0 first. With one shard every
-call is exactly SlotClaims': the same commands and round trips.
+over the shards rather than all asking shard 0 first.
+
+A shard that always has a job waiting (a CONTINUE job goes back into its
+queue as its run ends, and the same round trip claims it again) would keep
+a slot for ever, and the other shards' jobs would wait as long. So a slot
+stays on one shard for a turn of SHARD_TURN_SECONDS at most: the first
+finish after that ends its run alone and the slot claims from the next
+shards on, the one it leaves last. That costs a round trip or so per shard
+and turn (at most one per second), not per job.
+
+With one shard every call is exactly SlotClaims': the same commands and
+round trips.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from typing import cast
 
 import redis
@@ -24,6 +35,8 @@ from .slots import Running
 from .states import Outcome
 
 log = logging.getLogger(__name__)
+
+SHARD_TURN_SECONDS = 1.0  # the longest a slot keeps claiming on one shard while the others may have jobs
 
 
 def slot_connections(claims: Claims) -> list[redis.connection.AbstractConnection]:
@@ -63,6 +76,7 @@ class SlotShards:
         self.rotations = [Rotation(claims.queue_names) for _ in self.shards]
         self.count = len(self.shards)
         self.start = index % self.count  # the shard the next claim from idle starts with
+        self.turn_ends = 0.0  # when the slot's turn on the shard of its run ends (time.monotonic)
 
     def claim(self) -> Settled:
         """Claim one job: from every shard in turn until one has a job or a
@@ -79,14 +93,17 @@ class SlotShards:
         other shards (one round trip each)."""
         shard = job.shard
         mine = self.shards[shard]
-        settled = mine.finish(job, outcome, trace, self.rotations[shard] if then_claim else None)
-        if not then_claim or self.count == 1 or settled.claimed is not None or settled.halted:
+        if self.count == 1:
+            return mine.finish(job, outcome, trace, self.rotations[0] if then_claim else None)
+        turn_over = then_claim and time.monotonic() >= self.turn_ends  # the others' turn: this shard's last
+        settled = mine.finish(job, outcome, trace, self.rotations[shard] if then_claim and not turn_over else None)
+        if not then_claim or settled.claimed is not None or settled.halted:
             return settled
         try:
             # Leaving this shard: what the slot counted on it goes out now,
             # not with a finish there that may be long in coming.
             mine.flush_tally()
-            other = self._claim_from(shard + 1, self.count - 1)
+            other = self._claim_from(shard + 1, self.count if turn_over else self.count - 1)
         except redis.RedisError as exc:
             # The run is ended: never report it as unfinished. Idle now, the
             # slot asks again soon (a wake-up, or its idle look), and an
@@ -100,7 +117,10 @@ class SlotShards:
         for step in range(count):
             shard = (first + step) % self.count
             settled = self.shards[shard].claim(self.rotations[shard])
-            if settled.claimed is not None or settled.halted:
+            if settled.claimed is not None:
+                self.turn_ends = time.monotonic() + SHARD_TURN_SECONDS
+                break
+            if settled.halted:
                 break
         return settled
 
