@@ -111,8 +111,12 @@ def shop(client: redis.Redis, prefix: str, tmp_path: Path, monkeypatch: pytest.M
 
 
 @pytest.fixture
-def running(shop: Installation) -> Iterator[tuple[WorkerPool, threading.Thread]]:
-    """The pool, 2 slots over the 4 shards, running in a thread."""
+def running(shop: Installation, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[WorkerPool, threading.Thread]]:
+    """The pool, 2 slots over the 4 shards, running in a thread. Its idle
+    slots look at their queues only when woken (their own look every
+    IDLE_RECHECK_SECONDS made an hour), so that a test fails if a wake-up
+    or a HALT's message from a shard does not reach them."""
+    monkeypatch.setattr(slot_module, "IDLE_RECHECK_SECONDS", 3600.0)  # inherited by the children
     pool = WorkerPool(shop.client, shop.shards.keys[0], shop.worker, concurrency=2, lease_seconds=1.2,
                       shards=shop.shards)
     thread = threading.Thread(target=pool.run)
@@ -170,25 +174,15 @@ def idle(client: redis.Redis) -> bool:
     return bool(calls) and all(int(entry["idle"]) >= 1 for entry in calls)
 
 
-def test_an_idle_pool_is_woken_by_a_job_set_on_any_shard(shop: Installation, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Idle slots look at their queues only when woken (their own look
-    every IDLE_RECHECK_SECONDS made an hour here): a NOW job set on any shard
-    wakes them through that shard's queue channel."""
-    monkeypatch.setattr(slot_module, "IDLE_RECHECK_SECONDS", 3600.0)  # inherited by the children
-    pool = WorkerPool(shop.client, shop.shards.keys[0], shop.worker, concurrency=2, shards=shop.shards)
-    thread = threading.Thread(target=pool.run)
-    thread.start()
-    try:
-        for shard in (2, 0, 3, 1):
-            wait_for(lambda: idle(shop.client), timeout=15, what="the slots to wait (no claim for a second)")
-            woken = ids_on(shop.shards, shard, "wake", 1)[0]
-            shop.set(woken)
-            wait_for(lambda: ran(shop.folder)[woken] == 1, timeout=5, what=f"a job set on shard {shard} to run")  # noqa: B023
-            wait_for(lambda: shop.status(woken).startswith("END:"), what="its run to end")  # noqa: B023
-    finally:
-        pool.halt()
-        thread.join(20)
-    assert not thread.is_alive()
+def test_an_idle_pool_is_woken_by_a_job_set_on_any_shard(shop: Installation,
+                                                         running: tuple[WorkerPool, threading.Thread]) -> None:
+    """A NOW job set on any shard wakes the idle slots through that shard's queue channel."""
+    for shard in (2, 0, 3, 1):
+        wait_for(lambda: idle(shop.client), timeout=15, what="the slots to wait (no claim for a second)")
+        woken = ids_on(shop.shards, shard, "wake", 1)[0]
+        shop.set(woken)
+        wait_for(lambda: ran(shop.folder)[woken] == 1, timeout=5, what=f"a job set on shard {shard} to run")  # noqa: B023
+        wait_for(lambda: shop.status(woken).startswith("END:"), what="its run to end")  # noqa: B023
 
 
 def test_a_long_job_is_renewed_on_its_shard_while_the_pool_works_another(
@@ -271,26 +265,28 @@ def test_a_killed_child_has_its_run_ended_on_its_shard(shop: Installation,
 def test_a_lost_lease_kills_the_run_of_its_shard(shop: Installation,
                                                  running: tuple[WorkerPool, threading.Thread]) -> None:
     """The same job id set on shards 0 and 3 (as only a client that ignores
-    the routing would), both running: shard 3's lease is reaped (as the
-    dispatcher would: lease gone, an EXP error naming the worker). The
-    renewal on shard 3 finds it lost and kills shard 3's run, not shard 0's,
-    and tell on shard 3 says so."""
+    the routing would), both running: the lease of the run in slot 1 is
+    reaped on its shard (as the dispatcher would: lease gone, an EXP error
+    naming the worker). The renewal there finds it lost and kills that run,
+    not the other shard's in slot 0, and tell on its shard says so."""
+    pool, _ = running
     jobid = "hold-twice:A"
     for shard in (0, 3):
         shop.bikes[shard].set(jobid, "NOW")
-    wait_for(lambda: all(shop.client.hexists(shop.shards.keys[shard].leases, jobid) for shard in (0, 3)),
-             what="both runs to start")
-    keys = shop.shards.keys[3]
+    wait_for(lambda: len(pool.board.all_runs()) == 2, what="both runs to start")
+    lost, kept = pool.board.runs(1)[0].shard, pool.board.runs(0)[0].shard
+    keys = shop.shards.keys[lost]
     lease = str(shop.client.hget(keys.leases, jobid))
     worker, since = lease.split("|")[2], float(lease.split("|")[3])
     with shop.client.pipeline(transaction=True) as pipe:  # the reaper's work, in short
         pipe.hdel(keys.leases, jobid).zrem(keys.deadlines, jobid)
         pipe.hset(keys.errors, jobid, error_record("EXP", f"lease of worker {worker} expired", worker, since + 1))
         pipe.execute()
-    wait_for(lambda: "killed" in json.loads(shop.client.hget(keys.errors, jobid) or "{}"), what="shard 3's run killed")
-    assert shop.client.hexists(shop.shards.keys[0].leases, jobid)  # shard 0's runs on
-    assert "went on past its lease" in shop.tell(jobid, 3)["last_error"]["killed"]
+    wait_for(lambda: "killed" in json.loads(shop.client.hget(keys.errors, jobid) or "{}"),
+             what=f"shard {lost}'s run to be killed")
+    assert "went on past its lease" in shop.tell(jobid, lost)["last_error"]["killed"]
+    assert shop.client.hexists(shop.shards.keys[kept].leases, jobid)  # the other shard's runs on
     shop.release()
-    wait_for(lambda: shop.status(jobid, 0).startswith("END:"), what="shard 0's run to end")
-    assert "last_error" not in shop.tell(jobid, 0)
+    wait_for(lambda: shop.status(jobid, kept).startswith("END:"), what=f"shard {kept}'s run to end")
+    assert "last_error" not in shop.tell(jobid, kept)
     assert ran(shop.folder)[jobid] == 2
