@@ -348,7 +348,8 @@ class WorkerPool:
         up to their timeout. A lease's deadline is renewed_at + lease + grace."""
         interval = self.lease_seconds / 3
         renewed: dict[str, float] = {}  # token -> when this supervisor last renewed it
-        outage = Outage(log, "heartbeat")
+        count = self.shards.count
+        outages = [Outage(log, "heartbeat" if count == 1 else f"heartbeat (shard {shard})") for shard in range(count)]
         while not self.done.wait(min(interval, POLL_SECONDS * 4)):
             now = self.clock()
             beats: dict[int, list[Any]] = {}  # shard -> its renewals (one call per shard that has any)
@@ -368,9 +369,9 @@ class WorkerPool:
                 try:
                     lost = self.claims.spaces[shard].scripts.run("renew", now, [], renewals)
                 except redis.RedisError as exc:
-                    outage.failed(exc)
+                    outages[shard].failed(exc)
                     continue
-                outage.recovered()
+                outages[shard].recovered()
                 for jobid in lost:
                     self._kill_lost(jobid, shard)
             self._register()  # after the renewals: they must not wait for it
