@@ -125,9 +125,7 @@ class Space:
     keys and scripts, its queues' key and channel names, and the control
     value seen on it at start (each shard has its own control key)."""
 
-    def __init__(self, index: int, client: redis.Redis, keys: Keys, queue_names: Iterable[str],
-                 retention: Retention | None) -> None:
-        self.index = index
+    def __init__(self, client: redis.Redis, keys: Keys, queue_names: Iterable[str], retention: Retention | None) -> None:
         self.client = client
         self.keys = keys
         self.scripts = Scripts(client, keys, retention)
@@ -164,8 +162,7 @@ class Claims:
         if not self.queue_names:
             raise ValueError("the worker names no queues (e.g. RoundRobin('A:B'))")
         self.timeouts = {name: _timeout(worker, name, default_timeout) for name in set(self.queue_names)}
-        self.spaces = [Space(index, client, keys, self.timeouts, retention)
-                       for index, (client, keys) in enumerate(zip(shards.clients, shards.keys))]
+        self.spaces = [Space(client, keys, self.timeouts, retention) for client, keys in zip(shards.clients, shards.keys)]
         # What a claim passes per queue besides its key (see Space): its
         # name, timeout and the seconds until the lease's first deadline (as
         # text: repr() is how redis-py and hiredis send a float, so the bytes

@@ -1,9 +1,11 @@
 """One worker pool serving every shard of an installation (issue #12),
 in-process against a real Redis server: four shards on one server, jobs
-set on each shard directly, one WorkerPool(..., shards=...) in a thread."""
+set on each shard directly, one WorkerPool(..., shards=...) in a thread;
+and four shards over the primaries of a Redis Cluster."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -15,13 +17,14 @@ from pathlib import Path
 
 import pytest
 import redis
+from cluster import Cluster
 from conftest import wait_for
 
 from redbike import Redbike, RoundRobin, StopWork
 from redbike import slot as slot_module
 from redbike.records import error_record
 from redbike.registry import live
-from redbike.shards import Shards
+from redbike.shards import Shards, shard_prefix
 from redbike.stats import totals
 from redbike.supervisor import WorkerPool
 
@@ -78,12 +81,13 @@ class Installation:
     """Four shards on the test's server, a Redbike on each (jobs are set on
     their own shard, as the sharded facade does), and a pool serving all."""
 
-    def __init__(self, client: redis.Redis, prefix: str, folder: Path) -> None:
+    def __init__(self, client: redis.Redis, prefix: str, folder: Path, shards: Shards | None = None) -> None:
         self.client = client
         self.folder = folder
-        self.shards = Shards.on(client, prefix, SHARDS)
+        self.shards = shards or Shards.on(client, prefix, SHARDS)
         self.worker = Recording("A")
-        self.bikes = [Redbike(self.worker, prefix=keys.prefix, client=client) for keys in self.shards.keys]
+        self.bikes = [Redbike(self.worker, prefix=keys.prefix, client=shard_client)
+                      for shard_client, keys in zip(self.shards.clients, self.shards.keys)]
 
     def set(self, jobid: str, schedule: str = "NOW") -> None:
         self.bikes[self.shards.of(jobid)].set(jobid, schedule)
@@ -110,14 +114,14 @@ def shop(client: redis.Redis, prefix: str, tmp_path: Path, monkeypatch: pytest.M
     return Installation(client, prefix, tmp_path)
 
 
-@pytest.fixture
-def running(shop: Installation, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[WorkerPool, threading.Thread]]:
+@contextlib.contextmanager
+def serving(shop: Installation, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[WorkerPool, threading.Thread]]:
     """The pool, 2 slots over the 4 shards, running in a thread. Its idle
     slots look at their queues only when woken (their own look every
     IDLE_RECHECK_SECONDS made an hour), so that a test fails if a wake-up
     or a HALT's message from a shard does not reach them."""
     monkeypatch.setattr(slot_module, "IDLE_RECHECK_SECONDS", 3600.0)  # inherited by the children
-    pool = WorkerPool(shop.client, shop.shards.keys[0], shop.worker, concurrency=2, lease_seconds=1.2,
+    pool = WorkerPool(shop.shards.clients[0], shop.shards.keys[0], shop.worker, concurrency=2, lease_seconds=1.2,
                       shards=shop.shards)
     thread = threading.Thread(target=pool.run)
     thread.start()
@@ -128,6 +132,49 @@ def running(shop: Installation, monkeypatch: pytest.MonkeyPatch) -> Iterator[tup
         pool.halt()
         thread.join(20)
     assert not thread.is_alive()
+
+
+@pytest.fixture
+def running(shop: Installation, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[WorkerPool, threading.Thread]]:
+    with serving(shop, monkeypatch) as started:
+        yield started
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    started = Cluster(tmp_path_factory.mktemp("cluster"))
+    try:
+        yield started.start()
+    finally:
+        started.stop()
+
+
+def test_on_a_cluster_one_pool_serves_shards_on_several_primaries(cluster: Cluster, prefix: str, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Four shards over the cluster's primaries (a client pinned to each
+    shard's): the pool's one subscription, on shard 0's primary, hears the
+    wake-ups and the HALT of shards on the others (a PUBLISH reaches every
+    node), and each job runs once on its shard."""
+    nodes = cluster.client()
+    primary = [nodes.get_node_from_key(f"{shard_prefix(prefix, k, SHARDS)}:schedules").port for k in range(SHARDS)]
+    away = [k for k in range(SHARDS) if primary[k] != primary[0]]
+    assert away, f"every shard of {prefix} is on one primary: pick another prefix"
+    monkeypatch.setattr(Recording, "folder", tmp_path)
+    shop = Installation(nodes, prefix, tmp_path, Shards.connect({"cluster": cluster.addresses}, prefix, SHARDS))
+    with serving(shop, monkeypatch) as (_, thread):
+        jobs = [ids_on(shop.shards, shard, "once", 2) for shard in range(SHARDS)]
+        everything = [jobid for shard_jobs in jobs for jobid in shard_jobs]
+        for jobid in everything:
+            shop.set(jobid)
+        wait_for(lambda: all(shop.status(jobid).startswith("END:") for jobid in everything), timeout=20,
+                 what="every shard's jobs")
+        assert all(ran(tmp_path)[jobid] == 1 for jobid in everything)
+        for shard in range(SHARDS):
+            assert all(shop.shards.clients[shard].hexists(shop.shards.keys[shard].schedules, jobid)
+                       for jobid in jobs[shard])
+        shop.bikes[away[0]].control()  # a HALT published on another primary than the subscription's
+        thread.join(10)
+        assert not thread.is_alive()
 
 
 def test_every_shards_jobs_run_once_and_continue_jobs_take_turns(shop: Installation,
