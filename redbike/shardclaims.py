@@ -17,6 +17,13 @@ finish after that ends its run alone and the slot claims from the next
 shards on, the one it leaves last. That costs a round trip or so per shard
 and turn (at most one per second), not per job.
 
+An idle slot woken because a job entered a queue of shard k (the
+supervisor hears which: each shard has its queue channels) asks shard k
+alone: its last look found the other shards empty, and a job entering one
+of them wakes it again. Only a wake-up of another kind (worker-local amounts
+freed, messages maybe missed, or none within the idle look's interval)
+makes it ask every shard.
+
 With one shard every call is exactly SlotClaims': the same commands and
 round trips.
 """
@@ -37,6 +44,29 @@ from .states import Outcome
 log = logging.getLogger(__name__)
 
 SHARD_TURN_SECONDS = 1.0  # the longest a slot keeps claiming on one shard while the others may have jobs
+
+# A wake-up note (one byte, supervisor to slot): WAKE_ALL (zygote.Child's
+# default) says look at every shard; SHARD_NOTE + k, a job entered a queue
+# of shard k (shards from SHARD_NOTE_LIMIT on are woken as all).
+WAKE_ALL = b"W"
+SHARD_NOTE = 0x80
+SHARD_NOTE_LIMIT = 0xFF - SHARD_NOTE
+
+
+def wake_note(shard: int | None) -> bytes:
+    """The note that wakes a slot for ``shard`` (None: every shard)."""
+    return WAKE_ALL if shard is None or shard >= SHARD_NOTE_LIMIT else bytes([SHARD_NOTE + shard])
+
+
+def woken_shards(notes: bytes) -> set[int] | None:
+    """The shards the wake-up ``notes`` a slot read name; None for every
+    shard (a note for all, or none: the slot's own look)."""
+    shards = set()
+    for note in notes:
+        if note < SHARD_NOTE:
+            return None
+        shards.add(note - SHARD_NOTE)
+    return shards or None
 
 
 def slot_connections(claims: Claims) -> list[redis.connection.AbstractConnection]:
@@ -77,15 +107,20 @@ class SlotShards:
         self.count = len(self.shards)
         self.start = index % self.count  # the shard the next claim from idle starts with
         self.turn_ends = 0.0  # when the slot's turn on the shard of its run ends (time.monotonic)
+        self.unsure = False  # a claim failed after a finish: the next claim asks every shard
 
-    def claim(self) -> Settled:
-        """Claim one job: from every shard in turn until one has a job or a
-        HALT (one round trip per shard asked), from a shard that moves on by
-        one at each call."""
+    def claim(self, woken: set[int] | None = None) -> Settled:
+        """Claim one job: from every shard (``woken``: those alone) in turn
+        until one has a job or a HALT (one round trip per shard asked), from
+        a shard that moves on by one at each call."""
         first = self.start
-        if self.count > 1:
-            self.start = (first + 1) % self.count
-        return self._claim_from(first, self.count)
+        if self.count == 1:
+            return self._claim_on([0])
+        if self.unsure:
+            woken, self.unsure = None, False
+        self.start = (first + 1) % self.count
+        order = [(first + step) % self.count for step in range(self.count)]
+        return self._claim_on([shard for shard in order if woken is None or shard in woken])
 
     def finish(self, job: Running, outcome: Outcome, trace: str, then_claim: bool) -> Settled:
         """End ``job``'s run on its shard; with ``then_claim``, claim the next
@@ -103,19 +138,20 @@ class SlotShards:
             # Leaving this shard: what the slot counted on it goes out now,
             # not with a finish there that may be long in coming.
             mine.flush_tally()
-            other = self._claim_from(shard + 1, self.count if turn_over else self.count - 1)
+            others = [(shard + step) % self.count for step in range(1, self.count + 1 if turn_over else self.count)]
+            other = self._claim_on(others)
         except redis.RedisError as exc:
             # The run is ended: never report it as unfinished. Idle now, the
             # slot asks again soon (a wake-up, or its idle look), and an
             # outage shows then, on its usual path.
             log.info("slot %d: no claim after a finish on shard %d (%s)", self.index, shard, exc)
+            self.unsure = True
             return settled
         return settled._replace(claimed=other.claimed, halted=other.halted)
 
-    def _claim_from(self, first: int, count: int) -> Settled:
+    def _claim_on(self, shards: list[int]) -> Settled:
         settled = Settled(None, None)
-        for step in range(count):
-            shard = (first + step) % self.count
+        for shard in shards:
             settled = self.shards[shard].claim(self.rotations[shard])
             if settled.claimed is not None:
                 self.turn_ends = time.monotonic() + SHARD_TURN_SECONDS

@@ -23,7 +23,7 @@ from .events import Subscriber, tell_retry
 from .outage import Outage
 from .records import DataError, decode_data
 from .roundrobin import Lease, RoundRobin, StopWork, UnsetJob
-from .shardclaims import SlotShards, slot_connections
+from .shardclaims import SlotShards, slot_connections, woken_shards
 from .slots import Running
 from .states import OK, Outcome
 
@@ -161,8 +161,9 @@ class Slot:
                     elif self.board.stopping:
                         return
                     else:
-                        self._drain_wake_ups()
-                        settled = self.claims.claim()
+                        notes = self._drain_wake_ups()
+                        # After an error the last look may not have reached every shard: this one does.
+                        settled = self.claims.claim(None if retry_in else woken_shards(notes))
                     job = settled.claimed
                     if job is None:  # idle now: what it counted goes out, not with a finish hours later
                         self.claims.flush_tally()
@@ -217,10 +218,13 @@ class Slot:
         """Block until the supervisor wakes this slot, or IDLE_RECHECK_SECONDS."""
         select.select([self.channel], [], [], IDLE_RECHECK_SECONDS)
 
-    def _drain_wake_ups(self) -> None:
-        """Forget the wake-ups so far: the claim that follows sees what they announced."""
+    def _drain_wake_ups(self) -> bytes:
+        """Take the wake-ups so far (their notes: see shardclaims.wake_note):
+        the claim that follows sees what they announced."""
+        notes = b""
         try:
-            while self.channel.recv(4096):
-                pass
+            while part := self.channel.recv(4096):
+                notes += part
         except (BlockingIOError, InterruptedError):
             pass
+        return notes

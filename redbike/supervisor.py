@@ -37,6 +37,7 @@ from .outage import Outage, retried
 from .registry import REFRESH_SECONDS, Registration, slot_runs
 from .roundrobin import RoundRobin
 from .scripts import Retention, subscribe
+from .shardclaims import wake_note
 from .shards import Shards
 from .slot import MAX_BACKOFF_SECONDS, NOTE_FREED, NOTE_HALT, Outcomes, Slot
 from .slots import LocalLock, Running, SlotBoard
@@ -124,8 +125,10 @@ class WorkerPool:
                          slots=concurrency, resources=resources, refresh_seconds=registry_seconds)
             for shard_client, shard_keys in zip(self.shards.clients, self.shards.keys)]
         self.registration = self.registrations[0]
-        # Each shard's control channel, to the shard it is of.
-        self.controls = {shard_keys.control: shard for shard, shard_keys in enumerate(self.shards.keys)}
+        # Each shard's control channel and queue channels, to the shard they are of.
+        self.controls = {space.keys.control: shard for shard, space in enumerate(self.claims.spaces)}
+        self.queue_shards = {channel: shard for shard, space in enumerate(self.claims.spaces)
+                             for channel in space.queue_channels.values()}
         self.forced = threading.Event()
         self.done = threading.Event()
         self.children: dict[int, Child] = {}
@@ -165,10 +168,11 @@ class WorkerPool:
         self.board.stop()
         self.kick()
 
-    def kick(self) -> None:
-        """Wake the idle slots: they look at their queues."""
+    def kick(self, shard: int | None = None) -> None:
+        """Wake the idle slots: they look at their queues (of ``shard``, else of every shard)."""
+        note = wake_note(shard)
         for child in list(self.children.values()):
-            child.wake()
+            child.wake(note)
 
     def _listen(self, pubsub: redis.client.PubSub) -> None:
         """Wake idle slots when a job enters one of their queues, and stop on HALT."""
@@ -190,7 +194,7 @@ class WorkerPool:
                 if shard is not None and self.claims.halts(message["data"], shard):
                     log.info("HALT received")
                     self.halt()
-                self.kick()
+                self.kick(self.queue_shards.get(message["channel"]))
 
     # -- the children --------------------------------------------------------------
 

@@ -22,9 +22,13 @@ from conftest import wait_for
 
 from redbike import Redbike, RoundRobin, StopWork
 from redbike import slot as slot_module
+from redbike.claims import Settled
 from redbike.records import error_record
 from redbike.registry import live
+from redbike.shardclaims import SlotShards
 from redbike.shards import Shards, shard_prefix
+from redbike.slots import Running
+from redbike.states import OK
 from redbike.stats import totals
 from redbike.supervisor import WorkerPool
 
@@ -337,3 +341,44 @@ def test_a_lost_lease_kills_the_run_of_its_shard(shop: Installation,
     wait_for(lambda: shop.status(jobid, kept).startswith("END:"), what=f"shard {kept}'s run to end")
     assert "last_error" not in shop.tell(jobid, kept)
     assert ran(shop.folder)[jobid] == 2
+
+
+def test_a_slot_stays_on_its_runs_shard_in_one_round_trip_and_asks_the_others_when_it_has_none(
+        shop: Installation) -> None:
+    """A slot's claims over four shards, driven one call at a time, every
+    script call counted: a finish claims on its own shard in the same round
+    trip; only when that shard has no job are the others asked (one claim
+    each), and when its turn there is over it gives the others theirs first.
+    A slot woken for one shard asks that shard alone."""
+    pool = WorkerPool(shop.client, shop.shards.keys[0], shop.worker, shards=shop.shards)
+    calls: list[tuple[int, str]] = []
+    for shard, space in enumerate(pool.claims.spaces):
+        def counted(name: str, *args: object, _run=space.scripts.run, _shard=shard, **kwargs: object) -> object:
+            calls.append((_shard, name))
+            return _run(name, *args, **kwargs)
+        space.scripts.run = counted  # type: ignore[method-assign]
+    slot = SlotShards(pool.claims, 0, pool.worker_id(0), [None] * SHARDS)
+    first, second = ids_on(shop.shards, 1, "once", 2)
+    third, fourth = ids_on(shop.shards, 3, "once", 1)[0], ids_on(shop.shards, 2, "once", 1)[0]
+    for jobid in (first, second, third):
+        shop.set(jobid)
+
+    def taken(settled: Settled, jobid: str, *made: tuple[int, str]) -> Running:
+        assert settled.claimed is not None and settled.claimed.lease.jobid == jobid, settled
+        assert calls == list(made), calls
+        calls.clear()
+        return settled.claimed
+
+    assert slot.claim({0, 2}).claimed is None  # woken for shards without jobs: shard 1's job is not asked for
+    assert calls == [(0, "claim"), (2, "claim")]
+    calls.clear()
+    run = taken(slot.claim({3}), third, (3, "claim"))
+    assert run.shard == 3
+    # Shard 3 has no more: its tally goes out, then shards 0 and 1 are asked.
+    run = taken(slot.finish(run, OK, "", True), first, (3, "finish"), (3, "tally"), (0, "claim"), (1, "claim"))
+    assert run.shard == 1
+    run = taken(slot.finish(run, OK, "", True), second, (1, "finish"))  # the hot path: one round trip
+    shop.set(fourth)
+    shop.set(first)  # shard 1 has a job again
+    slot.turn_ends = 0.0  # its turn on shard 1 is over: the finish ends the run alone, shard 2 comes first
+    taken(slot.finish(run, OK, "", True), fourth, (1, "finish"), (1, "tally"), (2, "claim"))
