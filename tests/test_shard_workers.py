@@ -382,3 +382,20 @@ def test_a_slot_stays_on_its_runs_shard_in_one_round_trip_and_asks_the_others_wh
     shop.set(first)  # shard 1 has a job again
     slot.turn_ends = 0.0  # its turn on shard 1 is over: the finish ends the run alone, shard 2 comes first
     taken(slot.finish(run, OK, "", True), fourth, (1, "finish"), (1, "tally"), (2, "claim"))
+
+
+def test_worker_local_resources_are_counted_across_the_shards(shop: Installation) -> None:
+    """A pool with one worker:cpu: a job needing it on shard 0 runs, so the
+    one needing it on shard 3 does not fit until that run ends."""
+    pool = WorkerPool(shop.client, shop.shards.keys[0], shop.worker, concurrency=2, resources={"cpu": 1},
+                      shards=shop.shards)
+    slots = [SlotShards(pool.claims, index, pool.worker_id(index), [None] * SHARDS) for index in range(2)]
+    here, there = ids_on(shop.shards, 0, "once", 1)[0], ids_on(shop.shards, 3, "once", 1)[0]
+    for jobid in (here, there):
+        shop.bikes[shop.shards.of(jobid)].set(jobid, "NOW", needs="worker:cpu=1")
+    run = slots[0].claim({0}).claimed
+    assert run is not None and run.lease.jobid == here and pool.local_used == {"worker:cpu": 1}
+    assert slots[1].claim().claimed is None  # every shard asked: shard 3's job does not fit
+    assert slots[0].finish(run, OK, "", False).freed and pool.local_used == {"worker:cpu": 0}
+    other = slots[1].claim().claimed
+    assert other is not None and other.lease.jobid == there and other.shard == 3
