@@ -1,7 +1,8 @@
 """A slot's child process: claim a job, run work(), end the run and claim
 the next in one round trip, on the child's own Redis connection, until the
-pool stops. The supervisor is not on this path (see supervisor.py); the
-child tells it what it must act on with one-byte notes.
+pool stops (with shards: on the run's shard, see shardclaims.py). The
+supervisor is not on this path (see supervisor.py); the child tells it what
+it must act on with one-byte notes.
 """
 
 from __future__ import annotations
