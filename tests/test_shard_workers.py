@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import signal
 import threading
@@ -25,6 +26,7 @@ from redbike import slot as slot_module
 from redbike.claims import Settled
 from redbike.records import error_record
 from redbike.registry import live
+from redbike.scripts import sources
 from redbike.shardclaims import SlotShards
 from redbike.shards import Shards, shard_prefix
 from redbike.slots import Running
@@ -399,3 +401,28 @@ def test_worker_local_resources_are_counted_across_the_shards(shop: Installation
     assert slots[0].finish(run, OK, "", False).freed and pool.local_used == {"worker:cpu": 0}
     other = slots[1].claim().claimed
     assert other is not None and other.lease.jobid == there and other.shard == 3
+
+
+def test_a_pool_on_four_shards_costs_one_round_trip_per_job(shop: Installation) -> None:
+    """As with one shard (test_pool.test_one_round_trip_per_job): one fused
+    finish-and-claim per job, plus a few calls each time a shard runs out
+    (its tally, a claim on each other shard) and per turn (a second)."""
+    jobs = [jobid for shard in range(SHARDS) for jobid in ids_on(shop.shards, shard, "once", 100)]
+    for jobid in jobs:
+        shop.set(jobid)
+    for source in sources().values():  # loaded already: no NOSCRIPT retry is counted
+        shop.client.script_load(source)
+    before = int(shop.client.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0))
+    pool = WorkerPool(shop.client, shop.shards.keys[0], shop.worker, shards=shop.shards)
+    thread = threading.Thread(target=pool.run)
+    started = time.monotonic()
+    thread.start()
+    try:
+        wait_for(lambda: pool.jobs_done == len(jobs), timeout=30, what="every job")
+        seconds = time.monotonic() - started
+    finally:
+        pool.halt()
+        thread.join(20)
+    scripts = int(shop.client.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)) - before
+    assert all(shop.status(jobid).startswith("END:") for jobid in jobs)
+    assert scripts <= len(jobs) + 3 + SHARDS * (SHARDS + 1) + (SHARDS + 2) * math.ceil(seconds), (scripts, seconds)
