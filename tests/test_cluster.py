@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,15 +25,6 @@ from redbike.config import ConfigError, connect, load_config
 from redbike.keys import Keys, hash_tag
 
 ONE_OFFS = 60
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    started = Cluster(tmp_path_factory.mktemp("cluster"))
-    try:
-        yield started.start()
-    finally:
-        started.stop()
 
 
 @pytest.fixture

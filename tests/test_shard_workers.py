@@ -146,16 +146,7 @@ def running(shop: Installation, monkeypatch: pytest.MonkeyPatch) -> Iterator[tup
         yield started
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    started = Cluster(tmp_path_factory.mktemp("cluster"))
-    try:
-        yield started.start()
-    finally:
-        started.stop()
-
-
-def test_on_a_cluster_one_pool_serves_shards_on_several_primaries(cluster: Cluster, prefix: str, tmp_path: Path,
+def test_on_cluster_one_pool_serves_shards_on_several_primaries(cluster: Cluster, prefix: str, tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """Four shards over the cluster's primaries (a client pinned to each
     shard's): the pool's one subscription, on shard 0's primary, hears the
