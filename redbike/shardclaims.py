@@ -17,6 +17,11 @@ finish after that ends its run alone and the slot claims from the next
 shards on, the one it leaves last. That costs a round trip or so per shard
 and turn (at most one per second), not per job.
 
+A shard that cannot be reached (its primary lost, on a cluster) is passed
+over, its outage logged, and the slot's next look asks every shard again:
+the other shards' jobs go on running. Only when every shard asked fails
+does the error reach the slot, which backs off as it does with one shard.
+
 An idle slot woken because a job entered a queue of shard k (the
 supervisor hears which: each shard has its queue channels) asks shard k
 alone: its last look found the other shards empty, and a job entering one
@@ -38,6 +43,7 @@ import redis
 
 from .claims import Claims, Connection, Rotation, Settled, SlotClaims
 from .config import DEFAULT_SOCKET_TIMEOUT
+from .outage import Outage
 from .slots import Running
 from .states import Outcome
 
@@ -107,7 +113,8 @@ class SlotShards:
         self.count = len(self.shards)
         self.start = index % self.count  # the shard the next claim from idle starts with
         self.turn_ends = 0.0  # when the slot's turn on the shard of its run ends (time.monotonic)
-        self.unsure = False  # a claim failed after a finish: the next claim asks every shard
+        self.unsure = False  # a claim failed: the next claim asks every shard
+        self.outages = [Outage(log, f"slot {index} (shard {shard})") for shard in range(self.count)]
 
     def claim(self, woken: set[int] | None = None) -> Settled:
         """Claim one job: from every shard (``woken``: those alone) in turn
@@ -150,14 +157,31 @@ class SlotShards:
         return settled._replace(claimed=other.claimed, halted=other.halted)
 
     def _claim_on(self, shards: list[int]) -> Settled:
+        """Claim from ``shards`` in turn until one has a job or a HALT. With
+        one shard an error goes up at once; with several, a shard that
+        fails is passed over (see the module's doc) unless all asked fail."""
+        if self.count == 1:
+            return self.shards[0].claim(self.rotations[0])
         settled = Settled(None, None)
+        failed: dict[int, redis.RedisError] = {}
         for shard in shards:
-            settled = self.shards[shard].claim(self.rotations[shard])
+            try:
+                settled = self.shards[shard].claim(self.rotations[shard])
+            except redis.RedisError as exc:
+                failed[shard] = exc
+                continue
+            self.outages[shard].recovered()
             if settled.claimed is not None:
                 self.turn_ends = time.monotonic() + SHARD_TURN_SECONDS
                 break
             if settled.halted:
                 break
+        if failed:
+            self.unsure = True
+            if len(failed) == len(shards):
+                raise next(iter(failed.values()))
+            for shard, error in failed.items():
+                self.outages[shard].failed(error)
         return settled
 
     def still_set(self, job: Running) -> bool:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import signal
@@ -417,3 +418,32 @@ def test_a_pool_on_four_shards_costs_one_round_trip_per_job(shop: Installation) 
     scripts = int(shop.client.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)) - before
     assert all(shop.status(jobid).startswith("END:") for jobid in jobs)
     assert scripts <= len(jobs) + 3 + SHARDS * (SHARDS + 1) + (SHARDS + 2) * math.ceil(seconds), (scripts, seconds)
+
+
+def test_a_shard_that_cannot_be_reached_is_passed_over(shop: Installation, caplog: pytest.LogCaptureFixture) -> None:
+    """Shard 1's primary lost (its script calls fail): a slot's look passes
+    it over, logs it, and claims the job waiting on shard 2; the next look
+    asks every shard, even woken for one. Only when every shard fails does
+    the error reach the slot (which backs off)."""
+    pool = WorkerPool(shop.client, shop.shards.keys[0], shop.worker, shards=shop.shards)
+    down: set[int] = {1}
+    calls: list[int] = []
+    for shard, space in enumerate(pool.claims.spaces):
+        def failing(name: str, *args: object, _run=space.scripts.run, _shard=shard, **kwargs: object) -> object:
+            calls.append(_shard)
+            if _shard in down:
+                raise redis.ConnectionError("Connection refused")
+            return _run(name, *args, **kwargs)
+        space.scripts.run = failing  # type: ignore[method-assign]
+    slot = SlotShards(pool.claims, 0, pool.worker_id(0), [None] * SHARDS)
+    jobid = ids_on(shop.shards, 2, "once", 1)[0]
+    shop.set(jobid)
+    with caplog.at_level(logging.WARNING, "redbike"):
+        run = slot.claim().claimed
+    assert run is not None and run.lease.jobid == jobid and calls == [0, 1, 2]
+    assert "slot 0 (shard 1): Redis error" in caplog.text
+    calls.clear()
+    assert slot.claim({3}).claimed is None and calls == [1, 2, 3, 0]  # every shard, from the next start on
+    down.update(range(SHARDS))
+    with pytest.raises(redis.ConnectionError):
+        slot.claim()
