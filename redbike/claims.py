@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 import redis
@@ -37,6 +37,7 @@ from .records import (
 from .resources import LOCAL_PREFIX
 from .roundrobin import Lease, RoundRobin
 from .scripts import Retention, Scripts
+from .shards import Shards
 from .slots import LocalLock, Running, SlotBoard
 from .states import Outcome, Placement, place_after_run
 
@@ -119,15 +120,30 @@ class Settled(NamedTuple):
     placed: Placement | None = None  # where the ended run's job went (a retry: events.retried)
 
 
+class Space:
+    """One shard's part of what a pool's claims pass: the shard's client,
+    keys and scripts, its queues' key and channel names, and the control
+    value seen on it at start (each shard has its own control key)."""
+
+    def __init__(self, client: redis.Redis, keys: Keys, queue_names: Iterable[str], retention: Retention | None) -> None:
+        self.client = client
+        self.keys = keys
+        self.scripts = Scripts(client, keys, retention)
+        # What a claim passes per queue: its key (and a finish its channel), made once.
+        self.queue_keys = {name: keys.queue(name) for name in queue_names}
+        self.queue_channels = {name: keys.queue_channel(name) for name in queue_names}
+        self.control_seen = ""
+
+
 class Claims:
     """What every claim and finish of one pool passes (queues, timeouts,
-    worker-local capacities, the control value seen at start), and the
-    board its slots' records are kept on. ``slot()`` gives one slot's client."""
+    worker-local capacities; per shard its Space: keys, scripts, the control
+    value seen at start), and the board its slots' records are kept on.
+    ``slot()`` gives one slot's client of one shard."""
 
     def __init__(
         self,
-        client: redis.Redis,
-        keys: Keys,
+        shards: Shards,
         worker: RoundRobin,
         board: SlotBoard,
         *,
@@ -138,23 +154,19 @@ class Claims:
         retry: Retry | None = None,
         retention: Retention | None = None,
     ) -> None:
-        self.client = client
-        self.keys = keys
         self.worker = worker
         self.board = board
         self.clock = clock
         self.retry = retry or Retry()
-        self.scripts = Scripts(client, keys, retention)
         self.queue_names = [check_queue(name) for name in worker.queue_names()]
         if not self.queue_names:
             raise ValueError("the worker names no queues (e.g. RoundRobin('A:B'))")
         self.timeouts = {name: _timeout(worker, name, default_timeout) for name in set(self.queue_names)}
-        # What a claim passes per queue: its key; its name, timeout and the
-        # seconds until the lease's first deadline (as text: repr() is how
-        # redis-py and hiredis send a float, so the bytes are the same, and
-        # a float would be formatted again at every claim).
-        self.queue_keys = {name: keys.queue(name) for name in self.timeouts}
-        self.queue_channels = {name: keys.queue_channel(name) for name in self.timeouts}
+        self.spaces = [Space(client, keys, self.timeouts, retention) for client, keys in zip(shards.clients, shards.keys)]
+        # What a claim passes per queue besides its key (see Space): its
+        # name, timeout and the seconds until the lease's first deadline (as
+        # text: repr() is how redis-py and hiredis send a float, so the bytes
+        # are the same, and a float would be formatted again at every claim).
         self.queue_specs = {
             name: [name, repr(timeout), repr(min(timeout, lease_seconds) + GRACE_SECONDS)]
             for name, timeout in self.timeouts.items()
@@ -165,20 +177,33 @@ class Claims:
         # shared by its processes (set by the pool: see WorkerPool.run).
         self.local_capacity = {f"{LOCAL_PREFIX}{name}": amount for name, amount in (resources or {}).items()}
         self.local_lock: LocalLock | None = None
-        self.control_seen = ""
 
-    def halts(self, control: str | None) -> bool:
-        """Whether a control value is a HALT this pool has not seen."""
-        return bool(control) and control != self.control_seen and str(control).startswith("HALT")
+    # Shard 0's scripts and control value: those of the one shard of a pool
+    # without shards (tests drive such a pool through them).
+    @property
+    def scripts(self) -> Scripts:
+        return self.spaces[0].scripts
+
+    @property
+    def control_seen(self) -> str:
+        return self.spaces[0].control_seen
+
+    @control_seen.setter
+    def control_seen(self, value: str) -> None:
+        self.spaces[0].control_seen = value
+
+    def halts(self, control: str | None, shard: int = 0) -> bool:
+        """Whether a control value read on ``shard`` is a HALT this pool has not seen there."""
+        return bool(control) and control != self.spaces[shard].control_seen and str(control).startswith("HALT")
 
     def local_used(self) -> dict[str, int]:
         """Worker-local amounts held by the runs of every slot."""
         held = self.board.local_held()
         return {name: held.get(name, 0) for name in self.local_capacity}
 
-    def slot(self, index: int, worker_id: str, connection: Connection = None) -> SlotClaims:
-        """The claim/finish client of slot ``index`` (its runs are leased to ``worker_id``)."""
-        return SlotClaims(self, index, worker_id, connection)
+    def slot(self, index: int, worker_id: str, connection: Connection = None, shard: int = 0) -> SlotClaims:
+        """The claim/finish client of slot ``index`` on ``shard`` (its runs are leased to ``worker_id``)."""
+        return SlotClaims(self, index, worker_id, connection, shard)
 
 
 def _timeout(worker: RoundRobin, queue: str, default: float) -> float:
@@ -194,15 +219,18 @@ def _timeout(worker: RoundRobin, queue: str, default: float) -> float:
 
 
 class SlotClaims:
-    """One slot's claim/finish client: it holds at most one run, recorded on
-    the board as the slot's record."""
+    """One slot's claim/finish client on one shard: it holds at most one
+    run, recorded on the board as the slot's record (a slot serving several
+    shards has one per shard, see shardclaims.py, and one run in all)."""
 
-    def __init__(self, claims: Claims, index: int, worker_id: str, connection: Connection) -> None:
+    def __init__(self, claims: Claims, index: int, worker_id: str, connection: Connection, shard: int = 0) -> None:
         self.claims = claims
+        self.space = claims.spaces[shard]
+        self.shard = shard
         self.index = index
         self.worker_id = worker_id
         self.connection = connection
-        self.tally = stats.Tally()  # the runs this slot ended, sent with a later finish
+        self.tally = stats.Tally()  # the runs this slot ended on its shard, sent with a later finish there
         # The KEYS and per-queue ARGV of a claim, by cursor of the rotation
         # they were made for: the same at every turn, so made once each.
         self._turns: dict[int, tuple[list[str], list[Any]]] = {}
@@ -220,9 +248,9 @@ class SlotClaims:
         """Whether ``jobid`` still has a schedule: one HEXISTS on the slot's
         connection (RoundRobin.still_set, asked by a run while it runs)."""
         if self.connection is None:
-            return bool(self.claims.client.hexists(self.claims.keys.schedules, jobid))
+            return bool(self.space.client.hexists(self.space.keys.schedules, jobid))
         try:
-            self.connection.send_command("HEXISTS", self.claims.keys.schedules, jobid)
+            self.connection.send_command("HEXISTS", self.space.keys.schedules, jobid)
             return bool(self.connection.read_response())
         except (redis.ConnectionError, redis.TimeoutError):
             self.connection.disconnect()  # a reply may be half read: start afresh
@@ -233,7 +261,7 @@ class SlotClaims:
         goes idle, so that they are not held back until its next finish."""
         text = self.tally.take(self.claims.clock(), force=True)
         if text:
-            self.claims.scripts.run("tally", self.claims.clock(), [], [text], client=self.connection)
+            self.space.scripts.run("tally", self.claims.clock(), [], [text], client=self.connection)
 
     def _locked(self, job: Running | None, outcome: Outcome | None, trace: str,
                 rotation: Rotation | None) -> Settled:
@@ -254,7 +282,7 @@ class SlotClaims:
         turn = self._turns.get(rotation.cursor)
         if turn is None:
             turn = self._turns[rotation.cursor] = (
-                [claims.queue_keys[name] for _, name in order],
+                [self.space.queue_keys[name] for _, name in order],
                 [value for _, name in order for value in claims.queue_specs[name]])
         room = ""  # a pool that declared no worker-local resource (encode_local_room of none)
         if claims.local_capacity:
@@ -264,13 +292,13 @@ class SlotClaims:
                 for name, capacity in claims.local_capacity.items()
             }
             room = encode_local_room(free, claims.local_capacity)
-        return list(turn[0]), [token, self.worker_id, claims.control_seen, room, *turn[1]], order
+        return list(turn[0]), [token, self.worker_id, self.space.control_seen, room, *turn[1]], order
 
     def _job_from(self, reply: ClaimReply, order: list[tuple[int, str]], rotation: Rotation, token: str,
                   now: float) -> tuple[Running | None, bool]:
         """The job a claim's reply leased, and whether it found a new HALT."""
         if not isinstance(reply, Claimed):
-            if isinstance(reply, Halt) and self.claims.halts(reply.control):
+            if isinstance(reply, Halt) and self.claims.halts(reply.control, self.shard):
                 log.info("HALT found")
                 self.claims.board.stop()
                 return None, True
@@ -281,13 +309,13 @@ class SlotClaims:
         lease = Lease(reply.jobid, token, queue, self.worker_id, now, self.claims.timeouts[queue], due, attempt)
         capacity = self.claims.local_capacity
         local = {name: amount for name, amount in reply.needs.items() if name in capacity} if capacity else {}
-        return Running(lease, reply.schedule, reply.record, now, local, reply.data), False
+        return Running(lease, reply.schedule, reply.record, now, local, reply.data, self.shard), False
 
     def _settle(self, job: Running | None, outcome: Outcome | None, trace: str,
                 rotation: Rotation | None) -> Settled:
         """One round trip: end ``job``'s run (if any) and, with a rotation,
         claim the next job; the slot's record on the board follows."""
-        claims = self.claims
+        claims, space = self.claims, self.space
         done = None
         now = claims.clock()
         token = _tokens.take()
@@ -301,9 +329,9 @@ class SlotClaims:
             placement = place_after_run(job.schedule, outcome, now, lambda: job.job, claims.retry)
             error = error_record(placement.status, outcome.error, self.worker_id, now, trace) if outcome.error else ""
             # A job goes back to one of the worker's queues (their names made once), unless queue_for() says otherwise.
-            keys.append(claims.queue_keys.get(home) or claims.keys.queue(home))
+            keys.append(space.queue_keys.get(home) or space.keys.queue(home))
             args += [lease.jobid, lease.token, *placement.values, error,
-                     claims.queue_channels.get(home) or claims.keys.queue_channel(home),
+                     space.queue_channels.get(home) or space.keys.queue_channel(home),
                      str(placement.fires), self.tally.take(now, force=rotation is None)]
             freed = job.local_needs
         order: list[tuple[int, str]] = []
@@ -313,9 +341,9 @@ class SlotClaims:
             args += claim_args
         reply: ClaimReply
         if job is None:
-            reply = decode_claim(claims.scripts.run("claim", now, keys, args, client=self.connection))
+            reply = decode_claim(space.scripts.run("claim", now, keys, args, client=self.connection))
         else:
-            done, reply = decode_finish(claims.scripts.run("finish", now, keys, args, client=self.connection))
+            done, reply = decode_finish(space.scripts.run("finish", now, keys, args, client=self.connection))
         if job is not None and outcome is not None and placement is not None and done != "STALE":
             # Counted once ended (a stale run is the reaper's: counted expired there); sent with a later finish.
             self.tally.add(job.lease.queue, stats.outcome_of(outcome.kind, outcome.error, placement.status),
@@ -327,7 +355,7 @@ class SlotClaims:
             while reply == MORE:  # the claim parked many jobs: look again (a loop: there may be thousands)
                 now = claims.clock()
                 claim_keys, claim_args, order = self._claim_part(rotation, token, {})
-                reply = decode_claim(claims.scripts.run("claim", now, claim_keys, claim_args, client=self.connection))
+                reply = decode_claim(space.scripts.run("claim", now, claim_keys, claim_args, client=self.connection))
             claimed, halted = self._job_from(reply, order, rotation, token, now)
         if job is not None or claimed is not None:
             claims.board.write(self.index, [claimed] if claimed is not None else [])

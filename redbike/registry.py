@@ -41,9 +41,10 @@ def redbike_version() -> str:
         return "unknown"
 
 
-def slot_runs(board: SlotBoard) -> list[dict[str, Any]]:
+def slot_runs(board: SlotBoard, shards: bool = False) -> list[dict[str, Any]]:
     """What each slot of a pool runs, as the registry shows it: the job,
-    its lease token, queue and since when; an idle slot has no job."""
+    its lease token, queue and since when (``shards``: and its shard); an
+    idle slot has no job."""
     shown: list[dict[str, Any]] = []
     for index in range(board.slots):
         runs = board.runs(index)
@@ -53,6 +54,8 @@ def slot_runs(board: SlotBoard) -> list[dict[str, Any]]:
             lease = run.lease
             shown.append({"slot": index, "jobid": lease.jobid, "token": lease.token, "queue": lease.queue,
                           "since": lease.since, "worker": lease.worker})
+            if shards:
+                shown[-1]["shard"] = run.shard
     return shown
 
 

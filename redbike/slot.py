@@ -1,7 +1,8 @@
 """A slot's child process: claim a job, run work(), end the run and claim
 the next in one round trip, on the child's own Redis connection, until the
-pool stops. The supervisor is not on this path (see supervisor.py); the
-child tells it what it must act on with one-byte notes.
+pool stops (with shards: on the run's shard, see shardclaims.py). The
+supervisor is not on this path (see supervisor.py); the child tells it what
+it must act on with one-byte notes.
 """
 
 from __future__ import annotations
@@ -18,12 +19,12 @@ from collections.abc import Callable
 
 import redis
 
-from .claims import LEASE_LOST, Claims, Rotation, Settled, SlotClaims
-from .config import DEFAULT_SOCKET_TIMEOUT
+from .claims import LEASE_LOST, Claims, Settled
 from .events import Subscriber, tell_retry
 from .outage import Outage
 from .records import DataError, decode_data
 from .roundrobin import Lease, RoundRobin, StopWork, UnsetJob
+from .shardclaims import SlotShards, slot_connections, woken_shards
 from .slots import Running
 from .states import OK, Outcome
 
@@ -131,19 +132,12 @@ class Slot:
         self.board = claims.board
         self.worker = claims.worker
         self.channel = channel
-        # Its own connection, used directly (nothing inherited from the
-        # supervisor is used); it connects on first use, inside the retry loop.
-        pool = claims.client.connection_pool
-        settings = dict(pool.connection_kwargs)
-        if settings.get("socket_timeout") == DEFAULT_SOCKET_TIMEOUT:
-            # Without a timeout a socket read is one recv(), with one a poll()
-            # before each send and recv: a tenth of a job's CPU. A dead peer is
-            # still found: over TCP by keepalive and TCP_USER_TIMEOUT (see
-            # config.py); a unix socket cannot be silently dropped.
-            settings["socket_timeout"] = None
-        self.connection = pool.connection_class(**settings)
-        self.claims: SlotClaims = claims.slot(index, worker_id, self.connection)
-        self.rotation = Rotation(claims.queue_names)
+        # Its own connections (one per server its shards are on), used
+        # directly (nothing inherited from the supervisor is used); each
+        # connects on first use, inside the retry loop.
+        self.connections = slot_connections(claims)
+        self.connection = self.connections[0]  # shard 0's
+        self.claims = SlotShards(claims, index, worker_id, list(self.connections))
 
     def run(self) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the supervisor's to handle
@@ -158,7 +152,7 @@ class Slot:
                     if finished is not None and job is not None:
                         # After an error, a script may have run without its reply
                         # reaching us: end the run alone, so no claim is lost with it.
-                        fused = None if self.board.stopping or retry_in else self.rotation
+                        fused = not (self.board.stopping or retry_in)
                         settled = self.claims.finish(job, *finished, fused)
                         finished = None
                         if settled.done == "STALE":
@@ -168,8 +162,9 @@ class Slot:
                     elif self.board.stopping:
                         return
                     else:
-                        self._drain_wake_ups()
-                        settled = self.claims.claim(self.rotation)
+                        notes = self._drain_wake_ups()
+                        # After an error the last look may not have reached every shard: this one does.
+                        settled = self.claims.claim(None if retry_in else woken_shards(notes))
                     job = settled.claimed
                     if job is None:  # idle now: what it counted goes out, not with a finish hours later
                         self.claims.flush_tally()
@@ -192,12 +187,13 @@ class Slot:
                     continue
                 finished = self._run(job)
         finally:
-            self.connection.disconnect()
+            for connection in self.connections:
+                connection.disconnect()
 
     def _run(self, job: Running) -> tuple[Outcome, str]:
         self.events.claimed(job.lease)
         started = time.monotonic()
-        outcome, trace = run_work(self.worker, job.lease, job.data, lambda: self.claims.still_set(job.lease.jobid))
+        outcome, trace = run_work(self.worker, job.lease, job.data, lambda: self.claims.still_set(job))
         seconds = time.monotonic() - started
         self.outcomes.write(self.index, job.lease.token, outcome, trace)  # before Redis is asked anything
         self.board.count_run(self.index)  # counted as ended where its outcome is known (see Outcomes)
@@ -223,10 +219,13 @@ class Slot:
         """Block until the supervisor wakes this slot, or IDLE_RECHECK_SECONDS."""
         select.select([self.channel], [], [], IDLE_RECHECK_SECONDS)
 
-    def _drain_wake_ups(self) -> None:
-        """Forget the wake-ups so far: the claim that follows sees what they announced."""
+    def _drain_wake_ups(self) -> bytes:
+        """Take the wake-ups so far (their notes: see shardclaims.wake_note):
+        the claim that follows sees what they announced."""
+        notes = b""
         try:
-            while self.channel.recv(4096):
-                pass
+            while part := self.channel.recv(4096):
+                notes += part
         except (BlockingIOError, InterruptedError):
             pass
+        return notes

@@ -49,6 +49,7 @@ class Running:
     renewed_at: float
     local_needs: dict[str, int]  # worker-local amounts it holds
     data: str = ""  # its payload as stored (records.decode_data); not on the board: only its slot needs it
+    shard: int = 0  # the shard it lives on (shards.py): its lease is renewed and its run ended there
 
     @functools.cached_property
     def job(self) -> JobRecord:
@@ -56,9 +57,9 @@ class Running:
         it only for a recurring schedule, so most jobs' paths never decode it."""
         return decode_job(self.record)
 
-    # On the board a run is ten fields, each ended by NUL (job ids, schedules,
+    # On the board a run is eleven fields, each ended by NUL (job ids, schedules,
     # queue and resource names hold none): cheaper than JSON on every job's path.
-    FIELDS = 10
+    FIELDS = 11
 
     def encode(self) -> str:
         lease = self.lease
@@ -68,18 +69,18 @@ class Running:
         renewed_at = since if self.renewed_at == lease.since else repr(self.renewed_at)
         local = ",".join(f"{name}={amount}" for name, amount in self.local_needs.items()) if self.local_needs else ""
         return (f"{lease.jobid}\0{lease.token}\0{lease.queue}\0{lease.worker}\0{since}\0"
-                f"{lease.timeout!r}\0{self.schedule}\0{self.record}\0{renewed_at}\0{local}\0")
+                f"{lease.timeout!r}\0{self.schedule}\0{self.record}\0{renewed_at}\0{local}\0{self.shard}\0")
 
     @classmethod
     def decode_all(cls, text: str) -> list[Running]:
         fields = text.split("\0")[:-1]
         runs = []
         for at in range(0, len(fields), cls.FIELDS):
-            jobid, token, queue, worker, since, timeout, schedule, job, renewed_at, local = \
+            jobid, token, queue, worker, since, timeout, schedule, job, renewed_at, local, shard = \
                 fields[at : at + cls.FIELDS]
             needs = {name: int(amount) for name, _, amount in (pair.partition("=") for pair in local.split(",") if pair)}
             lease = Lease(jobid, token, queue, worker, float(since), float(timeout), *occurrence_of(job, float(since)))
-            runs.append(cls(lease, schedule, job, float(renewed_at), needs))
+            runs.append(cls(lease, schedule, job, float(renewed_at), needs, shard=int(shard)))
         return runs
 
 

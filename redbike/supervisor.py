@@ -9,6 +9,10 @@ leave the job running beside its own retry; and it ends the run of a child
 that died and forks a new one. It handles the signals, and wakes idle slots
 when a job enters one of their queues. Each slot holds at most the one job
 it runs: no prefetch.
+
+One pool serves every shard of an installation (shards.py): each slot
+claims from all of them (see shardclaims.py), each run is renewed and ended
+on its own shard, and a HALT on any shard stops the pool.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ from .outage import Outage, retried
 from .registry import REFRESH_SECONDS, Registration, slot_runs
 from .roundrobin import RoundRobin
 from .scripts import Retention, subscribe
+from .shardclaims import wake_note
+from .shards import Shards
 from .slot import MAX_BACKOFF_SECONDS, NOTE_FREED, NOTE_HALT, Outcomes, Slot
 from .slots import LocalLock, Running, SlotBoard
 from .states import Outcome
@@ -84,30 +90,45 @@ class WorkerPool:
         retry: Retry | None = None,
         retention: Retention | None = None,
         registry_seconds: float = REFRESH_SECONDS,
+        shards: Shards | None = None,
     ) -> None:
         """``events``: where the pool reports what its jobs do (default: the log);
         subscribe to ``self.events`` before run(). ``registry_seconds``: how
         often the pool's registry entry is written while nothing changes
-        (it expires after three times that)."""
+        (it expires after three times that). ``shards``: the job spaces the
+        pool serves, all of them (``client`` and ``keys`` are then unused);
+        None: the one of ``client`` and ``keys``."""
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
-        self.client = client
-        self.keys = keys
+        self.shards = shards if shards is not None else Shards(keys.prefix, [client])
+        self.client = client if shards is None else shards.clients[0]
+        self.keys = keys if shards is None else shards.keys[0]
         self.concurrency = concurrency
         self.lease_seconds = lease_seconds
         self.clock = clock
         self.board = SlotBoard(concurrency)
         self.outcomes = Outcomes(concurrency)
-        self.claims = Claims(client, keys, worker, self.board, default_timeout=default_timeout,
+        self.claims = Claims(self.shards, worker, self.board, default_timeout=default_timeout,
                              lease_seconds=lease_seconds, resources=resources, clock=clock,
                              retry=retry, retention=retention)
-        self.scripts = self.claims.scripts
+        self.scripts = self.claims.scripts  # shard 0's
         self.queue_names = self.claims.queue_names
         self.identity = f"{socket.gethostname()}:{os.getpid()}"
         self.events = events if events is not None else Events(LogEvents())
         self.events.subscribe(SlotTitles())  # in the children: which job each slot runs
-        self.registration = Registration(client, keys, "worker", self.identity, clock=clock, queues=self.queue_names,
-                                         slots=concurrency, resources=resources, refresh_seconds=registry_seconds)
+        # An entry on every shard, so that each shard's views see the pool,
+        # all alike (the same identity): each shows all of the pool's slots
+        # and runs, those of other shards too (each run says its shard), so
+        # views that merge the shards may keep any one of them.
+        self.registrations = [
+            Registration(shard_client, shard_keys, "worker", self.identity, clock=clock, queues=self.queue_names,
+                         slots=concurrency, resources=resources, refresh_seconds=registry_seconds)
+            for shard_client, shard_keys in zip(self.shards.clients, self.shards.keys)]
+        self.registration = self.registrations[0]
+        # Each shard's control channel and queue channels, to the shard they are of.
+        self.controls = {space.keys.control: shard for shard, space in enumerate(self.claims.spaces)}
+        self.queue_shards = {channel: shard for shard, space in enumerate(self.claims.spaces)
+                             for channel in space.queue_channels.values()}
         self.forced = threading.Event()
         self.done = threading.Event()
         self.children: dict[int, Child] = {}
@@ -147,10 +168,11 @@ class WorkerPool:
         self.board.stop()
         self.kick()
 
-    def kick(self) -> None:
-        """Wake the idle slots: they look at their queues."""
+    def kick(self, shard: int | None = None) -> None:
+        """Wake the idle slots: they look at their queues (of ``shard``, else of every shard)."""
+        note = wake_note(shard)
         for child in list(self.children.values()):
-            child.wake()
+            child.wake(note)
 
     def _listen(self, pubsub: redis.client.PubSub) -> None:
         """Wake idle slots when a job enters one of their queues, and stop on HALT."""
@@ -168,10 +190,11 @@ class WorkerPool:
                 self.kick()  # messages may have been missed: look at the queues
                 continue
             if message and message["type"] == "message":
-                if message["channel"] == self.keys.control and self.claims.halts(message["data"]):
+                shard = self.controls.get(message["channel"])
+                if shard is not None and self.claims.halts(message["data"], shard):
                     log.info("HALT received")
                     self.halt()
-                self.kick()
+                self.kick(self.queue_shards.get(message["channel"]))
 
     # -- the children --------------------------------------------------------------
 
@@ -186,10 +209,10 @@ class WorkerPool:
         down: retried, until a forced stop, which leaves the lease to the
         dispatcher's reaper rather than wait for Redis."""
         backoff = 0.1
-        claims = self.claims.slot(index, self.worker_id(index))
         outage = Outage(log, f"slot {index} (ending the run its dead child left)")
         while runs := self.board.runs(index):
             run = runs[0]
+            claims = self.claims.slot(index, self.worker_id(index), shard=run.shard)
             reason = ending.why if ending.token in (None, run.lease.token) else \
                 f"killed: the slot's previous job {ending.cause}"
             completed = self.outcomes.read(index, run.lease.token)
@@ -234,9 +257,9 @@ class WorkerPool:
         """Add to the job's last error that this run was killed when its lease
         was found lost, so that tell says so; only if that record is still
         the reaper's about this run, never over a newer run's."""
-        jobid, errors = run.lease.jobid, self.keys.errors
+        jobid, errors = run.lease.jobid, self.shards.keys[run.shard].errors
         note = f"the run on worker {run.lease.worker} went on past its lease; killed when the worker found it lost"
-        with self.client.pipeline() as pipe:
+        with self.shards.clients[run.shard].pipeline() as pipe:
             for _ in range(3):  # another job's error written meanwhile: look again
                 try:
                     pipe.watch(errors)
@@ -329,10 +352,11 @@ class WorkerPool:
         up to their timeout. A lease's deadline is renewed_at + lease + grace."""
         interval = self.lease_seconds / 3
         renewed: dict[str, float] = {}  # token -> when this supervisor last renewed it
-        outage = Outage(log, "heartbeat")
+        count = self.shards.count
+        outages = [Outage(log, "heartbeat" if count == 1 else f"heartbeat (shard {shard})") for shard in range(count)]
         while not self.done.wait(min(interval, POLL_SECONDS * 4)):
             now = self.clock()
-            beats: list[Any] = []
+            beats: dict[int, list[Any]] = {}  # shard -> its renewals (one call per shard that has any)
             running = self.board.all_runs()
             renewed = {run.lease.token: renewed.get(run.lease.token, run.renewed_at) for run in running}
             for run in running:
@@ -342,36 +366,37 @@ class WorkerPool:
                 # A lease already reaching the job's timeout needs no renewal:
                 # jobs that fit in one lease cost no heartbeat traffic at all.
                 if now - renewed_at >= interval and renewed_at + self.lease_seconds + GRACE_SECONDS < cap:
-                    beats += [lease.jobid, lease.token, repr(min(now + self.lease_seconds + GRACE_SECONDS, cap))]
+                    beats.setdefault(run.shard, []).extend(
+                        [lease.jobid, lease.token, repr(min(now + self.lease_seconds + GRACE_SECONDS, cap))])
                     renewed[lease.token] = now
-            if not beats:
-                self._register()
-                continue
-            try:
-                lost = self.scripts.run("renew", now, [], beats)
-            except redis.RedisError as exc:
-                outage.failed(exc)
-                continue
-            outage.recovered()
-            for jobid in lost:
-                self._kill_lost(jobid)
+            for shard, renewals in beats.items():
+                try:
+                    lost = self.claims.spaces[shard].scripts.run("renew", now, [], renewals)
+                except redis.RedisError as exc:
+                    outages[shard].failed(exc)
+                    continue
+                outages[shard].recovered()
+                for jobid in lost:
+                    self._kill_lost(jobid, shard)
             self._register()  # after the renewals: they must not wait for it
 
     def _register(self) -> None:
         """Write the pool's registry entry if what its slots run changed, or
         it is due (see registry.py); a Redis error waits for the next beat
         (the heartbeat and the slots say that Redis is down)."""
-        try:
-            self.registration.refresh(running=slot_runs(self.board), stopping=self.board.stopping)
-        except redis.RedisError as exc:
-            log.debug("registry entry not written: %s", exc)
+        running = slot_runs(self.board, self.shards.count > 1)
+        for registration in self.registrations:
+            try:
+                registration.refresh(running=running, stopping=self.board.stopping)
+            except redis.RedisError as exc:
+                log.debug("registry entry %s not written: %s", registration.key, exc)
 
-    def _kill_lost(self, jobid: str) -> None:
+    def _kill_lost(self, jobid: str, shard: int = 0) -> None:
         """A renewal found the lease of ``jobid`` gone (reaped while this
         worker was stopped or cut off, or the job unset and set again): its run
         may be running elsewhere by now, so kill this one at once."""
         for index in range(self.concurrency):
-            run = next((run for run in self.board.runs(index) if run.lease.jobid == jobid), None)
+            run = next((run for run in self.board.runs(index) if run.lease.jobid == jobid and run.shard == shard), None)
             child = self.children.get(index)
             if run is not None and child is not None:
                 self.doomed[index] = Ending(
@@ -389,11 +414,14 @@ class WorkerPool:
             signal.signal(signal.SIGTERM, self.stop)
             signal.signal(signal.SIGINT, self.stop)
         outage = Outage(log, f"worker {self.identity}")
-        control = retried(lambda: self.client.get(self.keys.control) or "", outage, lambda: self.stopping)
-        if control is None:
+        # Each shard's control value now: a HALT set before the pool started is not for it.
+        controls = retried(lambda: [cast(str, space.client.get(space.keys.control) or "") for space in self.claims.spaces],
+                           outage, lambda: self.stopping)
+        if controls is None:
             log.info("worker %s stopped before it started", self.identity)
             return
-        self.claims.control_seen = cast(str, control)
+        for space, control in zip(self.claims.spaces, controls):
+            space.control_seen = control
         # The lock's file lives exactly as long as run(): a pool that never
         # runs (a test's) makes none.
         if self.claims.local_capacity:
@@ -416,11 +444,12 @@ class WorkerPool:
         self.zygote = Zygote(self._run_slot, self.board.record_exit)
         if titled:
             set_title(f"redbike work supervisor {':'.join(self.queue_names)}")
-        channels = [self.keys.queue_channel(name) for name in set(self.queue_names)]
+        # Every shard's channels, on one connection: a PUBLISH reaches every
+        # node of a Redis Cluster, so shard 0's client hears them all.
+        channels = [channel for space in self.claims.spaces for channel in (space.keys.control, *space.queue_channels.values())]
         # Subscribed before the first claim, so no wake-up can fall in between.
         try:
-            pubsub = retried(lambda: subscribe(self.client, [self.keys.control, *channels]), outage,
-                             lambda: self.stopping)
+            pubsub = retried(lambda: subscribe(self.client, channels), outage, lambda: self.stopping)
         except BaseException:
             self.zygote.close()
             raise
@@ -433,7 +462,8 @@ class WorkerPool:
         self._register()  # at once, not a heartbeat later (before the heartbeat thread writes it)
         for thread in threads + watchers:
             thread.start()
-        log.info("worker %s: %d slot(s) on queues %s", self.identity, self.concurrency, ":".join(self.queue_names))
+        log.info("worker %s: %d slot(s) on queues %s%s", self.identity, self.concurrency, ":".join(self.queue_names),
+                 f" of {self.shards.count} shards" if self.shards.count > 1 else "")
         try:
             for watcher in watchers:
                 while watcher.is_alive():
@@ -444,7 +474,8 @@ class WorkerPool:
                 thread.join()
             pubsub.close()
             self.zygote.close()
-            try:
-                self.registration.remove()
-            except redis.RedisError as exc:
-                log.info("registry entry %s left to expire: %s", self.registration.key, exc)
+            for registration in self.registrations:
+                try:
+                    registration.remove()
+                except redis.RedisError as exc:
+                    log.info("registry entry %s left to expire: %s", registration.key, exc)

@@ -149,9 +149,10 @@ class Child:
                 ready = select.select([self.pidfd], [], [], max(0.0, seconds))[0]
         return notes, self.pidfd in ready
 
-    def wake(self) -> None:
+    def wake(self, note: bytes = b"W") -> None:
+        """Wake the child (``note``: what for, see shardclaims.wake_note; by default every shard)."""
         try:
-            self.channel.send(b"W")
+            self.channel.send(note)
         except OSError:  # full (a wake-up is pending anyway) or the child is gone
             pass
 

@@ -12,11 +12,15 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import redis
 
 from redbike import embedded
+
+if TYPE_CHECKING:
+    from cluster import Cluster
 
 ROOT = Path(__file__).resolve().parent.parent
 # REDBIKE_TEST_CLUSTER=1: the tests' server is a Redis Cluster (tests/cluster.py)
@@ -111,6 +115,18 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """A Redis Cluster of the test module's own (tests/cluster.py)."""
+    from cluster import Cluster  # imports this module
+
+    started = Cluster(tmp_path_factory.mktemp("cluster"))
+    try:
+        yield started.start()
+    finally:
+        started.stop()
 
 
 @pytest.fixture

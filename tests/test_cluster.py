@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,15 +26,6 @@ from redbike.keys import Keys, hash_tag
 from redbike.shards import Shards
 
 ONE_OFFS = 60
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    started = Cluster(tmp_path_factory.mktemp("cluster"))
-    try:
-        yield started.start()
-    finally:
-        started.stop()
 
 
 @pytest.fixture
