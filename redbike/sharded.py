@@ -214,5 +214,5 @@ class ShardedRedbike:
         part = self.parts[0]
         WorkerPool(part.client, part.keys, self.worker, concurrency=concurrency, default_timeout=part.default_timeout,
                    resources=amounts_of(resources, "resources"), clock=self.clock, retry=part.retry_backoff,
-                   retention=part.retention, shards=self.shards).run()  # type: ignore[call-arg]
+                   retention=part.retention, shards=self.shards).run()
 
