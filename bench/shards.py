@@ -52,6 +52,7 @@ REDIS7 = "/usr/bin/redis-server"
 @dataclass
 class Node:
     port: int
+    bus: int  # the cluster bus port (its own, not port + 10000: that may be taken)
     process: subprocess.Popen
 
     def client(self) -> redis.Redis:
@@ -75,21 +76,21 @@ def owner(slot: int, primaries: int) -> int:
 def start_cluster(folder: str, primaries: int) -> list[Node]:
     nodes = []
     for n in range(primaries):
-        port = free_port()
+        port, bus = free_port(), free_port()
         home = os.path.join(folder, f"node{n}")
         os.makedirs(home)
         process = subprocess.Popen(
             [REDIS7, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
-             "--cluster-port", str(free_port()), "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "5000",
+             "--cluster-port", str(bus), "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "5000",
              "--save", "", "--appendonly", "no", "--dir", home],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        nodes.append(Node(port, process))
+        nodes.append(Node(port, bus, process))
     for node in nodes:
         wait_until(lambda node=node: _pings(node), 20, what=f"redis-server on port {node.port}")
     for node, (low, high) in zip(nodes, slot_ranges(primaries), strict=True):
         node.client().execute_command("CLUSTER ADDSLOTSRANGE", low, high)
     for node in nodes[1:]:
-        nodes[0].client().execute_command("CLUSTER MEET", "127.0.0.1", node.port)
+        nodes[0].client().execute_command("CLUSTER MEET", "127.0.0.1", node.port, node.bus)
     for node in nodes:
         wait_until(lambda node=node: _cluster_ok(node), 30, what="cluster_state:ok")
     return nodes
