@@ -9,13 +9,14 @@ from __future__ import annotations
 import signal
 import uuid
 import zlib
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import redis
 from conftest import RedisServer, wait_for, write_config
 from redis.crc import key_slot
-from test_processes import cli, cli_ok
+from test_processes import cli, cli_ok, records, runs
 
 from redbike.config import ConfigError, load_config
 from redbike.keys import Keys, hash_tag
@@ -90,11 +91,11 @@ def sharded(tmp_path: Path, redis_server: RedisServer) -> tuple[Path, str, redis
     return folder, prefix, redis_server.client()
 
 
-def ids_on_every_shard(per_shard: int, queue: str = "A") -> list[str]:
+def ids_on_every_shard(per_shard: int, queue: str = "A", stem: str = "j") -> list[str]:
     found: dict[int, list[str]] = {}
     n = 0
     while any(len(found.get(k, [])) < per_shard for k in range(COUNT)):
-        jobid = f"j{n}:{queue}"
+        jobid = f"{stem}{n}:{queue}"
         found.setdefault(shard_of(jobid, COUNT), []).append(jobid)
         n += 1
     return [jobid for k in range(COUNT) for jobid in found[k][:per_shard]]
@@ -167,3 +168,31 @@ def test_one_dispatcher_process_fires_every_shard_and_a_second_takes_over_a_dead
     cli_ok(folder, process_env, "control", "HALT")  # every shard: the process stops
     assert second.wait(20) == 0
     assert all(reader.get(k.control).startswith("HALT") for k in keys)
+
+
+def test_a_dispatcher_and_two_pools_run_every_shards_jobs_once(sharded, process_env, daemons, testlog) -> None:
+    folder, prefix, reader = sharded
+    keys = [Keys(shard_prefix(prefix, k, COUNT)) for k in range(COUNT)]
+    dispatcher = daemons.start("dispatch", cwd=folder)
+    pools = [daemons.start("work", "--concurrency", "2", cwd=folder) for _ in range(2)]
+    one_offs = ids_on_every_shard(10, stem="sleep0.05-")  # each sleeps 50 ms (testworker.py)
+    secondly = ids_on_every_shard(1, queue="B")
+    for jobid in secondly:
+        cli_ok(folder, process_env, "set", jobid, "FREQ=SECONDLY;INTERVAL=1")
+    for jobid in one_offs:
+        cli_ok(folder, process_env, "set", jobid, "NOW")
+
+    def ended(job: str) -> int:
+        return sum(1 for r in records(reader, testlog) if r["job"] == job and r["event"] == "end")
+
+    wait_for(lambda: all(ended(jobid) for jobid in one_offs), timeout=60, what="every shard's one-offs to run")
+    wait_for(lambda: all(ended(jobid) >= 3 for jobid in secondly), timeout=30, what="each shard's per-second job")
+    cli_ok(folder, process_env, "control", "HALT")
+    for process in [dispatcher, *pools]:
+        assert process.wait(30) == 0
+    done = Counter(run["job"] for run in runs(records(reader, testlog)).values() if run["end"])
+    assert {jobid: done[jobid] for jobid in one_offs} == dict.fromkeys(one_offs, 1)
+    # Each shard's jobs ran there: its statuses say END, and no lease is left on any shard.
+    for jobid in one_offs:
+        assert reader.hget(keys[shard_of(jobid, COUNT)].statuses, jobid).startswith("END")
+    assert not any(reader.hlen(k.leases) for k in keys)
