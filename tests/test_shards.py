@@ -91,14 +91,15 @@ def sharded(tmp_path: Path, redis_server: RedisServer) -> tuple[Path, str, redis
     return folder, prefix, redis_server.client()
 
 
-def ids_on_every_shard(per_shard: int, queue: str = "A", stem: str = "j") -> list[str]:
+def ids_on_every_shard(per_shard: int, queue: str = "A", stem: str = "j", count: int = COUNT) -> list[str]:
+    """``per_shard`` job ids on each of ``count`` shards (shard 0's first)."""
     found: dict[int, list[str]] = {}
     n = 0
-    while any(len(found.get(k, [])) < per_shard for k in range(COUNT)):
+    while any(len(found.get(k, [])) < per_shard for k in range(count)):
         jobid = f"{stem}{n}:{queue}"
-        found.setdefault(shard_of(jobid, COUNT), []).append(jobid)
+        found.setdefault(shard_of(jobid, count), []).append(jobid)
         n += 1
-    return [jobid for k in range(COUNT) for jobid in found[k][:per_shard]]
+    return [jobid for k in range(count) for jobid in found[k][:per_shard]]
 
 
 def test_jobs_go_to_their_shards_and_the_listings_merge_them(sharded, process_env) -> None:
