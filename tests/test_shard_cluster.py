@@ -67,6 +67,23 @@ def more_ticks(client: redis.Redis, testlog: str, secondly: list[str]) -> None:
              what="every shard's per-second job to run twice more")
 
 
+def completed_runs(client: redis.Redis, testlog: str) -> Counter[str]:
+    return Counter(run["job"] for run in runs(records(client, testlog)).values() if run["end"])
+
+
+def set_later_and_drain(bike: ShardedRedbike, client: redis.Redis, testlog: str, one_offs: list[str],
+                        secondly: list[str]) -> tuple[list[str], Counter[str]]:
+    """Two more one-offs per shard set now; once every one-off ran and each
+    shard's per-second job ran twice more: the later ones and the completed runs."""
+    later = ids_on_every_shard(2, stem="later", count=SHARDS)
+    for jobid in later:
+        bike.set(jobid, "NOW")
+    wait_for(lambda: all(ended(client, testlog)[j] for j in [*one_offs, *later]), timeout=90,
+             what="every one-off to run")
+    more_ticks(client, testlog, secondly)
+    return later, completed_runs(client, testlog)
+
+
 def test_jobs_of_every_shard_run_once_while_a_shards_slot_moves(tmp_path, cluster, client, daemons, testlog,
                                                                 process_env):
     home, bike, processes, one_offs, secondly = start(tmp_path, cluster, daemons, process_env)
@@ -76,16 +93,11 @@ def test_jobs_of_every_shard_run_once_while_a_shards_slot_moves(tmp_path, cluste
     target = next(node for node in primaries(cluster) if node is not source)
     slot = cluster.client().keyslot(Keys(moving).schedules)
     assert move_slot(slot, source, target, [n for n in primaries(cluster) if n not in (source, target)]) > 5
-    later = ids_on_every_shard(2, stem="later", count=SHARDS)
-    for jobid in later:
-        bike.set(jobid, "NOW")
-    wait_for(lambda: all(ended(client, testlog)[j] for j in [*one_offs, *later]), timeout=90,
-             what="every one-off to run")
-    more_ticks(client, testlog, secondly)
+    later, done = set_later_and_drain(bike, client, testlog, one_offs, secondly)
     assert "cmdstat_evalsha" in target.client().info("commandstats")
     assert not list(source.client().scan_iter(match=f"{moving}*"))
     halt(home, process_env, *processes)
-    done = Counter(run["job"] for run in runs(records(client, testlog)).values() if run["end"])
+    done = completed_runs(client, testlog)
     assert {j: done[j] for j in [*one_offs, *later]} == dict.fromkeys([*one_offs, *later], 1)
 
 
@@ -104,15 +116,9 @@ def test_jobs_of_every_shard_run_when_a_primary_with_shards_is_killed(tmp_path, 
         return all(owner is not old and pings(owner.client()) for owner in owners)
 
     wait_for(taken_over, timeout=30, what="a replica to take over the dead primary's shards")
-    later = ids_on_every_shard(2, stem="later", count=SHARDS)
-    for jobid in later:
-        bike.set(jobid, "NOW")
     # A run whose end the dead primary acknowledged but had not replicated
     # may run again (README: what a failover can lose): each one-off at least once.
-    wait_for(lambda: all(ended(client, testlog)[j] for j in [*one_offs, *later]), timeout=90,
-             what="every one-off to run")
-    more_ticks(client, testlog, secondly)
-    done = Counter(run["job"] for run in runs(records(client, testlog)).values() if run["end"])
+    later, done = set_later_and_drain(bike, client, testlog, one_offs, secondly)
     assert {j: done[j] for j in later} == dict.fromkeys(later, 1)  # set after the failover: once each
     assert all(process.poll() is None for process in processes)
     halt(home, process_env, *processes)
