@@ -443,8 +443,9 @@ FINISHES = ("DONE", "GONE", "STALE")  # finish() in lib.lua
 
 
 def decode_finish(reply: list[object]) -> tuple[str, ClaimReply]:
-    """finish.lua's {how the run ended, claim reply}."""
-    done, claimed = reply
-    if done not in FINISHES or not isinstance(claimed, list):
+    """finish.lua's reply: how the run ended, then the claim's reply, in one
+    flat array (Redis 6.2 writes a nested one in two system calls)."""
+    done = reply[0] if reply else None
+    if done not in FINISHES or len(reply) < 2:
         raise RecordError(f"bad finish reply {reply!r}")
-    return str(done), decode_claim(claimed)
+    return str(done), decode_claim(reply[1:])

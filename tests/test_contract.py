@@ -454,6 +454,24 @@ def test_the_claim_and_finish_replies_decode(client: redis.Redis, prefix: str) -
     assert decode_claim(env.bike.scripts.run("claim", NOW, queues, claim)) == Halt(client.get(env.keys.control))
 
 
+def test_a_finish_that_claims_replies_with_one_flat_array(client: redis.Redis, prefix: str) -> None:
+    """Redis 6.2 writes a nested array reply of a script in two system calls
+    (and the slot then often reads it in two): finish.lua's reply holds
+    the claim's values after the finish's own, not in an array of theirs."""
+    env = Env(client, prefix)
+    env.bike.set("one:B", "NOW")
+    env.bike.set("two:B", "NOW")
+    queues = [env.keys.queue("B")]
+    assert isinstance(decode_claim(env.bike.scripts.run("claim", NOW, queues, ["tok1", "w1", "", "", "B", "10", "10"])),
+                      Claimed)
+    finish = ["one:B", "tok1", *Placement("S", "END").script_args(), "", env.keys.queue_channel("B"), "0", ""]
+    reply = env.bike.scripts.run("finish", NOW, [env.keys.queue("B"), *queues],
+                                 finish + ["tok2", "w1", "", "", "B", "10", "10"])
+    assert not any(isinstance(value, list) for value in reply), reply
+    done, claimed = decode_finish(reply)
+    assert done == "DONE" and isinstance(claimed, Claimed) and claimed.jobid == "two:B"
+
+
 def test_each_script_loads_every_library_function_it_calls_and_no_other() -> None:
     everything = set(re.findall(r"^function L\.(\w+)\(", LIB + WAITING, re.MULTILINE))
     for name, text in sources().items():

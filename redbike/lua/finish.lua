@@ -7,7 +7,9 @@
 --       way: see finish() in lib.lua), the slot's tally of runs that ended
 --       (records.encode_tally; '' for none), then as claim.lua: next token,
 --       worker id, control value seen, worker-local room, per-queue specs.
--- Returns {finish result, claim result}.
+-- Returns {finish result, the claim result's values...}: one flat array, which
+-- Redis 6.2 writes in one system call (a nested one took two: see
+-- records.decode_finish).
 local count = #KEYS - L.K - 1
 local failed = L.finish_error(ARGV[L.A + 1], ARGV[L.A + 2], L.A + 3, ARGV[L.A + 10], ARGV[L.A + 12])
 if not failed and not L.is_tally(ARGV[L.A + 13]) then failed = L.bad('tally', ARGV[L.A + 13]) end
@@ -19,6 +21,8 @@ local done = L.finish(ARGV[L.A + 1], ARGV[L.A + 2], L.placement_at(L.A + 3), ARG
   KEYS[L.K + 1], ARGV[L.A + 11], ARGV[L.A + 12])
 L.add_tally(ARGV[L.A + 13])
 if count == 0 then
-  return {done, {'NONE'}}
+  return {done, 'NONE'}
 end
-return {done, L.claim(ARGV[L.A + 14], ARGV[L.A + 15], ARGV[L.A + 16], ARGV[L.A + 17], L.K + 2, count, L.A + 18)}
+local claimed = L.claim(ARGV[L.A + 14], ARGV[L.A + 15], ARGV[L.A + 16], ARGV[L.A + 17], L.K + 2, count, L.A + 18)
+table.insert(claimed, 1, done)
+return claimed
