@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any, cast
 import redis
 
 from . import explain, nodeview, overview, report
+from .clients import connect
 from .clock import RedisClock
-from .config import connect
 from .dispatcher import Dispatcher
 from .keys import WAKE_BATCH, Keys
 from .names import BadName, check_jobid, check_queue

@@ -128,7 +128,8 @@ from docopt import DocoptExit, docopt
 
 from . import clifeed, cliviews
 from .api import JobIdError, Redbike
-from .config import DEFAULT_PATH, Config, ConfigError, check_reachable, load_config
+from .clients import check_reachable
+from .config import DEFAULT_PATH, Config, ConfigError, load_config
 from .csvfile import CsvError
 from .embedded import EmbeddedError, find_folder, server_status, stop_server
 from .feed import FeedBusy, SourceFailed

@@ -12,7 +12,8 @@ import time
 import redis
 
 from .api import Redbike
-from .config import Config, check_reachable, connect
+from .clients import check_reachable, connect
+from .config import Config
 from .dispatcher import Dispatcher
 from .roundrobin import RoundRobin, StopWork
 from .supervisor import WorkerPool

@@ -42,7 +42,7 @@ from typing import cast
 import redis
 
 from .claims import Claims, Connection, Rotation, Settled, SlotClaims
-from .config import DEFAULT_SOCKET_TIMEOUT
+from .clients import DEFAULT_SOCKET_TIMEOUT
 from .outage import Outage
 from .slots import Running
 from .states import Outcome

@@ -125,9 +125,9 @@ class Shards:
 
     @classmethod
     def connect(cls, settings: dict[str, object], prefix: str, count: int = 1) -> Shards:
-        """The shards of ``settings`` (config.connect's): one client per shard
+        """The shards of ``settings`` (clients.connect's): one client per shard
         on a cluster, one client for all otherwise."""
-        from .config import connect  # config reads shards
+        from .clients import connect  # clients imports config, which reads shards
 
         check_prefix(prefix, check_shards(count))
         if "cluster" not in settings:

@@ -132,7 +132,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 @pytest.fixture
 def client(redis_server: RedisServer, prefix: str) -> redis.Redis:
     if CLUSTER:  # a client of the primary that owns the slot of the test's prefix
-        from redbike.config import connect
+        from redbike.clients import connect
 
         redis_server.flushall()  # type: ignore[attr-defined]
         return connect({"cluster": redis_server.addresses}, prefix=prefix)  # type: ignore[attr-defined]

@@ -21,7 +21,8 @@ from servers import Server, make_certs, pings, write_redis_config
 from test_processes import cli, cli_ok, halt, records, runs
 
 from redbike import Redbike, RoundRobin
-from redbike.config import ConfigError, connect, load_config
+from redbike.clients import connect
+from redbike.config import ConfigError, load_config
 from redbike.keys import Keys, hash_tag
 from redbike.shards import Shards
 

@@ -10,15 +10,8 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from redbike import embedded
-from redbike.config import (
-    Config,
-    ConfigError,
-    check_reachable,
-    connect,
-    describe_client,
-    keepalive_options,
-    load_config,
-)
+from redbike.clients import check_reachable, connect, describe_client, keepalive_options
+from redbike.config import Config, ConfigError, load_config
 
 
 def write(tmp_path, text, name="redbike.conf"):
@@ -373,7 +366,7 @@ def embedded_dir(tmp_path):
 
 
 def test_connect_empty_uses_embedded_server(embedded_dir, caplog):
-    with caplog.at_level(logging.INFO, logger="redbike.config"):
+    with caplog.at_level(logging.INFO, logger="redbike.clients"):
         client = connect({}, embedded_dir=embedded_dir)
     check_reachable(client)
     assert client.set("k", "v") is True
@@ -381,7 +374,7 @@ def test_connect_empty_uses_embedded_server(embedded_dir, caplog):
     kwargs = client.connection_pool.connection_kwargs
     assert kwargs["path"] == os.path.join(os.path.abspath(embedded_dir), "redis.sock")
     assert kwargs["socket_timeout"] == 30
-    messages = [r.getMessage() for r in caplog.records if r.name == "redbike.config"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "redbike.clients"]
     expected = (
         "redbike: no Redis configured; using the embedded Redis server in "
         f"{os.path.abspath(embedded_dir)} (socket redis.sock)"

@@ -25,7 +25,8 @@ from servers import Server, sentinel_command, write_redis_config
 from test_processes import cli_ok, halt, records, runs
 
 from redbike import Redbike, RoundRobin
-from redbike.config import connect, load_config
+from redbike.clients import connect
+from redbike.config import load_config
 from redbike.keys import Keys
 
 SERVICE = "mymaster"

@@ -15,7 +15,7 @@ from test_jobs import NOW, Env, stamp
 
 from redbike import RoundRobin
 from redbike.claims import Tokens
-from redbike.config import DEFAULT_SOCKET_TIMEOUT, connect
+from redbike.clients import DEFAULT_SOCKET_TIMEOUT, connect
 from redbike.keys import Keys
 from redbike.slot import Slot, run_work
 from redbike.supervisor import WorkerPool
