@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, NoReturn
@@ -63,6 +63,19 @@ FAULT_WEIGHTS = {KILL_WORKER: 3, STOP_WORKER: 3, KILL_DISPATCHER: 2, STOP_DISPAT
 RECURRING = ["FREQ=SECONDLY;INTERVAL=1", "FREQ=SECONDLY;INTERVAL=2", "FREQ=SECONDLY;INTERVAL=3",
              "FREQ=SECONDLY;INTERVAL=5", "* * * * *", "CRON_TZ=Europe/Berlin * * * * *"]
 SETTLE_TIMEOUT = 180.0
+REAP_TIMEOUT = 60.0  # a killed worker's run is reaped at its lease deadline (default-timeout 4 + 2 s here)
+
+
+def dead_leases(told: Mapping[str, Mapping[str, Any]], alive: set[int]) -> list[str]:
+    """Of ``told`` (job id -> what tell() says of it), the jobs whose lease
+    is held by a worker (``host:pid:slot``) whose pid is not in ``alive``."""
+    dead = []
+    for jobid, job in told.items():
+        worker = str(job.get("lease", {}).get("worker", ""))
+        pid = worker.rsplit(":", 2)[1] if worker.count(":") >= 2 else ""
+        if pid.isdigit() and int(pid) not in alive:
+            dead.append(jobid)
+    return dead
 
 
 def config_text(folder: Path, port: int, shards: int) -> str:
@@ -241,6 +254,11 @@ class Campaign:
     def oneoffs_ended(self) -> bool:
         return all(self.status_of(j).get("event") == "END" for j, k in self.jobs.items() if k == "oneoff")
 
+    def leased_to_the_dead(self) -> list[str]:
+        """The jobs leased to a worker process that is not running (killed)."""
+        alive = {daemon.process.pid for daemon in self.workers if daemon.running and daemon.process is not None}
+        return dead_leases({jobid: self.status_of(jobid) for jobid in self.jobs}, alive)
+
     def in_use(self) -> dict[str, int]:
         assert self.bike is not None
         return {resource: used for resource, _cap, used, _waiting in self.bike.capacities()}
@@ -249,6 +267,10 @@ class Campaign:
         notes: list[str] = []
         if not self.wait(self.oneoffs_ended, SETTLE_TIMEOUT):
             notes.append(f"not every one-off ended within {SETTLE_TIMEOUT:.0f} s of the last fault")
+        # A run of a killed worker stays leased until a dispatcher reaps it
+        # (its lease deadline): the HALT must not stop the dispatchers first.
+        if not self.wait(lambda: not self.leased_to_the_dead(), REAP_TIMEOUT):
+            notes.append(f"runs of killed workers still leased {REAP_TIMEOUT:.0f} s after the one-offs ended")
         if not self.wait(lambda: not any(self.in_use().values()), 30):
             notes.append("resources still in use 30 s after the one-offs ended")
         checked_at = time.time()

@@ -7,10 +7,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from redbike.api import Redbike
+from redbike.chaos import PREFIX, Campaign, dead_leases
 from redbike.chaoscheck import KILL_WORKER, RESTART_REDIS, STOP_WORKER, Fault, Job, check
 from redbike.chaosworker import RECORDS_VARIABLE, WORKER_VARIABLE, Recorder, Run, read_runs
 from redbike.roundrobin import Lease
@@ -143,3 +146,38 @@ def test_bad_arguments_are_one_line() -> None:
         assert done.returncode == 2
         assert done.stderr == ("python -m redbike.chaos: --duration must be above 0, --workers at least 1 "
                                "and --shards from 1 to 64\n")
+
+
+def test_dead_leases_are_those_of_workers_not_running() -> None:
+    told = {"a:a": {"lease": {"worker": "vm:100:0"}}, "b:a": {"lease": {"worker": "vm:200:1"}}, "c:a": {},
+            "d:a": {"lease": {"unreadable": "bad"}}}
+    assert dead_leases(told, {100}) == ["b:a"]
+    assert dead_leases(told, {100, 200}) == []
+
+
+def test_the_halt_waits_until_a_killed_workers_run_is_reaped(tmp_path: Path) -> None:
+    """A run of a worker killed just before the campaign settles stays leased
+    until a dispatcher reaps it (its lease deadline): the campaign halts the
+    dispatchers only after that. It halted at once, and reported the lease
+    left behind as a violation (CI, the campaign over four shards)."""
+    campaign = Campaign(1, 1.0, 1, tmp_path)
+    worker = campaign.workers[0]
+    try:
+        campaign.redis.start()
+        campaign.bike = Redbike(Recorder("a:b"), prefix=PREFIX, client=campaign.redis.client())
+        campaign.bike.set("rec-x:a", "FREQ=SECONDLY;INTERVAL=1")
+        campaign.jobs["rec-x:a"] = "recurring"
+        campaign.start(campaign.dispatchers[0])
+        for _ in range(20):  # until the kill leaves the run leased (it may end in the kill's moment)
+            campaign.start(worker)
+            assert campaign.wait(lambda: "lease" in campaign.status_of("rec-x:a"), 60)
+            worker.kill()
+            campaign.faults.append(Fault(KILL_WORKER, worker.name, time.time(), time.time()))
+            if "lease" in campaign.status_of("rec-x:a"):
+                break
+        assert campaign.leased_to_the_dead() == ["rec-x:a"]
+        found, summary = campaign.settle_and_check()
+        assert found == [], (found, summary)
+        assert "lease" not in campaign.status_of("rec-x:a")
+    finally:
+        campaign.cleanup()
