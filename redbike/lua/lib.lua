@@ -325,6 +325,7 @@ end
 -- "a=1,b=2" -> {{'a', 1}, {'b', 2}}
 function L.parse_needs(text)
   local list = {}
+  if not text or text == '' then return list end -- most jobs: no gmatch iterator made (a C call and a closure)
   for name, amount in string.gmatch(text or '', '([^,=]+)=(%d+)') do
     table.insert(list, {name, tonumber(amount)})
   end
@@ -333,6 +334,7 @@ end
 
 -- Give back the global resources a run held (its lease's needs).
 function L.release(needs_text)
+  if needs_text == '' then return end
   for _, need in ipairs(L.parse_needs(needs_text)) do
     if not L.is_local(need[1]) then
       L.give_back(need[1], need[2])
@@ -398,6 +400,7 @@ end
 -- A slot's tally: lines "field|count" (records.encode_tally), each field of
 -- the totals (stats.py) and its increment; '' is none.
 function L.is_tally(text)
+  if text == '' then return true end -- most finishes carry no tally: no gmatch made
   if not text then return false end
   for line in string.gmatch(text, '[^\n]+') do
     if not string.match(line, '^[^|%c]+|[^%c]*|(%d+)$') or #string.match(line, '(%d+)$') > 15 then
@@ -410,6 +413,7 @@ end
 -- Add a slot's tally to the totals (checked by is_tally); returns its lines' count.
 function L.add_tally(text)
   local lines = 0
+  if text == '' then return lines end
   for field, count in string.gmatch(text, '([^\n]+)|(%d+)') do
     redis.call('HINCRBY', L.TOTALS, field, count)
     lines = lines + 1
