@@ -326,7 +326,7 @@ end
 function L.parse_needs(text)
   local list = {}
   if not text or text == '' then return list end -- most jobs: no gmatch iterator made (a C call and a closure)
-  for name, amount in string.gmatch(text or '', '([^,=]+)=(%d+)') do
+  for name, amount in string.gmatch(text, '([^,=]+)=(%d+)') do
     table.insert(list, {name, tonumber(amount)})
   end
   return list
