@@ -12,6 +12,7 @@ from test_jobs import NOW, Env
 from test_processes import cli, cli_ok, ends
 
 from redbike import scale, stats
+from redbike.keys import Keys
 from redbike.registry import Registration
 from redbike.states import Outcome
 
@@ -168,7 +169,7 @@ def test_scale_on_the_command_line(workdir, process_env, daemons, client, testlo
     daemons.start("work", cwd=workdir)
     # The window starts at the dispatcher's first snapshot of the counters: a
     # run counted before it is in no window (CI failed on that: runs 4 of 5).
-    wait_for(lambda: client.keys(f"{prefix}:stats:*"), timeout=20, what="the counters' first snapshot")
+    wait_for(lambda: client.keys(f"{Keys(prefix).stats_prefix}*"), timeout=20, what="the counters' first snapshot")
     for n in range(5):
         cli_ok(workdir, process_env, "set", f"s{n}:A", "NOW")
     wait_for(lambda: len(ends(client, testlog)) == 5, timeout=20)
