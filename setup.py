@@ -23,7 +23,8 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=7", "fakeredis[lua]>=2.20", "lupa", "hypothesis>=6", "pexpect>=4.8", "rich>=13", "httpx>=0.27",
-                 "selenium>=4.10", *WEB],  # selenium drives Debian's chromium-driver (see .ci/run)
+                 # Starlette's TestClient takes httpx2 where it is installed (1.x deprecates httpx there)
+                 "httpx2", "selenium>=4.10", *WEB],  # selenium drives Debian's chromium-driver (see .ci/run)
         # redbike top's terminal view; rich brings pygments and markdown-it-py (a few MB), so
         # it is not in the core install: info works without it.
         "views": ["rich>=13"],
