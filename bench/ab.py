@@ -24,7 +24,9 @@ until the tally (bench/tally.py) has counted the batch.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -33,6 +35,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 from .procs import ROOT, Proc, bench_env, descendants, redbike_argv, write_config
 from .server import RedisServer
@@ -154,18 +157,31 @@ class Subject:
         self.server.stop()
 
 
-def spread(values: list[float]) -> str:
-    low, high = min(values), max(values)
-    return f"{low:,.0f}-{high:,.0f}"
+def summary(subjects: list[Subject]) -> list[dict[str, object]]:
+    """Per tree and concurrency: the medians, and the medians of the per-round ratios to the first tree."""
+    rows: list[dict[str, object]] = []
+    for subject in subjects:
+        base = next(s for s in subjects if s.concurrency == subject.concurrency)
+        rows.append({
+            "tree": str(subject.tree), "concurrency": subject.concurrency, "rounds": len(subject.rates),
+            "jobs_per_s": statistics.median(subject.rates), "jobs_per_s_range": [min(subject.rates), max(subject.rates)],
+            "rate_vs_first": statistics.median(a / b for a, b in zip(subject.rates, base.rates)) - 1,
+            "redis_cpu_us": statistics.median(subject.redis_us),
+            "redis_cpu_vs_first": statistics.median(a / b for a, b in zip(subject.redis_us, base.redis_us)) - 1,
+            "worker_cpu_us": statistics.median(subject.worker_us),
+            "commands_per_job": statistics.median(subject.commands),
+        })
+    return rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("trees", nargs="+", type=Path, help="source trees (the first is the baseline)")
     parser.add_argument("--jobs", type=int, default=3000, help="jobs per batch")
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--concurrency", default="1,2", help="comma-separated")
-    args = parser.parse_args()
+    parser.add_argument("--json", type=Path, help="also write the table's figures here")
+    args = parser.parse_args(argv)
     folder = tempfile.mkdtemp(prefix="redbike-ab-")
     subjects = [Subject(tree.resolve(), int(c), os.path.join(folder, f"{n}-{c}"))
                 for c in args.concurrency.split(",") for n, tree in enumerate(args.trees)]
@@ -186,19 +202,21 @@ def main() -> None:
     finally:
         for subject in subjects:
             subject.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+    rows = summary(subjects)
     print()
     print("| tree | concurrency | jobs/s (median, range) | vs first | Redis CPU us/job | vs first "
           "| worker CPU us/job | commands/job |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for subject in subjects:
-        base = next(s for s in subjects if s.concurrency == subject.concurrency)
-        rate = statistics.median(a / b for a, b in zip(subject.rates, base.rates))
-        cpu = statistics.median(a / b for a, b in zip(subject.redis_us, base.redis_us))
-        print(f"| {subject.tree} | {subject.concurrency} | {statistics.median(subject.rates):,.0f} "
-              f"({spread(subject.rates)}) | {rate - 1:+.1%} | {statistics.median(subject.redis_us):.0f} "
-              f"| {cpu - 1:+.1%} | {statistics.median(subject.worker_us):.0f} "
-              f"| {statistics.median(subject.commands):.2f} |")
+    for row in rows:
+        low, high = cast(list[float], row["jobs_per_s_range"])
+        print(f"| {row['tree']} | {row['concurrency']} | {row['jobs_per_s']:,.0f} ({low:,.0f}-{high:,.0f}) "
+              f"| {row['rate_vs_first']:+.1%} | {row['redis_cpu_us']:.0f} | {row['redis_cpu_vs_first']:+.1%} "
+              f"| {row['worker_cpu_us']:.0f} | {row['commands_per_job']:.2f} |")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -111,3 +111,20 @@ def test_nodes_scale_smoke(tmp_path: Path) -> None:
     [claims] = results["claims"]
     assert claims["parked"] == 10 and claims["evalsha_per_claim"] == 1.0  # one round trip per claim
     assert finite_positive(claims["commands_per_claim"]) and finite_positive(claims["server_usec"])
+
+
+def test_ab_smoke(tmp_path: Path) -> None:
+    """bench/ab.py at a small size: this tree against itself, one round of 1,000 jobs (CPU is
+    counted in clock ticks of 10 ms: enough jobs that Redis' share spans several)."""
+    from bench import ab
+
+    out = tmp_path / "ab.json"
+    assert ab.main([str(ROOT), str(ROOT), "--rounds", "1", "--jobs", "1000", "--concurrency", "1", "--json",
+                    str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [(row["tree"], row["concurrency"], row["rounds"]) for row in rows] == [(str(ROOT), 1, 1)] * 2
+    assert rows[0]["rate_vs_first"] == rows[0]["redis_cpu_vs_first"] == 0.0  # the first tree is the baseline
+    for row in rows:
+        assert finite_positive(row["jobs_per_s"]) and finite_positive(row["redis_cpu_us"])
+        assert math.isfinite(row["worker_cpu_us"]) and row["worker_cpu_us"] >= 0
+        assert 10 <= row["commands_per_job"] <= 30  # the worker's finish+claim, one script call per job
