@@ -52,6 +52,7 @@ from redbike.chaosworker import CONTINUE_PREFIX, RECORDS_VARIABLE, Recorder, rea
 from redbike.records import decode_status
 from redbike.sharded import ShardedRedbike
 from redbike.shards import Shards
+from redbike.supervisor import pid_of_worker
 
 PREFIX = "chaos"
 RESOURCE = "chaos:db{db}"  # its tag: the shard of the jobs that need it (they carry the tag too)
@@ -71,9 +72,8 @@ def dead_leases(told: Mapping[str, Mapping[str, Any]], alive: set[int]) -> list[
     is held by a worker (``host:pid:slot``) whose pid is not in ``alive``."""
     dead = []
     for jobid, job in told.items():
-        worker = str(job.get("lease", {}).get("worker", ""))
-        pid = worker.rsplit(":", 2)[1] if worker.count(":") >= 2 else ""
-        if pid.isdigit() and int(pid) not in alive:
+        pid = pid_of_worker(str(job.get("lease", {}).get("worker", "")))
+        if pid is not None and pid not in alive:
             dead.append(jobid)
     return dead
 

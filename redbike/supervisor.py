@@ -63,6 +63,12 @@ def _error_of(text: Any) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else None
 
 
+def pid_of_worker(worker: str) -> int | None:
+    """The pid in a lease's worker id, ``host:pid:slot`` (WorkerPool.worker_id), or None if it is not one."""
+    parts = worker.rsplit(":", 2)
+    return int(parts[1]) if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit() else None
+
+
 class Ending(NamedTuple):
     """Why a slot's child ended."""
 
@@ -149,7 +155,7 @@ class WorkerPool:
         return self.claims.local_used()
 
     def worker_id(self, index: int) -> str:
-        """Who holds the leases of slot ``index``'s runs."""
+        """Who holds the leases of slot ``index``'s runs: ``host:pid:slot`` (see pid_of_worker)."""
         return f"{self.identity}:{index}"
 
     # -- signals and wake-ups --------------------------------------------------

@@ -17,6 +17,7 @@ from redbike.chaos import PREFIX, Campaign, dead_leases
 from redbike.chaoscheck import KILL_WORKER, RESTART_REDIS, STOP_WORKER, Fault, Job, check
 from redbike.chaosworker import RECORDS_VARIABLE, WORKER_VARIABLE, Recorder, Run, read_runs
 from redbike.roundrobin import Lease
+from redbike.supervisor import pid_of_worker
 
 T = 1_800_000_000.0
 
@@ -153,6 +154,11 @@ def test_dead_leases_are_those_of_workers_not_running() -> None:
             "d:a": {"lease": {"unreadable": "bad"}}}
     assert dead_leases(told, {100}) == ["b:a"]
     assert dead_leases(told, {100, 200}) == []
+
+
+def test_a_worker_ids_pid() -> None:
+    assert pid_of_worker("web-1.example:4242:3") == 4242
+    assert [pid_of_worker(text) for text in ("", "vm:4242", "vm:x:1", "vm:42:", "vm:42:a")] == [None] * 5
 
 
 def test_the_halt_waits_until_a_killed_workers_run_is_reaped(tmp_path: Path) -> None:
