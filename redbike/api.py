@@ -13,10 +13,11 @@ from typing import TYPE_CHECKING, Any, cast
 import redis
 
 from . import explain, nodeview, overview, report
+from .capacities import write_capacities, write_capacity
 from .clients import connect
 from .clock import RedisClock
 from .dispatcher import Dispatcher
-from .keys import WAKE_BATCH, Keys
+from .keys import Keys
 from .names import BadName, check_jobid, check_queue
 from .occurrences import Retry, misfire_text
 from .records import (
@@ -36,8 +37,6 @@ from .records import (
 from .resources import (
     ResourceError,
     amounts_of,
-    check_capacity,
-    check_name,
     format_amounts,
     read_capacities_csv,
 )
@@ -342,37 +341,17 @@ class Redbike:
     def set_capacity(self, resource: str, capacity: int | None) -> int:
         """Set a resource's capacity (0 pauses it, None makes it unlimited);
         returns how many waiting jobs it woke."""
-        check_name(resource)
-        check_capacity(capacity)
-        args = [resource, "" if capacity is None else capacity]
-        woken = total = int(self.scripts.run("capacity", self.clock(), [], args))
-        while woken >= WAKE_BATCH:  # many woke, or came back in line: the rest, a batch at a time
-            woken = int(self.scripts.run("capacity", self.clock(), [], args))
-            total += woken
-        return total
+        return write_capacity(self.scripts, self.clock, resource, capacity)
 
     def set_capacities(self, capacities: Iterable[tuple[str, int | None]]) -> dict[str, int]:
-        """Set many resources' capacities in one round trip (capacity.lua for
-        each, pipelined; all checked first); returns how many waiting jobs
-        each woke. One that woke a full batch is carried on as set_capacity does."""
-        pairs = [(check_name(resource), check_capacity(capacity)) for resource, capacity in capacities]
-        if not pairs:
-            return {}
-        now = self.clock()
-        with self.client.pipeline(transaction=False) as pipe:
-            for resource, capacity in pairs:
-                self.scripts.run("capacity", now, [], [resource, "" if capacity is None else capacity], client=pipe)
-            results = pipe.execute()
-        woken: dict[str, int] = {}
-        for (resource, capacity), result in zip(pairs, results, strict=True):
-            woken[resource] = result + (self.set_capacity(resource, capacity) if result >= WAKE_BATCH else 0)
-        return woken
+        """Set many resources' capacities in one round trip (all checked
+        first); returns how many waiting jobs each woke."""
+        return write_capacities(self.client, self.scripts, self.clock, capacities)
 
     def load_capacities(self, path: str) -> int:
-        """Set the RESOURCE,CAPACITY rows of a CSV file (all checked first)."""
+        """Set the RESOURCE,CAPACITY rows of a CSV file (all checked first, then set in one round trip)."""
         rows = read_capacities_csv(path)
-        for resource, capacity in rows:
-            self.set_capacity(resource, capacity)
+        self.set_capacities(rows)
         return len(rows)
 
     def capacities(self) -> Iterator[tuple[str, int | None, int, int]]:
