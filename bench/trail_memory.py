@@ -3,7 +3,8 @@
 For N jobs (default 1,000,000), each with a full trail (trail-length events
 plus as many more as it holds before its trim (half as many again, less one):
 the most it ever holds) of typical events, written by lib.lua's own note()
-(a script that runs the library, as every redbike script does) after its
+(a script that runs the library, as every redbike script does:
+scripts.source_of) after its
 job record, in the same value: INFO used_memory before and after, per job
 and in all.
 
@@ -21,7 +22,7 @@ import time
 
 from redbike.keys import Keys
 from redbike.records import JobRecord, encode_job, trail_of
-from redbike.scripts import TRAIL_LENGTH, sources
+from redbike.scripts import TRAIL_LENGTH, source_of
 
 from .server import RedisServer
 
@@ -51,8 +52,7 @@ def measure(jobs: int, trail_length: int) -> dict[str, float]:
     try:
         client = server.client()
         keys = Keys("bench")
-        lib = sources()["set"].split("\n-- set.lua")[0]  # the library as every script has it
-        script = client.register_script(lib + WRITE)
+        script = client.register_script(source_of(WRITE))  # after the library, as every script
         record = encode_job(JobRecord(time.time(), 1, "once", 0, 1234, 5, 0, 1, time.time()))
         events = trail_length + math.ceil(trail_length / 2) - 1  # the most a trail holds
         common = [repr(time.time()), "d", keys.queue_channel(""), trail_length]

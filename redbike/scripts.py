@@ -35,13 +35,26 @@ def sources() -> dict[str, str]:
     """Each script's source, as it is loaded: the library (lib.lua and
     waiting.lua: the functions it uses, see library_for), a newline, its own file."""
     folder = resources.files("redbike") / "lua"
+    return {name: source_of((folder / f"{name}.lua").read_text(encoding="utf-8")) for name in SCRIPT_NAMES}
+
+
+def source_of(script: str) -> str:
+    """``script`` (Lua that calls the library's L.functions and uses its
+    constants) as redbike loads its own: after the library, with the
+    constants inlined (the benchmark's tools run theirs so)."""
+    constants, lib, waiting = _library()
+    script = inlined(constants, script)
+    return library_for(lib, waiting, script) + "\n" + script
+
+
+@functools.cache
+def _library() -> tuple[dict[str, str], str, str]:
+    """lib.lua's constants, and lib.lua (without them) and waiting.lua with them inlined."""
+    folder = resources.files("redbike") / "lua"
     lib = (folder / "lib.lua").read_text(encoding="utf-8")
     waiting = (folder / "waiting.lua").read_text(encoding="utf-8")
-    scripts = {name: (folder / f"{name}.lua").read_text(encoding="utf-8") for name in SCRIPT_NAMES}
     constants = {match.group(1): match.group(2) for match in _CONSTANT.finditer(lib)}
-    lib, waiting = inlined(constants, _CONSTANT.sub("", lib)), inlined(constants, waiting)
-    scripts = {name: inlined(constants, script) for name, script in scripts.items()}
-    return {name: library_for(lib, waiting, script) + "\n" + script for name, script in scripts.items()}
+    return constants, inlined(constants, _CONSTANT.sub("", lib)), inlined(constants, waiting)
 
 
 # A constant of lib.lua, alone on its line: "L.NAME = value", the value a

@@ -128,3 +128,15 @@ def test_ab_smoke(tmp_path: Path) -> None:
         assert finite_positive(row["jobs_per_s"]) and finite_positive(row["redis_cpu_us"])
         assert math.isfinite(row["worker_cpu_us"]) and row["worker_cpu_us"] >= 0
         assert 10 <= row["commands_per_job"] <= 30  # the worker's finish+claim, one script call per job
+
+
+def test_trail_memory_smoke() -> None:
+    """bench/trail_memory.py at 2,000 jobs: full trails written by lib.lua's own
+    note() (the script it runs after the library must load and run), and the
+    bytes per job within the README's budget (about 130 per event a trail may
+    hold plus about 80 per job)."""
+    from bench import trail_memory
+
+    result = trail_memory.measure(2000, 6)
+    assert result["jobs"] == 2000 and result["events_per_job"] == 8  # 6, and half as many again less one
+    assert 0 < result["bytes_per_job"] <= 130 * 8 + 80
