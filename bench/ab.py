@@ -37,8 +37,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
 
-from .procs import ROOT, Proc, bench_env, descendants, redbike_argv, write_config
-from .server import RedisServer
+from .procs import (
+    ROOT,
+    Proc,
+    bench_env,
+    cpu_seconds,
+    descendants,
+    redbike_argv,
+    wait_until,
+    write_config,
+)
+from .server import RedisServer, delta, snapshot
 from .tally import count
 
 PREFIX = "bench"
@@ -70,16 +79,6 @@ for line in sys.stdin:
 """
 
 
-def cpu_seconds(pid: int) -> float:
-    """User and system CPU of a process (0 once it is gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            fields = handle.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 @dataclass
 class Subject:
     """One tree at one concurrency: its server, worker and filler."""
@@ -92,6 +91,7 @@ class Subject:
     redis_us: list[float] = field(default_factory=list)
     worker_us: list[float] = field(default_factory=list)
     commands: list[float] = field(default_factory=list)  # Redis commands per job, the scripts' own
+    round_trips: list[float] = field(default_factory=list)  # requests Redis read per job
 
     def start(self) -> None:
         self.server.start()
@@ -123,29 +123,24 @@ class Subject:
         """Set ``jobs`` jobs with the worker stopped, then time its drain."""
         target = count(self.tally) + jobs
         pids = self.processes()
+        client = self.server.client()
         for pid in pids:
             os.kill(pid, signal.SIGSTOP)
         try:
             self.fill(jobs)
         finally:
-            stats_before = self.server.client().info("commandstats")
-            redis_before = cpu_seconds(self.server.pid())
+            before = snapshot(client)
             worker_before = sum(cpu_seconds(pid) for pid in pids)
-            started = time.perf_counter()
+            started = time.monotonic()
             for pid in pids:
                 os.kill(pid, signal.SIGCONT)
-        while count(self.tally) < target:
-            if time.perf_counter() - started > timeout or not self.worker.alive():
-                raise RuntimeError(f"{self.tree} (concurrency {self.concurrency}) did not drain its jobs:\n"
-                                   f"{self.worker.output(1500)}")
-            time.sleep(0.002)
-        seconds = time.perf_counter() - started
-        self.rates.append(jobs / seconds)
-        stats_after = self.server.client().info("commandstats")
-        calls = {name: stats["calls"] - stats_before.get(name, {"calls": 0})["calls"]
-                 for name, stats in stats_after.items() if name != "cmdstat_info"}
-        self.commands.append(sum(calls.values()) / jobs)
-        self.redis_us.append((cpu_seconds(self.server.pid()) - redis_before) / jobs * 1e6)
+        finished = wait_until(lambda: count(self.tally) >= target, timeout, every=0.002, while_alive=self.worker,
+                              what=f"{self.tree} (concurrency {self.concurrency}) to drain its jobs")
+        done = delta(before, snapshot(client))
+        self.rates.append(jobs / (finished - started))
+        self.commands.append(done.total / jobs)
+        self.round_trips.append(done.round_trips / jobs)
+        self.redis_us.append(done.cpu / jobs * 1e6)
         self.worker_us.append((sum(cpu_seconds(pid) for pid in pids) - worker_before) / jobs * 1e6)
 
     def stop(self) -> None:
@@ -170,6 +165,7 @@ def summary(subjects: list[Subject]) -> list[dict[str, object]]:
             "redis_cpu_vs_first": statistics.median(a / b for a, b in zip(subject.redis_us, base.redis_us)) - 1,
             "worker_cpu_us": statistics.median(subject.worker_us),
             "commands_per_job": statistics.median(subject.commands),
+            "round_trips_per_job": statistics.median(subject.round_trips),
         })
     return rows
 
@@ -191,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
             subject.start()
         for subject in subjects:
             subject.drain(200)  # warm: the scripts loaded, every slot forked
-            for figures in (subject.rates, subject.redis_us, subject.worker_us, subject.commands):
+            for figures in (subject.rates, subject.redis_us, subject.worker_us, subject.commands,
+                            subject.round_trips):
                 figures.clear()
         for round_ in range(args.rounds):
             turn = round_ % len(subjects)
@@ -206,13 +203,13 @@ def main(argv: list[str] | None = None) -> int:
     rows = summary(subjects)
     print()
     print("| tree | concurrency | jobs/s (median, range) | vs first | Redis CPU us/job | vs first "
-          "| worker CPU us/job | commands/job |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+          "| worker CPU us/job | commands/job | round trips/job |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         low, high = cast(list[float], row["jobs_per_s_range"])
         print(f"| {row['tree']} | {row['concurrency']} | {row['jobs_per_s']:,.0f} ({low:,.0f}-{high:,.0f}) "
               f"| {row['rate_vs_first']:+.1%} | {row['redis_cpu_us']:.0f} | {row['redis_cpu_vs_first']:+.1%} "
-              f"| {row['worker_cpu_us']:.0f} | {row['commands_per_job']:.2f} |")
+              f"| {row['worker_cpu_us']:.0f} | {row['commands_per_job']:.2f} | {row['round_trips_per_job']:.3f} |")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     return 0
