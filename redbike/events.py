@@ -17,6 +17,9 @@ Where each hook is called, and in which process:
   retry (status RTY or EXP, the same occurrence, a later attempt): in the
   child, the supervisor or the dispatcher's reaper, after ``failed`` or
   ``expired``.
+- ``idle``: in a slot's child, when a claim found no job and the slot waits
+  for one (not a job's event, but where a slot stops having one: a slot that
+  claims its next job as its run ends goes from one run to the next without).
 
 Not here: ``parked`` and ``woken`` (the claim script's reply does not say
 which jobs it parked or woke, only that it parked many); the job's trail
@@ -60,6 +63,9 @@ class Subscriber:
     def retried(self, lease: Lease, attempt: int, at: float) -> None:
         """The run's occurrence runs again, as ``attempt``, at ``at`` (a backoff)."""
 
+    def idle(self) -> None:
+        """This slot found no job to claim and waits for one."""
+
 
 class Events(Subscriber):
     """Calls every subscriber's hook, in the order they subscribed."""
@@ -89,6 +95,10 @@ class Events(Subscriber):
     def retried(self, lease: Lease, attempt: int, at: float) -> None:
         for subscriber in self.subscribers:
             subscriber.retried(lease, attempt, at)
+
+    def idle(self) -> None:
+        for subscriber in self.subscribers:
+            subscriber.idle()
 
 
 class LogEvents(Subscriber):

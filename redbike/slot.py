@@ -168,6 +168,7 @@ class Slot:
                     job = settled.claimed
                     if job is None:  # idle now: what it counted goes out, not with a finish hours later
                         self.claims.flush_tally()
+                        self.events.idle()
                     if settled.halted or settled.freed:
                         self._tell_supervisor(settled)
                     if retry_in:

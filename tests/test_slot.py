@@ -13,10 +13,12 @@ import redis
 from conftest import RedisServer
 from test_jobs import NOW, Env, stamp
 
-from redbike import RoundRobin
+from redbike import RoundRobin, titles
 from redbike.claims import Tokens
 from redbike.clients import DEFAULT_SOCKET_TIMEOUT, connect
+from redbike.events import Subscriber
 from redbike.keys import Keys
+from redbike.roundrobin import Lease
 from redbike.slot import Slot, run_work
 from redbike.supervisor import WorkerPool
 
@@ -127,3 +129,51 @@ def test_run_tokens_are_unique_across_batches_threads_and_a_fork() -> None:
     assert len(theirs) == 48
     ours = {tokens.take() for _ in range(3)}
     assert not ours & {theirs[at : at + 16] for at in range(0, 48, 16)}
+
+
+class FailsJ1(RoundRobin):
+    def work(self, jobid: str) -> None:
+        if jobid == "j1:A":
+            raise ValueError("j1 fails")
+
+
+class StopsWhenIdle(Subscriber):
+    """Records a slot's events, and stops its pool once the slot waits."""
+
+    def __init__(self, pool: WorkerPool) -> None:
+        self.pool = pool
+        self.seen: list[str] = []
+
+    def claimed(self, lease: Lease) -> None:
+        self.seen.append(f"claimed {lease.jobid}")
+
+    def idle(self) -> None:
+        self.seen.append("idle")
+        self.pool.board.stop()
+
+
+def test_a_busy_slot_changes_its_title_once_per_job_and_shows_idle_when_it_waits(
+        env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The title goes from one job to the next as the slot claims it (one
+    prctl per job on the hot path), and back to idle only when no job follows."""
+    shown: list[str] = []
+    monkeypatch.setattr(titles, "_set", shown.append)
+    for n in range(3):
+        env.bike.set(f"j{n}:A", "NOW")
+    pool = WorkerPool(env.c, env.keys, FailsJ1("A"), clock=env.clock)
+    recorder = StopsWhenIdle(pool)
+    pool.events.subscribe(recorder)
+    mine, theirs = socket.socketpair()
+    # Should the slot never report itself idle: stopped and woken after 10 s all the same.
+    guard = threading.Timer(10, lambda: (pool.board.stop(), mine.send(b"w")))
+    guard.start()
+    try:
+        Slot(pool.claims, pool.events, pool.outcomes, 0, pool.worker_id(0), theirs).run()
+    finally:
+        guard.cancel()
+        mine.close()
+        theirs.close()
+    assert recorder.seen == ["claimed j0:A", "claimed j1:A", "claimed j2:A", "idle"]
+    slot = titles.slot_title(pool.worker_id(0))
+    assert shown == [f"{slot} running j0:A", f"{slot} running j1:A", f"{slot} running j2:A", slot]
+    assert [env.status(f"j{n}:A").partition(":")[0] for n in range(3)] == ["END", "DIE", "END"]
