@@ -112,7 +112,8 @@ def library_for(lib: str, waiting: str, script: str) -> str:
 HOT_PATH = frozenset({
     "add", "add_tally", "blocker", "claim", "claim_error", "consider", "finish", "finish_error", "finished",
     "fits_locally", "int", "int_of", "is_local_room", "is_name", "is_paused", "is_tally", "job_of",
-    "lease_parts", "lease_token_matches", "next_candidate", "note", "parse_local_room", "parse_needs", "place",
+    "lease_parts", "lease_token_matches", "next_candidate", "none_ready_or_paused", "note", "parse_local_room",
+    "parse_needs", "place",
     "placement_at", "placement_error", "release", "save_job", "stamp", "time_of", "too_big_here",
 })
 

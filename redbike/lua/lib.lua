@@ -584,8 +584,8 @@ end
 -- Returns jobid, its park sequence (if it was parked), its ready member, and
 -- the resource and amount that were set aside for it.
 function L.next_candidate(queue, queue_name)
-  local ready = redis.call('ZRANGEBYLEX', L.READY, '[' .. queue_name .. '|', '(' .. queue_name .. '|' .. L.LAST,
-    'LIMIT', 0, 1)[1]
+  local ready = not L.none_ready_or_paused() and redis.call('ZRANGEBYLEX', L.READY, '[' .. queue_name .. '|',
+    '(' .. queue_name .. '|' .. L.LAST, 'LIMIT', 0, 1)[1]
   if ready then
     redis.call('ZREM', L.READY, ready)
     local _, seq, jobid = L.ready_parts(ready)
@@ -721,6 +721,7 @@ end
 function L.put_back(queue, jobid, ready, held, amount)
   if ready then
     redis.call('ZADD', L.READY, 0, ready)
+    L.ready_or_paused = 'some'
     if held and amount > 0 then redis.call('HINCRBY', L.USAGE, held, L.int(amount)) end
     redis.call('HSET', L.PARKING, jobid, 'R' .. (held or '') .. '=' .. L.int(amount or 0) .. '|' .. ready)
   else
@@ -728,13 +729,25 @@ function L.put_back(queue, jobid, ready, held, amount)
   end
 end
 
+-- Whether neither a woken job waits in READY nor a queue is paused: one
+-- EXISTS of both keys per script call, the first time a claim asks. Most
+-- claims find neither, and so skip a ZRANGEBYLEX per queue they try and the
+-- read of the paused set. A job woken or put back into READY during this
+-- call (wake, put_back) makes it 'some'. (L's fields start false: presized.)
+function L.none_ready_or_paused()
+  if not L.ready_or_paused then
+    L.ready_or_paused = redis.call('EXISTS', L.READY, L.PAUSED) == 0 and 'none' or 'some'
+  end
+  return L.ready_or_paused == 'none'
+end
+
 -- Whether queue `name` is paused (KEYS[18]). The set is read once per script
--- call, and only when a claim has a job in hand: an idle worker's claims,
--- which find none, read nothing more.
+-- call, and only when a claim has a job in hand and some queue is paused (or
+-- a job woken): an idle worker's claims, which find none, read nothing more.
 function L.is_paused(name)
   if not L.paused_names then
     L.paused_names = {}
-    if redis.call('EXISTS', L.PAUSED) == 1 then
+    if not L.none_ready_or_paused() then
       for _, paused in ipairs(redis.call('SMEMBERS', L.PAUSED)) do L.paused_names[paused] = true end
     end
   end

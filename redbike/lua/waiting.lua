@@ -139,6 +139,7 @@ function L.wake(resource, room, capacity)
         redis.call('ZREM', L.PARKED, member)
         if paths then L.leave_lines(jobid, member, false) end -- woken by one path: out of the others' lines
         redis.call('ZADD', L.READY, 0, ready)
+        L.ready_or_paused = 'some'
         if amount > 0 then redis.call('HINCRBY', L.USAGE, resource, L.int(amount)) end
         redis.call('HSET', L.PARKING, jobid, 'R' .. resource .. '=' .. L.int(amount) .. '|' .. ready)
         redis.call('PUBLISH', L.QUEUE_CHANNEL_PREFIX .. queue_name, '1')
