@@ -158,7 +158,7 @@ class Redbike:
             "set",
             now,
             [self.keys.queue(queue)],
-            [schedule, *placement.script_args(), self.keys.queue_channel(queue), only_if_new,
+            [schedule, placement.script_arg, self.keys.queue_channel(queue), only_if_new,
              policy[0], self.misfire, policy[1], str(self.retries), by, *(value for job in jobs for value in job)],
             client=client,
         )

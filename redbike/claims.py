@@ -330,7 +330,7 @@ class SlotClaims:
             error = error_record(placement.status, outcome.error, self.worker_id, now, trace) if outcome.error else ""
             # A job goes back to one of the worker's queues (their names made once), unless queue_for() says otherwise.
             keys.append(space.queue_keys.get(home) or space.keys.queue(home))
-            args += [lease.jobid, lease.token, *placement.values, error,
+            args += [lease.jobid, lease.token, placement.script_arg, error,
                      space.queue_channels.get(home) or space.keys.queue_channel(home),
                      str(placement.fires), self.tally.take(now, force=rotation is None)]
             freed = job.local_needs

@@ -148,7 +148,7 @@ class Dispatcher:
             placements = self._placements(due, now)
             keys, args, positions = self._queue_args([jobid for jobid, _ in due])
             for (jobid, score), position in zip(due, positions):
-                args += [jobid, position, repr(score), *placements[jobid].script_args()]
+                args += [jobid, position, repr(score), placements[jobid].script_arg]
             moved += self.scripts.run("move_due", now, keys, [self.token, *args])
             if len(due) < self.batch:
                 break
@@ -216,7 +216,7 @@ class Dispatcher:
             placement = FORGET if schedule is None else \
                 place_after_run(schedule, Outcome("expired", error=reason), now, record, self.retry)
             error = error_record(placement.status or "EXP", reason, held.worker, now)
-            args += [jobid, held.token, *placement.script_args(), error, str(placement.fires), position]
+            args += [jobid, held.token, placement.script_arg, error, str(placement.fires), position]
             reasons[jobid] = held, f"lease of worker {held.worker} expired; {_sentence(placement)}", placement
         reaped = cast("list[str]", self.scripts.run("reap", now, keys, [self.token, *args]))
         for jobid in reaped:  # not those renewed or ended meanwhile: the script left them alone

@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 from .csvfile import read_rows
 from .names import whole_number
 from .occurrences import count_after
-from .records import RecordError, decode_job, decode_pending, encode_time
+from .records import RecordError, decode_job, decode_placement, encode_time
 from .schedules import ScheduleError, parse_schedule
 
 KEEP = object()  # set()'s data when none is given: the job keeps its payload
@@ -78,7 +78,7 @@ class Stored(NamedTuple):
         try:
             due = decode_job(self.record).due
             if self.pending is not None:
-                placed = decode_pending(self.pending)[3]
+                placed = decode_placement(self.pending)[3]
                 due = float(placed) if placed else None
             if due is None or not self.schedule:
                 return "", "0"

@@ -449,7 +449,7 @@ class Reconciler:
                 token, queue, worker = lease_token(lease), self.bike.worker.queue_for(taskid), "?"
             reason = (f"killed: its node vanished {orphaned:.0f} s ago, more than kill-orphans-after "
                       f"({self.config.kill_orphans_after:g} s)")
-            args += [taskid, token, *FORGET.script_args(), error_record("EXP", reason, worker, now),
+            args += [taskid, token, FORGET.script_arg, error_record("EXP", reason, worker, now),
                      index.setdefault(queue, len(index) + 1)]
         keys = [self.keys.queue(name) for name in index]
         channels = [self.keys.queue_channel(name) for name in index]

@@ -166,23 +166,24 @@ def encode_time(value: float) -> str:
     return f"{value:.3f}".rstrip("0").rstrip(".")
 
 
-# -- the pending placement: its 7 script values joined by "," (the job record's
-# pending field: set.lua, finish() in lib.lua)
+# -- a placement: its 7 values joined by ",", as the scripts take it (one
+# argument: placement_of() in lib.lua) and as a job record's pending field
+# keeps it (set.lua, finish() in lib.lua)
 
 PLACEMENT_VALUES = 7  # kind, at, status, due, attempt, coalesced, skipped (states.Placement)
-PENDING_SEP = ","  # inside the record, whose fields "|" separates
+PLACEMENT_SEP = ","  # inside the record, whose fields "|" separates
 
 
-def encode_pending(values: list[str]) -> str:
-    """A placement's script values (states.Placement.script_args())."""
-    return PENDING_SEP.join(values)
+def encode_placement(values: tuple[str, ...] | list[str]) -> str:
+    """A placement's 7 values (states.Placement.values)."""
+    return PLACEMENT_SEP.join(values)
 
 
-def decode_pending(value: str) -> list[str]:
-    """The placement's 7 script values; at, due and attempt may be ''."""
-    parts = value.split(PENDING_SEP)
+def decode_placement(value: str) -> list[str]:
+    """The placement's 7 values; at, due and attempt may be ''."""
+    parts = value.split(PLACEMENT_SEP)
     if len(parts) != PLACEMENT_VALUES:
-        raise RecordError(f"bad pending record {value!r}")
+        raise RecordError(f"bad placement {value!r}")
     return parts
 
 
@@ -206,7 +207,7 @@ class JobRecord:
     last occurrence fired. ``events``: how many events the job's trail holds
     (stored after the record in the same value: see encode_job). ``needs``:
     the resources it needs (encode_needs); ``pending``: the placement a set
-    made while it ran (encode_pending; '' for none). The last three are state,
+    made while it ran (encode_placement; '' for none). The last three are state,
     not the ledger: records compare without them."""
 
     due: float | None = None

@@ -13,7 +13,14 @@ import redis
 
 from .keys import Keys
 from .parking import Parked, SetAside, decode_parking, parked_lines
-from .records import JobRecord, RecordError, decode_job, decode_lease, decode_pending, decode_status
+from .records import (
+    JobRecord,
+    RecordError,
+    decode_job,
+    decode_lease,
+    decode_placement,
+    decode_status,
+)
 from .schedules import ScheduleError, parse_schedule
 
 SCAN_COUNT = 1000
@@ -180,7 +187,7 @@ def _waiting_for(parking: str) -> str:
 
 def _after_this_run(pending: str) -> str:
     try:
-        kind, at, status = decode_pending(pending)[:3]
+        kind, at, status = decode_placement(pending)[:3]
     except RecordError as exc:
         return str(exc)
     return {"Q": "enqueue", "T": f"timeline at {at}", "S": status}.get(kind, kind)

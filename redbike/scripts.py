@@ -114,7 +114,7 @@ HOT_PATH = frozenset({
     "fits_locally", "int", "int_of", "is_local_room", "is_name", "is_paused", "is_tally", "job_of",
     "lease_parts", "lease_token_matches", "next_candidate", "none_ready_or_paused", "note", "parse_local_room",
     "parse_needs", "place",
-    "placement_at", "placement_error", "release", "save_job", "stamp", "time_of", "too_big_here",
+    "placement_error", "placement_of", "release", "save_job", "stamp", "time_of", "too_big_here",
 })
 
 

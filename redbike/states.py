@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .occurrences import DEFAULT_RETRY, Firing, Misfire, Retry, fire_late
-from .records import JobRecord, decode_status, encode_time
+from .records import JobRecord, decode_status, encode_placement, encode_time
 from .schedules import Schedule, ScheduleError, parse_schedule
 
 # The statuses of the original redbike ...
@@ -41,8 +41,8 @@ class Placement:
     ``attempt`` (None: the job record's stay), and the ledger counts of
     occurrences ``coalesced`` and ``skipped`` on the way. ``fires``: the
     occurrences already due it fires (occurrences.Firing.fires), which a
-    run's finish counts cancelled if the placement gives way; not one of the
-    7 script values (the finish takes it apart), nor compared."""
+    run's finish counts cancelled if the placement gives way; not one of its
+    7 values (the finish takes it apart), nor compared."""
 
     kind: str
     status: str
@@ -58,10 +58,12 @@ class Placement:
         return (self.kind, _time(self.at), self.status, _time(self.due),
                 "" if self.attempt is None else str(self.attempt), str(self.coalesced), str(self.skipped))
 
-    def script_args(self) -> list[str]:
-        """The 7 values the Lua scripts take (placement_at() in lib.lua);
-        made once per placement (the constant ones: once)."""
-        return list(self.values)
+    @functools.cached_property
+    def script_arg(self) -> str:
+        """The placement as the Lua scripts take it, one argument
+        (records.encode_placement; placement_of() in lib.lua): made once per
+        placement, so a constant one (most runs' ENDED) costs a finish nothing."""
+        return encode_placement(self.values)
 
 
 def _time(value: float | None) -> str:

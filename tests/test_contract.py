@@ -53,14 +53,14 @@ from redbike.records import (
     decode_lease,
     decode_local_room,
     decode_needs,
-    decode_pending,
+    decode_placement,
     decode_status,
     decode_trail_event,
     encode_job,
     encode_lease,
     encode_local_room,
     encode_needs,
-    encode_pending,
+    encode_placement,
     encode_time,
     encode_trail_event,
     trail_of,
@@ -175,16 +175,16 @@ def test_statuses_and_placement_kinds_match_python() -> None:
 
 def own_arguments(name: str) -> tuple[int, str]:
     """How many fixed arguments script ``name`` takes after the common four,
-    and the header's words on what follows them ("the placement" is its 7 values)."""
+    and the header's words on what follows them."""
     text = text_of(name).removeprefix("the common four")
     fixed, _, rest = text.removeprefix(", then ").partition(", then ")
     if fixed.startswith(("triples", "pairs")):
         return 0, rest or fixed
     words = fixed.rstrip(".").split(", ")
-    return sum(records.PLACEMENT_VALUES if word == "the placement" else 1 for word in words), rest or fixed
+    return len(words), rest or fixed
 
 
-GROUPS = {"per job 5 values": 5, "per job 3 values": 3, "pairs": 2, "triples": 3, "per lease 12 values": 12, "per job 10 values": 10, "per run 11 values": 11}
+GROUPS = {"per job 5 values": 5, "per job 3 values": 3, "pairs": 2, "triples": 3, "per lease 6 values": 6, "per job 4 values": 4, "per run 5 values": 5}
 
 
 def text_of(name: str) -> str:
@@ -299,11 +299,11 @@ def test_lua_reads_what_python_writes(client: redis.Redis) -> None:
     assert lua(client, "return {lease_parts(ARGV[5])}", lease) \
         == ["tok", "A|b", "host:1:0", encode_time(NOW), "10.0", encode_time(NOW - 5), "3", "db:x=2,host:a=1"]
     for placement in (Placement("T", "RTY", NOW, due=NOW - 60, attempt=2, coalesced=3, skipped=4), FORGET):
-        values = placement.script_args()
-        assert lua(client, "local p = pending_placement(ARGV[5]) "
+        values = list(placement.values)
+        assert lua(client, "local p = placement_of(ARGV[5]) "
                    "return {p.kind, p.at, p.status, p.due, p.attempt, p.coalesced, p.skipped}",
-                   encode_pending(values)) == values
-        assert decode_pending(encode_pending(values)) == values
+                   placement.script_arg) == values
+        assert decode_placement(placement.script_arg) == values == decode_placement(encode_placement(values))
     events = [TrailEvent(NOW - 5, "set", {"by": "me@h", "status": "TML", "needs": "", "misfire": "once",
                                           "retries": "0", "schedule": "DTSTART:x|RRULE:y"}),
               TrailEvent(NOW, "woken", {"resource": "db:1"})]
@@ -384,8 +384,8 @@ def test_python_reads_what_lua_writes(client: redis.Redis, prefix: str) -> None:
     assert decode_local_room(slot._claim_part(Rotation(local.queue_names), "t", {})[1][3]) \
         == {"worker:slots": (2, 2)}
     env.bike.set("run:A", "AT:2030-01-01T00:00:00Z")  # while it runs: a pending placement
-    assert decode_pending(decode_job(client.hget(env.keys.jobs, "run:A")).pending) \
-        == Placement("T", "TML", 1893456000.0, 1893456000.0, 1).script_args()
+    assert decode_placement(decode_job(client.hget(env.keys.jobs, "run:A")).pending) \
+        == list(Placement("T", "TML", 1893456000.0, 1893456000.0, 1).values)
     env.bike.unset("run:A")
     trail = [decode_trail_event(event) for event in trail_of(client.hget(env.keys.jobs, "run:A"))]
     # set's own event says it was enqueued; the unset drops the placement set while it ran
@@ -424,7 +424,7 @@ def test_alternative_needs_and_lines_are_read_as_written(client: redis.Redis, pr
     for bad in (" ".join(["a=1"] * (records.MAX_PATHS + 1)), "a=1  b=1", "a=1 b=x"):
         with pytest.raises(redis.ResponseError, match="bad needs"):
             env.bike.scripts.run("set", NOW, [env.keys.queue("A")],
-                                 ["STOP", *FORGET.script_args(), env.keys.queue_channel("A"), "0",
+                                 ["STOP", FORGET.script_arg, env.keys.queue_channel("A"), "0",
                                   "", "once", "", "0", "me", "alt:A", bad, "", "0", ""])
     client.delete(Keys("contract").parked)
     value = lua(client, "park_lines('j|x:A', {'hc@h1', 'hc@h2'}, 'A', nil) return redis.call('HGET', L.PARKING, 'j|x:A')")
@@ -446,7 +446,7 @@ def test_the_claim_and_finish_replies_decode(client: redis.Redis, prefix: str) -
     assert claimed == Claimed("a:B", 1, "NOW", claimed.record, {"r": 2})
     assert decode_job(claimed.record) == JobRecord(NOW, 1, "once", 0, 1, 0, 0, 0, NOW)
     assert decode_claim(env.bike.scripts.run("claim", NOW, queues, claim)) == records.NONE
-    finish = ["a:B", "tok", *Placement("S", "END").script_args(), "", env.keys.queue_channel("B"), "0", ""]
+    finish = ["a:B", "tok", Placement("S", "END").script_arg, "", env.keys.queue_channel("B"), "0", ""]
     done = env.bike.scripts.run("finish", NOW, [env.keys.queue("B"), *queues], finish + claim)
     assert decode_finish(done) == ("DONE", records.NONE)
     assert decode_finish(env.bike.scripts.run("finish", NOW, [env.keys.queue("B")], finish)) == ("STALE", "NONE")
@@ -464,7 +464,7 @@ def test_a_finish_that_claims_replies_with_one_flat_array(client: redis.Redis, p
     queues = [env.keys.queue("B")]
     assert isinstance(decode_claim(env.bike.scripts.run("claim", NOW, queues, ["tok1", "w1", "", "", "B", "10", "10"])),
                       Claimed)
-    finish = ["one:B", "tok1", *Placement("S", "END").script_args(), "", env.keys.queue_channel("B"), "0", ""]
+    finish = ["one:B", "tok1", Placement("S", "END").script_arg, "", env.keys.queue_channel("B"), "0", ""]
     reply = env.bike.scripts.run("finish", NOW, [env.keys.queue("B"), *queues],
                                  finish + ["tok2", "w1", "", "", "B", "10", "10"])
     assert not any(isinstance(value, list) for value in reply), reply
@@ -535,4 +535,4 @@ def test_lib_constants_are_written_where_they_are_used() -> None:
     assert {"K", "A", "SCHEDULES", "DATA", "MAX_TIME", "LAST", "PENDING", "RECORD"} <= set(constants)
     for name, text in sources().items():
         assert not set(re.findall(r"\bL\.([A-Z][A-Z0-9_]*)\b", text)) & set(constants), name
-    assert "ARGV[4 + 14]" in sources()["finish"] and "KEYS[20 + 1]" in sources()["finish"]
+    assert "ARGV[4 + 8]" in sources()["finish"] and "KEYS[20 + 1]" in sources()["finish"]

@@ -32,7 +32,7 @@ from redbike.records import (
     decode_job,
     decode_lease,
     decode_needs,
-    decode_pending,
+    decode_placement,
     decode_status,
     decode_trail_event,
     parse_data,
@@ -176,7 +176,7 @@ def test_node_objects(items: Any) -> None:
         pass
 
 
-DECODERS = (decode_status, decode_needs, decode_lease, decode_pending, decode_job, decode_finished,
+DECODERS = (decode_status, decode_needs, decode_lease, decode_placement, decode_job, decode_finished,
             decode_trail_event, decode_parked, decode_ready, decode_aside, decode_parking)
 
 

@@ -83,20 +83,20 @@ class Stage:
         queue = [keys.queue("A")]
         claim = ["tok2", "w2", "", "", "A", "10", "10"]
         self.calls: dict[str, tuple[list[str], list[str]]] = {
-            "set": (queue, ["NOW", *Placement("Q", "ENQ", due=NOW, attempt=1).script_args(), channel, "0",
+            "set": (queue, ["NOW", Placement("Q", "ENQ", due=NOW, attempt=1).script_arg, channel, "0",
                             "skip:30", "once", "2", "0", "me@here", "n:A", "r=1", "", "0", "{\"k\":1}"]),
             "unset": (queue, ["me@here", "q2:A", repr(NOW), "2"]),
             "claim": (queue, claim),
-            "finish": (queue + queue, ["run:A", token, *Placement("S", "END").script_args(), "", channel, "0",
+            "finish": (queue + queue, ["run:A", token, Placement("S", "END").script_arg, "", channel, "0",
                                        "A|done|3|2\nA|ms|40", *claim]),
             "tally": ([], ["A|done|3|2\nA|ms|40"]),
             "feed_done": ([keys.feed("f"), keys.feed_jobs("f")], ["100", "200", "1.5"]),
             "move_due": (queue, [str(self.leader.token), "1", channel, "t:A", "1", "1893456000.0",
-                                 *Placement("Q", "ENQ").script_args()]),
+                                 Placement("Q", "ENQ").script_arg]),
             "reap": (queue, [str(self.leader.token), "1", channel, "run:A", token,
-                             *Placement("T", "EXP", NOW, attempt=2).script_args(), "{}", "0", "1"]),
+                             Placement("T", "EXP", NOW, attempt=2).script_arg, "{}", "0", "1"]),
             "retire": ([], [str(self.leader.token), repr(NOW), "100"]),
-            "revoke": (queue, ["1", channel, "run:A", token, *Placement("D", "").script_args(), "{}", "1"]),
+            "revoke": (queue, ["1", channel, "run:A", token, Placement("D", "").script_arg, "{}", "1"]),
             "renew": ([], ["run:A", token, repr(NOW + 30)]),
             "lead": ([keys.dispatcher_epoch], [str(self.leader.token), "5000", "me"]),
             "capacity": ([], ["r", "2"]),
@@ -156,9 +156,10 @@ def test_hostile_arguments_that_broke_scripts_half_way_are_refused(stage: Stage)
         assert stage.check("claim", common + claim[:5] + ["10", bad])
         assert stage.check("claim", common + claim[:5] + [bad, "10"])
     # set: needs too large for HINCRBY, or unreadable
+    set_args = stage.calls["set"][1]
+    at = set_args.index("r=1")  # the staged job's needs
     for needs in ("r=100000000000000000", "r=200000000000000", f"r={MAX_AMOUNT + 1}", "r=x", "a|b=1"):
-        set_args = stage.calls["set"][1]
-        assert stage.check("set", common + set_args[:16] + [needs] + set_args[17:])
+        assert stage.check("set", common + set_args[:at] + [needs] + set_args[at + 1:])
     assert stage.check("capacity", [*common, "r", str(MAX_CAPACITY + 1)])
     assert stage.check("capacity", [*common, "a|b", "1"])
     # renew: a bad deadline after good ones was applied half-way
@@ -166,8 +167,9 @@ def test_hostile_arguments_that_broke_scripts_half_way_are_refused(stage: Stage)
     assert stage.check("renew", [*common, "run:A", token, repr(NOW + 30), "run:A", token, "nan"])
     # finish: the lease was deleted before an unknown placement kind failed
     finish = stage.calls["finish"][1]
-    assert stage.check("finish", common + finish[:2] + ["Z"] + finish[3:])
-    assert stage.check("finish", common + finish[:2] + ["T", "soon"] + finish[4:])
+    at = finish.index(Placement("S", "END").script_arg)
+    for placement in ("Z,,END,,,0,0", "T,soon,RTY,,,0,0", "S,,END,,,0", "S,,END,,,0,0,0", "S|,END,,,0,0", "Z"):
+        assert stage.check("finish", common + finish[:at] + [placement] + finish[at + 1:])
 
 
 def test_resource_amounts_and_capacities_are_bounded_at_input(client: redis.Redis, prefix: str) -> None:

@@ -26,7 +26,7 @@ from redbike.dispatcher import RENEW_SECONDS, STANDBY_SECONDS, Dispatcher
 from redbike.events import Subscriber
 from redbike.jobinput import SET_CHUNK
 from redbike.occurrences import Retry
-from redbike.records import JobRecord, decode_job, decode_pending, trail_of
+from redbike.records import JobRecord, decode_job, decode_placement, trail_of
 from redbike.roundrobin import Lease
 from redbike.schedules import parse_schedule
 from redbike.scripts import subscribe
@@ -118,7 +118,7 @@ class Env:
     def pending(self) -> dict[str, str]:
         """The placements set while jobs ran (the pending field of their
         records), each as its 7 values joined by '|'."""
-        return {jobid: "|".join(decode_pending(decode_job(value).pending))
+        return {jobid: "|".join(decode_placement(decode_job(value).pending))
                 for jobid, value in self.c.hgetall(self.keys.jobs).items() if decode_job(value).pending}
 
     def errors(self) -> dict[str, dict]:
@@ -1133,14 +1133,13 @@ def test_place_after_expiry() -> None:
     assert expired("garbage") == Placement("S", "BAD")
 
 
-def test_parse_status_and_script_args() -> None:
+def test_parse_status_and_script_arg() -> None:
     assert parse_status("ENQ:1700000000") == ("ENQ", 1700000000.0)
     assert parse_status("BAD") == ("BAD", 0.0)
-    assert Placement("T", "TML", NOW + 0.5).script_args() == ["T", "1700000000.5", "TML", "", "", "0", "0"]
-    assert Placement("T", "TML", NOW + 0.0004).script_args()[1] == "1700000000"  # to the millisecond
-    assert QUEUE.script_args() == ["Q", "", "ENQ", "", "", "0", "0"]
-    assert Placement("Q", "ENQ", due=NOW, attempt=2, coalesced=3).script_args() == \
-        ["Q", "", "ENQ", "1700000000", "2", "3", "0"]
+    assert Placement("T", "TML", NOW + 0.5).script_arg == "T,1700000000.5,TML,,,0,0"
+    assert Placement("T", "TML", NOW + 0.0004).values[1] == "1700000000"  # to the millisecond
+    assert QUEUE.script_arg == "Q,,ENQ,,,0,0"
+    assert Placement("Q", "ENQ", due=NOW, attempt=2, coalesced=3).script_arg == "Q,,ENQ,1700000000,2,3,0"
 
 
 def test_read_schedules_csv_good_file(tmp_path: Path, env: Env) -> None:

@@ -59,7 +59,7 @@ from test_jobs import CRON15, HOUR, HOURLY, NEXT_HOUR, NOW, Env
 
 from redbike.claims import Rotation
 from redbike.dispatcher import Dispatcher
-from redbike.records import JobRecord, decode_job, decode_pending
+from redbike.records import JobRecord, decode_job, decode_placement
 from redbike.schedules import Schedule, parse_schedule
 from redbike.scripts import Retention
 from redbike.slots import Running
@@ -210,7 +210,7 @@ class LedgerMachine(RuleBasedStateMachine):
         """(kind, due) of the placement a set made while the job runs."""
         text = decode_job(self.c.hget(self.env.keys.jobs, job)).pending
         assert text, job
-        kind, _, _, due, *_ = decode_pending(text)
+        kind, _, _, due, *_ = decode_placement(text)
         return kind, float(due) if due else None
 
     def _close(self, job: str, where: str) -> Epoch | None:

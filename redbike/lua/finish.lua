@@ -1,7 +1,7 @@
 -- finish.lua: end a run and, in the same round trip, claim the next job.
 -- KEYS: the job-state keys, then the finished job's queue, then the queues
 --       to claim from (none: claim nothing).
--- ARGV: the common four, then jobid, token, the placement (7 values), error
+-- ARGV: the common four, then jobid, token, the placement, error
 --       JSON (or ''), queue channel of the finished job's queue, how many
 --       occurrences already due the placement fires (cancelled if it gives
 --       way: see finish() in lib.lua), the slot's tally of runs that ended
@@ -11,18 +11,18 @@
 -- Redis 6.2 writes in one system call (a nested one took two: see
 -- records.decode_finish).
 local count = #KEYS - L.K - 1
-local failed = L.finish_error(ARGV[L.A + 1], ARGV[L.A + 2], L.A + 3, ARGV[L.A + 10], ARGV[L.A + 12])
-if not failed and not L.is_tally(ARGV[L.A + 13]) then failed = L.bad('tally', ARGV[L.A + 13]) end
+local failed, placement = L.finish_error(ARGV[L.A + 1], ARGV[L.A + 2], ARGV[L.A + 3], ARGV[L.A + 4], ARGV[L.A + 6])
+if not failed and not L.is_tally(ARGV[L.A + 7]) then failed = L.bad('tally', ARGV[L.A + 7]) end
 if not failed and count > 0 then
-  failed = L.claim_error(ARGV[L.A + 14], ARGV[L.A + 15], ARGV[L.A + 17], L.K + 2, count, L.A + 18)
+  failed = L.claim_error(ARGV[L.A + 8], ARGV[L.A + 9], ARGV[L.A + 11], L.K + 2, count, L.A + 12)
 end
 if failed then return failed end
-local done = L.finish(ARGV[L.A + 1], ARGV[L.A + 2], L.placement_at(L.A + 3), ARGV[L.A + 10],
-  KEYS[L.K + 1], ARGV[L.A + 11], ARGV[L.A + 12])
-L.add_tally(ARGV[L.A + 13])
+local done = L.finish(ARGV[L.A + 1], ARGV[L.A + 2], placement, ARGV[L.A + 4], KEYS[L.K + 1], ARGV[L.A + 5],
+  ARGV[L.A + 6])
+L.add_tally(ARGV[L.A + 7])
 if count == 0 then
   return {done, 'NONE'}
 end
-local claimed = L.claim(ARGV[L.A + 14], ARGV[L.A + 15], ARGV[L.A + 16], ARGV[L.A + 17], L.K + 2, count, L.A + 18)
+local claimed = L.claim(ARGV[L.A + 8], ARGV[L.A + 9], ARGV[L.A + 10], ARGV[L.A + 11], L.K + 2, count, L.A + 12)
 table.insert(claimed, 1, done)
 return claimed

@@ -23,8 +23,8 @@
 --   KEYS[16] jobs        hash  jobid -> job record "due|attempt|misfire|retries|
 --                              fired|coalesced|skipped|cancelled|last_due|events|
 --                              needs|pending" (needs "resource=amount,..."; pending:
---                              a placement set while the job ran, its 7 values
---                              ","-joined), then its trail: each event "\n" ..
+--                              a placement set while the job ran, as the scripts
+--                              take one), then its trail: each event "\n" ..
 --                              "time|event|..."
 --   KEYS[17] finished    list  "time|jobid" of the jobs that ended for good (END,
 --                              SKP, unset), oldest first: retire.lua removes
@@ -45,12 +45,15 @@
 -- millisecond, whole seconds as integers), so records and the trail copy
 -- them as they are: converting them here cost the finish microseconds.
 --
--- A placement (states.Placement.script_args(), 7 values) says where a job
--- goes next: kind Q (its queue), T (the timeline at "at"), S (nowhere, just a
--- status), X (schedule becomes STOP), D (forget the job); then its status,
--- the due time of the occurrence it is for and the attempt ('' for both:
--- keep the job record's), and how many occurrences it coalesced and skipped
--- (the misfire policy's ledger counts).
+-- A placement (states.Placement.script_arg: one argument, its 7 values
+-- joined by ',', records.encode_placement) says where a job goes next: kind
+-- Q (its queue), T (the timeline at "at"), S (nowhere, just a status), X
+-- (schedule becomes STOP), D (forget the job); then its status, the due time
+-- of the occurrence it is for and the attempt ('' for both: keep the job
+-- record's), and how many occurrences it coalesced and skipped (the misfire
+-- policy's ledger counts). One argument, not seven: each argument costs a
+-- script call about as much as a short pattern (Redis reads it, and makes
+-- it a Lua string in ARGV), and most runs' placement is one constant text.
 -- The constants and functions of the library are fields of one table: each
 -- script call creates every function anew, and a function that captures
 -- locals as upvalues (as local functions that call each other and read
@@ -172,25 +175,30 @@ function L.is_local_room(text)
   return true
 end
 
--- The placement in ARGV[base .. base + 6] (see the header).
-function L.placement_at(base)
-  return {kind = ARGV[base], at = ARGV[base + 1], status = ARGV[base + 2], due = ARGV[base + 3],
-    attempt = ARGV[base + 4], coalesced = ARGV[base + 5], skipped = ARGV[base + 6]}
+-- A placement's text (see the header; also a job record's pending field)
+-- -> placement, whose fields are nil if the text is not one.
+function L.placement_of(text)
+  local kind, at, status, due, attempt, coalesced, skipped =
+    string.match(text, '^([^,]*),([^,]*),([^,]*),([^,]*),([^,]*),([^,]*),([^,]*)$')
+  return {kind = kind, at = at, status = status, due = due, attempt = attempt, coalesced = coalesced,
+    skipped = skipped}
 end
 
--- What is wrong with the placement in ARGV[base .. base + 6], or nil.
-function L.placement_error(base)
-  local kind, at, status, due, attempt = ARGV[base], ARGV[base + 1], ARGV[base + 2], ARGV[base + 3], ARGV[base + 4]
+-- What is wrong with placement `text` (nil if nothing), and the placement.
+function L.placement_error(text)
+  if not text then return L.bad('placement', text) end
+  local p = L.placement_of(text)
+  local kind, at, status, due, attempt = p.kind, p.at, p.status, p.due, p.attempt
   if kind ~= 'Q' and kind ~= 'T' and kind ~= 'S' and kind ~= 'X' and kind ~= 'D' then
-    return L.bad('placement kind', kind)
+    return L.bad('placement kind', kind or text)
   end
   if kind == 'T' and not L.time_of(at) then return L.bad('placement time', at) end
-  if not status or not string.find(status, '^%u*$') then return L.bad('status', status) end
+  if not string.find(status, '^%u*$') then return L.bad('status', status) end
   if due ~= '' and not L.time_of(due) then return L.bad('due time', due) end
   if attempt ~= '' and not L.int_of(attempt, 1, L.MAX_AMOUNT) then return L.bad('attempt', attempt) end
-  if not L.int_of(ARGV[base + 5], 0, L.MAX_TIME) then return L.bad('coalesced count', ARGV[base + 5]) end
-  if not L.int_of(ARGV[base + 6], 0, L.MAX_TIME) then return L.bad('skipped count', ARGV[base + 6]) end
-  return nil
+  if not L.int_of(p.coalesced, 0, L.MAX_TIME) then return L.bad('coalesced count', p.coalesced) end
+  if not L.int_of(p.skipped, 0, L.MAX_TIME) then return L.bad('skipped count', p.skipped) end
+  return nil, p
 end
 
 -- A misfire policy as records.check_misfire allows it: once, all, all:N,
@@ -233,21 +241,10 @@ function L.lease_parts(lease)
   return string.match(lease, '^([^|]*)|(.-)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)$')
 end
 
--- A pending record (the 7 values of a placement, joined by '|') -> placement.
-function L.pending_placement(pending)
-  local kind, at, status, due, attempt, coalesced, skipped =
-    string.match(pending, '^([^,]*),([^,]*),([^,]*),([^,]*),([^,]*),([^,]*),([^,]*)$')
-  return {kind = kind, at = at, status = status, due = due, attempt = attempt, coalesced = coalesced,
-    skipped = skipped}
-end
-
-function L.pending_text(p)
-  return table.concat({p.kind, p.at, p.status, p.due, p.attempt, p.coalesced, p.skipped}, ',')
-end
 
 -- The job record (records.JobRecord), as a list indexed by these fields
 -- (EVENTS: how many its trail holds; NEEDS: what it needs, "resource=amount,...";
--- PENDING: a placement set while it ran, pending_text), and the job's trail
+-- PENDING: a placement set while it ran, as set.lua took it), and the job's trail
 -- in its field `trail`: the events, each "\n" .. "time|event|field|..."
 -- (records.decode_trail_event), oldest first. All of it is one value of
 -- JOBS: the claim reads it anyway (for the run's occurrence and needs), so
@@ -461,7 +458,7 @@ function L.drop_pending(jobid, record, due, expected, missed)
   local before = record[L.PENDING]
   if before == '' then return end
   record[L.PENDING] = ''
-  local dropped = L.pending_placement(before)
+  local dropped = L.placement_of(before)
   L.add(record, L.COALESCED, dropped.coalesced)
   L.add(record, L.SKIPPED, dropped.skipped)
   if (dropped.kind == 'Q' or dropped.kind == 'T') and dropped.due ~= '' and dropped.due ~= due then
@@ -570,7 +567,7 @@ function L.finish(jobid, token, p, err, queue, channel, fires, expired)
     redis.call('HSET', L.ERRORS, jobid, err)
   end
   if pending then
-    p = L.pending_placement(pending)
+    p = L.placement_of(pending)
   end
   L.note(record, 'run', due, attempt, token, worker, since, p.status, p.at, line)
   L.place(jobid, p, queue, channel, record)
@@ -811,14 +808,14 @@ function L.claim_error(token, worker, local_room, first, count, spec)
   return nil
 end
 
--- What is wrong with the arguments of finish() (see there; its placement
--- at ARGV[base]), or nil.
-function L.finish_error(jobid, token, base, err, fires)
+-- What is wrong with the arguments of finish() (see there), or nil; and
+-- its placement, read from `placement` (see placement_error).
+function L.finish_error(jobid, token, placement, err, fires)
   if not jobid or jobid == '' then return L.bad('job id', jobid) end
   if not L.is_name(token) then return L.bad('token', token) end
   if not err then return L.bad('error record', err) end
   if not L.int_of(fires, 0, L.MAX_TIME) then return L.bad('fired count', fires) end
-  return L.placement_error(base)
+  return L.placement_error(placement)
 end
 
 -- Now as a number, and the trail's length: checked and parsed in one step

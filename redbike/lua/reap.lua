@@ -2,29 +2,29 @@
 -- stopped renewing) and put the jobs back (retried, or by their schedules).
 -- KEYS: the job-state keys, then the queues named by this batch.
 -- ARGV: the common four, then leader token, queue count n, the n queue
---       channels, then per lease 12 values: jobid, token, the placement (7
---       values), error JSON, how many occurrences already due the placement
---       fires (see finish.lua), 1-based queue index.
+--       channels, then per lease 6 values: jobid, token, the placement,
+--       error JSON, how many occurrences already due the placement fires
+--       (see finish.lua), 1-based queue index.
 -- A lease renewed or ended meanwhile is left alone; a deadline left without
 -- its lease is dropped. Returns the job ids reaped.
 local failed = L.fence(ARGV[L.A + 1])
 if failed then return failed end
 local n = L.int_of(ARGV[L.A + 2], 0, #KEYS - L.K)
 if not n or n ~= #KEYS - L.K then return L.bad('queue count', ARGV[L.A + 2]) end
-if (#ARGV - L.A - 2 - n) % 12 ~= 0 then return L.bad('count of lease values', #ARGV) end
-for j = L.A + 3 + n, #ARGV, 12 do
-  failed = L.finish_error(ARGV[j], ARGV[j + 1], j + 2, ARGV[j + 9], ARGV[j + 10])
+if (#ARGV - L.A - 2 - n) % 6 ~= 0 then return L.bad('count of lease values', #ARGV) end
+for j = L.A + 3 + n, #ARGV, 6 do
+  failed = L.finish_error(ARGV[j], ARGV[j + 1], ARGV[j + 2], ARGV[j + 3], ARGV[j + 4])
   if failed then return failed end
-  if not L.int_of(ARGV[j + 11], 1, n) then return L.bad('queue index', ARGV[j + 11]) end
+  if not L.int_of(ARGV[j + 5], 1, n) then return L.bad('queue index', ARGV[j + 5]) end
 end
 local reaped = {}
-for j = L.A + 3 + n, #ARGV, 12 do
+for j = L.A + 3 + n, #ARGV, 6 do
   local jobid = ARGV[j]
   local deadline = redis.call('ZSCORE', L.DEADLINES, jobid)
   if deadline and tonumber(deadline) <= L.NOW_N then
-    local qi = tonumber(ARGV[j + 11])
-    local done = L.finish(jobid, ARGV[j + 1], L.placement_at(j + 2), ARGV[j + 9], KEYS[L.K + qi], ARGV[L.A + 2 + qi],
-      ARGV[j + 10], true)
+    local qi = tonumber(ARGV[j + 5])
+    local done = L.finish(jobid, ARGV[j + 1], L.placement_of(ARGV[j + 2]), ARGV[j + 3], KEYS[L.K + qi],
+      ARGV[L.A + 2 + qi], ARGV[j + 4], true)
     if done == 'DONE' or done == 'GONE' then
       table.insert(reaped, jobid)
     elseif redis.call('HEXISTS', L.LEASES, jobid) == 0 then

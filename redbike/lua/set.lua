@@ -4,7 +4,7 @@
 -- one call for many saves each job the call's own cost (about half of what a
 -- job costs Redis: the EVALSHA, the library, the common checks).
 -- KEYS: the job-state keys (lib.lua), then the jobs' queue.
--- ARGV: the common four, then schedule, the placement (7 values), queue
+-- ARGV: the common four, then schedule, the placement, queue
 --       channel, only_if ('1': leave an existing job untouched; 'S': leave it
 --       untouched if its schedule is this one; 'R': only if it failed (status
 --       DIE: the retry command); '0': set it), misfire policy ('' to keep the
@@ -20,12 +20,12 @@
 -- Returns a list, a result per job: 'KEPT', 'PENDING' (the job is running:
 -- the placement waits for the run to end) or 'PLACED'. A bad value of any
 -- job refuses the call, before anything is written.
-local schedule, channel, only_if, misfire, default_misfire, retries, default_retries, by =
-  ARGV[L.A + 1], ARGV[L.A + 9], ARGV[L.A + 10], ARGV[L.A + 11], ARGV[L.A + 12], ARGV[L.A + 13], ARGV[L.A + 14],
-  ARGV[L.A + 15]
-local first_job, job_values = L.A + 16, 5
+local schedule, placement, channel, only_if, misfire, default_misfire, retries, default_retries, by =
+  ARGV[L.A + 1], ARGV[L.A + 2], ARGV[L.A + 3], ARGV[L.A + 4], ARGV[L.A + 5], ARGV[L.A + 6], ARGV[L.A + 7],
+  ARGV[L.A + 8], ARGV[L.A + 9]
+local first_job, job_values = L.A + 10, 5
 local queue = KEYS[L.K + 1]
-local failed = L.placement_error(L.A + 2)
+local failed, p = L.placement_error(placement)
 if failed then return failed end
 if only_if ~= '0' and only_if ~= '1' and only_if ~= 'S' and only_if ~= 'R' then
   return L.bad('only_if', only_if)
@@ -67,7 +67,6 @@ local function set_job(jobid, needs, expected, missed, data)
       return 'KEPT'
     end
   end
-  local p = L.placement_at(L.A + 2)
   if data == 'null' then
     redis.call('HDEL', L.DATA, jobid)
   elseif data ~= '' then
@@ -92,7 +91,7 @@ local function set_job(jobid, needs, expected, missed, data)
   end
   if redis.call('HEXISTS', L.LEASES, jobid) == 1 then
     L.drop_pending(jobid, record, p.due, expected, missed)
-    record[L.PENDING] = L.pending_text(p)
+    record[L.PENDING] = placement
     L.save_job(jobid, record)
     return 'PENDING'
   end
