@@ -306,7 +306,7 @@ class SlotClaims:
         position, queue = order[reply.queue_index]
         rotation.served(position)
         due, attempt = occurrence_of(reply.record, now)
-        lease = Lease(reply.jobid, token, queue, self.worker_id, now, self.claims.timeouts[queue], due, attempt)
+        lease = Lease.claimed(reply.jobid, token, queue, self.worker_id, now, self.claims.timeouts[queue], due, attempt)
         capacity = self.claims.local_capacity
         local = {name: amount for name, amount in reply.needs.items() if name in capacity} if capacity else {}
         return Running(lease, reply.schedule, reply.record, now, local, reply.data, self.shard), False

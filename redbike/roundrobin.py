@@ -33,6 +33,22 @@ class Lease:
     due: float | None = None
     attempt: int = 1
 
+    @classmethod
+    def claimed(cls, jobid: str, token: str, queue: str, worker: str, since: float, timeout: float,
+                due: float | None, attempt: int) -> Lease:
+        """The same as Lease(...), on every claimed job's path: a frozen
+        dataclass's __init__ sets each field through object.__setattr__, which
+        costs three times as much as filling the new instance's __dict__
+        (about 0.6 us a job). A test holds the two equal, field for field."""
+        lease = _new_object(cls)
+        fields = lease.__dict__
+        fields["jobid"], fields["token"], fields["queue"], fields["worker"] = jobid, token, queue, worker
+        fields["since"], fields["timeout"], fields["due"], fields["attempt"] = since, timeout, due, attempt
+        return lease
+
+
+_new_object = object.__new__
+
 
 class RoundRobin:
     """A worker that takes jobs from queues in a weighted rotation.

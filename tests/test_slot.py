@@ -3,6 +3,7 @@ result of work() makes of the job."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -177,3 +178,15 @@ def test_a_busy_slot_changes_its_title_once_per_job_and_shows_idle_when_it_waits
     slot = titles.slot_title(pool.worker_id(0))
     assert shown == [f"{slot} running j0:A", f"{slot} running j1:A", f"{slot} running j2:A", slot]
     assert [env.status(f"j{n}:A").partition(":")[0] for n in range(3)] == ["END", "DIE", "END"]
+
+
+def test_the_lease_a_claim_makes_is_the_lease_its_init_makes() -> None:
+    """Lease.claimed fills the frozen dataclass's fields itself (the claim's
+    fast path): it must give what Lease(...) gives, for every field."""
+    values = {"jobid": "j:A", "token": "t0", "queue": "A", "worker": "h:1:0", "since": 1.5, "timeout": 30.0,
+              "due": 1.25, "attempt": 2}
+    assert [field.name for field in dataclasses.fields(Lease)] == list(values)  # a new field: fill it in claimed()
+    made = Lease.claimed(**values)
+    assert made == Lease(**values) and vars(made) == vars(Lease(**values)) and hash(made) == hash(Lease(**values))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        made.jobid = "k:A"  # type: ignore[misc]
