@@ -269,6 +269,26 @@ def test_every_ending_releases_and_wakes_the_next(env: REnv, outcome: str) -> No
     assert env.usage() == {"host:a": 1}
 
 
+def test_the_claim_in_a_finish_takes_the_job_its_release_woke_first(env: REnv) -> None:
+    """A finish's release wakes the job in line into the ready set, and the
+    claim in the same round trip takes it before the queue's next job: the
+    claim looks for woken jobs (and paused queues) only when it needs to, and
+    must look after the release, not before."""
+    env.bike.set_capacity("r", 1)
+    pool = env.pool("A")
+    rotation = Rotation(["A"])
+    env.bike.set("run:A", "NOW", needs="r")
+    job = pool.claim(rotation, "w1")
+    env.bike.set("wait:A", "NOW", needs="r")
+    assert pool.claim(rotation, "w1") is None  # parks
+    env.bike.set("free:A", "NOW")
+    assert env.ready() == [] and env.parked() == [("r", "wait:A")]
+    env.at(NOW + 1)
+    done, claimed = pool.finish(job, Outcome("ok"), "", rotation, "w1")
+    assert done == "DONE" and claimed is not None and claimed.lease.jobid == "wait:A"
+    assert env.queue("A") == ["free:A"] and env.ready() == [] and env.usage() == {"r": 1}
+
+
 def test_unset_of_a_running_job_releases_when_it_ends(env: REnv) -> None:
     env.bike.set_capacity("host:a", 1)
     pool = env.pool()
