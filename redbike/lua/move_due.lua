@@ -12,11 +12,12 @@ if failed then return failed end
 local n = L.int_of(ARGV[L.A + 2], 0, #KEYS - L.K)
 if not n or n ~= #KEYS - L.K then return L.bad('queue count', ARGV[L.A + 2]) end
 if (#ARGV - L.A - 2 - n) % 4 ~= 0 then return L.bad('count of job values', #ARGV) end
+local placements = {} -- by the index of the job's first value: parsed once, by the checks
 for j = L.A + 3 + n, #ARGV, 4 do
   if ARGV[j] == '' then return L.bad('job id', ARGV[j]) end
   if not L.int_of(ARGV[j + 1], 1, n) then return L.bad('queue index', ARGV[j + 1]) end
   if not L.time_of(ARGV[j + 2]) then return L.bad('timeline score', ARGV[j + 2]) end
-  failed = L.placement_error(ARGV[j + 3])
+  failed, placements[j] = L.placement_error(ARGV[j + 3])
   if failed then return failed end
 end
 local moved = 0
@@ -26,7 +27,7 @@ for j = L.A + 3 + n, #ARGV, 4 do
   if score and tonumber(score) == tonumber(ARGV[j + 2]) and tonumber(score) <= L.NOW_N then
     local qi = tonumber(ARGV[j + 1])
     redis.call('ZREM', L.TIMELINE, jobid)
-    L.place(jobid, L.placement_of(ARGV[j + 3]), KEYS[L.K + qi], ARGV[L.A + 2 + qi])
+    L.place(jobid, placements[j], KEYS[L.K + qi], ARGV[L.A + 2 + qi])
     moved = moved + 1
   end
 end

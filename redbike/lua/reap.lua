@@ -12,8 +12,9 @@ if failed then return failed end
 local n = L.int_of(ARGV[L.A + 2], 0, #KEYS - L.K)
 if not n or n ~= #KEYS - L.K then return L.bad('queue count', ARGV[L.A + 2]) end
 if (#ARGV - L.A - 2 - n) % 6 ~= 0 then return L.bad('count of lease values', #ARGV) end
+local placements = {} -- by the index of the lease's first value: parsed once, by the checks
 for j = L.A + 3 + n, #ARGV, 6 do
-  failed = L.finish_error(ARGV[j], ARGV[j + 1], ARGV[j + 2], ARGV[j + 3], ARGV[j + 4])
+  failed, placements[j] = L.finish_error(ARGV[j], ARGV[j + 1], ARGV[j + 2], ARGV[j + 3], ARGV[j + 4])
   if failed then return failed end
   if not L.int_of(ARGV[j + 5], 1, n) then return L.bad('queue index', ARGV[j + 5]) end
 end
@@ -23,7 +24,7 @@ for j = L.A + 3 + n, #ARGV, 6 do
   local deadline = redis.call('ZSCORE', L.DEADLINES, jobid)
   if deadline and tonumber(deadline) <= L.NOW_N then
     local qi = tonumber(ARGV[j + 5])
-    local done = L.finish(jobid, ARGV[j + 1], L.placement_of(ARGV[j + 2]), ARGV[j + 3], KEYS[L.K + qi],
+    local done = L.finish(jobid, ARGV[j + 1], placements[j], ARGV[j + 3], KEYS[L.K + qi],
       ARGV[L.A + 2 + qi], ARGV[j + 4], true)
     if done == 'DONE' or done == 'GONE' then
       table.insert(reaped, jobid)

@@ -12,15 +12,17 @@
 local n = L.int_of(ARGV[L.A + 1], 0, #KEYS - L.K)
 if not n or n ~= #KEYS - L.K then return L.bad('queue count', ARGV[L.A + 1]) end
 if (#ARGV - L.A - 1 - n) % 5 ~= 0 then return L.bad('count of run values', #ARGV) end
+local placements = {} -- by the index of the run's first value: parsed once, by the checks
 for j = L.A + 2 + n, #ARGV, 5 do
-  local failed = L.finish_error(ARGV[j], ARGV[j + 1], ARGV[j + 2], ARGV[j + 3], '0')
+  local failed
+  failed, placements[j] = L.finish_error(ARGV[j], ARGV[j + 1], ARGV[j + 2], ARGV[j + 3], '0')
   if failed then return failed end
   if not L.int_of(ARGV[j + 4], 1, n) then return L.bad('queue index', ARGV[j + 4]) end
 end
 local ended = {}
 for j = L.A + 2 + n, #ARGV, 5 do
   local qi = tonumber(ARGV[j + 4])
-  local done = L.finish(ARGV[j], ARGV[j + 1], L.placement_of(ARGV[j + 2]), ARGV[j + 3], KEYS[L.K + qi],
+  local done = L.finish(ARGV[j], ARGV[j + 1], placements[j], ARGV[j + 3], KEYS[L.K + qi],
     ARGV[L.A + 1 + qi], '0', true)
   if done ~= 'STALE' then table.insert(ended, ARGV[j]) end
 end
