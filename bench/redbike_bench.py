@@ -12,6 +12,7 @@ import statistics
 import tempfile
 import threading
 import time
+from collections import Counter
 from typing import Any
 
 import redis
@@ -21,7 +22,7 @@ from redbike.api import who
 from redbike.keys import Keys
 from redbike.records import TRAIL_SEP, JobRecord, TrailEvent, encode_job, encode_time
 from redbike.schedules import parse_schedule
-from redbike.scripts import sources
+from redbike.scripts import function_library, sources
 
 from .noop import Noop
 from .procs import (
@@ -215,9 +216,9 @@ def _without_times(value: str | None) -> list[str]:
 
 
 def _script_usec(before, after) -> float:
-    """Microseconds Redis spent running scripts (INFO commandstats usec of EVALSHA/EVAL)."""
+    """Microseconds Redis spent running scripts (INFO commandstats usec of EVALSHA/EVAL/FCALL)."""
     total = 0.0
-    for name in ("cmdstat_evalsha", "cmdstat_eval"):
+    for name in ("cmdstat_evalsha", "cmdstat_eval", "cmdstat_fcall"):
         total += float(after.info.get(name, {}).get("usec", 0)) - float(before.info.get(name, {}).get("usec", 0))
     return total
 
@@ -444,7 +445,7 @@ def idle(server: RedisServer, seconds: float, settle: float = 1.0) -> dict[str, 
             after = snapshot(client)
             d = delta(before, after)
             result[role] = {"commands_per_s": d.total / d.seconds, "round_trips_per_s": d.round_trips / d.seconds,
-                            "script_calls_per_s": d.commands.get("evalsha", 0) / d.seconds,
+                            "script_calls_per_s": (d.commands.get("evalsha", 0) + d.commands.get("fcall", 0)) / d.seconds,
                             "by_command_per_s": d.per(d.seconds), "rss": proc_status(proc.pid).get("VmHWM", 0)}
         finally:
             ws.close()
@@ -481,9 +482,13 @@ class Monitor:
         return b"".join(self.chunks)
 
 
-def script_shas() -> dict[str, str]:
-    """SHA1 -> name of each redbike script, as redbike loads them."""
-    return {hashlib.sha1(source.encode()).hexdigest(): name for name, source in sources().items()}
+def script_calls_seen() -> dict[bytes, str]:
+    """How MONITOR shows a call of each redbike script, lower-cased ('"evalsha"
+    "<sha1>"', or '"fcall" "<function>"' for the hot path's on Redis 7+) -> its name."""
+    seen = {f'"evalsha" "{hashlib.sha1(source.encode()).hexdigest()}"'.encode(): name
+            for name, source in sources().items()}
+    seen.update({f'"fcall" "{function}"'.encode(): name for name, function in function_library().functions.items()})
+    return seen
 
 
 def heartbeats(server: RedisServer, long_job: float, short: float = 0.5) -> dict[str, Any]:
@@ -493,7 +498,7 @@ def heartbeats(server: RedisServer, long_job: float, short: float = 0.5) -> dict
     client = server.client()
     client.flushall()
     ws = Workspace(server)
-    shas = script_shas()
+    calls_seen = script_calls_seen()
     try:
         proc = ws.worker("bench.noop:Sleepy('H')", 2)
         _wait_subscribed(client, KEYS.queue_channel("H"), 1, proc)
@@ -517,7 +522,9 @@ def heartbeats(server: RedisServer, long_job: float, short: float = 0.5) -> dict
 
         def calls(stream: bytes) -> dict[str, int]:
             stream = stream.lower()  # MONITOR shows a command's name as the client spelled it
-            found = {name: stream.count(f'"evalsha" "{sha}"'.encode()) for sha, name in shas.items()}
+            found: Counter[str] = Counter()
+            for call, name in calls_seen.items():
+                found[name] += stream.count(call)
             return {name: n for name, n in found.items() if n}
 
         return {"short_jobs": 5, "short_seconds": short, "long_job_seconds": long_job,

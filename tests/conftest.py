@@ -56,6 +56,17 @@ def wait_for(condition: Callable[[], object], timeout: float = 10.0, what: str =
         time.sleep(0.02)
 
 
+# The commands that run a script: the worker's hot path goes as FCALL where
+# the server has Redis Functions (7+, Valkey), everything else as EVALSHA.
+SCRIPT_COMMANDS = ("evalsha", "fcall")
+
+
+def script_calls(client: redis.Redis) -> int:
+    """Script calls the server has run (INFO commandstats), whichever command ran them."""
+    stats = client.info("commandstats")
+    return sum(int(stats.get(f"cmdstat_{name}", {}).get("calls", 0)) for name in SCRIPT_COMMANDS)
+
+
 class RedisServer:
     def __init__(self, folder: Path) -> None:
         self.folder = folder

@@ -9,6 +9,7 @@ import csv
 import io
 import json
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +19,10 @@ from conftest import ROOT, wait_for
 from servers import Server, write_redis_config
 from test_processes import cli_ok, ends, halt, leads, records
 
+from redbike import Redbike, RoundRobin
 from redbike.keys import Keys
+from redbike.records import decode_claim
+from redbike.scripts import Scripts
 
 PASSWORD = "acl-test-secret"
 
@@ -73,6 +77,7 @@ def test_a_least_privilege_user_runs_everything(tmp_path, acl_server, client, pr
 
     # Nothing redbike did was refused (a refused command would only show as retries in the logs).
     assert admin.execute_command("ACL", "LOG") == []
+    assert "cmdstat_fcall" in admin.info("commandstats")  # the slots' claims and finishes went as functions
 
     # The restriction is real: another command, another prefix's key, another channel.
     user = redis.Redis(port=acl_server.port, username="redbike", password=PASSWORD, decode_responses=True)
@@ -85,3 +90,27 @@ def test_a_least_privilege_user_runs_everything(tmp_path, acl_server, client, pr
     with pytest.raises(redis.exceptions.NoPermissionError):
         user.eval("return redis.call('GET', KEYS[1])", 1, f"other{prefix}:x")
     assert len(admin.execute_command("ACL", "LOG")) == 4
+
+
+def test_a_user_that_may_not_load_functions_claims_by_evalsha(acl_server, prefix) -> None:
+    """Without ``+fcall +function|load`` the slots' claims go as EVALSHA (Redis
+    6.2's way): one refusal, the same replies."""
+    admin = acl_server.client()
+    line = [word for word in acl_line(prefix) if word not in ("+fcall", "+function|load")]
+    assert len(line) == len(acl_line(prefix)) - 2
+    assert admin.execute_command(*line) in ("OK", True)
+    admin.execute_command("ACL", "LOG", "RESET")
+    user = redis.Redis(port=acl_server.port, username="redbike", password=PASSWORD, decode_responses=True)
+    keys = Keys(prefix)
+    Redbike(RoundRobin(), prefix=prefix, client=user).set("one:A", "NOW")
+    scripts = Scripts(user, keys)
+    connection = user.connection_pool.get_connection()
+    try:
+        reply = scripts.run("claim", time.time(), [keys.queue("A")], ["t", "w", "", "", "A", "10", "12"],
+                            client=connection)
+    finally:
+        user.connection_pool.release(connection)
+    assert decode_claim(reply).jobid == "one:A"  # type: ignore[union-attr]
+    assert scripts.fcall is False
+    assert [entry["object"] for entry in admin.execute_command("ACL", "LOG")] == ["function|load"]
+    assert "cmdstat_fcall" not in admin.info("commandstats")

@@ -190,8 +190,8 @@ def test_daemons_on_a_cluster(tmp_path, cluster, tagged, client, daemons, testlo
              >= 3, timeout=20, what="the per-second job to run three times")
     statuses = {jobid: status for jobid, status, _ in bike.statuses()}
     assert all(statuses[jobid].startswith("END") for jobid in one_offs)
-    # The slots' scripts ran on the slot's primary.
-    assert "cmdstat_evalsha" in owner_of(cluster, tagged).client().info("commandstats")
+    # The slots' scripts (FCALLs on Redis 7) ran on the slot's primary.
+    assert {"cmdstat_evalsha", "cmdstat_fcall"} <= set(owner_of(cluster, tagged).client().info("commandstats"))
     halt(home, process_env, dispatcher, worker)
     _check_runs(client, testlog, one_offs)
 
@@ -213,9 +213,9 @@ def test_daemons_follow_their_slot_to_another_primary(tmp_path, cluster, tagged,
         bike.set(jobid, "NOW")
     wait_for(lambda: {*one_offs, *later} <= ended_jobs(client, testlog), timeout=60, what="every one-off to run")
     _three_more_secondly_runs(client, testlog)
-    # The daemons work on the slot's new primary: their scripts run there, and
+    # The daemons work on the slot's new primary: their scripts (the slots' FCALLs) run there, and
     # the old one has none of the job space's keys.
-    assert "cmdstat_evalsha" in target.client().info("commandstats")
+    assert {"cmdstat_evalsha", "cmdstat_fcall"} <= set(target.client().info("commandstats"))
     assert not list(source.client().scan_iter(match=f"{tagged}*"))
     statuses = {jobid: status for jobid, status, _ in bike.statuses()}
     assert all(statuses[jobid].startswith("END") for jobid in [*one_offs, *later]), statuses
@@ -271,7 +271,7 @@ def test_daemons_follow_their_slot_when_its_primary_is_killed(tmp_path, cluster,
     # replicated may run again (README: what a failover can lose): each at least once.
     wait_for(lambda: {*one_offs, *later} <= ended_jobs(client, testlog), timeout=60, what="every one-off to run")
     _three_more_secondly_runs(client, testlog)
-    assert "cmdstat_evalsha" in new.client().info("commandstats")
+    assert {"cmdstat_evalsha", "cmdstat_fcall"} <= set(new.client().info("commandstats"))
     done = runs(records(client, testlog)).values()
     counts = Counter(run["job"] for run in done if run["job"] in later)
     assert set(counts.values()) == {1}, counts  # set after the failover: once each

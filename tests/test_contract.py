@@ -66,7 +66,14 @@ from redbike.records import (
     trail_of,
 )
 from redbike.resources import LOCAL_PREFIX, MAX_AMOUNT, MAX_CAPACITY
-from redbike.scripts import HOT_PATH, SCRIPT_NAMES, Scripts, sources
+from redbike.scripts import (
+    FUNCTION_SCRIPTS,
+    HOT_PATH,
+    SCRIPT_NAMES,
+    Scripts,
+    function_library,
+    sources,
+)
 from redbike.states import FORGET, Outcome, Placement
 
 LUA = resources.files("redbike") / "lua"
@@ -255,28 +262,100 @@ def test_python_passes_what_each_header_says(client: redis.Redis, prefix: str, t
         check_call(name, keys, args)
 
 
+def supports_functions(client: redis.Redis) -> bool:
+    """Whether the server has Redis Functions (Redis 7+; Valkey says 7.2)."""
+    return int(str(client.info("server")["redis_version"]).split(".")[0]) >= 7
+
+
 def test_a_slot_connection_sends_the_command_a_client_would(client: redis.Redis, prefix: str) -> None:
-    """A slot's EVALSHA (Scripts._run_on) is packed in two parts, its head
-    once per script and key count: the bytes must be those of the whole
-    command packed at once, for each key count, and Redis must run it."""
+    """A slot's EVALSHA or FCALL (Scripts._run_on) is packed in two parts,
+    its head once per script and key count: the bytes must be those of the
+    whole command packed at once, for each key count, and Redis must run
+    it: the hot path's scripts as FCALLs where the server has functions."""
     keys = Keys(prefix)
-    scripts = Scripts(client, keys)
     common = [keys.dispatcher_channel, keys.queue_channel(""), "6"]
     one, two = [keys.queue("A")], [keys.queue("A"), keys.queue("B")]
-    for name, own, args in [("claim", one, ["t", "w", "", "", "A", 10.0, 12.0]),
-                            ("claim", two, ["t", "w", "", "", "A", 10.0, 12.0, "B", 600.0, 17.0]),
-                            ("tally", [], ["A|done|1|1"]), ("claim", one, ["u", "w", "", "", "A", 10.0, 12.0])]:
-        for now in (NOW, NOW + 0.1236):
-            whole = ("EVALSHA", client.script_load(sources()[name]), len(records.JOB_STATE) + len(own), *keys.job_state(),
-                     *own, encode_time(now), *common, *args)
-            assert scripts._packed(name, now, own, args) == hiredis.pack_command(whole)
+    for fcall in (False, True):
+        scripts = Scripts(client, keys)
+        scripts.fcall = fcall
+        for name, own, args in [("claim", one, ["t", "w", "", "", "A", 10.0, 12.0]),
+                                ("claim", two, ["t", "w", "", "", "A", 10.0, 12.0, "B", 600.0, 17.0]),
+                                ("tally", [], ["A|done|1|1"]), ("claim", one, ["u", "w", "", "", "A", 10.0, 12.0])]:
+            called = ("FCALL", function_library().functions[name]) if fcall and name in FUNCTION_SCRIPTS \
+                else ("EVALSHA", client.script_load(sources()[name]))
+            for now in (NOW, NOW + 0.1236):
+                whole = (*called, len(records.JOB_STATE) + len(own), *keys.job_state(), *own, encode_time(now), *common,
+                         *args)
+                assert scripts._packed(name, now, own, args) == hiredis.pack_command(whole)
+    scripts = Scripts(client, keys)
+    before = client.info("commandstats").get("cmdstat_fcall", {}).get("calls", 0)
     connection = client.connection_pool.get_connection()
     try:
         assert scripts.run("tally", NOW, [], ["A|done|1|1\nA|ms|7"], client=connection) == 2
         assert scripts.run("claim", NOW, one, ["t", "w", "", "", "A", 10.0, 12.0], client=connection) == [records.NONE]
+        assert scripts.fcall is supports_functions(client)
+        if scripts.fcall:  # a server restarted without its functions, or FUNCTION FLUSH: loaded again
+            client.function_flush()
+        assert scripts.run("claim", NOW, one, ["t", "w", "", "", "A", 10.0, 12.0], client=connection) == [records.NONE]
     finally:
         client.connection_pool.release(connection)
+    fcalls = client.info("commandstats").get("cmdstat_fcall", {}).get("calls", 0) - before
+    assert fcalls == (3 if scripts.fcall else 0)  # the one the flush failed, sent again
     assert stats.totals(client, keys)["A"].done == 1
+
+
+def test_each_function_call_starts_with_a_scripts_fresh_state(client: redis.Redis, prefix: str) -> None:
+    """A function library's L outlives the call (a script's is made anew at
+    each): what a claim caches while it runs (the current second, no queue
+    paused, no job woken) must not reach the next call. Here one claim on a
+    slot's connection finds no queue paused; queue A is paused; the next
+    claim, a minute later, must leave A's job alone; the claim after it
+    stamps the job's status with its own time."""
+    env = Env(client, prefix)
+    scripts = Scripts(client, env.keys)
+    for jobid in ("one:A", "two:A"):
+        env.bike.set(jobid, "NOW")
+    queues = [env.keys.queue("A")]
+    connection = client.connection_pool.get_connection()
+    try:
+        claimed = decode_claim(scripts.run("claim", NOW, queues, ["t1", "w", "", "", "A", "10", "12"], client=connection))
+        assert isinstance(claimed, Claimed) and claimed.jobid == "one:A"
+        env.bike.pause("A")
+        assert decode_claim(scripts.run("claim", NOW + 60, queues, ["t2", "w", "", "", "A", "10", "12"],
+                                        client=connection)) == records.NONE
+        env.bike.resume("A")
+        claimed = decode_claim(scripts.run("claim", NOW + 60, queues, ["t3", "w", "", "", "A", "10", "12"],
+                                           client=connection))
+        assert isinstance(claimed, Claimed) and claimed.jobid == "two:A"
+        assert client.hget(env.keys.statuses, "two:A") == f"WRK:{NOW + 60:.0f}"
+    finally:
+        client.connection_pool.release(connection)
+    assert scripts.fcall is supports_functions(client)
+
+
+def test_the_function_library_runs_each_scripts_body_after_lib_checks() -> None:
+    """The library (Redis 7+) defines, once, the functions its two scripts
+    call, directly or not, and each registered function starts with lib.lua's
+    per-call checks and resets the fields its functions set while they run."""
+    library = function_library()
+    assert library.source.startswith(f"#!lua name={library.name}\nlocal KEYS, ARGV\n")
+    defined = set(re.findall(r"^function L\.(\w+)\(", library.source, re.MULTILINE))
+    for name in FUNCTION_SCRIPTS:
+        eval_source = sources()[name]
+        assert set(re.findall(r"^function L\.(\w+)\(", eval_source, re.MULTILINE)) <= defined
+        body = library.source.split(f"redis.register_function('{library.functions[name]}', function(keys, args)\n")[1]
+        assert body.startswith("KEYS, ARGV = keys, args\n")
+        reset = re.match(r"(L\.\w+(?:, L\.\w+)*) = false(?:, false)*\n", body.split("\n", 1)[1])
+        assert reset is not None
+        # Every field of L that is not a function, or set by lib.lua's per-call part, starts each call false.
+        constructor = re.search(r"^local L = \{([^}]*)\}", library.source, re.MULTILINE)
+        assert constructor is not None
+        fields = set(re.findall(r"(\w+) = false", constructor.group(1)))
+        per_call = {"NOW", "NOW_N", "DISPATCH_CHANNEL", "QUEUE_CHANNEL_PREFIX", "TRAIL_LENGTH"}
+        assert set(re.findall(r"L\.(\w+)", reset.group(1))) == fields - defined - per_call
+        assert {"now_second", "ready_or_paused", "paused_names"} <= fields - defined - per_call
+        assert body.index("return L.bad('now', L.NOW)") < body.index(f"-- {name}.lua:")
+    assert "setmetatable" not in library.source  # not in a function library's environment: nothing is lazy
 
 
 # -- records written by one side, read by the other, on the real server ---------

@@ -10,7 +10,7 @@ import threading
 import time
 
 import redis
-from conftest import ROOT, server_binary, wait_for
+from conftest import ROOT, script_calls, server_binary, wait_for
 from servers import Server
 
 from redbike import Redbike, RoundRobin
@@ -37,11 +37,6 @@ class Sleeper(RoundRobin):
             pass
 
 
-def evalsha_calls(client: redis.Redis) -> int:
-    stats = client.info("commandstats")
-    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
-
-
 def start(pool: WorkerPool) -> threading.Thread:
     thread = threading.Thread(target=pool.run)
     thread.start()
@@ -56,7 +51,7 @@ def test_one_round_trip_per_job(client: redis.Redis, prefix: str) -> None:
         bike.set(f"job{number}:A", "NOW")
     for source in sources().values():  # loaded already, as in a long-running Redis: no NOSCRIPT retry is counted
         client.script_load(source)
-    before = evalsha_calls(client)
+    before = script_calls(client)
     pool = WorkerPool(client, bike.keys, worker)
     thread = start(pool)
     try:
@@ -65,7 +60,7 @@ def test_one_round_trip_per_job(client: redis.Redis, prefix: str) -> None:
     finally:
         bike.control()
         thread.join(10)
-    scripts = evalsha_calls(client) - before
+    scripts = script_calls(client) - before
     assert pool.jobs_done == jobs
     assert all(event == "END" for _, event, _ in bike.statuses())
     # One fused finish-and-claim per job, plus the first claim and the last

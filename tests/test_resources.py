@@ -22,7 +22,7 @@ from typing import Any
 import fakeredis
 import pytest
 import redis
-from conftest import Daemons, redbike_command, wait_for, worker_of
+from conftest import Daemons, redbike_command, script_calls, wait_for, worker_of
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
@@ -913,7 +913,7 @@ def test_freed_local_resources_wake_the_pools_idle_children(procs: Procs, client
         return [r for r in found if r["event"] == event and r["job"] == job]
 
     def claims() -> int:
-        return int(client.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0))
+        return script_calls(client)
 
     bike.set("s1000-first:A", "NOW", needs="worker:cpu=2")
     wait_for(lambda: recs("start", "s1000-first:A"), what="the first job to start")

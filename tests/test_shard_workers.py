@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import redis
 from cluster import Cluster
-from conftest import wait_for
+from conftest import SCRIPT_COMMANDS, script_calls, wait_for
 
 from redbike import Redbike, RoundRobin, StopWork
 from redbike import slot as slot_module
@@ -215,7 +215,7 @@ def test_every_shards_jobs_run_once_and_continue_jobs_take_turns(shop: Installat
 def idle(client: redis.Redis) -> bool:
     """Whether no connection sent a script call for a second or more (the
     slots' claims, and this test's sets, are script calls)."""
-    calls = [entry for entry in client.client_list() if entry.get("cmd") == "evalsha"]
+    calls = [entry for entry in client.client_list() if entry.get("cmd") in SCRIPT_COMMANDS]
     return bool(calls) and all(int(entry["idle"]) >= 1 for entry in calls)
 
 
@@ -404,7 +404,7 @@ def test_a_pool_on_four_shards_costs_one_round_trip_per_job(shop: Installation) 
         shop.set(jobid)
     for source in sources().values():  # loaded already: no NOSCRIPT retry is counted
         shop.client.script_load(source)
-    before = int(shop.client.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0))
+    before = script_calls(shop.client)
     pool = WorkerPool(shop.client, shop.shards.keys[0], shop.worker, shards=shop.shards)
     thread = threading.Thread(target=pool.run)
     started = time.monotonic()
@@ -415,7 +415,7 @@ def test_a_pool_on_four_shards_costs_one_round_trip_per_job(shop: Installation) 
     finally:
         pool.halt()
         thread.join(20)
-    scripts = int(shop.client.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)) - before
+    scripts = script_calls(shop.client) - before
     assert all(shop.status(jobid).startswith("END:") for jobid in jobs)
     assert scripts <= len(jobs) + 3 + SHARDS * (SHARDS + 1) + (SHARDS + 2) * math.ceil(seconds), (scripts, seconds)
 
