@@ -246,8 +246,8 @@ class Scripts:
         self._scripts = {name: client.register_script(src) for name, src in sources().items()}
         self._keys = keys.job_state()
         self._common = [keys.dispatcher_channel, keys.queue_channel(""), str(retention.trail_length)]
-        # _run_on's EVALSHA (or FCALL) up to its own keys, packed once per script and key count (see _packed).
-        self._heads: dict[tuple[str, int], bytes] = {}
+        # _run_on's EVALSHA or FCALL up to its own keys, packed once per script, key count and command (_packed).
+        self._heads: dict[tuple[str, int, bool], bytes] = {}
         # Whether the FUNCTION_SCRIPTS go as FCALLs of function_library(): None until _run_on first runs one.
         self.fcall: bool | None = None
 
@@ -291,13 +291,13 @@ class Scripts:
         arguments), is the same in every call with as many keys: packed
         once, the rest per call."""
         all_keys = len(self._keys) + len(keys)
-        head = self._heads.get((name, all_keys))
+        fcall = bool(self.fcall) and name in FUNCTION_SCRIPTS
+        head = self._heads.get((name, all_keys, fcall))
         if head is None or pack_command is None:
-            called = ("FCALL", function_library().functions[name]) if self.fcall and name in FUNCTION_SCRIPTS \
-                else ("EVALSHA", self._scripts[name].sha)
+            called = ("FCALL", function_library().functions[name]) if fcall else ("EVALSHA", self._scripts[name].sha)
             if pack_command is None:
                 return (*called, all_keys, *self._keys, *keys, encode_time(now), *self._common, *args)
-            head = self._heads[name, all_keys] = _arguments(pack_command((*called, all_keys, *self._keys)))
+            head = self._heads[name, all_keys, fcall] = _arguments(pack_command((*called, all_keys, *self._keys)))
         tail = pack_command((*keys, encode_time(now), *self._common, *args))
         # A packed command is "*<arguments>\r\n" and then each argument.
         count = 3 + all_keys + 1 + len(self._common) + len(args)

@@ -141,3 +141,29 @@ def test_trail_memory_smoke() -> None:
     result = trail_memory.measure(2000, 6)
     assert result["jobs"] == 2000 and result["events_per_job"] == 8  # 6, and half as many again less one
     assert 0 < result["bytes_per_job"] <= 130 * 8 + 80
+
+
+def test_fcall_cost_smoke(monkeypatch) -> None:
+    """bench/fcall_cost.py at a tiny size, on Debian's Redis 7 (functions: both
+    commands measured, every call as the command asked) and on the embedded
+    Redis 6.2 (none: it says so)."""
+    import pytest
+
+    from bench import fcall_cost
+    from bench.server import RedisServer
+
+    monkeypatch.setenv("REDBIKE_BENCH_REDIS_SERVER", "/usr/bin/redis-server")
+    server = RedisServer().start()
+    try:
+        found = fcall_cost.measure(server, 2, 50)
+    finally:
+        server.stop()
+    assert set(found) == {"evalsha", "fcall"}
+    assert all(len(values) == 2 and all(map(finite_positive, values)) for values in found.values())
+    monkeypatch.delenv("REDBIKE_BENCH_REDIS_SERVER")
+    server = RedisServer().start()
+    try:
+        with pytest.raises(SystemExit, match="has no Redis Functions"):
+            fcall_cost.measure(server, 1, 10)
+    finally:
+        server.stop()

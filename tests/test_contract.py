@@ -275,8 +275,8 @@ def test_a_slot_connection_sends_the_command_a_client_would(client: redis.Redis,
     keys = Keys(prefix)
     common = [keys.dispatcher_channel, keys.queue_channel(""), "6"]
     one, two = [keys.queue("A")], [keys.queue("A"), keys.queue("B")]
-    for fcall in (False, True):
-        scripts = Scripts(client, keys)
+    scripts = Scripts(client, keys)
+    for fcall in (False, True, False):  # one Scripts: each command's heads cached apart
         scripts.fcall = fcall
         for name, own, args in [("claim", one, ["t", "w", "", "", "A", 10.0, 12.0]),
                                 ("claim", two, ["t", "w", "", "", "A", 10.0, 12.0, "B", 600.0, 17.0]),
