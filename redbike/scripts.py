@@ -41,8 +41,12 @@ SCRIPT_NAMES = ("set", "unset", "claim", "finish", "move_due", "reap", "renew", 
 def sources() -> dict[str, str]:
     """Each script's source, as it is loaded: the library (lib.lua and
     waiting.lua: the functions it uses, see library_for), a newline, its own file."""
-    folder = resources.files("redbike") / "lua"
-    return {name: source_of((folder / f"{name}.lua").read_text(encoding="utf-8")) for name in SCRIPT_NAMES}
+    return {name: source_of(lua_file(name)) for name in SCRIPT_NAMES}
+
+
+def lua_file(name: str) -> str:
+    """The text of redbike/lua/NAME.lua."""
+    return (resources.files("redbike") / "lua" / f"{name}.lua").read_text(encoding="utf-8")
 
 
 def source_of(script: str) -> str:
@@ -57,9 +61,7 @@ def source_of(script: str) -> str:
 @functools.cache
 def library_parts() -> tuple[dict[str, str], str, str]:
     """lib.lua's constants, and lib.lua (without them) and waiting.lua with them inlined."""
-    folder = resources.files("redbike") / "lua"
-    lib = (folder / "lib.lua").read_text(encoding="utf-8")
-    waiting = (folder / "waiting.lua").read_text(encoding="utf-8")
+    lib, waiting = lua_file("lib"), lua_file("waiting")
     constants = {match.group(1): match.group(2) for match in _CONSTANT.finditer(lib)}
     return constants, inlined(constants, _CONSTANT.sub("", lib)), inlined(constants, waiting)
 
@@ -212,9 +214,7 @@ class Library:
 def function_library() -> Library:
     """The hot path's scripts as one library (see above), and their functions' names."""
     constants, lib, waiting = library_parts()
-    folder = resources.files("redbike") / "lua"
-    bodies = {name: inlined(constants, (folder / f"{name}.lua").read_text(encoding="utf-8"))
-              for name in FUNCTION_SCRIPTS}
+    bodies = {name: inlined(constants, lua_file(name)) for name in FUNCTION_SCRIPTS}
     definitions = {match.group(1): match.group(0) for match in LIB_FUNCTION.finditer(lib + waiting)}
     per_call = LIB_FUNCTION.sub("", lib).replace("local L = {}\n", "", 1)  # the checks of the common arguments
     wanted = used_functions(definitions, "\n".join([per_call, *bodies.values()]))
@@ -268,18 +268,19 @@ class Scripts:
         try:
             if self.fcall is None and name in FUNCTION_SCRIPTS:
                 self.fcall = load_functions(connection)
-            command = self._packed(name, now, keys, args)
             try:
-                return self._send(connection, command)
-            except redis.exceptions.NoScriptError:  # a restarted or flushed server
-                connection.send_command("SCRIPT", "LOAD", script.script)
-                connection.read_response()
-                return self._send(connection, command)
+                return self._send(connection, self._packed(name, now, keys, args))
             except redis.ResponseError as error:
-                if not str(error).startswith(_NO_FUNCTION):  # a script's own error
-                    raise
-                load_functions(connection)  # the same: a restarted server, FUNCTION FLUSH
-                return self._send(connection, command)
+                # A restarted or flushed server lacks the script or the library: load it, send again.
+                missing_function = str(error).startswith(_NO_FUNCTION)
+                if not (missing_function or isinstance(error, redis.exceptions.NoScriptError)):
+                    raise  # a script's own error
+                if missing_function:
+                    self.fcall = load_functions(connection)  # False (EVALSHA) if it may not be loaded now
+                if not self.fcall or name not in FUNCTION_SCRIPTS:
+                    connection.send_command("SCRIPT", "LOAD", script.script)
+                    connection.read_response()
+                return self._send(connection, self._packed(name, now, keys, args))
         except (redis.ConnectionError, redis.TimeoutError):
             connection.disconnect()  # a reply may be half read: start afresh
             raise

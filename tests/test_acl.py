@@ -114,3 +114,28 @@ def test_a_user_that_may_not_load_functions_claims_by_evalsha(acl_server, prefix
     assert scripts.fcall is False
     assert [entry["object"] for entry in admin.execute_command("ACL", "LOG")] == ["function|load"]
     assert "cmdstat_fcall" not in admin.info("commandstats")
+
+
+def test_a_flushed_library_that_may_no_longer_be_loaded_falls_back_to_evalsha(acl_server, prefix) -> None:
+    """The slots ran as functions; the library is flushed and the user may no
+    longer load it: the next claim goes as EVALSHA instead of failing for ever."""
+    admin = acl_server.client()
+    assert admin.execute_command(*acl_line(prefix)) in ("OK", True)
+    user = redis.Redis(port=acl_server.port, username="redbike", password=PASSWORD, decode_responses=True)
+    keys = Keys(prefix)
+    for jobid in ("one:A", "two:A"):
+        Redbike(RoundRobin(), prefix=prefix, client=user).set(jobid, "NOW")
+    scripts = Scripts(user, keys)
+    connection = user.connection_pool.get_connection()
+    try:
+        def claim(token: str) -> str:
+            reply = scripts.run("claim", time.time(), [keys.queue("A")], [token, "w", "", "", "A", "10", "12"],
+                                client=connection)
+            return decode_claim(reply).jobid  # type: ignore[union-attr]
+
+        assert claim("t1") == "one:A" and scripts.fcall is True
+        admin.function_flush()
+        admin.execute_command("ACL", "SETUSER", "redbike", "-function|load")
+        assert claim("t2") == "two:A" and scripts.fcall is False
+    finally:
+        user.connection_pool.release(connection)
