@@ -127,8 +127,8 @@ def used_functions(functions: dict[str, str], text: str) -> set[str]:
 HOT_PATH = frozenset({
     "add", "add_tally", "blocker", "claim", "claim_error", "consider", "finish", "finish_error", "finished",
     "fits_locally", "int", "int_of", "is_local_room", "is_name", "is_paused", "is_tally", "job_of", "lease_parts",
-    "lease_token_matches", "next_candidate", "none_ready_or_paused", "note", "parse_local_room", "parse_needs",
-    "place", "placement_error", "placement_of", "release", "save_job", "stamp", "time_of", "too_big_here",
+    "lease_token_matches", "next_candidate", "note", "parse_local_room", "parse_needs", "place", "placement_error",
+    "placement_of", "release", "save_job", "stamp", "time_of", "too_big_here",
 })
 
 

@@ -333,6 +333,40 @@ def test_each_function_call_starts_with_a_scripts_fresh_state(client: redis.Redi
     assert scripts.fcall is supports_functions(client)
 
 
+
+def test_a_claim_reads_the_control_value_only_when_a_key_it_looks_at_exists(client: redis.Redis, prefix: str) -> None:
+    """A claim starts with one EXISTS of the control key, READY and PAUSED:
+    when none exists (most claims) it reads nothing more of them; when one
+    does, it reads the control value, and what the count leaves over still
+    tells whether a queue may be paused."""
+    env = Env(client, prefix)
+    scripts = Scripts(client, env.keys)
+    for jobid in ("one:A", "two:A", "three:A", "four:A"):
+        env.bike.set(jobid, "NOW")
+    queues = [env.keys.queue("A")]
+
+    def claim(token: str, control_seen: str = "") -> tuple[object, dict[str, int]]:
+        before = client.info("commandstats")
+        reply = decode_claim(scripts.run("claim", NOW, queues, [token, "w", control_seen, "", "A", "10", "12"]))
+        after = client.info("commandstats")
+        ran = {name: after.get(f"cmdstat_{name}", {}).get("calls", 0) - before.get(f"cmdstat_{name}", {}).get("calls", 0)
+               for name in ("exists", "get", "smembers")}
+        return reply, ran
+
+    reply, ran = claim("t1")
+    assert isinstance(reply, Claimed) and reply.jobid == "one:A"
+    assert ran == {"exists": 1, "get": 0, "smembers": 0}
+    env.bike.pause("B")  # another queue: A's jobs are still claimed, after a look at the paused set
+    reply, ran = claim("t2")
+    assert isinstance(reply, Claimed) and reply.jobid == "two:A"
+    assert ran == {"exists": 1, "get": 1, "smembers": 1}
+    env.bike.resume("B")
+    control = env.bike.control("HALT")
+    assert claim("t3") == (Halt(control), {"exists": 1, "get": 1, "smembers": 0})
+    reply, ran = claim("t4", control_seen=control)  # a HALT this pool has seen, nothing else: no paused set read
+    assert isinstance(reply, Claimed) and reply.jobid == "three:A"
+    assert ran == {"exists": 1, "get": 1, "smembers": 0}
+
 def test_the_function_library_runs_each_scripts_body_after_lib_checks() -> None:
     """The library (Redis 7+) defines, once, the functions its two scripts
     call, directly or not, and each registered function starts with lib.lua's

@@ -582,7 +582,7 @@ end
 -- Returns jobid, its park sequence (if it was parked), its ready member, and
 -- the resource and amount that were set aside for it.
 function L.next_candidate(queue, queue_name)
-  local ready = not L.none_ready_or_paused() and redis.call('ZRANGEBYLEX', L.READY, '[' .. queue_name .. '|',
+  local ready = L.ready_or_paused ~= 'none' and redis.call('ZRANGEBYLEX', L.READY, '[' .. queue_name .. '|',
     '(' .. queue_name .. '|' .. L.LAST, 'LIMIT', 0, 1)[1]
   if ready then
     redis.call('ZREM', L.READY, ready)
@@ -727,25 +727,13 @@ function L.put_back(queue, jobid, ready, held, amount)
   end
 end
 
--- Whether neither a woken job waits in READY nor a queue is paused: one
--- EXISTS of both keys per script call, the first time a claim asks. Most
--- claims find neither, and so skip a ZRANGEBYLEX per queue they try and the
--- read of the paused set. A job woken or put back into READY during this
--- call (wake, put_back) makes it 'some'. (L's fields start false: presized.)
-function L.none_ready_or_paused()
-  if not L.ready_or_paused then
-    L.ready_or_paused = redis.call('EXISTS', L.READY, L.PAUSED) == 0 and 'none' or 'some'
-  end
-  return L.ready_or_paused == 'none'
-end
-
 -- Whether queue `name` is paused (KEYS[18]). The set is read once per script
 -- call, and only when a claim has a job in hand and some queue is paused (or
 -- a job woken): an idle worker's claims, which find none, read nothing more.
 function L.is_paused(name)
   if not L.paused_names then
     L.paused_names = {}
-    if not L.none_ready_or_paused() then
+    if L.ready_or_paused ~= 'none' then
       for _, paused in ipairs(redis.call('SMEMBERS', L.PAUSED)) do L.paused_names[paused] = true end
     end
   end
@@ -764,10 +752,19 @@ end
 -- {'NONE'}, {'MORE'} (parked many: call again), or {'HALT', control} once the
 -- control key holds a value the worker has not seen.
 function L.claim(token, worker, control_seen, local_room, first, count, spec)
-  local control = redis.call('GET', L.CONTROL)
+  -- One command for most claims: none of the control key, READY and PAUSED
+  -- exists. Only when one does is the control value read; what the count
+  -- leaves over says whether a woken job waits in READY or a queue is paused
+  -- (ready_or_paused: 'none' or 'some'; a job woken or put back into READY
+  -- later in this call, by wake or put_back, makes it 'some'). Most claims
+  -- find neither, and so skip a ZRANGEBYLEX per queue they try and the read
+  -- of the paused set.
+  local present = redis.call('EXISTS', L.CONTROL, L.READY, L.PAUSED)
+  local control = present > 0 and redis.call('GET', L.CONTROL)
   if control and control ~= control_seen then
     return {'HALT', control}
   end
+  L.ready_or_paused = present > (control and 1 or 0) and 'some' or 'none'
   local room = L.parse_local_room(local_room)
   local parks = 0
   for i = 0, count - 1 do
