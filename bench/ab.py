@@ -35,7 +35,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 from .procs import (
     ROOT,
@@ -89,6 +89,7 @@ class Subject:
     server: RedisServer = field(default_factory=RedisServer)
     rates: list[float] = field(default_factory=list)
     redis_us: list[float] = field(default_factory=list)
+    script_us: list[float] = field(default_factory=list)  # Redis's own time in the script calls (commandstats usec)
     worker_us: list[float] = field(default_factory=list)
     commands: list[float] = field(default_factory=list)  # Redis commands per job, the scripts' own
     round_trips: list[float] = field(default_factory=list)  # requests Redis read per job
@@ -136,11 +137,13 @@ class Subject:
                 os.kill(pid, signal.SIGCONT)
         finished = wait_until(lambda: count(self.tally) >= target, timeout, every=0.002, while_alive=self.worker,
                               what=f"{self.tree} (concurrency {self.concurrency}) to drain its jobs")
-        done = delta(before, snapshot(client))
+        after = snapshot(client)
+        done = delta(before, after)
         self.rates.append(jobs / (finished - started))
         self.commands.append(done.total / jobs)
         self.round_trips.append(done.round_trips / jobs)
         self.redis_us.append(done.cpu / jobs * 1e6)
+        self.script_us.append(script_usec(before.info, after.info) / jobs)
         self.worker_us.append((sum(cpu_seconds(pid) for pid in pids) - worker_before) / jobs * 1e6)
 
     def stop(self) -> None:
@@ -150,6 +153,19 @@ class Subject:
         self.worker.stop()
         self.worker.cleanup()
         self.server.stop()
+
+
+SCRIPT_COMMANDS = ("evalsha", "eval", "fcall")
+
+
+def script_usec(before: dict[str, Any], after: dict[str, Any]) -> float:
+    """Microseconds Redis spent in script calls between two INFO ALLs
+    (commandstats): the scripts' own time, without the network's and the
+    event loop's, which the CPU figures carry and which drift more."""
+    def usec(info: dict[str, Any], command: str) -> float:
+        return float(info.get(f"cmdstat_{command}", {}).get("usec", 0))
+
+    return sum(usec(after, command) - usec(before, command) for command in SCRIPT_COMMANDS)
 
 
 def summary(subjects: list[Subject]) -> list[dict[str, object]]:
@@ -163,6 +179,8 @@ def summary(subjects: list[Subject]) -> list[dict[str, object]]:
             "rate_vs_first": statistics.median(a / b for a, b in zip(subject.rates, base.rates)) - 1,
             "redis_cpu_us": statistics.median(subject.redis_us),
             "redis_cpu_vs_first": statistics.median(a / b for a, b in zip(subject.redis_us, base.redis_us)) - 1,
+            "script_us": statistics.median(subject.script_us),
+            "script_vs_first": statistics.median(a / b for a, b in zip(subject.script_us, base.script_us)) - 1,
             "worker_cpu_us": statistics.median(subject.worker_us),
             "commands_per_job": statistics.median(subject.commands),
             "round_trips_per_job": statistics.median(subject.round_trips),
@@ -187,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
             subject.start()
         for subject in subjects:
             subject.drain(200)  # warm: the scripts loaded, every slot forked
-            for figures in (subject.rates, subject.redis_us, subject.worker_us, subject.commands,
+            for figures in (subject.rates, subject.redis_us, subject.script_us, subject.worker_us, subject.commands,
                             subject.round_trips):
                 figures.clear()
         for round_ in range(args.rounds):
@@ -203,13 +221,13 @@ def main(argv: list[str] | None = None) -> int:
     rows = summary(subjects)
     print()
     print("| tree | concurrency | jobs/s (median, range) | vs first | Redis CPU us/job | vs first "
-          "| worker CPU us/job | commands/job | round trips/job |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| script us/job | vs first | worker CPU us/job | commands/job | round trips/job |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         low, high = cast(list[float], row["jobs_per_s_range"])
         print(f"| {row['tree']} | {row['concurrency']} | {row['jobs_per_s']:,.0f} ({low:,.0f}-{high:,.0f}) "
               f"| {row['rate_vs_first']:+.1%} | {row['redis_cpu_us']:.0f} | {row['redis_cpu_vs_first']:+.1%} "
-              f"| {row['worker_cpu_us']:.0f} | {row['commands_per_job']:.2f} | {row['round_trips_per_job']:.3f} |")
+              f"| {row['script_us']:.1f} | {row['script_vs_first']:+.1%} | {row['worker_cpu_us']:.0f} | {row['commands_per_job']:.2f} | {row['round_trips_per_job']:.3f} |")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     return 0
