@@ -35,7 +35,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
 from .procs import (
     ROOT,
@@ -47,7 +47,7 @@ from .procs import (
     wait_until,
     write_config,
 )
-from .server import RedisServer, delta, snapshot
+from .server import RedisServer, delta, script_usec, snapshot
 from .tally import count
 
 PREFIX = "bench"
@@ -143,7 +143,7 @@ class Subject:
         self.commands.append(done.total / jobs)
         self.round_trips.append(done.round_trips / jobs)
         self.redis_us.append(done.cpu / jobs * 1e6)
-        self.script_us.append(script_usec(before.info, after.info) / jobs)
+        self.script_us.append(script_usec(before, after) / jobs)
         self.worker_us.append((sum(cpu_seconds(pid) for pid in pids) - worker_before) / jobs * 1e6)
 
     def stop(self) -> None:
@@ -153,19 +153,6 @@ class Subject:
         self.worker.stop()
         self.worker.cleanup()
         self.server.stop()
-
-
-SCRIPT_COMMANDS = ("evalsha", "eval", "fcall")
-
-
-def script_usec(before: dict[str, Any], after: dict[str, Any]) -> float:
-    """Microseconds Redis spent in script calls between two INFO ALLs
-    (commandstats): the scripts' own time, without the network's and the
-    event loop's, which the CPU figures carry and which drift more."""
-    def usec(info: dict[str, Any], command: str) -> float:
-        return float(info.get(f"cmdstat_{command}", {}).get("usec", 0))
-
-    return sum(usec(after, command) - usec(before, command) for command in SCRIPT_COMMANDS)
 
 
 def summary(subjects: list[Subject]) -> list[dict[str, object]]:
@@ -227,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         low, high = cast(list[float], row["jobs_per_s_range"])
         print(f"| {row['tree']} | {row['concurrency']} | {row['jobs_per_s']:,.0f} ({low:,.0f}-{high:,.0f}) "
               f"| {row['rate_vs_first']:+.1%} | {row['redis_cpu_us']:.0f} | {row['redis_cpu_vs_first']:+.1%} "
-              f"| {row['script_us']:.1f} | {row['script_vs_first']:+.1%} | {row['worker_cpu_us']:.0f} | {row['commands_per_job']:.2f} | {row['round_trips_per_job']:.3f} |")
+              f"| {row['script_us']:.1f} | {row['script_vs_first']:+.1%} | {row['worker_cpu_us']:.0f} "
+              f"| {row['commands_per_job']:.2f} | {row['round_trips_per_job']:.3f} |")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     return 0

@@ -35,7 +35,7 @@ from .procs import (
     wait_until,
     write_config,
 )
-from .server import RedisServer, delta, snapshot
+from .server import RedisServer, delta, script_usec, snapshot
 from .tally import count
 
 PREFIX = "bench"
@@ -215,14 +215,6 @@ def _without_times(value: str | None) -> list[str]:
     return [head, *(event.split("|", 1)[1] for event in events)]
 
 
-def _script_usec(before, after) -> float:
-    """Microseconds Redis spent running scripts (INFO commandstats usec of EVALSHA/EVAL/FCALL)."""
-    total = 0.0
-    for name in ("cmdstat_evalsha", "cmdstat_eval", "cmdstat_fcall"):
-        total += float(after.info.get(name, {}).get("usec", 0)) - float(before.info.get(name, {}).get("usec", 0))
-    return total
-
-
 # -- 2. worker drain -------------------------------------------------------------
 
 def drain(server: RedisServer, n: int, concurrency: int = 1, window: float = 600.0) -> dict[str, Any]:
@@ -261,7 +253,7 @@ def drain(server: RedisServer, n: int, concurrency: int = 1, window: float = 600
             "us_per_job": {"wall": seconds / jobs * 1e6, "redis_cpu": d.cpu / jobs * 1e6,
                            "supervisor_cpu": (cpu1[0] - cpu0[0]) / jobs * 1e6,
                            "children_cpu": (cpu1[1] - cpu0[1]) / jobs * 1e6,
-                           "redis_script_exec": _script_usec(before, after) / jobs},
+                           "redis_script_exec": script_usec(before, after) / jobs},
             "by_command": d.per(jobs),
             "bytes_per_queued_job": (queued - empty) / n,
             "rss_supervisor": rss.main, "rss_child": rss.child,

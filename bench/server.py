@@ -128,6 +128,16 @@ class Delta:
         return {name: calls / n for name, calls in sorted(self.commands.items(), key=lambda kv: -kv[1])}
 
 
+def script_usec(before: Snapshot, after: Snapshot) -> float:
+    """Microseconds Redis spent running scripts between two snapshots (INFO
+    commandstats usec of EVALSHA/EVAL/FCALL): the scripts' own time, without
+    the network's and the event loop's, which the CPU figures carry."""
+    def usec(snap: Snapshot, command: str) -> float:
+        return float(snap.info.get(f"cmdstat_{command}", {}).get("usec", 0))
+
+    return sum(usec(after, command) - usec(before, command) for command in ("evalsha", "eval", "fcall"))
+
+
 # Read events caused by the second snapshot's INFO itself (measured by calibrate()).
 _SNAPSHOT_READS = 1
 
