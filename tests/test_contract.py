@@ -333,7 +333,6 @@ def test_each_function_call_starts_with_a_scripts_fresh_state(client: redis.Redi
     assert scripts.fcall is supports_functions(client)
 
 
-
 def test_a_claim_reads_the_control_value_only_when_a_key_it_looks_at_exists(client: redis.Redis, prefix: str) -> None:
     """A claim starts with one EXISTS of the control key, READY and PAUSED:
     when none exists (most claims) it reads nothing more of them; when one
@@ -366,6 +365,7 @@ def test_a_claim_reads_the_control_value_only_when_a_key_it_looks_at_exists(clie
     reply, ran = claim("t4", control_seen=control)  # a HALT this pool has seen, nothing else: no paused set read
     assert isinstance(reply, Claimed) and reply.jobid == "three:A"
     assert ran == {"exists": 1, "get": 1, "smembers": 0}
+
 
 def test_the_function_library_runs_each_scripts_body_after_lib_checks() -> None:
     """The library (Redis 7+) defines, once, the functions its two scripts
