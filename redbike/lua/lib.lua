@@ -224,6 +224,19 @@ function L.fence(token)
   return nil
 end
 
+-- What is wrong with the head of a leading dispatcher's batch (move_due,
+-- reap), or nil and its queue count n: the dispatcher's fence token, n (as
+-- many as the script's own KEYS), then n queue channels and `width` values
+-- per item (`items` names them in the error).
+function L.batch_error(width, items)
+  local failed = L.fence(ARGV[L.A + 1])
+  if failed then return failed end
+  local n = L.int_of(ARGV[L.A + 2], 0, #KEYS - L.K)
+  if not n or n ~= #KEYS - L.K then return L.bad('queue count', ARGV[L.A + 2]) end
+  if (#ARGV - L.A - 2 - n) % width ~= 0 then return L.bad('count of ' .. items, #ARGV) end
+  return nil, n
+end
+
 -- The records of records.py, decoded (their encoders are inline below).
 
 function L.lease_token_matches(lease, token)

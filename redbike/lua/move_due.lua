@@ -7,11 +7,8 @@
 --       timeline score the dispatcher read, the placement.
 -- A job no longer at that score (unset, set again) is skipped: no occurrence
 -- fires twice, nor one that is no longer scheduled. Returns the count placed.
-local failed = L.fence(ARGV[L.A + 1])
+local failed, n = L.batch_error(4, 'job values')
 if failed then return failed end
-local n = L.int_of(ARGV[L.A + 2], 0, #KEYS - L.K)
-if not n or n ~= #KEYS - L.K then return L.bad('queue count', ARGV[L.A + 2]) end
-if (#ARGV - L.A - 2 - n) % 4 ~= 0 then return L.bad('count of job values', #ARGV) end
 local placements = {} -- by the index of the job's first value: parsed once, by the checks
 for j = L.A + 3 + n, #ARGV, 4 do
   if ARGV[j] == '' then return L.bad('job id', ARGV[j]) end

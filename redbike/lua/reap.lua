@@ -7,11 +7,8 @@
 --       (see finish.lua), 1-based queue index.
 -- A lease renewed or ended meanwhile is left alone; a deadline left without
 -- its lease is dropped. Returns the job ids reaped.
-local failed = L.fence(ARGV[L.A + 1])
+local failed, n = L.batch_error(6, 'lease values')
 if failed then return failed end
-local n = L.int_of(ARGV[L.A + 2], 0, #KEYS - L.K)
-if not n or n ~= #KEYS - L.K then return L.bad('queue count', ARGV[L.A + 2]) end
-if (#ARGV - L.A - 2 - n) % 6 ~= 0 then return L.bad('count of lease values', #ARGV) end
 local placements = {} -- by the index of the lease's first value: parsed once, by the checks
 for j = L.A + 3 + n, #ARGV, 6 do
   failed, placements[j] = L.finish_error(ARGV[j], ARGV[j + 1], ARGV[j + 2], ARGV[j + 3], ARGV[j + 4])
