@@ -70,6 +70,7 @@ from redbike.scripts import (
     FUNCTION_SCRIPTS,
     HOT_PATH,
     SCRIPT_NAMES,
+    TRAIL_LENGTH,
     Scripts,
     function_library,
     sources,
@@ -583,6 +584,41 @@ def test_a_finish_that_claims_replies_with_one_flat_array(client: redis.Redis, p
     assert not any(isinstance(value, list) for value in reply), reply
     done, claimed = decode_finish(reply)
     assert done == "DONE" and isinstance(claimed, Claimed) and claimed.jobid == "two:B"
+
+
+@pytest.mark.parametrize(("events", "needs", "outcome"), [
+    (0, "", Outcome("ok")),
+    (3, "db=1,cpu=2 db2=1", Outcome("ok")),
+    (4, "", Outcome("error", error="ValueError: a | b")),
+    (TRAIL_LENGTH + TRAIL_LENGTH // 2 - 1, "", Outcome("ok")),  # its run's event reaches the cut
+])
+def test_a_run_that_ends_its_job_adds_one_event_and_changes_nothing_else(
+        client: redis.Redis, prefix: str, events: int, needs: str, outcome: Outcome) -> None:
+    """A finish whose placement changes nothing in the job record but its
+    trail (a one-off done or dead) writes the record back without taking it
+    apart (append_event in lib.lua): the ledger, the needs and the older
+    events stay as they were, the events count and the trail gain the run,
+    and a trail that reaches half as many again as its length is cut back."""
+    env = Env(client, prefix)
+    env.bike.set("a:A", "NOW")
+    pool = env.pool()
+    job = env.claim(pool)
+    assert job is not None
+    older = [TrailEvent(NOW - 60 + i, "woken", {"resource": f"r{i}"}) for i in range(events)]
+    record = JobRecord(NOW, 1, "skip:30", 0, 7, 2, 1, 3, NOW, needs=needs)
+    client.hset(env.keys.jobs, "a:A", encode_job(record, older))
+    env.at(NOW + 2)
+    assert pool.finish(job, outcome, "", None, "w1")[0] == "DONE"
+    value = client.hget(env.keys.jobs, "a:A")
+    trail = [decode_trail_event(event) for event in trail_of(value)]
+    kept = (older + trail[-1:])[-TRAIL_LENGTH:] if events + 1 >= TRAIL_LENGTH * 3 // 2 else older + trail[-1:]
+    assert trail == kept and decode_job(value) == record
+    assert (decode_job(value).events, decode_job(value).needs, decode_job(value).pending) == (len(kept), needs, "")
+    status = "END" if outcome.kind == "ok" else "DIE"
+    assert trail[-1] == TrailEvent(NOW + 2, "run", {
+        "due": encode_time(NOW), "attempt": "1", "token": job.lease.token, "worker": "w1",
+        "since": encode_time(NOW), "status": status, "next_at": "", "error": outcome.error or ""})
+    assert (env.status("a:A") or "").startswith(status + ":")
 
 
 def test_each_script_loads_every_library_function_it_calls_and_no_other() -> None:
