@@ -125,10 +125,9 @@ def used_functions(functions: dict[str, str], text: str) -> set[str]:
 # script's library on first use. tests/test_contract.py checks this list
 # against the calls of a real finish.
 HOT_PATH = frozenset({
-    "add_tally", "append_event", "blocker", "claim", "claim_error", "consider", "event", "finish", "finish_error",
-    "finished", "fits_locally", "int", "int_of", "is_local_room", "is_name", "is_paused", "is_tally",
-    "lease_parts", "lease_token_matches", "next_candidate", "parse_local_room", "parse_needs", "place",
-    "placement_error", "placement_of", "release", "stamp", "time_of", "too_big_here",
+    "append_event", "claim", "claim_error", "consider", "event", "finish", "finish_error", "finished", "int",
+    "int_of", "is_name", "lease_parts", "lease_token_matches", "next_candidate", "place", "placement_error",
+    "placement_of", "stamp", "time_of",
 })
 
 

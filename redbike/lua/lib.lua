@@ -582,7 +582,7 @@ function L.finish(jobid, token, p, err, queue, channel, fires, expired)
   redis.call('HDEL', L.LEASES, jobid)
   redis.call('ZREM', L.DEADLINES, jobid)
   local _, queue_name, worker, since, _, due, attempt, needs = L.lease_parts(lease)
-  L.release(needs)
+  if needs ~= '' then L.release(needs) end
   if expired then L.count_expired(queue_name, since) end -- a slot counts its own runs (records.encode_tally)
   local line = ''
   if err ~= '' then
@@ -739,30 +739,34 @@ function L.consider(token, worker, room, i, queue, base, jobid, seq, ready, held
       return 'parked'
     end
   end
-  local needs = L.parse_needs(needs_text)
-  local lacking, need, capacity
-  if not paths then
-    lacking, need, capacity = L.too_big_here(needs, room)
-    if not lacking then lacking, need, capacity = L.blocker(needs, seq) end
-  end
-  if lacking then
-    if capacity then
-      L.set_aside(jobid, lacking, need, capacity, queue_name, seq)
-      L.trail(jobid, 'aside', lacking, need, capacity)
-    else
-      L.park(jobid, lacking, queue_name, seq)
-      L.trail_parked(jobid, lacking, room)
+  -- A job that needs nothing (most) skips all of this: no table of needs,
+  -- no look at a capacity.
+  if needs_text ~= '' then
+    local needs = L.parse_needs(needs_text)
+    local lacking, need, capacity
+    if not paths then
+      lacking, need, capacity = L.too_big_here(needs, room)
+      if not lacking then lacking, need, capacity = L.blocker(needs, seq) end
     end
-    -- The place it was woken for goes to the next in line.
-    if held then L.wake_if_room(held) end
-    return 'parked'
-  end
-  if not L.fits_locally(needs, room) then
-    L.put_back(queue, jobid, ready, held, amount)
-    return 'full'
-  end
-  for _, one in ipairs(needs) do
-    if not L.is_local(one[1]) then redis.call('HINCRBY', L.USAGE, one[1], L.int(one[2])) end
+    if lacking then
+      if capacity then
+        L.set_aside(jobid, lacking, need, capacity, queue_name, seq)
+        L.trail(jobid, 'aside', lacking, need, capacity)
+      else
+        L.park(jobid, lacking, queue_name, seq)
+        L.trail_parked(jobid, lacking, room)
+      end
+      -- The place it was woken for goes to the next in line.
+      if held then L.wake_if_room(held) end
+      return 'parked'
+    end
+    if not L.fits_locally(needs, room) then
+      L.put_back(queue, jobid, ready, held, amount)
+      return 'full'
+    end
+    for _, one in ipairs(needs) do
+      if not L.is_local(one[1]) then redis.call('HINCRBY', L.USAGE, one[1], L.int(one[2])) end
+    end
   end
   if due == '' then due = L.NOW end -- a job a foreign client pushed is for now
   redis.call('HSET', L.LEASES, jobid, table.concat(
@@ -823,14 +827,15 @@ function L.claim(token, worker, control_seen, local_room, first, count, spec)
     return {'HALT', control}
   end
   L.ready_or_paused = present > (control and 1 or 0) and 'some' or 'none'
-  local room = L.parse_local_room(local_room)
+  local some = L.ready_or_paused == 'some' -- else no queue is paused: is_paused is not asked
+  local room = local_room ~= '' and L.parse_local_room(local_room) or nil -- most pools: no local resource
   local parks = 0
   for i = 0, count - 1 do
     local queue, base = KEYS[first + i], spec + 3 * i
     while true do
       local jobid, seq, ready, held, amount = L.next_candidate(queue, ARGV[base])
       if not jobid then break end
-      if L.is_paused(ARGV[base]) then -- passed over: the job stays first in line
+      if some and L.is_paused(ARGV[base]) then -- passed over: the job stays first in line
         L.put_back(queue, jobid, ready, held, amount)
         break
       end
@@ -850,7 +855,7 @@ end
 function L.claim_error(token, worker, local_room, first, count, spec)
   if not L.is_name(token) then return L.bad('token', token) end
   if not L.is_name(worker) then return L.bad('worker id', worker) end
-  if not L.is_local_room(local_room) then return L.bad('worker-local room', local_room) end
+  if local_room ~= '' and not L.is_local_room(local_room) then return L.bad('worker-local room', local_room) end
   if #KEYS ~= first + count - 1 or #ARGV ~= spec + 3 * count - 1 then
     return L.bad('count of queues', count)
   end
