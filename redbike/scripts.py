@@ -125,9 +125,8 @@ def used_functions(functions: dict[str, str], text: str) -> set[str]:
 # script's library on first use. tests/test_contract.py checks this list
 # against the calls of a real finish.
 HOT_PATH = frozenset({
-    "append_event", "claim", "claim_error", "consider", "event", "finish", "finish_error", "finished", "int",
-    "int_of", "is_name", "lease_parts", "lease_token_matches", "next_candidate", "place", "placement_error",
-    "placement_of", "stamp", "time_of",
+    "append_event", "claim", "claim_error", "consider", "finish", "finish_error", "finished", "int", "int_of",
+    "is_name", "lease_parts", "next_candidate", "place", "placement_error", "run_event", "stamp", "time_of",
 })
 
 

@@ -140,6 +140,7 @@ def test_lib_constants_match_python() -> None:
     assert lua_constant("LOCAL_PREFIX") == LOCAL_PREFIX
     assert int(lua_constant("AMOUNT_DIGITS")) == parking.AMOUNT_DIGITS == len(str(MAX_AMOUNT))
     assert lua_constant("NEW_JOB") == encode_job(JobRecord())
+    assert lua_constant("ENDED") == states.ENDED.script_arg
 
 
 def test_the_duration_buckets_and_outcomes_match_python() -> None:

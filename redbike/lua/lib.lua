@@ -100,6 +100,7 @@ L.MAX_TIME = 1e18 -- bound of a time or a number of seconds: '%d' still writes i
 L.ALTERNATIVES_SEP = ' ' -- between the needs of a job's alternative paths (records.ALTERNATIVES_SEP)
 L.MAX_PATHS = 16 -- alternative paths one job may have (records.MAX_PATHS)
 L.LINES_SEP = '\n' -- between the parked members of a job in several lines (parking.LINES_SEP)
+L.ENDED = 'S,,END,,,0,0' -- the placement of a one-off that ran well, most runs' (states.ENDED)
 
 -- Numbers written into records and increments: '%d', never Lua's '%.14g'
 -- (2e+14 cannot be read back as an integer).
@@ -188,6 +189,9 @@ end
 
 -- What is wrong with placement `text` (nil if nothing), and the placement.
 function L.placement_error(text)
+  if text == L.ENDED then -- most runs': one comparison, no pattern and no checks
+    return nil, {kind = 'S', at = '', status = 'END', due = '', attempt = '', coalesced = '0', skipped = '0'}
+  end
   if not text then return L.bad('placement', text) end
   local p = L.placement_of(text)
   local kind, at, status, due, attempt = p.kind, p.at, p.status, p.due, p.attempt
@@ -316,7 +320,11 @@ end
 -- oldest events go, down to TRAIL_LENGTH. It needs no expiry: a job that
 -- ends for good is listed in FINISHED, and retire.lua removes its record.
 function L.note(record, ...)
-  local event = L.event(...)
+  L.note_event(record, L.event(...))
+end
+
+-- note() with the event made (event(), run_event()).
+function L.note_event(record, event)
   local trail, count = record.trail .. '\n' .. event, tonumber(record[L.EVENTS]) + 1
   if count >= L.TRAIL_LENGTH + (L.TRAIL_LENGTH + L.TRAIL_LENGTH % 2) / 2 then -- half as many again, rounded up
     local at = 0
@@ -334,15 +342,24 @@ function L.event(...)
   return event
 end
 
--- Add an event to the trail of the job whose record's text is `text` and
--- save it, as note() and save_job() would, but without taking the record
+-- A run's event (records.TRAIL_FIELDS['run']), as event() makes it, in one
+-- concatenation: no table.
+function L.run_event(due, attempt, token, worker, since, status, at, line)
+  local event = L.NOW .. '|run|' .. due .. '|' .. attempt .. '|' .. token .. '|' .. worker .. '|' .. since .. '|'
+    .. status .. '|' .. at .. '|' .. line
+  if string.find(event, '\n', 1, true) then event = (string.gsub(event, '\n', ' ')) end
+  return event
+end
+
+-- Add `event` to the trail of the job whose record's text is `text` and
+-- save it, as note_event() and save_job() would, but without taking the record
 -- apart: the one field read is the events count, the third from the end of
 -- its first line. A plain run's finish, whose record changes in nothing
 -- else, costs so about half as many strings and no record table. Returns false,
 -- having changed nothing, where the record holds a pending placement (its
 -- first line's last field is not empty) or the trail is due to be cut:
 -- note() handles both.
-function L.append_event(jobid, text, ...)
+function L.append_event(jobid, text, event)
   local cut = string.find(text, '\n', 1, true)
   local head = cut and string.sub(text, 1, cut - 1) or text
   local before, count, after = string.match(head, '^(.*|)(%d+)(|[^|]*|)$')
@@ -350,7 +367,7 @@ function L.append_event(jobid, text, ...)
   count = tonumber(count) + 1
   if count >= L.TRAIL_LENGTH + (L.TRAIL_LENGTH + L.TRAIL_LENGTH % 2) / 2 then return false end
   redis.call('HSET', L.JOBS, jobid,
-    before .. L.int(count) .. after .. (cut and string.sub(text, cut) or '') .. '\n' .. L.event(...))
+    before .. L.int(count) .. after .. (cut and string.sub(text, cut) or '') .. '\n' .. event)
   return true
 end
 
@@ -576,12 +593,14 @@ end
 -- and sends them as its tally.
 function L.finish(jobid, token, p, err, queue, channel, fires, expired)
   local lease = redis.call('HGET', L.LEASES, jobid)
-  if not L.lease_token_matches(lease, token) then
+  -- Taken apart first: its token is then its first field, compared whole.
+  local lease_token, queue_name, worker, since, _, due, attempt, needs
+  if lease then lease_token, queue_name, worker, since, _, due, attempt, needs = L.lease_parts(lease) end
+  if lease_token ~= token then
     return 'STALE'
   end
   redis.call('HDEL', L.LEASES, jobid)
   redis.call('ZREM', L.DEADLINES, jobid)
-  local _, queue_name, worker, since, _, due, attempt, needs = L.lease_parts(lease)
   if needs ~= '' then L.release(needs) end
   if expired then L.count_expired(queue_name, since) end -- a slot counts its own runs (records.encode_tally)
   local line = ''
@@ -597,7 +616,7 @@ function L.finish(jobid, token, p, err, queue, channel, fires, expired)
   -- the record apart.
   if text and not gone and (p.kind == 'S' or p.kind == 'X') and p.due == '' and p.attempt == ''
       and p.coalesced == '0' and p.skipped == '0'
-      and L.append_event(jobid, text, 'run', due, attempt, token, worker, since, p.status, p.at, line) then
+      and L.append_event(jobid, text, L.run_event(due, attempt, token, worker, since, p.status, p.at, line)) then
     if err ~= '' then redis.call('HSET', L.ERRORS, jobid, err) end
     L.place(jobid, p, queue, channel)
     return 'DONE'
@@ -618,7 +637,7 @@ function L.finish(jobid, token, p, err, queue, channel, fires, expired)
     end
   end
   if gone then
-    L.note(record, 'run', due, attempt, token, worker, since, 'GONE', '', line)
+    L.note_event(record, L.run_event(due, attempt, token, worker, since, 'GONE', '', line))
     L.save_job(jobid, record)
     return 'GONE'
   end
@@ -628,7 +647,7 @@ function L.finish(jobid, token, p, err, queue, channel, fires, expired)
   if pending then
     p = L.placement_of(pending)
   end
-  L.note(record, 'run', due, attempt, token, worker, since, p.status, p.at, line)
+  L.note_event(record, L.run_event(due, attempt, token, worker, since, p.status, p.at, line))
   L.place(jobid, p, queue, channel, record)
   return 'DONE'
 end
@@ -769,8 +788,8 @@ function L.consider(token, worker, room, i, queue, base, jobid, seq, ready, held
     end
   end
   if due == '' then due = L.NOW end -- a job a foreign client pushed is for now
-  redis.call('HSET', L.LEASES, jobid, table.concat(
-    {token, queue_name, worker, L.NOW, ARGV[base + 1], due, attempt, needs_text}, '|'))
+  redis.call('HSET', L.LEASES, jobid, token .. '|' .. queue_name .. '|' .. worker .. '|' .. L.NOW .. '|'
+    .. ARGV[base + 1] .. '|' .. due .. '|' .. attempt .. '|' .. needs_text)
   redis.call('ZADD', L.DEADLINES, L.NOW_N + tonumber(ARGV[base + 2]), jobid)
   redis.call('HSET', L.STATUSES, jobid, L.stamp('WRK'))
   return {'JOB', jobid, i, schedule, record, needs_text, redis.call('HGET', L.DATA, jobid) or ''}
