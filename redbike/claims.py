@@ -47,6 +47,7 @@ LEASE_LOST = "lease lost before it ended; its outcome is dropped"  # why a finis
 LEASE_SECONDS = 15.0  # a running job's lease outlives its last heartbeat by this much
 GRACE_SECONDS = 2.0  # past a timeout: time for the supervisor to kill the job and report
 MAX_TIMEOUT = 366 * 86400.0  # a job may run up to a year
+MIN_TIMEOUT = 0.001  # a millisecond: a claim passes a timeout as its repr(), which has no exponent from here on
 
 # A slot's connection: one of its own (a child's hot path), or None for the
 # client the scripts were registered on (the supervisor, tests).
@@ -213,8 +214,8 @@ def _timeout(worker: RoundRobin, queue: str, default: float) -> float:
         seconds = float(given or default)
     except (TypeError, ValueError):
         seconds = math.nan
-    if not (math.isfinite(seconds) and 0 < seconds <= MAX_TIMEOUT):
-        raise ValueError(f"bad timeout {given!r} for queue {queue}: seconds from 0 to {MAX_TIMEOUT:g}")
+    if not (math.isfinite(seconds) and MIN_TIMEOUT <= seconds <= MAX_TIMEOUT):
+        raise ValueError(f"bad timeout {given!r} for queue {queue}: seconds from {MIN_TIMEOUT:g} to {MAX_TIMEOUT:.0f}")
     return seconds
 
 

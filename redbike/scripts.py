@@ -126,7 +126,7 @@ def used_functions(functions: dict[str, str], text: str) -> set[str]:
 # against the calls of a real finish.
 HOT_PATH = frozenset({
     "append_event", "claim", "claim_error", "consider", "finish", "finish_error", "finished", "int", "int_of",
-    "is_name", "lease_parts", "next_candidate", "place", "placement_error", "run_event", "stamp", "time_of",
+    "is_name", "is_seconds", "lease_parts", "next_candidate", "place", "placement_error", "run_event", "stamp", "time_of",
 })
 
 

@@ -15,14 +15,17 @@ from typing import Any
 import hiredis
 import pytest
 import redis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pooltools import ClaimingPool
 from test_jobs import HOURLY, NEXT_HOUR, NOW, Env
 from test_nodes import node_config
 
+from redbike import RoundRobin, parking, records, states, stats
 from redbike import keys as keys_module
-from redbike import parking, records, states, stats
 from redbike import scripts as scripts_module
 from redbike.api import who
-from redbike.claims import Rotation
+from redbike.claims import MAX_TIMEOUT, MIN_TIMEOUT, Rotation
 from redbike.feed import Feeder, Source
 from redbike.keys import Keys
 from redbike.parking import (
@@ -620,6 +623,37 @@ def test_a_run_that_ends_its_job_adds_one_event_and_changes_nothing_else(
         "due": encode_time(NOW), "attempt": "1", "token": job.lease.token, "worker": "w1",
         "since": encode_time(NOW), "status": status, "next_at": "", "error": outcome.error or ""})
     assert (env.status("a:A") or "").startswith(status + ":")
+
+
+class TimedWorker(RoundRobin):
+    """Every queue's jobs may run ``seconds``."""
+
+    seconds = 1.0
+
+    def timeout(self, queue_name: str) -> float | None:
+        return self.seconds
+
+
+@settings(max_examples=150, suppress_health_check=[HealthCheck.function_scoped_fixture], deadline=None)
+@given(seconds=st.one_of(st.floats(min_value=MIN_TIMEOUT, max_value=MAX_TIMEOUT),
+                         st.sampled_from([MIN_TIMEOUT, 0.0015, 1e-3 + 1e-12, 86400.5, MAX_TIMEOUT])))
+def test_every_timeout_a_pool_takes_is_one_its_claims_pass(client: redis.Redis, prefix: str, seconds: float) -> None:
+    """A claim checks its queues' timeouts by one pattern (is_seconds in
+    lib.lua: digits, no exponent, no tonumber): every timeout a pool
+    accepts reaches it in that form, and the claim goes through."""
+    worker = TimedWorker("A")
+    worker.seconds = seconds
+    pool = ClaimingPool(client, Keys(prefix), worker)
+    assert pool.claim(Rotation(pool.queue_names), "w1") is None  # not a BADARG: nothing to claim
+
+
+@pytest.mark.parametrize("seconds", [MIN_TIMEOUT / 2, 1e-5, -1.0, MAX_TIMEOUT * 2, float("nan")])
+def test_a_timeout_out_of_bounds_is_refused_where_the_pool_is_made(client: redis.Redis, prefix: str,
+                                                                   seconds: float) -> None:
+    worker = TimedWorker("A")
+    worker.seconds = seconds
+    with pytest.raises(ValueError, match=re.escape(f"for queue A: seconds from {MIN_TIMEOUT:g} to {MAX_TIMEOUT:.0f}")):
+        ClaimingPool(client, Keys(prefix), worker)
 
 
 def test_each_script_loads_every_library_function_it_calls_and_no_other() -> None:
