@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 import redis
 
 from . import cluster, sentinel
+from .claims import MAX_TIMEOUT, MIN_TIMEOUT
 from .occurrences import Retry
 from .records import DEFAULT_MAX_DATA_BYTES, check_misfire
 from .scripts import Retention
@@ -254,8 +255,8 @@ def _parse_main(section: configparser.SectionProxy, path: str, config: Config) -
                 timeout = float(value)
             except ValueError:
                 timeout = math.nan
-            if not (math.isfinite(timeout) and timeout > 0):
-                raise ConfigError(f"{where} must be a positive number, got {value!r}")
+            if not (math.isfinite(timeout) and MIN_TIMEOUT <= timeout <= MAX_TIMEOUT):
+                raise ConfigError(f"{where} must be seconds from {MIN_TIMEOUT:g} to {MAX_TIMEOUT:.0f}, got {value!r}")
             config.default_timeout = timeout
         elif not _parse_policy(key, value, where, config):
             # Rejected rather than ignored: a misspelt key would otherwise
