@@ -625,6 +625,23 @@ def test_a_run_that_ends_its_job_adds_one_event_and_changes_nothing_else(
     assert (env.status("a:A") or "").startswith(status + ":")
 
 
+def test_a_run_that_ends_a_job_with_a_record_not_of_twelve_fields_leaves_a_new_record(
+        client: redis.Redis, prefix: str) -> None:
+    """A record another writer mangled (here one field short, its count and
+    needs still where the finish reads them) is made a new one with the
+    run's event, as note() does, not kept with the event appended."""
+    env = Env(client, prefix)
+    env.bike.set("a:A", "NOW")
+    pool = env.pool()
+    job = env.claim(pool)
+    assert job is not None
+    client.hset(env.keys.jobs, "a:A", "1|once|0|0|0|0|0||3||")
+    assert pool.finish(job, Outcome("ok"), "", None, "w1")[0] == "DONE"
+    value = client.hget(env.keys.jobs, "a:A")
+    assert decode_job(value) == JobRecord() and decode_job(value).events == 1
+    assert [decode_trail_event(event).event for event in trail_of(value)] == ["run"]
+
+
 class TimedWorker(RoundRobin):
     """Every queue's jobs may run ``seconds``."""
 

@@ -362,16 +362,18 @@ end
 
 -- Add `event` to the trail of the job whose record's text is `text` and
 -- save it, as note_event() and save_job() would, but without taking the record
--- apart: the one field read is the events count, the third from the end of
--- its first line. A plain run's finish, whose record changes in nothing
--- else, costs so about half as many strings and no record table. Returns false,
--- having changed nothing, where the record holds a pending placement (its
--- first line's last field is not empty) or the trail is due to be cut:
--- note() handles both.
+-- apart: the one field read is the events count, the tenth of the twelve
+-- of its first line. A plain run's finish, whose record changes in nothing
+-- else, costs so about half as many strings and no record table. Returns
+-- false, having changed nothing, where the record holds a pending placement
+-- (its first line's last field is not empty), is not one (not twelve
+-- fields: record_of() makes it a new one) or its trail is due to be cut:
+-- note_event() handles those.
 function L.append_event(jobid, text, event)
   local cut = string.find(text, '\n', 1, true)
   local head = cut and string.sub(text, 1, cut - 1) or text
-  local before, count, after = string.match(head, '^(.*|)(%d+)(|[^|]*|)$')
+  local before, count, after = string.match(head,
+    '^([^|]*|[^|]*|[^|]*|[^|]*|[^|]*|[^|]*|[^|]*|[^|]*|[^|]*|)(%d+)(|[^|]*|)$')
   if not count then return false end
   count = tonumber(count) + 1
   if count >= L.TRAIL_LENGTH + (L.TRAIL_LENGTH + L.TRAIL_LENGTH % 2) / 2 then return false end
