@@ -7,6 +7,7 @@ real server.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from importlib import resources
 from pathlib import Path
@@ -144,6 +145,10 @@ def test_lib_constants_match_python() -> None:
     assert int(lua_constant("AMOUNT_DIGITS")) == parking.AMOUNT_DIGITS == len(str(MAX_AMOUNT))
     assert lua_constant("NEW_JOB") == encode_job(JobRecord())
     assert lua_constant("ENDED") == states.ENDED.script_arg
+    # the three patterns of the job record read its twelve fields (records.JobRecord)
+    fields = len(dataclasses.fields(JobRecord))
+    for name in ("RECORD", "RECORD_CLAIMED", "RECORD_COUNT"):
+        assert re.sub(r"\[[^]]*\]", "", lua_constant(name)).count("|") == fields - 1, name  # separators, not classes
 
 
 def test_the_duration_buckets_and_outcomes_match_python() -> None:

@@ -291,6 +291,12 @@ L.EVENTS = 10
 L.NEEDS = 11
 L.PENDING = 12
 L.RECORD = '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|(%d+)|([^|]*)|([^|]*)$'
+-- The same twelve fields, read two other ways: the claim's (the record's first
+-- line, then its due time, attempt and needs: consider) and a plain run's
+-- finish's (all before the events count, the count, the needs with the
+-- empty pending field: append_event).
+L.RECORD_CLAIMED = '^(([^|]*)|([^|]*)|[^|]*|[^|]*|[^|]*|[^|]*|[^|]*|[^|]*|[^|]*|[^|]*|([^|\n]*)|[^|\n]*)'
+L.RECORD_COUNT = '^([^|]*|[^|]*|[^|]*|[^|]*|[^|]*|[^|]*|[^|]*|[^|]*|[^|]*|)(%d+)(|[^|]*|)$'
 L.NEW_JOB = '|1|once|0|0|0|0|0||0||' -- the record of a job that has none (records.JobRecord())
 
 -- The record of `jobid` (a new one, with the default policy, if it has none)
@@ -372,8 +378,7 @@ end
 function L.append_event(jobid, text, event)
   local cut = string.find(text, '\n', 1, true)
   local head = cut and string.sub(text, 1, cut - 1) or text
-  local before, count, after = string.match(head,
-    '^([^|]*|[^|]*|[^|]*|[^|]*|[^|]*|[^|]*|[^|]*|[^|]*|[^|]*|)(%d+)(|[^|]*|)$')
+  local before, count, after = string.match(head, L.RECORD_COUNT)
   if not count then return false end
   count = tonumber(count) + 1
   if count >= L.TRAIL_LENGTH + (L.TRAIL_LENGTH + L.TRAIL_LENGTH % 2) / 2 then return false end
@@ -755,7 +760,7 @@ function L.consider(token, worker, room, i, queue, base, jobid, seq, ready, held
   -- The run's occurrence, attempt and needs, read straight off the record
   -- (the worker decodes the rest only if it needs it; the trail stays here).
   local record, due, attempt, needs_text = string.match(redis.call('HGET', L.JOBS, jobid) or L.NEW_JOB,
-    '^(([^|]*)|([^|]*)|[^|]*|[^|]*|[^|]*|[^|]*|[^|]*|[^|]*|[^|]*|[^|]*|([^|\n]*)|[^|\n]*)')
+    L.RECORD_CLAIMED)
   if not record then record, due, attempt, needs_text = L.NEW_JOB, '', '1', '' end
   -- A job with alternative paths (replicas: their needs joined by
   -- ALTERNATIVES_SEP) takes the first with room, or waits in line for each
