@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 from .roundrobin import Lease
 from .states import EXP, RTY, Outcome, Placement
@@ -68,37 +69,51 @@ class Subscriber:
 
 
 class Events(Subscriber):
-    """Calls every subscriber's hook, in the order they subscribed."""
+    """Calls every subscriber's hook, in the order they subscribed. A hook a
+    subscriber leaves as Subscriber's (one that does nothing) is not called:
+    claimed and finished are on every job's path."""
 
     def __init__(self, *subscribers: Subscriber) -> None:
-        self.subscribers = list(subscribers)
+        self.subscribers: list[Subscriber] = []
+        self._claimed: list[Callable[[Lease], None]] = []
+        self._finished: list[Callable[[Lease, Outcome, float], None]] = []
+        self._failed: list[Callable[[Lease, Outcome, float, str], None]] = []
+        self._expired: list[Callable[[Lease, str], None]] = []
+        self._retried: list[Callable[[Lease, int, float], None]] = []
+        self._idle: list[Callable[[], None]] = []
+        for subscriber in subscribers:
+            self.subscribe(subscriber)
 
     def subscribe(self, subscriber: Subscriber) -> None:
         self.subscribers.append(subscriber)
+        for hook in ("claimed", "finished", "failed", "expired", "retried", "idle"):
+            method = getattr(subscriber, hook)
+            if getattr(method, "__func__", None) is not getattr(Subscriber, hook):
+                getattr(self, f"_{hook}").append(method)
 
     def claimed(self, lease: Lease) -> None:
-        for subscriber in self.subscribers:
-            subscriber.claimed(lease)
+        for hook in self._claimed:
+            hook(lease)
 
     def finished(self, lease: Lease, outcome: Outcome, seconds: float) -> None:
-        for subscriber in self.subscribers:
-            subscriber.finished(lease, outcome, seconds)
+        for hook in self._finished:
+            hook(lease, outcome, seconds)
 
     def failed(self, lease: Lease, outcome: Outcome, seconds: float, trace: str) -> None:
-        for subscriber in self.subscribers:
-            subscriber.failed(lease, outcome, seconds, trace)
+        for hook in self._failed:
+            hook(lease, outcome, seconds, trace)
 
     def expired(self, lease: Lease, reason: str) -> None:
-        for subscriber in self.subscribers:
-            subscriber.expired(lease, reason)
+        for hook in self._expired:
+            hook(lease, reason)
 
     def retried(self, lease: Lease, attempt: int, at: float) -> None:
-        for subscriber in self.subscribers:
-            subscriber.retried(lease, attempt, at)
+        for hook in self._retried:
+            hook(lease, attempt, at)
 
     def idle(self) -> None:
-        for subscriber in self.subscribers:
-            subscriber.idle()
+        for hook in self._idle:
+            hook()
 
 
 class LogEvents(Subscriber):
