@@ -118,7 +118,7 @@ class Settled(NamedTuple):
     claimed: Running | None  # the job claimed, if any
     halted: bool = False  # the claim found a HALT this pool had not seen: the pool stops
     freed: bool = False  # the ended run gave back worker-local amounts: idle slots may have room
-    placed: Placement | None = None  # where the ended run's job went (a retry: events.retried)
+    placed: Placement | None = None  # where the ended run's job went, if at a time (it may be a retry: events.retried)
 
 
 class Space:
@@ -243,6 +243,8 @@ class SlotClaims:
 
     def finish(self, job: Running, outcome: Outcome, trace: str, rotation: Rotation | None) -> Settled:
         """End ``job``'s run; with a rotation, claim the next job in the same round trip."""
+        if self.claims.local_lock is None:  # a call less on every job's path
+            return self._settle(job, outcome, trace, rotation)
         return self._locked(job, outcome, trace, rotation)
 
     def still_set(self, jobid: str) -> bool:
@@ -266,6 +268,7 @@ class SlotClaims:
 
     def _locked(self, job: Running | None, outcome: Outcome | None, trace: str,
                 rotation: Rotation | None) -> Settled:
+        """_settle(), holding the pool's lock where claims count worker-local amounts (see Claims)."""
         lock = self.claims.local_lock
         if lock is None:
             return self._settle(job, outcome, trace, rotation)
@@ -360,4 +363,6 @@ class SlotClaims:
             claimed, halted = self._job_from(reply, order, rotation, token, now)
         if job is not None or claimed is not None:
             claims.board.write(self.index, [claimed] if claimed is not None else [])
-        return Settled(done, claimed, halted, bool(freed), placement if done == "DONE" else None)
+        # Only a placement at a time (T) can be a retry: a one-off's end makes no call to tell_retry().
+        placed = placement if done == "DONE" and placement is not None and placement.kind == "T" else None
+        return Settled(done, claimed, halted, bool(freed), placed)
