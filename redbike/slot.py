@@ -42,6 +42,7 @@ NOTE_FREED = b"F"  # a run gave back worker-local amounts: wake the idle slots
 OUTCOME_BYTES = 1 << 15  # per slot: a token, an outcome, an error line and a traceback (4000 characters)
 _LENGTH = struct.Struct("<I")
 _ROOM = OUTCOME_BYTES - _LENGTH.size  # the most of a record that fits after its length
+_OK_TAIL = f"\0{OK.kind}\0\0\0".encode()  # after the token: an OK outcome has no backoff, error or trace
 
 
 class Outcomes:
@@ -57,11 +58,12 @@ class Outcomes:
         self.memory = mmap.mmap(-1, slots * OUTCOME_BYTES)
 
     def write(self, slot: int, token: str, outcome: Outcome, trace: str) -> None:
-        backoff = "" if outcome.backoff is None else repr(outcome.backoff)
-        error = outcome.error.replace("\0", " ") if outcome.error else ""
-        data = f"{token}\0{outcome.kind}\0{backoff}\0{error}\0{trace}".encode(errors="replace")
-        if len(data) > _ROOM:
-            data = data[:_ROOM]
+        if outcome is OK:  # most runs: a token of hex digits and the same tail
+            data = token.encode() + _OK_TAIL
+        else:
+            backoff = "" if outcome.backoff is None else repr(outcome.backoff)
+            error = outcome.error.replace("\0", " ") if outcome.error else ""
+            data = f"{token}\0{outcome.kind}\0{backoff}\0{error}\0{trace}".encode(errors="replace")[:_ROOM]
         base = slot * OUTCOME_BYTES
         # No record while it is written: a child killed meanwhile leaves none.
         _LENGTH.pack_into(self.memory, base, 0)
@@ -157,7 +159,7 @@ class Slot:
                         finished = None
                         if settled.done == "STALE":
                             self.events.expired(job.lease, LEASE_LOST)
-                        if settled.placed is not None:  # most runs place no retry: no call on their path
+                        if settled.placed is not None:  # a one-off that ended is not: no call on its path
                             tell_retry(self.events, job.lease, settled.placed)
                     elif self.board.stopping:
                         return

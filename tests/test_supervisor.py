@@ -14,7 +14,8 @@ from conftest import wait_for
 from test_jobs import NOW, Env, stamp
 
 from redbike import RoundRobin
-from redbike.states import Outcome
+from redbike.slot import Outcomes
+from redbike.states import OK, Outcome
 from redbike.supervisor import Ending, WorkerPool
 
 
@@ -46,6 +47,21 @@ def test_a_killed_child_that_failed_keeps_its_error(env: Env) -> None:
     pool._end_runs_of_dead_child(0, Ending("killed: stopped by force"))
     assert env.errors()["bad:A"]["error"] == "ValueError: no pe"
     assert env.errors()["bad:A"]["traceback"] == "Traceback ..." and env.status("bad:A") == stamp("DIE", NOW)
+
+
+def test_the_outcome_of_most_runs_is_recorded_as_any_other() -> None:
+    """A run that returned None (states.OK) is written by a shortcut: the
+    same bytes as any outcome, read back the same, over a longer record."""
+    general, shortcut = Outcomes(1), Outcomes(1)
+    for outcomes in (general, shortcut):
+        outcomes.write(0, "0123456789abcdef", Outcome("error", error="ValueError: x"), "Traceback " * 100)
+    general.write(0, "fedcba9876543210", Outcome("ok"), "")
+    shortcut.write(0, "fedcba9876543210", OK, "")
+    assert shortcut.memory[:] == general.memory[:len(shortcut.memory)]
+    assert shortcut.read(0, "fedcba9876543210") == (OK, "")
+    assert shortcut.read(0, "0123456789abcdef") is None
+    shortcut.write(0, "0123456789abcdef", Outcome("ok", backoff=7), "")
+    assert shortcut.read(0, "0123456789abcdef") == (Outcome("ok", backoff=7), "")
 
 
 def test_an_outcome_of_an_earlier_run_is_not_taken_for_the_current_one(env: Env) -> None:
