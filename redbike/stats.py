@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -85,7 +84,10 @@ class Tally:
     slot's process dies before it sends them (at most a second's counts)."""
 
     def __init__(self) -> None:
-        self.counts: Counter[str] = Counter()
+        # Keyed by tuples, not by the fields' names: no name is formatted per
+        # run, only per field when the tally is sent.
+        self.runs: dict[tuple[str, str, int], int] = {}  # (queue, outcome, bucket) -> runs
+        self.ms: dict[str, int] = {}  # queue -> milliseconds its completed runs took
         self.sent_at = -math.inf
 
     def add(self, queue: str, outcome: str, seconds: float) -> None:
@@ -94,19 +96,23 @@ class Tally:
             seconds = 0.0
         elif seconds > 1e9:
             seconds = 1e9
-        counts = self.counts
-        counts[f"{queue}|{outcome}|{bisect.bisect_left(BUCKETS, seconds) + 1}"] += 1
+        runs = self.runs
+        key = (queue, outcome, bisect.bisect_left(BUCKETS, seconds) + 1)
+        runs[key] = runs.get(key, 0) + 1
         if outcome != "expired":  # a run that did not complete took no service time of its own
-            counts[f"{queue}|ms"] += round(seconds * 1000)
+            ms = self.ms
+            ms[queue] = ms.get(queue, 0) + round(seconds * 1000)
 
     def take(self, now: float, force: bool = False) -> str:
         """The tally to send now ('' if none, or sent less than TALLY_SECONDS ago unless ``force``)."""
-        if not self.counts or (not force and now - self.sent_at < TALLY_SECONDS):
+        if not self.runs or (not force and now - self.sent_at < TALLY_SECONDS):
             return ""
-        text = encode_tally(self.counts)
-        self.counts.clear()
+        counts = {f"{queue}|{outcome}|{bucket}": runs for (queue, outcome, bucket), runs in self.runs.items()}
+        counts.update((f"{queue}|ms", ms) for queue, ms in self.ms.items())
+        self.runs.clear()
+        self.ms.clear()
         self.sent_at = now
-        return text
+        return encode_tally(counts)
 
 
 def outcome_of(kind: str, error: str, status: str) -> str:
