@@ -159,7 +159,7 @@ class Slot:
                         finished = None
                         if settled.done == "STALE":
                             self.events.expired(job.lease, LEASE_LOST)
-                        if settled.placed is not None:  # a one-off that ended is not: no call on its path
+                        if settled.placed is not None:  # only a run placed at a time may be retried: most make no call
                             tell_retry(self.events, job.lease, settled.placed)
                     elif self.board.stopping:
                         return
