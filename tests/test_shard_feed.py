@@ -146,8 +146,7 @@ def test_killed_at_random_and_restarted_every_item_goes_in_once(
     # Up to `kills` feeders, each killed at a random instant once it fed a
     # batch, while items are left to feed (on a fast host the feed may be
     # all in before the last kill).
-    while killed < kills and sharded.fed("k") < count:
-        fed = sharded.fed("k")
+    while killed < kills and (fed := sharded.fed("k")) < count:
         feeder = daemons.start(*args, cwd=sharded.folder)
         wait_for(lambda fed=fed: sharded.fed("k") > fed, timeout=30, what="a batch fed")
         time.sleep(rng.uniform(0, 0.4))  # a random instant: between batches, or between shards of one
